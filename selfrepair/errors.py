@@ -1,0 +1,45 @@
+"""Typed errors. Each message names the path or object at fault; the CLI prints it as one line."""
+
+
+class SelfRepairError(Exception):
+    """Base class: everything the CLI turns into one `Error:` line."""
+
+
+class ConfigError(SelfRepairError, ValueError):
+    """A setting is out of range or two settings contradict each other."""
+
+
+class ModelNotFound(SelfRepairError):
+    """An unknown model name, or weights that cannot be loaded offline."""
+
+
+class CorpusError(SelfRepairError):
+    """The corpus is missing, empty or too short."""
+
+
+class StoreNotFound(SelfRepairError):
+    """No store (or no model in it) at the given path."""
+
+
+class StoreError(SelfRepairError):
+    """The store path is unusable: a file, not writable, or out of space."""
+
+
+class StoreConflict(SelfRepairError):
+    """An existing model folder was ingested with a different configuration."""
+
+
+class SchemaMismatch(SelfRepairError):
+    """A table's columns or types disagree with store/schema.py."""
+
+
+class UnknownQuery(SelfRepairError):
+    """No named query by that name."""
+
+
+class QueryError(SelfRepairError):
+    """A query failed, is not read-only, or lacks a parameter."""
+
+
+class DeviceError(SelfRepairError):
+    """The device or dtype asked for cannot be used (no CUDA, out of memory)."""

@@ -1,0 +1,216 @@
+"""The single source of truth for the store's tables and arrays (DESIGN.md, "Store").
+
+Writers, readers, views, tests and the README import these definitions; nobody
+retypes a column list. Key columns use the same dimension names as the tensors
+and the Zarr arrays (`layer`, `head`, `token_index`, `neuron`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Table:
+    """One Parquet table of the store.
+
+    Args:
+        name: table name, also the folder under `tables/` and the SQL view name.
+        key: columns that identify a row (unique within a model's store).
+        columns: every column in order, keys first, with its Arrow type.
+        doc: one line on what a row is.
+    """
+
+    name: str
+    key: tuple[str, ...]
+    columns: tuple[tuple[str, pa.DataType], ...]
+    doc: str
+
+    @property
+    def arrow_schema(self) -> pa.Schema:
+        return pa.schema([pa.field(n, t, nullable=False) for n, t in self.columns])
+
+    @property
+    def column_names(self) -> list[str]:
+        return [n for n, _ in self.columns]
+
+
+I32, I16, I8, F32 = pa.int32(), pa.int16(), pa.int8(), pa.float32()
+STR = pa.string()
+
+TOKENS = Table(
+    "tokens",
+    ("token_index",),
+    (
+        ("token_index", I32),
+        ("row", I32),
+        ("pos", I16),
+        ("token_id", I32),
+        ("next_token_id", I32),
+        ("token_str", STR),
+        ("next_token_str", STR),
+        ("logit", F32),
+        ("ln_scale", F32),
+        ("unembed_bias", F32),
+        ("loss", F32),
+        ("de_other", F32),
+    ),
+    "one prediction: the token at (row, pos) predicting next_token_id, on the clean run",
+)
+
+HEAD_EFFECTS = Table(
+    "head_effects",
+    ("layer", "head", "token_index"),
+    (("layer", I16), ("head", I16), ("token_index", I32), ("de", F32)),
+    "clean direct effect of one attention head on the correct next token",
+)
+
+MLP_EFFECTS = Table(
+    "mlp_effects",
+    ("layer", "token_index"),
+    (("layer", I16), ("token_index", I32), ("de", F32)),
+    "clean direct effect of one MLP layer (output with bias) on the correct next token",
+)
+
+ABLATION_EFFECTS = Table(
+    "ablation_effects",
+    ("ablation", "sample", "layer", "head", "token_index"),
+    (
+        ("ablation", STR),
+        ("sample", I16),
+        ("layer", I16),
+        ("head", I16),
+        ("token_index", I32),
+        ("d_logit", F32),
+        ("ln_scale", F32),
+        ("de", F32),
+        ("d_de_heads", F32),
+        ("d_de_mlps", F32),
+    ),
+    "one head ablated on one token: change in logit, ablated final-norm scale and DEs",
+)
+
+RESAMPLE_SOURCES = Table(
+    "resample_sources",
+    ("sample", "row"),
+    (("sample", I16), ("row", I32), ("source_row", I32)),
+    "for each resample draw, the row whose activations replace this row's",
+)
+
+REPAIR_SOURCES = Table(
+    "repair_sources",
+    ("ablation", "sample", "layer", "head", "token_index", "src_kind", "src_layer", "src_head"),
+    (
+        ("ablation", STR),
+        ("sample", I16),
+        ("layer", I16),
+        ("head", I16),
+        ("token_index", I32),
+        ("src_kind", STR),
+        ("src_layer", I16),
+        ("src_head", I16),
+        ("d_de", F32),
+    ),
+    "top-p% tokens only: the change in DE of each downstream head or MLP (src_head -1)",
+)
+
+NEURON_EFFECTS = Table(
+    "neuron_effects",
+    ("ablation", "sample", "layer", "head", "token_index", "neuron"),
+    (
+        ("ablation", STR),
+        ("sample", I16),
+        ("layer", I16),
+        ("head", I16),
+        ("token_index", I32),
+        ("neuron", I32),
+        ("de_clean", F32),
+        ("de_ablated", F32),
+    ),
+    "top-p% tokens only: final-MLP neurons with the largest abs(change in DE)",
+)
+
+TABLES: dict[str, Table] = {
+    t.name: t
+    for t in (
+        TOKENS,
+        HEAD_EFFECTS,
+        MLP_EFFECTS,
+        ABLATION_EFFECTS,
+        RESAMPLE_SOURCES,
+        REPAIR_SOURCES,
+        NEURON_EFFECTS,
+    )
+}
+
+# Tables written by the clean pass and by the ablation pass.
+CLEAN_TABLES = ("tokens", "head_effects", "mlp_effects")
+ABLATION_TABLES = ("ablation_effects", "resample_sources", "repair_sources", "neuron_effects")
+
+ABLATION_KINDS = ("resample", "mean", "zero")
+SRC_KINDS = ("head", "mlp")
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One Zarr array of the clean run, token-major and aligned with `token_index`.
+
+    Args:
+        name: array path inside `activations.zarr`.
+        dims: `dimension_names`, the first always `token_index`.
+        doc: what it holds.
+    """
+
+    name: str
+    dims: tuple[str, ...]
+    doc: str
+
+
+ARRAYS: dict[str, ArraySpec] = {
+    a.name: a
+    for a in (
+        ArraySpec("resid_pre", ("token_index", "layer", "d_model"), "residual entering each block"),
+        ArraySpec("resid_final", ("token_index", "d_model"), "residual entering the final norm"),
+        ArraySpec("z", ("token_index", "layer", "head", "d_head"), "each head's hook_z"),
+        ArraySpec("norm_scales", ("token_index", "norm"), "every norm's hook_scale, ln1/ln2 per layer then ln_final"),
+        ArraySpec("mlp_post_final", ("token_index", "d_mlp"), "final MLP layer's hook_post"),
+    )
+}
+
+# Weights saved beside the activations so a DE toward any token is a CPU computation.
+WEIGHT_ARRAYS: dict[str, tuple[str, ...]] = {
+    "W_O": ("layer", "head", "d_head", "d_model"),
+    "W_U": ("d_model", "d_vocab"),
+    "b_U": ("d_vocab",),
+    "W_out_final": ("d_mlp", "d_model"),
+}
+
+ARRAY_DTYPES = ("float16", "float32")
+TOKEN_CHUNK = 4096  # Zarr chunk length along token_index
+
+
+def validate_table(table: Table, batch: pa.Table) -> pa.Table:
+    """Cast a batch to the table's schema, refusing missing or extra columns.
+
+    Args:
+        table: the schema to enforce.
+        batch: an Arrow table produced by a writer.
+
+    Returns:
+        The batch with exactly the schema's columns, order and types.
+    """
+    from selfrepair.errors import SchemaMismatch
+
+    got, want = set(batch.column_names), set(table.column_names)
+    if got != want:
+        raise SchemaMismatch(
+            f"table {table.name}: missing {sorted(want - got)}, unexpected {sorted(got - want)}"
+        )
+    try:
+        return batch.select(table.column_names).cast(table.arrow_schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise SchemaMismatch(f"table {table.name}: {e}") from None
