@@ -1,0 +1,70 @@
+"""The `selfrepair` command line: thin wrappers over the Python API.
+
+Each command parses options, calls one public function and formats the result. Our
+typed errors become one `Error: …` line and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import click
+
+from selfrepair.errors import SelfRepairError
+
+DEFAULT_STORE = "stores"
+
+
+def store_option(f):
+    """`--store PATH`, shared by every command that reads or writes a store."""
+    return click.option(
+        "--store",
+        "store",
+        type=click.Path(path_type=Path),
+        default=lambda: os.environ.get("SELFREPAIR_STORE", DEFAULT_STORE),
+        show_default=f"$SELFREPAIR_STORE or ./{DEFAULT_STORE}",
+        help="Store root (one folder per model inside).",
+    )(f)
+
+
+def friendly_errors(f):
+    """Turn our typed errors (and Ctrl-C) into one line and a non-zero exit."""
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        try:
+            return f(*args, **kwargs)
+        except SelfRepairError as e:
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            raise click.ClickException("interrupted") from None
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="selfrepair")
+def main() -> None:
+    """An activation warehouse for self-repair in language models.
+
+    Ingest a model once, then ask every self-repair question with SQL.
+
+    Example:
+
+        selfrepair ingest && selfrepair query layer_summary
+    """
+
+
+def _register() -> None:
+    # Commands live beside the layer they wrap; importing them here keeps start-up cheap
+    # (torch is imported only inside `ingest` when it runs).
+    from selfrepair import cli_ingest, cli_query
+
+    for module in (cli_ingest, cli_query):
+        for command in module.COMMANDS:
+            main.add_command(command)
+
+
+_register()

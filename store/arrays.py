@@ -1,0 +1,85 @@
+"""Zarr v3 arrays of the clean run (token-major) and the weights needed to recompute DEs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from selfrepair.errors import StoreError
+from selfrepair.store.schema import ARRAYS, WEIGHT_ARRAYS
+
+
+def _compressor():
+    return zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+
+
+def create_arrays(path: Path, shapes: dict[str, tuple[int, ...]], chunk_tokens: int, dtype: str) -> None:
+    """Create (or grow) the activation arrays.
+
+    Args:
+        path: the `activations.zarr` folder.
+        shapes: array name -> full shape, first dim the token count.
+        chunk_tokens: chunk length along `token_index` (one clean shard writes whole chunks).
+        dtype: "float16" or "float32".
+    """
+    group = zarr.open_group(str(path), mode="a")
+    for name, shape in shapes.items():
+        spec = ARRAYS[name]
+        if name in group:
+            arr = group[name]
+            if arr.shape[1:] != tuple(shape[1:]):
+                raise StoreError(f"array {path}/{name} has shape {arr.shape}, expected {shape}")
+            if arr.shape[0] < shape[0]:
+                arr.resize(tuple(shape))
+            continue
+        group.create_array(
+            name,
+            shape=tuple(shape),
+            chunks=(chunk_tokens, *shape[1:]),
+            dtype=dtype,
+            dimension_names=spec.dims,
+            compressors=_compressor(),
+            fill_value=0,
+        )
+
+
+def write_region(path: Path, name: str, start: int, values: np.ndarray) -> None:
+    """Write rows [start, start + len(values)) of one array."""
+    arr = zarr.open_array(str(path / name), mode="r+")
+    arr[start : start + values.shape[0]] = values.astype(arr.dtype, copy=False)
+
+
+def read_region(path: Path, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+    arr = zarr.open_array(str(path / name), mode="r")
+    return arr[start:stop]
+
+
+def write_weights(path: Path, weights: dict[str, np.ndarray]) -> None:
+    """Save the unembedding, W_O and the final W_out (float32) under `weights/`."""
+    group = zarr.open_group(str(path), mode="a")
+    wg = group.require_group("weights")
+    for name, value in weights.items():
+        if name in wg:
+            del wg[name]
+        wg.create_array(
+            name, data=value.astype(np.float32), dimension_names=WEIGHT_ARRAYS[name],
+            compressors=_compressor(),
+        )
+
+
+def array_info(path: Path) -> dict[str, dict]:
+    """Shape, dtype and dimension names of every array present (for the manifest and verify)."""
+    if not path.exists():
+        return {}
+    group = zarr.open_group(str(path), mode="r")
+    out = {}
+    for name in sorted(group.array_keys()):
+        arr = group[name]
+        out[name] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "dims": list(arr.metadata.dimension_names or [])}
+    if "weights" in group:
+        for name in sorted(group["weights"].array_keys()):
+            arr = group["weights"][name]
+            out[f"weights/{name}"] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "dims": list(arr.metadata.dimension_names or [])}
+    return out

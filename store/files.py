@@ -1,0 +1,129 @@
+"""All file access of the store goes through here (pyarrow filesystem + atomic renames).
+
+Keeping every read and write in one module means an object-store root can be added
+later by swapping the filesystem, without touching ingest, queries or analysis.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from selfrepair.errors import StoreError
+
+PARQUET_COMPRESSION = "zstd"
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _raise_store_error(path: Path, e: OSError) -> None:
+    if e.errno == errno.ENOSPC:
+        raise StoreError(f"out of disk space while writing {path}") from None
+    if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        raise StoreError(f"store path {path} is not writable") from None
+    raise StoreError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary name, fsync, rename into place: readers see old or new, never half."""
+    tmp = _tmp_name(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        _raise_store_error(path, e)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path):
+    with open(path, "rb") as f:
+        return json.loads(f.read())
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_parquet(path: Path, table: pa.Table) -> tuple[int, str]:
+    """Write one Parquet file atomically.
+
+    Returns:
+        (bytes on disk, sha256 of the file).
+    """
+    tmp = _tmp_name(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(
+            table, tmp, compression=PARQUET_COMPRESSION, compression_level=6,
+            use_dictionary=True, write_statistics=True,
+        )
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        digest = sha256_file(tmp)
+        size = tmp.stat().st_size
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        return size, digest
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        _raise_store_error(path, e)
+
+
+def read_parquet(paths: list[Path], columns: list[str] | None = None) -> pa.Table:
+    if not paths:
+        return None
+    return pa.concat_tables(pq.read_table(p, columns=columns) for p in paths)
+
+
+def ensure_writable_dir(path: Path) -> None:
+    """Create `path` if needed; refuse a file or an unwritable folder with one clear line."""
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"store path {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _raise_store_error(path, e)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise StoreError(f"store path {path} is not writable")
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_file(path: Path) -> None:
+    path.unlink(missing_ok=True)

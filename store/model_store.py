@@ -1,0 +1,126 @@
+"""One model's folder in a store root: manifest, Parquet shards, Zarr activations.
+
+A shard becomes visible only when its entry is committed to `manifest.json`, which is
+replaced atomically after every file of the shard is written and checksummed. Readers
+list files from the manifest, never by globbing, so they never see half a shard.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from selfrepair.errors import StoreNotFound
+from selfrepair.store import files
+from selfrepair.store.schema import SCHEMA_VERSION, TABLES, validate_table
+
+MANIFEST = "manifest.json"
+ARRAYS_DIR = "activations.zarr"
+
+
+def model_dirname(model: str) -> str:
+    """A model id as a folder name: `EleutherAI/pythia-410m` -> `EleutherAI--pythia-410m`."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "--", model.strip("/")).strip("-") or "model"
+
+
+@dataclass
+class ModelStore:
+    """A model's folder. Cheap to construct; nothing is read until asked."""
+
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    @property
+    def arrays_path(self) -> Path:
+        return self.path / ARRAYS_DIR
+
+    def exists(self) -> bool:
+        return self.manifest_path.is_file()
+
+    def manifest(self) -> dict:
+        if not self.exists():
+            raise StoreNotFound(f"no selfrepair store at {self.path} (missing {MANIFEST})")
+        return files.read_json(self.manifest_path)
+
+    def write_manifest(self, manifest: dict) -> None:
+        manifest["schema_version"] = SCHEMA_VERSION
+        files.atomic_write_json(self.manifest_path, manifest)
+
+    def shard_file(self, table: str, shard_id: str) -> Path:
+        return self.path / "tables" / table / f"{shard_id}.parquet"
+
+    def table_files(self, table: str, manifest: dict | None = None) -> list[Path]:
+        """The committed Parquet files of one table, in shard order."""
+        manifest = manifest if manifest is not None else self.manifest()
+        out = []
+        for shard_id in sorted(manifest.get("shards", {})):
+            entry = manifest["shards"][shard_id]["files"].get(table)
+            if entry is not None:
+                out.append(self.path / entry["path"])
+        return out
+
+    def read_table(self, table: str, columns: list[str] | None = None) -> pa.Table | None:
+        return files.read_parquet(self.table_files(table), columns)
+
+    def write_shard_files(self, shard_id: str, tables: dict[str, pa.Table]) -> dict:
+        """Write a shard's tables (validated against the schema). Returns their manifest entries."""
+        entries = {}
+        for name, table in tables.items():
+            table = validate_table(TABLES[name], table)
+            path = self.shard_file(name, shard_id)
+            size, digest = files.write_parquet(path, table)
+            entries[name] = {
+                "path": str(path.relative_to(self.path)),
+                "rows": table.num_rows,
+                "bytes": size,
+                "sha256": digest,
+            }
+        return entries
+
+    def commit_shard(self, shard_id: str, entry: dict) -> dict:
+        """Add a shard entry to the manifest atomically. Returns the new manifest."""
+        manifest = self.manifest()
+        manifest.setdefault("shards", {})[shard_id] = entry
+        self.write_manifest(manifest)
+        return manifest
+
+    def clean_orphans(self, manifest: dict) -> list[Path]:
+        """Delete files no committed shard lists (leftovers of a killed run)."""
+        listed = {self.path / e["path"] for s in manifest.get("shards", {}).values() for e in s["files"].values()}
+        removed = []
+        tables_dir = self.path / "tables"
+        if tables_dir.is_dir():
+            for p in tables_dir.rglob("*"):
+                if p.is_file() and p not in listed:
+                    files.remove_file(p)
+                    removed.append(p)
+        for p in self.path.glob(".*.tmp"):
+            files.remove_file(p)
+            removed.append(p)
+        return removed
+
+
+def list_models(root: Path) -> list[ModelStore]:
+    """Every model folder with a manifest under a store root (or the root itself if it is one)."""
+    root = Path(root)
+    if not root.exists():
+        raise StoreNotFound(f"no selfrepair store at {root}")
+    if (root / MANIFEST).is_file():
+        return [ModelStore(root)]
+    models = sorted(ModelStore(p) for p in root.iterdir() if (p / MANIFEST).is_file()) if root.is_dir() else []
+    if not models:
+        raise StoreNotFound(f"no selfrepair store at {root} (no model folder with a {MANIFEST})")
+    return models
+
+
+ModelStore.__lt__ = lambda a, b: a.name < b.name  # sorted() over model folders
