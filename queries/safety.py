@@ -1,0 +1,70 @@
+"""Safe SQL: a DuckDB connection that can read the store's committed files and nothing else.
+
+Two independent guards:
+  1. `lock_down` sets DuckDB's own sandbox: no extension (auto)loading or installing,
+     file access limited to an allow-list of the store's Parquet files (`allowed_paths`,
+     not `allowed_directories`, which would let `COPY … TO` write inside the store),
+     `enable_external_access=false`, then `lock_configuration=true`, so no `SET` or
+     `RESET` can undo any of it.
+  2. `check_read_only` parses the text first and accepts exactly one SELECT statement,
+     so `COPY`, `ATTACH`, `INSTALL`, `CREATE`, `SET`, `PRAGMA`… fail with one clear error
+     even where the sandbox alone would have allowed them (CREATE in the in-memory catalog).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+
+from selfrepair.errors import QueryError
+
+ALLOWED_STATEMENTS = (duckdb.StatementType.SELECT,)
+
+
+def lock_down(con: duckdb.DuckDBPyConnection, readable: list[Path], temp_dir: Path) -> None:
+    """Sandbox a connection whose views are already created.
+
+    Args:
+        con: the connection to lock.
+        readable: the only files queries may read (the store's committed Parquet files).
+        temp_dir: a private folder for DuckDB's spill files (outside the store).
+    """
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+    con.execute("SET temp_directory = $d", {"d": str(temp_dir)})
+    con.execute("SET allowed_directories = $d", {"d": []})
+    con.execute("SET allowed_paths = $p", {"p": sorted(str(p) for p in readable)})
+    con.execute("SET enable_external_access = false")
+    # Last: from here on no setting above can be changed back.
+    con.execute("SET lock_configuration = true")
+
+
+def check_read_only(con: duckdb.DuckDBPyConnection, text: str) -> str:
+    """Parse `text` and return it if it is exactly one SELECT statement.
+
+    Raises:
+        QueryError: for a parse error, several statements, or any other statement kind.
+    """
+    try:
+        statements = con.extract_statements(text)
+    except duckdb.Error as e:
+        raise QueryError(one_line(e)) from None
+    if len(statements) != 1:
+        raise QueryError(f"expected exactly one SELECT statement, got {len(statements)}")
+    kind = statements[0].type
+    if kind not in ALLOWED_STATEMENTS:
+        name = getattr(kind, "name", str(kind))
+        raise QueryError(f"only read-only SELECT queries are allowed, not a {name} statement")
+    return text
+
+
+def one_line(error: BaseException) -> str:
+    """DuckDB's message without its caret diagram: the lines before `LINE n:` joined."""
+    lines = []
+    for line in str(error).splitlines():
+        if line.startswith("LINE "):
+            break
+        if line.strip():
+            lines.append(line.strip())
+    return " ".join(lines) or type(error).__name__

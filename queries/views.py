@@ -1,0 +1,165 @@
+"""DuckDB views and table macros over a store root (DESIGN.md, "Store" and "Definitions").
+
+Every table view is the union over models of the committed Parquet files listed by each
+model's manifest, with a `model` column first. Column lists come from `store/schema.py`.
+View DDL cannot take bound parameters, so file paths and model names enter it as SQL
+string literals through `sql_literal`, the one place that quotes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from selfrepair.errors import SchemaMismatch
+from selfrepair.store.schema import TABLES
+
+# Arrow type -> DuckDB type, for the empty view of a table with no committed file yet.
+_DUCKDB_TYPES = {
+    pa.int8(): "TINYINT",
+    pa.int16(): "SMALLINT",
+    pa.int32(): "INTEGER",
+    pa.int64(): "BIGINT",
+    pa.float32(): "FLOAT",
+    pa.float64(): "DOUBLE",
+    pa.string(): "VARCHAR",
+    pa.bool_(): "BOOLEAN",
+}
+
+MODEL_COLUMNS = ("model", "name", "n_layers", "n_heads", "d_model", "d_mlp", "n_tokens", "top_p")
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """What the views need from one model folder.
+
+    Args:
+        model: the model folder's name (the `model` column).
+        manifest: its parsed manifest.
+        files: table name -> committed Parquet paths, from the manifest only.
+    """
+
+    model: str
+    manifest: dict
+    files: dict[str, list[Path]]
+
+
+def sql_literal(value: str) -> str:
+    """A string as a single-quoted SQL literal (quotes doubled)."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def duckdb_type(arrow_type: pa.DataType) -> str:
+    try:
+        return _DUCKDB_TYPES[arrow_type]
+    except KeyError:
+        raise SchemaMismatch(f"no DuckDB type for Arrow type {arrow_type}") from None
+
+
+def table_view_sql(table: str, models: list[ModelFiles]) -> str:
+    """`CREATE VIEW <table>`: model column plus the schema's columns, union over models."""
+    spec = TABLES[table]
+    cols = ", ".join(spec.column_names)
+    parts = []
+    for m in models:
+        paths = m.files.get(table) or []
+        if paths:
+            file_list = "[" + ", ".join(sql_literal(str(p)) for p in paths) + "]"
+            parts.append(f"SELECT {sql_literal(m.model)} AS model, {cols} FROM read_parquet({file_list})")
+    if not parts:
+        typed = ", ".join(f"CAST(NULL AS {duckdb_type(t)}) AS {n}" for n, t in spec.columns)
+        parts.append(f"SELECT CAST(NULL AS VARCHAR) AS model, {typed} WHERE false")
+    return f"CREATE VIEW {table} AS\n" + "\nUNION ALL\n".join(parts)
+
+
+def models_view_sql(models: list[ModelFiles]) -> str:
+    """`CREATE VIEW models`: one row per model with the manifest facts queries need."""
+    rows = []
+    for m in models:
+        info = m.manifest.get("model", {})
+        top_p = m.manifest.get("config", {}).get("top_p", 0.02)
+        rows.append(
+            "("
+            + ", ".join(
+                [
+                    sql_literal(m.model),
+                    sql_literal(info.get("name", m.model)),
+                    str(int(info.get("n_layers", 0))),
+                    str(int(info.get("n_heads", 0))),
+                    str(int(info.get("d_model", 0))),
+                    str(int(info.get("d_mlp", 0))),
+                    str(int(m.manifest.get("n_tokens", 0))),
+                    repr(float(top_p)),
+                ]
+            )
+            + ")"
+        )
+    cols = ", ".join(MODEL_COLUMNS)
+    return f"CREATE VIEW models({cols}) AS VALUES\n" + ",\n".join(rows)
+
+
+# Double arithmetic throughout: the columns are float32 and the differences are small.
+SELF_REPAIR_SQL = """
+CREATE VIEW self_repair AS
+WITH base AS (
+    SELECT a.model, a.ablation, a.sample, a.layer, a.head, a.token_index,
+           h.de::DOUBLE AS de_clean,
+           a.de::DOUBLE AS de_ablated,
+           a.d_logit::DOUBLE AS d_logit,
+           a.d_de_heads::DOUBLE AS sr_heads,
+           a.d_de_mlps::DOUBLE AS sr_mlps,
+           t.ln_scale::DOUBLE / a.ln_scale::DOUBLE AS ln_ratio,
+           t.logit::DOUBLE AS logit,
+           t.unembed_bias::DOUBLE AS unembed_bias
+    FROM ablation_effects a
+    JOIN head_effects h USING (model, layer, head, token_index)
+    JOIN tokens t USING (model, token_index)
+)
+SELECT model, ablation, sample, layer, head, token_index,
+       de_clean, de_ablated,
+       de_ablated - de_clean AS d_de,
+       d_logit,
+       d_logit - (de_ablated - de_clean) AS sr,
+       sr_heads, sr_mlps,
+       d_logit - (de_ablated - de_clean) - sr_heads - sr_mlps AS sr_ln,
+       ln_ratio,
+       -- DESIGN.md closed form: (s/s_abl - 1) * (logit_abl - b_U) * s_abl / s
+       (ln_ratio - 1) * (logit + d_logit - unembed_bias) / ln_ratio AS sr_ln_closed
+FROM base
+"""
+
+# Top p% of a head: floor(p * N) tokens by signed clean DE, ties by token_index (as ingest).
+TOP_TOKENS_SQL = """
+CREATE MACRO top_tokens(p) AS TABLE
+SELECT model, layer, head, token_index, de
+FROM (
+    SELECT h.model, h.layer, h.head, h.token_index, h.de, m.n_tokens,
+           row_number() OVER (PARTITION BY h.model, h.layer, h.head
+                              ORDER BY h.de DESC, h.token_index ASC) AS rank
+    FROM head_effects h JOIN models m USING (model)
+)
+WHERE rank <= floor(p * n_tokens)
+"""
+
+SELF_REPAIR_TOP_SQL = """
+CREATE MACRO self_repair_top(p) AS TABLE
+SELECT s.*
+FROM self_repair s
+SEMI JOIN top_tokens(p) t USING (model, layer, head, token_index)
+"""
+
+DERIVED_VIEWS = ("models", "self_repair")
+MACROS = ("top_tokens(p)", "self_repair_top(p)")
+
+
+def view_statements(models: list[ModelFiles]) -> list[str]:
+    """Every DDL statement, in dependency order."""
+    out = [table_view_sql(t, models) for t in TABLES]
+    out += [models_view_sql(models), SELF_REPAIR_SQL, TOP_TOKENS_SQL, SELF_REPAIR_TOP_SQL]
+    return out
+
+
+def view_names() -> list[str]:
+    return list(TABLES) + list(DERIVED_VIEWS)
