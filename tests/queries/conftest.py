@@ -149,3 +149,28 @@ def store(store_root):
 def digest_tree(root: Path) -> dict[str, str]:
     """sha256 of every file under root, to prove a query changed nothing on disk."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """The `selfrepair` click group with our commands registered."""
+    import importlib.util
+    import sys
+    import types
+
+    # Until cli_ingest.py lands (another layer's file), stand in an empty one so cli.py imports.
+    if "selfrepair.cli_ingest" not in sys.modules and importlib.util.find_spec("selfrepair.cli_ingest") is None:
+        stub = types.ModuleType("selfrepair.cli_ingest")
+        stub.COMMANDS = []
+        sys.modules["selfrepair.cli_ingest"] = stub
+    from selfrepair.cli import main
+
+    return main
+
+
+@pytest.fixture(scope="session")
+def spec():
+    """The synthetic store's shape: models (name -> layers, heads, tokens) and top_p."""
+    import types
+
+    return types.SimpleNamespace(models=MODELS, top_p=TOP_P, digest_tree=digest_tree)
