@@ -36,9 +36,10 @@ def output_options(formats: tuple[str, ...], default: str | None):
     def decorate(f):
         f = click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
                          help="Write here instead of stdout.")(f)
-        return click.option("--format", "-f", "fmt", type=click.Choice(formats), default=default,
-                            required=default is None, show_default=default is not None,
-                            help="Output format (parquet needs --output).")(f)
+        # Pass no default at all when the format is required (click treats default=None as given).
+        extra = {"default": default, "show_default": True} if default else {"required": True}
+        return click.option("--format", "-f", "fmt", type=click.Choice(formats),
+                            help="Output format (parquet needs --output).", **extra)(f)
 
     return decorate
 
