@@ -93,6 +93,14 @@ def block(w: ModelWeights, layer: int, resid: Tensor) -> tuple[Tensor, Tensor, T
     return mid + m, z, a, post, m
 
 
+def embed(w: ModelWeights, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+    """The residual entering block 0 (token embedding, plus learned positions where present)."""
+    resid = w.W_E[tokens]
+    if w.W_pos is not None:
+        resid = resid + w.W_pos[: tokens.shape[1]]
+    return resid
+
+
 def clean_run(w: ModelWeights, resid0: Float[Tensor, "batch pos d_model"]) -> CleanState:
     """Run every block from the embedding output, keeping what patched passes reuse."""
     resid, pres, zs, attns, mlps = resid0, [], [], [], []
@@ -118,7 +126,7 @@ class PatchResult:
     logit: Float[Tensor, "k batch pos"]  # ablated centred logit of the correct token, minus b_U
     scale: Float[Tensor, "k batch pos"]  # ablated final-norm scale
     de_head: Float[Tensor, "k batch pos"]  # the ablated head's own DE after patching
-    d_de_heads: Float[Tensor, "k batch pos layer head"]  # ΔDE of every head (0 where unchanged)
+    d_de_heads: Float[Tensor, "k batch pos layer head"]  # ΔDE of every other head (0 where unchanged)
     d_de_mlps: Float[Tensor, "k batch pos layer"]  # ΔDE of every MLP layer
     post_final: Float[Tensor, "k batch pos d_mlp"]  # ablated final-MLP activations
 
@@ -157,11 +165,9 @@ def patch_layer(
     d_de_heads = u.new_zeros((k, batch, pos, w.n_layers, w.n_heads))
     d_de_mlps = u.new_zeros((k, batch, pos, w.n_layers))
     ou = torch.einsum("hdm,bpm->bphd", w.W_O[layer], u)
+    # The ablated head's own change is d_de, not part of d_de_heads; other heads of this
+    # layer read the clean residual, so their ΔDE is zero.
     de_head = (z_new * ou[:, :, idx].permute(2, 0, 1, 3)).sum(-1) / s
-    d_de_heads[..., layer, :].scatter_(
-        -1, idx.view(k, 1, 1, 1).expand(k, batch, pos, 1),
-        ((dz * ou[:, :, idx].permute(2, 0, 1, 3)).sum(-1) / s).unsqueeze(-1),
-    )
     uk, sk = expand(u), expand(s)
     if w.parallel:
         # Parallel block: the layer-L MLP read the clean resid_pre, so it does not change.

@@ -48,6 +48,8 @@ class ModelWeights:
     b_out: Float[Tensor, "layer d_model"]
     W_U: Float[Tensor, "d_model d_vocab"]
     b_U: Float[Tensor, "d_vocab"]
+    W_E: Float[Tensor, "d_vocab d_model"]
+    W_pos: Float[Tensor, "n_ctx d_model"] | None  # learned absolute positions (GPT-2) only
     norm: str  # "LN" (centre and scale) or "RMS" (scale only)
     eps: float
     parallel: bool
@@ -165,6 +167,8 @@ def weights_from_bridge(bridge, seq_len: int) -> ModelWeights:
         b_out=_stack(bridge, "b_out", (n_layers, d_model)),
         W_U=bridge.W_U.detach().float().clone(),
         b_U=_stack(bridge, "b_U", (bridge.W_U.shape[1],)),
+        W_E=bridge.W_E.detach().float().clone(),
+        W_pos=bridge.W_pos.detach().float().clone() if cfg.positional_embedding_type == "standard" else None,
         norm="RMS" if cfg.normalization_type.startswith("RMS") else "LN",
         eps=float(cfg.eps),
         parallel=bool(cfg.parallel_attn_mlp),

@@ -1,0 +1,239 @@
+"""The ablation pass over one batch: replacement z, patched passes, and the rows they yield.
+
+Two engines share one interface (`clean_z`, `clean_logit`, `post_final`, `patch`):
+`FastBatch` (ingest/engine.py, the FLOP-minimal sweep) and `ReferenceBatch` (one full
+hooked TransformerBridge forward per head, patching `blocks.{L}.attn.hook_z`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from selfrepair.ingest import engine as E
+from selfrepair.ingest.weights import ModelWeights
+
+
+class FastBatch:
+    """The fast engine on one batch: its own clean run is the baseline of every patch."""
+
+    def __init__(self, w: ModelWeights, rows: torch.Tensor):
+        self.w = w
+        self.clean = E.clean_run(w, E.embed(w, rows))
+
+    def clean_z(self, layer: int) -> torch.Tensor:
+        return self.clean.z[layer]  # [batch, pos, head, d_head]
+
+    def clean_logit(self, u: torch.Tensor) -> torch.Tensor:
+        return (self.clean.resid_final * u).sum(-1) / self.clean.scale
+
+    def post_final(self) -> torch.Tensor:
+        return self.clean.post_final
+
+    def scale(self) -> torch.Tensor:
+        return self.clean.scale
+
+    def patch(self, layer: int, heads: list[int], z_new: torch.Tensor, u: torch.Tensor) -> E.PatchResult:
+        return E.patch_layer(self.w, self.clean, layer, heads, z_new, u)
+
+
+class ReferenceBatch:
+    """The straightforward method: a full hooked forward per head, full-vocabulary logits."""
+
+    def __init__(self, bridge, w: ModelWeights, rows: torch.Tensor):
+        self.bridge, self.w, self.rows = bridge, w, rows
+        n = w.n_layers
+        self.names = {f"blocks.{l}.attn.hook_z" for l in range(n)} | {
+            f"blocks.{l}.hook_mlp_out" for l in range(n)} | {
+            "ln_final.hook_scale", f"blocks.{n - 1}.mlp.hook_post"}
+        self.logits, self.cache = self._run([])
+
+    def _run(self, hooks):
+        with torch.no_grad(), self.bridge.hooks(fwd_hooks=hooks):
+            return self.bridge.run_with_cache(self.rows, names_filter=lambda n: n in self.names)
+
+    def clean_z(self, layer: int) -> torch.Tensor:
+        return self.cache[f"blocks.{layer}.attn.hook_z"]
+
+    def scale(self) -> torch.Tensor:
+        return self.cache["ln_final.hook_scale"][..., 0]
+
+    def _logit(self, logits: torch.Tensor) -> torch.Tensor:
+        y = self.rows.roll(-1, dims=1)  # the last position's target is a dummy, dropped later
+        return logits.gather(-1, y[..., None])[..., 0] - self.w.b_U[y]
+
+    def clean_logit(self, u: torch.Tensor) -> torch.Tensor:
+        return self._logit(self.logits)
+
+    def post_final(self) -> torch.Tensor:
+        return self.cache[f"blocks.{self.w.n_layers - 1}.mlp.hook_post"]
+
+    def patch(self, layer: int, heads: list[int], z_new: torch.Tensor, u: torch.Tensor) -> E.PatchResult:
+        w, s = self.w, self.scale()
+        out = {k: [] for k in ("logit", "scale", "de_head", "d_de_heads", "d_de_mlps", "post_final")}
+        for i, head in enumerate(heads):
+            def hook(z, hook, head=head, value=z_new[i]):
+                z = z.clone()
+                z[:, :, head] = value
+                return z
+
+            logits, cache = self._run([(f"blocks.{layer}.attn.hook_z", hook)])
+            dz = torch.stack([cache[f"blocks.{l}.attn.hook_z"] - self.clean_z(l) for l in range(w.n_layers)], 2)
+            d_heads = torch.einsum("bplhd,lhdm,bpm->bplh", dz, w.W_O, u) / s[..., None, None]
+            d_heads[:, :, layer, head] = 0  # the ablated head's own change is d_de, not d_de_heads
+            dm = torch.stack([cache[f"blocks.{l}.hook_mlp_out"] - self.cache[f"blocks.{l}.hook_mlp_out"]
+                              for l in range(w.n_layers)], 2)
+            out["logit"].append(self._logit(logits))
+            out["scale"].append(cache["ln_final.hook_scale"][..., 0])
+            out["de_head"].append(torch.einsum("bpd,dm,bpm->bp", z_new[i], w.W_O[layer, head], u) / s)
+            out["d_de_heads"].append(d_heads)
+            out["d_de_mlps"].append(torch.einsum("bplm,bpm->bpl", dm, u) / s[..., None])
+            out["post_final"].append(cache[f"blocks.{w.n_layers - 1}.mlp.hook_post"])
+        return E.PatchResult(**{k: torch.stack(v) for k, v in out.items()})
+
+
+def replacement_z(kind: str, clean_z: torch.Tensor, source_z: torch.Tensor | None) -> torch.Tensor:
+    """The z that replaces a layer's heads: [batch, pos, head, d_head].
+
+    resample: the source row's z at the same position; mean: the head's mean over the
+    batch's rows and positions; zero: 0.
+    """
+    if kind == "resample":
+        return source_z
+    if kind == "mean":
+        return clean_z.mean(dim=(0, 1), keepdim=True).expand_as(clean_z)
+    return torch.zeros_like(clean_z)
+
+
+def ablation_tables(
+    ctx, src, kind: str, sample: int, heads: list[tuple[int, int]], rows: torch.Tensor,
+    row0: int, top_sets: dict[tuple[int, int], np.ndarray], neurons_top_k: int,
+    heads_per_pass: int, w32: ModelWeights, on_pass: Callable[[int], None] = lambda n: None,
+) -> dict[str, pa.Table]:
+    """Ablate every head in `heads` on one batch and build the ablation tables' rows.
+
+    Args:
+        ctx: FastBatch or ReferenceBatch over the batch's rows.
+        src: the same over the resample source rows (resample only), else None.
+        kind: resample, mean or zero.
+        sample: resample draw (0 for mean and zero).
+        heads: (layer, head) pairs to ablate.
+        rows: token ids [batch, seq_len].
+        row0: global index of the batch's first row.
+        top_sets: each head's top-p% token indices (global, sorted).
+        neurons_top_k: final-MLP neurons kept per head and top token.
+        heads_per_pass: heads batched into one patched pass.
+        w32: float32 weights for the neuron DEs.
+        on_pass: called with the number of head-token ablations done after each pass.
+
+    Returns:
+        Arrow tables `ablation_effects`, `repair_sources`, `neuron_effects`.
+    """
+    w = ctx.w
+    batch, seq = rows.shape
+    preds = seq - 1
+    y = rows.roll(-1, dims=1)  # [batch, pos]; the last position is a dummy, dropped below
+    u = w.W_U.T[y]
+    clean_logit = ctx.clean_logit(u)
+    s = ctx.scale()
+    token_index = ((row0 + np.arange(batch)[:, None]) * preds + np.arange(preds)[None, :]).reshape(-1)
+    n = batch * preds
+    last = w.n_layers - 1
+    # Each final-MLP neuron's DE per unit of activation: W_out[last, n] · u / s.
+    wu = torch.einsum("nm,bpm->bpn", w32.W_out[last], u.float())[:, :preds] / s[:, :preds, None].float()
+    post_clean = ctx.post_final()[:, :preds].float()
+    eff, rep, neu = [], [], []
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in heads:
+        by_layer.setdefault(layer, []).append(head)
+    for layer, layer_heads in sorted(by_layer.items()):
+        z_rep = replacement_z(kind, ctx.clean_z(layer), src.clean_z(layer) if src is not None else None)
+        for start in range(0, len(layer_heads), heads_per_pass):
+            chunk = layer_heads[start:start + heads_per_pass]
+            z_new = z_rep[:, :, chunk].permute(2, 0, 1, 3)
+            r = ctx.patch(layer, chunk, z_new, u)
+            for i, head in enumerate(chunk):
+                cut = lambda t: t[i, :, :preds]  # noqa: E731 - [k, batch, pos, ...] -> [batch, preds, ...]
+                eff.append({
+                    "layer": layer, "head": head,
+                    "d_logit": (cut(r.logit) - clean_logit[:, :preds]).reshape(-1),
+                    "ln_scale": cut(r.scale).reshape(-1),
+                    "de": cut(r.de_head).reshape(-1),
+                    "d_de_heads": cut(r.d_de_heads).sum((-1, -2)).reshape(-1),
+                    "d_de_mlps": cut(r.d_de_mlps).sum(-1).reshape(-1),
+                })
+                top = top_sets.get((layer, head))
+                if top is None or not len(top):
+                    continue
+                mask = np.isin(token_index, top)
+                if not mask.any():
+                    continue
+                sel = torch.from_numpy(np.nonzero(mask)[0]).to(u.device)
+                rep.append(_repair_rows(w, layer, head, token_index[mask],
+                                        cut(r.d_de_heads).reshape(n, -1)[sel],
+                                        cut(r.d_de_mlps).reshape(n, -1)[sel]))
+                if neurons_top_k:
+                    de_c = (post_clean * wu).reshape(n, -1)[sel]
+                    de_a = (cut(r.post_final).float() * wu).reshape(n, -1)[sel]
+                    neu.append(_neuron_rows(layer, head, token_index[mask], de_c, de_a, neurons_top_k))
+            on_pass(len(chunk) * n)
+    return _assemble(kind, sample, token_index, eff, rep, neu)
+
+
+def _repair_rows(w, layer, head, tokens, d_heads, d_mlps) -> dict:
+    """Every downstream head and MLP whose DE can change: heads after `layer`, MLPs from it."""
+    first_mlp = layer + 1 if w.parallel else layer
+    hl = [(l, h) for l in range(layer + 1, w.n_layers) for h in range(w.n_heads)]
+    ml = list(range(first_mlp, w.n_layers))
+    cols_h = [l * w.n_heads + h for l, h in hl]
+    vals = torch.cat([d_heads[:, cols_h], d_mlps[:, ml]], 1).float().cpu().numpy()  # [tok, comp]
+    kinds = np.array(["head"] * len(hl) + ["mlp"] * len(ml))
+    src_layer = np.array([l for l, _ in hl] + ml, dtype=np.int16)
+    src_head = np.array([h for _, h in hl] + [-1] * len(ml), dtype=np.int16)
+    c = len(kinds)
+    return {"layer": layer, "head": head, "token_index": np.repeat(tokens, c),
+            "src_kind": np.tile(kinds, len(tokens)), "src_layer": np.tile(src_layer, len(tokens)),
+            "src_head": np.tile(src_head, len(tokens)), "d_de": vals.reshape(-1)}
+
+
+def _neuron_rows(layer, head, tokens, de_c, de_a, k) -> dict:
+    k = min(k, de_c.shape[1])
+    idx = (de_a - de_c).abs().topk(k, dim=1).indices  # [tok, k]
+    return {"layer": layer, "head": head, "token_index": np.repeat(tokens, k),
+            "neuron": idx.reshape(-1).cpu().numpy().astype(np.int32),
+            "de_clean": de_c.gather(1, idx).reshape(-1).cpu().numpy(),
+            "de_ablated": de_a.gather(1, idx).reshape(-1).cpu().numpy()}
+
+
+def _assemble(kind, sample, token_index, eff, rep, neu) -> dict[str, pa.Table]:
+    n = len(token_index)
+
+    def table(parts, per_row: bool) -> pa.Table | None:
+        if not parts:
+            return None
+        cols: dict[str, list] = {}
+        for p in parts:
+            m = n if per_row else len(p["token_index"]) if "token_index" in p else None
+            for key, v in p.items():
+                if isinstance(v, torch.Tensor):
+                    v = v.float().cpu().numpy()
+                if np.isscalar(v) or isinstance(v, int):
+                    v = np.full(m, v)
+                cols.setdefault(key, []).append(v)
+            if per_row:
+                cols.setdefault("token_index", []).append(token_index)
+        data = {k: np.concatenate(v) for k, v in cols.items()}
+        m = len(next(iter(data.values())))
+        data["ablation"] = np.full(m, kind, dtype=object)
+        data["sample"] = np.full(m, sample, dtype=np.int16)
+        return pa.table(data)
+
+    out = {"ablation_effects": table(eff, True)}
+    if rep:
+        out["repair_sources"] = table(rep, False)
+    if neu:
+        out["neuron_effects"] = table(neu, False)
+    return {k: v for k, v in out.items() if v is not None}

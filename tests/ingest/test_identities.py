@@ -1,0 +1,98 @@
+"""DESIGN.md's identities, checked through SQL over the written store (not in-memory tensors)."""
+
+import pytest
+
+from selfrepair import Store
+
+FAMILY_MODELS = ("tiny-gpt2", "tiny-neox", "tiny-llama")
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def store(tiny_store):
+    return Store.open(tiny_store)
+
+
+def test_every_family_is_stored(store):
+    assert sorted(store.models) == sorted(FAMILY_MODELS)
+
+
+def test_direct_effects_sum_to_logit_minus_bias(store):
+    df = store.query("check_de_identity")
+    assert sorted(df["model"].to_list()) == sorted(FAMILY_MODELS)
+    assert all(n == 310 for n in df["n_tokens"])
+    assert df["max_abs_error"].max() < TOL
+
+
+def test_ln_term_equals_closed_form(store):
+    df = store.query("check_ln_identity")
+    assert len(df) == 3 * 3  # every family × every ablation type
+    assert df["max_abs_error"].max() < TOL
+
+
+def test_self_repair_splits_into_heads_mlps_ln(store):
+    err = store.sql("SELECT max(abs(sr - (sr_heads + sr_mlps + sr_ln))) AS e FROM self_repair")["e"][0]
+    assert err < 1e-9
+
+
+def test_parallel_last_layer_has_no_downstream_repair(store):
+    # GPT-NeoX: the last layer's MLP reads the clean residual and no head comes after.
+    df = store.sql(
+        "SELECT max(abs(sr_heads)) AS h, max(abs(sr_mlps)) AS m, count(*) AS n FROM self_repair "
+        "WHERE model = 'tiny-neox' AND layer = 1"
+    )
+    assert df["n"][0] == 3 * 4 * 310
+    assert df["h"][0] == 0.0 and df["m"][0] == 0.0
+
+
+def test_sequential_last_layer_repairs_only_through_its_mlp(store):
+    df = store.sql(
+        "SELECT model, max(abs(sr_heads)) AS h, max(abs(sr_mlps)) AS m FROM self_repair "
+        "WHERE layer = 1 AND model IN ('tiny-gpt2', 'tiny-llama') GROUP BY model"
+    )
+    assert (df["h"] == 0.0).all() and (df["m"] > 1e-3).all()
+
+
+def test_row_counts_match_the_plan(store):
+    df = store.sql(
+        "SELECT model, ablation, count(*) AS n, count(DISTINCT (layer, head, token_index)) AS k "
+        "FROM ablation_effects GROUP BY ALL"
+    )
+    assert len(df) == 9
+    assert (df["n"] == 8 * 310).all() and (df["k"] == df["n"]).all()
+
+
+def test_repair_sources_cover_the_top_tokens(store):
+    # floor(0.05 * 310) = 15 top tokens per head; each has one row per downstream component.
+    df = store.sql(
+        "SELECT model, layer, head, count(DISTINCT token_index) AS k FROM repair_sources "
+        "WHERE ablation = 'zero' GROUP BY ALL"
+    )
+    first_layer = df.filter(df["layer"] == 0)
+    assert (first_layer["k"] == 15).all() and len(first_layer) == 3 * 4
+    top = store.sql(
+        "SELECT count(*) AS n FROM top_tokens(0.05) t JOIN repair_sources r USING (model, layer, head, token_index) "
+        "WHERE r.ablation = 'zero' AND r.layer = 0 AND r.src_kind = 'mlp' AND r.src_layer = 1"
+    )
+    assert top["n"][0] == 3 * 4 * 15
+
+
+def test_repair_sources_sum_to_the_breakdown(store):
+    # Σ over downstream heads of d_de = d_de_heads on the same top token (likewise MLPs).
+    df = store.sql("""
+        SELECT max(abs(s.h - a.d_de_heads)) AS eh, max(abs(s.m - a.d_de_mlps)) AS em FROM (
+            SELECT model, ablation, sample, layer, head, token_index,
+                   sum(CASE WHEN src_kind = 'head' THEN d_de ELSE 0 END) AS h,
+                   sum(CASE WHEN src_kind = 'mlp' THEN d_de ELSE 0 END) AS m
+            FROM repair_sources GROUP BY ALL) s
+        JOIN ablation_effects a USING (model, ablation, sample, layer, head, token_index)
+    """)
+    assert df["eh"][0] < TOL and df["em"][0] < TOL
+
+
+def test_neuron_effects_are_top_k_of_the_final_mlp(store):
+    df = store.sql(
+        "SELECT model, ablation, layer, head, token_index, count(*) AS k FROM neuron_effects GROUP BY ALL"
+    )
+    assert (df["k"] == 5).all()
+    assert set(df["model"]) == set(FAMILY_MODELS)

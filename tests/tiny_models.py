@@ -1,0 +1,67 @@
+"""Tiny randomly initialised models of each family, built offline from transformers configs.
+
+GPT-2 (sequential, LayerNorm, learned positions), GPT-NeoX/Pythia (parallel attention
+and MLP, partial rotary) and Llama (RMSNorm, GQA, gated MLP), each saved with a
+byte-level tokenizer so `--model <folder>` works exactly like a downloaded model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+FAMILIES = ("gpt2", "neox", "llama")
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer with no merges: 256 byte tokens plus <|endoftext|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab["<|endoftext|>"] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+
+
+def build(family: str, n_layers: int = 2, seed: int = 0):
+    """A tiny random model of `family` (vocab 257, d_model 32, 4 heads, context 64)."""
+    from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM,
+                              LlamaConfig, LlamaForCausalLM)
+
+    torch.manual_seed(seed)
+    v, d, h, ctx = 257, 32, 4, 64
+    if family == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=v, n_embd=d, n_layer=n_layers, n_head=h, n_positions=ctx,
+                                           bos_token_id=256, eos_token_id=256))
+    elif family == "neox":
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(
+            vocab_size=v, hidden_size=d, num_hidden_layers=n_layers, num_attention_heads=h,
+            intermediate_size=4 * d, max_position_embeddings=ctx, rotary_pct=0.25,
+            use_parallel_residual=True, bos_token_id=256, eos_token_id=256))
+    elif family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=v, hidden_size=d, num_hidden_layers=n_layers, num_attention_heads=h,
+            num_key_value_heads=2, intermediate_size=2 * d, max_position_embeddings=ctx,
+            bos_token_id=256, eos_token_id=256))
+    else:
+        raise ValueError(family)
+    # Random init gives tiny logits; scale the unembedding so ablations move them visibly.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)
+    return model.eval()
+
+
+def save(family: str, folder: Path, n_layers: int = 2) -> Path:
+    """Save a tiny model and its tokenizer into `folder` and return it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    build(family, n_layers).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
