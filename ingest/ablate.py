@@ -23,6 +23,7 @@ class FastBatch:
     def __init__(self, w: ModelWeights, rows: torch.Tensor):
         self.w = w
         self.clean = E.clean_run(w, E.embed(w, rows))
+        self._ou = None  # head projections, made on the first patch
 
     def clean_z(self, layer: int) -> torch.Tensor:
         return self.clean.z[layer]  # [batch, pos, head, d_head]
@@ -37,7 +38,9 @@ class FastBatch:
         return self.clean.scale
 
     def patch(self, layer: int, heads: list[int], z_new: torch.Tensor, u: torch.Tensor) -> E.PatchResult:
-        return E.patch_layer(self.w, self.clean, layer, heads, z_new, u)
+        if self._ou is None:
+            self._ou = E.head_projections(self.w, u)
+        return E.patch_layer(self.w, self.clean, layer, heads, z_new, u, self._ou)
 
 
 class ReferenceBatch:

@@ -131,6 +131,15 @@ class PatchResult:
     post_final: Float[Tensor, "k batch pos d_mlp"]  # ablated final-MLP activations
 
 
+def head_projections(w: ModelWeights, u: Float[Tensor, "batch pos d_model"]) -> Tensor:
+    """`W_O[l, h] @ u` for every head: [layer, batch, pos, head, d_head].
+
+    A head's DE is then one dot product with its z per token; computed once per batch
+    and shared by every patched pass (the target column does not change under ablation).
+    """
+    return torch.einsum("lhdm,bpm->lbphd", w.W_O, u)
+
+
 def patch_layer(
     w: ModelWeights,
     clean: CleanState,
@@ -138,6 +147,7 @@ def patch_layer(
     heads: list[int],
     z_new: Float[Tensor, "k batch pos d_head"],
     u: Float[Tensor, "batch pos d_model"],
+    ou: Float[Tensor, "layer batch pos head d_head"] | None = None,
 ) -> PatchResult:
     """Ablate each of `heads` (all in `layer`) by swapping its z for `z_new[i]`.
 
@@ -148,6 +158,7 @@ def patch_layer(
         heads: head indices, one patched pass each, batched along the batch dimension.
         z_new: the replacement z for each head.
         u: the correct next token's centred unembedding column at every position.
+        ou: `head_projections(w, u)`, when the caller already has it.
 
     Returns:
         Per-head results; positions without a next token carry garbage the caller drops.
@@ -160,43 +171,40 @@ def patch_layer(
     dz = z_new - z_clean_h
     # Only the ablated head's output moves in this layer: Δ = dz @ W_O[layer, h].
     delta = torch.einsum("kbpd,kdm->kbpm", dz, w.W_O[layer][idx])
-    expand = lambda t: t.unsqueeze(0).expand(k, *t.shape).reshape(k * batch, *t.shape[1:])  # noqa: E731
     # The per-head projection W_O[l, h] @ u, so a head's DE is one dot product per token.
     d_de_heads = u.new_zeros((k, batch, pos, w.n_layers, w.n_heads))
     d_de_mlps = u.new_zeros((k, batch, pos, w.n_layers))
-    ou = torch.einsum("hdm,bpm->bphd", w.W_O[layer], u)
+    if ou is None:
+        ou = head_projections(w, u)
     # The ablated head's own change is d_de, not part of d_de_heads; other heads of this
     # layer read the clean residual, so their ΔDE is zero.
-    de_head = (z_new * ou[:, :, idx].permute(2, 0, 1, 3)).sum(-1) / s
-    uk, sk = expand(u), expand(s)
+    de_head = (z_new * ou[layer][:, :, idx].permute(2, 0, 1, 3)).sum(-1) / s
+    per_copy = lambda t: t.view(k, batch, *t.shape[1:])  # noqa: E731 - [k*batch, ...] -> [k, batch, ...]
     if w.parallel:
         # Parallel block: the layer-L MLP read the clean resid_pre, so it does not change.
-        resid = expand(clean.resid_pre[layer] + clean.attn_out[layer] + clean.mlp_out[layer])
-        resid = resid + delta.reshape(k * batch, pos, -1)
+        resid = (clean.resid_pre[layer] + clean.attn_out[layer] + clean.mlp_out[layer]) + delta
+        resid = resid.reshape(k * batch, pos, -1)
         post = None
     else:
-        mid = expand(clean.resid_pre[layer] + clean.attn_out[layer]) + delta.reshape(k * batch, pos, -1)
+        mid = ((clean.resid_pre[layer] + clean.attn_out[layer]) + delta).reshape(k * batch, pos, -1)
         post, m = mlp_forward(w, layer, normalize(w, mid)[0])
-        dm = m - expand(clean.mlp_out[layer])
-        d_de_mlps[..., layer] = ((dm * uk).sum(-1) / sk).view(k, batch, pos)
+        d_de_mlps[..., layer] = ((per_copy(m) - clean.mlp_out[layer]) * u).sum(-1) / s
         resid = mid + m
     for later in range(layer + 1, w.n_layers):
         x1, _ = normalize(w, resid)
         z = attention_z(w, later, x1)
-        dz_l = z - expand(clean.z[later])  # [k*batch, pos, head, d_head]
-        ou_l = torch.einsum("hdm,bpm->bphd", w.W_O[later], uk)
-        d_de_heads[..., later, :] = ((dz_l * ou_l).sum(-1) / sk.unsqueeze(-1)).view(k, batch, pos, -1)
+        dz_l = per_copy(z) - clean.z[later]  # [k, batch, pos, head, d_head]
+        d_de_heads[..., later, :] = (dz_l * ou[later]).sum(-1) / s.unsqueeze(-1)
         a = attn_out(w, later, z)
         mid = resid + a
         post, m = mlp_forward(w, later, x1 if w.parallel else normalize(w, mid)[0])
-        dm = m - expand(clean.mlp_out[later])
-        d_de_mlps[..., later] = ((dm * uk).sum(-1) / sk).view(k, batch, pos)
+        d_de_mlps[..., later] = ((per_copy(m) - clean.mlp_out[later]) * u).sum(-1) / s
         resid = mid + m
     if post is None:  # ablated head sits in the last layer of a parallel model
-        post = expand(clean.post_final)
+        post = clean.post_final.expand(k, *clean.post_final.shape)
     _, s_abl = normalize(w, resid)
-    s_abl = s_abl[..., 0]
-    logit = (resid * uk).sum(-1) / s_abl
+    s_abl = per_copy(s_abl[..., 0])
+    logit = (per_copy(resid) * u).sum(-1) / s_abl
     return PatchResult(
         logit=logit.view(k, batch, pos),
         scale=s_abl.view(k, batch, pos),

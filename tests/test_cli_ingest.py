@@ -1,0 +1,110 @@
+"""`selfrepair ingest` through click's runner: a good run, and one clear line for each bad input."""
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from selfrepair.cli import main
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def cli_store(tiny_model_dirs, tmp_path_factory):
+    store = tmp_path_factory.mktemp("cli-store")
+    res = CliRunner().invoke(main, ["ingest", "--model", str(tiny_model_dirs["gpt2"]), "--store", str(store),
+                                    "--tokens", "124", "--seq-len", "32", "--batch-size", "2",
+                                    "--corpus", "embedded", "--ablations", "resample,zero"])
+    assert res.exit_code == 0, res.output
+    return store
+
+
+def test_ingest_prints_plan_progress_and_summary(cli_store, tiny_model_dirs):
+    res = CliRunner().invoke(main, ["ingest", "--model", str(tiny_model_dirs["gpt2"]), "--store", str(cli_store),
+                                    "--tokens", "124", "--seq-len", "32", "--batch-size", "2",
+                                    "--corpus", "embedded", "--ablations", "resample,zero"])
+    assert res.exit_code == 0, res.output
+    out = res.output
+    assert "selfrepair ingest: tiny-gpt2" in out
+    assert "0 shards written" in out  # a re-run resumes: everything is already committed
+    assert "Per-layer self-repair over each head's top 0.02 tokens (resample ablation):" in out
+    for col in ("layer", "de", "d_logit", "sr", "sr_ln"):
+        assert col in out
+
+
+def _err(res) -> str:
+    lines = [l for l in res.output.splitlines() if l.startswith("Error")]
+    assert len(lines) == 1, res.output
+    assert "Traceback" not in res.output
+    return lines[0]
+
+
+CASES = [
+    (["--model", "pythia-41m"], 1, "Error: unknown model 'pythia-41m'; did you mean pythia-410m"),
+    (["--model", "EleutherAI/pythia-14m"], 1,
+     "Error: weights for EleutherAI/pythia-14m are not available locally and the Hugging Face hub cannot be reached"),
+    (["--tokens", "0"], 1, "Error: tokens: must be positive, got 0"),
+    (["--tokens", "-5"], 1, "Error: tokens: must be positive, got -5"),
+    (["--top-p", "0"], 1, "Error: top_p: must be in (0, 1], got 0.0"),
+    (["--top-p", "1.5"], 1, "Error: top_p: must be in (0, 1], got 1.5"),
+    (["--ablations", "resample,swap"], 2, "Error: Invalid value for '--ablations': unknown ablation type 'swap'"),
+    (["--heads", "L1X2"], 2, "Error: Invalid value for '--heads': cannot parse 'L1X2'"),
+    (["--heads", "L9H0"], 1, "Error: --heads: L9H0 is out of range; the model has layers 0..1"),
+    (["--heads", "L1H7"], 1, "Error: --heads: L1H7 is out of range; the model has heads 0..3"),
+    (["--seq-len", "100"], 1, "Error: seq_len: 100 is above the model's context of 64 tokens"),
+    (["--corpus", "/nonexistent/corpus.txt"], 1, "Error: corpus '/nonexistent/corpus.txt' not found"),
+]
+
+
+@pytest.mark.parametrize("extra,code,line", CASES)
+def test_bad_input_gets_one_line_and_leaves_store_alone(cli_store, tiny_model_dirs, extra, code, line):
+    before = _snapshot(cli_store)
+    args = ["ingest", "--model", str(tiny_model_dirs["gpt2"]), "--store", str(cli_store), "--tokens", "124",
+            "--seq-len", "32", "--batch-size", "2", "--corpus", "embedded", "--ablations", "resample,zero"]
+    res = CliRunner().invoke(main, args + extra)
+    assert res.exit_code == code, res.output
+    assert _err(res).startswith(line), res.output
+    assert _snapshot(cli_store) == before
+
+
+def test_empty_and_short_corpus(tiny_model_dirs, tmp_path):
+    empty, short = tmp_path / "empty.txt", tmp_path / "short.txt"
+    empty.write_text("")
+    short.write_text("tiny")
+    base = ["ingest", "--model", str(tiny_model_dirs["gpt2"]), "--store", str(tmp_path / "s"), "--seq-len", "32"]
+    res = CliRunner().invoke(main, base + ["--corpus", str(empty)])
+    assert res.exit_code == 1 and _err(res) == f"Error: corpus {empty}: empty (no text to tokenise)"
+    res = CliRunner().invoke(main, base + ["--corpus", str(short)])
+    assert res.exit_code == 1
+    assert _err(res) == f"Error: corpus {short}: 5 tokens is shorter than one row (31 tokens after BOS)"
+
+
+def test_store_path_that_is_a_file(tiny_model_dirs, tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    res = CliRunner().invoke(main, ["ingest", "--model", str(tiny_model_dirs["gpt2"]), "--store", str(f)])
+    assert res.exit_code == 1 and _err(res) == f"Error: store path {f} is a file, not a folder"
+
+
+def test_different_configuration_refuses_without_overwrite(cli_store, tiny_model_dirs):
+    before = _snapshot(cli_store)
+    args = ["ingest", "--model", str(tiny_model_dirs["gpt2"]), "--store", str(cli_store), "--tokens", "124",
+            "--seq-len", "16", "--batch-size", "2", "--corpus", "embedded", "--ablations", "resample,zero"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1
+    assert _err(res).startswith(f"Error: {cli_store / 'tiny-gpt2'} was ingested with a different configuration "
+                                "(seq_len: stored 32, asked 16)")
+    assert _snapshot(cli_store) == before
+
+
+def test_every_command_has_help_and_is_in_the_readme():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for name, command in main.commands.items():
+        res = CliRunner().invoke(main, [name, "--help"])
+        assert res.exit_code == 0 and "Example:" in res.output, name
+        assert f"selfrepair {name}" in readme, name
