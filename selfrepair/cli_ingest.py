@@ -100,9 +100,8 @@ def ingest(**opts):
         f"{secs['total']:.1f} s (load {secs['load']:.1f}, clean {secs['clean']:.1f}, ablation {secs['ablation']:.1f})",
         err=True,
     )
-    summary = Store.open(cfg.store).query(
-        "layer_summary", model=result.model_store.name, p=cfg.top_p, ablation=cfg.ablations[0], sample=0
-    )
+    summary = Store.open(cfg.store).query("layer_summary", p=cfg.top_p, ablation=cfg.ablations[0], sample=0)
+    summary = summary.filter(summary["model"] == result.model_store.name)
     click.echo(f"Per-layer self-repair over each head's top {cfg.top_p:g} tokens ({cfg.ablations[0]} ablation):")
     write_output(summary, "table", None)
 
