@@ -16,7 +16,7 @@ import duckdb
 import polars as pl
 
 from selfrepair.errors import QueryError, StoreNotFound
-from selfrepair.queries import named, safety, views
+from selfrepair.queries import interrupt, named, safety, views
 from selfrepair.store.model_store import list_models
 from selfrepair.store.schema import TABLES
 
@@ -103,19 +103,17 @@ class Store:
         """
         safety.check_read_only(self._con, text)
         try:
-            table = self._con.sql(text, params=params or None).to_arrow_table()
-        except duckdb.InterruptException:
-            raise QueryError("query interrupted") from None
-        except KeyboardInterrupt:
-            self._con.interrupt()
+            table = self._run(text, params or None)
+        except (duckdb.InterruptException, KeyboardInterrupt):
             raise QueryError("query interrupted") from None
         except duckdb.Error as e:
             raise QueryError(safety.one_line(e)) from None
-        except RuntimeError as e:  # DuckDB's own Ctrl-C handler raises "Query interrupted"
-            if "interrupt" in str(e).lower():
-                raise QueryError("query interrupted") from None
-            raise
         return pl.from_arrow(table)
+
+    def _run(self, text: str, params: dict | None):
+        """Execute and fetch everything as Arrow; Ctrl-C interrupts the query."""
+        with interrupt.sigint_interrupts(self._con):
+            return self._con.sql(text, params=params).to_arrow_table()
 
     def query(self, name: str, **params) -> pl.DataFrame:
         """Run a named query from `queries/sql/`.
