@@ -60,11 +60,12 @@ def main() -> None:
 def _register() -> None:
     # Commands live beside the layer they wrap; importing them here keeps start-up cheap
     # (torch is imported only inside `ingest` when it runs).
-    from selfrepair import cli_ingest, cli_query
+    from selfrepair import cli_ingest, cli_query, cli_store
 
-    for module in (cli_ingest, cli_query):
+    for module in (cli_ingest, cli_query, cli_store):
         for command in module.COMMANDS:
             main.add_command(command)
 
 
 _register()
+

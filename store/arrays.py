@@ -83,3 +83,12 @@ def array_info(path: Path) -> dict[str, dict]:
             arr = group["weights"][name]
             out[f"weights/{name}"] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "dims": list(arr.metadata.dimension_names or [])}
     return out
+
+
+def region_chunks(path: Path, name: str, start: int, stop: int) -> list[Path]:
+    """The chunk files holding token rows [start, stop) of one array (chunks span every other dim)."""
+    arr = zarr.open_array(str(path / name), mode="r")
+    step = arr.chunks[0]
+    tail = ["0"] * (arr.ndim - 1)
+    return [path / name / "c" / str(i) / Path(*tail) if tail else path / name / "c" / str(i)
+            for i in range(start // step, -(-stop // step))]
