@@ -108,3 +108,34 @@ def test_every_command_has_help_and_is_in_the_readme():
         res = CliRunner().invoke(main, [name, "--help"])
         assert res.exit_code == 0 and "Example:" in res.output, name
         assert f"selfrepair {name}" in readme, name
+
+
+def test_store_path_not_writable(tiny_model_dirs):
+    # /sys is mounted read-only, so this holds even for root (who bypasses chmod).
+    res = CliRunner().invoke(main, ["ingest", "--model", str(tiny_model_dirs["gpt2"]), "--store", "/sys/selfrepair-test"])
+    assert res.exit_code == 1 and _err(res) == "Error: store path /sys/selfrepair-test is not writable"
+
+
+def test_verify_reports_ok_and_damage(cli_store, tmp_path):
+    import shutil
+
+    res = CliRunner().invoke(main, ["verify", "--store", str(cli_store)])
+    assert res.exit_code == 0 and res.output.startswith("tiny-gpt2: OK"), res.output
+    broken = tmp_path / "broken"
+    shutil.copytree(cli_store, broken)
+    parquet = sorted((broken / "tiny-gpt2" / "tables" / "head_effects").glob("*.parquet"))[0]
+    data = bytearray(parquet.read_bytes())
+    data[64] ^= 0xFF  # one flipped byte
+    parquet.write_bytes(bytes(data))
+    chunk = sorted((broken / "tiny-gpt2" / "activations.zarr" / "resid_pre" / "c").glob("*/0/0"))[0]
+    chunk.write_bytes(chunk.read_bytes()[:10])  # truncated
+    gone = sorted((broken / "tiny-gpt2" / "tables" / "repair_sources").glob("*.parquet"))[0]
+    gone.unlink()
+    res = CliRunner().invoke(main, ["verify", "--store", str(broken)])
+    assert res.exit_code == 1
+    out = res.output
+    assert f"FAIL shard clean-00000000-00000002: {parquet.relative_to(broken / 'tiny-gpt2')} checksum mismatch" in out
+    assert f"{chunk.relative_to(broken / 'tiny-gpt2')} checksum mismatch" in out
+    assert "activations.zarr/resid_pre: cannot be read" in out
+    assert f"{gone.relative_to(broken / 'tiny-gpt2')} is missing" in out
+    assert out.strip().splitlines()[-1] == f"Error: verify found 4 problem(s) in {broken}"
