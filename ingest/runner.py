@@ -213,11 +213,18 @@ class Ingest:
                 bar.update((r1 - r0) * preds)
                 continue
             out = run_clean(model, w32, rows[r0:r1], r0, strings, cfg.activations)
+            chunks = {}
             for name, values in out.arrays.items():
                 arrays.write_region(ms.arrays_path, name, r0 * preds, values)
-            manifest = self._commit(ms, shard, out.tables, {"phase": "clean", "rows": [r0, r1]}, result)
+                # Each clean shard writes whole chunks; their checksums let `verify` spot damage.
+                for p in arrays.region_chunks(ms.arrays_path, name, r0 * preds, r1 * preds):
+                    chunks[str(p.relative_to(ms.path))] = files.sha256_file(p) if p.exists() else None
+            entry = {"phase": "clean", "rows": [r0, r1], "tokens": [r0 * preds, r1 * preds], "chunks": chunks}
+            manifest = self._commit(ms, shard, out.tables, entry, result)
             bar.update((r1 - r0) * preds)
         bar.close()
+        manifest["arrays"] = arrays.array_info(ms.arrays_path)
+        ms.write_manifest(manifest)
         return manifest
 
     def _top_sets(self, ms: ModelStore) -> dict[tuple[int, int], np.ndarray]:
