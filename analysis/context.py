@@ -1,0 +1,104 @@
+"""What every figure needs besides its query frame: the models drawn and the settings.
+
+A `Context` is built by the report from each model's manifest (through `Store.manifest`,
+never a raw file read) and handed to the plot functions, which put its facts into the
+title or caption: model, token count, ablation type and p.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+
+HEAD_LABEL = re.compile(r"^L(\d+)H(\d+)$")
+
+
+def head_label(layer: int, head: int) -> str:
+    """`L{layer}H{head}`, the project's head label."""
+    return f"L{int(layer)}H{int(head)}"
+
+
+def parse_head(text: str) -> tuple[int, int]:
+    """`L9H11` -> (9, 11); raises ValueError naming the bad label."""
+    m = HEAD_LABEL.match(text.strip())
+    if not m:
+        raise ValueError(f"{text!r} is not a head label like L9H11")
+    return int(m.group(1)), int(m.group(2))
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Manifest facts about one model.
+
+    Args:
+        name: the model folder's name (the `model` column).
+        n_layers: transformer blocks.
+        n_heads: attention heads per block.
+        n_tokens: predictions in the store.
+        top_p: the p the ingest used for repair_sources and neuron_effects.
+        ablations: ablation types ingested.
+        resamples: resample draws ingested.
+    """
+
+    name: str
+    n_layers: int
+    n_heads: int
+    n_tokens: int
+    top_p: float
+    ablations: tuple[str, ...]
+    resamples: int
+
+    @classmethod
+    def from_manifest(cls, name: str, manifest: dict) -> "ModelInfo":
+        info, config = manifest.get("model", {}), manifest.get("config", {})
+        return cls(
+            name=name,
+            n_layers=int(info.get("n_layers", 0)),
+            n_heads=int(info.get("n_heads", 0)),
+            n_tokens=int(manifest.get("n_tokens", 0)),
+            top_p=float(config.get("top_p", 0.02)),
+            ablations=tuple(config.get("ablations", ("resample",))),
+            resamples=int(config.get("resamples", 1)),
+        )
+
+
+@dataclass(frozen=True)
+class Context:
+    """The models drawn and the settings of one figure or table.
+
+    Args:
+        models: the models drawn, sorted; a per-model figure has exactly one.
+        ablation: ablation type of the headline numbers.
+        p: fraction of each model's tokens kept per head (top p% by signed clean DE).
+        sample: resample draw.
+        heads: the heads a per-head figure draws, (layer, head), most important first.
+    """
+
+    models: tuple[ModelInfo, ...]
+    ablation: str
+    p: float
+    sample: int = 0
+    heads: tuple[tuple[int, int], ...] = field(default=())
+
+    @property
+    def model(self) -> ModelInfo:
+        """The one model of a per-model figure."""
+        return self.models[0]
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+    @property
+    def focus_head(self) -> tuple[int, int]:
+        """The head that the single-head figures draw (the first of `heads`)."""
+        return self.heads[0]
+
+    def with_model(self, model: ModelInfo, heads: tuple[tuple[int, int], ...] = ()) -> "Context":
+        return replace(self, models=(model,), heads=heads)
+
+    def facts(self, ablation: str | None = None) -> str:
+        """One line for a title: models, token counts, ablation type and p."""
+        models = ", ".join(f"{m.name} ({m.n_tokens:,} tokens)" for m in self.models)
+        kind = ablation or self.ablation
+        return f"{models} · {kind} ablation · p = {self.p:g}"

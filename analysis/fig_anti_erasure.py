@@ -1,0 +1,42 @@
+"""Anti-erasure: the top repairing neuron's clean DE against its ablated DE, per token."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from selfrepair.analysis.context import Context
+from selfrepair.analysis.neurons import KEPT_NOTE, head_params, head_title
+from selfrepair.analysis.spec import FigureSpec
+from selfrepair.analysis.style import LOGIT_UNIT, attach, caption, new_figure
+
+
+def plot(df: pl.DataFrame, ctx: Context):
+    """fig_anti_erasure_top_neuron: one point per token, y = x line."""
+    fig, axes = new_figure()
+    ax = axes[0, 0]
+    points = ax.scatter(df["de_clean"], df["de_ablated"], c=df["repair"], cmap="viridis", s=14)
+    fig.colorbar(points, ax=ax, label=f"repair = ablated − clean DE ({LOGIT_UNIT})")
+    values = np.concatenate([df["de_clean"].to_numpy(), df["de_ablated"].to_numpy(), [0.0]])
+    lim = float(np.nanmax(np.abs(values))) * 1.1 or 1.0
+    ax.plot([-lim, lim], [-lim, lim], color="black", lw=0.8, ls="--", label="y = x: no change")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.axvline(0, color="grey", lw=0.5)
+    anti = df.filter(pl.col("de_clean") < 0).height
+    ax.text(0.03, 0.97, f"anti-erasure: clean DE < 0, rises toward 0\n({anti} of {df.height} tokens)",
+            transform=ax.transAxes, ha="left", va="top")
+    ax.set_xlabel(f"top neuron's clean DE ({LOGIT_UNIT})")
+    ax.set_ylabel(f"top neuron's ablated DE ({LOGIT_UNIT})")
+    ax.set_title(head_title(ctx, "Anti-erasure of the top repairing neuron"))
+    ax.legend(loc="lower right", fontsize=7)
+    caption(fig, f"One point per top p% token: the final-MLP neuron with the largest repair. {KEPT_NOTE}")
+    return attach(fig, df)
+
+
+FIGURE = FigureSpec(
+    name="fig_anti_erasure",
+    title="Anti-erasure scatter",
+    query="fig_anti_erasure_top_neuron",
+    runs=lambda ctx: [head_params(ctx)],
+    plot=plot,
+)

@@ -1,0 +1,38 @@
+"""How often each final-MLP neuron is among a token's top 10 repairers."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from selfrepair.analysis.context import Context
+from selfrepair.analysis.neurons import KEPT_NOTE, head_params, head_title
+from selfrepair.analysis.spec import FigureSpec
+from selfrepair.analysis.style import attach, caption, new_figure
+
+TOP_N = 10
+LIMIT = 30
+
+
+def plot(df: pl.DataFrame, ctx: Context):
+    """fig_neuron_top_frequency: one bar per neuron, most frequent first."""
+    fig, axes = new_figure()
+    ax = axes[0, 0]
+    x = np.arange(df.height)
+    ax.bar(x, df["frequency"] * 100, color="tab:blue")
+    ax.set_xticks(x, [str(n) for n in df["neuron"]], rotation=90)
+    ax.set_xlabel("final-MLP neuron")
+    ax.set_ylabel(f"tokens with the neuron in the top {TOP_N} (%)")
+    ax.set_title(head_title(ctx, f"How often each neuron is a top-{TOP_N} repairer"))
+    caption(fig, f"Share of the head's top p% tokens on which the neuron is among the {TOP_N} largest repairs; "
+                 f"the {LIMIT} most frequent neurons. {KEPT_NOTE}")
+    return attach(fig, df)
+
+
+FIGURE = FigureSpec(
+    name="fig_neuron_top_frequency",
+    title="Top-10 neuron frequency",
+    query="fig_neuron_top_frequency",
+    runs=lambda ctx: [head_params(ctx) | {"top_n": TOP_N, "limit": LIMIT}],
+    plot=plot,
+)

@@ -1,0 +1,218 @@
+"""The HTML report: every figure and table of the registry, from named queries only.
+
+    >>> build_report(Store.open("stores"), Path("report"))
+
+writes `report/report.html` (one self-contained page, figures inline as base64 PNG),
+`report/figures/<figure>[__<model>].{png,pdf}` and `report/tables/<table>.{csv,tex}`.
+Beside every figure and table the page shows the named query's SQL and the parameter
+values of each run, so the data can be rebuilt with `selfrepair query`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+from selfrepair.analysis import html, registry
+from selfrepair.analysis.context import Context, ModelInfo, head_label
+from selfrepair.analysis.heads import default_heads
+from selfrepair.analysis.spec import FigureSpec, TableSpec, fetch
+from selfrepair.analysis.style import figure_bytes, note_figure, rc
+from selfrepair.errors import ConfigError, StoreError
+from selfrepair.queries.named import get_query
+from selfrepair.queries.output import write_output
+
+
+@dataclass
+class Entry:
+    """One figure or table as the page shows it.
+
+    Args:
+        spec: its registry entry.
+        ctx: the models and settings drawn.
+        runs: the parameter values of each query run.
+        files: written files, relative to the output folder.
+        png: the PNG bytes (figures).
+        frame: the table's rows (tables).
+        caption: the figure's caption.
+        note: why nothing was drawn, when skipped.
+    """
+
+    spec: FigureSpec | TableSpec
+    ctx: Context
+    runs: list[dict]
+    files: list[str] = field(default_factory=list)
+    png: bytes | None = None
+    pdf: bytes | None = None
+    frame: pl.DataFrame | None = None
+    caption: str = ""
+    note: str | None = None
+
+    @property
+    def sql(self) -> str:
+        return get_query(self.spec.query).sql
+
+
+@dataclass
+class Report:
+    """What `build_report` wrote."""
+
+    path: Path
+    figures: list[Entry]
+    tables: list[Entry]
+
+
+class QueryCache:
+    """`Store.query` with each (name, parameters) run once per report."""
+
+    def __init__(self, store):
+        self._store, self._cache = store, {}
+
+    def __call__(self, name: str, **params) -> pl.DataFrame:
+        key = (name, tuple(sorted(params.items())))
+        if key not in self._cache:
+            self._cache[key] = self._store.query(name, **params)
+        return self._cache[key]
+
+
+def safe_name(text: str) -> str:
+    """A model name as a file-name part."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+
+
+def _choose_ablation(infos: list[ModelInfo], ablation: str | None) -> str:
+    if ablation is None:
+        common = [k for k in infos[0].ablations if all(k in m.ablations for m in infos)]
+        ablation = "resample" if "resample" in common else (common[0] if common else infos[0].ablations[0])
+    for m in infos:
+        if ablation not in m.ablations:
+            raise ConfigError(f"ablation: {ablation!r} was not ingested for {m.name} "
+                              f"(ingested: {', '.join(m.ablations)})")
+    return ablation
+
+
+def _check_heads(infos: list[ModelInfo], heads) -> None:
+    for m in infos:
+        for layer, head in heads:
+            if not (0 <= layer < m.n_layers and 0 <= head < m.n_heads):
+                raise ConfigError(f"heads: {head_label(layer, head)} is not a head of {m.name} "
+                                  f"({m.n_layers} layers × {m.n_heads} heads)")
+
+
+def figure_entries(spec: FigureSpec, ctx: Context, per_model_heads: dict, query) -> list[Entry]:
+    """Plot one registry figure: once for all models, or once per model."""
+    contexts = ([ctx.with_model(m, per_model_heads[m.name]) for m in ctx.models] if spec.per_model else [ctx])
+    out = []
+    for c in contexts:
+        note = spec.skip(c) if spec.skip else None
+        runs = []
+        if note is None:
+            try:
+                runs = spec.runs(c)
+            except IndexError:  # a single-head figure and no head to draw
+                runs = []
+            if not runs:
+                note = f"no head to draw for {c.model.name} (none in its last third of layers; use --heads)"
+        entry = Entry(spec, c, runs, note=note)
+        if note is None:
+            df = fetch(query, spec.query, runs, c.names)
+            if df.is_empty():
+                entry.note = (f"the query {spec.query} returned no rows for {', '.join(c.names)} "
+                              "(e.g. no neuron or repair detail stored for this head)")
+                out.append(entry)
+                continue
+            with rc():
+                fig = spec.plot(df, c)
+            entry.caption = getattr(fig, "selfrepair_caption", "")
+            entry.png = figure_bytes(fig, "png")
+            entry.pdf = figure_bytes(fig, "pdf")
+        out.append(entry)
+    return out
+
+
+def figure_stem(entry: Entry) -> str:
+    if entry.spec.per_model:
+        return f"{entry.spec.name}__{safe_name(entry.ctx.model.name)}"
+    return entry.spec.name
+
+
+def build_report(store, output: str | Path, models: list[str] | None = None,
+                 heads: tuple[tuple[int, int], ...] | None = None, ablation: str | None = None,
+                 p: float | None = None, figures: list[str] | None = None) -> Report:
+    """Write the report folder.
+
+    Args:
+        store: an open `selfrepair.Store`.
+        output: the folder to write (created; files in it are replaced).
+        models: models to draw (default: every model of the store).
+        heads: heads of the per-head figures (default: per model, the four heads with the
+            largest top-p% DE in the last third of the layers).
+        ablation: ablation type (default: resample when ingested).
+        p: top-p fraction (default: the first model's ingest top_p).
+        figures: only these figure names (default: all).
+
+    Returns:
+        The Report: page path and every figure and table entry.
+
+    Raises:
+        StoreNotFound: a model is not in the store.
+        ConfigError: an ablation or head the store does not have.
+        StoreError: the output folder cannot be written.
+    """
+    names = sorted(dict.fromkeys(models or store.models))
+    infos = [ModelInfo.from_manifest(n, store.manifest(n)) for n in names]
+    ablation = _choose_ablation(infos, ablation)
+    if heads:
+        _check_heads(infos, heads)
+    ctx = Context(models=tuple(infos), ablation=ablation, p=p if p is not None else infos[0].top_p)
+    query = QueryCache(store)
+    per_model_heads = {}
+    for m in infos:
+        if heads:
+            per_model_heads[m.name] = tuple(heads)
+        else:
+            top = query("head_top_self_repair", p=ctx.p, ablation=ablation, sample=ctx.sample)
+            per_model_heads[m.name] = default_heads(top.filter(pl.col("model") == m.name), m.n_layers)
+
+    out = Path(output)
+    try:
+        (out / "figures").mkdir(parents=True, exist_ok=True)
+        (out / "tables").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"cannot write the report folder {out}: {e.strerror or e}") from None
+
+    specs = [s for s in registry.FIGURES if figures is None or s.name in figures]
+    figure_list = []
+    for spec in specs:
+        for entry in figure_entries(spec, ctx, per_model_heads, query):
+            if entry.png is not None:
+                stem = figure_stem(entry)
+                for fmt, data in (("png", entry.png), ("pdf", entry.pdf)):
+                    _write(out / "figures" / f"{stem}.{fmt}", data)
+                    entry.files.append(f"figures/{stem}.{fmt}")
+            figure_list.append(entry)
+
+    table_list = []
+    for spec in registry.TABLES:
+        runs = spec.runs(ctx)
+        df = fetch(query, spec.query, runs, ctx.names)
+        entry = Entry(spec, ctx, runs, frame=df)
+        for fmt, ext in (("csv", "csv"), ("latex", "tex")):
+            path = out / "tables" / f"{spec.name}.{ext}"
+            write_output(df, fmt, path)
+            entry.files.append(f"tables/{spec.name}.{ext}")
+        table_list.append(entry)
+
+    page = out / "report.html"
+    _write(page, html.render_page(ctx, per_model_heads, figure_list, table_list).encode())
+    return Report(page, figure_list, table_list)
+
+
+def _write(path: Path, data: bytes) -> None:
+    try:
+        path.write_bytes(data)
+    except OSError as e:
+        raise StoreError(f"cannot write {path}: {e.strerror or e}") from None

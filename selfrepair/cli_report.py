@@ -1,0 +1,75 @@
+"""`selfrepair report`: a thin wrapper over `selfrepair.analysis.report.build_report`.
+
+Import `selfrepair.cli` (not this module) first: cli.py registers the command.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from selfrepair.cli import friendly_errors, store_option
+
+ABLATION_KINDS = ("resample", "mean", "zero")
+
+
+class HeadsType(click.ParamType):
+    """A comma-separated list of head labels, e.g. `L9H11,L10H2`."""
+
+    name = "L9H11,…"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        from selfrepair.analysis.context import parse_head
+
+        heads = []
+        for part in (p for p in value.split(",") if p.strip()):
+            try:
+                heads.append(parse_head(part))
+            except ValueError as e:
+                self.fail(str(e), param, ctx)
+        if not heads:
+            self.fail("give at least one head label like L9H11", param, ctx)
+        return tuple(dict.fromkeys(heads))
+
+
+@click.command("report")
+@store_option
+@click.option("--models", default=None, help="Comma-separated model names (default: every model in the store).")
+@click.option("--heads", type=HeadsType(), default=None,
+              help="Heads for the per-head figures (default: the four with the largest top-p% DE in the last "
+                   "third of the layers).")
+@click.option("--ablation", type=click.Choice(ABLATION_KINDS), default=None,
+              help="Ablation type (default: resample when ingested).")
+@click.option("--p", "p", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Top-p fraction of tokens per head (default: the ingest's top_p).")
+@click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path), default=Path("report"),
+              show_default=True, help="Folder for report.html, figures/ and tables/.")
+@friendly_errors
+def report(store: Path, models: str | None, heads, ablation: str | None, p: float | None, output: Path) -> None:
+    """Write an HTML report with every figure and paper table.
+
+    Writes OUTPUT/report.html (self-contained), every figure as PNG and PDF under
+    OUTPUT/figures/ and every table as CSV and LaTeX under OUTPUT/tables/. Each figure
+    and table shows the named query and parameters that produced it.
+
+    Example:
+
+        selfrepair report --store stores --heads L9H11,L10H2 --output report
+    """
+    from selfrepair.analysis.report import build_report
+    from selfrepair.queries.store import Store
+
+    names = [m.strip() for m in models.split(",") if m.strip()] if models else None
+    if models is not None and not names:
+        raise click.UsageError("--models needs at least one model name")
+    with Store.open(store) as s:
+        result = build_report(s, output, models=names, heads=heads, ablation=ablation, p=p)
+    drawn = sum(1 for f in result.figures if f.png is not None)
+    click.echo(f"wrote {result.path} ({drawn} figures, {len(result.figures) - drawn} not drawn, "
+               f"{len(result.tables)} tables)")
+
+
+COMMANDS = [report]
