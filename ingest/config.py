@@ -58,6 +58,7 @@ class IngestConfig:
 
     Args:
         model: registry short name, Hugging Face id or local folder.
+        revision: the Hugging Face revision (branch, tag or commit) of the weights.
         store: store root; the model gets a folder inside it.
         tokens: predictions to store (rows = ceil(tokens / (seq_len - 1))).
         seq_len: tokens per row, BOS included.
@@ -80,6 +81,7 @@ class IngestConfig:
     """
 
     model: str = "smollm2-135m"
+    revision: str | None = None
     store: Path = Path("stores")
     tokens: int = 1016
     seq_len: int = 128

@@ -99,7 +99,7 @@ def _not_available(hf_id: str) -> ModelNotFound:
     )
 
 
-def load_hf(spec: ModelSpec, dtype):
+def load_hf(spec: ModelSpec, dtype, revision: str | None = None):
     """Load the Hugging Face model and tokenizer, offline first.
 
     Returns:
@@ -109,6 +109,8 @@ def load_hf(spec: ModelSpec, dtype):
 
     source = str(spec.path) if spec.path is not None else spec.hf_id
     kwargs = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
+    if revision and spec.path is None:
+        kwargs["revision"] = revision
     for local_only in (True, False):
         if not local_only and (spec.path is not None or not _hub_reachable()):
             raise _not_available(spec.hf_id)
@@ -138,6 +140,7 @@ class LoadedModel:
     tokenizer: object
     device: str
     dtype: str
+    revision: str | None = None
 
     @property
     def cfg(self):
@@ -163,6 +166,7 @@ class LoadedModel:
             "name": self.spec.name,
             "hf_id": self.spec.hf_id,
             "source": str(self.spec.path) if self.spec.path else self.spec.hf_id,
+            "revision": self.revision,
             "gguf_file": self.spec.gguf_file,
             "architecture": type(self.bridge.original_model).__name__,
             "n_layers": c.n_layers,
@@ -199,7 +203,7 @@ def pick_device(device: str) -> str:
     return device
 
 
-def load_model(name: str, device: str = "auto", dtype: str = "float32") -> LoadedModel:
+def load_model(name: str, device: str = "auto", dtype: str = "float32", revision: str | None = None) -> LoadedModel:
     """Resolve, load and wrap a model in a TransformerBridge with processed weights."""
     import contextlib
     import io
@@ -214,7 +218,7 @@ def load_model(name: str, device: str = "auto", dtype: str = "float32") -> Loade
     spec = resolve(name)
     device = pick_device(device)
     torch_dtype = getattr(torch, dtype)
-    hf_model, tokenizer = load_hf(spec, torch_dtype)
+    hf_model, tokenizer = load_hf(spec, torch_dtype, revision)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             bridge = TransformerBridge.boot_transformers(spec.hf_id, hf_model=hf_model, tokenizer=tokenizer)
@@ -222,4 +226,4 @@ def load_model(name: str, device: str = "auto", dtype: str = "float32") -> Loade
             bridge.to(device)
     except Exception as e:  # noqa: BLE001 - adapters raise many kinds; the user needs one line
         raise ModelNotFound(f"TransformerLens cannot wrap {spec.hf_id}: {str(e).splitlines()[0]}") from None
-    return LoadedModel(spec, bridge, tokenizer, device, dtype)
+    return LoadedModel(spec, bridge, tokenizer, device, dtype, revision)

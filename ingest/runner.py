@@ -67,7 +67,7 @@ class Ingest:
         files.ensure_writable_dir(cfg.store)
         corpus_spec = cfg.corpus or C.default_corpus(spec.name, spec.path is not None and spec.gguf_file is None)
         t0 = time.perf_counter()
-        model = load_model(cfg.model, cfg.device, cfg.dtype)
+        model = load_model(cfg.model, cfg.device, cfg.dtype, cfg.revision)
         if cfg.dtype != "float32" and model.device == "cpu":
             raise DeviceError(f"--dtype {cfg.dtype} is supported on CUDA only; use float32 on the CPU")
         c = model.cfg

@@ -44,6 +44,7 @@ class AblationsType(click.ParamType):
 @click.command()
 @click.option("--model", default="smollm2-135m", show_default=True,
               help="Registry short name (pythia-410m, gpt2-small, smollm2-135m, …), Hugging Face id or local folder.")
+@click.option("--revision", default=None, help="Hugging Face revision (branch, tag or commit) of the weights.")
 @click.option("--tokens", type=int, default=1016, show_default=True, help="Predictions to store (whole rows).")
 @click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per row, BOS included.")
 @click.option("--batch-size", type=int, default=4, show_default=True,

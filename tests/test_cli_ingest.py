@@ -139,3 +139,22 @@ def test_verify_reports_ok_and_damage(cli_store, tmp_path):
     assert "activations.zarr/resid_pre: cannot be read" in out
     assert f"{gone.relative_to(broken / 'tiny-gpt2')} is missing" in out
     assert out.strip().splitlines()[-1] == f"Error: verify found 4 problem(s) in {broken}"
+
+
+@pytest.mark.parametrize("extra,problem", [
+    (["--revision", "v1"], "revision: stored None, asked 'v1'"),
+    (["--ablations", "mean"], "ablations: stored ['resample', 'zero'], asked ['mean']"),
+    (["--top-p", "0.1"], "top_p: stored 0.02, asked 0.1"),
+    (["--corpus", "{corpus}"], "corpus: stored 'embedded', asked '{corpus}'"),
+])
+def test_other_conflicting_settings(cli_store, tiny_model_dirs, tmp_path, extra, problem):
+    corpus = tmp_path / "other.txt"
+    corpus.write_text("a different corpus, long enough to fill a few rows of tokens. " * 20)
+    extra = [e.format(corpus=corpus) for e in extra]
+    before = _snapshot(cli_store)
+    args = ["ingest", "--model", str(tiny_model_dirs["gpt2"]), "--store", str(cli_store), "--tokens", "124",
+            "--seq-len", "32", "--batch-size", "2", "--corpus", "embedded", "--ablations", "resample,zero"]
+    res = CliRunner().invoke(main, args + extra)
+    assert res.exit_code == 1
+    assert f"({problem.format(corpus=corpus)})" in _err(res)
+    assert _snapshot(cli_store) == before
