@@ -1,0 +1,77 @@
+"""Clean pass overhead: capture, decomposition and writing against a bare forward.
+
+The capture side is the runner's clean phase, step for step through public APIs:
+`run_clean` (hooked forward, DEs, tables, token-major arrays), the Zarr region writes
+with their chunk checksums, the Parquet shard files and the manifest commit. The bare
+side is `bridge(rows)` on the same bridge and rows. Same batches, interleaved repeats.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+N_ROWS, BATCH = 8, 4  # `make run`'s default: 8 rows of 128 tokens in batches of 4
+
+
+def _capture(ctx, rows, folder) -> float:
+    """The runner's clean phase into a fresh model folder; returns its wall time."""
+    from selfrepair.ingest.clean import TokenStrings, run_clean
+    from selfrepair.store import arrays, files
+    from selfrepair.store.model_store import ModelStore
+
+    model, w = ctx.model(), ctx.weights()
+    c, preds = model.cfg, ctx.seq_len - 1
+    n_tokens = len(rows) * preds
+    shutil.rmtree(folder, ignore_errors=True)
+    t0 = time.perf_counter()
+    folder.mkdir(parents=True)
+    ms = ModelStore(folder)
+    ms.write_manifest({"model": model.facts(), "n_tokens": n_tokens, "shards": {}})
+    arrays.create_arrays(ms.arrays_path, {
+        "resid_pre": (n_tokens, c.n_layers, c.d_model), "resid_final": (n_tokens, c.d_model),
+        "z": (n_tokens, c.n_layers, c.n_heads, c.d_head), "norm_scales": (n_tokens, 2 * c.n_layers + 1),
+        "mlp_post_final": (n_tokens, w.d_mlp)}, BATCH * preds, "float16")
+    strings = TokenStrings(model.tokenizer)
+    for r0 in range(0, len(rows), BATCH):
+        r1 = min(r0 + BATCH, len(rows))
+        out = run_clean(model, w, rows[r0:r1], r0, strings, True)
+        chunks = {}
+        for name, values in out.arrays.items():
+            arrays.write_region(ms.arrays_path, name, r0 * preds, values)
+            for p in arrays.region_chunks(ms.arrays_path, name, r0 * preds, r1 * preds):
+                chunks[str(p.relative_to(ms.path))] = files.sha256_file(p) if p.exists() else None
+        shard = f"clean-{r0:08d}-{r1:08d}"
+        entry = {"phase": "clean", "rows": [r0, r1], "chunks": chunks}
+        entry["files"] = ms.write_shard_files(shard, out.tables)
+        ms.commit_shard(shard, entry)
+    return time.perf_counter() - t0
+
+
+def _bare(ctx, rows) -> float:
+    """The bridge's plain forward (logits) over the same batches."""
+    import torch
+
+    bridge = ctx.model().bridge
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for r0 in range(0, len(rows), BATCH):
+            bridge(rows[r0:r0 + BATCH])
+    return time.perf_counter() - t0
+
+
+def run(ctx, repeats: int = 2) -> dict:
+    """Clean phase (capture + write) time over bare forward time, best of `repeats`."""
+    import torch
+
+    from common import threads
+
+    torch.set_num_threads(threads())
+    rows = ctx.rows(N_ROWS)
+    _bare(ctx, rows[:BATCH])  # warm-up
+    bare, cap = [], []
+    for i in range(repeats):
+        bare.append(_bare(ctx, rows))
+        cap.append(_capture(ctx, rows, ctx.tmp / "clean-store" / str(i)))
+    return {"rows": N_ROWS, "tokens": N_ROWS * (ctx.seq_len - 1), "bare_s": min(bare),
+            "capture_s": min(cap), "overhead": min(cap) / min(bare)}
