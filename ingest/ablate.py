@@ -211,32 +211,28 @@ def _neuron_rows(layer, head, tokens, de_c, de_a, k) -> dict:
             "de_ablated": de_a.gather(1, idx).reshape(-1).cpu().numpy()}
 
 
+def _concat(parts: list[dict], kind: str, sample: int) -> pa.Table:
+    """Stack per-head column dicts (scalars broadcast) and add the ablation and sample columns."""
+    columns: dict[str, list[np.ndarray]] = {}
+    for part in parts:
+        n = next(len(v) for v in part.values() if not np.isscalar(v))
+        for key, value in part.items():
+            if isinstance(value, torch.Tensor):
+                value = value.float().cpu().numpy()
+            columns.setdefault(key, []).append(np.full(n, value) if np.isscalar(value) else value)
+    data = {k: np.concatenate(v) for k, v in columns.items()}
+    n = len(data["token_index"])
+    data["ablation"] = np.full(n, kind, dtype=object)
+    data["sample"] = np.full(n, sample, dtype=np.int16)
+    return pa.table(data)
+
+
 def _assemble(kind, sample, token_index, eff, rep, neu) -> dict[str, pa.Table]:
-    n = len(token_index)
-
-    def table(parts, per_row: bool) -> pa.Table | None:
-        if not parts:
-            return None
-        cols: dict[str, list] = {}
-        for p in parts:
-            m = n if per_row else len(p["token_index"]) if "token_index" in p else None
-            for key, v in p.items():
-                if isinstance(v, torch.Tensor):
-                    v = v.float().cpu().numpy()
-                if np.isscalar(v) or isinstance(v, int):
-                    v = np.full(m, v)
-                cols.setdefault(key, []).append(v)
-            if per_row:
-                cols.setdefault("token_index", []).append(token_index)
-        data = {k: np.concatenate(v) for k, v in cols.items()}
-        m = len(next(iter(data.values())))
-        data["ablation"] = np.full(m, kind, dtype=object)
-        data["sample"] = np.full(m, sample, dtype=np.int16)
-        return pa.table(data)
-
-    out = {"ablation_effects": table(eff, True)}
+    for part in eff:
+        part["token_index"] = token_index
+    out = {"ablation_effects": _concat(eff, kind, sample)}
     if rep:
-        out["repair_sources"] = table(rep, False)
+        out["repair_sources"] = _concat(rep, kind, sample)
     if neu:
-        out["neuron_effects"] = table(neu, False)
-    return {k: v for k, v in out.items() if v is not None}
+        out["neuron_effects"] = _concat(neu, kind, sample)
+    return out

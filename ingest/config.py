@@ -7,7 +7,7 @@ follow from the settings are properties.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from selfrepair.errors import ConfigError
@@ -101,7 +101,6 @@ class IngestConfig:
     seed: int = 0
     overwrite: bool = False
     quiet: bool = False
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.store = Path(self.store)
@@ -158,7 +157,7 @@ class IngestConfig:
     def identity(self) -> dict:
         """Settings that must match to append to an existing model folder."""
         d = asdict(self)
-        for k in ("store", "tokens", "heads", "device", "engine", "heads_per_pass", "overwrite", "quiet", "extra"):
+        for k in ("store", "tokens", "heads", "device", "engine", "heads_per_pass", "overwrite", "quiet"):
             d.pop(k)
         return d
 
