@@ -35,7 +35,8 @@ class Entry:
         ctx: the models and settings drawn.
         runs: the parameter values of each query run.
         files: written files, relative to the output folder.
-        png: the PNG bytes (figures).
+        png: the PNG bytes (figures); pdf likewise.
+        data: the frame the figure drew (attached by its plot function).
         frame: the table's rows (tables).
         caption: the figure's caption.
         note: why nothing was drawn, when skipped.
@@ -47,6 +48,7 @@ class Entry:
     files: list[str] = field(default_factory=list)
     png: bytes | None = None
     pdf: bytes | None = None
+    data: pl.DataFrame | None = None
     frame: pl.DataFrame | None = None
     caption: str = ""
     note: str | None = None
@@ -127,6 +129,7 @@ def figure_entries(spec: FigureSpec, ctx: Context, per_model_heads: dict, query)
             with rc():
                 fig = spec.plot(df, c)
             entry.caption = getattr(fig, "selfrepair_caption", "")
+            entry.data = fig.selfrepair_data
             entry.png = figure_bytes(fig, "png")
             entry.pdf = figure_bytes(fig, "pdf")
         out.append(entry)

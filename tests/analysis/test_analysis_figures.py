@@ -1,0 +1,151 @@
+"""Every figure draws exactly its named query's rows, and every file written is valid."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image
+from polars.testing import assert_frame_equal
+
+from selfrepair.analysis import registry
+from selfrepair.analysis.heads import default_heads
+from selfrepair.analysis.spec import fetch
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def expected_frame(store, entry) -> pl.DataFrame:
+    """The query's rows for the entry's models, run by run, without the report's code path."""
+    frames = []
+    for params in entry.runs:
+        df = store.query(entry.spec.query, **params).filter(pl.col("model").is_in(entry.ctx.names))
+        frames.append(df)
+    return pl.concat(frames, how="vertical_relaxed")
+
+
+def drawn(built):
+    return [e for e in built.figures if e.png is not None]
+
+
+def test_every_figure_is_in_the_report(built):
+    names = {e.spec.name for e in built.figures}
+    assert names == {s.name for s in registry.FIGURES}
+    assert len(registry.FIGURES) == 16
+
+
+def test_data_drawn_equals_the_named_query(built, tiny_query_store):
+    for entry in drawn(built):
+        want = expected_frame(tiny_query_store, entry)
+        got = entry.data.select(want.columns)
+        # DuckDB's parallel avg() may differ in the last bits between runs of one query.
+        assert_frame_equal(got, want, check_exact=False, rel_tol=1e-9, abs_tol=1e-12)
+        assert entry.data.height > 0, entry.spec.name
+
+
+def test_figure_one_points_are_the_query_rows(tiny_query_store, built):
+    entry = next(e for e in built.figures if e.spec.name == "fig_self_repair_by_depth")
+    spec = registry.figure("fig_self_repair_by_depth")
+    from selfrepair.analysis.style import rc
+
+    with rc():
+        fig = spec.plot(entry.data, entry.ctx)
+    scatters = [c for c in fig.axes[0].collections]
+    assert len(scatters) == len(entry.ctx.models)
+    query = tiny_query_store.query("head_top_self_repair", p=entry.ctx.p, ablation=entry.ctx.ablation)
+    for model, points in zip(entry.ctx.names, scatters):
+        rows = query.filter(pl.col("model") == model)
+        np.testing.assert_allclose(points.get_offsets()[:, 0], rows["rel_depth"].to_numpy(), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(points.get_offsets()[:, 1], rows["sr"].to_numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_de_vs_dlogit_points_are_the_query_rows(tiny_query_store, built):
+    entry = next(e for e in built.figures if e.spec.name == "fig_de_vs_dlogit")
+    from selfrepair.analysis.style import rc
+
+    with rc():
+        fig = registry.figure("fig_de_vs_dlogit").plot(entry.data, entry.ctx)
+    rows = tiny_query_store.query("fig_head_de_vs_dlogit", ablation=entry.ctx.ablation).filter(
+        pl.col("model") == entry.ctx.model.name)
+    offsets = fig.axes[0].collections[0].get_offsets()
+    np.testing.assert_allclose(offsets[:, 0], rows["de_clean"].to_numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(offsets[:, 1], rows["d_logit"].to_numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_titles_state_model_tokens_ablation_and_p(built):
+    for entry in drawn(built):
+        facts = entry.ctx.facts()
+        for m in entry.ctx.models:
+            assert m.name in facts and f"{m.n_tokens:,} tokens" in facts
+        assert "ablation" in facts and f"p = {entry.ctx.p:g}" in facts
+
+
+def test_png_and_pdf_files_are_valid(report_dir):
+    pngs = sorted((report_dir / "figures").glob("*.png"))
+    pdfs = sorted((report_dir / "figures").glob("*.pdf"))
+    assert len(pngs) == len(pdfs) == 40  # 3 all-model figures + 12 per-model × 3 models + ... minus skips
+    for path in pngs:
+        data = path.read_bytes()
+        assert data.startswith(PNG_SIGNATURE), path
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+        with Image.open(path) as image:
+            assert image.size[0] > 100 and image.size[1] > 50
+    for path in pdfs:
+        data = path.read_bytes()
+        assert data.startswith(b"%PDF"), path
+        assert b"CreationDate" not in data, path  # no dates: deterministic
+
+
+def test_output_is_deterministic(tiny_query_store, tmp_path):
+    from selfrepair.analysis.report import build_report
+
+    names = ["fig_self_repair_by_depth", "fig_backup_map"]
+    a = build_report(tiny_query_store, tmp_path / "a", models=["tiny-gpt2"], figures=names)
+    b = build_report(tiny_query_store, tmp_path / "b", models=["tiny-gpt2"], figures=names)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(files) == 4 + 4 + 1  # 2 figures × png/pdf, 2 tables × csv/tex, the page
+    for rel in files:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+    assert a.path.read_text() == b.path.read_text()
+
+
+def test_tables_equal_their_named_queries(report_dir, tiny_query_store, built):
+    for entry in built.tables:
+        want = tiny_query_store.query(entry.spec.query, **entry.runs[0])
+        assert_frame_equal(entry.frame, want, check_exact=False, rel_tol=1e-9, abs_tol=1e-4)
+        csv = pl.read_csv(report_dir / "tables" / f"{entry.spec.name}.csv")
+        assert csv.columns == want.columns
+        assert csv.height == want.height
+        np.testing.assert_allclose(csv["DE"].to_numpy(), want["DE"].to_numpy())
+        tex = (report_dir / "tables" / f"{entry.spec.name}.tex").read_text()
+        assert tex.startswith(r"\begin{tabular}") and r"\toprule" in tex and r"LN share (\%)" in tex
+
+
+def test_layer_table_matches_breakdown(tiny_query_store):
+    table = tiny_query_store.query("table_layer_breakdown", p=0.05)
+    breakdown = tiny_query_store.query("breakdown", p=0.05)
+    np.testing.assert_allclose(table["LN share (%)"].to_numpy(),
+                               np.round(100 * breakdown["ln_share"].to_numpy(), 1), atol=0.051)
+    np.testing.assert_allclose(table["Self-repair"].to_numpy(), breakdown["sr"].to_numpy(), atol=5.1e-5)
+
+
+def test_skipped_figures_say_why(built):
+    notes = {e.spec.name: e.note for e in built.figures if e.note}
+    assert set(notes) == {"fig_resample_spread"}
+    assert "only one resample draw" in notes["fig_resample_spread"]
+
+
+def test_default_heads_are_the_largest_de_in_the_last_third():
+    top = pl.DataFrame({"layer": [0, 4, 4, 5, 5, 3], "head": [0, 0, 1, 0, 1, 0],
+                        "de_clean": [9.0, 0.1, 0.5, 0.3, 0.5, 8.0]})
+    assert default_heads(top, n_layers=6, k=3) == ((4, 1), (5, 1), (5, 0))
+
+
+def test_fetch_adds_run_parameters(tiny_query_store):
+    runs = [{"layer": 1, "head": h, "p": 0.05, "ablation": "resample", "sample": 0} for h in (0, 1)]
+    df = fetch(tiny_query_store.query, "head_tokens", runs, ["tiny-gpt2"])
+    assert df.height == 2 * 310
+    assert df.group_by("head").len().sort("head")["len"].to_list() == [310, 310]
