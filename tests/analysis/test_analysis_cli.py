@@ -1,0 +1,53 @@
+"""`selfrepair report` options: bad heads and models give one Error line; tables export."""
+
+from __future__ import annotations
+
+from click.testing import CliRunner
+
+from selfrepair.cli_report import report
+
+
+def invoke(*args):
+    return CliRunner().invoke(report, list(args))
+
+
+def test_unknown_head_label(tiny_store, tmp_path):
+    result = invoke("--store", str(tiny_store), "--heads", "L1X2", "--output", str(tmp_path))
+    assert result.exit_code == 2
+    assert "'L1X2' is not a head label like L9H11" in result.output
+
+
+def test_head_outside_the_model(tiny_store, tmp_path):
+    result = invoke("--store", str(tiny_store), "--heads", "L9H11", "--output", str(tmp_path))
+    assert result.exit_code == 1
+    assert result.output == "Error: heads: L9H11 is not a head of tiny-gpt2 (2 layers × 4 heads)\n"
+
+
+def test_unknown_model(tiny_store, tmp_path):
+    result = invoke("--store", str(tiny_store), "--models", "nope", "--output", str(tmp_path))
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: no model 'nope' in ")
+
+
+def test_heads_and_model_options(tiny_store, tmp_path):
+    result = invoke("--store", str(tiny_store), "--models", "tiny-llama", "--heads", "L0H1,L1H3",
+                    "--ablation", "zero", "--output", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert result.output == f"wrote {tmp_path / 'report.html'} (12 figures, 1 not drawn, 2 tables)\n"
+    page = (tmp_path / "report.html").read_text()
+    assert "per-head figures draw L0H1, L1H3" in page
+    assert "tiny-gpt2" not in page
+    assert (tmp_path / "figures" / "fig_token_noise__tiny-llama.png").exists()
+    assert "zero ablation" in page
+
+
+def test_table_queries_export_as_latex(tiny_store, tmp_path):
+    from selfrepair.cli import main
+
+    out = tmp_path / "layers.tex"
+    result = CliRunner().invoke(main, ["export", "table_layer_breakdown", "--store", str(tiny_store),
+                                       "--param", "p=0.05", "--format", "latex", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    assert text.splitlines()[2] == (r"Model & Layer & Tokens & DE & Ablated DE & Logit change & Self-repair & "
+                                    r"Heads & MLPs & LayerNorm & LN share (\%) \\")
