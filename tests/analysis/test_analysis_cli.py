@@ -33,7 +33,7 @@ def test_heads_and_model_options(tiny_store, tmp_path):
     result = invoke("--store", str(tiny_store), "--models", "tiny-llama", "--heads", "L0H1,L1H3",
                     "--ablation", "zero", "--output", str(tmp_path))
     assert result.exit_code == 0, result.output
-    assert result.output == f"wrote {tmp_path / 'report.html'} (12 figures, 1 not drawn, 2 tables)\n"
+    assert result.output == f"wrote {tmp_path / 'report.html'} (15 figures, 1 not drawn, 2 tables)\n"
     page = (tmp_path / "report.html").read_text()
     assert "per-head figures draw L0H1, L1H3" in page
     assert "tiny-gpt2" not in page
