@@ -38,6 +38,7 @@ def plot(df: pl.DataFrame, ctx: Context):
     size = min(14.0, 5 + 0.12 * max(len(row_labels), len(col_labels)))
     fig, axes = new_figure(figsize=(size + 1.5, size))
     ax = axes[0, 0]
+    ax.grid(False)
     finite = np.abs(grid[np.isfinite(grid)])
     bound = float(np.quantile(finite, 0.99)) if finite.size else 1.0
     image = ax.imshow(grid, cmap="RdBu_r", norm=Normalize(-(bound or 1.0), bound or 1.0), aspect="auto",
