@@ -201,7 +201,7 @@ def build_report(store, output: str | Path, models: list[str] | None = None,
     table_list = []
     for spec in registry.TABLES:
         runs = spec.runs(ctx)
-        df = fetch(query, spec.query, runs, ctx.names)
+        df = fetch(query, spec.query, runs, ctx.names, label_runs=False)
         entry = Entry(spec, ctx, runs, frame=df)
         for fmt, ext in (("csv", "csv"), ("latex", "tex")):
             path = out / "tables" / f"{spec.name}.{ext}"

@@ -57,7 +57,8 @@ def headline_params(ctx: Context) -> dict:
     return {"p": ctx.p, "ablation": ctx.ablation, "sample": ctx.sample}
 
 
-def fetch(query: Callable[..., pl.DataFrame], name: str, runs: list[dict], models: list[str]) -> pl.DataFrame:
+def fetch(query: Callable[..., pl.DataFrame], name: str, runs: list[dict], models: list[str],
+          label_runs: bool = True) -> pl.DataFrame:
     """The frame a figure draws.
 
     Args:
@@ -65,6 +66,7 @@ def fetch(query: Callable[..., pl.DataFrame], name: str, runs: list[dict], model
         name: the named query.
         runs: its parameter sets.
         models: keep these models' rows (the `model` or `Model` column).
+        label_runs: add each run's parameters as columns (not for paper tables).
 
     Returns:
         The runs' frames, each filtered to `models`, stacked in run order.
@@ -74,7 +76,7 @@ def fetch(query: Callable[..., pl.DataFrame], name: str, runs: list[dict], model
         df = query(name, **params)
         key = "model" if "model" in df.columns else "Model"
         df = df.filter(pl.col(key).is_in(models))
-        extra = [pl.lit(v).alias(k) for k, v in params.items() if k not in df.columns]
+        extra = [pl.lit(v).alias(k) for k, v in params.items() if label_runs and k not in df.columns]
         frames.append(df.with_columns(extra) if extra else df)
     if not frames:
         return pl.DataFrame()
