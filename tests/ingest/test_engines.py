@@ -10,6 +10,15 @@ KEY = ["ablation", "sample", "layer", "head", "token_index"]
 VALUES = ["d_logit", "ln_scale", "de", "d_de_heads", "d_de_mlps"]
 
 
+def _close(a: pl.Series, b: pl.Series, what) -> None:
+    """Logit-valued columns agree to 1e-4 (absolute); the norm scale, which reaches ~300 at
+    BOS, to 1e-5 relative (float32 keeps about 7 digits)."""
+    if a.name == "ln_scale":
+        assert ((a - b).abs() / b.abs()).max() < 1e-5, what
+    else:
+        assert (a - b).abs().max() < 1e-4, what
+
+
 @pytest.mark.parametrize("family", ["gpt2", "neox", "llama"])
 def test_fast_engine_equals_reference(tiny_model_dirs, tmp_path, family):
     fast, ref = tmp_path / "fast", tmp_path / "ref"
@@ -29,8 +38,7 @@ def test_fast_engine_equals_reference(tiny_model_dirs, tmp_path, family):
             a, b = a.explode("de_ablated"), b.explode("de_ablated")
         assert a.select(key).equals(b.select(key))
         for col in [c for c in a.columns if c not in key and a.schema[c].is_float()]:
-            diff = (a[col] - b[col]).abs().max()
-            assert diff < 1e-4, (table, col, diff)
+            _close(a[col], b[col], (table, col))
 
 
 @pytest.mark.slow
@@ -47,4 +55,4 @@ def test_fast_engine_equals_reference_on_embedded_model(tmp_path):
     b = Store.open(stores["reference"]).sql("SELECT * FROM ablation_effects").sort(KEY)
     assert a.height == b.height == 3 * 62
     for col in VALUES:
-        assert (a[col] - b[col]).abs().max() < 1e-4, col
+        _close(a[col], b[col], col)
