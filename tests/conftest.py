@@ -14,8 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny_models  # noqa: E402
-
-ABLATIONS = ("resample", "mean", "zero")
+from tiny_models import ingest_tiny  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -31,16 +30,6 @@ def _seed():
 def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     return {f: tiny_models.save(f, root / f"tiny-{f}") for f in tiny_models.FAMILIES}
-
-
-def ingest_tiny(model_dir: Path, store: Path, **overrides):
-    from selfrepair.ingest.config import IngestConfig
-    from selfrepair.ingest.runner import Ingest
-
-    settings = dict(model=str(model_dir), store=store, tokens=310, seq_len=32, batch_size=4,
-                    ablations=ABLATIONS, top_p=0.05, neurons_top_k=5, corpus="embedded", quiet=True)
-    settings.update(overrides)
-    return Ingest(IngestConfig(**settings)).run()
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 FAMILIES = ("gpt2", "neox", "llama")
+ABLATIONS = ("resample", "mean", "zero")
 
 
 def byte_tokenizer():
@@ -65,3 +66,14 @@ def save(family: str, folder: Path, n_layers: int = 2) -> Path:
     build(family, n_layers).save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
     return folder
+
+
+def ingest_tiny(model_dir: Path, store: Path, **overrides):
+    """Ingest a tiny model quietly with small test settings (any IngestConfig field overrides)."""
+    from selfrepair.ingest.config import IngestConfig
+    from selfrepair.ingest.runner import Ingest
+
+    settings = dict(model=str(model_dir), store=store, tokens=310, seq_len=32, batch_size=4,
+                    ablations=ABLATIONS, top_p=0.05, neurons_top_k=5, corpus="embedded", quiet=True)
+    settings.update(overrides)
+    return Ingest(IngestConfig(**settings)).run()

@@ -3,7 +3,7 @@
 import polars as pl
 import pytest
 
-from conftest import ingest_tiny
+from tiny_models import ingest_tiny
 from selfrepair import Store
 
 KEY = ["ablation", "sample", "layer", "head", "token_index"]

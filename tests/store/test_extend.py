@@ -1,6 +1,6 @@
 """Re-running ingest: more heads or more tokens append shards; --overwrite replaces a conflicting run."""
 
-from conftest import ingest_tiny
+from tiny_models import ingest_tiny
 from selfrepair import Store
 from selfrepair.store.verify import verify
 

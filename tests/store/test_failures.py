@@ -6,7 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import ingest_tiny
+from tiny_models import ingest_tiny
 from selfrepair import Store
 from selfrepair.cli import main
 from selfrepair.errors import DeviceError
