@@ -96,21 +96,40 @@ def matmul_rate(a: Arch, m: int, repeats: int = 5) -> float:
     return flops / seconds
 
 
-def run(ctx) -> dict:
-    """Arithmetic efficiency of the fast sweep measured by bench_sweep in this run."""
-    import bench_sweep
-
-    fast = bench_sweep.fast_sweep(ctx)
+def calibrate(ctx) -> float:
+    """Measure the matmul rate for the sweep's shapes now; kept in `ctx.memo["matmul_rates"]`."""
     w = ctx.weights()
     a = Arch.of(w)
+    import bench_sweep
+
+    rate = matmul_rate(a, m=a.n_heads * bench_sweep.N_ROWS * ctx.seq_len, repeats=3)
+    ctx.memo.setdefault("matmul_rates", []).append(rate)
+    return rate
+
+
+def run(ctx) -> dict:
+    """Arithmetic efficiency of the fast sweep measured by bench_sweep in this run.
+
+    The matmul rate is the mean of measurements taken just before and after each fast
+    sweep run (bench_sweep calls `calibrate` between its runs), so it saw the same load.
+    """
+    import bench_sweep
+
+    fast = bench_sweep.fast_sweep(ctx, 2, between=lambda i: calibrate(ctx))
+    a = Arch.of(ctx.weights())
     flops = sweep_flops(a, fast["heads"], fast["n_rows"], ctx.seq_len)
+    rates = ctx.memo["matmul_rates"]
+    rate = sum(rates) / len(rates)
     achieved = flops / fast["seconds"]
-    # The GEMM rate right after the sweep, on the sweep's own shapes: same machine load.
-    rate = matmul_rate(a, m=a.n_heads * fast["n_rows"] * ctx.seq_len)
+    engine = flops / sum(fast["patch_s"].values())
     return {
         "flop_lower_bound": flops,
         "fast_sweep_s": fast["seconds"],
+        "patch_s": sum(fast["patch_s"].values()),
         "achieved_gflops": achieved / 1e9,
+        "engine_gflops": engine / 1e9,
         "matmul_gflops": rate / 1e9,
+        "matmul_gflops_range": [min(rates) / 1e9, max(rates) / 1e9],
         "efficiency": achieved / rate,
+        "engine_efficiency": engine / rate,
     }

@@ -17,8 +17,8 @@ import time
 
 import numpy as np
 
-N_ROWS = 2  # rows per batch, as in the lead's GFLOP/s measurement (2 × 128 tokens)
-N_LAYERS_SPREAD = 6
+N_ROWS = 1  # one row of 128 tokens per batch, so the reference finishes in time on 2 shared cores
+N_LAYERS_SPREAD = 4
 
 
 def spread_layers(n_layers: int, k: int = N_LAYERS_SPREAD) -> list[int]:
@@ -29,19 +29,31 @@ def spread_layers(n_layers: int, k: int = N_LAYERS_SPREAD) -> list[int]:
 
 
 def _setup(ctx):
-    import torch
-
     w = ctx.weights()
-    rows = ctx.rows(N_ROWS)
-    src_rows = rows.roll(1, dims=0)  # resample: each row's source is another row
+    both = ctx.rows(2 * N_ROWS)
+    rows, src_rows = both[:N_ROWS], both[N_ROWS:]  # resample: the source rows are other rows
     layers = spread_layers(w.n_layers)
     heads = [(l, h) for l in layers for h in range(w.n_heads)]
     n = N_ROWS * (ctx.seq_len - 1)
     rng = np.random.default_rng(0)
     keep = max(1, int(np.floor(0.02 * n)))  # top_p 0.02, as the ingest default
     top_sets = {lh: np.sort(rng.choice(n, keep, replace=False)) for lh in heads}
-    torch.set_num_threads(__import__("common").threads())
     return w, rows, src_rows, layers, heads, top_sets
+
+
+def _timed(engine_cls):
+    """`engine_cls` with each `patch` call's wall time recorded by layer (the upstream skip)."""
+    class Timed(engine_cls):
+        patch_s: dict = {}
+
+        def patch(self, layer, heads, z_new, u):
+            t0 = time.perf_counter()
+            out = super().patch(layer, heads, z_new, u)
+            Timed.patch_s[layer] = Timed.patch_s.get(layer, 0.0) + time.perf_counter() - t0
+            return out
+
+    Timed.patch_s = {}
+    return Timed
 
 
 def _sweep(make, w, rows, src_rows, heads, top_sets) -> float:
@@ -57,63 +69,75 @@ def _sweep(make, w, rows, src_rows, heads, top_sets) -> float:
     return time.perf_counter() - t0
 
 
-def fast_sweep(ctx, repeats: int = 2) -> dict:
-    """The fast engine's sweep time (memoised: bench_flops reuses this run's figure)."""
+def fast_sweep(ctx, n_runs: int = 2, between=None) -> dict:
+    """The fast engine's sweep, run `n_runs` times; `between(i)` is called before run i and after the last.
+
+    Memoised in `ctx` so bench_flops reuses this run's figure. Returns the mean and
+    each run's seconds, and each layer's patch seconds (minimum over runs).
+    """
     if "fast_sweep" not in ctx.memo:
         from selfrepair.ingest.ablate import FastBatch
 
         w, rows, src_rows, layers, heads, top_sets = _setup(ctx)
-        t = min(_sweep(lambda r: FastBatch(w, r), w, rows, src_rows, heads, top_sets) for _ in range(repeats))
-        ctx.memo["fast_sweep"] = {"seconds": t, "heads": heads, "layers": layers, "n_rows": N_ROWS}
+        runs, patch = [], {}
+        for i in range(n_runs):
+            if between is not None:
+                between(i)
+            engine = _timed(FastBatch)
+            runs.append(_sweep(lambda r: engine(w, r), w, rows, src_rows, heads, top_sets))
+            patch = {l: min(t, patch.get(l, t)) for l, t in engine.patch_s.items()}
+        if between is not None:
+            between(n_runs)
+        ctx.memo["fast_sweep"] = {"runs": runs, "seconds": sum(runs) / len(runs), "patch_s": patch,
+                                  "heads": heads, "layers": layers, "n_rows": N_ROWS}
     return ctx.memo["fast_sweep"]
 
 
-def upstream_skip(ctx, repeats: int = 3) -> dict:
-    """Time of one patched pass (all heads of layer L) against the FLOP model, per L."""
-    import torch
-
+def upstream(ctx, patch_s: dict) -> dict:
+    """Each layer's patched-pass time as a ratio to the first layer's, beside the FLOP model's."""
     import bench_flops
-    from common import best
-    from selfrepair.ingest.ablate import FastBatch
 
-    w, rows, src_rows, layers, _, _ = _setup(ctx)
+    w = ctx.weights()
     a = bench_flops.Arch.of(w)
-    with torch.no_grad():
-        fb, src = FastBatch(w, rows), FastBatch(w, src_rows)
-        u = w.W_U.T[rows.roll(-1, dims=1)]
-        heads = list(range(w.n_heads))
-        fb.patch(0, heads, src.clean_z(0).permute(2, 0, 1, 3), u)  # warm-up, builds head projections
-        out = {}
-        for layer in layers:
-            z_new = src.clean_z(layer).permute(2, 0, 1, 3)  # [head, batch, pos, d_head]
-            out[layer] = best(lambda: fb.patch(layer, heads, z_new, u), repeats)
-    t0, f0 = out[layers[0]], bench_flops.head_ablation_flops(a, layers[0], ctx.seq_len)
-    return {layer: {"seconds": t, "time_ratio": t / t0,
+    first = min(patch_s)
+    f0 = bench_flops.head_ablation_flops(a, first, ctx.seq_len)
+    return {layer: {"seconds": t, "time_ratio": t / patch_s[first],
                     "flop_ratio": bench_flops.head_ablation_flops(a, layer, ctx.seq_len) / f0,
                     "depth_ratio": (w.n_layers - layer) / w.n_layers}
-            for layer, t in out.items()}
+            for layer, t in sorted(patch_s.items())}
 
 
-def run(ctx, repeats: int = 2) -> dict:
-    """Fast vs reference throughput (head-token ablations per second) and the upstream skip."""
-    from selfrepair.ingest.ablate import FastBatch, ReferenceBatch
+def run(ctx) -> dict:
+    """Fast vs reference throughput (head-token ablations per second) and the upstream skip.
+
+    Order: fast, reference, fast; the mean of the two fast runs brackets the reference
+    run in time, so both see the same machine load on average. bench_flops measures the
+    matmul rate between the runs (through `between`) when it runs too.
+    """
+    from selfrepair.ingest.ablate import ReferenceBatch
+
+    import bench_flops
 
     w, rows, src_rows, layers, heads, top_sets = _setup(ctx)
     bridge = ctx.model().bridge
-    fast, ref = [], []
-    for _ in range(repeats):  # interleaved, so both see the same machine load
-        fast.append(_sweep(lambda r: FastBatch(w, r), w, rows, src_rows, heads, top_sets))
-        ref.append(_sweep(lambda r: ReferenceBatch(bridge, w, r), w, rows, src_rows, heads, top_sets))
-    ctx.memo["fast_sweep"] = {"seconds": min(fast), "heads": heads, "layers": layers, "n_rows": N_ROWS}
+    ref = []
+
+    def between(i):
+        bench_flops.calibrate(ctx)
+        if i == 1:
+            ref.append(_sweep(lambda r: ReferenceBatch(bridge, w, r), w, rows, src_rows, heads, top_sets))
+            bench_flops.calibrate(ctx)
+
+    fast = fast_sweep(ctx, 2, between)
     ablations = len(heads) * N_ROWS * (ctx.seq_len - 1)
     return {
         "layers": layers,
         "n_heads": len(heads),
         "tokens": N_ROWS * (ctx.seq_len - 1),
-        "fast_s": min(fast),
-        "reference_s": min(ref),
-        "fast_per_s": ablations / min(fast),
-        "reference_per_s": ablations / min(ref),
-        "speedup": min(ref) / min(fast),
-        "upstream": upstream_skip(ctx),
+        "fast_s": fast["seconds"],
+        "reference_s": ref[0],
+        "fast_per_s": ablations / fast["seconds"],
+        "reference_per_s": ablations / ref[0],
+        "speedup": ref[0] / fast["seconds"],
+        "upstream": upstream(ctx, fast["patch_s"]),
     }
