@@ -64,7 +64,7 @@ class Ingest:
 
         cfg = self.cfg
         spec = resolve(cfg.model)
-        files.ensure_writable_dir(cfg.store)
+        files.check_writable_dir(cfg.store)  # before the expensive load; created only once inputs pass
         corpus_spec = cfg.corpus or C.default_corpus(spec.name, spec.path is not None and spec.gguf_file is None)
         t0 = time.perf_counter()
         model = load_model(cfg.model, cfg.device, cfg.dtype, cfg.revision)
@@ -92,7 +92,7 @@ class Ingest:
         t1 = time.perf_counter()
         manifest = self._clean_phase(ms, manifest, model, w32, rows, result)
         result.seconds["clean"] = time.perf_counter() - t1
-        top_sets = self._top_sets(ms)
+        top_sets = self._top_sets(ms, c.n_layers)
         t2 = time.perf_counter()
         self._ablation_phase(ms, manifest, model, w, w32, rows, heads, top_sets, result)
         result.seconds["ablation"] = time.perf_counter() - t2
@@ -103,6 +103,7 @@ class Ingest:
     def _open_manifest(self, ms: ModelStore, model, corpus_spec: str, rows_np: np.ndarray) -> dict:
         cfg = self.cfg
         identity = cfg.identity() | {"corpus": corpus_spec, "model": model.spec.hf_id}
+        files.ensure_writable_dir(cfg.store)
         fresh = {
             "model": model.facts(),
             "corpus": {"spec": corpus_spec, "fingerprint": C.fingerprint(rows_np), "rows": cfg.n_rows},
@@ -227,22 +228,24 @@ class Ingest:
         ms.write_manifest(manifest)
         return manifest
 
-    def _top_sets(self, ms: ModelStore) -> dict[tuple[int, int], np.ndarray]:
-        """Each head's floor(top_p · N) tokens by signed clean DE (ties: lower token_index)."""
-        table = ms.read_table("head_effects")
-        layer = table.column("layer").to_numpy()
-        head = table.column("head").to_numpy()
-        tok = table.column("token_index").to_numpy()
-        de = table.column("de").to_numpy()
-        n = int(len(np.unique(tok)))
+    def _top_sets(self, ms: ModelStore, n_layers: int) -> dict[tuple[int, int], np.ndarray]:
+        """Each head's floor(top_p · N) tokens by signed clean DE (ties: lower token_index).
+
+        The same rule as the `top_tokens(p)` SQL macro; read one layer at a time so a
+        million-token store never holds all of `head_effects` in memory.
+        """
+        import polars as pl
+
+        paths = ms.table_files("head_effects")
+        n = ms.manifest()["n_tokens"]
         keep = int(np.floor(self.cfg.top_p * n))
-        order = np.lexsort((tok, -de, head, layer))  # by head, then de desc, then token_index
         out = {}
-        lh = layer[order].astype(np.int64) * 100_000 + head[order]
-        starts = np.r_[0, np.nonzero(np.diff(lh))[0] + 1]
-        for start in starts:
-            i = order[start]
-            out[(int(layer[i]), int(head[i]))] = np.sort(tok[order[start:start + keep]])
+        for layer in range(n_layers):
+            top = (pl.scan_parquet(paths).filter(pl.col("layer") == layer)
+                   .sort(["head", "de", "token_index"], descending=[False, True, False])
+                   .group_by("head", maintain_order=True).head(keep).collect())
+            for (head,), part in top.group_by("head"):
+                out[(layer, int(head))] = np.sort(part["token_index"].to_numpy())
         return out
 
     # -- ablation -----------------------------------------------------------------------

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -109,10 +110,28 @@ def read_parquet(paths: list[Path], columns: list[str] | None = None) -> pa.Tabl
     return pa.concat_tables(pq.read_table(p, columns=columns) for p in paths)
 
 
-def ensure_writable_dir(path: Path) -> None:
-    """Create `path` if needed; refuse a file or an unwritable folder with one clear line."""
+def check_writable_dir(path: Path) -> None:
+    """Refuse a file, or a folder (or its nearest existing parent) we cannot write, leaving no trace.
+
+    Writability is probed by making and removing a folder: permission bits say nothing
+    for root, and read-only mounts answer only to a real write.
+    """
     if path.exists() and not path.is_dir():
         raise StoreError(f"store path {path} is a file, not a folder")
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise StoreError(f"store path {path} is below a file ({probe})")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".selfrepair-probe-", dir=probe))
+    except OSError:
+        raise StoreError(f"store path {path} is not writable") from None
+
+
+def ensure_writable_dir(path: Path) -> None:
+    """Create `path` if needed; refuse a file or an unwritable folder with one clear line."""
+    check_writable_dir(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
