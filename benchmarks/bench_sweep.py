@@ -70,26 +70,33 @@ def _sweep(make, w, rows, src_rows, heads, top_sets) -> float:
 
 
 def fast_sweep(ctx, n_runs: int = 2, between=None) -> dict:
-    """The fast engine's sweep, run `n_runs` times; `between(i)` is called before run i and after the last.
+    """The fast engine's sweep, run `n_runs` times, with the matmul rate measured around each run.
 
-    Memoised in `ctx` so bench_flops reuses this run's figure. Returns the mean and
-    each run's seconds, and each layer's patch seconds (minimum over runs).
+    `between(i)` runs before run i (i ≥ 1): bench_sweep's reference run goes there, so
+    the fast runs bracket it. Memoised in `ctx` so bench_flops reuses this run's figures.
+
+    Returns:
+        runs: per run, its seconds, its patched passes' seconds, and the matmul rate
+        measured just before and just after it; seconds: the mean over runs; patch_s:
+        each layer's patched-pass seconds (the minimum over runs).
     """
     if "fast_sweep" not in ctx.memo:
+        import bench_flops
         from selfrepair.ingest.ablate import FastBatch
 
         w, rows, src_rows, layers, heads, top_sets = _setup(ctx)
         runs, patch = [], {}
         for i in range(n_runs):
-            if between is not None:
+            if i and between is not None:
                 between(i)
+            before = bench_flops.calibrate(ctx)
             engine = _timed(FastBatch)
-            runs.append(_sweep(lambda r: engine(w, r), w, rows, src_rows, heads, top_sets))
+            t = _sweep(lambda r: engine(w, r), w, rows, src_rows, heads, top_sets)
+            runs.append({"seconds": t, "patch_s": sum(engine.patch_s.values()),
+                         "matmul_before": before, "matmul_after": bench_flops.calibrate(ctx)})
             patch = {l: min(t, patch.get(l, t)) for l, t in engine.patch_s.items()}
-        if between is not None:
-            between(n_runs)
-        ctx.memo["fast_sweep"] = {"runs": runs, "seconds": sum(runs) / len(runs), "patch_s": patch,
-                                  "heads": heads, "layers": layers, "n_rows": N_ROWS}
+        ctx.memo["fast_sweep"] = {"runs": runs, "seconds": sum(r["seconds"] for r in runs) / len(runs),
+                                  "patch_s": patch, "heads": heads, "layers": layers, "n_rows": N_ROWS}
     return ctx.memo["fast_sweep"]
 
 
@@ -111,24 +118,16 @@ def run(ctx) -> dict:
     """Fast vs reference throughput (head-token ablations per second) and the upstream skip.
 
     Order: fast, reference, fast; the mean of the two fast runs brackets the reference
-    run in time, so both see the same machine load on average. bench_flops measures the
-    matmul rate between the runs (through `between`) when it runs too.
+    run in time, so both see the same machine load on average.
     """
     from selfrepair.ingest.ablate import ReferenceBatch
 
-    import bench_flops
-
     w, rows, src_rows, layers, heads, top_sets = _setup(ctx)
     bridge = ctx.model().bridge
+    ctx.memo.pop("fast_sweep", None)  # this run's fast sweeps must bracket its reference run
     ref = []
-
-    def between(i):
-        bench_flops.calibrate(ctx)
-        if i == 1:
-            ref.append(_sweep(lambda r: ReferenceBatch(bridge, w, r), w, rows, src_rows, heads, top_sets))
-            bench_flops.calibrate(ctx)
-
-    fast = fast_sweep(ctx, 2, between)
+    fast = fast_sweep(ctx, 2, lambda i: ref.append(
+        _sweep(lambda r: ReferenceBatch(bridge, w, r), w, rows, src_rows, heads, top_sets)))
     ablations = len(heads) * N_ROWS * (ctx.seq_len - 1)
     return {
         "layers": layers,
