@@ -6,7 +6,7 @@ import re
 
 import click
 
-from selfrepair.cli import friendly_errors, store_option
+from selfrepair.cli_common import friendly_errors, store_option
 from selfrepair.store.schema import ABLATION_KINDS
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from selfrepair.cli import friendly_errors, store_option
+from selfrepair.cli_common import friendly_errors, store_option
 from selfrepair.queries import named
 from selfrepair.queries.output import FORMATS, write_output
 

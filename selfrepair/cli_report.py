@@ -1,7 +1,4 @@
-"""`selfrepair report`: a thin wrapper over `selfrepair.analysis.report.build_report`.
-
-Import `selfrepair.cli` (not this module) first: cli.py registers the command.
-"""
+"""`selfrepair report`: a thin wrapper over `selfrepair.analysis.report.build_report`."""
 
 from __future__ import annotations
 
@@ -9,9 +6,8 @@ from pathlib import Path
 
 import click
 
-from selfrepair.cli import friendly_errors, store_option
-
-ABLATION_KINDS = ("resample", "mean", "zero")
+from selfrepair.cli_common import friendly_errors, store_option
+from selfrepair.store.schema import ABLATION_KINDS
 
 
 class HeadsType(click.ParamType):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from selfrepair.cli import friendly_errors, store_option
+from selfrepair.cli_common import friendly_errors, store_option
 
 
 @click.command()

@@ -153,16 +153,7 @@ def digest_tree(root: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def cli():
-    """The `selfrepair` click group with our commands registered."""
-    import importlib.util
-    import sys
-    import types
-
-    # Until cli_ingest.py lands (another layer's file), stand in an empty one so cli.py imports.
-    if "selfrepair.cli_ingest" not in sys.modules and importlib.util.find_spec("selfrepair.cli_ingest") is None:
-        stub = types.ModuleType("selfrepair.cli_ingest")
-        stub.COMMANDS = []
-        sys.modules["selfrepair.cli_ingest"] = stub
+    """The `selfrepair` click group with every command registered."""
     from selfrepair.cli import main
 
     return main
