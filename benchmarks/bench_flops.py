@@ -97,39 +97,32 @@ def matmul_rate(a: Arch, m: int, repeats: int = 5) -> float:
 
 
 def calibrate(ctx) -> float:
-    """Measure the matmul rate for the sweep's shapes now; kept in `ctx.memo["matmul_rates"]`."""
-    w = ctx.weights()
-    a = Arch.of(w)
+    """The matmul rate for the sweep's shapes, measured now (FLOP/s)."""
     import bench_sweep
 
-    rate = matmul_rate(a, m=a.n_heads * bench_sweep.N_ROWS * ctx.seq_len, repeats=3)
-    ctx.memo.setdefault("matmul_rates", []).append(rate)
-    return rate
+    a = Arch.of(ctx.weights())
+    return matmul_rate(a, m=a.n_heads * bench_sweep.N_ROWS * ctx.seq_len, repeats=2)
 
 
 def run(ctx) -> dict:
     """Arithmetic efficiency of the fast sweep measured by bench_sweep in this run.
 
-    Each fast run's rate (FLOP lower bound / its wall time) is divided by the mean of the
-    matmul rates measured just before and just after it, so both saw the same load; the
-    figure is the mean of those ratios over the runs.
+    bench_sweep times the sweep in pieces (clean baselines, then one layer's heads at a
+    time), each fast piece between two matmul calibrations. The efficiency is the time
+    the FLOP lower bound would take at those adjacent matmul rates over the time taken.
     """
     import bench_sweep
 
-    fast = bench_sweep.fast_sweep(ctx)
+    r = bench_sweep.paired_sweep(ctx, with_reference=False)
     a = Arch.of(ctx.weights())
-    flops = sweep_flops(a, fast["heads"], fast["n_rows"], ctx.seq_len)
-    runs = fast["runs"]
-    rate = [(r["matmul_before"] + r["matmul_after"]) / 2 for r in runs]
-    whole = [flops / r["seconds"] / m for r, m in zip(runs, rate)]
-    engine = [flops / r["patch_s"] / m for r, m in zip(runs, rate)]
+    flops = sweep_flops(a, r["heads"], r["n_rows"], ctx.seq_len)
+    patch = sum(r["patch_s"].values())
     return {
         "flop_lower_bound": flops,
-        "fast_sweep_s": [r["seconds"] for r in runs],
-        "patch_s": [r["patch_s"] for r in runs],
-        "achieved_gflops": [flops / r["seconds"] / 1e9 for r in runs],
-        "matmul_gflops": [m / 1e9 for m in rate],
-        "efficiency": sum(whole) / len(whole),
-        "efficiency_runs": whole,
-        "engine_efficiency": sum(engine) / len(engine),
+        "fast_sweep_s": r["fast_s"],
+        "patch_s": patch,
+        "achieved_gflops": flops / r["fast_s"] / 1e9,
+        "matmul_gflops": flops / r["fast_ideal_s"] / 1e9,  # the adjacent rates, time-weighted
+        "efficiency": r["fast_ideal_s"] / r["fast_s"],
+        "engine_efficiency": r["fast_ideal_s"] / patch,
     }

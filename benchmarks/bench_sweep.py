@@ -56,48 +56,80 @@ def _timed(engine_cls):
     return Timed
 
 
-def _sweep(make, w, rows, src_rows, heads, top_sets) -> float:
-    """Wall time of one batch's sweep: both clean baselines plus every head's tables."""
-    import torch
-
-    from selfrepair.ingest.ablate import ablation_tables
-
+def _timed_call(fn) -> tuple[float, object]:
     t0 = time.perf_counter()
-    with torch.no_grad():
-        ctx, src = make(rows), make(src_rows)
-        ablation_tables(ctx, src, "resample", 0, heads, rows, 0, top_sets, 50, w.n_heads, w)
-    return time.perf_counter() - t0
+    out = fn()
+    return time.perf_counter() - t0, out
 
 
-def fast_sweep(ctx, n_runs: int = 2, between=None) -> dict:
-    """The fast engine's sweep, run `n_runs` times, with the matmul rate measured around each run.
+def paired_sweep(ctx, with_reference: bool = True) -> dict:
+    """Both engines' sweeps of one batch, interleaved layer by layer so they share the load.
 
-    `between(i)` runs before run i (i ≥ 1): bench_sweep's reference run goes there, so
-    the fast runs bracket it. Memoised in `ctx` so bench_flops reuses this run's figures.
+    For the clean baselines (each engine's clean run of the batch and of its resample
+    source rows) and then for each layer's heads (`ablation_tables` over that layer), the
+    order is: matmul calibration, fast, calibration, reference, calibration, fast,
+    calibration. A fast figure is the mean of its two runs, which bracket the reference
+    run; each fast run is paired with the mean of the calibrations just before and after
+    it (bench_flops). Memoised in `ctx`.
 
     Returns:
-        runs: per run, its seconds, its patched passes' seconds, and the matmul rate
-        measured just before and just after it; seconds: the mean over runs; patch_s:
-        each layer's patched-pass seconds (the minimum over runs).
+        fast_s, reference_s: whole-sweep seconds; fast_ideal_s: the fast sweep's FLOP
+        lower bound at the adjacent matmul rates; patch_s: per layer, the patched pass
+        (best of the two fast runs); plus heads, layers, n_rows.
     """
-    if "fast_sweep" not in ctx.memo:
-        import bench_flops
-        from selfrepair.ingest.ablate import FastBatch
+    memo = ctx.memo.get("paired_sweep")
+    if memo is not None and (memo["reference_s"] is not None or not with_reference):
+        return memo
+    import torch
 
-        w, rows, src_rows, layers, heads, top_sets = _setup(ctx)
-        runs, patch = [], {}
-        for i in range(n_runs):
-            if i and between is not None:
-                between(i)
-            before = bench_flops.calibrate(ctx)
-            engine = _timed(FastBatch)
-            t = _sweep(lambda r: engine(w, r), w, rows, src_rows, heads, top_sets)
-            runs.append({"seconds": t, "patch_s": sum(engine.patch_s.values()),
-                         "matmul_before": before, "matmul_after": bench_flops.calibrate(ctx)})
-            patch = {l: min(t, patch.get(l, t)) for l, t in engine.patch_s.items()}
-        ctx.memo["fast_sweep"] = {"runs": runs, "seconds": sum(r["seconds"] for r in runs) / len(runs),
-                                  "patch_s": patch, "heads": heads, "layers": layers, "n_rows": N_ROWS}
-    return ctx.memo["fast_sweep"]
+    import bench_flops
+    from selfrepair.ingest.ablate import FastBatch, ReferenceBatch, ablation_tables
+
+    w, rows, src_rows, layers, heads, top_sets = _setup(ctx)
+    a = bench_flops.Arch.of(w)
+    engines = {"fast": _timed(FastBatch)}
+    if with_reference:
+        bridge = ctx.model().bridge
+        engines["reference"] = lambda w_, r: ReferenceBatch(bridge, w_, r)
+    order = ["fast", "reference", "fast"] if with_reference else ["fast", "fast"]
+    total = {"fast": 0.0, "reference": 0.0}
+    ideal = 0.0
+    patch: dict[int, float] = {}
+
+    def step(work, flops: float) -> None:
+        """One unit of work under the interleaving order; adds to the totals."""
+        nonlocal ideal
+        before = bench_flops.calibrate(ctx)
+        for name in order:
+            if name == "fast":
+                engines["fast"].patch_s = {}
+            t, _ = _timed_call(lambda: work(name))
+            after = bench_flops.calibrate(ctx)
+            if name == "fast":
+                total["fast"] += t / 2
+                ideal += flops / ((before + after) / 2) / 2
+                for l, tl in engines["fast"].patch_s.items():
+                    patch[l] = min(tl, patch.get(l, tl))
+            else:
+                total[name] += t
+            before = after
+
+    with torch.no_grad():
+        built = {}
+
+        def baselines(name):
+            built[name] = (engines[name](w, rows), engines[name](w, src_rows))
+
+        step(baselines, 0.0)
+        for layer in layers:
+            layer_heads = [(l, h) for l, h in heads if l == layer]
+            flops = bench_flops.sweep_flops(a, layer_heads, N_ROWS, ctx.seq_len)
+            step(lambda name: ablation_tables(*built[name], "resample", 0, layer_heads, rows, 0, top_sets, 50,
+                                              w.n_heads, w), flops)
+    out = {"fast_s": total["fast"], "reference_s": total["reference"] if with_reference else None,
+           "fast_ideal_s": ideal, "patch_s": patch, "heads": heads, "layers": layers, "n_rows": N_ROWS}
+    ctx.memo["paired_sweep"] = out
+    return out
 
 
 def upstream(ctx, patch_s: dict) -> dict:
@@ -115,28 +147,17 @@ def upstream(ctx, patch_s: dict) -> dict:
 
 
 def run(ctx) -> dict:
-    """Fast vs reference throughput (head-token ablations per second) and the upstream skip.
-
-    Order: fast, reference, fast; the mean of the two fast runs brackets the reference
-    run in time, so both see the same machine load on average.
-    """
-    from selfrepair.ingest.ablate import ReferenceBatch
-
-    w, rows, src_rows, layers, heads, top_sets = _setup(ctx)
-    bridge = ctx.model().bridge
-    ctx.memo.pop("fast_sweep", None)  # this run's fast sweeps must bracket its reference run
-    ref = []
-    fast = fast_sweep(ctx, 2, lambda i: ref.append(
-        _sweep(lambda r: ReferenceBatch(bridge, w, r), w, rows, src_rows, heads, top_sets)))
-    ablations = len(heads) * N_ROWS * (ctx.seq_len - 1)
+    """Fast vs reference throughput (head-token ablations per second) and the upstream skip."""
+    r = paired_sweep(ctx, with_reference=True)
+    ablations = len(r["heads"]) * N_ROWS * (ctx.seq_len - 1)
     return {
-        "layers": layers,
-        "n_heads": len(heads),
+        "layers": r["layers"],
+        "n_heads": len(r["heads"]),
         "tokens": N_ROWS * (ctx.seq_len - 1),
-        "fast_s": fast["seconds"],
-        "reference_s": ref[0],
-        "fast_per_s": ablations / fast["seconds"],
-        "reference_per_s": ablations / ref[0],
-        "speedup": ref[0] / fast["seconds"],
-        "upstream": upstream(ctx, fast["patch_s"]),
+        "fast_s": r["fast_s"],
+        "reference_s": r["reference_s"],
+        "fast_per_s": ablations / r["fast_s"],
+        "reference_per_s": ablations / r["reference_s"],
+        "speedup": r["reference_s"] / r["fast_s"],
+        "upstream": upstream(ctx, r["patch_s"]),
     }
