@@ -101,23 +101,8 @@ def models_view_sql(models: list[ModelFiles]) -> str:
 
 
 # Double arithmetic throughout: the columns are float32 and the differences are small.
-SELF_REPAIR_SQL = """
-CREATE VIEW self_repair AS
-WITH base AS (
-    SELECT a.model, a.ablation, a.sample, a.layer, a.head, a.token_index,
-           h.de::DOUBLE AS de_clean,
-           a.de::DOUBLE AS de_ablated,
-           a.d_logit::DOUBLE AS d_logit,
-           a.d_de_heads::DOUBLE AS sr_heads,
-           a.d_de_mlps::DOUBLE AS sr_mlps,
-           t.ln_scale::DOUBLE / a.ln_scale::DOUBLE AS ln_ratio,
-           t.logit::DOUBLE AS logit,
-           t.unembed_bias::DOUBLE AS unembed_bias
-    FROM ablation_effects a
-    JOIN head_effects h USING (model, layer, head, token_index)
-    JOIN tokens t USING (model, token_index)
-)
-SELECT model, ablation, sample, layer, head, token_index,
+# One column list serves the full view and the top-token macro, so they cannot drift.
+_SELF_REPAIR_COLUMNS = """
        de_clean, de_ablated,
        de_ablated - de_clean AS d_de,
        d_logit,
@@ -126,28 +111,59 @@ SELECT model, ablation, sample, layer, head, token_index,
        d_logit - (de_ablated - de_clean) - sr_heads - sr_mlps AS sr_ln,
        ln_ratio,
        -- DESIGN.md closed form: (s/s_abl - 1) * (logit_abl - b_U) * s_abl / s
-       (ln_ratio - 1) * (logit + d_logit - unembed_bias) / ln_ratio AS sr_ln_closed
+       (ln_ratio - 1) * (logit + d_logit - unembed_bias) / ln_ratio AS sr_ln_closed"""
+
+_BASE_COLUMNS = """
+           a.de::DOUBLE AS de_ablated,
+           a.d_logit::DOUBLE AS d_logit,
+           a.d_de_heads::DOUBLE AS sr_heads,
+           a.d_de_mlps::DOUBLE AS sr_mlps,
+           t.ln_scale::DOUBLE / a.ln_scale::DOUBLE AS ln_ratio,
+           t.logit::DOUBLE AS logit,
+           t.unembed_bias::DOUBLE AS unembed_bias"""
+
+SELF_REPAIR_SQL = f"""
+CREATE VIEW self_repair AS
+WITH base AS (
+    SELECT a.model, a.ablation, a.sample, a.layer, a.head, a.token_index,
+           h.de::DOUBLE AS de_clean,{_BASE_COLUMNS}
+    FROM ablation_effects a
+    JOIN head_effects h USING (model, layer, head, token_index)
+    JOIN tokens t USING (model, token_index)
+)
+SELECT model, ablation, sample, layer, head, token_index,{_SELF_REPAIR_COLUMNS}
 FROM base
 """
 
-# Top p% of a head: floor(p * N) tokens by signed clean DE, ties by token_index (as ingest).
+# Top p% of a head: floor(p * N) tokens by signed clean DE, ties to the lower token_index
+# (as ingest). A bounded top-N aggregate (max_by with n) instead of a window: no full sort
+# of head_effects. max_by's key is (de, -token_index), so equal DEs prefer lower indices.
 TOP_TOKENS_SQL = """
 CREATE MACRO top_tokens(p) AS TABLE
 SELECT model, layer, head, token_index, de
 FROM (
-    SELECT h.model, h.layer, h.head, h.token_index, h.de, m.n_tokens,
-           row_number() OVER (PARTITION BY h.model, h.layer, h.head
-                              ORDER BY h.de DESC, h.token_index ASC) AS rank
+    SELECT h.model, h.layer, h.head,
+           unnest(max_by({'token_index': h.token_index, 'de': h.de},
+                         {'de': h.de, 'neg_index': -h.token_index},
+                         CAST(floor(p * m.n_tokens) AS BIGINT)), recursive := true)
     FROM head_effects h JOIN models m USING (model)
+    WHERE floor(p * m.n_tokens) >= 1
+    GROUP BY h.model, h.layer, h.head, m.n_tokens
 )
-WHERE rank <= floor(p * n_tokens)
 """
 
-SELF_REPAIR_TOP_SQL = """
+# Start from the small top set and join outwards, rather than filtering the full view.
+SELF_REPAIR_TOP_SQL = f"""
 CREATE MACRO self_repair_top(p) AS TABLE
-SELECT s.*
-FROM self_repair s
-SEMI JOIN top_tokens(p) t USING (model, layer, head, token_index)
+WITH base AS (
+    SELECT a.model, a.ablation, a.sample, a.layer, a.head, a.token_index,
+           top.de::DOUBLE AS de_clean,{_BASE_COLUMNS}
+    FROM top_tokens(p) top
+    JOIN ablation_effects a USING (model, layer, head, token_index)
+    JOIN tokens t USING (model, token_index)
+)
+SELECT model, ablation, sample, layer, head, token_index,{_SELF_REPAIR_COLUMNS}
+FROM base
 """
 
 DERIVED_VIEWS = ("models", "self_repair")
