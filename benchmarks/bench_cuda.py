@@ -27,7 +27,7 @@ def _save_neox(folder, shape: dict):
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from common import byte_tokenizer
+    from selfrepair.ingest.synthetic import byte_tokenizer
 
     torch.manual_seed(0)
     config = GPTNeoXConfig(**shape, max_position_embeddings=2048, rotary_pct=0.25,

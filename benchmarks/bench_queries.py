@@ -24,35 +24,6 @@ FULL = {"n_layers": 24, "n_heads": 16, "n_rows": 411, "batch_rows": 32}  # 411 Ã
 QUICK = {"n_layers": 4, "n_heads": 4, "n_rows": 40, "batch_rows": 8}
 QUERIES = ("head_top_self_repair", "layer_trend", "breakdown")
 
-# The Figure-1 query rewritten as proposed in the report, timed beside the named one
-# (same results): each head's top tokens by a bounded top-N aggregate (max_by with n,
-# ties by lower token_index, as `top_tokens`) instead of a window sort of every head's
-# tokens, and the joins start from those few tokens, whose de is already de_clean.
-PROPOSED_FIG1 = """
-WITH top AS (
-    SELECT h.model, h.layer, h.head,
-           unnest(max_by({'token_index': h.token_index, 'de': h.de}, {'de': h.de, 'neg': -h.token_index},
-                         CAST(floor($p * m.n_tokens) AS BIGINT)), recursive := true)
-    FROM head_effects h JOIN models m USING (model)
-    GROUP BY h.model, h.layer, h.head, m.n_tokens),
-s AS (
-    SELECT a.model, a.layer, a.head, t.de::DOUBLE AS de_clean, a.de::DOUBLE AS de_ablated,
-           a.d_logit::DOUBLE AS d_logit, a.d_de_heads::DOUBLE AS sr_heads, a.d_de_mlps::DOUBLE AS sr_mlps,
-           tk.ln_scale::DOUBLE / a.ln_scale::DOUBLE AS ln_ratio
-    FROM top t
-    JOIN ablation_effects a USING (model, layer, head, token_index)
-    JOIN tokens tk USING (model, token_index)
-    WHERE a.ablation = 'resample' AND a.sample = 0)
-SELECT s.model, s.layer, s.head, s.layer / m.n_layers AS rel_depth, count(*) AS n_tokens,
-       avg(de_clean) AS de_clean, avg(de_ablated) AS de_ablated, avg(d_logit) AS d_logit,
-       avg(d_logit - (de_ablated - de_clean)) AS sr, avg(sr_heads) AS sr_heads, avg(sr_mlps) AS sr_mlps,
-       avg(d_logit - (de_ablated - de_clean) - sr_heads - sr_mlps) AS sr_ln, avg(ln_ratio) AS ln_ratio
-FROM s JOIN models m USING (model)
-GROUP BY s.model, s.layer, s.head, m.n_layers
-ORDER BY s.model, s.layer, s.head
-"""
-
-
 def _laplace(rng, scale, size) -> np.ndarray:
     return rng.laplace(0.0, 1.0, size).astype(np.float32) * np.asarray(scale, np.float32)
 
@@ -158,16 +129,6 @@ def run(ctx, repeats: int = 3) -> dict:
                 frame = store.query(name, p=0.02)
                 times.append(time.perf_counter() - t0)
             out[name] = {"first_s": times[0], "best_s": min(times), "rows": frame.height}
-            if name == "head_top_self_repair":
-                named_frame = frame
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            frame = store.sql(PROPOSED_FIG1, {"p": 0.02})
-            times.append(time.perf_counter() - t0)
-        diff = max(float((frame[c] - named_frame[c]).abs().max()) for c in ("de_clean", "sr", "sr_ln", "ln_ratio"))
-        out["proposed_fig1"] = {"first_s": times[0], "best_s": min(times), "rows": frame.height,
-                                "same_result": frame.height == named_frame.height and diff < 1e-9}
     finally:
         store.close()
     return out

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from selfrepair.ingest.synthetic import byte_tokenizer
+
 EMBEDDED = "smollm2-135m"
 
 
@@ -29,21 +31,6 @@ def best(fn, repeats: int = 3) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return min(times)
-
-
-def byte_tokenizer():
-    """A byte-level tokenizer with no merges (256 bytes + <|endoftext|>), as the tests use."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab["<|endoftext|>"] = len(vocab)
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
-    )
 
 
 def tiny_llama_dir(folder: Path) -> Path:

@@ -72,10 +72,6 @@ def rows_for(name: str, r: dict, quick: bool) -> list[tuple[str, str, str, str]]
             t = r[q]["best_s"]
             target, v = ("< 2 s", verdict(t, 2.0, False)) if q == "head_top_self_repair" and big else ("", "")
             out.append((f"query {q} (p=0.02), best (first)", f"{t:.2f} s ({r[q]['first_s']:.2f} s)", target, v))
-        prop = r["proposed_fig1"]
-        out.append(("Figure-1 query, proposed SQL (bounded top-N, see README)",
-                    f"{prop['best_s']:.2f} s ({prop['first_s']:.2f} s)",
-                    "same result" if prop["same_result"] else "DIFFERENT RESULT", ""))
         out.append(("on-disk bytes per ablation_effects row", f"{r['bytes_per_row']:.1f} B", "≤ 24 B",
                     verdict(r["bytes_per_row"], 24, False) if big else ""))
         return out

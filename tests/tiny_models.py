@@ -11,24 +11,10 @@ from pathlib import Path
 
 import torch
 
+from selfrepair.ingest.synthetic import byte_tokenizer
+
 FAMILIES = ("gpt2", "neox", "llama")
 ABLATIONS = ("resample", "mean", "zero")
-
-
-def byte_tokenizer():
-    """A byte-level BPE tokenizer with no merges: 256 byte tokens plus <|endoftext|>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate(alphabet)}
-    vocab["<|endoftext|>"] = len(vocab)
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
-    )
 
 
 def build(family: str, n_layers: int = 2, seed: int = 0):
