@@ -27,8 +27,8 @@ class Arch:
     @classmethod
     def of(cls, w) -> "Arch":
         """From `ModelWeights`."""
-        return cls(w.n_layers, w.n_heads, w.n_kv, w.W_Q.shape[-1], w.d_model, w.d_mlp,
-                   w.W_gate is not None, w.parallel)
+        return cls(w.n_layers, w.n_heads, w.n_kv, w.d_head, w.d_model, w.d_mlp,
+                   w.gated, w.parallel)
 
 
 def layer_flops(a: Arch, seq_len: int) -> tuple[float, float]:

@@ -26,48 +26,53 @@ def normalize(w: ModelWeights, x: Float[Tensor, "... d_model"]) -> tuple[Tensor,
     return x / scale, scale
 
 
-def _rotate(w: ModelWeights, x: Float[Tensor, "batch pos head d_head"]) -> Tensor:
+def _rotate(w: ModelWeights, x: Float[Tensor, "batch head pos d_head"]) -> Tensor:
     if w.cos is None:
         return x
-    pos, rot = x.shape[1], w.cos.shape[-1]
-    cos = w.cos[:pos, None, :]  # [pos, 1, rot]
-    sin = w.sin[:pos, None, :]
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    pos, rot = x.shape[2], w.cos.shape[-1]
+    cos, sin = w.cos[:pos], w.sin[:pos]  # [pos, rot], broadcast over batch and head
     half = rot // 2
+    if rot == x.shape[-1]:  # full rotary (Llama): no pass-through part to stitch back
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
     rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
     return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
 
 
 def attention_z(w: ModelWeights, layer: int, x_norm: Float[Tensor, "batch pos d_model"]) -> Tensor:
     """Each head's `hook_z` for normalized input. Returns [batch, pos, head, d_head]."""
-    q = torch.einsum("bpm,hmd->bphd", x_norm, w.W_Q[layer]) + w.b_Q[layer]
-    k = torch.einsum("bpm,hmd->bphd", x_norm, w.W_K[layer]) + w.b_K[layer]
-    v = torch.einsum("bpm,hmd->bphd", x_norm, w.W_V[layer]) + w.b_V[layer]
+    batch, pos, _ = x_norm.shape
+    h, kv, dh = w.n_heads, w.n_kv, w.d_head
+    qkv = x_norm @ w.W_QKV[layer]  # one GEMM for queries, keys and values
+    if w.b_QKV is not None:
+        qkv = qkv + w.b_QKV[layer]
+    # [batch, pos, (h + 2kv)·d_head] -> [batch, head, pos, d_head] for SDPA.
+    q, k, v = (t.view(batch, pos, -1, dh).transpose(1, 2) for t in qkv.split([h * dh, kv * dh, kv * dh], -1))
     q, k = _rotate(w, q), _rotate(w, k)
-    group = w.n_heads // w.n_kv
-    # [batch, head, pos, d_head] for SDPA; GQA expands kv heads as HF's repeat_kv does.
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    if group > 1:
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
+    # GQA: SDPA pairs query head i with key/value head i // (h / kv), as HF's repeat_kv does.
     z = torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, is_causal=True, scale=1.0 / w.attn_scale
+        q, k, v, is_causal=True, scale=1.0 / w.attn_scale, enable_gqa=kv != h
     )
     return z.transpose(1, 2)
 
 
 def mlp_forward(w: ModelWeights, layer: int, x_norm: Tensor) -> tuple[Tensor, Tensor]:
     """Returns (hook_post [batch, pos, d_mlp], mlp_out [batch, pos, d_model])."""
-    pre = x_norm @ w.W_in[layer] + w.b_in[layer]
-    if w.W_gate is not None:
-        post = w.act(x_norm @ w.W_gate[layer]) * pre
+    pre = x_norm @ w.W_in[layer]  # [gate | in] in one GEMM when gated
+    if w.gated:
+        gate, pre = pre.chunk(2, dim=-1)
+        if w.b_in is not None:
+            pre = pre + w.b_in[layer]
+        post = w.act(gate) * pre
     else:
-        post = w.act(pre)
-    return post, post @ w.W_out[layer] + w.b_out[layer]
+        post = w.act(pre if w.b_in is None else pre + w.b_in[layer])
+    out = post @ w.W_out[layer]
+    return post, out if w.b_out is None else out + w.b_out[layer]
 
 
 def attn_out(w: ModelWeights, layer: int, z: Float[Tensor, "batch pos head d_head"]) -> Tensor:
-    return torch.einsum("bphd,hdm->bpm", z, w.W_O[layer]) + w.b_O[layer]
+    # [batch, pos, head·d_head] @ [head·d_head, d_model]: one GEMM over all heads.
+    return z.flatten(-2) @ w.W_O[layer].flatten(0, 1) + w.b_O[layer]
 
 
 @dataclass

@@ -27,29 +27,29 @@ _ACTS = {
 
 @dataclass
 class ModelWeights:
-    """Every weight the forward pass needs, stacked by layer.
+    """Every weight the forward pass needs, stacked by layer and laid out for one GEMM each.
 
-    GQA models keep their `n_kv` key/value heads; queries have `n_heads`.
-    Bias-free models get zero biases so the arithmetic has one shape.
+    Queries, keys and values share one `[d_model, (head + 2·kv)·d_head]` matrix (GQA
+    models keep their `kv` key/value heads), and a gated MLP's gate and input
+    projections share one `[d_model, 2·d_mlp]` matrix (gate first). All-zero biases are
+    None, so bias-free models skip the additions.
     """
 
-    W_Q: Float[Tensor, "layer head d_model d_head"]
-    b_Q: Float[Tensor, "layer head d_head"]
-    W_K: Float[Tensor, "layer kv d_model d_head"]
-    b_K: Float[Tensor, "layer kv d_head"]
-    W_V: Float[Tensor, "layer kv d_model d_head"]
-    b_V: Float[Tensor, "layer kv d_head"]
+    W_QKV: Float[Tensor, "layer d_model qkv"]
+    b_QKV: Float[Tensor, "layer qkv"] | None
     W_O: Float[Tensor, "layer head d_head d_model"]
     b_O: Float[Tensor, "layer d_model"]
-    W_in: Float[Tensor, "layer d_model d_mlp"]
-    b_in: Float[Tensor, "layer d_mlp"]
-    W_gate: Float[Tensor, "layer d_model d_mlp"] | None
+    W_in: Float[Tensor, "layer d_model mlp_in"]  # [gate | in] when gated
+    b_in: Float[Tensor, "layer d_mlp"] | None
     W_out: Float[Tensor, "layer d_mlp d_model"]
-    b_out: Float[Tensor, "layer d_model"]
+    b_out: Float[Tensor, "layer d_model"] | None
     W_U: Float[Tensor, "d_model d_vocab"]
     b_U: Float[Tensor, "d_vocab"]
     W_E: Float[Tensor, "d_vocab d_model"]
     W_pos: Float[Tensor, "n_ctx d_model"] | None  # learned absolute positions (GPT-2) only
+    n_heads: int
+    n_kv: int
+    gated: bool
     norm: str  # "LN" (centre and scale) or "RMS" (scale only)
     eps: float
     parallel: bool
@@ -60,27 +60,19 @@ class ModelWeights:
 
     @property
     def n_layers(self) -> int:
-        return self.W_Q.shape[0]
-
-    @property
-    def n_heads(self) -> int:
-        return self.W_Q.shape[1]
-
-    @property
-    def n_kv(self) -> int:
-        return self.W_K.shape[1]
+        return self.W_O.shape[0]
 
     @property
     def d_model(self) -> int:
-        return self.W_Q.shape[2]
+        return self.W_O.shape[3]
 
     @property
     def d_head(self) -> int:
-        return self.W_Q.shape[3]
+        return self.W_O.shape[2]
 
     @property
     def d_mlp(self) -> int:
-        return self.W_in.shape[2]
+        return self.W_out.shape[1]
 
     def act(self, x: Tensor) -> Tensor:
         return _ACTS[self.act_fn](x)
@@ -90,6 +82,10 @@ class ModelWeights:
         for name, value in self.__dict__.items():
             moved[name] = value.to(device=device, dtype=dtype) if isinstance(value, Tensor) else value
         return ModelWeights(**moved)
+
+
+def _or_none(t: Tensor) -> Tensor | None:
+    return None if not bool(t.any()) else t
 
 
 def _stack(bridge, name: str, shape: tuple[int, ...]) -> Tensor:
@@ -132,43 +128,45 @@ def weights_from_bridge(bridge, seq_len: int) -> ModelWeights:
     """
     cfg = bridge.cfg
     n_layers, n_heads, d_model, d_head = cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_head
-    n_kv = getattr(cfg, "n_key_value_heads", None) or n_heads
     act = cfg.act_fn
     if act not in _ACTS:
         raise ConfigError(f"activation function {act!r} is not supported by the fast engine")
     if cfg.normalization_type not in ("LN", "LNPre", "RMS", "RMSPre"):
         raise ConfigError(f"normalization {cfg.normalization_type!r} is not supported")
-    W_Q = bridge.W_Q.detach().float().clone()
+    get = lambda name: getattr(bridge, name).detach().float()  # noqa: E731
+    W_K = get("W_K")
+    n_kv = W_K.shape[1]  # some adapters expose keys already expanded to every query head
     d_mlp = bridge.W_in.shape[-1]
-    W_gate = None
-    if getattr(cfg, "gated_mlp", False):
-        W_gate = bridge.W_gate.detach().float().clone()
-    W_K = bridge.W_K.detach().float().clone()
-    if W_K.shape[1] != n_kv:
-        # Some adapters expose keys already expanded to every query head.
-        n_kv = W_K.shape[1]
+    # [layer, head, d_model, d_head] -> [layer, d_model, head·d_head], Q then K then V.
+    flat = lambda w: w.permute(0, 2, 1, 3).reshape(n_layers, d_model, -1)  # noqa: E731
+    W_QKV = torch.cat([flat(get("W_Q")), flat(W_K), flat(get("W_V"))], -1).contiguous()
+    b_QKV = torch.cat([
+        _stack(bridge, "b_Q", (n_layers, n_heads, d_head)).reshape(n_layers, -1),
+        _stack(bridge, "b_K", (n_layers, n_kv, d_head)).reshape(n_layers, -1),
+        _stack(bridge, "b_V", (n_layers, n_kv, d_head)).reshape(n_layers, -1),
+    ], -1)
+    gated = bool(getattr(cfg, "gated_mlp", False))
+    W_in = torch.cat([get("W_gate"), get("W_in")], -1).contiguous() if gated else get("W_in").clone()
     attn_scale = cfg.attn_scale if cfg.attn_scale and cfg.attn_scale > 0 else d_head**0.5
     if not getattr(cfg, "use_attn_scale", True):
         attn_scale = 1.0
     cos, sin = _rotary_tables(bridge, seq_len)
     return ModelWeights(
-        W_Q=W_Q,
-        b_Q=_stack(bridge, "b_Q", (n_layers, n_heads, d_head)),
-        W_K=W_K,
-        b_K=_stack(bridge, "b_K", (n_layers, n_kv, d_head)),
-        W_V=bridge.W_V.detach().float().clone(),
-        b_V=_stack(bridge, "b_V", (n_layers, n_kv, d_head)),
-        W_O=bridge.W_O.detach().float().clone(),
+        W_QKV=W_QKV,
+        b_QKV=_or_none(b_QKV),
+        W_O=get("W_O").clone(),
         b_O=_stack(bridge, "b_O", (n_layers, d_model)),
-        W_in=bridge.W_in.detach().float().clone(),
-        b_in=_stack(bridge, "b_in", (n_layers, d_mlp)),
-        W_gate=W_gate,
-        W_out=bridge.W_out.detach().float().clone(),
-        b_out=_stack(bridge, "b_out", (n_layers, d_model)),
-        W_U=bridge.W_U.detach().float().clone(),
+        W_in=W_in,
+        b_in=_or_none(_stack(bridge, "b_in", (n_layers, d_mlp))),
+        W_out=get("W_out").clone(),
+        b_out=_or_none(_stack(bridge, "b_out", (n_layers, d_model))),
+        W_U=get("W_U").clone(),
         b_U=_stack(bridge, "b_U", (bridge.W_U.shape[1],)),
-        W_E=bridge.W_E.detach().float().clone(),
-        W_pos=bridge.W_pos.detach().float().clone() if cfg.positional_embedding_type == "standard" else None,
+        W_E=get("W_E").clone(),
+        W_pos=get("W_pos").clone() if cfg.positional_embedding_type == "standard" else None,
+        n_heads=n_heads,
+        n_kv=n_kv,
+        gated=gated,
         norm="RMS" if cfg.normalization_type.startswith("RMS") else "LN",
         eps=float(cfg.eps),
         parallel=bool(cfg.parallel_attn_mlp),
