@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 CACHE = Path(__file__).parent / ".cache"
-VERSION = 1  # bump when the generator changes
+VERSION = 2  # bump when the generator changes
+TOP_P = 0.02  # the synthetic ingest's top_p
 SEQ_LEN = 128
 FULL = {"n_layers": 24, "n_heads": 16, "n_rows": 411, "batch_rows": 32}  # 411 × 127 × 384 = 20.04 M facts
 QUICK = {"n_layers": 4, "n_heads": 4, "n_rows": 40, "batch_rows": 8}
@@ -32,6 +33,7 @@ def build_store(root: Path, n_layers: int, n_heads: int, n_rows: int, batch_rows
     """Write the synthetic model folder `root/synthetic` and return `root`."""
     import pyarrow as pa
 
+    from selfrepair.store import top_tokens
     from selfrepair.store.model_store import ModelStore
 
     rng = np.random.default_rng(seed)
@@ -42,7 +44,7 @@ def build_store(root: Path, n_layers: int, n_heads: int, n_rows: int, batch_rows
     ms = ModelStore(folder)
     ms.write_manifest({
         "model": {"name": "synthetic", "n_layers": n_layers, "n_heads": n_heads, "d_model": 1024, "d_mlp": 4096},
-        "n_tokens": n_tokens, "n_rows": n_rows, "seq_len": SEQ_LEN, "config": {"top_p": 0.02}, "shards": {}})
+        "n_tokens": n_tokens, "n_rows": n_rows, "seq_len": SEQ_LEN, "config": {"top_p": TOP_P}, "shards": {}})
     # Per-head DE size: log-normal across heads, growing with depth (late heads write more).
     depth = (np.arange(n_layers) / n_layers)[:, None]
     head_scale = (0.02 * np.exp(rng.normal(0, 0.8, (n_layers, n_heads))) * (1 + 2 * depth)).astype(np.float32)
@@ -90,6 +92,8 @@ def build_store(root: Path, n_layers: int, n_heads: int, n_rows: int, batch_rows
         ms.commit_shard(shard, {"phase": "ablation", "rows": [r0, r1], "ablation": "resample", "sample": 0,
                                 "files": ms.write_shard_files(
                                     shard, {"ablation_effects": eff, "resample_sources": sources})})
+    # As ingest does after its clean pass: store each head's top-p% tokens at the run's top_p.
+    top_tokens.write(ms, TOP_P)
     return root
 
 

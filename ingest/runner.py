@@ -22,7 +22,7 @@ from selfrepair.ingest import corpus as C
 from selfrepair.ingest.config import IngestConfig, parse_heads
 from selfrepair.ingest.pairing import RULE, source_rows
 from selfrepair.ingest.progress import Progress
-from selfrepair.store import arrays, files
+from selfrepair.store import arrays, files, top_tokens
 from selfrepair.store.model_store import ModelStore, model_dirname
 
 _VERSIONED = ("selfrepair", "torch", "transformer-lens", "transformers", "duckdb", "pyarrow", "polars", "zarr", "numpy")
@@ -92,7 +92,7 @@ class Ingest:
         t1 = time.perf_counter()
         manifest = self._clean_phase(ms, manifest, model, w32, rows, result)
         result.seconds["clean"] = time.perf_counter() - t1
-        top_sets = self._top_sets(ms, c.n_layers)
+        top_sets = self._top_sets(ms)
         t2 = time.perf_counter()
         self._ablation_phase(ms, manifest, model, w, w32, rows, heads, top_sets, result)
         result.seconds["ablation"] = time.perf_counter() - t2
@@ -228,24 +228,20 @@ class Ingest:
         ms.write_manifest(manifest)
         return manifest
 
-    def _top_sets(self, ms: ModelStore, n_layers: int) -> dict[tuple[int, int], np.ndarray]:
-        """Each head's floor(top_p · N) tokens by signed clean DE (ties: lower token_index).
-
-        The same rule as the `top_tokens(p)` SQL macro; read one layer at a time so a
-        million-token store never holds all of `head_effects` in memory.
-        """
-        import polars as pl
-
-        paths = ms.table_files("head_effects")
-        n = ms.manifest()["n_tokens"]
-        keep = int(np.floor(self.cfg.top_p * n))
-        out = {}
-        for layer in range(n_layers):
-            top = (pl.scan_parquet(paths).filter(pl.col("layer") == layer)
-                   .sort(["head", "de", "token_index"], descending=[False, True, False])
-                   .group_by("head", maintain_order=True).head(keep).collect())
-            for (head,), part in top.group_by("head"):
-                out[(layer, int(head))] = np.sort(part["token_index"].to_numpy())
+    def _top_sets(self, ms: ModelStore) -> dict[tuple[int, int], np.ndarray]:
+        """Each head's top-p% token indices, from the stored `head_top_tokens` (rebuilt if stale)."""
+        manifest = ms.manifest()
+        stored = manifest.get("derived", {}).get("head_top_tokens")
+        if stored and stored["n_tokens"] == manifest["n_tokens"] and stored["top_p"] == self.cfg.top_p:
+            table = ms.read_table("head_top_tokens")
+        else:
+            table = top_tokens.write(ms, self.cfg.top_p)
+        layer = table.column("layer").to_numpy()
+        head = table.column("head").to_numpy()
+        tok = table.column("token_index").to_numpy()
+        out: dict[tuple[int, int], np.ndarray] = {}
+        for key in set(zip(layer.tolist(), head.tolist())):
+            out[key] = np.sort(tok[(layer == key[0]) & (head == key[1])])
         return out
 
     # -- ablation -----------------------------------------------------------------------

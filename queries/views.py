@@ -28,7 +28,7 @@ _DUCKDB_TYPES = {
     pa.bool_(): "BOOLEAN",
 }
 
-MODEL_COLUMNS = ("model", "name", "n_layers", "n_heads", "d_model", "d_mlp", "n_tokens", "top_p")
+MODEL_COLUMNS = ("model", "name", "n_layers", "n_heads", "d_model", "d_mlp", "n_tokens", "top_p", "top_stored")
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,10 @@ def models_view_sql(models: list[ModelFiles]) -> str:
     for m in models:
         info = m.manifest.get("model", {})
         top_p = m.manifest.get("config", {}).get("top_p", 0.02)
+        # The stored top-token set serves top_tokens(p) only while it matches this store.
+        stored = m.manifest.get("derived", {}).get("head_top_tokens")
+        top_stored = bool(stored) and stored.get("n_tokens") == m.manifest.get("n_tokens") \
+            and stored.get("top_p") == top_p
         rows.append(
             "("
             + ", ".join(
@@ -92,6 +96,7 @@ def models_view_sql(models: list[ModelFiles]) -> str:
                     str(int(info.get("d_mlp", 0))),
                     str(int(m.manifest.get("n_tokens", 0))),
                     repr(float(top_p)),
+                    "true" if top_stored else "false",
                 ]
             )
             + ")"
@@ -136,10 +141,17 @@ FROM base
 """
 
 # Top p% of a head: floor(p * N) tokens by signed clean DE, ties to the lower token_index
-# (as ingest). A bounded top-N aggregate (max_by with n) instead of a window: no full sort
-# of head_effects. max_by's key is (de, -token_index), so equal DEs prefer lower indices.
+# (as ingest). At the ingest's own p the set written by ingest (`head_top_tokens`) is
+# read; any other p computes it with a bounded top-N aggregate (max_by with n) rather
+# than a window sort. max_by's key is (de, -token_index), so equal DEs prefer lower
+# indices. Each branch's filter on `models` is false for the other's models, and DuckDB
+# then skips that branch's scan.
 TOP_TOKENS_SQL = """
 CREATE MACRO top_tokens(p) AS TABLE
+SELECT t.model, t.layer, t.head, t.token_index, t.de
+FROM head_top_tokens t JOIN models m USING (model)
+WHERE m.top_stored AND m.top_p = p
+UNION ALL
 SELECT model, layer, head, token_index, de
 FROM (
     SELECT h.model, h.layer, h.head,
@@ -147,7 +159,7 @@ FROM (
                          {'de': h.de, 'neg_index': -h.token_index},
                          CAST(floor(p * m.n_tokens) AS BIGINT)), recursive := true)
     FROM head_effects h JOIN models m USING (model)
-    WHERE floor(p * m.n_tokens) >= 1
+    WHERE floor(p * m.n_tokens) >= 1 AND NOT (m.top_stored AND m.top_p = p)
     GROUP BY h.model, h.layer, h.head, m.n_tokens
 )
 """

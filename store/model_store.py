@@ -67,6 +67,9 @@ class ModelStore:
             entry = manifest["shards"][shard_id]["files"].get(table)
             if entry is not None:
                 out.append(self.path / entry["path"])
+        derived = manifest.get("derived", {}).get(table)
+        if derived is not None:
+            out.append(self.path / derived["path"])
         return out
 
     def read_table(self, table: str, columns: list[str] | None = None) -> pa.Table | None:
@@ -94,9 +97,25 @@ class ModelStore:
         self.write_manifest(manifest)
         return manifest
 
+    def write_derived(self, table: str, data: pa.Table, meta: dict) -> dict:
+        """Replace a derived table's one file: write it, commit its entry, then drop the old file.
+
+        Returns:
+            The new manifest.
+        """
+        entry = self.write_shard_files(f"derived-{meta['n_tokens']}", {table: data})[table] | meta
+        manifest = self.manifest()
+        old = manifest.setdefault("derived", {}).get(table)
+        manifest["derived"][table] = entry
+        self.write_manifest(manifest)
+        if old is not None and old["path"] != entry["path"]:
+            files.remove_file(self.path / old["path"])
+        return manifest
+
     def clean_orphans(self, manifest: dict) -> list[Path]:
         """Delete files no committed shard lists (leftovers of a killed run)."""
         listed = {self.path / e["path"] for s in manifest.get("shards", {}).values() for e in s["files"].values()}
+        listed |= {self.path / e["path"] for e in manifest.get("derived", {}).values()}
         removed = []
         tables_dir = self.path / "tables"
         if tables_dir.is_dir():

@@ -134,6 +134,13 @@ NEURON_EFFECTS = Table(
     "top-p% tokens only: final-MLP neurons with the largest abs(change in DE)",
 )
 
+HEAD_TOP_TOKENS = Table(
+    "head_top_tokens",
+    ("layer", "head", "token_index"),
+    (("layer", I16), ("head", I16), ("token_index", I32), ("de", F32)),
+    "derived: each head's top floor(top_p · N) tokens at the ingest's top_p, rewritten when tokens are added",
+)
+
 TABLES: dict[str, Table] = {
     t.name: t
     for t in (
@@ -144,8 +151,12 @@ TABLES: dict[str, Table] = {
         RESAMPLE_SOURCES,
         REPAIR_SOURCES,
         NEURON_EFFECTS,
+        HEAD_TOP_TOKENS,
     )
 }
+
+# Tables rebuilt whole from the others (one file each, listed under manifest["derived"]).
+DERIVED_TABLES = ("head_top_tokens",)
 
 # Tables written by the clean pass and by the ablation pass.
 CLEAN_TABLES = ("tokens", "head_effects", "mlp_effects")

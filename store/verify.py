@@ -62,28 +62,30 @@ def _verify_model(ms: ModelStore, ok: list[str], bad: list[str], seed: int) -> N
     shards = manifest.get("shards", {})
     readable: dict[str, list[Path]] = {t: [] for t in TABLES}
     n_files = 0
-    for shard_id in sorted(shards):
-        for table, entry in shards[shard_id]["files"].items():
-            n_files += 1
-            path = ms.path / entry["path"]
-            if not path.is_file():
-                bad.append(f"shard {shard_id}: {entry['path']} is missing")
-                continue
-            if files.sha256_file(path) != entry["sha256"]:
-                bad.append(f"shard {shard_id}: {entry['path']} checksum mismatch")
-                continue
-            try:
-                meta = pq.read_metadata(path)
-            except Exception as e:  # noqa: BLE001
-                bad.append(f"shard {shard_id}: {entry['path']} is not readable Parquet ({e})")
-                continue
-            if meta.num_rows != entry["rows"]:
-                bad.append(f"shard {shard_id}: {entry['path']} has {meta.num_rows} rows, manifest says {entry['rows']}")
-                continue
-            if meta.schema.to_arrow_schema().names != TABLES[table].column_names:
-                bad.append(f"shard {shard_id}: {entry['path']} columns differ from store/schema.py")
-                continue
-            readable[table].append(path)
+    listed = [(shard_id, table, entry) for shard_id in sorted(shards)
+              for table, entry in shards[shard_id]["files"].items()]
+    listed += [("derived", table, entry) for table, entry in sorted(manifest.get("derived", {}).items())]
+    for shard_id, table, entry in listed:
+        n_files += 1
+        path = ms.path / entry["path"]
+        if not path.is_file():
+            bad.append(f"shard {shard_id}: {entry['path']} is missing")
+            continue
+        if files.sha256_file(path) != entry["sha256"]:
+            bad.append(f"shard {shard_id}: {entry['path']} checksum mismatch")
+            continue
+        try:
+            meta = pq.read_metadata(path)
+        except Exception as e:  # noqa: BLE001
+            bad.append(f"shard {shard_id}: {entry['path']} is not readable Parquet ({e})")
+            continue
+        if meta.num_rows != entry["rows"]:
+            bad.append(f"shard {shard_id}: {entry['path']} has {meta.num_rows} rows, manifest says {entry['rows']}")
+            continue
+        if meta.schema.to_arrow_schema().names != TABLES[table].column_names:
+            bad.append(f"shard {shard_id}: {entry['path']} columns differ from store/schema.py")
+            continue
+        readable[table].append(path)
     ok.append(f"{len(shards)} shards, {n_files} files: present, checksums, row counts, columns")
     _check_keys(readable, ok, bad)
     _check_arrays(ms, manifest, ok, bad)

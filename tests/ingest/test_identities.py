@@ -96,3 +96,18 @@ def test_neuron_effects_are_top_k_of_the_final_mlp(store):
     )
     assert (df["k"] == 5).all()
     assert set(df["model"]) == set(FAMILY_MODELS)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1])
+def test_top_tokens_match_a_window_definition(store, p):
+    # p = 0.05 is the ingest's top_p (served from the stored head_top_tokens), 0.1 is computed.
+    window = store.sql("""
+        SELECT model, layer, head, token_index FROM (
+            SELECT h.*, m.n_tokens, row_number() OVER (PARTITION BY h.model, h.layer, h.head
+                                                      ORDER BY h.de DESC, h.token_index) AS r
+            FROM head_effects h JOIN models m USING (model))
+        WHERE r <= floor($p * n_tokens) ORDER BY ALL""", {"p": p})
+    macro = store.sql("SELECT model, layer, head, token_index FROM top_tokens($p) ORDER BY ALL", {"p": p})
+    assert window.height == 3 * 8 * int(p * 310) and macro.equals(window)
+    stored = store.sql("SELECT bool_and(top_stored) AS s FROM models")["s"][0]
+    assert stored

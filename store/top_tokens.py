@@ -1,0 +1,39 @@
+"""Each head's top-p% tokens by signed clean DE, computed from the stored `head_effects`.
+
+The rule (also the `top_tokens(p)` SQL macro's): floor(p · N) tokens per head, largest
+DE first, ties to the lower token_index. Computed one layer at a time, so a million-token
+store never holds all of `head_effects` in memory.
+"""
+
+from __future__ import annotations
+
+import math
+
+import polars as pl
+import pyarrow as pa
+
+from selfrepair.store.model_store import ModelStore
+
+
+def compute(ms: ModelStore, top_p: float) -> pa.Table:
+    """The `head_top_tokens` rows (layer, head, token_index, de) for `top_p`."""
+    manifest = ms.manifest()
+    paths = ms.table_files("head_effects", manifest)
+    keep = math.floor(top_p * manifest["n_tokens"])
+    layers = pl.scan_parquet(paths).select(pl.col("layer").unique()).collect()["layer"].sort().to_list()
+    parts = [
+        pl.scan_parquet(paths).filter(pl.col("layer") == layer)
+        .sort(["head", "de", "token_index"], descending=[False, True, False])
+        .group_by("head", maintain_order=True).head(keep)
+        .select("layer", "head", "token_index", "de").collect()
+        for layer in layers
+    ]
+    return pl.concat(parts).sort(["layer", "head", "token_index"]).to_arrow()
+
+
+def write(ms: ModelStore, top_p: float) -> pa.Table:
+    """Compute and commit the derived `head_top_tokens` table; returns its rows."""
+    table = compute(ms, top_p)
+    n_tokens = ms.manifest()["n_tokens"]
+    ms.write_derived("head_top_tokens", table, {"n_tokens": n_tokens, "top_p": top_p})
+    return table
