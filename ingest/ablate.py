@@ -15,6 +15,7 @@ import torch
 
 from selfrepair.ingest import engine as E
 from selfrepair.ingest.weights import ModelWeights
+from selfrepair.store.schema import SRC_KINDS
 
 
 class FastBatch:
@@ -139,7 +140,7 @@ def ablation_tables(
     batch, seq = rows.shape
     preds = seq - 1
     y = rows.roll(-1, dims=1)  # [batch, pos]; the last position is a dummy, dropped below
-    u = w.W_U.T[y]
+    u = E.target_columns(w, y)
     clean_logit = ctx.clean_logit(u)
     s = ctx.scale()
     token_index = ((row0 + np.arange(batch)[:, None]) * preds + np.arange(preds)[None, :]).reshape(-1)
@@ -193,7 +194,8 @@ def _repair_rows(w, layer, head, tokens, d_heads, d_mlps) -> dict:
     ml = list(range(first_mlp, w.n_layers))
     cols_h = [l * w.n_heads + h for l, h in hl]
     vals = torch.cat([d_heads[:, cols_h], d_mlps[:, ml]], 1).float().cpu().numpy()  # [tok, comp]
-    kinds = np.array(["head"] * len(hl) + ["mlp"] * len(ml))
+    head_kind, mlp_kind = SRC_KINDS
+    kinds = np.array([head_kind] * len(hl) + [mlp_kind] * len(ml))
     src_layer = np.array([l for l, _ in hl] + ml, dtype=np.int16)
     src_head = np.array([h for _, h in hl] + [-1] * len(ml), dtype=np.int16)
     c = len(kinds)

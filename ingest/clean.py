@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from selfrepair.ingest.engine import target_columns
 from selfrepair.ingest.models import LoadedModel
 from selfrepair.ingest.weights import ModelWeights
 
@@ -73,7 +74,7 @@ def run_clean(model: LoadedModel, w: ModelWeights, rows: torch.Tensor, row0: int
     preds = seq - 1
     y = rows[:, 1:]  # [batch, preds] correct next tokens
     keep = lambda t: t[:, :preds]  # noqa: E731 - drop the last position: it predicts nothing
-    u = w.W_U.T[y]  # [batch, preds, d_model]
+    u = target_columns(w, y)  # [batch, preds, d_model]
     s = keep(cache["ln_final.hook_scale"])[..., 0].float()  # [batch, preds]
     logp = torch.log_softmax(keep(logits).float(), dim=-1)
     loss = -logp.gather(-1, y[..., None])[..., 0]

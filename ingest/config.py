@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from selfrepair.errors import ConfigError
-from selfrepair.store.schema import ABLATION_KINDS
+from selfrepair.store.schema import ABLATION_KINDS, ARRAY_DTYPES
 
 ENGINES = ("fast", "reference")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -134,7 +134,7 @@ class IngestConfig:
             raise ConfigError(f"engine: {self.engine!r} is not one of {', '.join(ENGINES)}")
         if self.heads_per_pass is not None and self.heads_per_pass <= 0:
             raise ConfigError(f"heads_per_pass: must be positive, got {self.heads_per_pass}")
-        if self.activation_dtype not in ("float16", "float32"):
+        if self.activation_dtype not in ARRAY_DTYPES:
             raise ConfigError(f"activation_dtype: {self.activation_dtype!r} is not float16 or float32")
 
     @property

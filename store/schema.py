@@ -155,15 +155,8 @@ TABLES: dict[str, Table] = {
     )
 }
 
-# Tables rebuilt whole from the others (one file each, listed under manifest["derived"]).
-DERIVED_TABLES = ("head_top_tokens",)
-
-# Tables written by the clean pass and by the ablation pass.
-CLEAN_TABLES = ("tokens", "head_effects", "mlp_effects")
-ABLATION_TABLES = ("ablation_effects", "resample_sources", "repair_sources", "neuron_effects")
-
 ABLATION_KINDS = ("resample", "mean", "zero")
-SRC_KINDS = ("head", "mlp")
+SRC_KINDS = ("head", "mlp")  # repair_sources.src_kind, in that order
 
 
 @dataclass(frozen=True)
@@ -201,7 +194,6 @@ WEIGHT_ARRAYS: dict[str, tuple[str, ...]] = {
 }
 
 ARRAY_DTYPES = ("float16", "float32")
-TOKEN_CHUNK = 4096  # Zarr chunk length along token_index
 
 
 def validate_table(table: Table, batch: pa.Table) -> pa.Table:
