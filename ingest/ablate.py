@@ -14,16 +14,17 @@ import pyarrow as pa
 import torch
 
 from selfrepair.ingest import engine as E
-from selfrepair.ingest.weights import ModelWeights
+from selfrepair.ingest.weights import Weights
 from selfrepair.store.schema import SRC_KINDS
 
 
 class FastBatch:
-    """The fast engine on one batch: its own clean run is the baseline of every patch."""
+    """The fast engine on one batch: its own float32 clean run is the baseline of every patch."""
 
-    def __init__(self, w: ModelWeights, rows: torch.Tensor):
-        self.w = w
-        self.clean = E.clean_run(w, E.embed(w, rows))
+    def __init__(self, w: Weights, rows: torch.Tensor, low_precision: torch.dtype | None = None,
+                 clean: E.CleanState | None = None):
+        self.w, self.low_precision = w, low_precision
+        self.clean = clean if clean is not None else E.clean_run(w, rows)
         self._ou = None  # head projections, made on the first patch
 
     def clean_z(self, layer: int) -> torch.Tensor:
@@ -41,15 +42,21 @@ class FastBatch:
     def patch(self, layer: int, heads: list[int], z_new: torch.Tensor, u: torch.Tensor) -> E.PatchResult:
         if self._ou is None:
             self._ou = E.head_projections(self.w, u)
-        return E.patch_layer(self.w, self.clean, layer, heads, z_new, u, self._ou)
+        return E.patch_layer(self.w, self.clean, layer, heads, z_new, u, self._ou, self.low_precision)
 
 
 class ReferenceBatch:
-    """The straightforward method: a full hooked forward per head, full-vocabulary logits."""
+    """The straightforward method: a full hooked TransformerBridge forward per head.
 
-    def __init__(self, bridge, w: ModelWeights, rows: torch.Tensor):
-        self.bridge, self.w, self.rows = bridge, w, rows
-        n = w.n_layers
+    Uses the bridge's own processed weights (`bridge.W_O`, `bridge.b_U`) and hooks, so it
+    shares nothing with the fast engine but the definitions.
+    """
+
+    def __init__(self, bridge, rows: torch.Tensor):
+        self.bridge, self.rows = bridge, rows
+        self.n_layers = n = bridge.cfg.n_layers
+        self.W_O = bridge.W_O.detach().float()
+        self.b_U = bridge.b_U.detach().float()
         self.names = {f"blocks.{l}.attn.hook_z" for l in range(n)} | {
             f"blocks.{l}.hook_mlp_out" for l in range(n)} | {
             "ln_final.hook_scale", f"blocks.{n - 1}.mlp.hook_post"}
@@ -67,16 +74,16 @@ class ReferenceBatch:
 
     def _logit(self, logits: torch.Tensor) -> torch.Tensor:
         y = self.rows.roll(-1, dims=1)  # the last position's target is a dummy, dropped later
-        return logits.gather(-1, y[..., None])[..., 0] - self.w.b_U[y]
+        return logits.gather(-1, y[..., None])[..., 0] - self.b_U[y]
 
     def clean_logit(self, u: torch.Tensor) -> torch.Tensor:
         return self._logit(self.logits)
 
     def post_final(self) -> torch.Tensor:
-        return self.cache[f"blocks.{self.w.n_layers - 1}.mlp.hook_post"]
+        return self.cache[f"blocks.{self.n_layers - 1}.mlp.hook_post"]
 
     def patch(self, layer: int, heads: list[int], z_new: torch.Tensor, u: torch.Tensor) -> E.PatchResult:
-        w, s = self.w, self.scale()
+        s, n = self.scale(), self.n_layers
         out = {k: [] for k in ("logit", "scale", "de_head", "d_de_heads", "d_de_mlps", "post_final")}
         for i, head in enumerate(heads):
             def hook(z, hook, head=head, value=z_new[i]):
@@ -85,17 +92,17 @@ class ReferenceBatch:
                 return z
 
             logits, cache = self._run([(f"blocks.{layer}.attn.hook_z", hook)])
-            dz = torch.stack([cache[f"blocks.{l}.attn.hook_z"] - self.clean_z(l) for l in range(w.n_layers)], 2)
-            d_heads = torch.einsum("bplhd,lhdm,bpm->bplh", dz, w.W_O, u) / s[..., None, None]
+            dz = torch.stack([cache[f"blocks.{l}.attn.hook_z"] - self.clean_z(l) for l in range(n)], 2)
+            d_heads = torch.einsum("bplhd,lhdm,bpm->bplh", dz, self.W_O, u) / s[..., None, None]
             d_heads[:, :, layer, head] = 0  # the ablated head's own change is d_de, not d_de_heads
             dm = torch.stack([cache[f"blocks.{l}.hook_mlp_out"] - self.cache[f"blocks.{l}.hook_mlp_out"]
-                              for l in range(w.n_layers)], 2)
+                              for l in range(n)], 2)
             out["logit"].append(self._logit(logits))
             out["scale"].append(cache["ln_final.hook_scale"][..., 0])
-            out["de_head"].append(torch.einsum("bpd,dm,bpm->bp", z_new[i], w.W_O[layer, head], u) / s)
+            out["de_head"].append(torch.einsum("bpd,dm,bpm->bp", z_new[i], self.W_O[layer, head], u) / s)
             out["d_de_heads"].append(d_heads)
             out["d_de_mlps"].append(torch.einsum("bplm,bpm->bpl", dm, u) / s[..., None])
-            out["post_final"].append(cache[f"blocks.{w.n_layers - 1}.mlp.hook_post"])
+            out["post_final"].append(cache[f"blocks.{n - 1}.mlp.hook_post"])
         return E.PatchResult(**{k: torch.stack(v) for k, v in out.items()})
 
 
@@ -115,7 +122,7 @@ def replacement_z(kind: str, clean_z: torch.Tensor, source_z: torch.Tensor | Non
 def ablation_tables(
     ctx, src, kind: str, sample: int, heads: list[tuple[int, int]], rows: torch.Tensor,
     row0: int, top_sets: dict[tuple[int, int], np.ndarray], neurons_top_k: int,
-    heads_per_pass: int, w32: ModelWeights, on_pass: Callable[[int], None] = lambda n: None,
+    heads_per_pass: int, w: Weights, on_pass: Callable[[int], None] = lambda n: None,
 ) -> dict[str, pa.Table]:
     """Ablate every head in `heads` on one batch and build the ablation tables' rows.
 
@@ -130,24 +137,23 @@ def ablation_tables(
         top_sets: each head's top-p% token indices (global, sorted).
         neurons_top_k: final-MLP neurons kept per head and top token.
         heads_per_pass: heads batched into one patched pass.
-        w32: float32 weights for the neuron DEs.
+        w: the model's processed weights (float32): structure, target columns, neuron DEs.
         on_pass: called with the number of head-token ablations done after each pass.
 
     Returns:
         Arrow tables `ablation_effects`, `repair_sources`, `neuron_effects`.
     """
-    w = ctx.w
     batch, seq = rows.shape
     preds = seq - 1
     y = rows.roll(-1, dims=1)  # [batch, pos]; the last position is a dummy, dropped below
-    u = E.target_columns(w, y)
+    u = w.target_columns(y)
     clean_logit = ctx.clean_logit(u)
     s = ctx.scale()
     token_index = ((row0 + np.arange(batch)[:, None]) * preds + np.arange(preds)[None, :]).reshape(-1)
     n = batch * preds
     last = w.n_layers - 1
     # Each final-MLP neuron's DE per unit of activation: W_out[last, n] · u / s.
-    wu = torch.einsum("nm,bpm->bpn", w32.W_out[last], u.float())[:, :preds] / s[:, :preds, None].float()
+    wu = torch.einsum("nm,bpm->bpn", w.W_out_final, u.float())[:, :preds] / s[:, :preds, None].float()
     post_clean = ctx.post_final()[:, :preds].float()
     eff, rep, neu = [], [], []
     by_layer: dict[int, list[int]] = {}

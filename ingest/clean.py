@@ -1,8 +1,8 @@
-"""The clean pass: one hooked TransformerBridge forward per batch, captured and decomposed.
+"""The clean pass: the engine's float32 clean run of each batch, decomposed into DEs.
 
-Every DE is `(component · u) / s`, with `u = W_U[:, y]` (centred) and `s` the final
-norm's `ln_final.hook_scale`. `de_other` is computed from the embeddings and the
-attention biases directly, never as a remainder, so the identity
+Every DE is `(component · u) / s`, with `u` the correct token's processed unembedding
+column and `s` the final norm's scale. `de_other` is computed from the embeddings and
+the attention biases directly, never as a remainder, so the identity
 Σ DE = logit − b_U[y] is a real check of the store.
 """
 
@@ -14,21 +14,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from selfrepair.ingest.engine import target_columns
-from selfrepair.ingest.models import LoadedModel
-from selfrepair.ingest.weights import ModelWeights
-
-
-def hook_names(n_layers: int) -> list[str]:
-    """Exactly the hooks the clean tables and arrays read (TransformerLens names)."""
-    last = n_layers - 1
-    names = ["hook_embed", "hook_pos_embed", "ln_final.hook_scale",
-             f"blocks.{last}.hook_resid_post", f"blocks.{last}.mlp.hook_post"]
-    for layer in range(n_layers):
-        names += [f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.attn.hook_z",
-                  f"blocks.{layer}.hook_mlp_out", f"blocks.{layer}.ln1.hook_scale",
-                  f"blocks.{layer}.ln2.hook_scale"]
-    return names
+from selfrepair.ingest.engine import CleanState, clean_run, head_projections
+from selfrepair.ingest.weights import Weights
 
 
 class TokenStrings:
@@ -56,8 +43,8 @@ class CleanBatch:
     arrays: dict[str, np.ndarray]
 
 
-def run_clean(model: LoadedModel, w: ModelWeights, rows: torch.Tensor, row0: int,
-              strings: TokenStrings, with_arrays: bool) -> CleanBatch:
+def run_clean(w: Weights, rows: torch.Tensor, row0: int, strings: TokenStrings, with_arrays: bool,
+              state: CleanState | None = None) -> CleanBatch:
     """Run and decompose the clean forward for `rows` [batch, seq_len] starting at row `row0`.
 
     Returns:
@@ -65,32 +52,27 @@ def run_clean(model: LoadedModel, w: ModelWeights, rows: torch.Tensor, row0: int
         for the batch's (seq_len - 1) predictions per row.
     """
     n_layers, n_heads = w.n_layers, w.n_heads
-    names = set(hook_names(n_layers))
-    with torch.no_grad():
-        logits, cache = model.bridge.run_with_cache(
-            rows, names_filter=lambda n: n in names, return_type="logits"
-        )
+    st = state if state is not None else clean_run(w, rows)
     batch, seq = rows.shape
     preds = seq - 1
     y = rows[:, 1:]  # [batch, preds] correct next tokens
-    keep = lambda t: t[:, :preds]  # noqa: E731 - drop the last position: it predicts nothing
-    u = target_columns(w, y)  # [batch, preds, d_model]
-    s = keep(cache["ln_final.hook_scale"])[..., 0].float()  # [batch, preds]
-    logp = torch.log_softmax(keep(logits).float(), dim=-1)
-    loss = -logp.gather(-1, y[..., None])[..., 0]
-    logit = keep(logits).float().gather(-1, y[..., None])[..., 0]
+    keep = lambda t: t[..., :preds, :] if t.dim() > 2 else t[:, :preds]  # noqa: E731 - last position predicts nothing
+    u = w.target_columns(y)  # [batch, preds, d_model]
+    s = keep(st.scale)  # [batch, preds]
     b_u = w.b_U[y]
-
-    # Embeddings and every attention bias b_O are neither a head nor an MLP.
-    other = keep(cache["hook_embed"]).float() + w.b_O.sum(0)
-    if "hook_pos_embed" in cache:
-        other = other + keep(cache["hook_pos_embed"]).float()
+    logit = (keep(st.resid_final) * u).sum(-1) / s + b_u
+    logp = torch.log_softmax(keep(st.logits), dim=-1)
+    loss = -logp.gather(-1, y[..., None])[..., 0]
+    # Embeddings and every attention bias (b_O with the folded value biases) are neither a head nor an MLP.
+    other = st.resid_pre[0][:, :preds] + st.attn_bias_write(w)[:, :, :preds].sum(0)
     de_other = (other * u).sum(-1) / s
-    z = torch.stack([keep(cache[f"blocks.{l}.attn.hook_z"]).float() for l in range(n_layers)])
-    # head DE: z_h · (W_O[l, h] @ u) / s, one dot product per token.
-    head_de = torch.einsum("lbphd,lhdm,bpm->lhbp", z, w.W_O, u) / s
-    mlp_out = torch.stack([keep(cache[f"blocks.{l}.hook_mlp_out"]).float() for l in range(n_layers)])
-    mlp_de = torch.einsum("lbpm,bpm->lbp", mlp_out, u) / s
+    z = st.z[:, :, :preds]  # [layer, batch, preds, head, d_head]
+    # head DE: z_h · (W_O_eff[l, h] @ u) / s_post / s, one dot product per token.
+    head_de = (z * head_projections(w, u)).sum(-1)  # [layer, batch, preds, head]
+    if st.attn_post_scale is not None:
+        head_de = head_de / st.attn_post_scale[:, :, :preds, None]
+    head_de = head_de.permute(0, 3, 1, 2) / s  # [layer, head, batch, preds]
+    mlp_de = torch.einsum("lbpm,bpm->lbp", st.mlp_write[:, :, :preds], u) / s
 
     n = batch * preds
     token_index = (row0 + np.arange(batch)[:, None]) * preds + np.arange(preds)[None, :]
@@ -125,15 +107,12 @@ def run_clean(model: LoadedModel, w: ModelWeights, rows: torch.Tensor, row0: int
     })
     arrays = {}
     if with_arrays:
-        last = n_layers - 1
         tm = lambda t: t.reshape(n, *t.shape[2:]).cpu().numpy()  # noqa: E731 - [batch, preds, ...] -> [token, ...]
-        resid_pre = torch.stack([keep(cache[f"blocks.{l}.hook_resid_pre"]) for l in range(n_layers)], 2)
-        scales = [keep(cache[f"blocks.{l}.{ln}.hook_scale"])[..., 0] for l in range(n_layers) for ln in ("ln1", "ln2")]
         arrays = {
-            "resid_pre": tm(resid_pre),  # [token, layer, d_model]
-            "resid_final": tm(keep(cache[f"blocks.{last}.hook_resid_post"])),
+            "resid_pre": tm(st.resid_pre[:, :, :preds].permute(1, 2, 0, 3)),  # [token, layer, d_model]
+            "resid_final": tm(keep(st.resid_final)),
             "z": tm(z.permute(1, 2, 0, 3, 4)),  # [token, layer, head, d_head]
-            "norm_scales": tm(torch.stack(scales + [s], -1)),  # [token, 2 * layer + 1]
-            "mlp_post_final": tm(keep(cache[f"blocks.{last}.mlp.hook_post"])),
+            "norm_scales": tm(keep(st.norm_scales)),  # [token, norm] in manifest["model"]["norm_names"] order
+            "mlp_post_final": tm(keep(st.post_final_raw)),
         }
     return CleanBatch({"tokens": tokens, "head_effects": heads, "mlp_effects": mlps}, arrays)

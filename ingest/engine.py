@@ -1,124 +1,211 @@
-"""The fast ablation engine: a functional forward over processed weights.
+"""The fast ablation engine: the model's own decoder layers, driven from the cached residual.
 
-A patched pass for a head in layer L starts from the cached clean residual entering
-layer L (no upstream recompute), changes only that head's output in layer L (the other
-heads' clean outputs are reused; in a parallel block the layer-L MLP is reused too),
-batches every ablated head of the layer along the batch dimension, and never forms
-full-vocabulary logits: it projects onto the target token's centred unembedding column.
+The clean run is one float32 forward of the Hugging Face model with hooks that keep what
+every later pass reuses: the residual entering each layer and the exact arguments each
+layer was called with (masks, rotary tables, ALiBi), each head's z, each MLP's write.
+
+A patched pass for heads of layer L calls only layers L… on the cached residual entering
+L, with every ablated head of the layer batched along the batch dimension, plus one
+unpatched copy as the baseline. Every quantity of the ablated run is then the stored
+clean value plus (patched − baseline), computed in float32: in bfloat16 or float16 only
+the matrix products run in low precision (autocast), their errors cancel in the
+difference, and the identities hold exactly as in float32. Nothing projects onto the
+full vocabulary: DEs are dot products with the target token's processed column `u`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
-from selfrepair.ingest.weights import ModelWeights
+from selfrepair.errors import UnsupportedModel
+from selfrepair.ingest.weights import Weights
 
 
-def normalize(w: ModelWeights, x: Float[Tensor, "... d_model"]) -> tuple[Tensor, Tensor]:
-    """Bare LayerNorm/RMSNorm (gains are folded). Returns (normalized, scale[..., 1])."""
-    if w.norm == "LN":
-        x = x - x.mean(-1, keepdim=True)
-    scale = (x.pow(2).mean(-1, keepdim=True) + w.eps).sqrt()
-    return x / scale, scale
+@dataclass
+class Call:
+    """One decoder layer's call as the model made it, less the hidden state."""
+
+    args: tuple
+    kwargs: dict
+    hidden_kw: bool  # the hidden state came as `hidden_states=` rather than first positional
+
+    def run(self, layer, hidden: Tensor, batch: int, copies: int) -> Tensor:
+        """Call `layer` on `hidden` ([copies·batch, pos, d_model]), tiling batch-shaped arguments."""
+        args = _tile(self.args, batch, copies)
+        kwargs = _tile(self.kwargs, batch, copies)
+        out = layer(*args, hidden_states=hidden, **kwargs) if self.hidden_kw else layer(hidden, *args, **kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _rotate(w: ModelWeights, x: Float[Tensor, "batch head pos d_head"]) -> Tensor:
-    if w.cos is None:
-        return x
-    pos, rot = x.shape[2], w.cos.shape[-1]
-    cos, sin = w.cos[:pos], w.sin[:pos]  # [pos, rot], broadcast over batch and head
-    half = rot // 2
-    if rot == x.shape[-1]:  # full rotary (Llama): no pass-through part to stitch back
-        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
-    rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
-    return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
+def _tile(obj, batch: int, copies: int):
+    """Repeat every batch-major tensor (masks, ALiBi [batch·head, …], per-row positions) `copies` times."""
+    if copies == 1:
+        return obj
+    if isinstance(obj, Tensor):
+        batchlike = obj.dim() >= 2 and obj.shape[0] % batch == 0 and not (obj.shape[0] == 1 and batch > 1)
+        return torch.cat([obj] * copies) if batchlike else obj
+    if isinstance(obj, tuple):
+        return tuple(_tile(o, batch, copies) for o in obj)
+    if isinstance(obj, list):
+        return [_tile(o, batch, copies) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _tile(v, batch, copies) for k, v in obj.items()}
+    return obj
 
 
-def attention_z(w: ModelWeights, layer: int, x_norm: Float[Tensor, "batch pos d_model"]) -> Tensor:
-    """Each head's `hook_z` for normalized input. Returns [batch, pos, head, d_head]."""
-    batch, pos, _ = x_norm.shape
-    h, kv, dh = w.n_heads, w.n_kv, w.d_head
-    qkv = x_norm @ w.W_QKV[layer]  # one GEMM for queries, keys and values
-    if w.b_QKV is not None:
-        qkv = qkv + w.b_QKV[layer]
-    # [batch, pos, (h + 2kv)·d_head] -> [batch, head, pos, d_head] for SDPA.
-    q, k, v = (t.view(batch, pos, -1, dh).transpose(1, 2) for t in qkv.split([h * dh, kv * dh, kv * dh], -1))
-    q, k = _rotate(w, q), _rotate(w, k)
-    # GQA: SDPA pairs query head i with key/value head i // (h / kv), as HF's repeat_kv does.
-    z = torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, is_causal=True, scale=1.0 / w.attn_scale, enable_gqa=kv != h
-    )
-    return z.transpose(1, 2)
+@contextlib.contextmanager
+def _hooks(*registrations):
+    handles = [r() for r in registrations]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
-def mlp_forward(w: ModelWeights, layer: int, x_norm: Tensor) -> tuple[Tensor, Tensor]:
-    """Returns (hook_post [batch, pos, d_mlp], mlp_out [batch, pos, d_model])."""
-    pre = x_norm @ w.W_in[layer]  # [gate | in] in one GEMM when gated
-    if w.gated:
-        gate, pre = pre.chunk(2, dim=-1)
-        if w.b_in is not None:
-            pre = pre + w.b_in[layer]
-        post = w.act(gate) * pre
-    else:
-        post = w.act(pre if w.b_in is None else pre + w.b_in[layer])
-    out = post @ w.W_out[layer]
-    return post, out if w.b_out is None else out + w.b_out[layer]
+def _capture_calls(w: Weights, rows: Tensor, extra=()) -> tuple[list[Call], list[Tensor], object]:
+    """Run the whole model once, recording each layer's input and call. Returns (calls, inputs, output)."""
+    calls: list[Call | None] = [None] * w.n_layers
+    inputs: list[Tensor | None] = [None] * w.n_layers
+
+    def pre(i):
+        def hook(module, args, kwargs):
+            kwargs = dict(kwargs)
+            for cache_key in ("past_key_values", "past_key_value", "layer_past"):
+                if cache_key in kwargs:
+                    kwargs[cache_key] = None
+            if "hidden_states" in kwargs:
+                inputs[i] = kwargs.pop("hidden_states")
+                calls[i] = Call(tuple(args), kwargs, True)
+            else:
+                inputs[i] = args[0]
+                calls[i] = Call(tuple(args[1:]), kwargs, False)
+        return hook
+
+    regs = [lambda i=i: w.layers[i].register_forward_pre_hook(pre(i), with_kwargs=True) for i in range(w.n_layers)]
+    with torch.no_grad(), _hooks(*regs, *extra):
+        out = w.model(rows, use_cache=False)
+    return calls, inputs, out
 
 
-def attn_out(w: ModelWeights, layer: int, z: Float[Tensor, "batch pos head d_head"]) -> Tensor:
-    # [batch, pos, head·d_head] @ [head·d_head, d_model]: one GEMM over all heads.
-    return z.flatten(-2) @ w.W_O[layer].flatten(0, 1) + w.b_O[layer]
+def zero_input_z(w: Weights, seq_len: int) -> Float[Tensor, "layer head d_head"]:
+    """Each head's z when its layer's input is all zeros: the folded value bias, constant over positions."""
+    device = w.W_O.device
+    rows = torch.zeros((1, seq_len), dtype=torch.long, device=device)
+    calls, _, _ = _capture_calls(w, rows)
+    out = []
+    for i, layer in enumerate(w.layers):
+        seen = {}
+        hook = w.attn_out[i].register_forward_pre_hook(lambda m, a, seen=seen: seen.__setitem__("z", a[0]))
+        try:
+            with torch.no_grad():
+                calls[i].run(layer, torch.zeros(1, seq_len, w.d_model, device=device), 1, 1)
+        finally:
+            hook.remove()
+        z = seen["z"].float()[0].view(seq_len, w.n_heads, w.d_head)
+        c = z.mean(0)
+        if float((z - c).abs().max()) > 1e-4 * (1 + float(c.abs().max())):
+            raise UnsupportedModel(f"{w.family.name}: a head's output at zero input varies with position, "
+                                   "so its value bias cannot be folded")
+        out.append(c)
+    return torch.stack(out)
 
 
 @dataclass
 class CleanState:
-    """The engine's own clean run of one batch, the baseline of every patched pass."""
+    """The float32 clean run of one batch, the baseline of every patched pass (processed z)."""
 
+    calls: list[Call]
     resid_pre: Float[Tensor, "layer batch pos d_model"]
     z: Float[Tensor, "layer batch pos head d_head"]
-    attn_out: Float[Tensor, "layer batch pos d_model"]
-    mlp_out: Float[Tensor, "layer batch pos d_model"]
+    o_out: Float[Tensor, "layer batch pos d_model"] | None  # attention output before its post-norm
+    attn_post_scale: Float[Tensor, "layer batch pos"] | None
+    mlp_write: Float[Tensor, "layer batch pos d_model"]
+    mlp_pre_final: Float[Tensor, "batch pos d_model"] | None  # final MLP output before its post-norm
+    post_final_raw: Float[Tensor, "batch pos d_mlp"]
     resid_final: Float[Tensor, "batch pos d_model"]
     scale: Float[Tensor, "batch pos"]
-    post_final: Float[Tensor, "batch pos d_mlp"]
+    norm_scales: Float[Tensor, "batch pos norm"]
+    logits: Float[Tensor, "batch pos d_vocab"]  # the model's own output (after any softcap)
+    raw_logits: Float[Tensor, "batch pos d_vocab"]  # unembedding output before any softcap
+    mlp_post_scale: Float[Tensor, "batch pos 1"] | None = None  # final MLP's post-norm scale
+
+    @property
+    def post_final(self) -> Tensor:
+        """Final-MLP activations, divided by the post-norm scale where there is one (gain is in W_out)."""
+        return self.post_final_raw if self.mlp_post_scale is None else self.post_final_raw / self.mlp_post_scale
+
+    def attn_bias_write(self, w: Weights) -> Float[Tensor, "layer batch pos d_model"]:
+        """What each layer's attention writes besides its heads: b_O plus the folded value biases."""
+        b = w.b_attn[:, None, None, :]
+        if self.attn_post_scale is None:
+            return b.expand(-1, *self.scale.shape, -1)
+        g = torch.stack([n.gain for n in w.attn_post])[:, None, None, :]
+        return g * b / self.attn_post_scale[..., None]
 
 
-def block(w: ModelWeights, layer: int, resid: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """One full block. Returns (resid_post, z, attn_out, mlp_post, mlp_out)."""
-    x1, _ = normalize(w, resid)
-    z = attention_z(w, layer, x1)
-    a = attn_out(w, layer, z)
-    mid = resid + a
-    post, m = mlp_forward(w, layer, x1 if w.parallel else normalize(w, mid)[0])
-    return mid + m, z, a, post, m
+def clean_run(w: Weights, rows: Tensor) -> CleanState:
+    """One float32 forward of the batch with everything later passes and the clean tables need."""
+    L = w.n_layers
+    got: dict = {}
+    # Copies: some layers add into a module's output in place afterwards (Falcon's MLP).
+    put = lambda key: (lambda m, a, o=None: got.__setitem__(key, (a[0] if o is None else o).detach().clone()))  # noqa: E731
+    regs = []
+    for i in range(L):
+        regs.append(lambda i=i: w.attn_out[i].register_forward_pre_hook(put(("z", i))))
+        regs.append(lambda i=i: w.mlp_write[i].register_forward_hook(put(("m", i))))
+        if w.post_norm:
+            regs.append(lambda i=i: w.attn_out[i].register_forward_hook(put(("o", i))))
+        for j, (_, module, _) in enumerate(w.layer_norms[i]):
+            regs.append(lambda i=i, j=j, module=module: module.register_forward_pre_hook(put(("n", i, j))))
+    if w.mlp_post[-1] is not None:
+        regs.append(lambda: w.mlp_out[-1].register_forward_hook(put("mpre")))
+    regs.append(lambda: w.down_final.register_forward_pre_hook(put("post")))
+    from selfrepair.ingest.families import module_at
 
-
-def embed(w: ModelWeights, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
-    """The residual entering block 0 (token embedding, plus learned positions where present)."""
-    resid = w.W_E[tokens]
-    if w.W_pos is not None:
-        resid = resid + w.W_pos[: tokens.shape[1]]
-    return resid
-
-
-def clean_run(w: ModelWeights, resid0: Float[Tensor, "batch pos d_model"]) -> CleanState:
-    """Run every block from the embedding output, keeping what patched passes reuse."""
-    resid, pres, zs, attns, mlps = resid0, [], [], [], []
-    post = None
-    for layer in range(w.n_layers):
-        pres.append(resid)
-        resid, z, a, post, m = block(w, layer, resid)
-        zs.append(z), attns.append(a), mlps.append(m)
-    _, scale = normalize(w, resid)
-    return CleanState(
-        torch.stack(pres), torch.stack(zs), torch.stack(attns), torch.stack(mlps),
-        resid, scale[..., 0], post,
+    regs.append(lambda: module_at(w.model, w.family.final_norm).register_forward_pre_hook(put("final")))
+    regs.append(lambda: w.model.get_output_embeddings().register_forward_hook(put("raw")))
+    calls, inputs, out = _capture_calls(w, rows, regs)
+    batch, pos = rows.shape
+    f = lambda t: t.float().reshape(batch, pos, -1)  # noqa: E731 - some layers flatten [batch·pos, …] (OPT)
+    z_hf = torch.stack([f(got[("z", i)]).view(batch, pos, w.n_heads, w.d_head) for i in range(L)])
+    o_out = torch.stack([f(got[("o", i)]) for i in range(L)]) if w.post_norm else None
+    resid_final = f(got["final"])
+    scales = [n.scale(f(got[("n", i, j)])) for i in range(L) for j, (_, _, n) in enumerate(w.layer_norms[i])]
+    scale = w.final.scale(resid_final)
+    lm_scale = float(getattr(w.model.config, "logit_scale", None) or 1.0) if w.family.name == "Cohere" else 1.0
+    state = CleanState(
+        calls=calls,
+        resid_pre=torch.stack([f(x.detach()) for x in inputs]),
+        z=z_hf - w.c[:, None, None],
+        o_out=o_out,
+        attn_post_scale=torch.stack([w.attn_post[i].scale(o_out[i]) for i in range(L)]) if w.post_norm else None,
+        mlp_write=torch.stack([f(got[("m", i)]) for i in range(L)]),
+        mlp_pre_final=f(got["mpre"]) if "mpre" in got else None,
+        post_final_raw=f(got["post"]),
+        resid_final=resid_final,
+        scale=scale,
+        norm_scales=torch.stack(scales + [scale], -1),
+        logits=f(out.logits),
+        raw_logits=f(got["raw"]) * lm_scale,
     )
+    if state.mlp_pre_final is not None:
+        state.mlp_post_scale = w.mlp_post[-1].scale(state.mlp_pre_final)[..., None]
+    return state
+
+
+def head_projections(w: Weights, u: Float[Tensor, "batch pos d_model"]) -> Tensor:
+    """`W_O_eff[l, h] @ u` for every head: [layer, batch, pos, head, d_head].
+
+    A head's DE is then one dot product with its z per token (divided by its post-norm
+    scale where there is one); shared by every patched pass of the batch.
+    """
+    return torch.einsum("lhdm,bpm->lbphd", w.W_O_eff, u)
 
 
 @dataclass
@@ -136,90 +223,107 @@ class PatchResult:
     post_final: Float[Tensor, "k batch pos d_mlp"]  # ablated final-MLP activations
 
 
-def head_projections(w: ModelWeights, u: Float[Tensor, "batch pos d_model"]) -> Tensor:
-    """`W_O[l, h] @ u` for every head: [layer, batch, pos, head, d_head].
-
-    A head's DE is then one dot product with its z per token; computed once per batch
-    and shared by every patched pass (the target column does not change under ablation).
-    """
-    return torch.einsum("lhdm,bpm->lbphd", w.W_O, u)
-
-
 def patch_layer(
-    w: ModelWeights,
+    w: Weights,
     clean: CleanState,
     layer: int,
     heads: list[int],
     z_new: Float[Tensor, "k batch pos d_head"],
     u: Float[Tensor, "batch pos d_model"],
-    ou: Float[Tensor, "layer batch pos head d_head"] | None = None,
+    ou: Float[Tensor, "layer batch pos head d_head"],
+    low_precision: torch.dtype | None = None,
 ) -> PatchResult:
-    """Ablate each of `heads` (all in `layer`) by swapping its z for `z_new[i]`.
+    """Ablate each of `heads` (all in `layer`) by replacing its processed z with `z_new[i]`.
 
     Args:
-        w: processed weights.
+        w: the model's modules and processed weights.
         clean: the batch's clean run from `clean_run`.
         layer: the layer of every ablated head.
-        heads: head indices, one patched pass each, batched along the batch dimension.
-        z_new: the replacement z for each head.
-        u: the correct next token's centred unembedding column at every position.
-        ou: `head_projections(w, u)`, when the caller already has it.
+        heads: head indices, one copy of the batch each, plus an unpatched baseline copy.
+        z_new: the replacement processed z for each head.
+        u: the correct next token's processed unembedding column at every position.
+        ou: `head_projections(w, u)`.
+        low_precision: run the layers' matrix products in this dtype (autocast), or None.
 
     Returns:
         Per-head results; positions without a next token carry garbage the caller drops.
     """
-    k = len(heads)
+    k, n = len(heads), len(heads) + 1
     batch, pos = u.shape[:2]
-    s = clean.scale  # [batch, pos]
-    idx = torch.tensor(heads, device=u.device)
-    z_clean_h = clean.z[layer][:, :, idx].permute(2, 0, 1, 3)  # [k, batch, pos, d_head]
-    dz = z_new - z_clean_h
-    # Only the ablated head's output moves in this layer: Δ = dz @ W_O[layer, h].
-    delta = torch.einsum("kbpd,kdm->kbpm", dz, w.W_O[layer][idx])
-    # The per-head projection W_O[l, h] @ u, so a head's DE is one dot product per token.
-    d_de_heads = u.new_zeros((k, batch, pos, w.n_layers, w.n_heads))
-    d_de_mlps = u.new_zeros((k, batch, pos, w.n_layers))
-    if ou is None:
-        ou = head_projections(w, u)
-    # The ablated head's own change is d_de, not part of d_de_heads; other heads of this
-    # layer read the clean residual, so their ΔDE is zero.
-    de_head = (z_new * ou[layer][:, :, idx].permute(2, 0, 1, 3)).sum(-1) / s
-    per_copy = lambda t: t.view(k, batch, *t.shape[1:])  # noqa: E731 - [k*batch, ...] -> [k, batch, ...]
-    if w.parallel:
-        # Parallel block: the layer-L MLP read the clean resid_pre, so it does not change.
-        resid = (clean.resid_pre[layer] + clean.attn_out[layer] + clean.mlp_out[layer]) + delta
-        resid = resid.reshape(k * batch, pos, -1)
-        post = None
-    else:
-        mid = ((clean.resid_pre[layer] + clean.attn_out[layer]) + delta).reshape(k * batch, pos, -1)
-        post, m = mlp_forward(w, layer, normalize(w, mid)[0])
-        d_de_mlps[..., layer] = ((per_copy(m) - clean.mlp_out[layer]) * u).sum(-1) / s
-        resid = mid + m
-    for later in range(layer + 1, w.n_layers):
-        x1, _ = normalize(w, resid)
-        z = attention_z(w, later, x1)
-        dz_l = per_copy(z) - clean.z[later]  # [k, batch, pos, head, d_head]
-        d_de_heads[..., later, :] = (dz_l * ou[later]).sum(-1) / s.unsqueeze(-1)
-        a = attn_out(w, later, z)
-        mid = resid + a
-        post, m = mlp_forward(w, later, x1 if w.parallel else normalize(w, mid)[0])
-        d_de_mlps[..., later] = ((per_copy(m) - clean.mlp_out[later]) * u).sum(-1) / s
-        resid = mid + m
-    if post is None:  # ablated head sits in the last layer of a parallel model
-        post = clean.post_final.expand(k, *clean.post_final.shape)
-    _, s_abl = normalize(w, resid)
-    s_abl = per_copy(s_abl[..., 0])
-    logit = (per_copy(resid) * u).sum(-1) / s_abl
+    H, dh = w.n_heads, w.d_head
+    s = clean.scale
+    got: dict = {}
+
+    def o_pre(i):
+        def hook(module, args):
+            x = args[0]
+            if i == layer:  # copy 0 is the baseline; copy j + 1 ablates heads[j]
+                x = x.clone()
+                view = x.view(n, batch, pos, H, dh)
+                for j, h in enumerate(heads):
+                    view[j + 1, :, :, h] = (z_new[j] + w.c[layer, h]).to(x.dtype)
+            got[("z", i)] = x.detach().float().clone().view(n, batch, pos, H, dh)
+            return (x, *args[1:]) if i == layer else None
+        return hook
+
+    put = lambda key, shape: (lambda m, a, o=None: got.__setitem__(  # noqa: E731
+        key, (a[0] if o is None else o).detach().float().clone().view(n, *shape)))
+    regs = []
+    for i in range(layer, w.n_layers):
+        regs.append(lambda i=i: w.attn_out[i].register_forward_pre_hook(o_pre(i)))
+        regs.append(lambda i=i: w.mlp_write[i].register_forward_hook(put(("m", i), (batch, pos, -1))))
+        if w.post_norm:
+            regs.append(lambda i=i: w.attn_out[i].register_forward_hook(put(("o", i), (batch, pos, -1))))
+    if clean.mlp_pre_final is not None:
+        regs.append(lambda: w.mlp_out[-1].register_forward_hook(put("mpre", (batch, pos, -1))))
+    regs.append(lambda: w.down_final.register_forward_pre_hook(put("post", (batch, pos, -1))))
+
+    d_heads = u.new_zeros((k, batch, pos, w.n_layers, H))
+    d_mlps = u.new_zeros((k, batch, pos, w.n_layers))
+    s_h = s[..., None]
+    idx = torch.arange(k, device=u.device)
+    head_idx = torch.tensor(heads, device=u.device)
+    de_head = None
+    hidden = clean.resid_pre[layer].repeat(n, 1, 1)  # [n·batch, pos, d_model], copy-major
+    autocast = (torch.autocast(u.device.type, dtype=low_precision) if low_precision is not None
+                else contextlib.nullcontext())
+    with torch.no_grad(), _hooks(*regs):
+        for i in range(layer, w.n_layers):
+            with autocast:
+                hidden = clean.calls[i].run(w.layers[i], hidden, batch, n)
+            z = got.pop(("z", i))
+            if w.post_norm:
+                o = got.pop(("o", i))
+                sp = w.attn_post[i].scale(clean.o_out[i] + (o[1:] - o[0]))[..., None]  # ablated post-norm scale
+                z_abl = clean.z[i] + (z[1:] - z[0])  # [k, batch, pos, head, d_head], processed
+                d_heads[..., i, :] = ((z_abl * ou[i]).sum(-1) / sp
+                                      - (clean.z[i] * ou[i]).sum(-1) / clean.attn_post_scale[i][..., None]) / s_h
+            else:
+                sp = None
+                d_heads[..., i, :] = ((z[1:] - z[0]) * ou[i]).sum(-1) / s_h
+            if i == layer:
+                # The ablated head's own change is d_de, not part of d_de_heads; its DE uses
+                # the replacement itself, not a difference of two low-precision runs.
+                ou_h = ou[layer][:, :, head_idx].permute(2, 0, 1, 3)  # [k, batch, pos, d_head]
+                de_head = (z_new * ou_h).sum(-1) / s
+                if sp is not None:
+                    de_head = de_head / sp[..., 0]
+                d_heads[idx, :, :, layer, head_idx] = 0
+            m = got.pop(("m", i))
+            d_mlps[..., i] = ((m[1:] - m[0]) * u).sum(-1) / s
+    r = hidden.float().view(n, batch, pos, -1)
+    resid = clean.resid_final + (r[1:] - r[0])
+    s_abl = w.final.scale(resid)
+    p = got.pop("post")
+    post = clean.post_final_raw + (p[1:] - p[0])
+    if clean.mlp_pre_final is not None:
+        mp = got.pop("mpre")
+        post = post / w.mlp_post[-1].scale(clean.mlp_pre_final + (mp[1:] - mp[0]))[..., None]
     return PatchResult(
-        logit=logit.view(k, batch, pos),
-        scale=s_abl.view(k, batch, pos),
+        logit=(resid * u).sum(-1) / s_abl,
+        scale=s_abl,
         de_head=de_head,
-        d_de_heads=d_de_heads,
-        d_de_mlps=d_de_mlps,
-        post_final=post.view(k, batch, pos, -1),
+        d_de_heads=d_heads,
+        d_de_mlps=d_mlps,
+        post_final=post,
     )
-
-
-def target_columns(w: ModelWeights, next_tokens: Int[Tensor, "batch pos"]) -> Tensor:
-    """The centred unembedding column of each position's correct next token: [batch, pos, d_model]."""
-    return w.W_U.T[next_tokens]

@@ -133,7 +133,8 @@ def load_hf(spec: ModelSpec, dtype, revision: str | None = None):
 
 @dataclass
 class LoadedModel:
-    """A model ready for ingest: the bridge in compatibility mode and its tokenizer."""
+    """A model ready for ingest: the Hugging Face model the fast engine drives, the bridge
+    (its own copy, in compatibility mode: the reference engine and the self-check) and the tokenizer."""
 
     spec: ModelSpec
     bridge: object
@@ -141,6 +142,7 @@ class LoadedModel:
     device: str
     dtype: str
     revision: str | None = None
+    hf_model: object = None
 
     @property
     def cfg(self):
@@ -159,9 +161,18 @@ class LoadedModel:
         tok = self.tokenizer
         return tok.eos_token_id if tok.eos_token_id is not None else self.bos_id
 
-    def facts(self) -> dict:
-        """Architecture facts for the manifest."""
+    def facts(self, w=None) -> dict:
+        """Architecture facts for the manifest (`w`: the engine's Weights, for what only it knows)."""
         c = self.cfg
+        engine = {} if w is None else {
+            "family": w.family.name,
+            "norm": w.final.kind,
+            "d_mlp": w.d_mlp,
+            "parallel_attn_mlp": w.parallel,
+            "post_norm_blocks": w.post_norm,
+            "final_logit_softcapping": w.softcap,
+            "norm_names": w.norm_names,
+        }
         return {
             "name": self.spec.name,
             "hf_id": self.spec.hf_id,
@@ -182,13 +193,14 @@ class LoadedModel:
             "act_fn": c.act_fn,
             "positional_embedding": c.positional_embedding_type,
             "weight_processing": {
-                "method": "TransformerBridge.enable_compatibility_mode()",
+                "method": "TransformerBridge.enable_compatibility_mode() (reference engine); the fast engine "
+                          "drives the Hugging Face modules and applies the same processing to u and z",
                 "fold_ln": True,
                 "center_writing_weights": True,
                 "center_unembed": True,
                 "fold_value_biases": True,
             },
-        }
+        } | engine
 
 
 def pick_device(device: str) -> str:
@@ -204,8 +216,13 @@ def pick_device(device: str) -> str:
 
 
 def load_model(name: str, device: str = "auto", dtype: str = "float32", revision: str | None = None) -> LoadedModel:
-    """Resolve, load and wrap a model in a TransformerBridge with processed weights."""
+    """Resolve and load a model in float32, and wrap a copy in a TransformerBridge with processed weights.
+
+    The weights stay float32 whatever `dtype` says: the clean pass is a float32 run, and a
+    low-precision sweep runs only its matrix products in `dtype` (autocast).
+    """
     import contextlib
+    import copy
     import io
 
     import torch
@@ -217,13 +234,18 @@ def load_model(name: str, device: str = "auto", dtype: str = "float32", revision
     transformers.utils.logging.set_verbosity_error()
     spec = resolve(name)
     device = pick_device(device)
-    torch_dtype = getattr(torch, dtype)
-    hf_model, tokenizer = load_hf(spec, torch_dtype, revision)
+    hf_model, tokenizer = load_hf(spec, torch.float32, revision)
+    from selfrepair.ingest.families import family_of
+
+    family_of(hf_model)  # an unsupported family is refused before anything else happens
+    # The bridge replaces the model's modules with its own wrappers: give it a copy.
+    bridge_model = copy.deepcopy(hf_model)
+    hf_model.to(device)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            bridge = TransformerBridge.boot_transformers(spec.hf_id, hf_model=hf_model, tokenizer=tokenizer)
+            bridge = TransformerBridge.boot_transformers(spec.hf_id, hf_model=bridge_model, tokenizer=tokenizer)
             bridge.enable_compatibility_mode()
             bridge.to(device)
     except Exception as e:  # noqa: BLE001 - adapters raise many kinds; the user needs one line
         raise ModelNotFound(f"TransformerLens cannot wrap {spec.hf_id}: {str(e).splitlines()[0]}") from None
-    return LoadedModel(spec, bridge, tokenizer, device, dtype, revision)
+    return LoadedModel(spec, bridge, tokenizer, device, dtype, revision, hf_model)

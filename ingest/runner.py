@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from selfrepair.errors import ConfigError, DeviceError, StoreConflict
+from selfrepair.errors import ConfigError, DeviceError, StoreConflict, UnsupportedModel
 from selfrepair.ingest import corpus as C
 from selfrepair.ingest.config import IngestConfig, parse_heads
 from selfrepair.ingest.pairing import RULE, source_rows
@@ -68,8 +68,6 @@ class Ingest:
         corpus_spec = cfg.corpus or C.default_corpus(spec.name, spec.path is not None and spec.gguf_file is None)
         t0 = time.perf_counter()
         model = load_model(cfg.model, cfg.device, cfg.dtype, cfg.revision)
-        if cfg.dtype != "float32" and model.device == "cpu":
-            raise DeviceError(f"--dtype {cfg.dtype} is supported on CUDA only; use float32 on the CPU")
         c = model.cfg
         if cfg.seq_len > c.n_ctx:
             raise ConfigError(f"seq_len: {cfg.seq_len} is above the model's context of {c.n_ctx} tokens")
@@ -77,35 +75,62 @@ class Ingest:
         rows_np = C.build_rows(corpus_spec, model.tokenizer, cfg.n_rows, cfg.seq_len, model.bos_id, model.eos_id)
         if "resample" in cfg.ablations:
             source_rows(cfg.n_rows, cfg.batch_size, 0, cfg.seed)  # fails early with < 2 rows
-        from selfrepair.ingest.weights import weights_from_bridge
+        from selfrepair.ingest.weights import read_weights
 
-        w32 = weights_from_bridge(model.bridge, cfg.seq_len).to(model.device, torch.float32)
-        w = w32 if cfg.dtype == "float32" else w32.to(model.device, getattr(torch, cfg.dtype))
+        w = read_weights(model.hf_model, cfg.seq_len)
+        if (w.n_layers, w.n_heads) != (c.n_layers, c.n_heads):
+            raise UnsupportedModel(f"{w.family.name}: the bridge sees {c.n_layers} layers × {c.n_heads} heads, "
+                                   f"the model {w.n_layers} × {w.n_heads}")
+        if cfg.engine == "reference" and (w.post_norm or w.softcap):
+            raise UnsupportedModel(f"{w.family.name}: --engine reference (TransformerLens) does not model post-norm "
+                                   "blocks or softcapped logits as DESIGN.md defines them; use the fast engine")
+        low = None if cfg.dtype == "float32" else getattr(torch, cfg.dtype)
+        rows = torch.from_numpy(rows_np).to(model.device)
+        checks = self._self_check(model, w, rows)
         ms = ModelStore(cfg.store / model_dirname(spec.name))
-        manifest = self._open_manifest(ms, model, corpus_spec, rows_np)
+        manifest = self._open_manifest(ms, model, corpus_spec, rows_np, w, checks)
         load_s = time.perf_counter() - t0
         self._print_plan(model, heads, corpus_spec)
         result = IngestResult(ms, spec.name, cfg.n_tokens)
         result.seconds["load"] = load_s
 
-        rows = torch.from_numpy(rows_np).to(model.device)
         t1 = time.perf_counter()
-        manifest = self._clean_phase(ms, manifest, model, w32, rows, result)
+        manifest = self._clean_phase(ms, manifest, model, w, rows, result)
         result.seconds["clean"] = time.perf_counter() - t1
         top_sets = self._top_sets(ms)
         t2 = time.perf_counter()
-        self._ablation_phase(ms, manifest, model, w, w32, rows, heads, top_sets, result)
+        self._ablation_phase(ms, manifest, model, w, low, rows, heads, top_sets, result)
         result.seconds["ablation"] = time.perf_counter() - t2
         result.seconds["total"] = time.perf_counter() - t0
         return result
 
     # -- store --------------------------------------------------------------------------
-    def _open_manifest(self, ms: ModelStore, model, corpus_spec: str, rows_np: np.ndarray) -> dict:
+    def _self_check(self, model, w, rows) -> dict:
+        """Compare engine, bridge and model on the first batch; refuse before writing on a mismatch."""
+        import torch
+
+        from selfrepair.ingest.selfcheck import run_self_check
+
+        cfg = self.cfg
+        first = rows[: cfg.batch_size]
+        src = None
+        if "resample" in cfg.ablations:
+            pair = source_rows(cfg.n_rows, cfg.batch_size, 0, cfg.seed)[: len(first)]
+            src = rows[torch.from_numpy(pair).to(rows.device)]
+        t = time.perf_counter()
+        checks = run_self_check(model, w, first, src, cfg.ablations)
+        worst = max(checks.values())
+        self.log(f"self-check on the first batch: {len(checks)} comparisons, largest deviation {worst:.2e} "
+                 f"({time.perf_counter() - t:.1f} s)")
+        return checks
+
+    def _open_manifest(self, ms: ModelStore, model, corpus_spec: str, rows_np: np.ndarray, w, checks: dict) -> dict:
         cfg = self.cfg
         identity = cfg.identity() | {"corpus": corpus_spec, "model": model.spec.hf_id}
         files.ensure_writable_dir(cfg.store)
         fresh = {
-            "model": model.facts(),
+            "model": model.facts(w),
+            "self_check": {"tolerance": "1e-3 of max(1, |value|)", "deviations": checks},
             "corpus": {"spec": corpus_spec, "fingerprint": C.fingerprint(rows_np), "rows": cfg.n_rows},
             "config": cfg.to_json() | {"corpus": corpus_spec},
             "identity": identity,
@@ -184,7 +209,7 @@ class Ingest:
         )
 
     # -- clean --------------------------------------------------------------------------
-    def _clean_phase(self, ms, manifest, model, w32, rows, result) -> dict:
+    def _clean_phase(self, ms, manifest, model, w, rows, result) -> dict:
         from selfrepair.ingest.clean import TokenStrings, run_clean
 
         cfg = self.cfg
@@ -194,15 +219,15 @@ class Ingest:
             shapes = {
                 "resid_pre": (cfg.n_tokens, c.n_layers, c.d_model),
                 "resid_final": (cfg.n_tokens, c.d_model),
-                "z": (cfg.n_tokens, c.n_layers, c.n_heads, c.d_head),
-                "norm_scales": (cfg.n_tokens, 2 * c.n_layers + 1),
-                "mlp_post_final": (cfg.n_tokens, w32.d_mlp),
+                "z": (cfg.n_tokens, c.n_layers, c.n_heads, w.d_head),
+                "norm_scales": (cfg.n_tokens, len(w.norm_names)),
+                "mlp_post_final": (cfg.n_tokens, w.d_mlp),
             }
             arrays.create_arrays(ms.arrays_path, shapes, cfg.batch_size * preds, cfg.activation_dtype)
             if not (ms.arrays_path / "weights").exists():
                 arrays.write_weights(ms.arrays_path, {
-                    "W_O": w32.W_O.cpu().numpy(), "W_U": w32.W_U.cpu().numpy(),
-                    "b_U": w32.b_U.cpu().numpy(), "W_out_final": w32.W_out[-1].cpu().numpy(),
+                    "W_O": w.W_O_eff.cpu().numpy(), "W_U": w.W_U.cpu().numpy(),
+                    "b_U": w.b_U.cpu().numpy(), "W_out_final": w.W_out_final.cpu().numpy(),
                 })
         strings = TokenStrings(model.tokenizer)
         todo = [(r0, min(r0 + cfg.batch_size, cfg.n_rows)) for r0 in range(0, cfg.n_rows, cfg.batch_size)]
@@ -213,7 +238,7 @@ class Ingest:
                 result.shards_skipped += 1
                 bar.update((r1 - r0) * preds)
                 continue
-            out = run_clean(model, w32, rows[r0:r1], r0, strings, cfg.activations)
+            out = run_clean(w, rows[r0:r1], r0, strings, cfg.activations)
             chunks = {}
             for name, values in out.arrays.items():
                 arrays.write_region(ms.arrays_path, name, r0 * preds, values)
@@ -265,7 +290,7 @@ class Ingest:
             free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.25
         return max(1, min(n_heads_layer, int(free // max(per_head, 1))))
 
-    def _ablation_phase(self, ms, manifest, model, w, w32, rows, heads, top_sets, result) -> None:
+    def _ablation_phase(self, ms, manifest, model, w, low, rows, heads, top_sets, result) -> None:
         import torch
 
         from selfrepair.ingest.ablate import FastBatch, ReferenceBatch, ablation_tables
@@ -277,7 +302,7 @@ class Ingest:
         total = len(draws) * len(heads) * cfg.n_tokens
         bar = Progress("ablation sweep", total=total, unit="abl", quiet=cfg.quiet)
         hpp = self._heads_per_pass(model, model.cfg.n_heads)
-        make = (lambda r: FastBatch(w, r)) if cfg.engine == "fast" else (lambda r: ReferenceBatch(model.bridge, w, r))
+        make = (lambda r: FastBatch(w, r, low)) if cfg.engine == "fast" else (lambda r: ReferenceBatch(model.bridge, r))
         for r0 in range(0, cfg.n_rows, cfg.batch_size):
             r1 = min(r0 + cfg.batch_size, cfg.n_rows)
             pending = [(k, s) for k, s in draws if f"abl-{k}-s{s}-{r0:08d}-{r1:08d}-h{heads_key}" not in manifest["shards"]]
@@ -296,12 +321,12 @@ class Ingest:
                     while True:
                         try:
                             tables = ablation_tables(ctx, src, kind, sample, heads, rows[r0:r1], r0, top_sets,
-                                                     cfg.neurons_top_k, hpp, w32, bar.update)
+                                                     cfg.neurons_top_k, hpp, w, bar.update)
                             break
                         except torch.OutOfMemoryError:
                             if hpp == 1:
                                 raise DeviceError("out of GPU memory even with one head per pass; "
-                                                  "lower --batch-size or use --dtype bfloat16") from None
+                                                  "lower --batch-size") from None
                             hpp = max(1, hpp // 2)
                             torch.cuda.empty_cache() if torch.cuda.is_available() else None
                             self.log(f"out of memory: retrying with {hpp} heads per pass")

@@ -1,8 +1,18 @@
-"""Processed weights pulled out of a TransformerBridge, in TransformerLens's stacked shapes.
+"""What the definitions need from a model, read from its own Hugging Face modules.
 
-The bridge (after `enable_compatibility_mode()`) has folded every norm's gain into the
-next weight, centred the writing weights and centred `W_U` over the vocabulary, so a
-norm here is a bare normalisation (no gain, no bias) and logits come out centred.
+DESIGN.md states every DE with TransformerLens's processed weights: the final norm's
+gain folded into `W_U`, `W_U` centred over the vocabulary (and over d_model where the
+norm subtracts a mean), the value bias (with the pre-norm bias folded into it) moved
+into `b_O`. The same numbers follow from the unprocessed modules:
+
+- `u = centre(g ⊙ W_U[:, y] · logit_scale)`: a component's DE is `c · u / s`, and the
+  d_model centring makes writing-weight centring unnecessary;
+- the processed `hook_z` of a head is its o_proj input minus `c_h`, the z the head makes
+  when the layer's input is all zeros (its value vector is then exactly the value bias
+  plus the norm bias times W_V, and attention weights sum to 1).
+
+Norm parameters are probed from the module and its formula is asserted on random
+input, so a norm that is neither LayerNorm nor RMSNorm is refused, never guessed.
 """
 
 from __future__ import annotations
@@ -10,168 +20,219 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
-from selfrepair.errors import ConfigError
+from selfrepair.errors import UnsupportedModel
+from selfrepair.ingest.families import Family, family_of, module_at
 
-_ACTS = {
-    "gelu": lambda x: torch.nn.functional.gelu(x),
-    "gelu_new": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
-    "gelu_fast": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
-    "silu": torch.nn.functional.silu,
-    "relu": torch.relu,
-}
+_EPS_ATTRS = ("eps", "variance_epsilon", "epsilon")
 
 
 @dataclass
-class ModelWeights:
-    """Every weight the forward pass needs, stacked by layer and laid out for one GEMM each.
+class Norm:
+    """A LayerNorm (`LN`: centre, scale) or RMSNorm (`RMS`: scale) with its gain and bias."""
 
-    Queries, keys and values share one `[d_model, (head + 2·kv)·d_head]` matrix (GQA
-    models keep their `kv` key/value heads), and a gated MLP's gate and input
-    projections share one `[d_model, 2·d_mlp]` matrix (gate first). All-zero biases are
-    None, so bias-free models skip the additions.
+    kind: str
+    eps: float
+    gain: Float[Tensor, "d_model"]
+    bias: Float[Tensor, "d_model"]
+
+    def scale(self, x: Tensor) -> Tensor:
+        """`hook_scale`: sqrt(mean((x − μ)²) + eps) for LN, sqrt(mean(x²) + eps) for RMS; [...]."""
+        x = x.float()
+        if self.kind == "LN":
+            x = x - x.mean(-1, keepdim=True)
+        return (x.pow(2).mean(-1) + self.eps).sqrt()
+
+    def apply(self, x: Tensor) -> Tensor:
+        x = x.float()
+        if self.kind == "LN":
+            x = x - x.mean(-1, keepdim=True)
+        return x / self.scale(x)[..., None] * self.gain + self.bias
+
+
+def probe_norm(module, d: int, where: str) -> Norm:
+    """Read a norm module's kind, eps, gain and bias by feeding it known inputs, then check it.
+
+    Zeros give the bias (the normalised part is 0); an alternating ±1 vector (mean 0,
+    mean square 1, so s = sqrt(1 + eps) for either kind) gives the gain. The kind is the
+    formula that reproduces the module on random input.
+    """
+    eps = next((float(getattr(module, a)) for a in _EPS_ATTRS if isinstance(getattr(module, a, None), (int, float))), None)
+    if d % 2:
+        raise UnsupportedModel(f"{where}: {type(module).__name__} is not a LayerNorm or RMSNorm selfrepair can read")
+    param = next(module.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    g = torch.Generator().manual_seed(0)
+    # Large inputs check the formula, tiny ones (variance near eps) check eps itself.
+    xs = [torch.randn(3, 5, d, generator=g).to(device) * 2 + 0.5, torch.randn(3, 5, d, generator=g).to(device) * 3e-3]
+    # A norm that keeps eps out of its attributes (OLMo's) is matched against the usual values.
+    for eps in [eps] if eps is not None else [1e-5, 1e-6, 1e-8, 1e-12]:
+        with torch.no_grad():
+            bias = module(torch.zeros(1, d, device=device)).float()[0]
+            alt = torch.tensor([1.0, -1.0] * (d // 2), device=device)
+            gain = (module(alt[None]).float()[0] - bias) * (1 + eps) ** 0.5 / alt
+            for kind in ("LN", "RMS"):
+                norm = Norm(kind, eps, gain, bias)
+                if all(torch.allclose(norm.apply(x), want := module(x).float(), rtol=1e-4,
+                                      atol=1e-5 * float(want.abs().max())) for x in xs):
+                    return norm
+    raise UnsupportedModel(f"{where}: {type(module).__name__} computes neither LayerNorm nor RMSNorm")
+
+
+def in_major(module, where: str) -> Tensor:
+    """A projection's weight as [in, out] (nn.Linear stores [out, in]; GPT-2's Conv1D [in, out])."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, Conv1D):
+        return module.weight.detach().float()
+    if isinstance(module, torch.nn.Linear):
+        return module.weight.detach().float().T
+    raise UnsupportedModel(f"{where}: {type(module).__name__} is not a linear projection")
+
+
+def _bias(module, d: int, device) -> Tensor:
+    b = getattr(module, "bias", None)
+    return b.detach().float() if isinstance(b, Tensor) else torch.zeros(d, device=device)
+
+
+def _config_int(cfg, *names) -> int | None:
+    for n in names:
+        v = getattr(cfg, n, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+@dataclass
+class Weights:
+    """Module handles and processed weights of one Hugging Face causal LM (float32).
+
+    `W_O` is each head's rows of the attention output projection, `c` the z each head
+    makes from a zero input (the folded value bias), `b_attn` the attention write of a
+    zero input (o_proj bias plus every head's c @ W_O). Post-norm gains are folded into
+    `W_O_eff` and `W_out_final`, so a head's DE is `z · (W_O_eff @ u) / s_post / s`.
     """
 
-    W_QKV: Float[Tensor, "layer d_model qkv"]
-    b_QKV: Float[Tensor, "layer qkv"] | None
+    family: Family
+    model: torch.nn.Module
+    layers: list
+    attn_out: list
+    mlp_write: list  # the module whose output is added to the residual (the post-norm if any)
+    mlp_out: list  # the MLP's own output (the post-norm's input)
+    down_final: torch.nn.Module
+    layer_norms: list[list[tuple[str, torch.nn.Module, Norm]]]
+    final: Norm
+    attn_post: list[Norm | None]
+    mlp_post: list[Norm | None]
     W_O: Float[Tensor, "layer head d_head d_model"]
-    b_O: Float[Tensor, "layer d_model"]
-    W_in: Float[Tensor, "layer d_model mlp_in"]  # [gate | in] when gated
-    b_in: Float[Tensor, "layer d_mlp"] | None
-    W_out: Float[Tensor, "layer d_mlp d_model"]
-    b_out: Float[Tensor, "layer d_model"] | None
-    W_U: Float[Tensor, "d_model d_vocab"]
+    W_O_eff: Float[Tensor, "layer head d_head d_model"]
+    c: Float[Tensor, "layer head d_head"]
+    b_attn: Float[Tensor, "layer d_model"]
+    W_U: Float[Tensor, "d_model d_vocab"]  # processed: gain folded, centred
     b_U: Float[Tensor, "d_vocab"]
-    W_E: Float[Tensor, "d_vocab d_model"]
-    W_pos: Float[Tensor, "n_ctx d_model"] | None  # learned absolute positions (GPT-2) only
+    W_out_final: Float[Tensor, "d_mlp d_model"]  # post-norm gain folded
     n_heads: int
-    n_kv: int
-    gated: bool
-    norm: str  # "LN" (centre and scale) or "RMS" (scale only)
-    eps: float
     parallel: bool
-    act_fn: str
-    attn_scale: float  # scores are divided by this
-    cos: Float[Tensor, "pos rot"] | None  # rotary tables, HF rotate-half layout
-    sin: Float[Tensor, "pos rot"] | None
+    softcap: float | None
 
     @property
     def n_layers(self) -> int:
         return self.W_O.shape[0]
 
     @property
-    def d_model(self) -> int:
-        return self.W_O.shape[3]
-
-    @property
     def d_head(self) -> int:
         return self.W_O.shape[2]
 
     @property
+    def d_model(self) -> int:
+        return self.W_O.shape[3]
+
+    @property
     def d_mlp(self) -> int:
-        return self.W_out.shape[1]
+        return self.W_out_final.shape[0]
 
-    def act(self, x: Tensor) -> Tensor:
-        return _ACTS[self.act_fn](x)
+    @property
+    def post_norm(self) -> bool:
+        return self.attn_post[0] is not None
 
-    def to(self, device: torch.device | str, dtype: torch.dtype) -> "ModelWeights":
-        moved = {}
-        for name, value in self.__dict__.items():
-            moved[name] = value.to(device=device, dtype=dtype) if isinstance(value, Tensor) else value
-        return ModelWeights(**moved)
+    @property
+    def norm_names(self) -> list[str]:
+        return [name for norms in self.layer_norms for name, _, _ in norms] + [self.family.final_norm]
 
-
-def _or_none(t: Tensor) -> Tensor | None:
-    return None if not bool(t.any()) else t
-
-
-def _stack(bridge, name: str, shape: tuple[int, ...]) -> Tensor:
-    """A stacked parameter, or zeros where the checkpoint has no such bias."""
-    try:
-        value = getattr(bridge, name)
-    except AttributeError:
-        value = None
-    if value is None:
-        return torch.zeros(shape)
-    return value.detach().float().clone()
+    def target_columns(self, next_tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        """u for each position's correct next token: its processed unembedding column."""
+        return self.W_U.T[next_tokens]
 
 
-def _rotary_tables(bridge, seq_len: int) -> tuple[Tensor | None, Tensor | None]:
-    """Capture the cos/sin tables the bridge itself uses, so scaled RoPE variants match."""
-    if bridge.cfg.positional_embedding_type != "rotary":
-        return None, None
-    names = lambda n: n.endswith("hook_cos") or n.endswith("hook_sin")  # noqa: E731
-    tokens = torch.zeros((1, seq_len), dtype=torch.long)
-    with torch.no_grad():
-        _, cache = bridge.run_with_cache(tokens, names_filter=names)
-    cos_key = next(k for k in cache.keys() if k.endswith("hook_cos"))
-    sin_key = cos_key.replace("hook_cos", "hook_sin")
-    # [batch, pos, rot] or [pos, rot] depending on the adapter; keep [pos, rot].
-    cos, sin = cache[cos_key].float(), cache[sin_key].float()
-    while cos.dim() > 2:
-        cos, sin = cos[0], sin[0]
-    return cos.clone(), sin.clone()
+def read_weights(model, seq_len: int) -> Weights:
+    """Resolve a loaded causal LM's modules and read its processed weights.
 
-
-def weights_from_bridge(bridge, seq_len: int) -> ModelWeights:
-    """Read the processed weights of a bridge in compatibility mode.
-
-    Args:
-        bridge: a `TransformerBridge` after `enable_compatibility_mode()`.
-        seq_len: the longest row the engine will see (for the rotary tables).
-
-    Returns:
-        float32 CPU weights; move them with `.to(device, dtype)`.
+    Raises:
+        UnsupportedModel: the architecture, a norm or a projection is not one we can read.
     """
-    cfg = bridge.cfg
-    n_layers, n_heads, d_model, d_head = cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_head
-    act = cfg.act_fn
-    if act not in _ACTS:
-        raise ConfigError(f"activation function {act!r} is not supported by the fast engine")
-    if cfg.normalization_type not in ("LN", "LNPre", "RMS", "RMSPre"):
-        raise ConfigError(f"normalization {cfg.normalization_type!r} is not supported")
-    get = lambda name: getattr(bridge, name).detach().float()  # noqa: E731
-    W_K = get("W_K")
-    n_kv = W_K.shape[1]  # some adapters expose keys already expanded to every query head
-    d_mlp = bridge.W_in.shape[-1]
-    # [layer, head, d_model, d_head] -> [layer, d_model, head·d_head], Q then K then V.
-    flat = lambda w: w.permute(0, 2, 1, 3).reshape(n_layers, d_model, -1)  # noqa: E731
-    W_QKV = torch.cat([flat(get("W_Q")), flat(W_K), flat(get("W_V"))], -1).contiguous()
-    b_QKV = torch.cat([
-        _stack(bridge, "b_Q", (n_layers, n_heads, d_head)).reshape(n_layers, -1),
-        _stack(bridge, "b_K", (n_layers, n_kv, d_head)).reshape(n_layers, -1),
-        _stack(bridge, "b_V", (n_layers, n_kv, d_head)).reshape(n_layers, -1),
-    ], -1)
-    gated = bool(getattr(cfg, "gated_mlp", False))
-    W_in = torch.cat([get("W_gate"), get("W_in")], -1).contiguous() if gated else get("W_in").clone()
-    attn_scale = cfg.attn_scale if cfg.attn_scale and cfg.attn_scale > 0 else d_head**0.5
-    if not getattr(cfg, "use_attn_scale", True):
-        attn_scale = 1.0
-    cos, sin = _rotary_tables(bridge, seq_len)
-    return ModelWeights(
-        W_QKV=W_QKV,
-        b_QKV=_or_none(b_QKV),
-        W_O=get("W_O").clone(),
-        b_O=_stack(bridge, "b_O", (n_layers, d_model)),
-        W_in=W_in,
-        b_in=_or_none(_stack(bridge, "b_in", (n_layers, d_mlp))),
-        W_out=get("W_out").clone(),
-        b_out=_or_none(_stack(bridge, "b_out", (n_layers, d_model))),
-        W_U=get("W_U").clone(),
-        b_U=_stack(bridge, "b_U", (bridge.W_U.shape[1],)),
-        W_E=get("W_E").clone(),
-        W_pos=get("W_pos").clone() if cfg.positional_embedding_type == "standard" else None,
-        n_heads=n_heads,
-        n_kv=n_kv,
-        gated=gated,
-        norm="RMS" if cfg.normalization_type.startswith("RMS") else "LN",
-        eps=float(cfg.eps),
-        parallel=bool(cfg.parallel_attn_mlp),
-        act_fn=act,
-        attn_scale=float(attn_scale),
-        cos=cos,
-        sin=sin,
+    family = family_of(model)
+    cfg = model.config
+    layers = list(module_at(model, family.layers))
+    d = _config_int(cfg, "hidden_size", "n_embd", "d_model")
+    n_heads = _config_int(cfg, "num_attention_heads", "n_head", "num_heads")
+    if d is None or n_heads is None:
+        raise UnsupportedModel(f"{family.name}: the config does not give hidden_size and the head count")
+    at = lambda layer, path: module_at(layers[layer], path)  # noqa: E731
+    attn_out = [at(i, family.attn_out) for i in range(len(layers))]
+    W = torch.stack([in_major(m, f"{family.name} {family.attn_out}") for m in attn_out])  # [layer, H·d_head, d_model]
+    if W.shape[1] % n_heads or W.shape[2] != d:
+        raise UnsupportedModel(f"{family.name}: attention output projection of shape {tuple(W.shape[1:])} "
+                               f"does not split into {n_heads} heads writing d_model {d}")
+    device = W.device
+    W_O = W.view(len(layers), n_heads, -1, d)
+    post = lambda path, i: probe_norm(at(i, path), d, f"{family.name} {path}") if path else None  # noqa: E731
+    attn_post = [post(family.attn_post, i) for i in range(len(layers))]
+    mlp_post = [post(family.mlp_post, i) for i in range(len(layers))]
+    for n in (x for x in attn_post + mlp_post if x is not None):
+        if n.kind != "RMS" or bool(n.bias.any()):
+            raise UnsupportedModel(f"{family.name}: a post-norm with a mean or bias is not supported")
+    g_attn = torch.stack([n.gain if n else torch.ones(d, device=device) for n in attn_post])
+    final_module = module_at(model, family.final_norm)
+    final = probe_norm(final_module, d, f"{family.name} {family.final_norm}")
+    lm_head = model.get_output_embeddings()
+    W_lm = in_major(lm_head, f"{family.name} unembedding")  # [d_model, d_vocab]
+    scale = float(getattr(cfg, "logit_scale", None) or 1.0) if family.name == "Cohere" else 1.0
+    W_U = (final.gain[:, None] * W_lm) * scale
+    b_U = (final.bias @ W_lm + _bias(lm_head, W_lm.shape[1], device)) * scale
+    W_U, b_U = W_U - W_U.mean(1, keepdim=True), b_U - b_U.mean()
+    if final.kind == "LN":
+        W_U = W_U - W_U.mean(0, keepdim=True)
+    down_final = at(len(layers) - 1, family.down)
+    W_out = in_major(down_final, f"{family.name} {family.down}")
+    if mlp_post[-1] is not None:
+        W_out = W_out * mlp_post[-1].gain
+    mlp_out = [at(i, family.mlp_out) for i in range(len(layers))]
+    mlp_write = [at(i, family.mlp_post) for i in range(len(layers))] if family.mlp_post else mlp_out
+    layer_norms = []
+    for i, layer in enumerate(layers):
+        norms = []
+        for name, child in layer.named_children():
+            if "norm" in type(child).__name__.lower():
+                norms.append((f"{family.layers}.{i}.{name}", child, probe_norm(child, d, f"{family.name} {name}")))
+        layer_norms.append(norms)
+    w = Weights(
+        family=family, model=model, layers=layers, attn_out=attn_out, mlp_write=mlp_write, mlp_out=mlp_out,
+        down_final=down_final, layer_norms=layer_norms, final=final, attn_post=attn_post, mlp_post=mlp_post,
+        W_O=W_O, W_O_eff=W_O * g_attn[:, None, None, :], c=torch.zeros(len(layers), n_heads, W_O.shape[2], device=device),
+        b_attn=torch.zeros(len(layers), d, device=device), W_U=W_U.contiguous(), b_U=b_U, W_out_final=W_out,
+        n_heads=n_heads, parallel=family.parallel(cfg),
+        softcap=getattr(cfg, "final_logit_softcapping", None),
     )
+    from selfrepair.ingest.engine import zero_input_z
+
+    w.c = zero_input_z(w, seq_len)
+    w.b_attn = torch.stack([
+        w.c[i].flatten() @ W[i] + _bias(attn_out[i], d, device) for i in range(len(layers))])
+    if w.post_norm and bool(w.b_attn.any()):
+        # Through a post-norm the bias write rescales under ablation and belongs to no head,
+        # so Σ ΔDE would miss it and the LayerNorm identity would not hold.
+        raise UnsupportedModel(f"{family.name}: post-norm blocks with attention biases are not supported "
+                               "(released checkpoints of this family have none)")
+    return w

@@ -43,3 +43,11 @@ class QueryError(SelfRepairError):
 
 class DeviceError(SelfRepairError):
     """The device or dtype asked for cannot be used (no CUDA, out of memory)."""
+
+
+class UnsupportedModel(SelfRepairError):
+    """An architecture, or a configuration of one, that selfrepair cannot compute correctly."""
+
+
+class SelfCheckFailed(SelfRepairError):
+    """The ingest's own check found the fast engine, the bridge or the model disagreeing."""

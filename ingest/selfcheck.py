@@ -1,0 +1,135 @@
+"""Every ingest checks its own numbers on the first batch before anything is written.
+
+Three comparisons, each a largest absolute deviation over the batch's predictions:
+
+- the engine's clean logit (from the residual, `u` and the final-norm scale) against the
+  model's own unembedding output, centred over the vocabulary;
+- the bridge (TransformerLens, processed weights) against the model: centred logits,
+  and the engine's final-norm scale against `ln_final.hook_scale`;
+- the fast engine against the reference engine (one hooked bridge forward per head) for
+  heads from the first, middle and last layers and every requested ablation type:
+  d_logit, ablated scale, ablated head DE, d_de_heads and d_de_mlps; and its d_logit
+  against a plain full forward of the Hugging Face model with the head's o_proj input
+  patched. With a final logit softcap the bridge's logits are neither centred nor
+  pre-softcap (TransformerLens disables center_unembed), so only the plain forward
+  judges d_logit there.
+
+Beyond `TOLERANCE` (relative to the quantity's own size) the ingest is refused with one
+line naming the mismatch; the deviations are recorded in the manifest either way.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from selfrepair.errors import SelfCheckFailed
+
+TOLERANCE = 1e-3  # of max(1, largest |value|): float32 engines agree to ~1e-6
+
+
+def _dev(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """(largest |a − b|, the size it is judged against)."""
+    a, b = a.float(), b.float()
+    return float((a - b).abs().max()), max(1.0, float(b.abs().max()))
+
+
+def sample_heads(n_layers: int, n_heads: int) -> list[tuple[int, int]]:
+    """One head each from the first, middle and last layers."""
+    layers = sorted({0, n_layers // 2, n_layers - 1})
+    return [(layer, (layer * 5 + 1) % n_heads) for layer in layers]
+
+
+def full_forward_logit(w, rows: torch.Tensor, layer: int, head: int, z_new: torch.Tensor) -> torch.Tensor:
+    """The ablated centred pre-softcap logit minus b_U from one whole forward of the model itself."""
+    batch, pos = rows.shape
+
+    def patch(module, args):
+        x = args[0].clone()
+        x.view(batch, pos, w.n_heads, w.d_head)[:, :, head] = z_new + w.c[layer, head]
+        return (x, *args[1:])
+
+    raw = {}
+    hooks = [w.attn_out[layer].register_forward_pre_hook(patch),
+             w.model.get_output_embeddings().register_forward_hook(lambda m, a, o: raw.__setitem__("r", o.float()))]
+    try:
+        with torch.no_grad():
+            w.model(rows, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    scale = float(getattr(w.model.config, "logit_scale", None) or 1.0) if w.family.name == "Cohere" else 1.0
+    r = raw["r"].reshape(batch, pos, -1) * scale
+    y = rows.roll(-1, dims=1)
+    return (r - r.mean(-1, keepdim=True)).gather(-1, y[..., None])[..., 0] - w.b_U[y]
+
+
+def run_self_check(model, w, rows: torch.Tensor, source_rows: torch.Tensor | None, ablations, log=print) -> dict:
+    """Compare engine, bridge and model on one batch. Returns {check: deviation}.
+
+    Args:
+        model: the LoadedModel (bridge and Hugging Face model).
+        w: the fast engine's processed weights.
+        rows: the first batch's token ids [batch, seq_len].
+        source_rows: that batch's resample source rows (None without resample).
+        ablations: the ablation types the ingest will run.
+
+    Raises:
+        SelfCheckFailed: a deviation beyond TOLERANCE, named in the message.
+    """
+    from selfrepair.ingest.ablate import FastBatch, ReferenceBatch, replacement_z
+
+    preds = rows.shape[1] - 1
+    cut = lambda t: t[..., :preds]  # noqa: E731
+    y = rows[:, 1:]
+    out: dict[str, float] = {}
+    judged: dict[str, float] = {}
+
+    def record(name, a, b):
+        out[name], judged[name] = _dev(a, b)
+
+    fast = FastBatch(w, rows)
+    st = fast.clean
+    u_full = w.target_columns(rows.roll(-1, dims=1))
+    engine_logit = cut(fast.clean_logit(u_full)) + w.b_U[y]
+    raw = st.raw_logits[:, :preds]
+    record("clean logit: engine vs model", engine_logit, (raw - raw.mean(-1, keepdim=True)).gather(-1, y[..., None])[..., 0])
+    bridge = model.bridge
+    with torch.no_grad():
+        b_logits, cache = bridge.run_with_cache(rows, names_filter=lambda n: n == "ln_final.hook_scale")
+    hf = st.logits
+    record("centred logits: bridge vs model", b_logits.float() - b_logits.float().mean(-1, keepdim=True),
+           hf - hf.mean(-1, keepdim=True))
+    record("final-norm scale: engine vs bridge", st.scale, cache["ln_final.hook_scale"][..., 0].float())
+
+    ref = ReferenceBatch(bridge, rows)
+    fast_src = FastBatch(w, source_rows) if source_rows is not None else None
+    ref_src = ReferenceBatch(bridge, source_rows) if source_rows is not None else None
+    for kind in ablations:
+        for layer, head in sample_heads(w.n_layers, w.n_heads):
+            results = []
+            for ctx, src in ((fast, fast_src), (ref, ref_src)):
+                z = replacement_z(kind, ctx.clean_z(layer), src.clean_z(layer) if src is not None else None)
+                r = ctx.patch(layer, [head], z[:, :, [head]].permute(2, 0, 1, 3), u_full)
+                results.append((r, ctx.clean_logit(u_full)))
+            (rf, cf), (rr, cr) = results
+            tag = f"{kind} L{layer}H{head}"
+            z = replacement_z(kind, fast.clean_z(layer), fast_src.clean_z(layer) if fast_src is not None else None)
+            record(f"ablated logit {tag}: fast vs full model forward", cut(rf.logit[0]),
+                   cut(full_forward_logit(w, rows, layer, head, z[:, :, head])))
+            if w.softcap:
+                continue
+            record(f"d_logit {tag}: fast vs reference", cut(rf.logit[0] - cf), cut(rr.logit[0] - cr))
+            record(f"ablated scale {tag}: fast vs reference", cut(rf.scale[0]), cut(rr.scale[0]))
+            if not w.post_norm:  # the bridge's hooks do not model post-norm head writes
+                record(f"ablated DE {tag}: fast vs reference", cut(rf.de_head[0]), cut(rr.de_head[0]))
+                record(f"d_de_heads {tag}: fast vs reference", rf.d_de_heads[0].sum((-1, -2))[:, :preds],
+                       rr.d_de_heads[0].sum((-1, -2))[:, :preds])
+                record(f"d_de_mlps {tag}: fast vs reference", rf.d_de_mlps[0].sum(-1)[:, :preds],
+                       rr.d_de_mlps[0].sum(-1)[:, :preds])
+    worst = max(out, key=lambda k: out[k] / judged[k])
+    if out[worst] > TOLERANCE * judged[worst]:
+        raise SelfCheckFailed(
+            f"self-check failed for {w.family.name}: {worst} differ by {out[worst]:.3g} "
+            f"(tolerance {TOLERANCE * judged[worst]:.3g}); nothing was written"
+        )
+    return out
