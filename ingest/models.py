@@ -99,11 +99,19 @@ def _not_available(hf_id: str) -> ModelNotFound:
     )
 
 
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 def load_hf(spec: ModelSpec, dtype, revision: str | None = None):
     """Load the Hugging Face model and tokenizer, offline first.
 
     Returns:
         (model, tokenizer)
+
+    Raises:
+        ModelNotFound: the weights are neither cached nor downloadable, or cannot be loaded.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -120,9 +128,14 @@ def load_hf(spec: ModelSpec, dtype, revision: str | None = None):
                 source, local_files_only=local_only, dtype=dtype, **kwargs
             )
             break
-        except (OSError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001 - hub, config and weight errors come in many kinds
             if spec.path is not None:
-                raise ModelNotFound(f"cannot load model from {source}: {str(e).splitlines()[0]}") from None
+                raise ModelNotFound(f"cannot load model from {source}: {_first_line(e)}") from None
+            failure = e
+    else:
+        # Both the local cache and the hub failed: without this the caller would meet an
+        # unbound `model` instead of the reason.
+        raise ModelNotFound(f"cannot download {spec.hf_id} from the Hugging Face hub: {_first_line(failure)}")
     model.eval()
     # TransformerLens reloads the tokenizer by name to add BOS; give it a name and say
     # BOS is already handled (we prepend BOS ourselves when we build rows).
@@ -247,5 +260,5 @@ def load_model(name: str, device: str = "auto", dtype: str = "float32", revision
             bridge.enable_compatibility_mode()
             bridge.to(device)
     except Exception as e:  # noqa: BLE001 - adapters raise many kinds; the user needs one line
-        raise ModelNotFound(f"TransformerLens cannot wrap {spec.hf_id}: {str(e).splitlines()[0]}") from None
+        raise ModelNotFound(f"TransformerLens cannot wrap {spec.hf_id}: {_first_line(e)}") from None
     return LoadedModel(spec, bridge, tokenizer, device, dtype, revision, hf_model)

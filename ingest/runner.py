@@ -58,6 +58,16 @@ class Ingest:
         self.log = (lambda *a, **k: None) if config.quiet else log
 
     def run(self) -> IngestResult:
+        """Run the ingest; on failure before the first commit, remove the model folder this run created."""
+        self._created: ModelStore | None = None
+        try:
+            return self._run()
+        except BaseException:
+            if self._created is not None:
+                self._created.remove_if_uncommitted()
+            raise
+
+    def _run(self) -> IngestResult:
         import torch
 
         from selfrepair.ingest.models import load_model, resolve
@@ -128,6 +138,8 @@ class Ingest:
         cfg = self.cfg
         identity = cfg.identity() | {"corpus": corpus_spec, "model": model.spec.hf_id}
         files.ensure_writable_dir(cfg.store)
+        if not ms.path.exists():  # only a folder this run creates may be removed if it fails
+            self._created = ms
         fresh = {
             "model": model.facts(w),
             "self_check": {"tolerance": "1e-3 of max(1, |value|)", "deviations": checks},

@@ -52,6 +52,27 @@ class ModelStore:
             raise StoreNotFound(f"no selfrepair store at {self.path} (missing {MANIFEST})")
         return files.read_json(self.manifest_path)
 
+    def has_clean_shard(self, manifest: dict | None = None) -> bool:
+        """Whether at least one clean shard is committed: less than that is an incomplete ingest."""
+        if manifest is None:
+            if not self.exists():
+                return False
+            manifest = self.manifest()
+        return any(e.get("phase") == "clean" for e in manifest.get("shards", {}).values())
+
+    def remove_if_uncommitted(self) -> bool:
+        """Delete this folder if no shard was ever committed to it (an ingest that failed early).
+
+        Only call this on a folder the failing run created itself. Returns whether it was removed.
+        """
+        try:
+            if not self.path.is_dir() or (self.exists() and files.read_json(self.manifest_path).get("shards")):
+                return False
+        except (OSError, ValueError):  # unreadable: keep it for `verify` to report
+            return False
+        files.remove_tree(self.path)
+        return True
+
     def write_manifest(self, manifest: dict) -> None:
         manifest["schema_version"] = SCHEMA_VERSION
         files.atomic_write_json(self.manifest_path, manifest)
@@ -129,14 +150,21 @@ class ModelStore:
         return removed
 
 
-def list_models(root: Path) -> list[ModelStore]:
-    """Every model folder with a manifest under a store root (or the root itself if it is one)."""
+def list_models(root: Path, incomplete: bool = False) -> list[ModelStore]:
+    """Every model folder with a manifest under a store root (or the root itself if it is one).
+
+    Args:
+        root: a store root or one model folder.
+        incomplete: also list folders without a manifest (left by an ingest that failed
+            before writing it), so `verify` can report them.
+    """
     root = Path(root)
     if not root.exists():
         raise StoreNotFound(f"no selfrepair store at {root}")
-    if (root / MANIFEST).is_file():
+    if (root / MANIFEST).is_file() or (incomplete and ((root / "tables").is_dir() or (root / ARRAYS_DIR).is_dir())):
         return [ModelStore(root)]
-    models = sorted(ModelStore(p) for p in root.iterdir() if (p / MANIFEST).is_file()) if root.is_dir() else []
+    keep = (lambda p: p.is_dir() and not p.name.startswith(".")) if incomplete else (lambda p: (p / MANIFEST).is_file())
+    models = sorted(ModelStore(p) for p in root.iterdir() if keep(p)) if root.is_dir() else []
     if not models:
         raise StoreNotFound(f"no selfrepair store at {root} (no model folder with a {MANIFEST})")
     return models

@@ -47,18 +47,25 @@ class Report:
 def verify(root: Path, seed: int = 0) -> Report:
     """Verify every model under a store root."""
     report = Report()
-    for ms in list_models(Path(root)):
+    for ms in list_models(Path(root), incomplete=True):
         ok, bad = report.checked.setdefault(ms.name, []), report.problems.setdefault(ms.name, [])
         _verify_model(ms, ok, bad, seed)
     return report
 
 
 def _verify_model(ms: ModelStore, ok: list[str], bad: list[str], seed: int) -> None:
+    if not ms.exists():
+        bad.append(f"incomplete ingest: {ms.path} has no {ms.manifest_path.name} "
+                   "(re-run the ingest, or delete the folder)")
+        return
     try:
         manifest = ms.manifest()
     except Exception as e:  # noqa: BLE001 - a damaged manifest is a finding, not a crash
         bad.append(f"manifest {ms.manifest_path}: unreadable ({e})")
         return
+    if not ms.has_clean_shard(manifest):
+        bad.append(f"incomplete ingest: {ms.path} has no committed clean shard "
+                   "(re-run the ingest, or delete the folder)")
     shards = manifest.get("shards", {})
     readable: dict[str, list[Path]] = {t: [] for t in TABLES}
     n_files = 0

@@ -3,9 +3,11 @@
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from selfrepair import Store
 from selfrepair.cli import main
 
 
@@ -32,9 +34,33 @@ def test_ingest_prints_plan_progress_and_summary(cli_store, tiny_model_dirs):
     out = res.output
     assert "selfrepair ingest: tiny-gpt2" in out
     assert "0 shards written" in out  # a re-run resumes: everything is already committed
-    assert "Per-layer self-repair over each head's top 0.02 tokens (resample ablation):" in out
-    for col in ("layer", "de", "d_logit", "sr", "sr_ln"):
-        assert col in out
+    title = "Per-layer self-repair over each head's top 0.02 tokens (resample ablation):"
+    lines = out.splitlines()
+    table = lines[lines.index(title) + 1:]
+    assert table[0].split() == ["model", "layer", "n_heads", "n_tokens", "de", "d_logit", "sr", "sr_ln"]
+    assert set(table[1]) == {"-", " "} and table[4] == "(2 rows)"
+    printed = [line.split() for line in table[2:4]]
+    # The same numbers recomputed from the raw tables: top floor(0.02·124) = 2 tokens per
+    # head by clean DE (ties to the lower token_index), resample draw 0, per layer.
+    want = Store.open(cli_store).sql("""
+        WITH top AS (
+            SELECT model, layer, head, token_index, de FROM (
+                SELECT *, row_number() OVER (PARTITION BY model, layer, head ORDER BY de DESC, token_index) AS r
+                FROM head_effects) WHERE r <= 2),
+        facts AS (
+            SELECT top.model, top.layer, top.head, top.de::DOUBLE AS de, a.d_logit::DOUBLE AS d_logit,
+                   a.d_logit::DOUBLE - (a.de::DOUBLE - top.de::DOUBLE) AS sr,
+                   a.d_logit::DOUBLE - (a.de::DOUBLE - top.de::DOUBLE) - a.d_de_heads - a.d_de_mlps AS sr_ln
+            FROM top JOIN ablation_effects a USING (model, layer, head, token_index)
+            WHERE a.ablation = 'resample' AND a.sample = 0)
+        SELECT model, layer, count(DISTINCT head) AS n_heads, count(*) AS n_tokens,
+               avg(de) AS de, avg(d_logit) AS d_logit, avg(sr) AS sr, avg(sr_ln) AS sr_ln
+        FROM facts GROUP BY model, layer ORDER BY layer""")
+    assert [row[:4] for row in printed] == [["tiny-gpt2", str(r["layer"]), "4", "8"] for r in want.iter_rows(named=True)]
+    got = np.array([[float(x) for x in row[4:]] for row in printed])
+    # The table prints six significant digits.
+    np.testing.assert_allclose(got, want.select("de", "d_logit", "sr", "sr_ln").to_numpy(), rtol=1e-5, atol=0)
+    assert np.abs(got).min() > 0
 
 
 def _err(res) -> str:
