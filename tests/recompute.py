@@ -342,7 +342,7 @@ def replacement_z(cl: Clean, kind: str, layer: int, head: int, source_rows=None,
     if kind == "clean":
         return z.clone()
     if kind == "resample":
-        return z[torch.as_tensor(np.asarray(source_rows), dtype=torch.long)].clone()
+        return z[torch.tensor(np.array(source_rows), dtype=torch.long)].clone()
     if kind == "mean":
         parts = []
         for b0 in range(0, R, batch_size):
