@@ -92,3 +92,24 @@ def test_every_family_builds_fast(rows):
         with torch.no_grad():
             model(rows)
         assert time.perf_counter() - t < 5.0, family  # generous: CI machines are shared
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3"])
+def test_sliding_windows_are_live(family, rows):
+    """The window (8) is shorter than the rows: widening it changes later positions only."""
+    model = tiny_families.build(family)
+    types = getattr(model.config, "layer_types", None)
+    if family != "mistral":
+        assert "sliding_attention" in types and "full_attention" in types
+    with torch.no_grad():
+        a = model(rows).logits
+        model.config.sliding_window = 64
+        b = model(rows).logits
+    assert (a[:, :tiny_families.WINDOW] - b[:, :tiny_families.WINDOW]).abs().max() < 1e-5
+    assert (a - b).abs().max() > 0.1
+
+
+def test_gptneo_has_local_and_global_layers():
+    model = tiny_families.build("gptneo")
+    kinds = [block.attn.attention_type for block in model.transformer.h]
+    assert "local" in kinds and "global" in kinds and model.config.window_size == tiny_families.WINDOW
