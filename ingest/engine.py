@@ -58,6 +58,28 @@ def _tile(obj, batch: int, copies: int):
     return obj
 
 
+class _Float32Forward:
+    """Run one module outside autocast on float32 input, until `remove()`.
+
+    The attention output projection stays float32 in a low-precision sweep: the residual
+    must receive exactly Σ_h z_h @ W_O[h] + b, or the heads' ΔDE (computed from z in
+    float32) would not add up to the change of the residual, and the identities would
+    carry the rounding of a bfloat16 product.
+    """
+
+    def __init__(self, module, device_type: str):
+        self.module, inner = module, module.forward
+
+        def forward(x, *args, **kwargs):
+            with torch.autocast(device_type, enabled=False):
+                return inner(x.float(), *args, **kwargs)
+
+        module.forward = forward
+
+    def remove(self) -> None:
+        del self.module.forward  # the class's forward shows through again
+
+
 @contextlib.contextmanager
 def _hooks(*registrations):
     handles = [r() for r in registrations]
@@ -258,10 +280,12 @@ def patch_layer(
         def hook(module, args):
             x = args[0]
             if i == layer:  # copy 0 is the baseline; copy j + 1 ablates heads[j]
-                x = x.clone()
-                view = x.view(n, batch, pos, H, dh)
+                # Every copy gets the exact float32 clean z of this layer, so the ablated
+                # head's change is exactly z_new − z_clean whatever the sweep's precision.
+                view = (clean.z[layer] + w.c[layer]).repeat(n, 1, 1, 1).view(n, batch, pos, H, dh)
+                x = view.reshape(x.shape)
                 for j, h in enumerate(heads):
-                    view[j + 1, :, :, h] = (z_new[j] + w.c[layer, h]).to(x.dtype)
+                    view[j + 1, :, :, h] = z_new[j] + w.c[layer, h]
             got[("z", i)] = x.detach().float().clone().view(n, batch, pos, H, dh)
             return (x, *args[1:]) if i == layer else None
         return hook
@@ -277,6 +301,8 @@ def patch_layer(
     if clean.mlp_pre_final is not None:
         regs.append(lambda: w.mlp_out[-1].register_forward_hook(put("mpre", (batch, pos, -1))))
     regs.append(lambda: w.down_final.register_forward_pre_hook(put("post", (batch, pos, -1))))
+    if low_precision is not None:
+        regs += [lambda i=i: _Float32Forward(w.attn_out[i], u.device.type) for i in range(layer, w.n_layers)]
 
     d_heads = u.new_zeros((k, batch, pos, w.n_layers, H))
     d_mlps = u.new_zeros((k, batch, pos, w.n_layers))

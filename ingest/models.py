@@ -156,10 +156,16 @@ class LoadedModel:
     dtype: str
     revision: str | None = None
     hf_model: object = None
+    bridge_error: str | None = None  # why there is no bridge, when TransformerLens cannot wrap the model
+
+    def require_bridge(self):
+        if self.bridge is None:
+            raise ModelNotFound(self.bridge_error)
+        return self.bridge
 
     @property
     def cfg(self):
-        return self.bridge.cfg
+        return self.require_bridge().cfg
 
     @property
     def bos_id(self) -> int:
@@ -254,11 +260,14 @@ def load_model(name: str, device: str = "auto", dtype: str = "float32", revision
     # The bridge replaces the model's modules with its own wrappers: give it a copy.
     bridge_model = copy.deepcopy(hf_model)
     hf_model.to(device)
+    bridge, bridge_error = None, None
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             bridge = TransformerBridge.boot_transformers(spec.hf_id, hf_model=bridge_model, tokenizer=tokenizer)
             bridge.enable_compatibility_mode()
             bridge.to(device)
     except Exception as e:  # noqa: BLE001 - adapters raise many kinds; the user needs one line
-        raise ModelNotFound(f"TransformerLens cannot wrap {spec.hf_id}: {_first_line(e)}") from None
-    return LoadedModel(spec, bridge, tokenizer, device, dtype, revision, hf_model)
+        # The fast engine drives the model's own modules and does not need the bridge; the
+        # reference engine and the bridge's part of the self-check do.
+        bridge, bridge_error = None, f"TransformerLens cannot wrap {spec.hf_id}: {_first_line(e)}"
+    return LoadedModel(spec, bridge, tokenizer, device, dtype, revision, hf_model, bridge_error)
