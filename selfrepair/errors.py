@@ -43,3 +43,7 @@ class QueryError(SelfRepairError):
 
 class DeviceError(SelfRepairError):
     """The device or dtype asked for cannot be used (no CUDA, out of memory)."""
+
+
+class StoreBusy(SelfRepairError):
+    """Another process holds the model folder's writer lock."""

@@ -146,3 +146,46 @@ def remove_tree(path: Path) -> None:
 
 def remove_file(path: Path) -> None:
     path.unlink(missing_ok=True)
+
+
+def inside(root: Path, rel: str) -> Path:
+    """`root / rel`, refused unless it stays inside `root` (no `..`, no absolute path, no symlink out).
+
+    A store from someone else names its own files; this is what keeps such a name from
+    reaching /etc/passwd through DuckDB's allow-list or an ingest's cleanup.
+    """
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        raise StoreError(f"{root}: a manifest path is empty or not a string ({rel!r})")
+    p = Path(rel)
+    if p.is_absolute() or ".." in p.parts:
+        raise StoreError(f"{root}: manifest path {rel!r} leads outside the model folder")
+    full = root / p
+    real_root = os.path.realpath(root)
+    if not os.path.realpath(full).startswith(real_root + os.sep):
+        raise StoreError(f"{root}: manifest path {rel!r} leads outside the model folder (through a symlink)")
+    return full
+
+
+def remove_inside(root: Path, path: Path) -> bool:
+    """Delete one file (or symlink) only if its folder provably lies inside `root`; never a folder.
+
+    Returns:
+        Whether it was removed.
+    """
+    real_root = os.path.realpath(root)
+    parent = os.path.realpath(path.parent)
+    if parent != real_root and not parent.startswith(real_root + os.sep):
+        return False
+    if path.is_dir() and not path.is_symlink():
+        return False
+    path.unlink(missing_ok=True)
+    return True
+
+
+def append_line(fd: int, path: Path, line: bytes) -> None:
+    """Append one record to an open log (`path`, for messages) and fsync: durable on return."""
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    except OSError as e:
+        _raise_store_error(path, e)

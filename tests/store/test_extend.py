@@ -27,7 +27,7 @@ def test_more_heads_then_more_tokens_append(tiny_model_dirs, tmp_path):
 def test_overwrite_replaces_a_conflicting_run(tiny_model_dirs, tmp_path):
     d = tiny_model_dirs["gpt2"]
     ingest_tiny(d, tmp_path, tokens=124, ablations=("zero",))
-    ingest_tiny(d, tmp_path, tokens=124, ablations=("mean",), overwrite=True)
+    ingest_tiny(d, tmp_path, tokens=124, seq_len=16, ablations=("mean",), overwrite=True)  # seq_len conflicts
     kinds = Store.open(tmp_path).sql("SELECT DISTINCT ablation FROM ablation_effects")["ablation"].to_list()
     assert kinds == ["mean"]
     assert verify(tmp_path).ok
