@@ -61,7 +61,7 @@ def check_shard_entry(folder: Path, shard_id, entry, what: str) -> None:
             raise StoreError(f"{what}, shard {shard_id}: unknown table {table!r}")
         check_file_entry(folder, f, f"{what}, shard {shard_id}, table {table}")
     for rel, digest in (entry.get("chunks") or {}).items():
-        files.inside(folder, rel)
+        files.inside(folder, rel, follow=False)  # only verify opens chunk files, and checks them fully first
         if digest is not None and not isinstance(digest, str):
             raise StoreError(f"{what}, shard {shard_id}: chunk {rel} has no valid checksum")
 
@@ -164,6 +164,7 @@ def read(folder: Path) -> tuple[dict, int, int]:
         StoreError: a damaged or hostile manifest or commit record.
     """
     mpath = folder / MANIFEST_NAME
+    files.forget_real_paths()  # folder real paths are cached within one read only
     for _ in range(_RETRIES):
         try:
             data = mpath.read_bytes()
