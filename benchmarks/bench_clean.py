@@ -2,7 +2,7 @@
 
 The capture side is the runner's clean phase, step for step through public APIs:
 `run_clean` (hooked forward, DEs, tables, token-major arrays), the Zarr region writes
-with their chunk checksums, the Parquet shard files and the manifest commit. The bare
+with their chunk checksums, the Parquet shard files and the commit record. The bare
 side is `bridge(rows)` on the same bridge and rows. Same batches, interleaved repeats.
 """
 
@@ -17,8 +17,8 @@ N_ROWS, BATCH = 4, 2  # two shards of 2 rows × 128 tokens (kept small: 2 shared
 def _capture(ctx, rows, folder) -> float:
     """The runner's clean phase into a fresh model folder; returns its wall time."""
     from selfrepair.ingest.clean import TokenStrings, run_clean
-    from selfrepair.store import arrays, files
     from selfrepair.store.model_store import ModelStore
+    from selfrepair.store.writer import Writer
 
     model, w = ctx.model(), ctx.weights()
     c, preds = model.cfg, ctx.seq_len - 1
@@ -26,25 +26,18 @@ def _capture(ctx, rows, folder) -> float:
     shutil.rmtree(folder, ignore_errors=True)
     t0 = time.perf_counter()
     folder.mkdir(parents=True)
-    ms = ModelStore(folder)
-    ms.write_manifest({"model": model.facts(), "n_tokens": n_tokens, "shards": {}})
-    arrays.create_arrays(ms.arrays_path, {
+    writer = Writer.open(ModelStore(folder))
+    writer.create({"model": model.facts(), "n_tokens": n_tokens})
+    writer.prepare_arrays({
         "resid_pre": (n_tokens, c.n_layers, c.d_model), "resid_final": (n_tokens, c.d_model),
         "z": (n_tokens, c.n_layers, c.n_heads, c.d_head), "norm_scales": (n_tokens, 2 * c.n_layers + 1),
-        "mlp_post_final": (n_tokens, w.d_mlp)}, BATCH * preds, "float16")
+        "mlp_post_final": (n_tokens, w.d_mlp)}, BATCH * preds, "float16", {})
     strings = TokenStrings(model.tokenizer)
     for r0 in range(0, len(rows), BATCH):
         r1 = min(r0 + BATCH, len(rows))
         out = run_clean(model, w, rows[r0:r1], r0, strings, True)
-        chunks = {}
-        for name, values in out.arrays.items():
-            arrays.write_region(ms.arrays_path, name, r0 * preds, values)
-            for p in arrays.region_chunks(ms.arrays_path, name, r0 * preds, r1 * preds):
-                chunks[str(p.relative_to(ms.path))] = files.sha256_file(p) if p.exists() else None
-        shard = f"clean-{r0:08d}-{r1:08d}"
-        entry = {"phase": "clean", "rows": [r0, r1], "chunks": chunks}
-        entry["files"] = ms.write_shard_files(shard, out.tables)
-        ms.commit_shard(shard, entry)
+        writer.commit_clean(f"clean-{r0:08d}-{r1:08d}", (r0, r1), (r0 * preds, r1 * preds), out.tables, out.arrays)
+    writer.close()
     return time.perf_counter() - t0
 
 

@@ -1,6 +1,6 @@
 """Query speed and on-disk size over a synthetic store of 20 million ablation facts.
 
-The store is written through `ModelStore` exactly as the runner writes it: one clean
+The store is written through `store.Writer` exactly as the runner writes it: one clean
 shard (`tokens`, `head_effects`, `mlp_effects`) and one resample-ablation shard
 (`ablation_effects`, `resample_sources`) per batch of rows, every table in the runner's
 row order (layer, head, token). Values are random but shaped like real ones (heavy-tailed
@@ -35,6 +35,7 @@ def build_store(root: Path, n_layers: int, n_heads: int, n_rows: int, batch_rows
 
     from selfrepair.store import top_tokens
     from selfrepair.store.model_store import ModelStore
+    from selfrepair.store.writer import Writer
 
     rng = np.random.default_rng(seed)
     preds = SEQ_LEN - 1
@@ -42,9 +43,10 @@ def build_store(root: Path, n_layers: int, n_heads: int, n_rows: int, batch_rows
     folder = root / "synthetic"
     folder.mkdir(parents=True)
     ms = ModelStore(folder)
-    ms.write_manifest({
+    writer = Writer.open(ms)
+    writer.create({
         "model": {"name": "synthetic", "n_layers": n_layers, "n_heads": n_heads, "d_model": 1024, "d_mlp": 4096},
-        "n_tokens": n_tokens, "n_rows": n_rows, "seq_len": SEQ_LEN, "config": {"top_p": TOP_P}, "shards": {}})
+        "n_tokens": n_tokens, "n_rows": n_rows, "seq_len": SEQ_LEN, "config": {"top_p": TOP_P}})
     # Per-head DE size: log-normal across heads, growing with depth (late heads write more).
     depth = (np.arange(n_layers) / n_layers)[:, None]
     head_scale = (0.02 * np.exp(rng.normal(0, 0.8, (n_layers, n_heads))) * (1 + 2 * depth)).astype(np.float32)
@@ -71,8 +73,8 @@ def build_store(root: Path, n_layers: int, n_heads: int, n_rows: int, batch_rows
                          "token_index": np.tile(tok, n_layers),
                          "de": _laplace(rng, 0.2, n_layers * n).reshape(-1)})
         shard = f"clean-{r0:08d}-{r1:08d}"
-        ms.commit_shard(shard, {"phase": "clean", "rows": [r0, r1], "files": ms.write_shard_files(
-            shard, {"tokens": tokens, "head_effects": heads, "mlp_effects": mlps})})
+        writer.commit(shard, {"phase": "clean", "rows": [r0, r1]},
+                      {"tokens": tokens, "head_effects": heads, "mlp_effects": mlps})
         # Ablation: the head's DE mostly vanishes; heads and MLPs repair part of it.
         de_abl = de * rng.uniform(-0.2, 0.3, (lh, n)).astype(np.float32) + _laplace(rng, 0.002, (lh, n))
         lost = de_abl - de
@@ -89,11 +91,11 @@ def build_store(root: Path, n_layers: int, n_heads: int, n_rows: int, batch_rows
         sources = pa.table({"sample": np.zeros(len(rows), np.int16), "row": rows,
                             "source_row": ((rows + batch_rows) % n_rows).astype(np.int32)})
         shard = f"abl-resample-s0-{r0:08d}-{r1:08d}-hall"
-        ms.commit_shard(shard, {"phase": "ablation", "rows": [r0, r1], "ablation": "resample", "sample": 0,
-                                "files": ms.write_shard_files(
-                                    shard, {"ablation_effects": eff, "resample_sources": sources})})
+        writer.commit(shard, {"phase": "ablation", "rows": [r0, r1], "ablation": "resample", "sample": 0},
+                      {"ablation_effects": eff, "resample_sources": sources})
     # As ingest does after its clean pass: store each head's top-p% tokens at the run's top_p.
-    top_tokens.write(ms, TOP_P)
+    top_tokens.write(writer, TOP_P)
+    writer.close()
     return root
 
 

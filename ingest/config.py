@@ -6,50 +6,16 @@ follow from the settings are properties.
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from selfrepair.errors import ConfigError
+from selfrepair.store.heads import parse_heads  # noqa: F401 - re-exported for ingest
 from selfrepair.store.schema import ABLATION_KINDS, ARRAY_DTYPES
 
 ENGINES = ("fast", "reference")
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
-_HEAD_RE = re.compile(r"^L(\d+)(?:H(\d+))?$", re.IGNORECASE)
-
-
-def parse_heads(spec: str, n_layers: int, n_heads: int) -> list[tuple[int, int]]:
-    """Parse `all` or a list like `L9H11,L10` (a bare layer means all its heads).
-
-    Args:
-        spec: the `--heads` value.
-        n_layers: the model's layer count (for range checks).
-        n_heads: heads per layer.
-
-    Returns:
-        Sorted unique (layer, head) pairs.
-    """
-    if spec.strip().lower() == "all":
-        return [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
-    out: set[tuple[int, int]] = set()
-    for part in (p.strip() for p in spec.split(",")):
-        m = _HEAD_RE.match(part)
-        if not m:
-            raise ConfigError(f"--heads: cannot parse {part!r}; use 'all' or labels like L9H11,L10")
-        layer = int(m.group(1))
-        if layer >= n_layers:
-            raise ConfigError(f"--heads: {part} is out of range; the model has layers 0..{n_layers - 1}")
-        if m.group(2) is None:
-            out.update((layer, h) for h in range(n_heads))
-            continue
-        head = int(m.group(2))
-        if head >= n_heads:
-            raise ConfigError(f"--heads: {part} is out of range; the model has heads 0..{n_heads - 1}")
-        out.add((layer, head))
-    if not out:
-        raise ConfigError("--heads: no head selected")
-    return sorted(out)
 
 
 @dataclass
@@ -155,9 +121,13 @@ class IngestConfig:
         return -(-self.n_rows // self.batch_size)
 
     def identity(self) -> dict:
-        """Settings that must match to append to an existing model folder."""
+        """Settings that must match to append to an existing model folder.
+
+        Tokens, heads, ablation types and resample draws are not among them: those extend a store.
+        """
         d = asdict(self)
-        for k in ("store", "tokens", "heads", "device", "engine", "heads_per_pass", "overwrite", "quiet"):
+        for k in ("store", "tokens", "heads", "ablations", "resamples", "device", "engine", "heads_per_pass",
+                  "overwrite", "quiet"):
             d.pop(k)
         return d
 

@@ -180,46 +180,41 @@ class LoadedModel:
         tok = self.tokenizer
         return tok.eos_token_id if tok.eos_token_id is not None else self.bos_id
 
-    def facts(self, w=None) -> dict:
-        """Architecture facts for the manifest (`w`: the engine's Weights, for what only it knows)."""
-        c = self.cfg
-        engine = {} if w is None else {
-            "family": w.family.name,
-            "norm": w.final.kind,
-            "d_mlp": w.d_mlp,
-            "parallel_attn_mlp": w.parallel,
-            "post_norm_blocks": w.post_norm,
-            "final_logit_softcapping": w.softcap,
-            "norm_names": w.norm_names,
-        }
+    def facts(self, w) -> dict:
+        """Architecture facts for the manifest, from the engine's view of the model (`w`: its Weights)."""
+        from selfrepair.ingest.runner import context_length
+
+        hf = self.hf_model.config
         return {
             "name": self.spec.name,
             "hf_id": self.spec.hf_id,
             "source": str(self.spec.path) if self.spec.path else self.spec.hf_id,
             "revision": self.revision,
             "gguf_file": self.spec.gguf_file,
-            "architecture": type(self.bridge.original_model).__name__,
-            "n_layers": c.n_layers,
-            "n_heads": c.n_heads,
-            "n_kv_heads": getattr(c, "n_key_value_heads", None) or c.n_heads,
-            "d_model": c.d_model,
-            "d_head": c.d_head,
-            "d_mlp": int(self.bridge.W_in.shape[-1]),
-            "d_vocab": int(self.bridge.W_U.shape[-1]),
-            "n_ctx": c.n_ctx,
-            "norm": "RMS" if c.normalization_type.startswith("RMS") else "LN",
-            "parallel_attn_mlp": bool(c.parallel_attn_mlp),
-            "act_fn": c.act_fn,
-            "positional_embedding": c.positional_embedding_type,
+            "architecture": type(self.hf_model).__name__,
+            "family": w.family.name,
+            "n_layers": w.n_layers,
+            "n_heads": w.n_heads,
+            "n_kv_heads": getattr(hf, "num_key_value_heads", None) or w.n_heads,
+            "d_model": w.d_model,
+            "d_head": w.d_head,
+            "d_mlp": w.d_mlp,
+            "d_vocab": int(w.W_U.shape[1]),
+            "n_ctx": context_length(hf),
+            "norm": w.final.kind,
+            "parallel_attn_mlp": w.parallel,
+            "post_norm_blocks": w.post_norm,
+            "final_logit_softcapping": w.softcap,
+            "norm_names": w.norm_names,
             "weight_processing": {
-                "method": "TransformerBridge.enable_compatibility_mode() (reference engine); the fast engine "
-                          "drives the Hugging Face modules and applies the same processing to u and z",
+                "method": "the fast engine drives the Hugging Face modules and applies TransformerLens's "
+                          "processing to u and z; the reference engine uses TransformerBridge.enable_compatibility_mode()",
                 "fold_ln": True,
                 "center_writing_weights": True,
                 "center_unembed": True,
                 "fold_value_biases": True,
             },
-        } | engine
+        }
 
 
 def pick_device(device: str) -> str:

@@ -7,12 +7,10 @@ resumes by skipping committed shards and deleting leftovers.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
-import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -20,10 +18,12 @@ import pyarrow as pa
 from selfrepair.errors import ConfigError, DeviceError, StoreConflict, UnsupportedModel
 from selfrepair.ingest import corpus as C
 from selfrepair.ingest.config import IngestConfig, parse_heads
-from selfrepair.ingest.pairing import RULE, source_rows
+from selfrepair.ingest.pairing import RULE, pairs_digest, source_rows
 from selfrepair.ingest.progress import Progress
-from selfrepair.store import arrays, files, top_tokens
+from selfrepair.store import files, plan, top_tokens
 from selfrepair.store.model_store import ModelStore, model_dirname
+from selfrepair.store.schema import ABLATION_KINDS
+from selfrepair.store.writer import Writer
 
 _VERSIONED = ("selfrepair", "torch", "transformer-lens", "transformers", "duckdb", "pyarrow", "polars", "zarr", "numpy")
 
@@ -56,95 +56,148 @@ class Ingest:
     def __init__(self, config: IngestConfig, log=print):
         self.cfg = config
         self.log = (lambda *a, **k: None) if config.quiet else log
+        self._replace = False  # the stored configuration conflicts and --overwrite was given
 
     def run(self) -> IngestResult:
-        """Run the ingest; on failure before the first commit, remove the model folder this run created."""
-        self._created: ModelStore | None = None
-        try:
-            return self._run()
-        except BaseException:
-            if self._created is not None:
-                self._created.remove_if_uncommitted()
-            raise
-
-    def _run(self) -> IngestResult:
-        import torch
-
-        from selfrepair.ingest.models import load_model, resolve
+        """Lock the model folder, check it, load the model, then do the missing clean and ablation work."""
+        from selfrepair.ingest.models import resolve
 
         cfg = self.cfg
         spec = resolve(cfg.model)
         files.check_writable_dir(cfg.store)  # before the expensive load; created only once inputs pass
         corpus_spec = cfg.corpus or C.default_corpus(spec.name, spec.path is not None and spec.gguf_file is None)
+        _precheck_corpus(corpus_spec)
+        ms = ModelStore(cfg.store / model_dirname(spec.name))
+        identity = cfg.identity() | {"corpus": corpus_spec, "model": spec.hf_id}
+        self._writer = None
+        existed = ms.path.exists()  # only a folder this run creates may be removed if it fails
+        try:
+            if ms.path.is_dir():
+                # An existing folder is locked before anything else, so the conflict check,
+                # the start-up cleanup and every commit see one store that nobody else writes.
+                self._writer = self._lock(ms)
+                self._check_identity(self._writer, identity)  # before the model loads
+            result = self._run(spec, ms, corpus_spec, identity)
+        except BaseException:
+            if self._writer is not None:
+                self._writer.close(fold=False)  # the log keeps every commit; the next writer folds it
+            if not existed:
+                ms.remove_if_uncommitted()
+            raise
+        self._writer.close()
+        return result
+
+    def _run(self, spec, ms: ModelStore, corpus_spec: str, identity: dict) -> IngestResult:
+        import torch
+
+        from selfrepair.ingest.models import load_model
+
+        cfg = self.cfg
         t0 = time.perf_counter()
         model = load_model(cfg.model, cfg.device, cfg.dtype, cfg.revision)
-        c = model.cfg
-        if cfg.seq_len > c.n_ctx:
-            raise ConfigError(f"seq_len: {cfg.seq_len} is above the model's context of {c.n_ctx} tokens")
-        heads = parse_heads(cfg.heads, c.n_layers, c.n_heads)
-        rows_np = C.build_rows(corpus_spec, model.tokenizer, cfg.n_rows, cfg.seq_len, model.bos_id, model.eos_id)
-        if "resample" in cfg.ablations:
-            source_rows(cfg.n_rows, cfg.batch_size, 0, cfg.seed)  # fails early with < 2 rows
         from selfrepair.ingest.weights import read_weights
 
         w = read_weights(model.hf_model, cfg.seq_len)
-        if (w.n_layers, w.n_heads) != (c.n_layers, c.n_heads):
-            raise UnsupportedModel(f"{w.family.name}: the bridge sees {c.n_layers} layers × {c.n_heads} heads, "
-                                   f"the model {w.n_layers} × {w.n_heads}")
-        if cfg.engine == "reference" and (w.post_norm or w.softcap):
-            raise UnsupportedModel(f"{w.family.name}: --engine reference (TransformerLens) does not model post-norm "
-                                   "blocks or softcapped logits as DESIGN.md defines them; use the fast engine")
+        if model.bridge is not None and (model.cfg.n_layers, model.cfg.n_heads) != (w.n_layers, w.n_heads):
+            raise UnsupportedModel(f"{w.family.name}: the bridge sees {model.cfg.n_layers} layers × "
+                                   f"{model.cfg.n_heads} heads, the model {w.n_layers} × {w.n_heads}")
+        if cfg.engine == "reference":
+            model.require_bridge()
+            if w.post_norm or w.softcap:
+                raise UnsupportedModel(f"{w.family.name}: --engine reference (TransformerLens) does not model "
+                                       "post-norm blocks or softcapped logits as DESIGN.md defines them; "
+                                       "use the fast engine")
+        n_ctx = context_length(model.hf_model.config)
+        if n_ctx is not None and cfg.seq_len > n_ctx:
+            raise ConfigError(f"seq_len: {cfg.seq_len} is above the model's context of {n_ctx} tokens")
+        heads = parse_heads(cfg.heads, w.n_layers, w.n_heads)
+        checks = None
+        if self._writer is None:
+            rows_np = C.build_rows(corpus_spec, model.tokenizer, cfg.n_rows, cfg.seq_len, model.bos_id, model.eos_id)
+            if "resample" in cfg.ablations:
+                source_rows(cfg.n_rows, cfg.batch_size, 0, cfg.seed)  # fails early with < 2 rows
+            # A new folder: checked, then created and locked, only once the numbers are trusted.
+            checks = self._self_check(model, w, rows_np)
+            self._writer = self._lock(ms)
+            self._check_identity(self._writer, identity)
+        writer = self._writer
+        if writer.manifest is not None and not self._replace and writer.manifest.get("n_rows", 0) > cfg.n_rows:
+            # The store already has more rows: the run covers all of them (new heads or ablations too).
+            cfg = self.cfg = replace(cfg, tokens=writer.manifest["n_rows"] * cfg.preds_per_row)
+        rows_np = C.build_rows(corpus_spec, model.tokenizer, cfg.n_rows, cfg.seq_len, model.bos_id, model.eos_id)
+        if "resample" in cfg.ablations:
+            source_rows(cfg.n_rows, cfg.batch_size, 0, cfg.seed)  # fails early with < 2 rows
+        if checks is None:
+            checks = self._self_check(model, w, rows_np)  # an existing folder: checked before any write
         low = None if cfg.dtype == "float32" else getattr(torch, cfg.dtype)
-        rows = torch.from_numpy(rows_np).to(model.device)
-        checks = self._self_check(model, w, rows)
-        ms = ModelStore(cfg.store / model_dirname(spec.name))
-        manifest = self._open_manifest(ms, model, corpus_spec, rows_np, w, checks)
+        self._open_store(writer, model, corpus_spec, rows_np, identity, w, checks)
         load_s = time.perf_counter() - t0
-        self._print_plan(model, heads, corpus_spec)
+        self._print_plan(model, w, heads, corpus_spec)
         result = IngestResult(ms, spec.name, cfg.n_tokens)
         result.seconds["load"] = load_s
 
+        rows = torch.from_numpy(rows_np).to(model.device)
         t1 = time.perf_counter()
-        manifest = self._clean_phase(ms, manifest, model, w, rows, result)
+        self._clean_phase(writer, model, w, rows, result)
         result.seconds["clean"] = time.perf_counter() - t1
-        top_sets = self._top_sets(ms)
+        top_sets = self._top_sets(writer)
         t2 = time.perf_counter()
-        self._ablation_phase(ms, manifest, model, w, low, rows, heads, top_sets, result)
+        self._ablation_phase(writer, model, w, low, rows, heads, top_sets, result)
         result.seconds["ablation"] = time.perf_counter() - t2
         result.seconds["total"] = time.perf_counter() - t0
         return result
 
     # -- store --------------------------------------------------------------------------
-    def _self_check(self, model, w, rows) -> dict:
+    def _lock(self, ms: ModelStore) -> Writer:
+        writer = Writer.open(ms)
+        if writer.lock.stale_holder:
+            h = writer.lock.stale_holder
+            self.log(f"took over the writer lock left by pid {h.get('pid')} on {h.get('host')} (no longer running)")
+        return writer
+
+    def _check_identity(self, writer: Writer, identity: dict) -> None:
+        """Refuse (or, with --overwrite, mark for replacement) a store of another configuration."""
+        if writer.manifest is None:
+            return
+        problem = _identity_conflict(writer.manifest, identity)
+        if problem and not self.cfg.overwrite:
+            raise StoreConflict(
+                f"{writer.ms.path} was ingested with a different configuration ({problem}); "
+                "use a new --store, or --overwrite to replace it"
+            )
+        self._replace = bool(problem)
+
+    def _self_check(self, model, w, rows_np: np.ndarray) -> dict:
         """Compare engine, bridge and model on the first batch; refuse before writing on a mismatch."""
         import torch
 
         from selfrepair.ingest.selfcheck import run_self_check
 
         cfg = self.cfg
+        rows = torch.from_numpy(rows_np).to(model.device)
         first = rows[: cfg.batch_size]
         src = None
         if "resample" in cfg.ablations:
-            pair = source_rows(cfg.n_rows, cfg.batch_size, 0, cfg.seed)[: len(first)]
+            pair = source_rows(cfg.n_rows, cfg.batch_size, 0, cfg.seed, 0, len(first))
             src = rows[torch.from_numpy(pair).to(rows.device)]
+        if model.bridge is None:
+            self.log(f"warning: {model.bridge_error}; the self-check compares the engine with the model's "
+                     "own forward passes only")
         t = time.perf_counter()
         checks = run_self_check(model, w, first, src, cfg.ablations)
-        worst = max(checks.values())
-        self.log(f"self-check on the first batch: {len(checks)} comparisons, largest deviation {worst:.2e} "
-                 f"({time.perf_counter() - t:.1f} s)")
-        return checks
+        self.log(f"self-check on the first batch: {len(checks)} comparisons, largest deviation "
+                 f"{max(checks.values()):.2e} ({time.perf_counter() - t:.1f} s)")
+        return {"tolerance": "1e-3 of max(1, |value|)", "bridge": model.bridge_error or "TransformerBridge",
+                "deviations": checks}
 
-    def _open_manifest(self, ms: ModelStore, model, corpus_spec: str, rows_np: np.ndarray, w, checks: dict) -> dict:
+    def _open_store(self, writer: Writer, model, corpus_spec: str, rows_np: np.ndarray, identity: dict,
+                    w, checks: dict) -> None:
         cfg = self.cfg
-        identity = cfg.identity() | {"corpus": corpus_spec, "model": model.spec.hf_id}
-        files.ensure_writable_dir(cfg.store)
-        if not ms.path.exists():  # only a folder this run creates may be removed if it fails
-            self._created = ms
         fresh = {
             "model": model.facts(w),
-            "self_check": {"tolerance": "1e-3 of max(1, |value|)", "deviations": checks},
+            "self_check": checks,
             "corpus": {"spec": corpus_spec, "fingerprint": C.fingerprint(rows_np), "rows": cfg.n_rows},
-            "config": cfg.to_json() | {"corpus": corpus_spec},
+            "config": cfg.to_json() | {"corpus": corpus_spec, "heads_runs": [cfg.heads]},
             "identity": identity,
             "seq_len": cfg.seq_len,
             "n_rows": cfg.n_rows,
@@ -153,66 +206,55 @@ class Ingest:
             "resample": {"rule": RULE, "samples": cfg.resamples, "seed": cfg.seed, "batch_size": cfg.batch_size},
             "top_token_rule": "floor(top_p * n_tokens) tokens per head by clean DE, ORDER BY de DESC, token_index ASC",
             "versions": _versions(),
-            "shards": {},
         }
-        if ms.exists():
-            old = ms.manifest()
-            problem = self._conflict(old, identity, rows_np)
-            if problem and not cfg.overwrite:
-                raise StoreConflict(
-                    f"{ms.path} was ingested with a different configuration ({problem}); "
-                    "use a new --store, or --overwrite to replace it"
-                )
-            if not problem:
-                removed = ms.clean_orphans(old)
-                if removed:
-                    self.log(f"resume: removed {len(removed)} partial file(s) left by an interrupted run")
-                if cfg.n_rows > old["n_rows"]:  # extending with more tokens: new rows, new shards
-                    old.update({k: fresh[k] for k in ("corpus", "n_rows", "n_tokens")})
-                old["config"]["heads_runs"] = sorted(set(old["config"].get("heads_runs", [])) | {cfg.heads})
-                ms.write_manifest(old)
-                return old
-            files.remove_tree(ms.path)
-        files.ensure_writable_dir(ms.path)
-        fresh["config"]["heads_runs"] = [cfg.heads]
-        ms.write_manifest(fresh)
-        return fresh
-
-    @staticmethod
-    def _conflict(old: dict, identity: dict, rows_np: np.ndarray) -> str | None:
-        prev = old.get("identity", {})
-        for key in sorted(set(prev) | set(identity)):
-            a, b = prev.get(key), identity.get(key)
-            if isinstance(a, list) or isinstance(b, (list, tuple)):
-                a, b = list(a or []), list(b or [])
-            if a != b:
-                return f"{key}: stored {a!r}, asked {b!r}"
-        n_old = old["n_rows"]
-        # With fewer rows than stored nothing new is written, so only a longer or equal
-        # stream can be checked against the stored fingerprint.
-        if len(rows_np) >= n_old and C.fingerprint(rows_np[:n_old]) != old["corpus"]["fingerprint"]:
-            return "corpus: the token stream differs from the stored one"
-        return None
-
-    def _commit(self, ms: ModelStore, shard_id: str, tables: dict, entry: dict, result: IngestResult) -> dict:
-        entry["files"] = ms.write_shard_files(shard_id, tables)
-        result.shards_written += 1
-        return ms.commit_shard(shard_id, entry)
+        old = writer.manifest
+        if old is not None and not self._replace:
+            n_old = old["n_rows"]
+            # With fewer rows than stored nothing new is written, so only a longer or equal
+            # stream can be checked against the stored fingerprint.
+            if C.fingerprint(rows_np[:n_old]) != old["corpus"]["fingerprint"]:
+                if not cfg.overwrite:
+                    raise StoreConflict(f"{writer.ms.path} was ingested with a different configuration "
+                                        "(corpus: the token stream differs from the stored one); "
+                                        "use a new --store, or --overwrite to replace it")
+                self._replace = True
+        if old is None or self._replace:
+            writer.create(fresh)
+            return
+        removed = writer.clean_orphans()
+        if removed:
+            self.log(f"resume: removed {len(removed)} partial or superseded file(s) left by an earlier run")
+        updates = {"self_check": checks}
+        if cfg.n_rows > old["n_rows"]:  # extending with more tokens: new rows, new shards
+            updates.update({k: fresh[k] for k in ("corpus", "n_rows", "n_tokens")})
+        kinds = [k for k in ABLATION_KINDS if k in set(old.get("ablations", [])) | set(cfg.ablations)]
+        samples = max(old.get("resample", {}).get("samples", 1), cfg.resamples)
+        config = dict(old["config"])
+        config["heads_runs"] = sorted(set(config.get("heads_runs", [])) | {cfg.heads})
+        config.update({"ablations": kinds, "resamples": samples})
+        if config != old["config"]:
+            updates["config"] = config
+        if kinds != old.get("ablations"):
+            updates["ablations"] = kinds
+        if samples != old.get("resample", {}).get("samples"):
+            updates["resample"] = old.get("resample", fresh["resample"]) | {"samples": samples}
+        if updates:
+            writer.set(**updates)
 
     # -- plan ---------------------------------------------------------------------------
-    def _print_plan(self, model, heads, corpus_spec: str) -> None:
+    def _print_plan(self, model, w, heads, corpus_spec: str) -> None:
         cfg = self.cfg
-        c = model.cfg
         draws = sum(cfg.resamples if k == "resample" else 1 for k in cfg.ablations)
         abl_rows = draws * len(heads) * cfg.n_tokens
-        per_tok = (c.n_layers * c.d_model + c.d_model + c.n_layers * c.n_heads * c.d_head
-                   + 2 * c.n_layers + 1 + int(model.bridge.W_in.shape[-1]))
+        per_tok = (w.n_layers * w.d_model + w.d_model + w.n_layers * w.n_heads * w.d_head
+                   + len(w.norm_names) + w.d_mlp)
         act_bytes = per_tok * cfg.n_tokens * (2 if cfg.activation_dtype == "float16" else 4) if cfg.activations else 0
-        est = act_bytes + abl_rows * 22 + cfg.n_tokens * (60 + 6 * c.n_layers * (c.n_heads + 1))
+        est = act_bytes + abl_rows * 22 + cfg.n_tokens * (60 + 6 * w.n_layers * (w.n_heads + 1))
         self.log(
-            f"selfrepair ingest: {model.spec.name} ({model.spec.hf_id}) — {c.n_layers} layers × {c.n_heads} heads, "
-            f"d_model {c.d_model}, {'parallel' if c.parallel_attn_mlp else 'sequential'}, "
-            f"{c.normalization_type} — on {model.device} ({cfg.dtype}), engine {cfg.engine}\n"
+            f"selfrepair ingest: {model.spec.name} ({model.spec.hf_id}, {w.family.name}) — {w.n_layers} layers × "
+            f"{w.n_heads} heads, d_model {w.d_model}, {'parallel' if w.parallel else 'sequential'}, "
+            f"{w.final.kind}{', post-norm blocks' if w.post_norm else ''} — on {model.device} "
+            f"(matrix products {cfg.dtype}), engine {cfg.engine}\n"
             f"  corpus {corpus_spec}: {cfg.n_rows} rows × {cfg.seq_len} = {cfg.n_tokens} predictions, "
             f"{cfg.n_batches} batches of {cfg.batch_size} rows\n"
             f"  ablations {','.join(cfg.ablations)} (resamples {cfg.resamples}) on {len(heads)} heads: "
@@ -221,58 +263,52 @@ class Ingest:
         )
 
     # -- clean --------------------------------------------------------------------------
-    def _clean_phase(self, ms, manifest, model, w, rows, result) -> dict:
+    def _clean_phase(self, writer: Writer, model, w, rows, result) -> None:
         from selfrepair.ingest.clean import TokenStrings, run_clean
 
         cfg = self.cfg
-        c = model.cfg
         preds = cfg.preds_per_row
         if cfg.activations:
             shapes = {
-                "resid_pre": (cfg.n_tokens, c.n_layers, c.d_model),
-                "resid_final": (cfg.n_tokens, c.d_model),
-                "z": (cfg.n_tokens, c.n_layers, c.n_heads, w.d_head),
+                "resid_pre": (cfg.n_tokens, w.n_layers, w.d_model),
+                "resid_final": (cfg.n_tokens, w.d_model),
+                "z": (cfg.n_tokens, w.n_layers, w.n_heads, w.d_head),
                 "norm_scales": (cfg.n_tokens, len(w.norm_names)),
                 "mlp_post_final": (cfg.n_tokens, w.d_mlp),
             }
-            arrays.create_arrays(ms.arrays_path, shapes, cfg.batch_size * preds, cfg.activation_dtype)
-            if not (ms.arrays_path / "weights").exists():
-                arrays.write_weights(ms.arrays_path, {
-                    "W_O": w.W_O_eff.cpu().numpy(), "W_U": w.W_U.cpu().numpy(),
-                    "b_U": w.b_U.cpu().numpy(), "W_out_final": w.W_out_final.cpu().numpy(),
-                })
+            # One clean shard writes whole chunks (a chunk is one batch of tokens).
+            writer.prepare_arrays(shapes, cfg.batch_size * preds, cfg.activation_dtype, {
+                "W_O": w.W_O_eff.cpu().numpy(), "W_U": w.W_U.cpu().numpy(),
+                "b_U": w.b_U.cpu().numpy(), "W_out_final": w.W_out_final.cpu().numpy(),
+            })
         strings = TokenStrings(model.tokenizer)
-        todo = [(r0, min(r0 + cfg.batch_size, cfg.n_rows)) for r0 in range(0, cfg.n_rows, cfg.batch_size)]
-        bar = Progress("clean pass", total=cfg.n_tokens, unit="tok", quiet=cfg.quiet)
-        for r0, r1 in todo:
-            shard = f"clean-{r0:08d}-{r1:08d}"
-            if shard in manifest["shards"]:
-                result.shards_skipped += 1
-                bar.update((r1 - r0) * preds)
-                continue
+        todo = plan.clean_work(writer.manifest, cfg.n_rows, cfg.batch_size)
+        result.shards_skipped += len(plan.batches(cfg.n_rows, cfg.batch_size)) - len(todo)
+        bar = Progress("clean pass", total=sum((t.rows[1] - t.rows[0]) * preds for t in todo), unit="tok",
+                       quiet=cfg.quiet)
+        for work in todo:
+            r0, r1 = work.rows
             out = run_clean(w, rows[r0:r1], r0, strings, cfg.activations)
-            chunks = {}
-            for name, values in out.arrays.items():
-                arrays.write_region(ms.arrays_path, name, r0 * preds, values)
-                # Each clean shard writes whole chunks; their checksums let `verify` spot damage.
-                for p in arrays.region_chunks(ms.arrays_path, name, r0 * preds, r1 * preds):
-                    chunks[str(p.relative_to(ms.path))] = files.sha256_file(p) if p.exists() else None
-            entry = {"phase": "clean", "rows": [r0, r1], "tokens": [r0 * preds, r1 * preds], "chunks": chunks}
-            manifest = self._commit(ms, shard, out.tables, entry, result)
+            writer.commit_clean(work.shard_id, work.rows, (r0 * preds, r1 * preds), out.tables, out.arrays,
+                                work.supersedes)
+            result.shards_written += 1
             bar.update((r1 - r0) * preds)
         bar.close()
-        manifest["arrays"] = arrays.array_info(ms.arrays_path)
-        ms.write_manifest(manifest)
-        return manifest
+        if cfg.activations:
+            from selfrepair.store import arrays
 
-    def _top_sets(self, ms: ModelStore) -> dict[tuple[int, int], np.ndarray]:
+            info = arrays.array_info(writer.ms.arrays_path)
+            if info != writer.manifest.get("arrays"):
+                writer.set(arrays=info)
+
+    def _top_sets(self, writer: Writer) -> dict[tuple[int, int], np.ndarray]:
         """Each head's top-p% token indices, from the stored `head_top_tokens` (rebuilt if stale)."""
-        manifest = ms.manifest()
+        manifest = writer.manifest
         stored = manifest.get("derived", {}).get("head_top_tokens")
         if stored and stored["n_tokens"] == manifest["n_tokens"] and stored["top_p"] == self.cfg.top_p:
-            table = ms.read_table("head_top_tokens")
+            table = files.read_parquet(writer.ms.table_files("head_top_tokens", manifest))
         else:
-            table = top_tokens.write(ms, self.cfg.top_p)
+            table = top_tokens.write(writer, self.cfg.top_p)
         layer = table.column("layer").to_numpy()
         head = table.column("head").to_numpy()
         tok = table.column("token_index").to_numpy()
@@ -282,17 +318,15 @@ class Ingest:
         return out
 
     # -- ablation -----------------------------------------------------------------------
-    def _heads_per_pass(self, model, n_heads_layer: int) -> int:
+    def _heads_per_pass(self, model, w, n_heads_layer: int) -> int:
         cfg = self.cfg
         if cfg.heads_per_pass:
             return cfg.heads_per_pass
         import torch
 
-        c = model.cfg
         # Live floats per head copy in one patched pass: a few residual-sized tensors, the
         # MLP hidden layer, the attention pattern, and the per-component ΔDE kept per token.
-        per_tok = 6 * c.d_model + 3 * int(model.bridge.W_in.shape[-1]) + c.n_heads * cfg.seq_len \
-            + c.n_layers * (c.n_heads + 1)
+        per_tok = 6 * w.d_model + 3 * w.d_mlp + w.n_heads * cfg.seq_len + w.n_layers * (w.n_heads + 1)
         per_head = cfg.batch_size * cfg.seq_len * per_tok * 4
         if model.device == "cuda":
             free = torch.cuda.mem_get_info()[0] * 0.5
@@ -302,52 +336,91 @@ class Ingest:
             free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.25
         return max(1, min(n_heads_layer, int(free // max(per_head, 1))))
 
-    def _ablation_phase(self, ms, manifest, model, w, low, rows, heads, top_sets, result) -> None:
+    def _ablation_phase(self, writer: Writer, model, w, low, rows, heads, top_sets, result) -> None:
         import torch
 
         from selfrepair.ingest.ablate import FastBatch, ReferenceBatch, ablation_tables
 
         cfg = self.cfg
         preds = cfg.preds_per_row
-        heads_key = hashlib.sha256(json.dumps(heads).encode()).hexdigest()[:8]
         draws = [(k, s) for k in cfg.ablations for s in (range(cfg.resamples) if k == "resample" else [0])]
-        total = len(draws) * len(heads) * cfg.n_tokens
+        digest = lambda sample, r0, r1: pairs_digest(source_rows(cfg.n_rows, cfg.batch_size, sample, cfg.seed, r0, r1))  # noqa: E731
+        # Only the missing (ablation, sample, head, batch) units, from what the store already holds.
+        todo = plan.ablation_work(writer.manifest, cfg.n_rows, cfg.batch_size, draws, heads, digest)
+        total = sum(len(t.heads) * (t.rows[1] - t.rows[0]) * preds for t in todo)
+        result.shards_skipped += len(plan.batches(cfg.n_rows, cfg.batch_size)) * len(draws) - \
+            len({(t.kind, t.sample, t.rows) for t in todo if (t.kind, t.sample) in draws})
         bar = Progress("ablation sweep", total=total, unit="abl", quiet=cfg.quiet)
-        hpp = self._heads_per_pass(model, model.cfg.n_heads)
-        make = (lambda r: FastBatch(w, r, low)) if cfg.engine == "fast" else (lambda r: ReferenceBatch(model.bridge, r))
-        for r0 in range(0, cfg.n_rows, cfg.batch_size):
-            r1 = min(r0 + cfg.batch_size, cfg.n_rows)
-            pending = [(k, s) for k, s in draws if f"abl-{k}-s{s}-{r0:08d}-{r1:08d}-h{heads_key}" not in manifest["shards"]]
-            skipped = len(draws) - len(pending)
-            result.shards_skipped += skipped
-            bar.update(skipped * len(heads) * (r1 - r0) * preds)
-            if not pending:
-                continue
+        hpp = self._heads_per_pass(model, w, w.n_heads)
+        make = (lambda r: FastBatch(w, r, low)) if cfg.engine == "fast" else (
+            lambda r: ReferenceBatch(model.require_bridge(), r))
+        ctx_rows, ctx = None, None
+        for work in todo:
+            kind, sample, (r0, r1) = work.kind, work.sample, work.rows
             with torch.no_grad():
-                ctx = make(rows[r0:r1])
-                for kind, sample in pending:
-                    src, pair = None, None
-                    if kind == "resample":
-                        pair = source_rows(cfg.n_rows, cfg.batch_size, sample, cfg.seed)[r0:r1]
-                        src = make(rows[torch.from_numpy(pair).to(rows.device)])
-                    while True:
-                        try:
-                            tables = ablation_tables(ctx, src, kind, sample, heads, rows[r0:r1], r0, top_sets,
-                                                     cfg.neurons_top_k, hpp, w, bar.update)
-                            break
-                        except torch.OutOfMemoryError:
-                            if hpp == 1:
-                                raise DeviceError("out of GPU memory even with one head per pass; "
-                                                  "lower --batch-size") from None
-                            hpp = max(1, hpp // 2)
-                            torch.cuda.empty_cache() if torch.cuda.is_available() else None
-                            self.log(f"out of memory: retrying with {hpp} heads per pass")
-                    if pair is not None:
-                        tables["resample_sources"] = pa.table({
-                            "sample": np.full(r1 - r0, sample, dtype=np.int16),
-                            "row": np.arange(r0, r1, dtype=np.int32), "source_row": pair.astype(np.int32)})
-                    shard = f"abl-{kind}-s{sample}-{r0:08d}-{r1:08d}-h{heads_key}"
-                    entry = {"phase": "ablation", "rows": [r0, r1], "ablation": kind, "sample": sample,
-                             "heads": cfg.heads, "heads_key": heads_key, "engine": cfg.engine}
-                    manifest = self._commit(ms, shard, tables, entry, result)
+                if ctx_rows != work.rows:
+                    ctx_rows, ctx = work.rows, make(rows[r0:r1])
+                src, pair = None, None
+                if kind == "resample":
+                    pair = source_rows(cfg.n_rows, cfg.batch_size, sample, cfg.seed, r0, r1)
+                    src = make(rows[torch.from_numpy(pair).to(rows.device)])
+                while True:
+                    try:
+                        tables = ablation_tables(ctx, src, kind, sample, work.heads, rows[r0:r1], r0, top_sets,
+                                                 cfg.neurons_top_k, hpp, w, bar.update)
+                        break
+                    except torch.OutOfMemoryError:
+                        if hpp == 1:
+                            raise DeviceError("out of GPU memory even with one head per pass; "
+                                              "lower --batch-size, or use --dtype bfloat16 (the matrix products "
+                                              "only: errors stay within 2% of the effects)") from None
+                        hpp = max(1, hpp // 2)
+                        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+                        self.log(f"out of memory: retrying with {hpp} heads per pass")
+            entry = {"phase": "ablation", "rows": [r0, r1], "ablation": kind, "sample": sample,
+                     "heads": work.heads_spec, "engine": cfg.engine, "top_n_tokens": writer.manifest["n_tokens"]}
+            if pair is not None:
+                entry["pairs_sha"] = pairs_digest(pair)
+                if work.with_sources:  # one shard per batch and draw holds its pairs, so keys never repeat
+                    tables["resample_sources"] = pa.table({
+                        "sample": np.full(r1 - r0, sample, dtype=np.int16),
+                        "row": np.arange(r0, r1, dtype=np.int32), "source_row": pair.astype(np.int32)})
+            writer.commit(work.shard_id, entry, tables, work.supersedes)
+            result.shards_written += 1
         bar.close()
+
+
+def _identity_conflict(old: dict, identity: dict) -> str | None:
+    """The first setting that differs from the stored run's, as `key: stored …, asked …`.
+
+    Only the settings that must match are compared: ablation types, resample draws and
+    heads extend a store instead.
+    """
+    prev = old.get("identity", {})
+    for key in sorted(identity):
+        a, b = prev.get(key), identity.get(key)
+        if isinstance(a, list) or isinstance(b, (list, tuple)):
+            a, b = list(a or []), list(b or [])
+        if a != b:
+            return f"{key}: stored {a!r}, asked {b!r}"
+    has_resample = any(e.get("ablation") == "resample" for e in old["shards"].values())
+    if has_resample and old.get("resample", {}).get("rule") != RULE:
+        return "resample pairing rule: the store's stored pairs follow an older rule"
+    return None
+
+
+def _precheck_corpus(spec: str) -> None:
+    """Fail on a missing local corpus before any lock or load (a hub dataset is checked when read)."""
+    name = spec[3:] if spec.startswith("hf:") else spec
+    hub_like = spec.startswith("hf:") or ("/" in name and not name.startswith((".", "/", "~")))
+    if spec != C.EMBEDDED and not hub_like:
+        next(iter(C.documents(spec)), None)
+
+
+def context_length(hf_config) -> int | None:
+    """The longest row the model takes, from its config (None when it does not say)."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length", "max_sequence_length"):
+        value = getattr(hf_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -93,31 +93,30 @@ def run_self_check(model, w, rows: torch.Tensor, source_rows: torch.Tensor | Non
     engine_logit = cut(fast.clean_logit(u_full)) + w.b_U[y]
     raw = st.raw_logits[:, :preds]
     record("clean logit: engine vs model", engine_logit, (raw - raw.mean(-1, keepdim=True)).gather(-1, y[..., None])[..., 0])
-    bridge = model.bridge
-    with torch.no_grad():
-        b_logits, cache = bridge.run_with_cache(rows, names_filter=lambda n: n == "ln_final.hook_scale")
-    hf = st.logits
-    record("centred logits: bridge vs model", b_logits.float() - b_logits.float().mean(-1, keepdim=True),
-           hf - hf.mean(-1, keepdim=True))
-    record("final-norm scale: engine vs bridge", st.scale, cache["ln_final.hook_scale"][..., 0].float())
-
-    ref = ReferenceBatch(bridge, rows)
+    bridge = model.bridge  # None when TransformerLens cannot wrap the model: the model's own forward judges
+    if bridge is not None:
+        with torch.no_grad():
+            b_logits, cache = bridge.run_with_cache(rows, names_filter=lambda n: n == "ln_final.hook_scale")
+        hf = st.logits
+        record("centred logits: bridge vs model", b_logits.float() - b_logits.float().mean(-1, keepdim=True),
+               hf - hf.mean(-1, keepdim=True))
+        record("final-norm scale: engine vs bridge", st.scale, cache["ln_final.hook_scale"][..., 0].float())
+    use_ref = bridge is not None and not w.softcap
+    ref = ReferenceBatch(bridge, rows) if use_ref else None
     fast_src = FastBatch(w, source_rows) if source_rows is not None else None
-    ref_src = ReferenceBatch(bridge, source_rows) if source_rows is not None else None
+    ref_src = ReferenceBatch(bridge, source_rows) if use_ref and source_rows is not None else None
     for kind in ablations:
         for layer, head in sample_heads(w.n_layers, w.n_heads):
-            results = []
-            for ctx, src in ((fast, fast_src), (ref, ref_src)):
-                z = replacement_z(kind, ctx.clean_z(layer), src.clean_z(layer) if src is not None else None)
-                r = ctx.patch(layer, [head], z[:, :, [head]].permute(2, 0, 1, 3), u_full)
-                results.append((r, ctx.clean_logit(u_full)))
-            (rf, cf), (rr, cr) = results
             tag = f"{kind} L{layer}H{head}"
             z = replacement_z(kind, fast.clean_z(layer), fast_src.clean_z(layer) if fast_src is not None else None)
+            rf = fast.patch(layer, [head], z[:, :, [head]].permute(2, 0, 1, 3), u_full)
             record(f"ablated logit {tag}: fast vs full model forward", cut(rf.logit[0]),
                    cut(full_forward_logit(w, rows, layer, head, z[:, :, head])))
-            if w.softcap:
+            if not use_ref:
                 continue
+            zr = replacement_z(kind, ref.clean_z(layer), ref_src.clean_z(layer) if ref_src is not None else None)
+            rr = ref.patch(layer, [head], zr[:, :, [head]].permute(2, 0, 1, 3), u_full)
+            cf, cr = fast.clean_logit(u_full), ref.clean_logit(u_full)
             record(f"d_logit {tag}: fast vs reference", cut(rf.logit[0] - cf), cut(rr.logit[0] - cr))
             record(f"ablated scale {tag}: fast vs reference", cut(rf.scale[0]), cut(rr.scale[0]))
             if not w.post_norm:  # the bridge's hooks do not model post-norm head writes

@@ -51,3 +51,7 @@ class UnsupportedModel(SelfRepairError):
 
 class SelfCheckFailed(SelfRepairError):
     """The ingest's own check found the fast engine, the bridge or the model disagreeing."""
+
+
+class StoreBusy(SelfRepairError):
+    """Another process holds the model folder's writer lock."""

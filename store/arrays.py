@@ -92,3 +92,10 @@ def region_chunks(path: Path, name: str, start: int, stop: int) -> list[Path]:
     tail = ["0"] * (arr.ndim - 1)
     return [path / name / "c" / str(i) / Path(*tail) if tail else path / name / "c" / str(i)
             for i in range(start // step, -(-stop // step))]
+
+
+def chunk_ranges(path: Path, name: str) -> list[tuple[int, int]]:
+    """[start, stop) token ranges of one array's chunks along `token_index` (to stream it)."""
+    arr = zarr.open_array(str(path / name), mode="r")
+    step = arr.chunks[0]
+    return [(i, min(i + step, arr.shape[0])) for i in range(0, arr.shape[0], step)]

@@ -7,6 +7,7 @@ later by swapping the filesystem, without touching ingest, queries or analysis.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -146,3 +147,69 @@ def remove_tree(path: Path) -> None:
 
 def remove_file(path: Path) -> None:
     path.unlink(missing_ok=True)
+
+
+def inside(root: Path, rel: str, follow: bool = True) -> Path:
+    """`root / rel`, refused unless it stays inside `root` (no `..`, no absolute path, no symlink out).
+
+    A store from someone else names its own files; this is what keeps such a name from
+    reaching /etc/passwd through DuckDB's allow-list or an ingest's cleanup. Folder
+    real paths are cached, so checking a snapshot's thousands of paths costs one lstat
+    per file.
+    """
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        raise StoreError(f"{root}: a manifest path is empty or not a string ({rel!r})")
+    if rel.startswith("/") or ".." in rel.split("/"):
+        raise StoreError(f"{root}: manifest path {rel!r} leads outside the model folder")
+    full = os.path.join(root, rel)
+    if follow:  # `follow=False`: names only, for paths that are checked again before use
+        real_root = _realdir(str(root))
+        parent, name = os.path.split(full)
+        real = os.path.join(_realdir(parent), name)
+        if os.path.islink(real):
+            real = os.path.realpath(real)
+        if not real.startswith(real_root + os.sep):
+            raise StoreError(f"{root}: manifest path {rel!r} leads outside the model folder (through a symlink)")
+    return Path(full)
+
+
+@functools.lru_cache(maxsize=4096)
+def _realdir_cached(path: str, _generation: int) -> str:
+    return os.path.realpath(path)
+
+
+_REALDIR_GENERATION = [0]
+
+
+def _realdir(path: str) -> str:
+    return _realdir_cached(path, _REALDIR_GENERATION[0])
+
+
+def forget_real_paths() -> None:
+    """Drop the cached folder real paths (after folders may have been replaced by symlinks)."""
+    _REALDIR_GENERATION[0] += 1
+
+
+def remove_inside(root: Path, path: Path) -> bool:
+    """Delete one file (or symlink) only if its folder provably lies inside `root`; never a folder.
+
+    Returns:
+        Whether it was removed.
+    """
+    real_root = os.path.realpath(root)
+    parent = os.path.realpath(path.parent)
+    if parent != real_root and not parent.startswith(real_root + os.sep):
+        return False
+    if path.is_dir() and not path.is_symlink():
+        return False
+    path.unlink(missing_ok=True)
+    return True
+
+
+def append_line(fd: int, path: Path, line: bytes) -> None:
+    """Append one record to an open log (`path`, for messages) and fsync: durable on return."""
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    except OSError as e:
+        _raise_store_error(path, e)

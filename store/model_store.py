@@ -1,8 +1,9 @@
-"""One model's folder in a store root: manifest, Parquet shards, Zarr activations.
+"""One model's folder in a store root: manifest, commit log, Parquet shards, Zarr activations.
 
-A shard becomes visible only when its entry is committed to `manifest.json`, which is
-replaced atomically after every file of the shard is written and checksummed. Readers
-list files from the manifest, never by globbing, so they never see half a shard.
+A shard becomes visible only when its record is appended to the commit log, after every
+file of the shard is written and checksummed (`store/writer.py`). Readers list files
+from one snapshot (manifest checkpoint plus log, `store/snapshot.py`), never by
+globbing, so they never see half a shard.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from pathlib import Path
 import pyarrow as pa
 
 from selfrepair.errors import StoreNotFound
-from selfrepair.store import files
-from selfrepair.store.schema import SCHEMA_VERSION, TABLES, validate_table
+from selfrepair.store import files, snapshot
+from selfrepair.store.schema import TABLES, validate_table
 
-MANIFEST = "manifest.json"
+MANIFEST = snapshot.MANIFEST_NAME
 ARRAYS_DIR = "activations.zarr"
 
 
@@ -48,9 +49,13 @@ class ModelStore:
         return self.manifest_path.is_file()
 
     def manifest(self) -> dict:
-        if not self.exists():
-            raise StoreNotFound(f"no selfrepair store at {self.path} (missing {MANIFEST})")
-        return files.read_json(self.manifest_path)
+        """One consistent snapshot: the manifest checkpoint with the commit log folded in.
+
+        Raises:
+            StoreNotFound: no manifest.
+            StoreError: a damaged or hostile manifest or commit record (one line).
+        """
+        return snapshot.read(self.path)[0]
 
     def has_clean_shard(self, manifest: dict | None = None) -> bool:
         """Whether at least one clean shard is committed: less than that is an incomplete ingest."""
@@ -74,14 +79,24 @@ class ModelStore:
         return True
 
     def write_manifest(self, manifest: dict) -> None:
-        manifest["schema_version"] = SCHEMA_VERSION
-        files.atomic_write_json(self.manifest_path, manifest)
+        """Start this folder afresh from `manifest` (for fixtures and benchmarks; ingest uses a Writer)."""
+        from selfrepair.store.writer import Writer
+
+        with Writer.open(self) as w:
+            w.create(manifest)
+
+    def commit_shard(self, shard_id: str, entry: dict) -> None:
+        """Commit one shard whose files are written (a whole writer session per call: for small fixtures)."""
+        from selfrepair.store.writer import Writer
+
+        with Writer.open(self) as w:
+            w._append({"op": "shard", "id": shard_id, "entry": entry, "supersedes": []})
 
     def shard_file(self, table: str, shard_id: str) -> Path:
         return self.path / "tables" / table / f"{shard_id}.parquet"
 
     def table_files(self, table: str, manifest: dict | None = None) -> list[Path]:
-        """The committed Parquet files of one table, in shard order."""
+        """The committed Parquet files of one table, in shard order (paths checked inside the folder)."""
         manifest = manifest if manifest is not None else self.manifest()
         out = []
         for shard_id in sorted(manifest.get("shards", {})):
@@ -110,44 +125,6 @@ class ModelStore:
                 "sha256": digest,
             }
         return entries
-
-    def commit_shard(self, shard_id: str, entry: dict) -> dict:
-        """Add a shard entry to the manifest atomically. Returns the new manifest."""
-        manifest = self.manifest()
-        manifest.setdefault("shards", {})[shard_id] = entry
-        self.write_manifest(manifest)
-        return manifest
-
-    def write_derived(self, table: str, data: pa.Table, meta: dict) -> dict:
-        """Replace a derived table's one file: write it, commit its entry, then drop the old file.
-
-        Returns:
-            The new manifest.
-        """
-        entry = self.write_shard_files(f"derived-{meta['n_tokens']}", {table: data})[table] | meta
-        manifest = self.manifest()
-        old = manifest.setdefault("derived", {}).get(table)
-        manifest["derived"][table] = entry
-        self.write_manifest(manifest)
-        if old is not None and old["path"] != entry["path"]:
-            files.remove_file(self.path / old["path"])
-        return manifest
-
-    def clean_orphans(self, manifest: dict) -> list[Path]:
-        """Delete files no committed shard lists (leftovers of a killed run)."""
-        listed = {self.path / e["path"] for s in manifest.get("shards", {}).values() for e in s["files"].values()}
-        listed |= {self.path / e["path"] for e in manifest.get("derived", {}).values()}
-        removed = []
-        tables_dir = self.path / "tables"
-        if tables_dir.is_dir():
-            for p in tables_dir.rglob("*"):
-                if p.is_file() and p not in listed:
-                    files.remove_file(p)
-                    removed.append(p)
-        for p in self.path.glob(".*.tmp"):
-            files.remove_file(p)
-            removed.append(p)
-        return removed
 
 
 def list_models(root: Path, incomplete: bool = False) -> list[ModelStore]:

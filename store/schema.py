@@ -11,7 +11,10 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+# 2: commits go to an append-only log (`commits/<generation>.jsonl`) folded into the
+# manifest at checkpoints. 1: every commit rewrote the manifest (read, never written).
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -217,3 +220,32 @@ def validate_table(table: Table, batch: pa.Table) -> pa.Table:
         return batch.select(table.column_names).cast(table.arrow_schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise SchemaMismatch(f"table {table.name}: {e}") from None
+
+
+# -- manifest and commit records -------------------------------------------------------
+# Every manifest and commit-log record is checked against these before anything reads a
+# path from it, so a damaged or hostile store fails with one line, not a traceback.
+# A spec maps a key to its JSON type; keys after `|` in OPTIONAL are allowed but not needed.
+
+FILE_ENTRY = {"path": str, "rows": int, "bytes": int, "sha256": str}
+SHARD_ENTRY = {"phase": str, "rows": list, "files": dict}
+SHARD_ENTRY_OPTIONAL = {"chunks": dict, "tokens": list, "ablation": str, "sample": int, "heads": str,
+                        "heads_key": str, "engine": str, "pairs_sha": str, "top_n_tokens": int}
+MANIFEST = {"schema_version": int, "model": dict, "n_tokens": int, "shards": dict}
+MANIFEST_OPTIONAL = {"corpus": dict, "config": dict, "identity": dict, "n_rows": int, "derived": dict,
+                     "arrays": dict, "log": dict, "ablations": list, "resample": dict, "seq_len": int,
+                     "self_check": (dict, list), "versions": dict, "top_token_rule": str}
+MODEL_FACTS = {"n_layers": int, "n_heads": int}
+
+# One JSON object per line of `commits/<generation>.jsonl`:
+#   shard:   a shard's entry, committed (replacing the shards it supersedes in the same record)
+#   derived: a derived table's one file (replacing the previous one)
+#   set:     top-level manifest keys replaced (n_rows, n_tokens, corpus, arrays, config, …)
+RECORD = {"seq": int, "op": str}
+RECORD_OPS = {
+    "shard": {"id": str, "entry": dict, "supersedes": list},
+    "derived": {"table": str, "entry": dict},
+    "set": {"values": dict},
+}
+# `set` may not replace what shard and derived records own, nor the log pointer.
+SET_FORBIDDEN = ("shards", "derived", "log", "schema_version")

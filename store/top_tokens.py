@@ -8,16 +8,20 @@ store never holds all of `head_effects` in memory.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import polars as pl
 import pyarrow as pa
 
 from selfrepair.store.model_store import ModelStore
 
+if TYPE_CHECKING:
+    from selfrepair.store.writer import Writer
 
-def compute(ms: ModelStore, top_p: float) -> pa.Table:
-    """The `head_top_tokens` rows (layer, head, token_index, de) for `top_p`."""
-    manifest = ms.manifest()
+
+def compute(ms: ModelStore, top_p: float, manifest: dict | None = None) -> pa.Table:
+    """The `head_top_tokens` rows (layer, head, token_index, de) for `top_p` (over `manifest`'s snapshot)."""
+    manifest = manifest if manifest is not None else ms.manifest()
     paths = ms.table_files("head_effects", manifest)
     keep = math.floor(top_p * manifest["n_tokens"])
     layers = pl.scan_parquet(paths).select(pl.col("layer").unique()).collect()["layer"].sort().to_list()
@@ -31,9 +35,8 @@ def compute(ms: ModelStore, top_p: float) -> pa.Table:
     return pl.concat(parts).sort(["layer", "head", "token_index"]).to_arrow()
 
 
-def write(ms: ModelStore, top_p: float) -> pa.Table:
-    """Compute and commit the derived `head_top_tokens` table; returns its rows."""
-    table = compute(ms, top_p)
-    n_tokens = ms.manifest()["n_tokens"]
-    ms.write_derived("head_top_tokens", table, {"n_tokens": n_tokens, "top_p": top_p})
+def write(writer: "Writer", top_p: float) -> pa.Table:
+    """Compute and commit the derived `head_top_tokens` table through the model's writer; returns its rows."""
+    table = compute(writer.ms, top_p, writer.manifest)
+    writer.write_derived("head_top_tokens", table, {"n_tokens": writer.manifest["n_tokens"], "top_p": top_p})
     return table

@@ -1,9 +1,12 @@
 """`selfrepair verify`: check a store against its manifest and DESIGN.md's identities.
 
 Checks every committed shard's files (present, sha256, readable, row count, schema),
-key uniqueness per table, the Zarr arrays (shape, dimension names, chunk checksums,
-every chunk decodable) and, on a sample of tokens, Σ DE = logit − b_U and the
-LayerNorm closed form.
+the shards against the recorded configuration, keys (unique within each shard, every
+row inside its shard's declared rows, ablation, draw and heads, and no two shards
+declaring overlapping units, which together make keys unique store-wide), the Zarr
+arrays (shape, dimension names, chunk checksums, every chunk decodable) and, on a
+sample of tokens, Σ DE = logit − b_U and the LayerNorm closed form. Everything streams
+shard by shard and chunk by chunk, so memory does not grow with the store.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
+from selfrepair.errors import ConfigError
 from selfrepair.store import arrays, files
+from selfrepair.store.heads import parse_heads
 from selfrepair.store.model_store import ModelStore, list_models
-from selfrepair.store.schema import ARRAYS, TABLES
+from selfrepair.store.schema import ABLATION_KINDS, ARRAYS, TABLES
 
 IDENTITY_TOL = 1e-3  # stored float32 sums over hundreds of components
 SAMPLE_TOKENS = 2000
@@ -58,11 +63,7 @@ def _verify_model(ms: ModelStore, ok: list[str], bad: list[str], seed: int) -> N
         bad.append(f"incomplete ingest: {ms.path} has no {ms.manifest_path.name} "
                    "(re-run the ingest, or delete the folder)")
         return
-    try:
-        manifest = ms.manifest()
-    except Exception as e:  # noqa: BLE001 - a damaged manifest is a finding, not a crash
-        bad.append(f"manifest {ms.manifest_path}: unreadable ({e})")
-        return
+    manifest = ms.manifest()  # a damaged or hostile manifest raises StoreError: nothing else can be checked
     if not ms.has_clean_shard(manifest):
         bad.append(f"incomplete ingest: {ms.path} has no committed clean shard "
                    "(re-run the ingest, or delete the folder)")
@@ -94,23 +95,109 @@ def _verify_model(ms: ModelStore, ok: list[str], bad: list[str], seed: int) -> N
             continue
         readable[table].append(path)
     ok.append(f"{len(shards)} shards, {n_files} files: present, checksums, row counts, columns")
-    _check_keys(readable, ok, bad)
+    good = {p for paths in readable.values() for p in paths}
+    _check_shards(ms, manifest, good, ok, bad)
     _check_arrays(ms, manifest, ok, bad)
     _check_identities(readable, ok, bad, seed)
+    _show_self_check(manifest, ok)
 
 
-def _check_keys(readable: dict[str, list[Path]], ok: list[str], bad: list[str]) -> None:
-    for name, paths in readable.items():
-        if not paths:
-            continue
-        key = list(TABLES[name].key)
-        frame = pl.scan_parquet(paths).select(key)
-        n = frame.select(pl.len()).collect().item()
-        unique = frame.unique().select(pl.len()).collect().item()
-        if unique != n:
-            bad.append(f"table {name}: {n - unique} duplicate key(s) on ({', '.join(key)})")
+def _check_shards(ms: ModelStore, manifest: dict, good: set[Path], ok: list[str], bad: list[str]) -> None:
+    """Per shard: the recorded configuration, keys unique, rows inside the declared units; across shards: no overlap."""
+    n_layers, n_heads = manifest["model"]["n_layers"], manifest["model"]["n_heads"]
+    preds = manifest.get("seq_len", 0) - 1
+    kinds = set(manifest.get("ablations") or ABLATION_KINDS)
+    samples = (manifest.get("resample") or {}).get("samples", 1)
+    clean_rows: list[tuple[int, int, str]] = []
+    units: dict[tuple[str, int], list[tuple[int, int, set, str]]] = {}
+    sources: dict[tuple[int, int, int], str] = {}
+    rows_checked = 0
+    for sid, e in sorted(manifest["shards"].items()):
+        r0, r1 = e["rows"]
+        heads = None
+        if e["phase"] == "clean":
+            clean_rows.append((r0, r1, sid))
         else:
-            ok.append(f"table {name}: {n} rows, key ({', '.join(key)}) unique")
+            kind, sample = e.get("ablation"), e.get("sample", 0)
+            if kind not in kinds or not (0 <= sample < (samples if kind == "resample" else 1)):
+                bad.append(f"shard {sid}: ablation {kind} draw {sample} is not in the recorded configuration")
+                continue
+            try:
+                heads = set(parse_heads(e.get("heads", "all"), n_layers, n_heads))
+            except ConfigError as err:
+                bad.append(f"shard {sid}: heads {e.get('heads')!r} do not fit the model ({err})")
+                continue
+            units.setdefault((kind, sample), []).append((r0, r1, heads, sid))
+            if "resample_sources" in e["files"]:
+                if (sample, r0, r1) in sources:
+                    bad.append(f"shard {sid}: resample_sources of rows {r0}..{r1} also in {sources[(sample, r0, r1)]}")
+                sources[(sample, r0, r1)] = sid
+        for table, f in e["files"].items():
+            path = ms.path / f["path"]
+            if path in good:
+                rows_checked += f["rows"]
+                problem = _check_file(TABLES[table], path, e, r0, r1, preds, heads)
+                if problem:
+                    bad.append(f"shard {sid}: {f['path']} {problem}")
+    for table, f in sorted(manifest.get("derived", {}).items()):
+        path = ms.path / f["path"]
+        if path in good and _duplicates(path, list(TABLES[table].key)):
+            bad.append(f"derived {table}: duplicate keys")
+    clean_rows.sort()
+    for (a0, a1, s1), (b0, b1, s2) in zip(clean_rows, clean_rows[1:]):
+        if b0 < a1:
+            bad.append(f"shards {s1} and {s2} overlap (rows {b0}..{min(a1, b1)})")
+    for (kind, sample), lst in sorted(units.items()):
+        lst.sort(key=lambda u: u[0])
+        for i, (a0, a1, ha, s1) in enumerate(lst):
+            for b0, b1, hb, s2 in lst[i + 1:]:
+                if b0 >= a1:
+                    break
+                if ha & hb:
+                    bad.append(f"shards {s1} and {s2} overlap ({kind} draw {sample}, {len(ha & hb)} head(s))")
+    ok.append(f"{rows_checked} rows: keys unique within each shard and inside its declared rows and heads; "
+              f"no two shards overlap; ablations and draws as recorded")
+
+
+def _duplicates(path: Path, key: list[str]) -> int:
+    frame = pl.read_parquet(path, columns=key)
+    return frame.height - frame.unique().height
+
+
+def _check_file(table, path: Path, entry: dict, r0: int, r1: int, preds: int, heads: set | None) -> str | None:
+    """One shard file: unique keys, and every row inside the shard's declared rows, draw and heads."""
+    key = list(table.key)
+    frame = pl.read_parquet(path, columns=key)
+    dup = frame.height - frame.unique().height
+    if dup:
+        return f"has {dup} duplicate key(s) on ({', '.join(key)})"
+    if not frame.height:
+        return None
+    if "token_index" in key and preds > 0:
+        lo, hi = frame["token_index"].min(), frame["token_index"].max()
+        if lo < r0 * preds or hi >= r1 * preds:
+            return f"holds token_index {lo}..{hi}, outside its rows {r0}..{r1}"
+    if "row" in key and (frame["row"].min() < r0 or frame["row"].max() >= r1):
+        return f"holds rows outside {r0}..{r1}"
+    if "ablation" in key and set(frame["ablation"].unique()) != {entry.get("ablation")}:
+        return f"holds ablations other than {entry.get('ablation')}"
+    if "sample" in key and set(frame["sample"].unique()) != {entry.get("sample", 0)}:
+        return f"holds draws other than {entry.get('sample', 0)}"
+    if heads is not None and "head" in key:
+        got = set(frame.select("layer", "head").unique().iter_rows())
+        if not got <= heads:
+            return f"holds {len(got - heads)} head(s) its entry does not declare"
+    return None
+
+
+def _show_self_check(manifest: dict, ok: list[str]) -> None:
+    """The ingest's own self-check deviations, when the engine recorded them."""
+    check = manifest.get("self_check")
+    if not check:
+        return
+    items = check.items() if isinstance(check, dict) else enumerate(check)
+    for name, value in items:
+        ok.append(f"ingest self-check {name}: {value}")
 
 
 def _check_arrays(ms: ModelStore, manifest: dict, ok: list[str], bad: list[str]) -> None:
@@ -129,19 +216,22 @@ def _check_arrays(ms: ModelStore, manifest: dict, ok: list[str], bad: list[str])
     for shard_id, shard in sorted(manifest.get("shards", {}).items()):
         for rel, digest in shard.get("chunks", {}).items():
             n_chunks += 1
-            path = ms.path / rel
             if digest is None:
                 continue
+            path = files.inside(ms.path, rel)  # no symlink out before a chunk is opened
             if not path.is_file():
                 bad.append(f"shard {shard_id}: chunk {rel} is missing")
             elif files.sha256_file(path) != digest:
                 bad.append(f"shard {shard_id}: chunk {rel} checksum mismatch")
     for name in ARRAYS:
         if name in found:
-            try:
-                arrays.read_region(ms.arrays_path, name)
-            except Exception as e:  # noqa: BLE001 - zarr/numcodecs raise many kinds on damage
-                bad.append(f"activations.zarr/{name}: cannot be read ({type(e).__name__}: {e})")
+            # Chunk by chunk: a whole array can be tens of GB.
+            for start, stop in arrays.chunk_ranges(ms.arrays_path, name):
+                try:
+                    arrays.read_region(ms.arrays_path, name, start, stop)
+                except Exception as e:  # noqa: BLE001 - zarr/numcodecs raise many kinds on damage
+                    bad.append(f"activations.zarr/{name}: cannot be read ({type(e).__name__}: {e})")
+                    break
     ok.append(f"activations.zarr: {len(expected)} arrays, {n_chunks} chunk checksums")
 
 
@@ -165,7 +255,7 @@ def _check_identities(readable: dict[str, list[Path]], ok: list[str], bad: list[
     if not readable["ablation_effects"]:
         return
     abl = sel("ablation_effects").join(tokens.lazy(), on="token_index", suffix="_clean").join(
-        pl.scan_parquet(readable["head_effects"]).rename({"de": "de_clean"}), on=["layer", "head", "token_index"])
+        sel("head_effects").rename({"de": "de_clean"}), on=["layer", "head", "token_index"])
     ratio = pl.col("ln_scale_clean") / pl.col("ln_scale")
     sr = pl.col("d_logit") - (pl.col("de") - pl.col("de_clean"))
     sr_ln = sr - pl.col("d_de_heads") - pl.col("d_de_mlps")

@@ -82,7 +82,6 @@ CASES = [
     (["--heads", "L1X2"], 2, "Error: Invalid value for '--heads': cannot parse 'L1X2'"),
     (["--heads", "L9H0"], 1, "Error: --heads: L9H0 is out of range; the model has layers 0..1"),
     (["--heads", "L1H7"], 1, "Error: --heads: L1H7 is out of range; the model has heads 0..3"),
-    (["--seq-len", "100"], 1, "Error: seq_len: 100 is above the model's context of 64 tokens"),
     (["--corpus", "/nonexistent/corpus.txt"], 1, "Error: corpus '/nonexistent/corpus.txt' not found"),
 ]
 
@@ -108,6 +107,13 @@ def test_empty_and_short_corpus(tiny_model_dirs, tmp_path):
     res = CliRunner().invoke(main, base + ["--corpus", str(short)])
     assert res.exit_code == 1
     assert _err(res) == f"Error: corpus {short}: 5 tokens is shorter than one row (31 tokens after BOS)"
+
+
+def test_seq_len_above_the_context(tiny_model_dirs, tmp_path):
+    res = CliRunner().invoke(main, ["ingest", "--model", str(tiny_model_dirs["gpt2"]), "--store", str(tmp_path / "s"),
+                                    "--seq-len", "100", "--corpus", "embedded"])
+    assert res.exit_code == 1 and _err(res) == "Error: seq_len: 100 is above the model's context of 64 tokens"
+    assert not (tmp_path / "s").exists()
 
 
 def test_store_path_that_is_a_file(tiny_model_dirs, tmp_path):
@@ -169,7 +175,7 @@ def test_verify_reports_ok_and_damage(cli_store, tmp_path):
 
 @pytest.mark.parametrize("extra,problem", [
     (["--revision", "v1"], "revision: stored None, asked 'v1'"),
-    (["--ablations", "mean"], "ablations: stored ['resample', 'zero'], asked ['mean']"),
+    (["--seed", "3"], "seed: stored 0, asked 3"),
     (["--top-p", "0.1"], "top_p: stored 0.02, asked 0.1"),
     (["--corpus", "{corpus}"], "corpus: stored 'embedded', asked '{corpus}'"),
 ])

@@ -1,7 +1,6 @@
 """SIGKILL an ingest at random moments of both phases, resume each time, and compare with
 an uninterrupted run: same rows, same values, no duplicates, no gaps, and `verify` passes."""
 
-import json
 import random
 import signal
 import subprocess
@@ -12,6 +11,8 @@ import polars as pl
 import pytest
 
 from selfrepair import Store
+from selfrepair.errors import SelfRepairError
+from selfrepair.store.model_store import ModelStore
 from selfrepair.store.schema import TABLES
 from selfrepair.store.verify import verify
 
@@ -26,8 +27,8 @@ def _cmd(model_dir, store):
 
 def _shards(store) -> dict:
     try:
-        return json.loads((store / "tiny-llama" / "manifest.json").read_text())["shards"]
-    except (OSError, ValueError, KeyError):
+        return ModelStore(store / "tiny-llama").manifest()["shards"]
+    except SelfRepairError:
         return {}
 
 

@@ -27,7 +27,76 @@ def test_more_heads_then_more_tokens_append(tiny_model_dirs, tmp_path):
 def test_overwrite_replaces_a_conflicting_run(tiny_model_dirs, tmp_path):
     d = tiny_model_dirs["gpt2"]
     ingest_tiny(d, tmp_path, tokens=124, ablations=("zero",))
-    ingest_tiny(d, tmp_path, tokens=124, ablations=("mean",), overwrite=True)
+    ingest_tiny(d, tmp_path, tokens=124, seq_len=16, ablations=("mean",), overwrite=True)  # seq_len conflicts
     kinds = Store.open(tmp_path).sql("SELECT DISTINCT ablation FROM ablation_effects")["ablation"].to_list()
     assert kinds == ["mean"]
     assert verify(tmp_path).ok
+
+
+# -- extending never duplicates: the tables equal one run of the final configuration ----------
+
+import numpy as np  # noqa: E402
+import polars as pl  # noqa: E402
+import pytest  # noqa: E402
+
+from selfrepair.store.schema import TABLES  # noqa: E402
+
+SMALL = dict(seq_len=32, batch_size=2, top_p=0.05, neurons_top_k=3)
+
+
+def _tables(store) -> dict[str, pl.DataFrame]:
+    s = Store.open(store)
+    return {name: s.sql(f"SELECT * FROM {name}").sort(list(t.key)) for name, t in TABLES.items()}
+
+
+def _assert_same(got: dict, want: dict, skip=()) -> None:
+    for name, spec in TABLES.items():
+        key = list(spec.key)
+        assert got[name].select(key).is_duplicated().sum() == 0, name
+        if name in skip:
+            continue
+        a, b = got[name], want[name]
+        assert a.height == b.height, (name, a.height, b.height)
+        assert a.select(key).equals(b.select(key)), name
+        for col, dtype in spec.columns:
+            if col not in key:
+                if dtype == pa_float:
+                    assert np.allclose(a[col].to_numpy(), b[col].to_numpy(), rtol=1e-5, atol=1e-5), (name, col)
+                else:
+                    assert a[col].equals(b[col]), (name, col)
+
+
+pa_float = TABLES["tokens"].columns[7][1]  # float32, the type of every value column
+
+
+@pytest.mark.parametrize("steps,final", [
+    ([dict(heads="L0"), dict(heads="L0H1"), dict(heads="all")], dict(heads="all")),
+    ([dict(ablations=("resample",)), dict(ablations=("resample", "zero")), dict(ablations=("resample",), resamples=3)],
+     dict(ablations=("resample", "zero"), resamples=3)),
+], ids=["heads", "ablations"])
+def test_extending_equals_one_run(tiny_model_dirs, tmp_path, steps, final):
+    d = tiny_model_dirs["gpt2"]
+    base = dict(SMALL, tokens=124, ablations=("zero",))
+    written = [ingest_tiny(d, tmp_path / "grown", **(base | step)).shards_written for step in steps]
+    assert all(written[i] > 0 for i in (0, 2)), written
+    if steps[1].get("heads") == "L0H1":
+        assert written[1] == 0  # L0H1 is already stored as part of L0
+    assert ingest_tiny(d, tmp_path / "grown", **(base | steps[-1])).shards_written == 0  # nothing left to do
+    ingest_tiny(d, tmp_path / "once", **(base | final))
+    _assert_same(_tables(tmp_path / "grown"), _tables(tmp_path / "once"))
+    assert verify(tmp_path / "grown").ok
+
+
+def test_more_tokens_with_a_partial_last_batch(tiny_model_dirs, tmp_path):
+    d = tiny_model_dirs["gpt2"]
+    settings = dict(SMALL, ablations=("resample", "zero"), heads="L1")
+    ingest_tiny(d, tmp_path / "grown", tokens=93, **settings)  # 3 rows: batches [0, 2) and [2, 3)
+    grown = ingest_tiny(d, tmp_path / "grown", tokens=124, **settings)
+    # The partial batch is redone as [2, 4) (clean + both ablations), superseding [2, 3);
+    # batch [0, 2)'s resample pairs pointed at the old last batch, so it is redone too.
+    assert grown.shards_written == 1 + 2 + 1
+    ingest_tiny(d, tmp_path / "once", tokens=124, **settings)
+    # Top-p% token sets grow with the token count; the detail tables of the first run's
+    # shards keep the sets of 93 tokens (see README, "Extending a store").
+    _assert_same(_tables(tmp_path / "grown"), _tables(tmp_path / "once"), skip=("repair_sources", "neuron_effects"))
+    assert verify(tmp_path / "grown").ok

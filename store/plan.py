@@ -1,0 +1,135 @@
+"""What is already stored, and what a run still has to do, in (ablation, sample, head, batch) units.
+
+A shard is identified by its batch rows, its ablation and draw, and the exact heads it
+ablated, so a new run with overlapping `--heads`, another ablation type or more draws
+does only the missing units. A stored shard whose batch changed (the partial last batch
+grew) or whose resample pairs changed is invalid: its units are redone for the new batch
+in one shard that supersedes it in the same commit, so keys never repeat.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+from selfrepair.store.heads import heads_spec, parse_heads
+from selfrepair.store.schema import ABLATION_KINDS
+
+Heads = list[tuple[int, int]]
+
+
+@dataclass
+class CleanWork:
+    """One clean batch to run and commit (superseding the shards of an older, shorter batch)."""
+
+    rows: tuple[int, int]
+    shard_id: str
+    supersedes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class AblationWork:
+    """One ablation shard to run: a batch, an ablation draw and the heads still missing there.
+
+    Args:
+        kind, sample: the ablation and draw.
+        rows: the batch.
+        heads: (layer, head) pairs to ablate.
+        heads_spec: the same as text (recorded in the shard entry).
+        shard_id: a new id (never one in the snapshot, so no file of a readable shard is replaced).
+        supersedes: stored shards this one replaces.
+        with_sources: whether this shard carries the batch's `resample_sources` rows.
+    """
+
+    kind: str
+    sample: int
+    rows: tuple[int, int]
+    heads: Heads
+    heads_spec: str
+    shard_id: str
+    supersedes: list[str] = field(default_factory=list)
+    with_sources: bool = False
+
+
+def batches(n_rows: int, batch_size: int) -> list[tuple[int, int]]:
+    return [(r0, min(r0 + batch_size, n_rows)) for r0 in range(0, n_rows, batch_size)]
+
+
+def _overlaps(rows, r0: int, r1: int) -> bool:
+    return rows[0] < r1 and rows[1] > r0
+
+
+def clean_work(manifest: dict, n_rows: int, batch_size: int) -> list[CleanWork]:
+    """The clean batches not yet stored as exactly that batch."""
+    clean = {tuple(e["rows"]): sid for sid, e in manifest["shards"].items() if e["phase"] == "clean"}
+    out = []
+    for r0, r1 in batches(n_rows, batch_size):
+        if (r0, r1) in clean:
+            continue
+        old = [sid for rows, sid in clean.items() if _overlaps(rows, r0, r1)]
+        out.append(CleanWork((r0, r1), f"clean-{r0:08d}-{r1:08d}", old))
+    return out
+
+
+def stored_draws(manifest: dict) -> list[tuple[str, int]]:
+    """Every (ablation, sample) with at least one stored shard."""
+    return sorted({(e["ablation"], e["sample"]) for e in manifest["shards"].values() if e["phase"] == "ablation"},
+                  key=_draw_order)
+
+
+def _draw_order(draw: tuple[str, int]) -> tuple[int, int]:
+    kind, sample = draw
+    return (ABLATION_KINDS.index(kind) if kind in ABLATION_KINDS else len(ABLATION_KINDS), sample)
+
+
+def ablation_work(manifest: dict, n_rows: int, batch_size: int, asked_draws: list[tuple[str, int]],
+                  asked_heads: Heads, pairs_digest: Callable[[int, int, int], str]) -> list[AblationWork]:
+    """The ablation shards a run must write, batch by batch.
+
+    Args:
+        manifest: the store's snapshot.
+        n_rows, batch_size: the run's rows and batch size.
+        asked_draws: (ablation, sample) pairs this run asks for.
+        asked_heads: heads this run asks for.
+        pairs_digest: (sample, r0, r1) -> digest of that batch's resample pairs now.
+
+    Returns:
+        Work in batch order, then draw order.
+    """
+    n_layers, n_heads = manifest["model"]["n_layers"], manifest["model"]["n_heads"]
+    by_draw: dict[tuple[str, int], list[tuple[str, dict]]] = {}
+    for sid, e in manifest["shards"].items():
+        if e["phase"] == "ablation":
+            by_draw.setdefault((e["ablation"], e["sample"]), []).append((sid, e))
+    draws = sorted(set(asked_draws) | set(by_draw), key=_draw_order)
+    taken = set(manifest["shards"])
+    out = []
+    for r0, r1 in batches(n_rows, batch_size):
+        for kind, sample in draws:
+            stored = [(sid, e) for sid, e in by_draw.get((kind, sample), []) if _overlaps(e["rows"], r0, r1)]
+            digest = pairs_digest(sample, r0, r1) if kind == "resample" else None
+            # Shards written before pairs were recorded are taken as valid when their batch matches.
+            valid = all(tuple(e["rows"]) == (r0, r1) and (digest is None or e.get("pairs_sha", digest) == digest)
+                        for _, e in stored)
+            have = {h for _, e in stored for h in parse_heads(e.get("heads", "all"), n_layers, n_heads)}
+            asked = set(asked_heads) if (kind, sample) in asked_draws else set()
+            if valid:
+                need, supersedes = asked - have, []
+                with_sources = kind == "resample" and not any("resample_sources" in e["files"] for _, e in stored)
+            else:
+                need, supersedes = asked | have, [sid for sid, _ in stored]
+                with_sources = kind == "resample"
+            if not need:
+                continue
+            heads = sorted(need)
+            spec = heads_spec(heads, n_layers, n_heads)
+            key = hashlib.sha256(spec.encode()).hexdigest()[:8]
+            base = f"abl-{kind}-s{sample}-{r0:08d}-{r1:08d}-h{key}"
+            shard_id, n = base, 1
+            while shard_id in taken:
+                n += 1
+                shard_id = f"{base}-v{n}"
+            taken.add(shard_id)
+            out.append(AblationWork(kind, sample, (r0, r1), heads, spec, shard_id, supersedes, with_sources))
+    return out

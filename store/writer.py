@@ -1,0 +1,192 @@
+"""The write protocol of a model folder: lock, snapshot, shard commits, checkpoints, cleanup.
+
+Committing a shard writes its files (temporary name, fsync, rename), then appends one
+small record to the commit log and fsyncs it: the cost is the same at the 8,000th shard
+as at the first. When the log holds as many records as the manifest holds shards (and at
+least CHECKPOINT_MIN_RECORDS), it is folded into `manifest.json` under the next log
+generation, so checkpoint bytes stay proportional to what was committed (amortised
+constant per commit) and a reader never has a long log to replay.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from selfrepair.store import arrays, files, snapshot
+from selfrepair.store.lock import LOCK_NAME, WriterLock
+from selfrepair.store.model_store import ModelStore
+from selfrepair.store.schema import SCHEMA_VERSION
+
+CHECKPOINT_MIN_RECORDS = 256
+
+
+class Writer:
+    """The one writer of a model folder. Use `Writer.open(ms)` as a context manager.
+
+    `manifest` is the live snapshot (checkpoint plus every record appended so far), kept
+    in memory and updated per commit, never re-read.
+    """
+
+    def __init__(self, ms: ModelStore):
+        self.ms = ms
+        self.lock = WriterLock(ms.path)
+        self.manifest: dict | None = None
+        self.generation = -1
+        self.n_records = 0
+        self._fd: int | None = None
+
+    @classmethod
+    def open(cls, ms: ModelStore) -> "Writer":
+        """Create the model folder if needed, take its lock (or raise StoreBusy) and read its snapshot."""
+        files.ensure_writable_dir(ms.path)
+        w = cls(ms)
+        w.lock.acquire()
+        try:
+            w._load()
+        except BaseException:
+            w.lock.release()
+            raise
+        return w
+
+    def _load(self) -> None:
+        if not self.ms.manifest_path.exists():
+            return
+        self.manifest, self.generation, self.n_records = snapshot.read(self.ms.path)
+        if self.generation < 0:
+            return  # a schema-1 store: its first commit starts a log (see _append)
+        path = snapshot.log_path(self.ms.path, self.generation)
+        _, complete = snapshot.read_log(self.ms.path, self.generation)
+        if path.stat().st_size != complete:
+            os.truncate(path, complete)  # drop a record torn by a crash mid-append
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+
+    # -- life cycle --------------------------------------------------------------------
+    def __enter__(self) -> "Writer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close(fold=exc[0] is None)
+
+    def close(self, fold: bool = True) -> None:
+        """Fold the log into the manifest (after a clean run) and release the lock."""
+        try:
+            if fold and self.manifest is not None and self.n_records:
+                self.checkpoint()
+        finally:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            self.lock.release()
+
+    def create(self, manifest: dict) -> None:
+        """Start a fresh store from `manifest` (no shards), replacing whatever the folder holds."""
+        self._remove_contents()
+        self.manifest = manifest | {"shards": {}, "derived": {}}
+        self.generation = -1
+        self.checkpoint()
+
+    def _remove_contents(self) -> None:
+        # Direct children of the folder, never following a symlink: rmtree does not follow
+        # the ones inside, and a symlink child is removed as a link. The lock stays.
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        for child in sorted(self.ms.path.iterdir()):
+            if child.name == LOCK_NAME:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink(missing_ok=True)
+
+    def checkpoint(self) -> None:
+        """Fold the log into `manifest.json` under the next generation, then drop the old log."""
+        gen = self.generation + 1
+        new_log = snapshot.log_path(self.ms.path, gen)
+        files.atomic_write_bytes(new_log, b"")  # exists before the manifest names it
+        files.atomic_write_json(self.ms.manifest_path,
+                                self.manifest | {"log": {"generation": gen}, "schema_version": SCHEMA_VERSION})
+        if self._fd is not None:
+            os.close(self._fd)
+        old, self.generation, self.n_records = self.generation, gen, 0
+        self._fd = os.open(new_log, os.O_WRONLY | os.O_APPEND)
+        if old >= 0:
+            files.remove_inside(self.ms.path, snapshot.log_path(self.ms.path, old))
+
+    # -- commits -----------------------------------------------------------------------
+    def _append(self, record: dict) -> None:
+        if self._fd is None:
+            self.checkpoint()
+        record = {"seq": self.n_records, **record}
+        line = json.dumps(record, separators=(",", ":"), sort_keys=True).encode() + b"\n"
+        files.append_line(self._fd, snapshot.log_path(self.ms.path, self.generation), line)
+        snapshot.apply(self.manifest, record)
+        self.n_records += 1
+        if self.n_records >= max(CHECKPOINT_MIN_RECORDS, len(self.manifest["shards"])):
+            self.checkpoint()
+
+    def commit(self, shard_id: str, entry: dict, tables: dict[str, pa.Table], supersedes=()) -> None:
+        """Write a shard's tables, then commit its entry; `supersedes` leave the snapshot in the same record."""
+        entry["files"] = self.ms.write_shard_files(shard_id, tables)
+        self._append({"op": "shard", "id": shard_id, "entry": entry, "supersedes": sorted(supersedes)})
+
+    def commit_clean(self, shard_id: str, rows: tuple[int, int], tokens: tuple[int, int],
+                     tables: dict[str, pa.Table], values: dict[str, np.ndarray], supersedes=()) -> None:
+        """A clean shard: its Zarr region (whole chunks, checksummed for `verify`), then its tables."""
+        chunks = {}
+        for name, array in values.items():
+            arrays.write_region(self.ms.arrays_path, name, tokens[0], array)
+            for p in arrays.region_chunks(self.ms.arrays_path, name, *tokens):
+                chunks[str(p.relative_to(self.ms.path))] = files.sha256_file(p) if p.exists() else None
+        entry = {"phase": "clean", "rows": list(rows), "tokens": list(tokens), "chunks": chunks}
+        self.commit(shard_id, entry, tables, supersedes)
+
+    def set(self, **values) -> None:
+        """Replace top-level manifest keys (n_rows, n_tokens, corpus, arrays, config, …) in one record."""
+        self._append({"op": "set", "values": values})
+
+    def write_derived(self, table: str, data: pa.Table, meta: dict) -> None:
+        """Replace a derived table's one file (the old one is an orphan for the next start-up cleanup)."""
+        entry = self.ms.write_shard_files(f"derived-{meta['n_tokens']}", {table: data})[table] | meta
+        self._append({"op": "derived", "table": table, "entry": entry})
+
+    def prepare_arrays(self, shapes: dict[str, tuple[int, ...]], chunk_tokens: int, dtype: str,
+                       weights: dict[str, np.ndarray]) -> None:
+        """Create or grow the activation arrays; save the weights once."""
+        arrays.create_arrays(self.ms.arrays_path, shapes, chunk_tokens, dtype)
+        if weights and not (self.ms.arrays_path / "weights").exists():
+            arrays.write_weights(self.ms.arrays_path, weights)
+
+    # -- cleanup -----------------------------------------------------------------------
+    def clean_orphans(self) -> list[Path]:
+        """Delete what no committed entry lists: leftovers of a killed run, superseded shards, old logs.
+
+        Only files whose folder provably lies inside the model folder are touched.
+        """
+        root = self.ms.path
+        listed = {e["path"] for s in self.manifest["shards"].values() for e in s["files"].values()}
+        listed |= {e["path"] for e in self.manifest.get("derived", {}).values()}
+        removed = []
+        tables_dir = root / "tables"
+        if tables_dir.is_dir() and not tables_dir.is_symlink():
+            for folder, _, names in os.walk(tables_dir, followlinks=False):
+                for name in names:
+                    p = Path(folder) / name
+                    if str(p.relative_to(root)) not in listed and files.remove_inside(root, p):
+                        removed.append(p)
+        log_dir = root / snapshot.LOG_DIR
+        current = snapshot.log_path(root, self.generation).name
+        if log_dir.is_dir() and not log_dir.is_symlink():
+            for p in log_dir.iterdir():
+                if p.name != current and files.remove_inside(root, p):
+                    removed.append(p)
+        for p in root.glob(".*.tmp"):
+            if files.remove_inside(root, p):
+                removed.append(p)
+        return removed

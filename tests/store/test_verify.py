@@ -1,0 +1,59 @@
+"""`verify` checks shards against each other and the recorded configuration, and shows self-checks."""
+
+import copy
+import shutil
+
+import pytest
+
+from tiny_models import ingest_tiny
+from selfrepair.store.model_store import ModelStore
+from selfrepair.store.verify import verify
+from selfrepair.store.writer import Writer
+
+
+@pytest.fixture(scope="module")
+def small_store(tiny_model_dirs, tmp_path_factory):
+    store = tmp_path_factory.mktemp("verify")
+    ingest_tiny(tiny_model_dirs["gpt2"], store, tokens=124, seq_len=32, batch_size=2, ablations=("zero",), heads="L1",
+                neurons_top_k=2)
+    return store
+
+
+def _damaged(small_store, tmp_path, change):
+    store = tmp_path / "s"
+    shutil.copytree(small_store, store)
+    with Writer.open(ModelStore(store / "tiny-gpt2")) as w:
+        change(w)
+    return verify(store)
+
+
+def _copy_of_first_ablation(w, **changes):
+    sid = min(s for s in w.manifest["shards"] if s.startswith("abl-"))
+    entry = copy.deepcopy(w.manifest["shards"][sid]) | changes
+    w._append({"op": "shard", "id": sid + "-copy", "entry": entry, "supersedes": []})
+
+
+def test_overlapping_shards_are_found(small_store, tmp_path):
+    report = _damaged(small_store, tmp_path, _copy_of_first_ablation)
+    assert any("overlap (zero draw 0, 4 head(s))" in p for p in report.problems["tiny-gpt2"]), report.lines()
+
+
+def test_shards_outside_the_recorded_configuration_are_found(small_store, tmp_path):
+    report = _damaged(small_store, tmp_path, lambda w: _copy_of_first_ablation(w, ablation="mean"))
+    problems = report.problems["tiny-gpt2"]
+    assert any("ablation mean draw 0 is not in the recorded configuration" in p for p in problems), problems
+
+
+def test_rows_outside_the_declared_batch_are_found(small_store, tmp_path):
+    def shift(w):
+        sid = min(s for s in w.manifest["shards"] if s.startswith("abl-"))
+        w._append({"op": "shard", "id": sid, "entry": w.manifest["shards"][sid] | {"rows": [2, 4]}, "supersedes": []})
+
+    problems = _damaged(small_store, tmp_path, shift).problems["tiny-gpt2"]
+    assert any("holds token_index 0..61, outside its rows 2..4" in p for p in problems), problems
+
+
+def test_self_check_is_shown(small_store, tmp_path):
+    report = _damaged(small_store, tmp_path, lambda w: w.set(self_check={"sum_de_max_error": 3e-6}))
+    assert report.ok, report.lines()
+    assert "  ok   ingest self-check sum_de_max_error: 3e-06" in report.lines()
