@@ -21,21 +21,21 @@ def _capture(ctx, rows, folder) -> float:
     from selfrepair.store.writer import Writer
 
     model, w = ctx.model(), ctx.weights()
-    c, preds = model.cfg, ctx.seq_len - 1
+    preds = ctx.seq_len - 1
     n_tokens = len(rows) * preds
     shutil.rmtree(folder, ignore_errors=True)
     t0 = time.perf_counter()
     folder.mkdir(parents=True)
     writer = Writer.open(ModelStore(folder))
-    writer.create({"model": model.facts(), "n_tokens": n_tokens})
+    writer.create({"model": model.facts(w), "n_tokens": n_tokens})
     writer.prepare_arrays({
-        "resid_pre": (n_tokens, c.n_layers, c.d_model), "resid_final": (n_tokens, c.d_model),
-        "z": (n_tokens, c.n_layers, c.n_heads, c.d_head), "norm_scales": (n_tokens, 2 * c.n_layers + 1),
+        "resid_pre": (n_tokens, w.n_layers, w.d_model), "resid_final": (n_tokens, w.d_model),
+        "z": (n_tokens, w.n_layers, w.n_heads, w.d_head), "norm_scales": (n_tokens, len(w.norm_names)),
         "mlp_post_final": (n_tokens, w.d_mlp)}, BATCH * preds, "float16", {})
     strings = TokenStrings(model.tokenizer)
     for r0 in range(0, len(rows), BATCH):
         r1 = min(r0 + BATCH, len(rows))
-        out = run_clean(model, w, rows[r0:r1], r0, strings, True)
+        out = run_clean(w, rows[r0:r1], r0, strings, True)
         writer.commit_clean(f"clean-{r0:08d}-{r1:08d}", (r0, r1), (r0 * preds, r1 * preds), out.tables, out.arrays)
     writer.close()
     return time.perf_counter() - t0

@@ -37,12 +37,15 @@ def _save_neox(folder, shape: dict):
     return folder
 
 
-def _sweep(w, w32, rows, src_rows, heads, top_sets):
-    """One batch's tables: both clean baselines, then all heads, a layer's heads per pass."""
+def sweep_tables(w, low, rows, src_rows, heads, top_sets):
+    """One batch's tables: both clean baselines, then all heads, a layer's heads per pass.
+
+    `low`: the dtype of the matrix products (None: float32), as `--dtype` gives it.
+    """
     from selfrepair.ingest.ablate import FastBatch, ablation_tables
 
-    ctx, src = FastBatch(w, rows), FastBatch(w, src_rows)
-    return ablation_tables(ctx, src, "resample", 0, heads, rows, 0, top_sets, 50, w.n_heads, w32)
+    ctx, src = FastBatch(w, rows, low), FastBatch(w, src_rows, low)
+    return ablation_tables(ctx, src, "resample", 0, heads, rows, 0, top_sets, 50, w.n_heads, w)
 
 
 def run(ctx) -> dict:
@@ -62,13 +65,12 @@ def measure(ctx, device: str, shape: dict, batch_rows: int, n_batches: int) -> d
     import torch
 
     from selfrepair.ingest.models import load_model
-    from selfrepair.ingest.weights import weights_from_bridge
+    from selfrepair.ingest.weights import read_weights
 
     # load_model boots a local folder with TransformerBridge.boot_transformers(path,
     # hf_model=..., tokenizer=...) and enable_compatibility_mode(), as the ingest does.
     model = load_model(str(_save_neox(ctx.tmp / "neox-bench", shape)), device, "float32")
-    w32 = weights_from_bridge(model.bridge, SEQ_LEN).to(device, torch.float32)
-    wbf = w32.to(device, torch.bfloat16)
+    w32 = read_weights(model.hf_model, SEQ_LEN)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     heads = [(l, h) for l in range(w32.n_layers) for h in range(w32.n_heads)]
     gen = torch.Generator().manual_seed(0)
@@ -78,16 +80,16 @@ def measure(ctx, device: str, shape: dict, batch_rows: int, n_batches: int) -> d
     top_sets = {lh: top for lh in heads}
     out = {"heads": len(heads), "tokens_per_batch": n}
     with torch.no_grad():
-        for name, w in (("float32", w32), ("bfloat16", wbf)):
-            _sweep(w, w32, rows[0], rows[1], heads, top_sets)  # warm-up
+        for name, low in (("float32", None), ("bfloat16", torch.bfloat16)):
+            sweep_tables(w32, low, rows[0], rows[1], heads, top_sets)  # warm-up
             sync()
             t0 = time.perf_counter()
             for b in range(n_batches):
-                _sweep(w, w32, rows[b], rows[b + 1], heads, top_sets)
+                sweep_tables(w32, low, rows[b], rows[b + 1], heads, top_sets)
             sync()
             out[f"{name}_s_per_m_tokens"] = (time.perf_counter() - t0) / (n_batches * n) * 1e6
-        a = _sweep(w32, w32, rows[0], rows[1], heads, top_sets)["ablation_effects"]
-        b = _sweep(wbf, w32, rows[0], rows[1], heads, top_sets)["ablation_effects"]
+        a = sweep_tables(w32, None, rows[0], rows[1], heads, top_sets)["ablation_effects"]
+        b = sweep_tables(w32, torch.bfloat16, rows[0], rows[1], heads, top_sets)["ablation_effects"]
     for col in ("d_logit", "de", "d_de_heads", "d_de_mlps"):
         x, y = a.column(col).to_numpy(), b.column(col).to_numpy()
         out[f"bf16_max_abs_err_{col}"] = float(np.abs(x - y).max())

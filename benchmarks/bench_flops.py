@@ -26,9 +26,11 @@ class Arch:
 
     @classmethod
     def of(cls, w) -> "Arch":
-        """From `ModelWeights`."""
-        return cls(w.n_layers, w.n_heads, w.n_kv, w.d_head, w.d_model, w.d_mlp,
-                   w.gated, w.parallel)
+        """From the engine's `Weights` (the key/value head count and gating from the HF modules)."""
+        n_kv = getattr(w.model.config, "num_key_value_heads", None) or w.n_heads
+        mlp = w.mlp_out[0]
+        gated = any(hasattr(mlp, a) for a in ("gate_proj", "gate_up_proj"))
+        return cls(w.n_layers, w.n_heads, n_kv, w.d_head, w.d_model, w.d_mlp, gated, w.parallel)
 
 
 def layer_flops(a: Arch, seq_len: int) -> tuple[float, float]:

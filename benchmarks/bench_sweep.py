@@ -90,7 +90,7 @@ def paired_sweep(ctx, with_reference: bool = True) -> dict:
     engines = {"fast": _timed(FastBatch)}
     if with_reference:
         bridge = ctx.model().bridge
-        engines["reference"] = lambda w_, r: ReferenceBatch(bridge, w_, r)
+        engines["reference"] = lambda w_, r: ReferenceBatch(bridge, r)
     order = ["fast", "reference", "fast"] if with_reference else ["fast", "fast"]
     total = {"fast": 0.0, "reference": 0.0}
     ideal = 0.0

@@ -82,9 +82,9 @@ class Context:
 
     def weights(self):
         if "weights" not in self.memo:
-            from selfrepair.ingest.weights import weights_from_bridge
+            from selfrepair.ingest.weights import read_weights
 
-            self.memo["weights"] = weights_from_bridge(self.model().bridge, self.seq_len)
+            self.memo["weights"] = read_weights(self.model().hf_model, self.seq_len)
         return self.memo["weights"]
 
     def rows(self, n_rows: int):

@@ -1,7 +1,7 @@
 """Run the benchmarks and print one table: every figure, its target, PASS/MISS and margin.
 
 Usage:
-    python benchmarks/run.py [--quick] [--only sweep,flops,clean,queries,cuda] [--output results.json]
+    python benchmarks/run.py [--quick] [--only sweep,flops,clean,queries,precision,cuda] [--output results.json]
 
 Every figure is a ratio or a time measured in this run (see benchmarks/README.md), so
 the table holds on a machine shared with other jobs.
@@ -21,12 +21,13 @@ sys.path.insert(0, str(Path(__file__).parent))  # the bench modules import each 
 import bench_clean  # noqa: E402
 import bench_cuda  # noqa: E402
 import bench_flops  # noqa: E402
+import bench_precision  # noqa: E402
 import bench_queries  # noqa: E402
 import bench_sweep  # noqa: E402
 from common import Context, threads  # noqa: E402
 
 BENCHES = {"sweep": bench_sweep.run, "flops": bench_flops.run, "clean": bench_clean.run,
-           "queries": bench_queries.run, "cuda": bench_cuda.run}
+           "queries": bench_queries.run, "precision": bench_precision.run, "cuda": bench_cuda.run}
 
 
 def verdict(value: float, target: float, at_least: bool) -> str:
@@ -74,6 +75,17 @@ def rows_for(name: str, r: dict, quick: bool) -> list[tuple[str, str, str, str]]
             out.append((f"query {q} (p=0.02), best (first)", f"{t:.2f} s ({r[q]['first_s']:.2f} s)", target, v))
         out.append(("on-disk bytes per ablation_effects row", f"{r['bytes_per_row']:.1f} B", "≤ 24 B",
                     verdict(r["bytes_per_row"], 24, False) if big else ""))
+        return out
+    if name == "precision":
+        out = [(f"low precision vs float32: {r['heads']} heads × {r['tokens']} tokens, mean |error| / mean |value|",
+                "", "", "")]
+        for dt in ("bfloat16", "float16"):
+            for col in bench_precision.COLUMNS:
+                target = "≤ 2%" if col != "de" else ""
+                out.append((f"{dt}: {col}", f"{r[f'{dt}_{col}']:.3%}", target,
+                            verdict(r[f"{dt}_{col}"], 0.02, False) if target else ""))
+            out.append((f"{dt}: LayerNorm identity, max abs error", f"{r[f'{dt}_ln_identity']:.1e}", "≤ 1e-4",
+                        verdict(r[f"{dt}_ln_identity"], 1e-4, False)))
         return out
     if name == "cuda":
         if r["status"] != "measured":

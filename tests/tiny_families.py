@@ -127,7 +127,9 @@ def _is_norm(module: torch.nn.Module) -> bool:
 
 
 @torch.no_grad()
-def _perturb(model: torch.nn.Module, family: str, post_norm_vo_bias: bool) -> None:
+def perturb(model: torch.nn.Module, family: str, post_norm_vo_bias: bool = False, scale: float | None = None) -> None:
+    """Biases and norm gains + N(0, 0.3²) (HF inits them to 0 and 1, which hides folding bugs); weights × scale."""
+    scale = SCALE if scale is None else scale
     gen = torch.Generator().manual_seed(1234)
     norm_params = {id(p) for m in model.modules() if _is_norm(m) for p in m.parameters(recurse=False)}
     seen = set()
@@ -138,7 +140,7 @@ def _perturb(model: torch.nn.Module, family: str, post_norm_vo_bias: bool) -> No
         if id(p) in norm_params or name.endswith("bias"):
             p.add_(0.3 * torch.randn(p.shape, generator=gen))  # gains and biases: N(0, 0.3²) on top of init
         else:
-            p.mul_(SCALE)  # weights and embeddings: bigger logits, visible ablation effects
+            p.mul_(scale)  # weights and embeddings: bigger logits, visible ablation effects
     if family in POST_NORM and not post_norm_vo_bias:
         for layer in model.model.layers:
             for proj in (layer.self_attn.v_proj, layer.self_attn.o_proj):
@@ -150,7 +152,7 @@ def build(family: str, n_layers: int = 3, seed: int = 0, post_norm_vo_bias: bool
     """A tiny random float32 eval model of `family` (see the module docstring)."""
     torch.manual_seed(seed)
     model = _make(family, n_layers)
-    _perturb(model, family, post_norm_vo_bias)
+    perturb(model, family, post_norm_vo_bias)
     return model.float().eval()
 
 

@@ -1,8 +1,9 @@
 """Tiny randomly initialised models of each family, built offline from transformers configs.
 
 GPT-2 (sequential, LayerNorm, learned positions), GPT-NeoX/Pythia (parallel attention
-and MLP, partial rotary) and Llama (RMSNorm, GQA, gated MLP), each saved with a
-byte-level tokenizer so `--model <folder>` works exactly like a downloaded model.
+and MLP, partial rotary) and Llama (RMSNorm, GQA, gated MLP), with perturbed biases and
+norm gains, each saved with a byte-level tokenizer so `--model <folder>` works exactly
+like a downloaded model. `tiny_families.py` builds all 22 supported families.
 """
 
 from __future__ import annotations
@@ -35,14 +36,15 @@ def build(family: str, n_layers: int = 2, seed: int = 0):
     elif family == "llama":
         model = LlamaForCausalLM(LlamaConfig(
             vocab_size=v, hidden_size=d, num_hidden_layers=n_layers, num_attention_heads=h,
-            num_key_value_heads=2, intermediate_size=2 * d, max_position_embeddings=ctx,
+            num_key_value_heads=2, intermediate_size=2 * d, max_position_embeddings=ctx, attention_bias=True, mlp_bias=True,
             bos_token_id=256, eos_token_id=256))
     else:
         raise ValueError(family)
-    # Random init gives tiny logits; scale the unembedding so ablations move them visibly.
+    from tiny_families import perturb
+
+    # Non-zero biases and non-unit gains (folding bugs show); weights × 3 so ablations move logits visibly.
     with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(3.0)
+        perturb(model, family, scale=3.0)
     return model.eval()
 
 
