@@ -193,11 +193,12 @@ def _check_file(table, path: Path, entry: dict, r0: int, r1: int, preds: int, he
 def _show_self_check(manifest: dict, ok: list[str]) -> None:
     """The ingest's own self-check deviations, when the engine recorded them."""
     check = manifest.get("self_check")
-    if not check:
+    if not isinstance(check, dict) or not isinstance(check.get("deviations"), dict) or not check["deviations"]:
         return
-    items = check.items() if isinstance(check, dict) else enumerate(check)
-    for name, value in items:
-        ok.append(f"ingest self-check {name}: {value}")
+    devs = check["deviations"]
+    worst = max(devs, key=lambda k: devs[k])
+    ok.append(f"ingest self-check ({check.get('bridge', 'bridge')}): {len(devs)} comparisons on the first batch, "
+              f"largest deviation {devs[worst]:.1e} ({worst}); tolerance {check.get('tolerance')}")
 
 
 def _check_arrays(ms: ModelStore, manifest: dict, ok: list[str], bad: list[str]) -> None:

@@ -42,9 +42,9 @@ def build(family: str, n_layers: int = 2, seed: int = 0):
         raise ValueError(family)
     from tiny_families import perturb
 
-    # Non-zero biases and non-unit gains (folding bugs show); weights × 3 so ablations move logits visibly.
+    # Non-zero biases and non-unit gains (folding bugs show); weights scaled so ablations move logits visibly.
     with torch.no_grad():
-        perturb(model, family, scale=3.0)
+        perturb(model, family)
     return model.eval()
 
 
