@@ -303,6 +303,7 @@ def patch_layer(
     regs.append(lambda: w.down_final.register_forward_pre_hook(put("post", (batch, pos, -1))))
     if low_precision is not None:
         regs += [lambda i=i: _Float32Forward(w.attn_out[i], u.device.type) for i in range(layer, w.n_layers)]
+        regs += [lambda i=i: _Float32Forward(w.downs[i], u.device.type) for i in range(layer, w.n_layers)]
 
     d_heads = u.new_zeros((k, batch, pos, w.n_layers, H))
     d_mlps = u.new_zeros((k, batch, pos, w.n_layers))

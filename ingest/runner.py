@@ -97,6 +97,9 @@ class Ingest:
         model = load_model(cfg.model, cfg.device, cfg.dtype, cfg.revision)
         from selfrepair.ingest.weights import read_weights
 
+        n_ctx = context_length(model.hf_model.config)
+        if n_ctx is not None and cfg.seq_len > n_ctx:
+            raise ConfigError(f"seq_len: {cfg.seq_len} is above the model's context of {n_ctx} tokens")
         w = read_weights(model.hf_model, cfg.seq_len)
         if model.bridge is not None and (model.cfg.n_layers, model.cfg.n_heads) != (w.n_layers, w.n_heads):
             raise UnsupportedModel(f"{w.family.name}: the bridge sees {model.cfg.n_layers} layers × "
@@ -107,9 +110,6 @@ class Ingest:
                 raise UnsupportedModel(f"{w.family.name}: --engine reference (TransformerLens) does not model "
                                        "post-norm blocks or softcapped logits as DESIGN.md defines them; "
                                        "use the fast engine")
-        n_ctx = context_length(model.hf_model.config)
-        if n_ctx is not None and cfg.seq_len > n_ctx:
-            raise ConfigError(f"seq_len: {cfg.seq_len} is above the model's context of {n_ctx} tokens")
         heads = parse_heads(cfg.heads, w.n_layers, w.n_heads)
         checks = None
         if self._writer is None:
@@ -184,7 +184,11 @@ class Ingest:
             self.log(f"warning: {model.bridge_error}; the self-check compares the engine with the model's "
                      "own forward passes only")
         t = time.perf_counter()
-        checks = run_self_check(model, w, first, src, cfg.ablations)
+        try:
+            checks = run_self_check(model, w, first, src, cfg.ablations)
+        except torch.OutOfMemoryError:
+            raise DeviceError("out of GPU memory even with one head per pass (in the self-check on the first "
+                              "batch); lower --batch-size") from None
         self.log(f"self-check on the first batch: {len(checks)} comparisons, largest deviation "
                  f"{max(checks.values()):.2e} ({time.perf_counter() - t:.1f} s)")
         return {"tolerance": "1e-3 of max(1, |value|)", "bridge": model.bridge_error or "TransformerBridge",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from selfrepair.errors import StoreNotFound
+from selfrepair.errors import StoreError, StoreNotFound
 from selfrepair.store import files, snapshot
 from selfrepair.store.schema import TABLES, validate_table
 
@@ -71,9 +71,10 @@ class ModelStore:
         Only call this on a folder the failing run created itself. Returns whether it was removed.
         """
         try:
-            if not self.path.is_dir() or (self.exists() and files.read_json(self.manifest_path).get("shards")):
+            # The snapshot, not manifest.json alone: commits since the last checkpoint live in the log.
+            if not self.path.is_dir() or (self.exists() and self.manifest().get("shards")):
                 return False
-        except (OSError, ValueError):  # unreadable: keep it for `verify` to report
+        except (OSError, ValueError, StoreError):  # unreadable: keep it for `verify` to report
             return False
         files.remove_tree(self.path)
         return True
