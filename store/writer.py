@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from selfrepair.errors import StoreConflict
 from selfrepair.store import arrays, files, snapshot
 from selfrepair.store.lock import LOCK_NAME, WriterLock
 from selfrepair.store.model_store import ModelStore
@@ -133,6 +134,12 @@ class Writer:
 
     def commit(self, shard_id: str, entry: dict, tables: dict[str, pa.Table], supersedes=()) -> None:
         """Write a shard's tables, then commit its entry; `supersedes` leave the snapshot in the same record."""
+        compacted = [sid for sid in supersedes if self.manifest["shards"].get(sid, {}).get("compacted")]
+        if compacted:
+            # Compaction leaves out the partial last batch, the only one a same-config
+            # extension redoes, so this needs a changed batch layout.
+            raise StoreConflict(f"{self.ms.path}: shard {compacted[0]} was compacted and cannot be redone; "
+                                "use --overwrite (or the batch size it was ingested with)")
         entry["files"] = self.ms.write_shard_files(shard_id, tables)
         self._append({"op": "shard", "id": shard_id, "entry": entry, "supersedes": sorted(supersedes)})
 
@@ -146,6 +153,10 @@ class Writer:
                 chunks[str(p.relative_to(self.ms.path))] = files.sha256_file(p) if p.exists() else None
         entry = {"phase": "clean", "rows": list(rows), "tokens": list(tokens), "chunks": chunks}
         self.commit(shard_id, entry, tables, supersedes)
+
+    def commit_compaction(self, files_by_table: dict[str, list[dict]], shard_ids: list[str]) -> None:
+        """Swap in compacted files: one record replaces the compacted set and empties those shards' files."""
+        self._append({"op": "compact", "files": files_by_table, "shards": sorted(shard_ids)})
 
     def set(self, **values) -> None:
         """Replace top-level manifest keys (n_rows, n_tokens, corpus, arrays, config, …) in one record."""
@@ -172,6 +183,7 @@ class Writer:
         root = self.ms.path
         listed = {e["path"] for s in self.manifest["shards"].values() for e in s["files"].values()}
         listed |= {e["path"] for e in self.manifest.get("derived", {}).values()}
+        listed |= {e["path"] for lst in (self.manifest.get("compacted") or {}).values() for e in lst}
         removed = []
         tables_dir = root / "tables"
         if tables_dir.is_dir() and not tables_dir.is_symlink():
