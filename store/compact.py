@@ -14,9 +14,11 @@ moment leaves either the old snapshot (plus orphan files, removed by the next cl
 the new one. The shards keep their entries — rows, ablation, draw, heads — with `files`
 emptied and `compacted` naming the tables moved, so `store/plan.py` still sees every
 stored (ablation, sample, head, batch) unit and `verify` still checks that no two units
-overlap. A partial batch (shorter than the ingest's batch size) is left out: it is the
-only batch an extension with more tokens redoes and supersedes, and a compacted shard
-cannot be superseded (its rows share a file with others; `Writer.commit` refuses).
+overlap. A partial batch (shorter than the ingest's batch size) is left out: an extension
+with more tokens redoes it. When an extension redoes a compacted shard anyway (a full
+batch whose resample pairs pointed into the grown last batch), `Writer.commit` swaps in,
+in the same record, copies of the compacted files without that shard's units
+(`without_shards`): rows are unique per unit, so dropping by unit is exact.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from pathlib import Path
 import duckdb
 import pyarrow.parquet as pq
 
+from selfrepair.errors import StoreError
 from selfrepair.store import files
+from selfrepair.store.heads import parse_heads
 from selfrepair.store.model_store import ModelStore, list_models
 from selfrepair.store.schema import TABLES
 from selfrepair.store.writer import Writer
@@ -107,12 +111,55 @@ def compact_with(writer: Writer) -> Result:
     return result
 
 
-def _write_sorted(ms: ModelStore, table: str, paths: list[Path], name: str) -> dict:
-    """One table's rows from `paths`, sorted by its key, into `tables/<table>/<name>.parquet`."""
+def without_shards(writer: Writer, shard_ids) -> dict[str, list[dict]]:
+    """The compacted set with every row of the given (compacted) shards' units dropped, as new files."""
+    ms, manifest = writer.ms, writer.manifest
+    preds = manifest.get("seq_len", 0) - 1
+    n_layers, n_heads = manifest["model"]["n_layers"], manifest["model"]["n_heads"]
+    drop: dict[str, list[str]] = {}
+    for sid in shard_ids:
+        e = manifest["shards"].get(sid, {})
+        for table in e.get("compacted", []):
+            drop.setdefault(table, []).append(_unit_condition(TABLES[table], e, preds, n_layers, n_heads))
+    tag = uuid.uuid4().hex[:8]
+    out = {}
+    for table, entries in (manifest.get("compacted") or {}).items():
+        if table not in drop:
+            out[table] = entries
+            continue
+        paths = [ms.path / f["path"] for f in entries]
+        where = "NOT (" + " OR ".join(drop[table]) + ")"
+        out[table] = [_write_sorted(ms, table, paths, f"compact-{tag}", where)]
+    return out
+
+
+def _unit_condition(spec, entry: dict, preds: int, n_layers: int, n_heads: int) -> str:
+    """SQL that is true exactly on a shard's rows of one table (from its unit: rows, draw, heads)."""
+    r0, r1 = entry["rows"]
+    cols = set(spec.column_names)
+    terms = []
+    if "token_index" in cols:
+        if preds <= 0:
+            raise StoreError("the manifest has no seq_len: cannot locate a compacted shard's rows")
+        terms.append(f"token_index >= {r0 * preds} AND token_index < {r1 * preds}")
+    elif "row" in cols:
+        terms.append(f"row >= {r0} AND row < {r1}")
+    if entry.get("phase") == "ablation":
+        if "ablation" in cols:
+            terms.append(f"ablation = {_literal(entry['ablation'])}")
+        if "sample" in cols:
+            terms.append(f"sample = {int(entry.get('sample', 0))}")
+        if "head" in cols and entry.get("heads", "all") != "all":
+            pairs = parse_heads(entry["heads"], n_layers, n_heads)
+            terms.append("(layer, head) IN (" + ", ".join(f"({la}, {h})" for la, h in pairs) + ")")
+    return "(" + " AND ".join(terms) + ")"
+
+
+def _write_sorted(ms: ModelStore, table: str, paths: list[Path], name: str, where: str = "true") -> dict:
+    """One table's rows from `paths` (those where `where` holds), sorted by its key, into `tables/<table>/<name>.parquet`."""
     spec = TABLES[table]
     path = ms.shard_file(table, name)
     listing = "[" + ", ".join(_literal(str(p)) for p in paths) + "]"
-    # Casts keep the schema's Arrow types (DuckDB would widen nothing, but say so explicitly).
     cols = ", ".join(spec.column_names)
     order = ", ".join(spec.key)
 
@@ -121,7 +168,7 @@ def _write_sorted(ms: ModelStore, table: str, paths: list[Path], name: str) -> d
             con = duckdb.connect(":memory:", config={"memory_limit": MEMORY_LIMIT, "temp_directory": spill,
                                                      "preserve_insertion_order": True})
             try:
-                con.execute(f"COPY (SELECT {cols} FROM read_parquet({listing}) ORDER BY {order}) "
+                con.execute(f"COPY (SELECT {cols} FROM read_parquet({listing}) WHERE {where} ORDER BY {order}) "
                             f"TO {_literal(str(tmp))} (FORMAT parquet, COMPRESSION zstd, "
                             f"ROW_GROUP_SIZE {ROW_GROUP_ROWS})")
             finally:

@@ -240,7 +240,8 @@ MANIFEST_OPTIONAL = {"corpus": dict, "config": dict, "identity": dict, "n_rows":
 MODEL_FACTS = {"n_layers": int, "n_heads": int}
 
 # One JSON object per line of `commits/<generation>.jsonl`:
-#   shard:   a shard's entry, committed (replacing the shards it supersedes in the same record)
+#   shard:   a shard's entry, committed (replacing the shards it supersedes in the same record;
+#            when those were compacted, an optional `compacted` gives the files without their rows)
 #   derived: a derived table's one file (replacing the previous one)
 #   set:     top-level manifest keys replaced (n_rows, n_tokens, corpus, arrays, config, …)
 #   compact: every table's compacted files (replacing the previous set: `compacted`), and the

@@ -114,6 +114,8 @@ def check_record(folder: Path, record, seq: int, what: str) -> None:
         check_shard_entry(folder, record["id"], record["entry"], what)
         if not all(isinstance(s, str) for s in record["supersedes"]):
             raise StoreError(f"{what}: supersedes names a non-string shard")
+        if "compacted" in record:
+            check_compacted(folder, record["compacted"], what)
     elif record["op"] == "derived":
         if record["table"] not in TABLES:
             raise StoreError(f"{what}: unknown derived table {record['table']!r}")
@@ -133,6 +135,8 @@ def apply(manifest: dict, record: dict) -> None:
         for old in record["supersedes"]:
             manifest["shards"].pop(old, None)
         manifest["shards"][record["id"]] = record["entry"]
+        if "compacted" in record:
+            manifest["compacted"] = record["compacted"]
     elif op == "derived":
         manifest.setdefault("derived", {})[record["table"]] = record["entry"]
     elif op == "compact":

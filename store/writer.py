@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from selfrepair.errors import StoreConflict
 from selfrepair.store import arrays, files, snapshot
 from selfrepair.store.lock import LOCK_NAME, WriterLock
 from selfrepair.store.model_store import ModelStore
@@ -134,14 +133,15 @@ class Writer:
 
     def commit(self, shard_id: str, entry: dict, tables: dict[str, pa.Table], supersedes=()) -> None:
         """Write a shard's tables, then commit its entry; `supersedes` leave the snapshot in the same record."""
-        compacted = [sid for sid in supersedes if self.manifest["shards"].get(sid, {}).get("compacted")]
-        if compacted:
-            # Compaction leaves out the partial last batch, the only one a same-config
-            # extension redoes, so this needs a changed batch layout.
-            raise StoreConflict(f"{self.ms.path}: shard {compacted[0]} was compacted and cannot be redone; "
-                                "use --overwrite (or the batch size it was ingested with)")
         entry["files"] = self.ms.write_shard_files(shard_id, tables)
-        self._append({"op": "shard", "id": shard_id, "entry": entry, "supersedes": sorted(supersedes)})
+        record = {"op": "shard", "id": shard_id, "entry": entry, "supersedes": sorted(supersedes)}
+        if any(self.manifest["shards"].get(sid, {}).get("compacted") for sid in supersedes):
+            # The superseded rows share compacted files with others: the same record swaps
+            # in copies of those files without them (rare: a redone batch after compaction).
+            from selfrepair.store.compact import without_shards
+
+            record["compacted"] = without_shards(self, supersedes)
+        self._append(record)
 
     def commit_clean(self, shard_id: str, rows: tuple[int, int], tokens: tuple[int, int],
                      tables: dict[str, pa.Table], values: dict[str, np.ndarray], supersedes=()) -> None:
