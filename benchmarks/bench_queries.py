@@ -29,7 +29,8 @@ def _laplace(rng, scale, size) -> np.ndarray:
     return rng.laplace(0.0, 1.0, size).astype(np.float32) * np.asarray(scale, np.float32)
 
 
-def build_store(root: Path, n_layers: int, n_heads: int, n_rows: int, batch_rows: int, seed: int = 0) -> Path:
+def build_store(root: Path, n_layers: int, n_heads: int, n_rows: int, batch_rows: int, seed: int = 0,
+                seq_len: int = SEQ_LEN) -> Path:
     """Write the synthetic model folder `root/synthetic` and return `root`."""
     import pyarrow as pa
 
@@ -38,7 +39,7 @@ def build_store(root: Path, n_layers: int, n_heads: int, n_rows: int, batch_rows
     from selfrepair.store.writer import Writer
 
     rng = np.random.default_rng(seed)
-    preds = SEQ_LEN - 1
+    preds = seq_len - 1
     n_tokens = n_rows * preds
     folder = root / "synthetic"
     folder.mkdir(parents=True)
@@ -46,7 +47,8 @@ def build_store(root: Path, n_layers: int, n_heads: int, n_rows: int, batch_rows
     writer = Writer.open(ms)
     writer.create({
         "model": {"name": "synthetic", "n_layers": n_layers, "n_heads": n_heads, "d_model": 1024, "d_mlp": 4096},
-        "n_tokens": n_tokens, "n_rows": n_rows, "seq_len": SEQ_LEN, "config": {"top_p": TOP_P}})
+        "n_tokens": n_tokens, "n_rows": n_rows, "seq_len": seq_len,
+        "config": {"top_p": TOP_P, "batch_size": batch_rows}})
     # Per-head DE size: log-normal across heads, growing with depth (late heads write more).
     depth = (np.arange(n_layers) / n_layers)[:, None]
     head_scale = (0.02 * np.exp(rng.normal(0, 0.8, (n_layers, n_heads))) * (1 + 2 * depth)).astype(np.float32)

@@ -105,6 +105,29 @@ def write_parquet(path: Path, table: pa.Table) -> tuple[int, str]:
         _raise_store_error(path, e)
 
 
+def write_file_with(path: Path, write) -> tuple[int, str]:
+    """Let `write(tmp_path)` produce a file (e.g. DuckDB's COPY), then fsync, checksum and rename it into place.
+
+    Returns:
+        (bytes on disk, sha256 of the file).
+    """
+    tmp = _tmp_name(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        digest = sha256_file(tmp)
+        size = tmp.stat().st_size
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        return size, digest
+    except OSError as e:
+        _raise_store_error(path, e)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def read_parquet(paths: list[Path], columns: list[str] | None = None) -> pa.Table:
     if not paths:
         return None

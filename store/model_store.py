@@ -99,7 +99,8 @@ class ModelStore:
     def table_files(self, table: str, manifest: dict | None = None) -> list[Path]:
         """The committed Parquet files of one table, in shard order (paths checked inside the folder)."""
         manifest = manifest if manifest is not None else self.manifest()
-        out = []
+        # Compacted files first: they hold the older shards' rows (see store/compact.py).
+        out = [self.path / f["path"] for f in (manifest.get("compacted") or {}).get(table, [])]
         for shard_id in sorted(manifest.get("shards", {})):
             entry = manifest["shards"][shard_id]["files"].get(table)
             if entry is not None:

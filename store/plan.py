@@ -116,7 +116,8 @@ def ablation_work(manifest: dict, n_rows: int, batch_size: int, asked_draws: lis
             asked = set(asked_heads) if (kind, sample) in asked_draws else set()
             if valid:
                 need, supersedes = asked - have, []
-                with_sources = kind == "resample" and not any("resample_sources" in e["files"] for _, e in stored)
+                with_sources = kind == "resample" and not any(
+                    "resample_sources" in e["files"] or "resample_sources" in e.get("compacted", ()) for _, e in stored)
             else:
                 need, supersedes = asked | have, [sid for sid, _ in stored]
                 with_sources = kind == "resample"

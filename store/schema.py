@@ -230,22 +230,29 @@ def validate_table(table: Table, batch: pa.Table) -> pa.Table:
 FILE_ENTRY = {"path": str, "rows": int, "bytes": int, "sha256": str}
 SHARD_ENTRY = {"phase": str, "rows": list, "files": dict}
 SHARD_ENTRY_OPTIONAL = {"chunks": dict, "tokens": list, "ablation": str, "sample": int, "heads": str,
-                        "heads_key": str, "engine": str, "pairs_sha": str, "top_n_tokens": int}
+                        "heads_key": str, "engine": str, "pairs_sha": str, "top_n_tokens": int,
+                        "compacted": list}
 MANIFEST = {"schema_version": int, "model": dict, "n_tokens": int, "shards": dict}
 MANIFEST_OPTIONAL = {"corpus": dict, "config": dict, "identity": dict, "n_rows": int, "derived": dict,
                      "arrays": dict, "log": dict, "ablations": list, "resample": dict, "seq_len": int,
-                     "self_check": (dict, list), "versions": dict, "top_token_rule": str}
+                     "self_check": (dict, list), "versions": dict, "top_token_rule": str,
+                     "compacted": dict}
 MODEL_FACTS = {"n_layers": int, "n_heads": int}
 
 # One JSON object per line of `commits/<generation>.jsonl`:
-#   shard:   a shard's entry, committed (replacing the shards it supersedes in the same record)
+#   shard:   a shard's entry, committed (replacing the shards it supersedes in the same record;
+#            when those were compacted, an optional `compacted` gives the files without their rows)
 #   derived: a derived table's one file (replacing the previous one)
 #   set:     top-level manifest keys replaced (n_rows, n_tokens, corpus, arrays, config, …)
+#   compact: every table's compacted files (replacing the previous set: `compacted`), and the
+#            shards whose rows they now hold: those keep their entry (the units `store/plan.py`
+#            and `verify` read) with `files` emptied and `compacted` naming the tables moved
 RECORD = {"seq": int, "op": str}
 RECORD_OPS = {
     "shard": {"id": str, "entry": dict, "supersedes": list},
     "derived": {"table": str, "entry": dict},
     "set": {"values": dict},
+    "compact": {"files": dict, "shards": list},
 }
 # `set` may not replace what shard and derived records own, nor the log pointer.
-SET_FORBIDDEN = ("shards", "derived", "log", "schema_version")
+SET_FORBIDDEN = ("shards", "derived", "log", "schema_version", "compacted")

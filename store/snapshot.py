@@ -85,9 +85,21 @@ def check_manifest(folder: Path, manifest, what: str) -> None:
         if table not in TABLES:
             raise StoreError(f"{what}: unknown derived table {table!r}")
         check_file_entry(folder, entry, f"{what}, derived {table}")
+    check_compacted(folder, manifest.get("compacted") or {}, what)
     log = manifest.get("log")
     if log is not None and not (_type_ok(log.get("generation"), int) and log["generation"] >= 0):
         raise StoreError(f"{what}: log generation is missing or not a count")
+
+
+def check_compacted(folder: Path, compacted, what: str) -> None:
+    """The compacted files of each table: a list of file entries, every path inside `folder`."""
+    if not isinstance(compacted, dict):
+        raise StoreError(f"{what}: compacted is not an object")
+    for table, entries in compacted.items():
+        if table not in TABLES or not isinstance(entries, list):
+            raise StoreError(f"{what}: compacted table {table!r} is unknown or not a list")
+        for f in entries:
+            check_file_entry(folder, f, f"{what}, compacted {table}")
 
 
 def check_record(folder: Path, record, seq: int, what: str) -> None:
@@ -102,10 +114,16 @@ def check_record(folder: Path, record, seq: int, what: str) -> None:
         check_shard_entry(folder, record["id"], record["entry"], what)
         if not all(isinstance(s, str) for s in record["supersedes"]):
             raise StoreError(f"{what}: supersedes names a non-string shard")
+        if "compacted" in record:
+            check_compacted(folder, record["compacted"], what)
     elif record["op"] == "derived":
         if record["table"] not in TABLES:
             raise StoreError(f"{what}: unknown derived table {record['table']!r}")
         check_file_entry(folder, record["entry"], what)
+    elif record["op"] == "compact":
+        check_compacted(folder, record["files"], what)
+        if not all(isinstance(s, str) for s in record["shards"]):
+            raise StoreError(f"{what}: compact names a non-string shard")
     elif any(k in SET_FORBIDDEN for k in record["values"]):
         raise StoreError(f"{what}: a set record may not replace {', '.join(SET_FORBIDDEN)}")
 
@@ -117,8 +135,17 @@ def apply(manifest: dict, record: dict) -> None:
         for old in record["supersedes"]:
             manifest["shards"].pop(old, None)
         manifest["shards"][record["id"]] = record["entry"]
+        if "compacted" in record:
+            manifest["compacted"] = record["compacted"]
     elif op == "derived":
         manifest.setdefault("derived", {})[record["table"]] = record["entry"]
+    elif op == "compact":
+        manifest["compacted"] = record["files"]
+        for sid in record["shards"]:
+            entry = manifest["shards"].get(sid)
+            if entry is not None:
+                entry["compacted"] = sorted(set(entry.get("compacted", [])) | set(entry["files"]))
+                entry["files"] = {}
     else:
         manifest.update(record["values"])
 

@@ -73,6 +73,8 @@ def _verify_model(ms: ModelStore, ok: list[str], bad: list[str], seed: int) -> N
     listed = [(shard_id, table, entry) for shard_id in sorted(shards)
               for table, entry in shards[shard_id]["files"].items()]
     listed += [("derived", table, entry) for table, entry in sorted(manifest.get("derived", {}).items())]
+    listed += [("compacted", table, entry) for table, lst in sorted((manifest.get("compacted") or {}).items())
+               for entry in lst]
     for shard_id, table, entry in listed:
         n_files += 1
         path = ms.path / entry["path"]
@@ -128,7 +130,7 @@ def _check_shards(ms: ModelStore, manifest: dict, good: set[Path], ok: list[str]
                 bad.append(f"shard {sid}: heads {e.get('heads')!r} do not fit the model ({err})")
                 continue
             units.setdefault((kind, sample), []).append((r0, r1, heads, sid))
-            if "resample_sources" in e["files"]:
+            if "resample_sources" in e["files"] or "resample_sources" in e.get("compacted", ()):
                 if (sample, r0, r1) in sources:
                     bad.append(f"shard {sid}: resample_sources of rows {r0}..{r1} also in {sources[(sample, r0, r1)]}")
                 sources[(sample, r0, r1)] = sid
@@ -143,6 +145,13 @@ def _check_shards(ms: ModelStore, manifest: dict, good: set[Path], ok: list[str]
         path = ms.path / f["path"]
         if path in good and _duplicates(path, list(TABLES[table].key)):
             bad.append(f"derived {table}: duplicate keys")
+    for table, lst in sorted((manifest.get("compacted") or {}).items()):
+        for f in lst:
+            path = ms.path / f["path"]
+            if path in good:
+                rows_checked += f["rows"]
+                if not _strictly_sorted(path, list(TABLES[table].key)):
+                    bad.append(f"compacted {table}: {f['path']} is not strictly sorted by its key (duplicates?)")
     clean_rows.sort()
     for (a0, a1, s1), (b0, b1, s2) in zip(clean_rows, clean_rows[1:]):
         if b0 < a1:
@@ -157,6 +166,26 @@ def _check_shards(ms: ModelStore, manifest: dict, good: set[Path], ok: list[str]
                     bad.append(f"shards {s1} and {s2} overlap ({kind} draw {sample}, {len(ha & hb)} head(s))")
     ok.append(f"{rows_checked} rows: keys unique within each shard and inside its declared rows and heads; "
               f"no two shards overlap; ablations and draws as recorded")
+
+
+def _strictly_sorted(path: Path, key: list[str], batch_rows: int = 1 << 20) -> bool:
+    """Whether a compacted file's keys strictly increase, batch by batch: unique keys in bounded memory."""
+    prev = None
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=key):
+        cols = [np.asarray(batch.column(k).to_numpy(zero_copy_only=False)) for k in key]
+        if prev is not None:
+            cols = [np.concatenate([p, c]) for p, c in zip(prev, cols)]
+        # cmp[i]: how row i+1 compares with row i on the key, first differing column deciding.
+        cmp = np.zeros(len(cols[0]) - 1, dtype=np.int8)
+        for c in cols:
+            undecided = cmp == 0
+            a, b = c[:-1], c[1:]
+            cmp[undecided & (b > a)] = 1
+            cmp[undecided & (b < a)] = -1
+        if not (cmp == 1).all():
+            return False
+        prev = [c[-1:] for c in cols]
+    return True
 
 
 def _duplicates(path: Path, key: list[str]) -> int:

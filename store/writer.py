@@ -134,7 +134,14 @@ class Writer:
     def commit(self, shard_id: str, entry: dict, tables: dict[str, pa.Table], supersedes=()) -> None:
         """Write a shard's tables, then commit its entry; `supersedes` leave the snapshot in the same record."""
         entry["files"] = self.ms.write_shard_files(shard_id, tables)
-        self._append({"op": "shard", "id": shard_id, "entry": entry, "supersedes": sorted(supersedes)})
+        record = {"op": "shard", "id": shard_id, "entry": entry, "supersedes": sorted(supersedes)}
+        if any(self.manifest["shards"].get(sid, {}).get("compacted") for sid in supersedes):
+            # The superseded rows share compacted files with others: the same record swaps
+            # in copies of those files without them (rare: a redone batch after compaction).
+            from selfrepair.store.compact import without_shards
+
+            record["compacted"] = without_shards(self, supersedes)
+        self._append(record)
 
     def commit_clean(self, shard_id: str, rows: tuple[int, int], tokens: tuple[int, int],
                      tables: dict[str, pa.Table], values: dict[str, np.ndarray], supersedes=()) -> None:
@@ -146,6 +153,10 @@ class Writer:
                 chunks[str(p.relative_to(self.ms.path))] = files.sha256_file(p) if p.exists() else None
         entry = {"phase": "clean", "rows": list(rows), "tokens": list(tokens), "chunks": chunks}
         self.commit(shard_id, entry, tables, supersedes)
+
+    def commit_compaction(self, files_by_table: dict[str, list[dict]], shard_ids: list[str]) -> None:
+        """Swap in compacted files: one record replaces the compacted set and empties those shards' files."""
+        self._append({"op": "compact", "files": files_by_table, "shards": sorted(shard_ids)})
 
     def set(self, **values) -> None:
         """Replace top-level manifest keys (n_rows, n_tokens, corpus, arrays, config, …) in one record."""
@@ -172,6 +183,7 @@ class Writer:
         root = self.ms.path
         listed = {e["path"] for s in self.manifest["shards"].values() for e in s["files"].values()}
         listed |= {e["path"] for e in self.manifest.get("derived", {}).values()}
+        listed |= {e["path"] for lst in (self.manifest.get("compacted") or {}).values() for e in lst}
         removed = []
         tables_dir = root / "tables"
         if tables_dir.is_dir() and not tables_dir.is_symlink():

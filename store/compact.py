@@ -1,0 +1,183 @@
+"""`selfrepair compact`: rewrite each table's many shard files into one large file sorted by its key.
+
+An ingest writes one small file per table per shard (thousands at 1 M tokens), so opening
+the store and scanning a head's rows cost per file. Compaction merges every compactable
+shard's rows (and the previous compacted file) into one Parquet file per table, sorted
+by the table's key (`ablation_effects` by ablation, sample, layer, head, token_index) in
+row groups of ROW_GROUP_ROWS, so DuckDB skips row groups by their min/max on layer and
+head. DuckDB does the sort out of core, so memory stays bounded whatever the store's size.
+
+The swap is one commit record (`op: compact`, `store/schema.py`) appended under the
+writer lock after every new file is written, fsynced and checksummed: a reader's snapshot
+lists either the old shard files or the new compacted ones, never both, and a kill at any
+moment leaves either the old snapshot (plus orphan files, removed by the next cleanup) or
+the new one. The shards keep their entries — rows, ablation, draw, heads — with `files`
+emptied and `compacted` naming the tables moved, so `store/plan.py` still sees every
+stored (ablation, sample, head, batch) unit and `verify` still checks that no two units
+overlap. A partial batch (shorter than the ingest's batch size) is left out: an extension
+with more tokens redoes it. When an extension redoes a compacted shard anyway (a full
+batch whose resample pairs pointed into the grown last batch), `Writer.commit` swaps in,
+in the same record, copies of the compacted files without that shard's units
+(`without_shards`): rows are unique per unit, so dropping by unit is exact.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import pyarrow.parquet as pq
+
+from selfrepair.errors import StoreError
+from selfrepair.store import files
+from selfrepair.store.heads import parse_heads
+from selfrepair.store.model_store import ModelStore, list_models
+from selfrepair.store.schema import TABLES
+from selfrepair.store.writer import Writer
+
+ROW_GROUP_ROWS = 131_072  # ~8 row groups per head at 1 M tokens: fine-grained min/max skipping
+MEMORY_LIMIT = "1GB"  # DuckDB spills the sort to disk beyond this
+MIN_SHARD_FILES = 64  # below this, compaction after an ingest saves nothing worth the rewrite
+
+
+@dataclass
+class Result:
+    """What one model's compaction did."""
+
+    model: str
+    shards: int = 0
+    files_before: int = 0
+    files_after: int = 0
+    rows: int = 0
+
+    def line(self) -> str:
+        if not self.shards:
+            return f"{self.model}: nothing to compact"
+        return (f"{self.model}: {self.shards} shards, {self.files_before} files -> {self.files_after} "
+                f"sorted files ({self.rows:,} rows)")
+
+
+def compactable(manifest: dict) -> list[str]:
+    """Shards with files whose batch is complete (a partial last batch may still be redone)."""
+    shards = manifest.get("shards", {})
+    full = (manifest.get("resample") or {}).get("batch_size") or (manifest.get("config") or {}).get("batch_size")
+    if not full:  # stores written without the runner: the longest batch is a full one
+        full = max((e["rows"][1] - e["rows"][0] for e in shards.values()), default=0)
+    return sorted(sid for sid, e in shards.items() if e["files"] and e["rows"][1] - e["rows"][0] >= full)
+
+
+def shard_file_count(manifest: dict) -> int:
+    return sum(len(e["files"]) for e in manifest.get("shards", {}).values())
+
+
+def compact(root: Path) -> list[Result]:
+    """Compact every model folder under a store root (each under its writer lock)."""
+    out = []
+    for ms in list_models(Path(root)):
+        with Writer.open(ms) as writer:
+            out.append(compact_with(writer))
+    return out
+
+
+def compact_with(writer: Writer) -> Result:
+    """Compact one model folder through a writer that holds its lock (also called at the end of an ingest)."""
+    ms, manifest = writer.ms, writer.manifest
+    result = Result(ms.name)
+    if manifest is None:
+        return result
+    ids = compactable(manifest)
+    if not ids:
+        return result
+    old = manifest.get("compacted") or {}
+    sources: dict[str, list[Path]] = {t: [ms.path / f["path"] for f in old.get(t, [])] for t in TABLES}
+    for sid in ids:
+        for table, f in manifest["shards"][sid]["files"].items():
+            sources[table].append(ms.path / f["path"])
+            result.files_before += 1
+    result.files_before += sum(len(v) for v in old.values())
+    tag = uuid.uuid4().hex[:8]  # never the name of a listed file: old snapshots stay readable
+    new: dict[str, list[dict]] = {}
+    for table, paths in sources.items():
+        if paths:
+            new[table] = [_write_sorted(ms, table, paths, f"compact-{tag}")]
+            result.rows += new[table][0]["rows"]
+    writer.commit_compaction(new, ids)
+    # Readers that opened the old snapshot must reopen: its files go now, not at the next ingest.
+    writer.clean_orphans()
+    result.shards, result.files_after = len(ids), len(new)
+    return result
+
+
+def without_shards(writer: Writer, shard_ids) -> dict[str, list[dict]]:
+    """The compacted set with every row of the given (compacted) shards' units dropped, as new files."""
+    ms, manifest = writer.ms, writer.manifest
+    preds = manifest.get("seq_len", 0) - 1
+    n_layers, n_heads = manifest["model"]["n_layers"], manifest["model"]["n_heads"]
+    drop: dict[str, list[str]] = {}
+    for sid in shard_ids:
+        e = manifest["shards"].get(sid, {})
+        for table in e.get("compacted", []):
+            drop.setdefault(table, []).append(_unit_condition(TABLES[table], e, preds, n_layers, n_heads))
+    tag = uuid.uuid4().hex[:8]
+    out = {}
+    for table, entries in (manifest.get("compacted") or {}).items():
+        if table not in drop:
+            out[table] = entries
+            continue
+        paths = [ms.path / f["path"] for f in entries]
+        where = "NOT (" + " OR ".join(drop[table]) + ")"
+        out[table] = [_write_sorted(ms, table, paths, f"compact-{tag}", where)]
+    return out
+
+
+def _unit_condition(spec, entry: dict, preds: int, n_layers: int, n_heads: int) -> str:
+    """SQL that is true exactly on a shard's rows of one table (from its unit: rows, draw, heads)."""
+    r0, r1 = entry["rows"]
+    cols = set(spec.column_names)
+    terms = []
+    if "token_index" in cols:
+        if preds <= 0:
+            raise StoreError("the manifest has no seq_len: cannot locate a compacted shard's rows")
+        terms.append(f"token_index >= {r0 * preds} AND token_index < {r1 * preds}")
+    elif "row" in cols:
+        terms.append(f"row >= {r0} AND row < {r1}")
+    if entry.get("phase") == "ablation":
+        if "ablation" in cols:
+            terms.append(f"ablation = {_literal(entry['ablation'])}")
+        if "sample" in cols:
+            terms.append(f"sample = {int(entry.get('sample', 0))}")
+        if "head" in cols and entry.get("heads", "all") != "all":
+            pairs = parse_heads(entry["heads"], n_layers, n_heads)
+            terms.append("(layer, head) IN (" + ", ".join(f"({la}, {h})" for la, h in pairs) + ")")
+    return "(" + " AND ".join(terms) + ")"
+
+
+def _write_sorted(ms: ModelStore, table: str, paths: list[Path], name: str, where: str = "true") -> dict:
+    """One table's rows from `paths` (those where `where` holds), sorted by its key, into `tables/<table>/<name>.parquet`."""
+    spec = TABLES[table]
+    path = ms.shard_file(table, name)
+    listing = "[" + ", ".join(_literal(str(p)) for p in paths) + "]"
+    cols = ", ".join(spec.column_names)
+    order = ", ".join(spec.key)
+
+    def write(tmp: Path) -> None:
+        with tempfile.TemporaryDirectory(prefix="selfrepair-compact-") as spill:
+            con = duckdb.connect(":memory:", config={"memory_limit": MEMORY_LIMIT, "temp_directory": spill,
+                                                     "preserve_insertion_order": True})
+            try:
+                con.execute(f"COPY (SELECT {cols} FROM read_parquet({listing}) WHERE {where} ORDER BY {order}) "
+                            f"TO {_literal(str(tmp))} (FORMAT parquet, COMPRESSION zstd, "
+                            f"ROW_GROUP_SIZE {ROW_GROUP_ROWS})")
+            finally:
+                con.close()
+
+    size, digest = files.write_file_with(path, write)
+    rows = pq.read_metadata(path).num_rows
+    return {"path": str(path.relative_to(ms.path)), "rows": rows, "bytes": size, "sha256": digest}
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
