@@ -203,7 +203,6 @@ def estimate(shape: ModelShape, run: RunCounts) -> Estimate:
         An Estimate with one Item per part (tables with rows > 0 only).
     """
     est = Estimate()
-    n_shards = 0
     for name, (rows, n_files) in table_rows(shape, run).items():
         if rows <= 0:
             continue
