@@ -101,6 +101,7 @@ class Ingest:
         model = load_model(cfg.model, cfg.device, cfg.dtype, cfg.revision)
         from selfrepair.ingest.weights import read_weights
 
+        _check_context(model, cfg.seq_len)  # read_weights runs the model at seq_len
         w = read_weights(model.hf_model, cfg.seq_len)
         if model.bridge is not None and (model.cfg.n_layers, model.cfg.n_heads) != (w.n_layers, w.n_heads):
             raise UnsupportedModel(f"{w.family.name}: the bridge sees {model.cfg.n_layers} layers × "
@@ -111,9 +112,6 @@ class Ingest:
                 raise UnsupportedModel(f"{w.family.name}: --engine reference (TransformerLens) does not model "
                                        "post-norm blocks or softcapped logits as DESIGN.md defines them; "
                                        "use the fast engine")
-        n_ctx = context_length(model.hf_model.config)
-        if n_ctx is not None and cfg.seq_len > n_ctx:
-            raise ConfigError(f"seq_len: {cfg.seq_len} is above the model's context of {n_ctx} tokens")
         heads = parse_heads(cfg.heads, w.n_layers, w.n_heads)
         from selfrepair.ingest.disk import check_free_disk
 
@@ -258,6 +256,7 @@ class Ingest:
         cfg = self.cfg
         corpus_spec = cfg.corpus or C.default_corpus(spec.name, spec.path is not None and spec.gguf_file is None)
         model = load_model(cfg.model, cfg.device, cfg.dtype, cfg.revision)
+        _check_context(model, cfg.seq_len)
         w = read_weights(model.hf_model, cfg.seq_len)
         heads = parse_heads(cfg.heads, w.n_layers, w.n_heads)
         estimate = estimate_run(cfg, w, heads)
@@ -436,6 +435,12 @@ def _precheck_corpus(spec: str) -> None:
     hub_like = spec.startswith("hf:") or ("/" in name and not name.startswith((".", "/", "~")))
     if spec != C.EMBEDDED and not hub_like:
         next(iter(C.documents(spec)), None)
+
+
+def _check_context(model, seq_len: int) -> None:
+    n_ctx = context_length(model.hf_model.config)
+    if n_ctx is not None and seq_len > n_ctx:
+        raise ConfigError(f"seq_len: {seq_len} is above the model's context of {n_ctx} tokens")
 
 
 def context_length(hf_config) -> int | None:
