@@ -229,6 +229,10 @@ def tree_bytes(path: Path) -> int:
     for folder, _, names in os.walk(path, followlinks=False):
         for name in names:
             p = Path(folder) / name
-            if not p.is_symlink():
-                total += p.stat().st_size
+            try:
+                st = os.lstat(p)
+            except FileNotFoundError:  # a temporary file renamed or removed while we walk
+                continue
+            if not os.path.islink(p):
+                total += st.st_size
     return total
