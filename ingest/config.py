@@ -11,7 +11,8 @@ from pathlib import Path
 
 from selfrepair.errors import ConfigError
 from selfrepair.store.heads import parse_heads  # noqa: F401 - re-exported for ingest
-from selfrepair.store.schema import ABLATION_KINDS, ARRAY_DTYPES
+from selfrepair.store.estimate import select_arrays
+from selfrepair.store.schema import ABLATION_KINDS, ARRAY_DTYPES, ARRAYS
 
 ENGINES = ("fast", "reference")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -39,11 +40,13 @@ class IngestConfig:
         dtype: compute dtype of the model.
         engine: `fast` (the FLOP-minimal sweep) or `reference` (one hooked forward per head).
         heads_per_pass: heads batched into one patched pass (None: from free memory).
-        activations: write the Zarr activation arrays.
+        activations: Zarr activation arrays to keep: a tuple of names from `store/schema.py::ARRAYS`,
+            or a spec such as `all`, `none`, `z`, `resid,z` (True: all, False: none).
         activation_dtype: float16 or float32 for the Zarr arrays.
         seed: seed of the extra resample pairings.
         overwrite: replace an existing model folder with a different configuration.
         quiet: no plan, progress bars or summary.
+        dry_run: load the model, print the plan and the disk estimate, write nothing.
     """
 
     model: str = "smollm2-135m"
@@ -62,14 +65,19 @@ class IngestConfig:
     dtype: str = "float32"
     engine: str = "fast"
     heads_per_pass: int | None = None
-    activations: bool = True
+    activations: bool | str | tuple[str, ...] = True
     activation_dtype: str = "float16"
     seed: int = 0
     overwrite: bool = False
     quiet: bool = False
+    dry_run: bool = False
 
     def __post_init__(self) -> None:
         self.store = Path(self.store)
+        try:
+            self.activations = select_arrays(self.activations)
+        except ValueError as e:
+            raise ConfigError(f"activations: {e}") from None
         if isinstance(self.ablations, str):
             self.ablations = tuple(a.strip() for a in self.ablations.split(",") if a.strip())
         self.ablations = tuple(dict.fromkeys(self.ablations))
@@ -125,7 +133,7 @@ class IngestConfig:
 
         Tokens, heads, ablation types and resample draws are not among them: those extend a store.
         """
-        d = asdict(self)
+        d = self.to_json()
         for k in ("store", "tokens", "heads", "ablations", "resamples", "device", "engine", "heads_per_pass",
                   "overwrite", "quiet"):
             d.pop(k)
@@ -135,4 +143,9 @@ class IngestConfig:
         d = asdict(self)
         d["store"] = str(self.store)
         d["ablations"] = list(self.ablations)
+        # Stores written before arrays could be chosen recorded a bool; all and none still do,
+        # so they keep matching those stores' identity.
+        arrays = list(self.activations)
+        d["activations"] = True if arrays == list(ARRAYS) else False if not arrays else arrays
+        d.pop("dry_run")
         return d

@@ -21,6 +21,7 @@ from selfrepair.ingest.config import IngestConfig, parse_heads
 from selfrepair.ingest.pairing import RULE, pairs_digest, source_rows
 from selfrepair.ingest.progress import Progress
 from selfrepair.store import compact, files, plan, top_tokens
+from selfrepair.store.estimate import Estimate
 from selfrepair.store.model_store import ModelStore, model_dirname
 from selfrepair.store.schema import ABLATION_KINDS
 from selfrepair.store.writer import Writer
@@ -48,6 +49,7 @@ class IngestResult:
     shards_written: int = 0
     shards_skipped: int = 0
     seconds: dict = field(default_factory=dict)
+    estimate: Estimate | None = None  # the store's estimated bytes per table and array
 
 
 class Ingest:
@@ -64,6 +66,8 @@ class Ingest:
 
         cfg = self.cfg
         spec = resolve(cfg.model)
+        if cfg.dry_run:
+            return self._dry_run(spec)
         files.check_writable_dir(cfg.store)  # before the expensive load; created only once inputs pass
         corpus_spec = cfg.corpus or C.default_corpus(spec.name, spec.path is not None and spec.gguf_file is None)
         _precheck_corpus(corpus_spec)
@@ -97,9 +101,7 @@ class Ingest:
         model = load_model(cfg.model, cfg.device, cfg.dtype, cfg.revision)
         from selfrepair.ingest.weights import read_weights
 
-        n_ctx = context_length(model.hf_model.config)
-        if n_ctx is not None and cfg.seq_len > n_ctx:
-            raise ConfigError(f"seq_len: {cfg.seq_len} is above the model's context of {n_ctx} tokens")
+        _check_context(model, cfg.seq_len)  # read_weights runs the model at seq_len
         w = read_weights(model.hf_model, cfg.seq_len)
         if model.bridge is not None and (model.cfg.n_layers, model.cfg.n_heads) != (w.n_layers, w.n_heads):
             raise UnsupportedModel(f"{w.family.name}: the bridge sees {model.cfg.n_layers} layers × "
@@ -111,6 +113,9 @@ class Ingest:
                                        "post-norm blocks or softcapped logits as DESIGN.md defines them; "
                                        "use the fast engine")
         heads = parse_heads(cfg.heads, w.n_layers, w.n_heads)
+        from selfrepair.ingest.disk import check_free_disk
+
+        estimate = check_free_disk(cfg, ms, w, heads)  # before the self-check's forward passes
         checks = None
         if self._writer is None:
             rows_np = C.build_rows(corpus_spec, model.tokenizer, cfg.n_rows, cfg.seq_len, model.bos_id, model.eos_id)
@@ -132,8 +137,8 @@ class Ingest:
         low = None if cfg.dtype == "float32" else getattr(torch, cfg.dtype)
         self._open_store(writer, model, corpus_spec, rows_np, identity, w, checks)
         load_s = time.perf_counter() - t0
-        self._print_plan(model, w, heads, corpus_spec)
-        result = IngestResult(ms, spec.name, cfg.n_tokens)
+        self._print_plan(model, w, heads, corpus_spec, estimate)
+        result = IngestResult(ms, spec.name, cfg.n_tokens, estimate=estimate)
         result.seconds["load"] = load_s
 
         rows = torch.from_numpy(rows_np).to(model.device)
@@ -251,14 +256,30 @@ class Ingest:
             writer.set(**updates)
 
     # -- plan ---------------------------------------------------------------------------
-    def _print_plan(self, model, w, heads, corpus_spec: str) -> None:
+    def _dry_run(self, spec) -> IngestResult:
+        """Load the model for its shapes, print the plan and the estimate; no lock, no folder, no forward pass."""
+        from selfrepair.ingest.disk import estimate_run
+        from selfrepair.ingest.models import load_model
+        from selfrepair.ingest.weights import read_weights
+
+        cfg = self.cfg
+        corpus_spec = cfg.corpus or C.default_corpus(spec.name, spec.path is not None and spec.gguf_file is None)
+        model = load_model(cfg.model, cfg.device, cfg.dtype, cfg.revision)
+        _check_context(model, cfg.seq_len)
+        w = read_weights(model.hf_model, cfg.seq_len)
+        heads = parse_heads(cfg.heads, w.n_layers, w.n_heads)
+        estimate = estimate_run(cfg, w, heads)
+        self._print_plan(model, w, heads, corpus_spec, estimate)
+        return IngestResult(ModelStore(cfg.store / model_dirname(spec.name)), spec.name, cfg.n_tokens,
+                            estimate=estimate)
+
+    def _print_plan(self, model, w, heads, corpus_spec: str, estimate: Estimate) -> None:
+        from selfrepair.store.estimate import human
+
         cfg = self.cfg
         draws = sum(cfg.resamples if k == "resample" else 1 for k in cfg.ablations)
         abl_rows = draws * len(heads) * cfg.n_tokens
-        per_tok = (w.n_layers * w.d_model + w.d_model + w.n_layers * w.n_heads * w.d_head
-                   + len(w.norm_names) + w.d_mlp)
-        act_bytes = per_tok * cfg.n_tokens * (2 if cfg.activation_dtype == "float16" else 4) if cfg.activations else 0
-        est = act_bytes + abl_rows * 22 + cfg.n_tokens * (60 + 6 * w.n_layers * (w.n_heads + 1))
+        kept = ",".join(cfg.activations) or "none"
         self.log(
             f"selfrepair ingest: {model.spec.name} ({model.spec.hf_id}, {w.family.name}) — {w.n_layers} layers × "
             f"{w.n_heads} heads, d_model {w.d_model}, {'parallel' if w.parallel else 'sequential'}, "
@@ -268,7 +289,8 @@ class Ingest:
             f"{cfg.n_batches} batches of {cfg.batch_size} rows\n"
             f"  ablations {','.join(cfg.ablations)} (resamples {cfg.resamples}) on {len(heads)} heads: "
             f"{abl_rows:,} head-token ablations; top_p {cfg.top_p}, {cfg.neurons_top_k} neurons\n"
-            f"  store {cfg.store}, estimated {est / 1e6:,.1f} MB"
+            f"  store {cfg.store}, activations {kept} ({cfg.activation_dtype}), "
+            f"estimated {human(estimate.total)}"
         )
 
     # -- clean --------------------------------------------------------------------------
@@ -278,13 +300,10 @@ class Ingest:
         cfg = self.cfg
         preds = cfg.preds_per_row
         if cfg.activations:
-            shapes = {
-                "resid_pre": (cfg.n_tokens, w.n_layers, w.d_model),
-                "resid_final": (cfg.n_tokens, w.d_model),
-                "z": (cfg.n_tokens, w.n_layers, w.n_heads, w.d_head),
-                "norm_scales": (cfg.n_tokens, len(w.norm_names)),
-                "mlp_post_final": (cfg.n_tokens, w.d_mlp),
-            }
+            from selfrepair.ingest.disk import model_shape
+            from selfrepair.store.estimate import array_shapes
+
+            shapes = {k: v for k, v in array_shapes(model_shape(w), cfg.n_tokens).items() if k in cfg.activations}
             # One clean shard writes whole chunks (a chunk is one batch of tokens).
             writer.prepare_arrays(shapes, cfg.batch_size * preds, cfg.activation_dtype, {
                 "W_O": w.W_O_eff.cpu().numpy(), "W_U": w.W_U.cpu().numpy(),
@@ -297,7 +316,8 @@ class Ingest:
                        quiet=cfg.quiet)
         for work in todo:
             r0, r1 = work.rows
-            out = run_clean(w, rows[r0:r1], r0, strings, cfg.activations)
+            out = run_clean(w, rows[r0:r1], r0, strings, bool(cfg.activations))
+            out.arrays = {k: v for k, v in out.arrays.items() if k in cfg.activations}
             writer.commit_clean(work.shard_id, work.rows, (r0 * preds, r1 * preds), out.tables, out.arrays,
                                 work.supersedes)
             result.shards_written += 1
@@ -424,6 +444,12 @@ def _precheck_corpus(spec: str) -> None:
     hub_like = spec.startswith("hf:") or ("/" in name and not name.startswith((".", "/", "~")))
     if spec != C.EMBEDDED and not hub_like:
         next(iter(C.documents(spec)), None)
+
+
+def _check_context(model, seq_len: int) -> None:
+    n_ctx = context_length(model.hf_model.config)
+    if n_ctx is not None and seq_len > n_ctx:
+        raise ConfigError(f"seq_len: {seq_len} is above the model's context of {n_ctx} tokens")
 
 
 def context_length(hf_config) -> int | None:

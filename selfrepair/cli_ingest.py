@@ -41,6 +41,22 @@ class AblationsType(click.ParamType):
         return kinds
 
 
+class ArraysType(click.ParamType):
+    """`all`, `none` or a comma list of Zarr array names (`resid` is resid_pre and resid_final)."""
+
+    name = "ARRAYS"
+
+    def convert(self, value, param, ctx):
+        from selfrepair.store.estimate import select_arrays
+
+        if isinstance(value, tuple):
+            return value
+        try:
+            return select_arrays(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
 @click.command()
 @click.option("--model", default="smollm2-135m", show_default=True,
               help="Registry short name (pythia-410m, gpt2-small, smollm2-135m, …), Hugging Face id or local folder.")
@@ -68,8 +84,12 @@ class AblationsType(click.ParamType):
               help="fast: FLOP-minimal sweep; reference: one full hooked forward per head.")
 @click.option("--heads-per-pass", type=click.IntRange(min=1), default=None,
               help="Heads batched into one patched pass (default: from free memory).")
-@click.option("--activations/--no-activations", default=True, show_default=True,
-              help="Write the Zarr activation arrays.")
+@click.option("--activations", type=ArraysType(), default=None,
+              help="Zarr arrays to keep: all (default), none, or a comma list of resid_pre, resid_final, "
+              "resid, z, norm_scales, mlp_post_final.")
+@click.option("--no-activations", is_flag=True, help="Same as --activations none.")
+@click.option("--dry-run", is_flag=True,
+              help="Load the model, print the plan and the estimated bytes of every table and array; write nothing.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the extra resample draws.")
 @click.option("--overwrite", is_flag=True, help="Replace a model folder ingested with another configuration.")
 @click.option("--quiet", "-q", is_flag=True, help="No plan, progress bars or summary.")
@@ -85,12 +105,23 @@ def ingest(**opts):
         selfrepair ingest                       # embedded SmolLM2-135M on the embedded corpus
 
         selfrepair ingest --model pythia-410m --tokens 1000000 --device cuda
+
+        selfrepair ingest --model pythia-410m --tokens 1000000 --activations z --dry-run
     """
     from selfrepair.ingest.config import IngestConfig
     from selfrepair.ingest.runner import Ingest
 
+    if opts.pop("no_activations"):
+        if opts["activations"] not in (None, ()):
+            raise click.UsageError("--no-activations contradicts --activations " + ",".join(opts["activations"]))
+        opts["activations"] = ()
+    if opts["activations"] is None:
+        opts["activations"] = True
     cfg = IngestConfig(**opts)
     result = Ingest(cfg, log=lambda *a: click.echo(*a, err=True)).run()
+    if cfg.dry_run:
+        click.echo("\n".join(result.estimate.lines()))
+        return
     if cfg.quiet:
         return
     from selfrepair.queries.output import write_output

@@ -236,3 +236,26 @@ def append_line(fd: int, path: Path, line: bytes) -> None:
         os.fsync(fd)
     except OSError as e:
         _raise_store_error(path, e)
+
+
+def free_disk(path: Path) -> int:
+    """Free bytes on the filesystem that holds `path` (or its nearest existing parent)."""
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def tree_bytes(path: Path) -> int:
+    """Bytes of the regular files under `path` (0 when it does not exist), never following symlinks."""
+    total = 0
+    for folder, _, names in os.walk(path, followlinks=False):
+        for name in names:
+            p = Path(folder) / name
+            try:
+                st = os.lstat(p)
+            except FileNotFoundError:  # a temporary file renamed or removed while we walk
+                continue
+            if not os.path.islink(p):
+                total += st.st_size
+    return total
