@@ -4,7 +4,7 @@
 clean pass, residual stream, norms and differences stay float32. Each figure is the mean
 absolute error of a column of `ablation_effects` over the mean magnitude of its float32
 value (target ≤ 2%), plus the LayerNorm identity's largest error on the low-precision
-rows (target ≤ 1e-4). Runs on the CPU (autocast), so it is measured on every machine.
+rows (target ≤ 1e-4). Runs on the CPU too, so it is measured on every machine.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ class FastBatch:
     def __init__(self, w: Weights, rows: torch.Tensor, low_precision: torch.dtype | None = None,
                  clean: E.CleanState | None = None):
         self.w, self.low_precision = w, low_precision
-        self.clean = clean if clean is not None else E.clean_run(w, rows)
+        self.clean = clean if clean is not None else E.clean_run(w, rows, with_linears=low_precision is not None)
         self._ou = None  # head projections, made on the first patch
 
     def clean_z(self, layer: int) -> torch.Tensor:

@@ -7,9 +7,11 @@ layer was called with (masks, rotary tables, ALiBi), each head's z, each MLP's w
 A patched pass for heads of layer L calls only layers L… on the cached residual entering
 L, with every ablated head of the layer batched along the batch dimension, plus one
 unpatched copy as the baseline. Every quantity of the ablated run is then the stored
-clean value plus (patched − baseline), computed in float32: in bfloat16 or float16 only
-the matrix products run in low precision (autocast), their errors cancel in the
-difference, and the identities hold exactly as in float32. Nothing projects onto the
+clean value plus (patched − baseline), computed in float32. In bfloat16 or float16 only
+the matrix products run in low precision, and only on the change: each projection
+returns its clean float32 output plus a low-precision product with (input − clean
+input); norms, attention, activations, the residual stream and the attention output
+projection stay float32, so the identities hold exactly as in float32. Nothing projects onto the
 full vocabulary: DEs are dot products with the target token's processed column `u`.
 """
 
@@ -58,21 +60,37 @@ def _tile(obj, batch: int, copies: int):
     return obj
 
 
-class _Float32Forward:
-    """Run one module outside autocast on float32 input, until `remove()`.
+def _linears(w: Weights, layer: int) -> list:
+    """The matrix products of one layer that may run in low precision: every projection but
+    the attention output (kept float32, so the residual receives exactly Σ_h z_h @ W_O[h] + b)."""
+    from transformers.pytorch_utils import Conv1D
 
-    The attention output projection stays float32 in a low-precision sweep: the residual
-    must receive exactly Σ_h z_h @ W_O[h] + b, or the heads' ΔDE (computed from z in
-    float32) would not add up to the change of the residual, and the identities would
-    carry the rounding of a bfloat16 product.
+    return [m for m in w.layers[layer].modules()
+            if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not w.attn_out[layer]]
+
+
+class _LowPrecisionDelta:
+    """Run a projection as `clean output + low-precision W·(x − clean input)`, until `remove()`.
+
+    Rounding whole activations to bfloat16 would swamp the small changes an ablation makes
+    (on SmolLM2, 14% error in d_logit); rounding only the change keeps the error a small
+    fraction of the change itself, while every product still runs in low precision.
     """
 
-    def __init__(self, module, device_type: str):
-        self.module, inner = module, module.forward
+    def __init__(self, module, clean_x: Tensor, clean_y: Tensor, copies: int, dtype: torch.dtype, cache: dict):
+        from transformers.pytorch_utils import Conv1D
 
-        def forward(x, *args, **kwargs):
-            with torch.autocast(device_type, enabled=False):
-                return inner(x.float(), *args, **kwargs)
+        self.module = module
+        key = (id(module), dtype)
+        if key not in cache:  # the module's weight in low precision, made once per model
+            cache[key] = module.weight.detach().to(dtype)
+        weight, conv = cache[key], isinstance(module, Conv1D)
+        tile = lambda t: t.repeat(copies, *[1] * (t.dim() - 1))  # noqa: E731 - copy-major, like the hidden state
+        x0, y0 = tile(clean_x), tile(clean_y)
+
+        def forward(x):
+            d = (x.float() - x0).to(dtype)
+            return y0 + (d @ weight if conv else torch.nn.functional.linear(d, weight)).float()
 
         module.forward = forward
 
@@ -156,6 +174,7 @@ class CleanState:
     logits: Float[Tensor, "batch pos d_vocab"]  # the model's own output (after any softcap)
     raw_logits: Float[Tensor, "batch pos d_vocab"]  # unembedding output before any softcap
     mlp_post_scale: Float[Tensor, "batch pos 1"] | None = None  # final MLP's post-norm scale
+    linears: dict | None = None  # module -> (input, output) of every low-precision projection
 
     @property
     def post_final(self) -> Tensor:
@@ -171,8 +190,12 @@ class CleanState:
         return g * b / self.attn_post_scale[..., None]
 
 
-def clean_run(w: Weights, rows: Tensor) -> CleanState:
-    """One float32 forward of the batch with everything later passes and the clean tables need."""
+def clean_run(w: Weights, rows: Tensor, with_linears: bool = False) -> CleanState:
+    """One float32 forward of the batch with everything later passes and the clean tables need.
+
+    `with_linears` also keeps every projection's input and output, the baseline of a
+    low-precision sweep.
+    """
     L = w.n_layers
     got: dict = {}
     # Copies: some layers add into a module's output in place afterwards (Falcon's MLP).
@@ -192,6 +215,10 @@ def clean_run(w: Weights, rows: Tensor) -> CleanState:
 
     regs.append(lambda: module_at(w.model, w.family.final_norm).register_forward_pre_hook(put("final")))
     regs.append(lambda: w.model.get_output_embeddings().register_forward_hook(put("raw")))
+    linears = {}
+    if with_linears:
+        keep = lambda m, a, o: linears.__setitem__(m, (a[0].detach().float().clone(), o.detach().float().clone()))  # noqa: E731
+        regs += [lambda m=m: m.register_forward_hook(keep) for i in range(L) for m in _linears(w, i)]
     calls, inputs, out = _capture_calls(w, rows, regs)
     batch, pos = rows.shape
     f = lambda t: t.float().reshape(batch, pos, -1)  # noqa: E731 - some layers flatten [batch·pos, …] (OPT)
@@ -215,6 +242,7 @@ def clean_run(w: Weights, rows: Tensor) -> CleanState:
         norm_scales=torch.stack(scales + [scale], -1),
         logits=f(out.logits),
         raw_logits=f(got["raw"]) * lm_scale,
+        linears=linears if with_linears else None,
     )
     if state.mlp_pre_final is not None:
         state.mlp_post_scale = w.mlp_post[-1].scale(state.mlp_pre_final)[..., None]
@@ -265,7 +293,8 @@ def patch_layer(
         z_new: the replacement processed z for each head.
         u: the correct next token's processed unembedding column at every position.
         ou: `head_projections(w, u)`.
-        low_precision: run the layers' matrix products in this dtype (autocast), or None.
+        low_precision: run the layers' matrix products in this dtype, on the change from the clean
+            run (`_LowPrecisionDelta`), or None.
 
     Returns:
         Per-head results; positions without a next token carry garbage the caller drops.
@@ -302,8 +331,9 @@ def patch_layer(
         regs.append(lambda: w.mlp_out[-1].register_forward_hook(put("mpre", (batch, pos, -1))))
     regs.append(lambda: w.down_final.register_forward_pre_hook(put("post", (batch, pos, -1))))
     if low_precision is not None:
-        regs += [lambda i=i: _Float32Forward(w.attn_out[i], u.device.type) for i in range(layer, w.n_layers)]
-        regs += [lambda i=i: _Float32Forward(w.downs[i], u.device.type) for i in range(layer, w.n_layers)]
+        cache = w.__dict__.setdefault("_low_weights", {})
+        regs += [lambda m=m: _LowPrecisionDelta(m, *clean.linears[m], n, low_precision, cache)
+                 for i in range(layer, w.n_layers) for m in _linears(w, i)]
 
     d_heads = u.new_zeros((k, batch, pos, w.n_layers, H))
     d_mlps = u.new_zeros((k, batch, pos, w.n_layers))
@@ -312,12 +342,9 @@ def patch_layer(
     head_idx = torch.tensor(heads, device=u.device)
     de_head = None
     hidden = clean.resid_pre[layer].repeat(n, 1, 1)  # [n·batch, pos, d_model], copy-major
-    autocast = (torch.autocast(u.device.type, dtype=low_precision) if low_precision is not None
-                else contextlib.nullcontext())
     with torch.no_grad(), _hooks(*regs):
         for i in range(layer, w.n_layers):
-            with autocast:
-                hidden = clean.calls[i].run(w.layers[i], hidden, batch, n)
+            hidden = clean.calls[i].run(w.layers[i], hidden, batch, n)
             z = got.pop(("z", i))
             if w.post_norm:
                 o = got.pop(("o", i))

@@ -233,7 +233,7 @@ def load_model(name: str, device: str = "auto", dtype: str = "float32", revision
     """Resolve and load a model in float32, and wrap a copy in a TransformerBridge with processed weights.
 
     The weights stay float32 whatever `dtype` says: the clean pass is a float32 run, and a
-    low-precision sweep runs only its matrix products in `dtype` (autocast).
+    low-precision sweep runs only its matrix products in `dtype` (ingest/engine.py).
     """
     import contextlib
     import copy

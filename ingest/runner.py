@@ -84,9 +84,11 @@ class Ingest:
             result = self._run(spec, ms, corpus_spec, identity)
         except BaseException:
             if self._writer is not None:
+                # Only the lock holder may remove a folder it created and never committed to, and
+                # only while it still holds the lock: a writer refused by the lock created nothing.
+                if not existed:
+                    ms.remove_if_uncommitted()
                 self._writer.close(fold=False)  # the log keeps every commit; the next writer folds it
-            if not existed:
-                ms.remove_if_uncommitted()
             raise
         self._writer.close()
         return result

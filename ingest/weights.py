@@ -122,7 +122,6 @@ class Weights:
     mlp_write: list  # the module whose output is added to the residual (the post-norm if any)
     mlp_out: list  # the MLP's own output (the post-norm's input)
     down_final: torch.nn.Module
-    downs: list  # every layer's MLP down projection
     layer_norms: list[list[tuple[str, torch.nn.Module, Norm]]]
     final: Norm
     attn_post: list[Norm | None]
@@ -220,7 +219,7 @@ def read_weights(model, seq_len: int) -> Weights:
         layer_norms.append(norms)
     w = Weights(
         family=family, model=model, layers=layers, attn_out=attn_out, mlp_write=mlp_write, mlp_out=mlp_out,
-        down_final=down_final, downs=[at(i, family.down) for i in range(len(layers))], layer_norms=layer_norms, final=final, attn_post=attn_post, mlp_post=mlp_post,
+        down_final=down_final, layer_norms=layer_norms, final=final, attn_post=attn_post, mlp_post=mlp_post,
         W_O=W_O, W_O_eff=W_O * g_attn[:, None, None, :], c=torch.zeros(len(layers), n_heads, W_O.shape[2], device=device),
         b_attn=torch.zeros(len(layers), d, device=device), W_U=W_U.contiguous(), b_U=b_U, W_out_final=W_out,
         n_heads=n_heads, parallel=family.parallel(cfg),

@@ -78,7 +78,7 @@ class ArraysType(click.ParamType):
               help="Final-MLP neurons kept per head and top token.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
-              help="Precision of the sweep's matrix products (autocast); the clean pass, residual stream, norms "
+              help="Precision of the sweep's matrix products (on the change from the clean run); the clean pass, residual stream, norms "
               "and differences stay float32.")
 @click.option("--engine", type=click.Choice(["fast", "reference"]), default="fast", show_default=True,
               help="fast: FLOP-minimal sweep; reference: one full hooked forward per head.")

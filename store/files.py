@@ -86,23 +86,10 @@ def write_parquet(path: Path, table: pa.Table) -> tuple[int, str]:
     Returns:
         (bytes on disk, sha256 of the file).
     """
-    tmp = _tmp_name(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(
-            table, tmp, compression=PARQUET_COMPRESSION, compression_level=6,
-            use_dictionary=True, write_statistics=True,
-        )
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        digest = sha256_file(tmp)
-        size = tmp.stat().st_size
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        return size, digest
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        _raise_store_error(path, e)
+    return write_file_with(path, lambda tmp: pq.write_table(
+        table, tmp, compression=PARQUET_COMPRESSION, compression_level=6, use_dictionary=True,
+        write_statistics=True,
+    ))
 
 
 def write_file_with(path: Path, write) -> tuple[int, str]:

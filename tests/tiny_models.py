@@ -56,6 +56,18 @@ def save(family: str, folder: Path, n_layers: int = 2) -> Path:
     return folder
 
 
+def rows_from_store(store, model: str, n_rows: int, seq_len: int):
+    """The token rows [row, seq_len] of an ingested model, rebuilt from its `tokens` table."""
+    import numpy as np
+
+    toks = store.sql(
+        "SELECT row, pos, token_id, next_token_id FROM tokens WHERE model = $m ORDER BY row, pos", {"m": model}
+    )
+    ids = toks["token_id"].to_numpy().reshape(n_rows, seq_len - 1)
+    last = toks["next_token_id"].to_numpy().reshape(n_rows, seq_len - 1)[:, -1:]
+    return torch.from_numpy(np.concatenate([ids, last], 1).astype(np.int64))
+
+
 def ingest_tiny(model_dir: Path, store: Path, **overrides):
     """Ingest a tiny model quietly with small test settings (any IngestConfig field overrides)."""
     from selfrepair.ingest.config import IngestConfig

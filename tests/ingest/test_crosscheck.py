@@ -12,17 +12,12 @@ import torch
 
 from selfrepair import Store
 from selfrepair.ingest.models import load_model
+from tiny_models import rows_from_store
 
 CASES = [("gpt2", 0, 1), ("gpt2", 1, 3), ("neox", 0, 2), ("llama", 0, 0), ("llama", 1, 2)]
 
 
-def _rows(store, model, n_rows, seq_len):
-    toks = store.sql(
-        "SELECT row, pos, token_id, next_token_id FROM tokens WHERE model = $m ORDER BY row, pos", {"m": model}
-    )
-    ids = toks["token_id"].to_numpy().reshape(n_rows, seq_len - 1)
-    last = toks["next_token_id"].to_numpy().reshape(n_rows, seq_len - 1)[:, -1:]
-    return torch.from_numpy(np.concatenate([ids, last], 1).astype(np.int64))
+_rows = rows_from_store
 
 
 @pytest.mark.parametrize("family,layer,head", CASES)

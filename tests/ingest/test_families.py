@@ -18,7 +18,7 @@ import recompute
 import tiny_families
 from selfrepair import Store
 from selfrepair.cli import main
-from tiny_models import ingest_tiny
+from tiny_models import ingest_tiny, rows_from_store
 
 REFUSED = {"mixtral"}  # families the tool refuses; every other family must store correct numbers
 
@@ -38,13 +38,7 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _rows(store, model, n_rows, seq_len):
-    toks = store.sql(
-        "SELECT row, pos, token_id, next_token_id FROM tokens WHERE model = $m ORDER BY row, pos", {"m": model}
-    )
-    ids = toks["token_id"].to_numpy().reshape(n_rows, seq_len - 1)
-    last = toks["next_token_id"].to_numpy().reshape(n_rows, seq_len - 1)[:, -1:]
-    return torch.from_numpy(np.concatenate([ids, last], 1).astype(np.int64))
+_rows = rows_from_store
 
 
 WORST: dict[str, float] = {}  # largest deviation per check, for the family matrix (tests/family_matrix.py)
