@@ -20,7 +20,7 @@ from selfrepair.ingest import corpus as C
 from selfrepair.ingest.config import IngestConfig, parse_heads
 from selfrepair.ingest.pairing import RULE, pairs_digest, source_rows
 from selfrepair.ingest.progress import Progress
-from selfrepair.store import compact, files, plan, top_tokens
+from selfrepair.store import files, plan, top_tokens
 from selfrepair.store.estimate import Estimate
 from selfrepair.store.model_store import ModelStore, model_dirname
 from selfrepair.store.schema import ABLATION_KINDS
@@ -151,11 +151,6 @@ class Ingest:
         t2 = time.perf_counter()
         self._ablation_phase(writer, model, w, low, rows, heads, top_sets, result)
         result.seconds["ablation"] = time.perf_counter() - t2
-        if compact.shard_file_count(writer.manifest) >= compact.MIN_SHARD_FILES:
-            # Reads cost per file; one sorted rewrite is small next to the sweep that wrote them.
-            t3 = time.perf_counter()
-            self.log(compact.compact_with(writer).line())
-            result.seconds["compact"] = time.perf_counter() - t3
         result.seconds["total"] = time.perf_counter() - t0
         return result
 

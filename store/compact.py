@@ -40,7 +40,6 @@ from selfrepair.store.writer import Writer
 
 ROW_GROUP_ROWS = 131_072  # ~8 row groups per head at 1 M tokens: fine-grained min/max skipping
 MEMORY_LIMIT = "1GB"  # DuckDB spills the sort to disk beyond this
-MIN_SHARD_FILES = 64  # below this, compaction after an ingest saves nothing worth the rewrite
 
 
 @dataclass
@@ -67,10 +66,6 @@ def compactable(manifest: dict) -> list[str]:
     if not full:  # stores written without the runner: the longest batch is a full one
         full = max((e["rows"][1] - e["rows"][0] for e in shards.values()), default=0)
     return sorted(sid for sid, e in shards.items() if e["files"] and e["rows"][1] - e["rows"][0] >= full)
-
-
-def shard_file_count(manifest: dict) -> int:
-    return sum(len(e["files"]) for e in manifest.get("shards", {}).values())
 
 
 def compact(root: Path) -> list[Result]:

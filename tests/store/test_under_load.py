@@ -24,6 +24,9 @@ READER = textwrap.dedent("""
         for entry in man["shards"].values():
             for table, f in entry["files"].items():
                 want[table] = want.get(table, 0) + f["rows"]
+        # The ingest compacts at its end: compacted files then hold the shards' rows.
+        for table, parts in (man.get("compacted") or {}).items():
+            want[table] = want.get(table, 0) + sum(f["rows"] for f in parts)
         got = s.sql("SELECT (SELECT count(*) FROM tokens) AS tokens, (SELECT count(*) FROM head_effects) AS head_effects,"
                     " (SELECT count(*) FROM ablation_effects) AS ablation_effects,"
                     " (SELECT count(*) FROM self_repair) AS self_repair").row(0, named=True)

@@ -54,6 +54,9 @@ def test_rows_outside_the_declared_batch_are_found(small_store, tmp_path):
 
 
 def test_self_check_is_shown(small_store, tmp_path):
-    report = _damaged(small_store, tmp_path, lambda w: w.set(self_check={"sum_de_max_error": 3e-6}))
+    check = {"tolerance": "1e-3 of max(1, |value|)", "bridge": "TransformerBridge",
+             "deviations": {"clean logit: engine vs model": 2e-7, "d_logit zero L0H1: fast vs reference": 3e-6}}
+    report = _damaged(small_store, tmp_path, lambda w: w.set(self_check=check))
     assert report.ok, report.lines()
-    assert "  ok   ingest self-check sum_de_max_error: 3e-06" in report.lines()
+    assert ("  ok   ingest self-check (TransformerBridge): 2 comparisons on the first batch, largest deviation "
+            "3.0e-06 (d_logit zero L0H1: fast vs reference); tolerance 1e-3 of max(1, |value|)") in report.lines()
