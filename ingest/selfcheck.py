@@ -105,6 +105,8 @@ def run_self_check(model, w, rows: torch.Tensor, source_rows: torch.Tensor | Non
     ref = ReferenceBatch(bridge, rows) if use_ref else None
     fast_src = FastBatch(w, source_rows) if source_rows is not None else None
     ref_src = ReferenceBatch(bridge, source_rows) if use_ref and source_rows is not None else None
+    cf = fast.clean_logit(u_full)
+    cr = ref.clean_logit(u_full) if use_ref else None
     for kind in ablations:
         for layer, head in sample_heads(w.n_layers, w.n_heads):
             tag = f"{kind} L{layer}H{head}"
@@ -116,7 +118,6 @@ def run_self_check(model, w, rows: torch.Tensor, source_rows: torch.Tensor | Non
                 continue
             zr = replacement_z(kind, ref.clean_z(layer), ref_src.clean_z(layer) if ref_src is not None else None)
             rr = ref.patch(layer, [head], zr[:, :, [head]].permute(2, 0, 1, 3), u_full)
-            cf, cr = fast.clean_logit(u_full), ref.clean_logit(u_full)
             record(f"d_logit {tag}: fast vs reference", cut(rf.logit[0] - cf), cut(rr.logit[0] - cr))
             record(f"ablated scale {tag}: fast vs reference", cut(rf.scale[0]), cut(rr.scale[0]))
             if not w.post_norm:  # the bridge's hooks do not model post-norm head writes
