@@ -227,7 +227,6 @@ def clean_run(w: Weights, rows: Tensor, with_linears: bool = False) -> CleanStat
     resid_final = f(got["final"])
     scales = [n.scale(f(got[("n", i, j)])) for i in range(L) for j, (_, _, n) in enumerate(w.layer_norms[i])]
     scale = w.final.scale(resid_final)
-    lm_scale = float(getattr(w.model.config, "logit_scale", None) or 1.0) if w.family.name == "Cohere" else 1.0
     state = CleanState(
         calls=calls,
         resid_pre=torch.stack([f(x.detach()) for x in inputs]),
@@ -241,7 +240,7 @@ def clean_run(w: Weights, rows: Tensor, with_linears: bool = False) -> CleanStat
         scale=scale,
         norm_scales=torch.stack(scales + [scale], -1),
         logits=f(out.logits),
-        raw_logits=f(got["raw"]) * lm_scale,
+        raw_logits=f(got["raw"]) * w.logit_scale,
         linears=linears if with_linears else None,
     )
     if state.mlp_pre_final is not None:

@@ -57,8 +57,7 @@ def full_forward_logit(w, rows: torch.Tensor, layer: int, head: int, z_new: torc
     finally:
         for h in hooks:
             h.remove()
-    scale = float(getattr(w.model.config, "logit_scale", None) or 1.0) if w.family.name == "Cohere" else 1.0
-    r = raw["r"].reshape(batch, pos, -1) * scale
+    r = raw["r"].reshape(batch, pos, -1) * w.logit_scale
     y = rows.roll(-1, dims=1)
     return (r - r.mean(-1, keepdim=True)).gather(-1, y[..., None])[..., 0] - w.b_U[y]
 

@@ -136,6 +136,7 @@ class Weights:
     n_heads: int
     parallel: bool
     softcap: float | None
+    logit_scale: float  # Cohere multiplies its logits by this; 1 elsewhere
 
     @property
     def n_layers(self) -> int:
@@ -198,9 +199,9 @@ def read_weights(model, seq_len: int) -> Weights:
     final = probe_norm(final_module, d, f"{family.name} {family.final_norm}")
     lm_head = model.get_output_embeddings()
     W_lm = in_major(lm_head, f"{family.name} unembedding")  # [d_model, d_vocab]
-    scale = float(getattr(cfg, "logit_scale", None) or 1.0) if family.name == "Cohere" else 1.0
-    W_U = (final.gain[:, None] * W_lm) * scale
-    b_U = (final.bias @ W_lm + _bias(lm_head, W_lm.shape[1], device)) * scale
+    logit_scale = float(getattr(cfg, "logit_scale", None) or 1.0) if family.name == "Cohere" else 1.0
+    W_U = (final.gain[:, None] * W_lm) * logit_scale
+    b_U = (final.bias @ W_lm + _bias(lm_head, W_lm.shape[1], device)) * logit_scale
     W_U, b_U = W_U - W_U.mean(1, keepdim=True), b_U - b_U.mean()
     if final.kind == "LN":
         W_U = W_U - W_U.mean(0, keepdim=True)
@@ -223,7 +224,7 @@ def read_weights(model, seq_len: int) -> Weights:
         W_O=W_O, W_O_eff=W_O * g_attn[:, None, None, :], c=torch.zeros(len(layers), n_heads, W_O.shape[2], device=device),
         b_attn=torch.zeros(len(layers), d, device=device), W_U=W_U.contiguous(), b_U=b_U, W_out_final=W_out,
         n_heads=n_heads, parallel=family.parallel(cfg),
-        softcap=getattr(cfg, "final_logit_softcapping", None),
+        softcap=getattr(cfg, "final_logit_softcapping", None), logit_scale=logit_scale,
     )
     from selfrepair.ingest.engine import zero_input_z
 
