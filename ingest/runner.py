@@ -372,7 +372,9 @@ class Ingest:
         draws = [(k, s) for k in cfg.ablations for s in (range(cfg.resamples) if k == "resample" else [0])]
         digest = lambda sample, r0, r1: pairs_digest(source_rows(cfg.n_rows, cfg.batch_size, sample, cfg.seed, r0, r1))  # noqa: E731
         # Only the missing (ablation, sample, head, batch) units, from what the store already holds.
-        todo = plan.ablation_work(writer.manifest, cfg.n_rows, cfg.batch_size, draws, heads, digest)
+        top_digest = lambda r0, r1, hs: top_tokens.batch_digest(top_sets, hs, r0 * preds, r1 * preds)  # noqa: E731
+        # …and the stored shards whose detail follows other top-p% sets (more tokens) are redone.
+        todo = plan.ablation_work(writer.manifest, cfg.n_rows, cfg.batch_size, draws, heads, digest, top_digest)
         total = sum(len(t.heads) * (t.rows[1] - t.rows[0]) * preds for t in todo)
         result.shards_skipped += len(plan.batches(cfg.n_rows, cfg.batch_size)) * len(draws) - \
             len({(t.kind, t.sample, t.rows) for t in todo if (t.kind, t.sample) in draws})
@@ -404,7 +406,8 @@ class Ingest:
                         torch.cuda.empty_cache() if torch.cuda.is_available() else None
                         self.log(f"out of memory: retrying with {hpp} heads per pass")
             entry = {"phase": "ablation", "rows": [r0, r1], "ablation": kind, "sample": sample,
-                     "heads": work.heads_spec, "engine": cfg.engine, "top_n_tokens": writer.manifest["n_tokens"]}
+                     "heads": work.heads_spec, "engine": cfg.engine, "top_n_tokens": writer.manifest["n_tokens"],
+                     "top_sha": top_digest(r0, r1, work.heads)}
             if pair is not None:
                 entry["pairs_sha"] = pairs_digest(pair)
                 if work.with_sources:  # one shard per batch and draw holds its pairs, so keys never repeat

@@ -3,8 +3,9 @@
 A shard is identified by its batch rows, its ablation and draw, and the exact heads it
 ablated, so a new run with overlapping `--heads`, another ablation type or more draws
 does only the missing units. A stored shard whose batch changed (the partial last batch
-grew) or whose resample pairs changed is invalid: its units are redone for the new batch
-in one shard that supersedes it in the same commit, so keys never repeat.
+grew), whose resample pairs changed, or whose repair/neuron detail was written for other
+top-p% token sets (more tokens change every head's set) is invalid: its units are redone
+for the new batch in one shard that supersedes it in the same commit, so keys never repeat.
 """
 
 from __future__ import annotations
@@ -83,8 +84,20 @@ def _draw_order(draw: tuple[str, int]) -> tuple[int, int]:
     return (ABLATION_KINDS.index(kind) if kind in ABLATION_KINDS else len(ABLATION_KINDS), sample)
 
 
+def _same_top(entry: dict, manifest: dict, n_layers: int, n_heads: int,
+              top_digest: Callable[[int, int, Heads], str] | None) -> bool:
+    """Whether a stored shard's detail was written for the top-p% sets the store has now."""
+    if top_digest is None:
+        return True
+    if "top_sha" not in entry:  # written before the digest was recorded: its token count decides
+        return entry.get("top_n_tokens", manifest["n_tokens"]) == manifest["n_tokens"]
+    r0, r1 = entry["rows"]
+    return entry["top_sha"] == top_digest(r0, r1, parse_heads(entry.get("heads", "all"), n_layers, n_heads))
+
+
 def ablation_work(manifest: dict, n_rows: int, batch_size: int, asked_draws: list[tuple[str, int]],
-                  asked_heads: Heads, pairs_digest: Callable[[int, int, int], str]) -> list[AblationWork]:
+                  asked_heads: Heads, pairs_digest: Callable[[int, int, int], str],
+                  top_digest: Callable[[int, int, Heads], str] | None = None) -> list[AblationWork]:
     """The ablation shards a run must write, batch by batch.
 
     Args:
@@ -93,6 +106,8 @@ def ablation_work(manifest: dict, n_rows: int, batch_size: int, asked_draws: lis
         asked_draws: (ablation, sample) pairs this run asks for.
         asked_heads: heads this run asks for.
         pairs_digest: (sample, r0, r1) -> digest of that batch's resample pairs now.
+        top_digest: (r0, r1, heads) -> digest of those heads' top-p% tokens in the batch now
+            (`store/top_tokens.batch_digest`); None: not checked.
 
     Returns:
         Work in batch order, then draw order.
@@ -111,7 +126,7 @@ def ablation_work(manifest: dict, n_rows: int, batch_size: int, asked_draws: lis
             digest = pairs_digest(sample, r0, r1) if kind == "resample" else None
             # Shards written before pairs were recorded are taken as valid when their batch matches.
             valid = all(tuple(e["rows"]) == (r0, r1) and (digest is None or e.get("pairs_sha", digest) == digest)
-                        for _, e in stored)
+                        and _same_top(e, manifest, n_layers, n_heads, top_digest) for _, e in stored)
             have = {h for _, e in stored for h in parse_heads(e.get("heads", "all"), n_layers, n_heads)}
             asked = set(asked_heads) if (kind, sample) in asked_draws else set()
             if valid:

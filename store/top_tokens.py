@@ -7,8 +7,11 @@ store never holds all of `head_effects` in memory.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 import polars as pl
 import pyarrow as pa
@@ -40,3 +43,19 @@ def write(writer: "Writer", top_p: float) -> pa.Table:
     table = compute(writer.ms, top_p, writer.manifest)
     writer.write_derived("head_top_tokens", table, {"n_tokens": writer.manifest["n_tokens"], "top_p": top_p})
     return table
+
+
+def batch_digest(top_sets: dict[tuple[int, int], np.ndarray], heads, tok0: int, tok1: int) -> str:
+    """sha256 of the top tokens in [tok0, tok1) of each of `heads` (sorted arrays in `top_sets`).
+
+    An ablation shard stores repair and neuron detail for exactly these tokens; its entry
+    records this digest, so a shard whose detail no longer matches the store's top-p% sets
+    (after more tokens changed them) is found and redone.
+    """
+    h = hashlib.sha256()
+    for layer, head in sorted(heads):
+        toks = top_sets.get((layer, head), np.empty(0, np.int64))
+        lo, hi = np.searchsorted(toks, [tok0, tok1])
+        h.update(f"L{layer}H{head}:".encode())
+        h.update(np.asarray(toks[lo:hi], dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
