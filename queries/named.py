@@ -56,6 +56,10 @@ class NamedQuery:
     def bind(self, values: dict) -> dict:
         """Defaults filled in and values coerced; raises QueryError naming a missing or unknown one."""
         known = {p.name for p in self.params}
+        if "head" in known:
+            from selfrepair.queries.requests import split_head_label
+
+            values = split_head_label(values)  # head=L26H6 means layer 26, head 6
         unknown = sorted(set(values) - known)
         if unknown:
             raise QueryError(

@@ -16,7 +16,8 @@ import duckdb
 import polars as pl
 
 from selfrepair.errors import QueryError, StoreNotFound
-from selfrepair.queries import interrupt, named, safety, views
+from selfrepair.queries import interrupt, named, requests, safety, views
+from selfrepair.store.inventory import Inventory
 from selfrepair.store.model_store import list_models
 from selfrepair.store.schema import TABLES
 
@@ -127,7 +128,14 @@ class Store:
             QueryError: a required parameter is missing, or the query failed.
         """
         q = named.get_query(name)
-        return self.sql(q.sql, q.bind(params))
+        bound = q.bind(params)
+        requests.check(self.inventories, bound)  # never an empty answer for what was not ingested
+        return self.sql(q.sql, bound)
+
+    @property
+    def inventories(self) -> list[Inventory]:
+        """What each model folder holds (ablations, draws, heads, tokens, arrays), from its manifest."""
+        return [Inventory.of(m, self._manifests[m]) for m in self.models]
 
     def interrupt(self) -> None:
         """Stop the running query (safe from another thread); it raises QueryError."""

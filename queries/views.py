@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from selfrepair.errors import SchemaMismatch
+from selfrepair.store.inventory import INVENTORY_COLUMNS, Inventory
 from selfrepair.store.schema import TABLES
 
 # Arrow type -> DuckDB type, for the empty view of a table with no committed file yet.
@@ -58,10 +59,33 @@ def duckdb_type(arrow_type: pa.DataType) -> str:
         raise SchemaMismatch(f"no DuckDB type for Arrow type {arrow_type}") from None
 
 
+HEAD_LABEL = "'L' || layer || 'H' || head AS head_label"
+SRC_LABEL = ("CASE WHEN src_kind = 'mlp' THEN 'MLP' || src_layer "
+             "ELSE 'L' || src_layer || 'H' || src_head END AS src_label")
+
+
+def view_columns(table: str) -> list[str]:
+    """A table view's columns after `model`: the schema's, with `head_label` (`L26H6`) after
+    `head` and `src_label` (`L27H1` or `MLP27`) after `src_head` where the table has them."""
+    names = TABLES[table].column_names
+    out = []
+    for name in names:
+        out.append(name)
+        if name == "head" and "layer" in names:
+            out.append("head_label")
+        if name == "src_head":
+            out.append("src_label")
+    return out
+
+
+def _derived_column(name: str) -> str | None:
+    return {"head_label": HEAD_LABEL, "src_label": SRC_LABEL}.get(name)
+
+
 def table_view_sql(table: str, models: list[ModelFiles]) -> str:
     """`CREATE VIEW <table>`: model column plus the schema's columns, union over models."""
     spec = TABLES[table]
-    cols = ", ".join(spec.column_names)
+    cols = ", ".join(_derived_column(c) or c for c in view_columns(table))
     parts = []
     for m in models:
         paths = m.files.get(table) or []
@@ -70,7 +94,7 @@ def table_view_sql(table: str, models: list[ModelFiles]) -> str:
             parts.append(f"SELECT {sql_literal(m.model)} AS model, {cols} FROM read_parquet({file_list})")
     if not parts:
         typed = ", ".join(f"CAST(NULL AS {duckdb_type(t)}) AS {n}" for n, t in spec.columns)
-        parts.append(f"SELECT CAST(NULL AS VARCHAR) AS model, {typed} WHERE false")
+        parts.append(f"SELECT model, {cols} FROM (SELECT CAST(NULL AS VARCHAR) AS model, {typed} WHERE false)")
     return f"CREATE VIEW {table} AS\n" + "\nUNION ALL\n".join(parts)
 
 
@@ -136,7 +160,7 @@ WITH base AS (
     JOIN head_effects h USING (model, layer, head, token_index)
     JOIN tokens t USING (model, token_index)
 )
-SELECT model, ablation, sample, layer, head, token_index,{_SELF_REPAIR_COLUMNS}
+SELECT model, ablation, sample, layer, head, {HEAD_LABEL}, token_index,{_SELF_REPAIR_COLUMNS}
 FROM base
 """
 
@@ -146,8 +170,9 @@ FROM base
 # than a window sort. max_by's key is (de, -token_index), so equal DEs prefer lower
 # indices. Each branch's filter on `models` is false for the other's models, and DuckDB
 # then skips that branch's scan.
-TOP_TOKENS_SQL = """
+TOP_TOKENS_SQL = f"""
 CREATE MACRO top_tokens(p) AS TABLE
+SELECT model, layer, head, {HEAD_LABEL}, token_index, de FROM (
 SELECT t.model, t.layer, t.head, t.token_index, t.de
 FROM head_top_tokens t JOIN models m USING (model)
 WHERE m.top_stored AND m.top_p = p
@@ -155,13 +180,13 @@ UNION ALL
 SELECT model, layer, head, token_index, de
 FROM (
     SELECT h.model, h.layer, h.head,
-           unnest(max_by({'token_index': h.token_index, 'de': h.de},
-                         {'de': h.de, 'neg_index': -h.token_index},
+           unnest(max_by({{'token_index': h.token_index, 'de': h.de}},
+                         {{'de': h.de, 'neg_index': -h.token_index}},
                          CAST(floor(p * m.n_tokens) AS BIGINT)), recursive := true)
     FROM head_effects h JOIN models m USING (model)
     WHERE floor(p * m.n_tokens) >= 1 AND NOT (m.top_stored AND m.top_p = p)
     GROUP BY h.model, h.layer, h.head, m.n_tokens
-)
+))
 """
 
 # Start from the small top set and join outwards, rather than filtering the full view.
@@ -174,18 +199,48 @@ WITH base AS (
     JOIN ablation_effects a USING (model, layer, head, token_index)
     JOIN tokens t USING (model, token_index)
 )
-SELECT model, ablation, sample, layer, head, token_index,{_SELF_REPAIR_COLUMNS}
+SELECT model, ablation, sample, layer, head, {HEAD_LABEL}, token_index,{_SELF_REPAIR_COLUMNS}
 FROM base
 """
 
-DERIVED_VIEWS = ("models", "self_repair")
-MACROS = ("top_tokens(p)", "self_repair_top(p)")
+# Each prediction in its text: `before` is the row's text up to and including the input
+# token (n tokens), `token` the predicted next token, `after` the n tokens that follow it.
+TOKEN_CONTEXT_SQL = """
+CREATE MACRO token_context(n) AS TABLE
+SELECT model, token_index, row, pos,
+       string_agg(token_str, '') OVER (PARTITION BY model, row ORDER BY pos
+                                       ROWS BETWEEN n - 1 PRECEDING AND CURRENT ROW) AS before,
+       next_token_str AS token,
+       coalesce(string_agg(next_token_str, '') OVER (PARTITION BY model, row ORDER BY pos
+                                                     ROWS BETWEEN 1 FOLLOWING AND n FOLLOWING), '') AS after
+FROM tokens
+"""
+
+
+def inventory_view_sql(models: list[ModelFiles]) -> str:
+    """`CREATE VIEW inventory`: one row per model and stored (ablation, draw), from the manifests."""
+    rows = [r for m in models for r in Inventory.of(m.model, m.manifest).rows()]
+    cols = ", ".join(INVENTORY_COLUMNS)
+    if not rows:
+        return (f"CREATE VIEW inventory AS SELECT * FROM (VALUES ('', '', 0, '', 0, 0, 0, 0, 0, 0.0, 0, 0, '')) "
+                f"v({cols}) WHERE false")
+
+    def lit(v) -> str:
+        return sql_literal(v) if isinstance(v, str) else f"CAST({v!r} AS DOUBLE)" if isinstance(v, float) else repr(v)
+
+    values = ",\n".join("(" + ", ".join(lit(r[c]) for c in INVENTORY_COLUMNS) + ")" for r in rows)
+    return f"CREATE VIEW inventory({cols}) AS VALUES\n{values}"
+
+
+DERIVED_VIEWS = ("models", "inventory", "self_repair")
+MACROS = ("top_tokens(p)", "self_repair_top(p)", "token_context(n)")
 
 
 def view_statements(models: list[ModelFiles]) -> list[str]:
     """Every DDL statement, in dependency order."""
     out = [table_view_sql(t, models) for t in TABLES]
-    out += [models_view_sql(models), SELF_REPAIR_SQL, TOP_TOKENS_SQL, SELF_REPAIR_TOP_SQL]
+    out += [models_view_sql(models), inventory_view_sql(models), SELF_REPAIR_SQL, TOP_TOKENS_SQL,
+            SELF_REPAIR_TOP_SQL, TOKEN_CONTEXT_SQL]
     return out
 
 

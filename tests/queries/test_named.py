@@ -40,8 +40,30 @@ def test_header_and_params(name):
 def test_runs_with_defaults(store, name):
     q = named.all_queries()[name]
     args = {k: v for k, v in HEAD.items() if k in {p.name for p in q.params if p.required}}
+    if "p" in {p.name for p in q.params}:
+        args["p"] = 0.1  # the default 0.02 keeps no token of these 30- and 40-token models (refused)
     df = store.query(name, **args)
     assert "model" in [c.lower() for c in df.columns]
+
+
+@pytest.mark.parametrize("params,message", [
+    (dict(ablation="Zero"), "ablation 'Zero' was not ingested; this store has: mean, resample, zero"),
+    (dict(p=2), "p = 2 is outside (0, 1]"),
+    (dict(p=-1), "p = -1 is outside (0, 1]"),
+    (dict(p=0), "p = 0 is outside (0, 1]"),
+    (dict(p=0.02), "p = 0.02 keeps no token: floor(p × 40 tokens) = 0"),
+    (dict(sample=1), "resample draw 1 was not ingested; stored draws: 0"),
+    (dict(ablation="zero", sample=1), "zero draw 1 was not ingested"),
+    (dict(head="L9H0"), "layer 9 is not a layer of"),
+    (dict(head="L0H7"), "head 7 is not a head index of"),
+    (dict(head="0H1"), "head '0H1': use a label like L26H6"),
+], ids=lambda v: str(v) if isinstance(v, dict) else "")
+def test_a_request_for_what_was_not_ingested_is_refused(store, params, message):
+    """An empty answer is never silent: each of these would otherwise print (0 rows)."""
+    base = {"head": 1, "p": 0.1} if isinstance(params.get("head"), str) else {"layer": 0, "head": 1, "p": 0.1}
+    with pytest.raises(QueryError) as e:
+        store.query("head_tokens", **(base | params))
+    assert message in str(e.value)
 
 
 @pytest.mark.parametrize("name", sorted(named.all_queries()))
@@ -315,19 +337,23 @@ def test_head_tokens(store, raw):
 
 
 def test_backup_heads(store, raw):
-    got = store.query("backup_heads", layer=0, head=1, ablation="zero", limit=5)
+    got = store.query("backup_heads", layer=0, head=1, ablation="zero", limit=3)
     r = raw["repair_sources"].filter((pl.col("layer") == 0) & (pl.col("head") == 1) & (pl.col("ablation") == "zero")
                                      & (pl.col("sample") == 0))
     r = r.join(raw["head_effects"], on=["model", "layer", "head", "token_index"])
     g = r.group_by("model", "src_kind", "src_layer", "src_head").agg(
         pl.len().cast(pl.Int64).alias("n_tokens"), pl.col("d_de").cast(F64).mean(),
         (pl.col("d_de").cast(F64).mean() / pl.col("de").cast(F64).mean()).alias("share"))
-    g = g.sort(["model", "d_de", "src_layer", "src_head"], descending=[False, True, False, False])
-    g = g.with_columns((pl.int_range(pl.len()).over("model") + 1).alias("rank")).filter(pl.col("rank") <= 5)
+    g = g.with_columns(pl.when(pl.col("d_de") >= 0).then(pl.lit("repairs")).otherwise(pl.lit("works against"))
+                       .alias("direction"), pl.col("d_de").abs().alias("size"))
+    g = g.with_columns(pl.col("d_de").sum().over("model", "direction").alias("direction_total"))
+    g = g.sort(["model", "direction", "size", "src_layer", "src_head"], descending=[False, False, True, False, False])
+    g = g.with_columns((pl.int_range(pl.len()).over("model", "direction") + 1).alias("rank")).filter(pl.col("rank") <= 3)
     g = g.with_columns(pl.when(pl.col("src_kind") == "mlp").then(pl.format("MLP{}", "src_layer"))
                        .otherwise(pl.format("L{}H{}", "src_layer", "src_head")).alias("component"))
     assert_same(got, g.select(got.columns))
-    assert got.height == 5 * len(MODELS)
+    assert set(got["direction"]) == {"repairs", "works against"}  # both signs are shown
+    assert got.equals(store.query("backup_heads", head="L0H1", ablation="zero", limit=3))  # one head label
 
 
 def test_anti_erasure_neurons(store, raw):

@@ -9,6 +9,7 @@ import pytest
 
 from selfrepair.errors import StoreNotFound
 from selfrepair.queries.store import Store
+from selfrepair.queries.views import view_columns
 from selfrepair.store.model_store import ModelStore
 from selfrepair.store.schema import TABLES
 
@@ -20,14 +21,51 @@ TOL = 1e-4  # DESIGN.md's tolerance for both identities
 def test_models_and_views(store, spec):
     assert (spec.models, spec.top_p) == (MODELS, TOP_P)
     assert store.models == sorted(MODELS)
-    assert set(TABLES) | {"models", "self_repair"} == set(store.views)
+    assert set(TABLES) | {"models", "inventory", "self_repair"} == set(store.views)
     assert store.manifest("gpt2-tiny")["model"]["n_layers"] == MODELS["gpt2-tiny"][0]
 
 
 @pytest.mark.parametrize("table", list(TABLES))
 def test_table_view_columns(store, table):
     df = store.sql(f"SELECT * FROM {table} LIMIT 0")
-    assert df.columns == ["model"] + TABLES[table].column_names
+    want = ["model"] + TABLES[table].column_names
+    if "head" in want and "layer" in want:
+        want.insert(want.index("head") + 1, "head_label")  # one head label everywhere
+    if "src_head" in want:
+        want.insert(want.index("src_head") + 1, "src_label")
+    assert df.columns == want
+
+
+def test_head_labels_name_layer_and_head(store):
+    df = store.sql("SELECT layer, head, head_label FROM self_repair UNION ALL "
+                   "SELECT layer, head, head_label FROM top_tokens(0.1)")
+    assert df.height and all(lab == f"L{la}H{h}" for la, h, lab in df.iter_rows())
+    src = store.sql("SELECT src_kind, src_layer, src_head, src_label FROM repair_sources")
+    assert src.height and all(lab == (f"MLP{la}" if k == "mlp" else f"L{la}H{h}") for k, la, h, lab in src.iter_rows())
+
+
+def test_inventory_lists_what_each_model_holds(store):
+    inv = store.sql("SELECT * FROM inventory ORDER BY model, ablation, sample")
+    assert sorted(set(inv["model"])) == sorted(MODELS)
+    for row in inv.iter_rows(named=True):
+        layers, heads, tokens = MODELS[row["model"]]
+        assert (row["n_tokens"], row["heads"], row["n_heads"]) == (tokens, "all", layers * heads)
+        assert row["top_tokens"] == math.floor(row["top_p"] * tokens)
+    assert set(inv["ablation"]) == {"resample", "mean", "zero"}
+
+
+def test_token_context_is_the_row_text_around_a_prediction(store):
+    toks = store.sql("SELECT model, row, pos, token_index, token_str, next_token_str FROM tokens ORDER BY model, token_index")
+    ctx = store.sql("SELECT * FROM token_context(3) ORDER BY model, token_index")
+    assert ctx.height == toks.height
+    for model, frame in toks.group_by("model"):
+        c = ctx.filter(ctx["model"] == model[0])
+        for i, r in enumerate(frame.iter_rows(named=True)):
+            same = frame.filter((frame["row"] == r["row"]))
+            before = "".join(same.filter((same["pos"] <= r["pos"]) & (same["pos"] > r["pos"] - 3))["token_str"])
+            after = "".join(same.filter((same["pos"] > r["pos"]) & (same["pos"] <= r["pos"] + 3))["next_token_str"])
+            got = c.row(i, named=True)
+            assert (got["before"], got["token"], got["after"]) == (before, r["next_token_str"], after)
 
 
 def test_union_over_models(store):
@@ -38,7 +76,7 @@ def test_union_over_models(store):
 def test_self_repair_columns_and_rows(store):
     df = store.sql("SELECT * FROM self_repair")
     assert df.columns == [
-        "model", "ablation", "sample", "layer", "head", "token_index", "de_clean", "de_ablated",
+        "model", "ablation", "sample", "layer", "head", "head_label", "token_index", "de_clean", "de_ablated",
         "d_de", "d_logit", "sr", "sr_heads", "sr_mlps", "sr_ln", "ln_ratio", "sr_ln_closed",
     ]
     n_abl = store.sql("SELECT count(*) AS n FROM ablation_effects")["n"][0]
@@ -86,7 +124,7 @@ def test_missing_table_is_empty_view(tmp_path):
     with Store.open(tmp_path) as s:
         for table in TABLES:
             df = s.sql(f"SELECT * FROM {table}")
-            assert df.height == 0 and df.columns == ["model"] + TABLES[table].column_names
+            assert df.height == 0 and df.columns == ["model"] + view_columns(table)
         assert s.sql("SELECT * FROM self_repair").height == 0
 
 

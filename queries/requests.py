@@ -1,0 +1,90 @@
+"""Refuse, with one line, a query for something the store never ingested.
+
+A named query, `head` or `report` asked for an ablation, draw, head or model that is not
+stored, or for p outside (0, 1], would otherwise answer with an empty table and exit 0.
+These checks run on the manifests alone, before any SQL.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from selfrepair.errors import QueryError
+from selfrepair.store.inventory import Inventory
+
+_LABEL = re.compile(r"^L(\d+)H(\d+)$", re.IGNORECASE)
+
+
+def parse_head_label(text: str) -> tuple[int, int]:
+    """`L26H6` -> (26, 6); anything else is refused with one line."""
+    m = _LABEL.match(str(text).strip())
+    if not m:
+        raise QueryError(f"head {text!r}: use a label like L26H6 (layer 26, head 6)")
+    return int(m.group(1)), int(m.group(2))
+
+
+def split_head_label(values: dict) -> dict:
+    """`head=L26H6` (and `layer=L26`) become layer=26, head=6; other values pass through."""
+    out = dict(values)
+    head = out.get("head")
+    if isinstance(head, str) and not head.strip().lstrip("+-").isdigit():
+        layer, h = parse_head_label(head)
+        if "layer" in out and str(out["layer"]).strip().lstrip("Ll") != str(layer):
+            raise QueryError(f"head {head} and layer {out['layer']} disagree")
+        out["layer"], out["head"] = layer, h
+    layer = out.get("layer")
+    if isinstance(layer, str) and re.fullmatch(r"[Ll]\d+", layer.strip()):
+        out["layer"] = int(layer.strip()[1:])
+    return out
+
+
+def check(inventories: list[Inventory], params: dict, model: str | None = None) -> None:
+    """Raise QueryError naming what is stored when `params` ask for something that is not.
+
+    Args:
+        inventories: every model of the store.
+        params: bound values; checked when present: p, ablation, sample, layer, head.
+        model: restrict the checks to this model (None: any model may hold it).
+    """
+    invs = inventories
+    if model is not None:
+        invs = [i for i in inventories if i.model == model]
+        if not invs:
+            raise QueryError(f"model {model!r} is not in this store; models: "
+                             f"{', '.join(i.model for i in inventories)}")
+    if "p" in params:
+        p = params["p"]
+        if not isinstance(p, (int, float)) or not (0 < p <= 1):
+            raise QueryError(f"p = {p!r} is outside (0, 1]: p is the fraction of tokens kept per head, e.g. 0.02")
+        if not any(math.floor(p * i.n_tokens) >= 1 for i in invs):
+            most = max(i.n_tokens for i in invs)
+            raise QueryError(f"p = {p} keeps no token: floor(p × {most:,} tokens) = 0; use p ≥ {1 / most:.2g}")
+    draws = [(i, d) for i in invs for d in i.draws]
+    if "ablation" in params:
+        kind = params["ablation"]
+        kinds = sorted({d.ablation for _, d in draws})
+        if kind not in kinds:
+            raise QueryError(f"ablation {kind!r} was not ingested; this store has: {', '.join(kinds) or 'none'} "
+                             "(add it with `selfrepair ingest --ablations …`)")
+        draws = [(i, d) for i, d in draws if d.ablation == kind]
+        if "sample" in params:
+            sample = params["sample"]
+            have = sorted({d.sample for _, d in draws})
+            if sample not in have:
+                raise QueryError(f"{kind} draw {sample!r} was not ingested; stored draws: "
+                                 f"{', '.join(map(str, have))}")
+            draws = [(i, d) for i, d in draws if d.sample == sample]
+    if "layer" in params and not (isinstance(params["layer"], int) and params["layer"] < 0):
+        layer = params["layer"]  # a negative layer is a query's own shorthand (e.g. -1: penultimate)
+        if not isinstance(layer, int) or not any(0 <= layer < i.n_layers for i in invs):
+            raise QueryError(f"layer {layer!r} is not a layer of "
+                             + ", ".join(f"{i.model} (0..{i.n_layers - 1})" for i in invs))
+        if "head" in params:
+            head = params["head"]
+            if not isinstance(head, int) or not any(0 <= head < i.n_heads for i in invs):
+                raise QueryError(f"head {head!r} is not a head index of "
+                                 + ", ".join(f"{i.model} (0..{i.n_heads - 1})" for i in invs))
+            if draws and not any((layer, head) in d.heads for _, d in draws):
+                stored = "; ".join(f"{i.model} {d.ablation} draw {d.sample}: {i.heads_text(d)}" for i, d in draws)
+                raise QueryError(f"head L{layer}H{head} was not ablated; stored heads: {stored}")

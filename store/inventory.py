@@ -1,0 +1,102 @@
+"""What a model folder holds, from its manifest alone: ablations, draws, heads, tokens, arrays.
+
+One source for `selfrepair info`, the `inventory` SQL view and the checks that refuse a
+query for something that was never ingested (an empty answer is never silent).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from selfrepair.store.heads import heads_spec, parse_heads
+from selfrepair.store.schema import ABLATION_KINDS
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One stored (ablation, draw): the heads with at least one stored shard, and how many batches each covers."""
+
+    ablation: str
+    sample: int
+    heads: tuple[tuple[int, int], ...]
+    batches: int
+
+
+@dataclass
+class Inventory:
+    """One model folder's stored work.
+
+    Args:
+        model: the folder name.
+        n_layers, n_heads: the model's shape.
+        n_tokens, n_rows, seq_len: the stored tokens.
+        top_p, neurons_top_k: the detail settings.
+        draws: every stored (ablation, draw).
+        arrays: the Zarr arrays kept (weights excluded).
+    """
+
+    model: str
+    n_layers: int
+    n_heads: int
+    n_tokens: int
+    n_rows: int
+    seq_len: int
+    top_p: float
+    neurons_top_k: int
+    draws: list[Draw] = field(default_factory=list)
+    arrays: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, model: str, manifest: dict) -> "Inventory":
+        info = manifest.get("model", {})
+        n_layers, n_heads = int(info.get("n_layers", 0)), int(info.get("n_heads", 0))
+        config = manifest.get("config", {})
+        heads: dict[tuple[str, int], set] = {}
+        batches: dict[tuple[str, int], set] = {}
+        for e in manifest.get("shards", {}).values():
+            if e.get("phase") != "ablation":
+                continue
+            if "ablation" in e:
+                keys = [(e["ablation"], e.get("sample", 0))]
+            else:  # a shard that holds several draws (written by hand): the recorded configuration's
+                samples = (manifest.get("resample") or {}).get("samples", 1)
+                keys = [(k, s) for k in manifest.get("ablations") or ABLATION_KINDS
+                        for s in (range(samples) if k == "resample" else [0])]
+            for key in keys:
+                heads.setdefault(key, set()).update(parse_heads(e.get("heads", "all"), n_layers, n_heads))
+                batches.setdefault(key, set()).add(tuple(e["rows"]))
+        order = lambda k: (ABLATION_KINDS.index(k[0]) if k[0] in ABLATION_KINDS else 99, k[1])  # noqa: E731
+        draws = [Draw(k[0], k[1], tuple(sorted(heads[k])), len(batches[k])) for k in sorted(heads, key=order)]
+        arrays = sorted(a for a in (manifest.get("arrays") or {}) if not a.startswith("weights/"))
+        return cls(model, n_layers, n_heads, int(manifest.get("n_tokens", 0)), int(manifest.get("n_rows", 0)),
+                   int(manifest.get("seq_len", 0)), float(config.get("top_p", 0.02)),
+                   int(config.get("neurons_top_k", 0)), draws, arrays)
+
+    def heads_text(self, draw: Draw) -> str:
+        return heads_spec(draw.heads, self.n_layers, self.n_heads)
+
+    def rows(self) -> list[dict]:
+        """One row per stored draw (the `inventory` view)."""
+        base = {"model": self.model, "n_tokens": self.n_tokens, "n_rows": self.n_rows, "seq_len": self.seq_len,
+                "top_p": self.top_p, "top_tokens": math.floor(self.top_p * self.n_tokens),
+                "neurons_top_k": self.neurons_top_k, "arrays": ",".join(self.arrays)}
+        return [base | {"ablation": d.ablation, "sample": d.sample, "heads": self.heads_text(d),
+                        "n_heads": len(d.heads), "batches": d.batches} for d in self.draws]
+
+    def lines(self) -> list[str]:
+        """`selfrepair info`'s text for this model."""
+        out = [f"{self.model}: {self.n_layers} layers × {self.n_heads} heads; {self.n_tokens:,} tokens "
+               f"({self.n_rows:,} rows of {self.seq_len}); top_p {self.top_p} "
+               f"({math.floor(self.top_p * self.n_tokens):,} tokens per head), {self.neurons_top_k} neurons kept"]
+        for d in self.draws:
+            out.append(f"  {d.ablation:<8} draw {d.sample}: heads {self.heads_text(d)} ({len(d.heads)}), "
+                       f"{d.batches} batches")
+        if not self.draws:
+            out.append("  no ablation stored yet")
+        out.append(f"  activations: {', '.join(self.arrays) if self.arrays else 'none'}")
+        return out
+
+
+INVENTORY_COLUMNS = ("model", "ablation", "sample", "heads", "n_heads", "batches", "n_tokens", "n_rows", "seq_len",
+                     "top_p", "top_tokens", "neurons_top_k", "arrays")
