@@ -1,0 +1,232 @@
+"""A page per head: what it does, how the model repairs its ablation, and where it looks.
+
+`build_head_page` runs a handful of read-only queries for one head and returns a
+`HeadPage`; `text` renders it for the terminal and `html` as one self-contained page.
+Every request for a model, ablation, draw, head or p that was not ingested is refused
+with one line before any query runs (`queries/requests.py`).
+"""
+
+from __future__ import annotations
+
+import html as _html
+from dataclasses import dataclass
+
+import polars as pl
+
+from selfrepair.analysis.context import head_label
+from selfrepair.errors import QueryError
+from selfrepair.queries import requests
+from selfrepair.queries.output import format_value, render_table
+
+CONTEXT_TOKENS = 12
+VISIBLE = {"\n": "⏎", "\t": "⇥", "\r": "␍"}
+
+
+def visible(text: str) -> str:
+    """Newlines, tabs and carriage returns as visible marks, so a token never breaks a line."""
+    for raw, mark in VISIBLE.items():
+        text = text.replace(raw, mark)
+    return text
+
+
+@dataclass
+class HeadPage:
+    """Everything shown for one head.
+
+    Args:
+        model, layer, head, ablation, sample, p: what was asked.
+        summary: means over the head's top-p% tokens (de_clean, de_ablated, d_logit, sr and its split).
+        tokens: the top tokens in their text (before, token, after) with their effects.
+        repair: downstream components of both signs (`backup_heads`).
+        neurons: anti-erasure neurons (`anti_erasure_neurons`).
+        attention: where the head attends on its top tokens (None: not stored).
+        draws: per resample draw means, when there are several (None otherwise).
+    """
+
+    model: str
+    layer: int
+    head: int
+    ablation: str
+    sample: int
+    p: float
+    summary: dict
+    tokens: pl.DataFrame
+    repair: pl.DataFrame
+    neurons: pl.DataFrame
+    attention: pl.DataFrame | None
+    draws: pl.DataFrame | None
+
+    @property
+    def label(self) -> str:
+        return head_label(self.layer, self.head)
+
+
+def build_head_page(store, label: str, model: str | None = None, ablation: str | None = None,
+                    p: float | None = None, sample: int = 0, n_tokens: int = 10, limit: int = 8) -> HeadPage:
+    """Query one head's page from an open `Store`.
+
+    Args:
+        store: an open `selfrepair.Store`.
+        label: the head, e.g. `L26H6`.
+        model: the model folder (default: the only one).
+        ablation: default resample when ingested, else the first stored kind.
+        p: top-p fraction (default: the ingest's top_p).
+        sample: the resample draw.
+        n_tokens: top tokens shown in their text.
+        limit: components and neurons shown per list.
+
+    Raises:
+        QueryError: a model, ablation, draw, head or p that is not stored.
+    """
+    layer, head = requests.parse_head_label(label)
+    invs = store.inventories
+    if model is None:
+        if len(invs) != 1:
+            raise QueryError(f"the store holds {len(invs)} models; pick one with --model "
+                             f"({', '.join(i.model for i in invs)})")
+        model = invs[0].model
+    inv = next((i for i in invs if i.model == model), None)
+    if ablation is None and inv is not None:
+        kinds = [d.ablation for d in inv.draws]
+        ablation = "resample" if "resample" in kinds else (kinds[0] if kinds else "resample")
+    if p is None and inv is not None:
+        p = inv.top_p
+    params = {"p": p, "ablation": ablation, "sample": sample, "layer": layer, "head": head}
+    requests.check(invs, params, model)
+    bound = dict(params, model=model)
+    summary = store.sql(
+        "SELECT count(*) AS n_tokens, avg(de_clean) AS de_clean, avg(de_ablated) AS de_ablated, "
+        "avg(d_logit) AS d_logit, avg(sr) AS sr, avg(sr_heads) AS sr_heads, avg(sr_mlps) AS sr_mlps, "
+        "avg(sr_ln) AS sr_ln, avg(ln_ratio) AS ln_ratio FROM self_repair_top($p) "
+        "WHERE model = $model AND layer = $layer AND head = $head AND ablation = $ablation AND sample = $sample",
+        bound).row(0, named=True)
+    tokens = store.sql(
+        "SELECT s.token_index, c.row, c.pos, c.before, c.token, c.after, s.de_clean, s.d_logit, s.sr "
+        f"FROM self_repair_top($p) s JOIN token_context({CONTEXT_TOKENS}) c USING (model, token_index) "
+        "WHERE s.model = $model AND s.layer = $layer AND s.head = $head AND s.ablation = $ablation "
+        "AND s.sample = $sample ORDER BY s.de_clean DESC, s.token_index LIMIT $n",
+        bound | {"n": n_tokens})
+    one = {"model": model}
+    repair = store.query("backup_heads", layer=layer, head=head, ablation=ablation, sample=sample, limit=limit)
+    repair = repair.filter(pl.col("model") == one["model"]).drop("model")
+    neurons = store.query("anti_erasure_neurons", layer=layer, head=head, ablation=ablation, sample=sample,
+                          limit=limit).filter(pl.col("model") == model).drop("model")
+    attention = None
+    if "attention_top" in store.views:
+        attention = store.sql(
+            "SELECT a.rank, count(*) AS n_tokens, avg(a.weight) AS mean_weight, "
+            "avg(a.token_index - a.src_token_index) AS mean_distance, "
+            "mode(a.src_token_str) AS most_common_source "
+            "FROM attention_top a JOIN top_tokens($p) t USING (model, layer, head, token_index) "
+            "WHERE a.model = $model AND a.layer = $layer AND a.head = $head GROUP BY a.rank ORDER BY a.rank",
+            {k: bound[k] for k in ("p", "model", "layer", "head")})
+    draws = None
+    if ablation == "resample" and len({d.sample for d in inv.draws if d.ablation == "resample"}) > 1:
+        draws = store.sql(
+            "SELECT sample, count(*) AS n_tokens, avg(d_logit) AS d_logit, avg(sr) AS sr, "
+            "avg(sr_heads) AS sr_heads, avg(sr_mlps) AS sr_mlps, avg(sr_ln) AS sr_ln FROM self_repair_top($p) "
+            "WHERE model = $model AND layer = $layer AND head = $head AND ablation = 'resample' "
+            "GROUP BY sample ORDER BY sample", {k: bound[k] for k in ("p", "model", "layer", "head")})
+    return HeadPage(model, layer, head, ablation, sample, p, summary, tokens, repair, neurons, attention, draws)
+
+
+def _share(part, whole) -> str:
+    if part is None or not whole:
+        return ""
+    return f" ({part / whole:+.0%} of the self-repair)"
+
+
+def _summary_lines(page: HeadPage) -> list[str]:
+    s = page.summary
+    f = format_value
+    return [
+        f"clean DE {f(s['de_clean'])}, ablated DE {f(s['de_ablated'])}, logit change {f(s['d_logit'])}",
+        f"self-repair {f(s['sr'])} = heads {f(s['sr_heads'])}{_share(s['sr_heads'], s['sr'])}"
+        f" + MLPs {f(s['sr_mlps'])}{_share(s['sr_mlps'], s['sr'])}"
+        f" + LayerNorm {f(s['sr_ln'])}{_share(s['sr_ln'], s['sr'])}; mean final-norm ratio {f(s['ln_ratio'])}",
+    ]
+
+
+def text(page: HeadPage) -> str:
+    """The page for the terminal: sections of aligned tables, the token marked ⟦…⟧, ⏎ for newlines."""
+    s = page.summary
+    out = [f"{page.label} of {page.model}: {page.ablation} ablation"
+           + (f" draw {page.sample}" if page.ablation == "resample" else "")
+           + f", top {page.p:g} of tokens ({s['n_tokens']} tokens)", ""]
+    out += _summary_lines(page) + ["", "Top tokens in their text (⟦predicted token⟧, ⏎ newline, ⇥ tab):"]
+    for r in page.tokens.iter_rows(named=True):
+        out.append(f"  DE {r['de_clean']:8.3f}  Δlogit {r['d_logit']:8.3f}  sr {r['sr']:8.3f}  "
+                   f"…{visible(r['before'])}⟦{visible(r['token'])}⟧{visible(r['after'])}…")
+    out += ["", "Downstream components that repair it (d_de > 0) and that work against it (d_de < 0):"]
+    out += ["  " + line for line in render_table(page.repair.select(
+        "direction", "rank", "component", "n_tokens", "d_de", "share", "direction_total")).splitlines()]
+    out += ["", "Anti-erasure neurons of the final MLP:"]
+    out += ["  " + line for line in render_table(page.neurons).splitlines()]
+    out += ["", "Where it attends on its top tokens:"]
+    if page.attention is None:
+        out.append("  not stored in this store (re-ingest with this version to keep attention)")
+    else:
+        out += ["  " + line for line in render_table(page.attention).splitlines()]
+    if page.draws is not None:
+        out += ["", "Spread across resample draws:"]
+        out += ["  " + line for line in render_table(page.draws).splitlines()]
+    return "\n".join(out)
+
+
+PAGE_STYLE = """
+body { font-family: sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
+table.data { border-collapse: collapse; font-size: 0.85em; }
+table.data td, table.data th { border-bottom: 1px solid #ddd; padding: 2px 8px; text-align: right; }
+.ctx { font-family: monospace; white-space: pre-wrap; text-align: left; }
+.tok { background: #ffd54f; font-weight: bold; }
+.ws { color: #999; }
+"""
+
+
+def _cell(value) -> str:
+    return _html.escape(visible(format_value(value)))
+
+
+def _table(df: pl.DataFrame, cls: str = "data") -> str:
+    head = "".join(f"<th>{_html.escape(c)}</th>" for c in df.columns)
+    body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in df.iter_rows())
+    return f'<table class="{cls}"><tr>{head}</tr>{body}</table>'
+
+
+def _marked(text_: str) -> str:
+    out = _html.escape(text_)
+    for raw, mark in VISIBLE.items():
+        out = out.replace(_html.escape(raw), f'<span class="ws">{mark}</span>' + ("\n" if raw == "\n" else ""))
+    return out
+
+
+def html(page: HeadPage) -> str:
+    """The same page as one self-contained HTML file, the predicted token highlighted."""
+    s = page.summary
+    rows = "".join(
+        f"<tr><td>{r['de_clean']:.3f}</td><td>{r['d_logit']:.3f}</td><td>{r['sr']:.3f}</td>"
+        f'<td class="ctx">…{_marked(r["before"])}<span class="tok">{_marked(r["token"])}</span>'
+        f"{_marked(r['after'])}…</td></tr>" for r in page.tokens.iter_rows(named=True))
+    attention = ("<p>Not stored in this store.</p>" if page.attention is None else _table(page.attention))
+    draws = "" if page.draws is None else f"<h2>Spread across resample draws</h2>{_table(page.draws)}"
+    title = f"{page.label} of {page.model}"
+    summary = "".join(f"<p>{_html.escape(line)}</p>" for line in _summary_lines(page))
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{_html.escape(title)}</title>
+<style>{PAGE_STYLE}</style></head>
+<body data-head="{page.label}" data-model="{_html.escape(page.model)}" data-tokens="{s['n_tokens']}">
+<h1>{_html.escape(title)}</h1>
+<p>{_html.escape(page.ablation)} ablation{f' draw {page.sample}' if page.ablation == 'resample' else ''},
+top {page.p:g} of tokens ({s['n_tokens']} tokens).</p>
+{summary}
+<h2>Top tokens in their text</h2>
+<table class="data" id="tokens"><tr><th>DE</th><th>Δlogit</th><th>self-repair</th><th>text</th></tr>{rows}</table>
+<h2>Downstream components: repair (d_de &gt; 0) and against (d_de &lt; 0)</h2>
+{_table(page.repair)}
+<h2>Anti-erasure neurons of the final MLP</h2>
+{_table(page.neurons)}
+<h2>Where it attends on its top tokens</h2>
+{attention}
+{draws}
+</body></html>
+"""

@@ -1,0 +1,70 @@
+"""`selfrepair head` (a page per head) and `selfrepair info` (what the store holds)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from selfrepair.cli_common import friendly_errors, store_option
+
+
+@click.command("head")
+@click.argument("label")
+@store_option
+@click.option("--model", default=None, help="Model folder (default: the only one in the store).")
+@click.option("--ablation", default=None, help="Ablation kind (default: resample when ingested).")
+@click.option("--sample", default=0, show_default=True, type=int, help="Resample draw.")
+@click.option("--p", "p", type=float, default=None, help="Top-p fraction of tokens (default: the ingest's top_p).")
+@click.option("--tokens", "n_tokens", default=10, show_default=True, type=click.IntRange(1),
+              help="Top tokens shown in their text.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the page as one self-contained HTML file.")
+@friendly_errors
+def head(label, store, model, ablation, sample, p, n_tokens, html_path):
+    """Everything about one head: its top tokens in their text, its self-repair and the split
+    into heads, MLPs and LayerNorm, the components that repair it or work against it, its
+    anti-erasure neurons, where it attends, and the spread across resample draws.
+
+    Example:
+
+        selfrepair head L26H6 --html L26H6.html
+    """
+    from selfrepair.analysis.head_page import build_head_page, html, text
+    from selfrepair.queries.store import Store
+
+    with Store.open(store) as s:
+        page = build_head_page(s, label, model=model, ablation=ablation, p=p, sample=sample, n_tokens=n_tokens)
+    click.echo(text(page))
+    if html_path is not None:
+        target = html_path.resolve()
+        if target == Path(store).resolve() or Path(store).resolve() in target.parents:
+            raise click.ClickException(f"--html {html_path} lies inside the store {store}; write it elsewhere")
+        try:
+            target.write_text(html(page), encoding="utf-8")
+        except OSError as e:
+            raise click.ClickException(f"cannot write {html_path}: {e.strerror or e}") from None
+        click.echo(f"wrote {html_path}")
+
+
+@click.command("info")
+@store_option
+@friendly_errors
+def info(store):
+    """What each model of the store holds: ablations, draws, heads, tokens, top_p, arrays.
+
+    The same facts are the `inventory` SQL view.
+
+    Example:
+
+        selfrepair info --store stores
+    """
+    from selfrepair.queries.store import Store
+
+    with Store.open(store) as s:
+        for inv in s.inventories:
+            for line in inv.lines():
+                click.echo(line)
+
+
+COMMANDS = [head, info]
