@@ -108,7 +108,8 @@ def build_big(root: Path, n_tokens: int, seed: int = 0) -> Path:
     writer = Writer.open(ms)
     writer.create({"model": {"name": "synthetic", "n_layers": n_layers, "n_heads": n_heads, "d_model": 1024,
                              "d_mlp": 4096}, "n_tokens": n, "n_rows": n_rows, "seq_len": BIG_SEQ,
-                   "config": {"top_p": bench_queries.TOP_P}})
+                   "config": {"top_p": bench_queries.TOP_P}, "ablations": ["resample"],
+                   "resample": {"samples": 1}})
     tok = np.arange(n, dtype=np.int32)
     s = np.exp(rng.normal(np.log(3.0), 0.3, n)).astype(np.float32)
     ids = rng.integers(0, 50_000, n + 1)
@@ -121,16 +122,17 @@ def build_big(root: Path, n_tokens: int, seed: int = 0) -> Path:
         "loss": rng.gamma(2.0, 1.5, n).astype(np.float32), "de_other": rng.normal(0, 0.5, n).astype(np.float32)})
     keep = math.floor(bench_queries.TOP_P * n)
     paths = {t: ms.shard_file(t, "compact-bench") for t in
-             ("tokens", "head_effects", "mlp_effects", "ablation_effects")}
+             ("tokens", "head_effects", "mlp_effects", "ablation_effects", "ablation_top")}
     for p in paths.values():
         p.parent.mkdir(parents=True, exist_ok=True)
     writers = {t: pq.ParquetWriter(paths[t], TABLES[t].arrow_schema, compression="zstd")
-               for t in ("head_effects", "mlp_effects", "ablation_effects")}
+               for t in ("head_effects", "mlp_effects", "ablation_effects", "ablation_top")}
     pq.write_table(tokens.cast(TABLES["tokens"].arrow_schema), paths["tokens"], compression="zstd", row_group_size=ROW_GROUP_ROWS)
     top = []
 
-    def put(t: str, cols: dict) -> None:
-        writers[t].write_table(pa.table(cols).cast(TABLES[t].arrow_schema), ROW_GROUP_ROWS)
+    def put(t: str, cols) -> None:
+        table = cols if isinstance(cols, pa.Table) else pa.table(cols)
+        writers[t].write_table(table.cast(TABLES[t].arrow_schema), ROW_GROUP_ROWS)
     lap = lambda scale, size: rng.laplace(0, 1, size).astype(np.float32) * np.float32(scale)  # noqa: E731
     for layer in range(n_layers):
         put("mlp_effects", {"layer": np.full(n, layer, np.int16), "token_index": tok, "de": lap(0.2, n)})
@@ -146,11 +148,13 @@ def build_big(root: Path, n_tokens: int, seed: int = 0) -> Path:
             lost = de_abl - de
             d_heads = -lost * np.float32(0.2) + lap(0.01, n)
             d_mlps = -lost * np.float32(0.2) + lap(0.02, n)
-            put("ablation_effects", {
+            abl = pa.table({
                 "ablation": pa.array(["resample"] * 1, pa.string()).take(np.zeros(n, np.int32)),
                 "sample": np.zeros(n, np.int16), **lh, "d_logit": lost + d_heads + d_mlps + lap(0.01, n),
                 "ln_scale": s * np.exp(rng.normal(0, 0.01, n)).astype(np.float32), "de": de_abl,
                 "d_de_heads": d_heads, "d_de_mlps": d_mlps})
+            put("ablation_effects", abl)
+            put("ablation_top", abl.take(np.sort(order)))  # the ingest's top-token slice
     for w in writers.values():
         w.close()
     entries = {}
@@ -164,6 +168,40 @@ def build_big(root: Path, n_tokens: int, seed: int = 0) -> Path:
     return root
 
 
+def add_top_slice(root: Path) -> None:
+    """Bring a big store cached by an older `build_big` up to date: its `ablation_top` slice and
+    recorded ablations, as `build_big` now writes them."""
+    import duckdb
+
+    from selfrepair.store import files
+    from selfrepair.store.model_store import ModelStore
+    from selfrepair.store.writer import Writer
+
+    ms = ModelStore(root / "synthetic")
+    writer = Writer.open(ms)
+    compacted = writer.manifest.get("compacted") or {}
+    if "ablation_top" not in compacted:
+        path = ms.shard_file("ablation_top", "compact-bench")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        abl = ms.path / compacted["ablation_effects"][0]["path"]
+        top = ms.path / writer.manifest["derived"]["head_top_tokens"]["path"]
+        duckdb.sql(f"COPY (SELECT a.* FROM read_parquet('{abl}') a SEMI JOIN read_parquet('{top}') t "
+                   "USING (layer, head, token_index) ORDER BY layer, head, token_index) "
+                   f"TO '{path}' (FORMAT parquet, COMPRESSION zstd)")
+        entry = {"path": str(path.relative_to(ms.path)), "rows": pq_rows(path), "bytes": path.stat().st_size,
+                 "sha256": files.sha256_file(path)}
+        writer.commit_compaction(compacted | {"ablation_top": [entry]}, [])
+    if "ablations" not in writer.manifest:  # cached before the manifest recorded it
+        writer.set(ablations=["resample"], resample={"samples": 1})
+    writer.close()
+
+
+def pq_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.read_metadata(path).num_rows
+
+
 def big(tokens: int, log=print) -> dict:
     from selfrepair.queries.store import Store
 
@@ -175,6 +213,7 @@ def big(tokens: int, log=print) -> dict:
         build_big(root, tokens)
         (root / ".complete").touch()
         log(f"  built {root.name} in {time.perf_counter() - t0:.0f} s")
+    add_top_slice(root)
     store = Store.open(root)
     n = store.manifest("synthetic")["n_tokens"]
     out = {"tokens": n, "ablation_rows": n * n_layers * n_heads,

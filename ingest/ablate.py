@@ -141,7 +141,8 @@ def ablation_tables(
         on_pass: called with the number of head-token ablations done after each pass.
 
     Returns:
-        Arrow tables `ablation_effects`, `repair_sources`, `neuron_effects`.
+        Arrow tables `ablation_effects`, `ablation_top` (its rows on top-p% tokens),
+        `repair_sources`, `neuron_effects`.
     """
     batch, seq = rows.shape
     preds = seq - 1
@@ -155,7 +156,7 @@ def ablation_tables(
     # Each final-MLP neuron's DE per unit of activation: W_out[last, n] · u / s.
     wu = torch.einsum("nm,bpm->bpn", w.W_out_final, u.float())[:, :preds] / s[:, :preds, None].float()
     post_clean = ctx.post_final()[:, :preds].float()
-    eff, rep, neu = [], [], []
+    eff, rep, neu, top_masks = [], [], [], []
     by_layer: dict[int, list[int]] = {}
     for layer, head in heads:
         by_layer.setdefault(layer, []).append(head)
@@ -176,9 +177,8 @@ def ablation_tables(
                     "d_de_mlps": cut(r.d_de_mlps).sum(-1).reshape(-1),
                 })
                 top = top_sets.get((layer, head))
-                if top is None or not len(top):
-                    continue
-                mask = np.isin(token_index, top)
+                mask = np.isin(token_index, top) if top is not None and len(top) else np.zeros(n, bool)
+                top_masks.append(mask)
                 if not mask.any():
                     continue
                 sel = torch.from_numpy(np.nonzero(mask)[0]).to(u.device)
@@ -190,7 +190,7 @@ def ablation_tables(
                     de_a = (cut(r.post_final).float() * wu).reshape(n, -1)[sel]
                     neu.append(_neuron_rows(layer, head, token_index[mask], de_c, de_a, neurons_top_k))
             on_pass(len(chunk) * n)
-    return _assemble(kind, sample, token_index, eff, rep, neu)
+    return _assemble(kind, sample, token_index, eff, rep, neu, top_masks)
 
 
 def _repair_rows(w, layer, head, tokens, d_heads, d_mlps) -> dict:
@@ -235,10 +235,13 @@ def _concat(parts: list[dict], kind: str, sample: int) -> pa.Table:
     return pa.table(data)
 
 
-def _assemble(kind, sample, token_index, eff, rep, neu) -> dict[str, pa.Table]:
+def _assemble(kind, sample, token_index, eff, rep, neu, top_masks) -> dict[str, pa.Table]:
     for part in eff:
         part["token_index"] = token_index
     out = {"ablation_effects": _concat(eff, kind, sample)}
+    # The rows of the heads' top-p% tokens again, as their own small table (possibly empty):
+    # per-head questions on top tokens (Figure 1) read 2% of the rows instead of all.
+    out["ablation_top"] = out["ablation_effects"].filter(pa.array(np.concatenate(top_masks)))
     if rep:
         out["repair_sources"] = _concat(rep, kind, sample)
     if neu:

@@ -29,7 +29,8 @@ _DUCKDB_TYPES = {
     pa.bool_(): "BOOLEAN",
 }
 
-MODEL_COLUMNS = ("model", "name", "n_layers", "n_heads", "d_model", "d_mlp", "n_tokens", "top_p", "top_stored")
+MODEL_COLUMNS = ("model", "name", "n_layers", "n_heads", "d_model", "d_mlp", "n_tokens", "top_p", "top_stored",
+                 "top_rows_stored")
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,9 @@ def models_view_sql(models: list[ModelFiles]) -> str:
         stored = m.manifest.get("derived", {}).get("head_top_tokens")
         top_stored = bool(stored) and stored.get("n_tokens") == m.manifest.get("n_tokens") \
             and stored.get("top_p") == top_p
+        # Every ablation shard carries its `ablation_top` slice (stores written before it existed do not).
+        top_rows = all("ablation_top" in e.get("files", {}) or "ablation_top" in e.get("compacted", ())
+                       for e in m.manifest.get("shards", {}).values() if e.get("phase") == "ablation")
         rows.append(
             "("
             + ", ".join(
@@ -121,6 +125,7 @@ def models_view_sql(models: list[ModelFiles]) -> str:
                     str(int(m.manifest.get("n_tokens", 0))),
                     repr(float(top_p)),
                     "true" if top_stored else "false",
+                    "true" if top_rows else "false",
                 ]
             )
             + ")"
@@ -190,13 +195,26 @@ FROM (
 """
 
 # Start from the small top set and join outwards, rather than filtering the full view.
+# At the ingest's own p the ablation rows come from `ablation_top` (2% of the rows), else
+# from `ablation_top`'s source, `ablation_effects`; as in top_tokens(p), each branch's filter
+# on `models` is false for the other's models and DuckDB then skips that branch's scan.
 SELF_REPAIR_TOP_SQL = f"""
 CREATE MACRO self_repair_top(p) AS TABLE
-WITH base AS (
+WITH abl AS (
+    SELECT a.model, a.ablation, a.sample, a.layer, a.head, a.token_index,
+           a.de, a.d_logit, a.d_de_heads, a.d_de_mlps, a.ln_scale
+    FROM ablation_top a JOIN models m USING (model)
+    WHERE m.top_stored AND m.top_rows_stored AND m.top_p = p
+    UNION ALL
+    SELECT a.model, a.ablation, a.sample, a.layer, a.head, a.token_index,
+           a.de, a.d_logit, a.d_de_heads, a.d_de_mlps, a.ln_scale
+    FROM ablation_effects a JOIN models m USING (model)
+    WHERE NOT (m.top_stored AND m.top_rows_stored AND m.top_p = p)
+), base AS (
     SELECT a.model, a.ablation, a.sample, a.layer, a.head, a.token_index,
            top.de::DOUBLE AS de_clean,{_BASE_COLUMNS}
     FROM top_tokens(p) top
-    JOIN ablation_effects a USING (model, layer, head, token_index)
+    JOIN abl a USING (model, layer, head, token_index)
     JOIN tokens t USING (model, token_index)
 )
 SELECT model, ablation, sample, layer, head, {HEAD_LABEL}, token_index,{_SELF_REPAIR_COLUMNS}

@@ -28,6 +28,7 @@ TABLE_BYTES: dict[str, tuple[float, float]] = {
     "head_effects": (5.5, 1200.0),  # de + token_index (layer/head are runs)
     "mlp_effects": (5.9, 1200.0),
     "ablation_effects": (22.8, 1050.0),  # 5 float32 + token_index
+    "ablation_top": (22.8, 1050.0),  # as ablation_effects
     "resample_sources": (8.0, 1000.0),
     "repair_sources": (5.5, 2750.0),  # d_de + token_index; src columns repeat per token
     "neuron_effects": (10.5, 2700.0),  # 2 float32 + neuron index + token_index
@@ -166,6 +167,7 @@ def table_rows(shape: ModelShape, run: RunCounts) -> dict[str, tuple[int, int]]:
         "head_effects": (n * shape.n_layers * shape.n_heads, b),
         "mlp_effects": (n * shape.n_layers, b),
         "ablation_effects": (run.draws * len(run.heads) * n, b * run.draws),
+        "ablation_top": (run.draws * len(run.heads) * top, b * run.draws),
         "resample_sources": (run.resample_draws * run.n_rows, b * run.resample_draws),
         # Only each ablated head's top-p% tokens get repair and neuron detail.
         "repair_sources": (run.draws * top * sum(downstream_components(shape, l) for l, _ in run.heads),

@@ -66,6 +66,14 @@ class Inventory:
             for key in keys:
                 heads.setdefault(key, set()).update(parse_heads(e.get("heads", "all"), n_layers, n_heads))
                 batches.setdefault(key, set()).add(tuple(e["rows"]))
+        if not heads and manifest.get("ablations") and manifest.get("compacted"):
+            # Rows written straight into compacted files, no shard entries (synthetic stores):
+            # the recorded configuration says what they hold.
+            samples = (manifest.get("resample") or {}).get("samples", 1)
+            for k in manifest["ablations"]:
+                for sample in (range(samples) if k == "resample" else [0]):
+                    heads[(k, sample)] = set(parse_heads("all", n_layers, n_heads))
+                    batches[(k, sample)] = set()
         order = lambda k: (ABLATION_KINDS.index(k[0]) if k[0] in ABLATION_KINDS else 99, k[1])  # noqa: E731
         draws = [Draw(k[0], k[1], tuple(sorted(heads[k])), len(batches[k])) for k in sorted(heads, key=order)]
         arrays = sorted(a for a in (manifest.get("arrays") or {}) if not a.startswith("weights/"))

@@ -97,6 +97,14 @@ ABLATION_EFFECTS = Table(
     "one head ablated on one token: change in logit, ablated final-norm scale and DEs",
 )
 
+ABLATION_TOP = Table(
+    "ablation_top",
+    ABLATION_EFFECTS.key,
+    ABLATION_EFFECTS.columns,
+    "the ablation_effects rows of each ablated head's top-p% tokens (the ingest's top_p): "
+    "what per-head questions on top tokens read",
+)
+
 RESAMPLE_SOURCES = Table(
     "resample_sources",
     ("sample", "row"),
@@ -151,6 +159,7 @@ TABLES: dict[str, Table] = {
         HEAD_EFFECTS,
         MLP_EFFECTS,
         ABLATION_EFFECTS,
+        ABLATION_TOP,
         RESAMPLE_SOURCES,
         REPAIR_SOURCES,
         NEURON_EFFECTS,

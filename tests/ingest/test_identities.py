@@ -136,3 +136,24 @@ def test_top_tokens_match_a_window_definition(store, p):
     assert window.height == 3 * 8 * int(p * 310) and macro.equals(window)
     stored = store.sql("SELECT bool_and(top_stored) AS s FROM models")["s"][0]
     assert stored
+
+
+def test_ablation_top_is_the_top_token_slice_of_ablation_effects(store):
+    """`ablation_top` holds exactly the ablation rows of each head's top tokens (window rule),
+    and self_repair_top(p) at the ingest's p, which reads it, equals the full view there."""
+    window = """
+        SELECT model, layer, head, token_index FROM (
+            SELECT h.*, m.n_tokens, row_number() OVER (PARTITION BY h.model, h.layer, h.head
+                                                      ORDER BY h.de DESC, h.token_index) AS r
+            FROM head_effects h JOIN models m USING (model))
+        WHERE r <= floor(0.05 * n_tokens)"""
+    cols = "model, ablation, sample, layer, head, token_index, d_logit, ln_scale, de, d_de_heads, d_de_mlps"
+    want = store.sql(f"SELECT {cols} FROM ablation_effects JOIN ({window}) USING (model, layer, head, token_index) "
+                     "ORDER BY ALL")
+    got = store.sql(f"SELECT {cols} FROM ablation_top ORDER BY ALL")
+    assert got.height == 3 * 3 * 8 * int(0.05 * 310) and got.equals(want)
+    assert store.sql("SELECT bool_and(top_rows_stored) AS s FROM models")["s"][0]
+    full = store.sql(f"SELECT s.* FROM self_repair s JOIN ({window}) USING (model, layer, head, token_index) "
+                     "ORDER BY model, ablation, sample, layer, head, token_index")
+    top = store.sql("SELECT * FROM self_repair_top(0.05) ORDER BY model, ablation, sample, layer, head, token_index")
+    assert top.equals(full)
