@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 CACHE = Path(__file__).parent / ".cache"
-VERSION = 2  # bump when the generator changes
+VERSION = 3  # bump when the generator changes
 TOP_P = 0.02  # the synthetic ingest's top_p
 SEQ_LEN = 128
 FULL = {"n_layers": 24, "n_heads": 16, "n_rows": 411, "batch_rows": 32}  # 411 × 127 × 384 = 20.04 M facts
@@ -48,13 +48,14 @@ def build_store(root: Path, n_layers: int, n_heads: int, n_rows: int, batch_rows
     writer.create({
         "model": {"name": "synthetic", "n_layers": n_layers, "n_heads": n_heads, "d_model": 1024, "d_mlp": 4096},
         "n_tokens": n_tokens, "n_rows": n_rows, "seq_len": seq_len,
-        "config": {"top_p": TOP_P, "batch_size": batch_rows}})
+        "config": {"top_p": TOP_P, "batch_size": batch_rows}, "ablations": ["resample"], "resample": {"samples": 1}})
     # Per-head DE size: log-normal across heads, growing with depth (late heads write more).
     depth = (np.arange(n_layers) / n_layers)[:, None]
     head_scale = (0.02 * np.exp(rng.normal(0, 0.8, (n_layers, n_heads))) * (1 + 2 * depth)).astype(np.float32)
     lh = n_layers * n_heads
     layer_col = np.repeat(np.arange(n_layers, dtype=np.int16), n_heads)
     head_col = np.tile(np.arange(n_heads, dtype=np.int16), n_layers)
+    batches = []
     for r0 in range(0, n_rows, batch_rows):
         r1 = min(r0 + batch_rows, n_rows)
         tok = np.arange(r0 * preds, r1 * preds, dtype=np.int32)
@@ -77,6 +78,14 @@ def build_store(root: Path, n_layers: int, n_heads: int, n_rows: int, batch_rows
         shard = f"clean-{r0:08d}-{r1:08d}"
         writer.commit(shard, {"phase": "clean", "rows": [r0, r1]},
                       {"tokens": tokens, "head_effects": heads, "mlp_effects": mlps})
+        batches.append((r0, r1, tok, de, s))
+    # As ingest does after its clean pass: store each head's top-p% tokens at the run's top_p,
+    # then the ablation sweep, each shard with its top-token slice `ablation_top`.
+    top = top_tokens.write(writer, TOP_P)
+    top_key = (top.column("layer").to_numpy().astype(np.int64) * n_heads + top.column("head").to_numpy()) \
+        * n_tokens + top.column("token_index").to_numpy()
+    for r0, r1, tok, de, s in batches:
+        n = len(tok)
         # Ablation: the head's DE mostly vanishes; heads and MLPs repair part of it.
         de_abl = de * rng.uniform(-0.2, 0.3, (lh, n)).astype(np.float32) + _laplace(rng, 0.002, (lh, n))
         lost = de_abl - de
@@ -89,14 +98,15 @@ def build_store(root: Path, n_layers: int, n_heads: int, n_rows: int, batch_rows
             "sample": np.zeros(lh * n, np.int16), "layer": np.repeat(layer_col, n), "head": np.repeat(head_col, n),
             "token_index": np.tile(tok, lh), "d_logit": d_logit.reshape(-1), "ln_scale": (s / ratio).reshape(-1),
             "de": de_abl.reshape(-1), "d_de_heads": d_heads.reshape(-1), "d_de_mlps": d_mlps.reshape(-1)})
+        key = (np.repeat(layer_col, n).astype(np.int64) * n_heads + np.repeat(head_col, n)) * n_tokens \
+            + np.tile(tok, lh)
         rows = np.arange(r0, r1, dtype=np.int32)
         sources = pa.table({"sample": np.zeros(len(rows), np.int16), "row": rows,
                             "source_row": ((rows + batch_rows) % n_rows).astype(np.int32)})
         shard = f"abl-resample-s0-{r0:08d}-{r1:08d}-hall"
         writer.commit(shard, {"phase": "ablation", "rows": [r0, r1], "ablation": "resample", "sample": 0},
-                      {"ablation_effects": eff, "resample_sources": sources})
-    # As ingest does after its clean pass: store each head's top-p% tokens at the run's top_p.
-    top_tokens.write(writer, TOP_P)
+                      {"ablation_effects": eff, "ablation_top": eff.filter(pa.array(np.isin(key, top_key))),
+                       "resample_sources": sources})
     writer.close()
     return root
 
