@@ -63,7 +63,23 @@ def _files(entry) -> str:
     return " · ".join(f'<a href="{e(f)}">{e(f.rsplit(".", 1)[-1].upper())}</a>' for f in entry.files)
 
 
-def figure_html(entry, number: int) -> str:
+def head_link(model: str, layer: int, head: int, pages: dict) -> str:
+    """A head label, linked to its page when the report wrote one."""
+    label = e(head_label(layer, head))
+    page = pages.get((model, layer, head))
+    return f'<a class="head" href="{e(page)}">{label}</a>' if page else label
+
+
+def _drawn_heads(entry, pages: dict) -> str:
+    """`Drawn for L28H6.` when the figure's runs name heads (the per-head figures)."""
+    heads = list(dict.fromkeys((r["layer"], r["head"]) for r in entry.runs
+                               if r.get("layer", -1) >= 0 and r.get("head", -1) >= 0))
+    if not heads or not entry.spec.per_model:
+        return ""
+    return " Drawn for " + ", ".join(head_link(entry.ctx.model.name, l, h, pages) for l, h in heads) + "."
+
+
+def figure_html(entry, number: int, pages: dict | None = None) -> str:
     title = f"{number}. {entry.spec.title}"
     if entry.spec.per_model:
         title += f" — {entry.ctx.model.name}"
@@ -73,7 +89,8 @@ def figure_html(entry, number: int) -> str:
     else:
         data = base64.b64encode(entry.png).decode("ascii")
         body = (f'<figure><img alt="{e(title)}" src="data:image/png;base64,{data}">'
-                f"<figcaption>{e(entry.ctx.facts())}. {e(entry.caption)} {_files(entry)}</figcaption></figure>")
+                f"<figcaption>{e(entry.ctx.facts())}. {e(entry.caption)}{_drawn_heads(entry, pages or {})} "
+                f"{_files(entry)}</figcaption></figure>")
     return f'<section id="{anchor}"><h3>{e(title)}</h3>{body}{_sql_block(entry)}</section>'
 
 
@@ -90,17 +107,19 @@ def table_html(entry) -> str:
             f"{_sql_block(entry)}</section>")
 
 
-def render_page(ctx: Context, heads: dict, figures: list, tables: list) -> str:
-    """The whole page as text."""
+def render_page(ctx: Context, heads: dict, figures: list, tables: list, pages: dict | None = None) -> str:
+    """The whole page as text; `pages` maps (model, layer, head) to the head's page."""
+    pages = pages or {}
     models = "".join(
         f"<li>{e(m.name)}: {m.n_layers} layers × {m.n_heads} heads, {m.n_tokens:,} tokens, ablations "
-        f"{e(', '.join(m.ablations))}, {m.resamples} resample draw(s); per-head figures draw "
-        f"{e(', '.join(head_label(l, h) for l, h in heads[m.name]) or 'none')}</li>"
+        f"{e(', '.join(m.ablations))}, {m.resamples} resample draw(s); selected heads "
+        f"{', '.join(head_link(m.name, l, h, pages) for l, h in heads[m.name]) or 'none'} (the figures of "
+        f"one head draw the first; each figure says which heads it draws)</li>"
         for m in ctx.models)
     numbers, toc, sections = {}, [], []
     for entry in figures:
         number = numbers.setdefault(entry.spec.name, len(numbers) + 1)
-        sections.append(figure_html(entry, number))
+        sections.append(figure_html(entry, number, pages))
     for name, number in numbers.items():
         toc.append(f'<li><a href="#fig-{number}">{number}. {e(next(f.spec.title for f in figures if f.spec.name == name))}</a></li>')
     toc += [f'<li><a href="#{e(t.spec.name)}">{e(t.spec.title)}</a></li>' for t in tables]

@@ -3,7 +3,8 @@
     >>> build_report(Store.open("stores"), Path("report"))
 
 writes `report/report.html` (one self-contained page, figures inline as base64 PNG),
-`report/figures/<figure>[__<model>].{png,pdf}` and `report/tables/<table>.{csv,tex}`.
+`report/figures/<figure>[__<model>].{png,pdf}`, `report/tables/<table>.{csv,tex}` and a
+page per named head, `report/heads/<model>__<head>.html`, which every head label links to.
 Beside every figure and table the page shows the named query's SQL and the parameter
 values of each run, so the data can be rebuilt with `selfrepair query`.
 """
@@ -18,10 +19,12 @@ import polars as pl
 
 from selfrepair.analysis import html, registry
 from selfrepair.analysis.context import Context, ModelInfo, head_label
+from selfrepair.analysis.head_page import build_head_page
+from selfrepair.analysis.head_page import html as head_html
 from selfrepair.analysis.heads import default_heads
 from selfrepair.analysis.spec import FigureSpec, TableSpec, fetch
 from selfrepair.analysis.style import figure_bytes, note_figure, rc
-from selfrepair.errors import ConfigError, StoreError
+from selfrepair.errors import ConfigError, QueryError, StoreError
 from selfrepair.queries.named import get_query
 from selfrepair.queries.output import write_output
 
@@ -65,6 +68,7 @@ class Report:
     path: Path
     figures: list[Entry]
     tables: list[Entry]
+    head_pages: dict = field(default_factory=dict)  # (model, layer, head) -> page path, relative
 
 
 class QueryCache:
@@ -187,6 +191,20 @@ def build_report(store, output: str | Path, models: list[str] | None = None,
     except OSError as e:
         raise StoreError(f"cannot write the report folder {out}: {e.strerror or e}") from None
 
+    # A page per named head; the report links every head label it shows to its page.
+    head_pages = {}
+    for m in infos:
+        for layer, head in per_model_heads[m.name]:
+            label = head_label(layer, head)
+            try:
+                page = build_head_page(store, label, model=m.name, ablation=ablation, p=ctx.p, sample=ctx.sample)
+            except QueryError:  # e.g. a head the ingest did not ablate: named without a page
+                continue
+            rel = f"heads/{safe_name(m.name)}__{label}.html"
+            (out / "heads").mkdir(exist_ok=True)
+            _write(out / rel, head_html(page).encode())
+            head_pages[(m.name, layer, head)] = rel
+
     specs = [s for s in registry.FIGURES if figures is None or s.name in figures]
     figure_list = []
     for spec in specs:
@@ -210,8 +228,8 @@ def build_report(store, output: str | Path, models: list[str] | None = None,
         table_list.append(entry)
 
     page = out / "report.html"
-    _write(page, html.render_page(ctx, per_model_heads, figure_list, table_list).encode())
-    return Report(page, figure_list, table_list)
+    _write(page, html.render_page(ctx, per_model_heads, figure_list, table_list, head_pages).encode())
+    return Report(page, figure_list, table_list, head_pages)
 
 
 def _write(path: Path, data: bytes) -> None:

@@ -35,7 +35,11 @@ def test_heads_and_model_options(tiny_store, tmp_path):
     assert result.exit_code == 0, result.output
     assert result.output == f"wrote {tmp_path / 'report.html'} (15 figures, 1 not drawn, 2 tables)\n"
     page = (tmp_path / "report.html").read_text()
-    assert "per-head figures draw L0H1, L1H3" in page
+    # Each selected head links to its own page, which the report wrote.
+    assert ('selected heads <a class="head" href="heads/tiny-llama__L0H1.html">L0H1</a>, '
+            '<a class="head" href="heads/tiny-llama__L1H3.html">L1H3</a>') in page
+    assert (tmp_path / "heads" / "tiny-llama__L1H3.html").read_text().count('data-head="L1H3"') == 1
+    assert 'Drawn for <a class="head" href="heads/tiny-llama__L0H1.html">L0H1</a>.' in page
     assert "tiny-gpt2" not in page
     assert (tmp_path / "figures" / "fig_token_noise__tiny-llama.png").exists()
     assert "zero ablation" in page

@@ -106,7 +106,7 @@ def test_output_is_deterministic(tiny_query_store, tmp_path):
     a = build_report(tiny_query_store, tmp_path / "a", models=["tiny-gpt2"], figures=names)
     b = build_report(tiny_query_store, tmp_path / "b", models=["tiny-gpt2"], figures=names)
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
-    assert len(files) == 4 + 4 + 1  # 2 figures × png/pdf, 2 tables × csv/tex, the page
+    assert len(files) == 4 + 4 + 1 + 4  # 2 figures × png/pdf, 2 tables × csv/tex, the page, 4 head pages
     for rel in files:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
     assert a.path.read_text() == b.path.read_text()
