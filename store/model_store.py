@@ -150,3 +150,19 @@ def list_models(root: Path, incomplete: bool = False) -> list[ModelStore]:
 
 
 ModelStore.__lt__ = lambda a, b: a.name < b.name  # sorted() over model folders
+
+
+def is_model_folder(path: Path) -> bool:
+    """Whether `path` looks like a model folder: a manifest, or what an ingest leaves before writing one."""
+    return (path / MANIFEST).is_file() or (path / snapshot.LOG_DIR).is_dir() or (path / ARRAYS_DIR).is_dir()
+
+
+def enclosing_model_folder(path: Path) -> Path | None:
+    """The model folder that `path` (taken as a real path) lies in, or None: for refusing writes into a store."""
+    for folder in Path(path).parents:
+        try:
+            if is_model_folder(folder):
+                return folder
+        except OSError:  # an unreadable ancestor: nothing to learn from it
+            continue
+    return None
