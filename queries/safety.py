@@ -80,15 +80,6 @@ def check_text(text: str) -> None:
         raise QueryError(f"query text is not valid UTF-8 ({what} at character {e.start + 1})") from None
 
 
-def glob_literal(path: str | Path) -> str:
-    """A path as a DuckDB glob pattern that matches only itself: `?`, `*` and `[` in brackets.
-
-    DuckDB expands every file name given to `read_parquet`, even in a list, so a model
-    folder `a?` would also read its neighbour `ab`.
-    """
-    return str(path).replace("[", "[[]").replace("?", "[?]").replace("*", "[*]")
-
-
 def one_line(error: BaseException) -> str:
     """DuckDB's message without its caret diagram: the lines before `LINE n:` joined."""
     lines = []

@@ -20,6 +20,7 @@ import polars as pl
 
 from selfrepair.errors import QueryError, StoreNotFound
 from selfrepair.queries import interrupt, named, safety, shape, views
+from selfrepair.store import files
 from selfrepair.store.model_store import list_models
 from selfrepair.store.schema import TABLES
 
@@ -57,9 +58,9 @@ class Store:
             real = {t: [p.resolve() for p in ms.table_files(t, manifest)] for t in TABLES}
             readable += [p for paths in real.values() for p in paths]
             # The views name each file by a pattern that matches only itself (a folder `a?` is not `ab`).
-            files = {t: [Path(safety.glob_literal(p)) for p in paths] for t, paths in real.items()}
-            readable += [p for paths in files.values() for p in paths]
-            models.append(views.ModelFiles(ms.name, manifest, files))
+            patterns = {t: [Path(files.glob_literal(p)) for p in paths] for t, paths in real.items()}
+            readable += [p for paths in patterns.values() for p in paths]
+            models.append(views.ModelFiles(ms.name, manifest, patterns))
         if not models:
             raise StoreNotFound(f"no selfrepair store at {root}")
         con = duckdb.connect(":memory:")

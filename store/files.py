@@ -121,6 +121,15 @@ def read_parquet(paths: list[Path], columns: list[str] | None = None) -> pa.Tabl
     return pa.concat_tables(pq.read_table(p, columns=columns) for p in paths)
 
 
+def glob_literal(path: str | Path) -> str:
+    """A path as a DuckDB glob pattern that matches only itself: `?`, `*` and `[` inside brackets.
+
+    DuckDB expands every file name given to `read_parquet`, even in a list, so a model
+    folder `a?` would also read its neighbour `ab`. (Polars: pass `glob=False`.)
+    """
+    return str(path).replace("[", "[[]").replace("?", "[?]").replace("*", "[*]")
+
+
 def check_writable_dir(path: Path) -> None:
     """Refuse a file, or a folder (or its nearest existing parent) we cannot write, leaving no trace.
 

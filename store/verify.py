@@ -189,14 +189,14 @@ def _strictly_sorted(path: Path, key: list[str], batch_rows: int = 1 << 20) -> b
 
 
 def _duplicates(path: Path, key: list[str]) -> int:
-    frame = pl.read_parquet(path, columns=key)
+    frame = pl.read_parquet(path, columns=key, glob=False)
     return frame.height - frame.unique().height
 
 
 def _check_file(table, path: Path, entry: dict, r0: int, r1: int, preds: int, heads: set | None) -> str | None:
     """One shard file: unique keys, and every row inside the shard's declared rows, draw and heads."""
     key = list(table.key)
-    frame = pl.read_parquet(path, columns=key)
+    frame = pl.read_parquet(path, columns=key, glob=False)
     dup = frame.height - frame.unique().height
     if dup:
         return f"has {dup} duplicate key(s) on ({', '.join(key)})"
@@ -268,11 +268,12 @@ def _check_arrays(ms: ModelStore, manifest: dict, ok: list[str], bad: list[str])
 def _check_identities(readable: dict[str, list[Path]], ok: list[str], bad: list[str], seed: int) -> None:
     if not (readable["tokens"] and readable["head_effects"] and readable["mlp_effects"]):
         return
-    tokens = pl.read_parquet(readable["tokens"], columns=["token_index", "logit", "ln_scale", "unembed_bias", "de_other"])
+    tokens = pl.read_parquet(readable["tokens"], columns=["token_index", "logit", "ln_scale", "unembed_bias", "de_other"],
+                             glob=False)
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(tokens["token_index"].to_numpy(), min(SAMPLE_TOKENS, tokens.height), replace=False))
     sample = pick.tolist()
-    sel = lambda t: pl.scan_parquet(readable[t]).filter(pl.col("token_index").is_in(sample))  # noqa: E731
+    sel = lambda t: pl.scan_parquet(readable[t], glob=False).filter(pl.col("token_index").is_in(sample))  # noqa: E731
     heads = sel("head_effects").group_by("token_index").agg(pl.col("de").cast(pl.Float64).sum().alias("h"))
     mlps = sel("mlp_effects").group_by("token_index").agg(pl.col("de").cast(pl.Float64).sum().alias("m"))
     t = tokens.lazy().filter(pl.col("token_index").is_in(sample)).join(heads, on="token_index").join(mlps, on="token_index")
