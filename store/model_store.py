@@ -8,6 +8,7 @@ globbing, so they never see half a shard.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +109,40 @@ class ModelStore:
         derived = manifest.get("derived", {}).get(table)
         if derived is not None:
             out.append(self.path / derived["path"])
+        return out
+
+    def file_problem(self, entry: dict) -> str | None:
+        """Why a committed file entry no longer matches its file (missing, or another size), or None.
+
+        One stat per file, cheap enough for every resume; `verify` also compares checksums.
+        """
+        try:
+            size = os.stat(self.path / entry["path"]).st_size
+        except FileNotFoundError:
+            return "is missing"
+        except OSError as e:
+            return f"cannot be read ({e.strerror or e})"
+        return None if size == entry["bytes"] else f"has {size} bytes, not the {entry['bytes']} committed"
+
+    def damaged_shards(self, manifest: dict) -> dict[str, str]:
+        """Committed shards with a file or Zarr chunk missing or resized: shard id -> what is wrong.
+
+        Raises:
+            StoreError: a compacted file is damaged (its rows belong to many shards; nothing to redo).
+        """
+        for table, lst in sorted((manifest.get("compacted") or {}).items()):
+            for f in lst:
+                problem = self.file_problem(f)
+                if problem:
+                    raise StoreError(f"{self.path}: compacted {table} file {f['path']} {problem}; restore it, "
+                                     "or re-ingest with --overwrite")
+        out = {}
+        for sid, e in sorted(manifest["shards"].items()):
+            problems = [f"{f['path']} {p}" for f in e["files"].values() if (p := self.file_problem(f))]
+            problems += [f"{rel} is missing" for rel, digest in (e.get("chunks") or {}).items()
+                         if digest is not None and not (self.path / rel).is_file()]
+            if problems:
+                out[sid] = problems[0]
         return out
 
     def read_table(self, table: str, columns: list[str] | None = None) -> pa.Table | None:

@@ -60,14 +60,20 @@ def _overlaps(rows, r0: int, r1: int) -> bool:
     return rows[0] < r1 and rows[1] > r0
 
 
-def clean_work(manifest: dict, n_rows: int, batch_size: int) -> list[CleanWork]:
-    """The clean batches not yet stored as exactly that batch."""
-    clean = {tuple(e["rows"]): sid for sid, e in manifest["shards"].items() if e["phase"] == "clean"}
+def stored_rows(manifest: dict) -> int:
+    """Rows covered by committed clean shards (0..this): an interrupted extension may have stored more than n_rows."""
+    return max((e["rows"][1] for e in manifest["shards"].values() if e["phase"] == "clean"), default=0)
+
+
+def clean_work(manifest: dict, n_rows: int, batch_size: int, damaged=frozenset()) -> list[CleanWork]:
+    """The clean batches not yet stored as exactly that batch (a `damaged` shard counts as not stored)."""
+    stored = {tuple(e["rows"]): sid for sid, e in manifest["shards"].items() if e["phase"] == "clean"}
+    clean = {rows: sid for rows, sid in stored.items() if sid not in damaged}
     out = []
     for r0, r1 in batches(n_rows, batch_size):
         if (r0, r1) in clean:
             continue
-        old = [sid for rows, sid in clean.items() if _overlaps(rows, r0, r1)]
+        old = [sid for rows, sid in stored.items() if _overlaps(rows, r0, r1)]
         out.append(CleanWork((r0, r1), f"clean-{r0:08d}-{r1:08d}", old))
     return out
 
@@ -84,7 +90,8 @@ def _draw_order(draw: tuple[str, int]) -> tuple[int, int]:
 
 
 def ablation_work(manifest: dict, n_rows: int, batch_size: int, asked_draws: list[tuple[str, int]],
-                  asked_heads: Heads, pairs_digest: Callable[[int, int, int], str]) -> list[AblationWork]:
+                  asked_heads: Heads, pairs_digest: Callable[[int, int, int], str],
+                  damaged=frozenset()) -> list[AblationWork]:
     """The ablation shards a run must write, batch by batch.
 
     Args:
@@ -93,6 +100,7 @@ def ablation_work(manifest: dict, n_rows: int, batch_size: int, asked_draws: lis
         asked_draws: (ablation, sample) pairs this run asks for.
         asked_heads: heads this run asks for.
         pairs_digest: (sample, r0, r1) -> digest of that batch's resample pairs now.
+        damaged: shard ids whose files are missing or damaged: redone like a changed batch.
 
     Returns:
         Work in batch order, then draw order.
@@ -111,7 +119,7 @@ def ablation_work(manifest: dict, n_rows: int, batch_size: int, asked_draws: lis
             digest = pairs_digest(sample, r0, r1) if kind == "resample" else None
             # Shards written before pairs were recorded are taken as valid when their batch matches.
             valid = all(tuple(e["rows"]) == (r0, r1) and (digest is None or e.get("pairs_sha", digest) == digest)
-                        for _, e in stored)
+                        and sid not in damaged for sid, e in stored)
             have = {h for _, e in stored for h in parse_heads(e.get("heads", "all"), n_layers, n_heads)}
             asked = set(asked_heads) if (kind, sample) in asked_draws else set()
             if valid:

@@ -18,7 +18,7 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from selfrepair.errors import ConfigError
+from selfrepair.errors import ConfigError, StoreError
 from selfrepair.store import arrays, files
 from selfrepair.store.heads import parse_heads
 from selfrepair.store.model_store import ModelStore, list_models
@@ -156,6 +156,15 @@ def _check_shards(ms: ModelStore, manifest: dict, good: set[Path], ok: list[str]
     for (a0, a1, s1), (b0, b1, s2) in zip(clean_rows, clean_rows[1:]):
         if b0 < a1:
             bad.append(f"shards {s1} and {s2} overlap (rows {b0}..{min(a1, b1)})")
+    covered = 0
+    for r0, r1, _ in clean_rows:  # rows 0..covered are stored without a gap
+        if r0 > covered:
+            break
+        covered = max(covered, r1)
+    n_rows = manifest.get("n_rows")
+    if isinstance(n_rows, int) and n_rows > covered:
+        bad.append(f"the manifest counts {n_rows} rows ({manifest.get('n_tokens')} tokens) but clean shards store "
+                   f"rows 0..{covered} only (an interrupted ingest: rerun it)")
     for (kind, sample), lst in sorted(units.items()):
         lst.sort(key=lambda u: u[0])
         for i, (a0, a1, ha, s1) in enumerate(lst):
@@ -234,7 +243,11 @@ def _check_arrays(ms: ModelStore, manifest: dict, ok: list[str], bad: list[str])
     expected = manifest.get("arrays")
     if not expected:
         return
-    found = arrays.array_info(ms.arrays_path)
+    try:
+        found = arrays.array_info(ms.arrays_path)
+    except StoreError as e:
+        bad.append(str(e))
+        return
     for name, info in expected.items():
         if name not in found:
             bad.append(f"activations.zarr/{name}: missing")
