@@ -154,6 +154,7 @@ class ModelStore:
         for name, table in tables.items():
             table = validate_table(TABLES[name], table)
             path = self.shard_file(name, shard_id)
+            files.inside(self.path, str(path.relative_to(self.path)))  # no symlinked folder leads the write out
             size, digest = files.write_parquet(path, table)
             entries[name] = {
                 "path": str(path.relative_to(self.path)),

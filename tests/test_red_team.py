@@ -113,6 +113,15 @@ def _derived_outside(c) -> None:
     (c.m / "manifest.json").write_text(json.dumps(man))
 
 
+def _symlinked(name: str):
+    """Move one of the model folder's own folders outside and leave a symlink to it."""
+    def setup(c) -> None:
+        (c.tmp / "outside").mkdir()
+        shutil.move(c.m / name, c.tmp / "outside" / name)
+        (c.m / name).symlink_to(c.tmp / "outside" / name)
+    return setup
+
+
 def _zarr_json(rel: str):
     return lambda c: (c.m / "activations.zarr" / rel / "zarr.json").write_bytes(b'{"zarr_format": 3, "no')
 
@@ -212,6 +221,11 @@ CASES = {
                                                 "out of disk space", patch=_full_disk),
     "derived table path ../../outside/victim.txt": Case(ingest("--corpus", "embedded", "--tokens", "124"), 1,
                                                         "leads outside the model folder", setup=_derived_outside),
+    "commits/ a symlink out of the model folder": Case(ingest("--corpus", "embedded", "--tokens", "124"), 1,
+                                                       "commits is a symlink", setup=_symlinked("commits")),
+    "activations.zarr a symlink out of the model folder": Case(ingest("--corpus", "embedded", "--tokens", "124"), 1,
+                                                               "activations.zarr is a symlink",
+                                                               setup=_symlinked("activations.zarr")),
     # -- verify: one line --------------------------------------------------------------------
     "verify: corrupt array zarr.json": Case(lambda c: ["verify", "--store", str(c.store)], 1,
                                            "verify found 1 problem", setup=_zarr_json("z")),
