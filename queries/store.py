@@ -17,6 +17,7 @@ from pathlib import Path
 
 import duckdb
 import polars as pl
+import pyarrow as pa
 
 from selfrepair.errors import QueryError, StoreNotFound
 from selfrepair.queries import interrupt, named, safety, shape, views
@@ -130,13 +131,14 @@ class Store:
 
     def sql_batches(self, text: str, params: dict | None = None, for_csv: bool = False,
                     batch_rows: int = 65536) -> Iterator:
-        """Stream one read-only SELECT as Arrow record batches (memory stays one batch).
+        """Stream one read-only SELECT as Arrow record batches (memory stays one batch), an empty one first.
 
         Args:
             for_csv: also give nested and binary columns as text (a CSV cell holds neither).
         """
         with self._guard():
             reader = self._relation(text, params, for_csv).to_arrow_reader(batch_rows)
+            yield pa.RecordBatch.from_pylist([], schema=reader.schema)  # the columns, even for no rows
             yield from reader
 
     def _relation(self, text: str, params: dict | None, for_csv: bool = False):
