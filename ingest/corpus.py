@@ -64,7 +64,8 @@ def _file_documents(path: Path) -> Iterator[str]:
         try:
             table = pq.read_table(path)
         except (pa.ArrowException, OSError) as e:
-            raise CorpusError(f"corpus {path}: not a readable Parquet file ({str(e).splitlines()[0].split(". ")[0]})") from None
+            reason = str(e).splitlines()[0].split(". ")[0]
+            raise CorpusError(f"corpus {path}: not a readable Parquet file ({reason})") from None
         if "text" not in table.column_names:
             raise CorpusError(f"corpus {path}: no 'text' column (has {', '.join(table.column_names)})")
         column = table.column("text")
