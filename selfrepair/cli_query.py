@@ -54,7 +54,8 @@ class SqlTextCommand(click.Command):
     """A command whose SQL argument may start with a `--` comment, as every named query file does.
 
     click would read `-- Title\nSELECT 42` as an unknown option, so an argument that
-    starts with `--` but names none of the command's options is moved behind a `--`.
+    starts with `--`, names none of the command's options and holds whitespace is moved
+    behind a `--`.
     """
 
     def parse_args(self, ctx, args):
@@ -65,7 +66,8 @@ class SqlTextCommand(click.Command):
             if arg == "--":
                 texts += args[i + 1:]
                 break
-            if arg.startswith("--") and arg.split("=", 1)[0] not in known:
+            # Whitespace: a comment before SQL; a bare `--fromat` stays, for click's "No such option".
+            if arg.startswith("--") and arg.split("=", 1)[0] not in known and any(c.isspace() for c in arg):
                 texts.append(arg)
             else:
                 rest.append(arg)
