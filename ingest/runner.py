@@ -323,7 +323,7 @@ class Ingest:
                 "b_U": w.b_U.cpu().numpy(), "W_out_final": w.W_out_final.cpu().numpy(),
             })
         strings = TokenStrings(model.tokenizer)
-        todo = plan.clean_work(writer.manifest, cfg.n_rows, cfg.batch_size, self._damaged)
+        todo = plan.clean_work(writer.manifest, cfg.n_rows, cfg.batch_size, damaged=self._damaged)
         result.shards_skipped += len(plan.batches(cfg.n_rows, cfg.batch_size)) - len(todo)
         bar = Progress("clean pass", total=sum((t.rows[1] - t.rows[0]) * preds for t in todo), unit="tok",
                        quiet=cfg.quiet)
@@ -389,7 +389,8 @@ class Ingest:
         draws = [(k, s) for k in cfg.ablations for s in (range(cfg.resamples) if k == "resample" else [0])]
         digest = lambda sample, r0, r1: pairs_digest(source_rows(cfg.n_rows, cfg.batch_size, sample, cfg.seed, r0, r1))  # noqa: E731
         # Only the missing (ablation, sample, head, batch) units, from what the store already holds.
-        todo = plan.ablation_work(writer.manifest, cfg.n_rows, cfg.batch_size, draws, heads, digest, self._damaged)
+        todo = plan.ablation_work(writer.manifest, cfg.n_rows, cfg.batch_size, draws, heads, digest,
+                                  damaged=self._damaged)
         total = sum(len(t.heads) * (t.rows[1] - t.rows[0]) * preds for t in todo)
         result.shards_skipped += len(plan.batches(cfg.n_rows, cfg.batch_size)) * len(draws) - \
             len({(t.kind, t.sample, t.rows) for t in todo if (t.kind, t.sample) in draws})

@@ -173,8 +173,15 @@ class Store:
             UnknownQuery: no such named query.
             QueryError: a required parameter is missing, or the query failed.
         """
+        return self.sql(*self.named_sql(name, **params))
+
+    def named_sql(self, name: str, **params) -> tuple[str, dict]:
+        """A named query's SQL and its bound parameters (every check a named query gets happens here).
+
+        The CLI runs the pair through `queries/output.write_result`, so it streams or caps like `sql`.
+        """
         q = named.get_query(name)
-        return self.sql(q.sql, q.bind(params))
+        return q.sql, q.bind(params)
 
     def interrupt(self) -> None:
         """Stop the running query (safe from another thread); it raises QueryError."""

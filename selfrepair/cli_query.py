@@ -85,10 +85,13 @@ def _check_output(fmt: str, output: Path | None) -> None:
         raise click.UsageError("--format parquet needs --output FILE")
 
 
-def _run(store: Path, text: str, params: dict | None, fmt: str, output: Path | None, max_rows: int) -> None:
+def _run(store: Path, text: str | None, params, fmt: str, output: Path | None, max_rows: int,
+         name: str | None = None) -> None:
     from selfrepair.queries.store import Store
 
     with Store.open(store) as s:
+        if name is not None:
+            text, params = s.named_sql(name, **dict(params))
         note = write_result(s, text, params, fmt, output, max_rows or None)
     if note:
         click.echo(note, err=True)
@@ -96,8 +99,8 @@ def _run(store: Path, text: str, params: dict | None, fmt: str, output: Path | N
 
 def _run_named(store: Path, name: str, params: tuple[tuple[str, str], ...], fmt: str, output: Path | None,
                max_rows: int) -> None:
-    query = named.get_query(name)  # unknown name fails before opening the store
-    _run(store, query.sql, query.bind(dict(params)), fmt, output, max_rows)
+    named.get_query(name)  # unknown name fails before opening the store
+    _run(store, None, params, fmt, output, max_rows, name=name)
 
 
 @click.command("sql", cls=SqlTextCommand)

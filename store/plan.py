@@ -65,7 +65,7 @@ def stored_rows(manifest: dict) -> int:
     return max((e["rows"][1] for e in manifest["shards"].values() if e["phase"] == "clean"), default=0)
 
 
-def clean_work(manifest: dict, n_rows: int, batch_size: int, damaged=frozenset()) -> list[CleanWork]:
+def clean_work(manifest: dict, n_rows: int, batch_size: int, *, damaged=frozenset()) -> list[CleanWork]:
     """The clean batches not yet stored as exactly that batch (a `damaged` shard counts as not stored)."""
     stored = {tuple(e["rows"]): sid for sid, e in manifest["shards"].items() if e["phase"] == "clean"}
     clean = {rows: sid for rows, sid in stored.items() if sid not in damaged}
@@ -90,7 +90,7 @@ def _draw_order(draw: tuple[str, int]) -> tuple[int, int]:
 
 
 def ablation_work(manifest: dict, n_rows: int, batch_size: int, asked_draws: list[tuple[str, int]],
-                  asked_heads: Heads, pairs_digest: Callable[[int, int, int], str],
+                  asked_heads: Heads, pairs_digest: Callable[[int, int, int], str], *,
                   damaged=frozenset()) -> list[AblationWork]:
     """The ablation shards a run must write, batch by batch.
 
