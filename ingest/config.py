@@ -6,6 +6,7 @@ follow from the settings are properties.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -98,6 +99,11 @@ class IngestConfig:
             raise ConfigError(f"resamples: must be at least 1, got {self.resamples}")
         if not (0 < self.top_p <= 1):
             raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if self.top_tokens < 1:
+            # Checked here, before any model loads: an empty top-p% set has no repair or neuron detail.
+            raise ConfigError(f"top_p: floor(top_p × tokens) = floor({self.top_p:g} × {self.n_tokens}) = 0 tokens per "
+                              f"head; raise --top-p to at least 1/{self.n_tokens} or --tokens to at least "
+                              f"{math.ceil(1 / self.top_p)}")
         if self.neurons_top_k < 0:
             raise ConfigError(f"neurons_top_k: must be >= 0, got {self.neurons_top_k}")
         if self.device not in DEVICES:
@@ -123,6 +129,11 @@ class IngestConfig:
     def n_tokens(self) -> int:
         """Stored predictions (whole rows, so at least `tokens`)."""
         return self.n_rows * self.preds_per_row
+
+    @property
+    def top_tokens(self) -> int:
+        """Tokens in each head's top-p% set: floor(top_p · n_tokens)."""
+        return math.floor(self.top_p * self.n_tokens)
 
     @property
     def n_batches(self) -> int:

@@ -7,6 +7,7 @@ dataset name (`NeelNanda/pile-10k`, optionally `hf:` prefixed). No shuffling.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Iterator
@@ -39,8 +40,13 @@ def _file_documents(path: Path) -> Iterator[str]:
     if path.suffix == ".txt":
         yield path.read_text(encoding="utf-8", errors="replace")
     elif path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise CorpusError(f"corpus {path}: line {n} is not valid UTF-8 (byte 0x{raw[e.start]:02X} "
+                                      f"at column {e.start + 1})") from None
                 if not line.strip():
                     continue
                 try:
@@ -52,12 +58,20 @@ def _file_documents(path: Path) -> Iterator[str]:
                     raise CorpusError(f"corpus {path}: line {n} has no string 'text' field")
                 yield text
     elif path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as e:
+            reason = str(e).splitlines()[0].split(". ")[0]
+            raise CorpusError(f"corpus {path}: not a readable Parquet file ({reason})") from None
         if "text" not in table.column_names:
             raise CorpusError(f"corpus {path}: no 'text' column (has {', '.join(table.column_names)})")
-        yield from (t for t in table.column("text").to_pylist() if t)
+        column = table.column("text")
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            raise CorpusError(f"corpus {path}: the 'text' column holds {column.type}, not strings")
+        yield from (t for t in column.to_pylist() if t)
 
 
 def _hf_documents(name: str) -> Iterator[str]:
@@ -70,18 +84,42 @@ def _hf_documents(name: str) -> Iterator[str]:
         ) from None
     from selfrepair.ingest.models import _hub_reachable
 
-    if not _hub_reachable():
-        import os
-
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    try:
-        ds = datasets.load_dataset(name, split="train")
-    except Exception as e:  # noqa: BLE001 - datasets raises many kinds; one line is what a user needs
-        raise CorpusError(
-            f"corpus {name}: cannot load the dataset ({str(e).splitlines()[0][:120]}); "
-            "pass a local .txt/.jsonl/.parquet file or --corpus embedded"
-        ) from None
+    with _quiet_hub(offline=not _hub_reachable()):
+        try:
+            ds = datasets.load_dataset(name, split="train")
+        except Exception as e:  # noqa: BLE001 - datasets raises many kinds; one line is what a user needs
+            raise CorpusError(
+                f"corpus {name}: cannot load the dataset ({str(e).splitlines()[0][:120]}); "
+                "pass a local .txt/.jsonl/.parquet file or --corpus embedded"
+            ) from None
     yield from (t for t in ds["text"] if t)
+
+
+@contextlib.contextmanager
+def _quiet_hub(offline: bool):
+    """No hub warnings or retry lines on the terminal (the failure becomes one line), and no network when offline.
+
+    `datasets` and `huggingface_hub` read their offline switches when first imported
+    (transformers imported them already), so the switches are set on the modules too.
+    """
+    import datasets
+    import huggingface_hub.constants
+    from huggingface_hub.utils import logging as hub_logging
+
+    saved = (datasets.config.HF_HUB_OFFLINE, getattr(datasets.config, "HF_DATASETS_OFFLINE", None),
+             huggingface_hub.constants.HF_HUB_OFFLINE, datasets.logging.get_verbosity(), hub_logging.get_verbosity())
+    if offline:
+        datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+    datasets.logging.set_verbosity_error()
+    hub_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE = saved[0], saved[1]
+        huggingface_hub.constants.HF_HUB_OFFLINE = saved[2]
+        datasets.logging.set_verbosity(saved[3])
+        hub_logging.set_verbosity(saved[4])
 
 
 def documents(spec: str) -> Iterator[str]:
@@ -131,6 +169,8 @@ def build_rows(spec: str, tokenizer, n_rows: int, seq_len: int, bos_id: int, eos
     stream: list[int] = []
     n_docs = 0
     for doc in documents(spec):
+        if not isinstance(doc, str):
+            raise CorpusError(f"corpus {spec}: a document is {type(doc).__name__}, not text")
         ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
         if not ids:
             continue

@@ -136,6 +136,9 @@ def load_hf(spec: ModelSpec, dtype, revision: str | None = None):
         # Both the local cache and the hub failed: without this the caller would meet an
         # unbound `model` instead of the reason.
         raise ModelNotFound(f"cannot download {spec.hf_id} from the Hugging Face hub: {_first_line(failure)}")
+    if len(tokenizer) <= 1:  # transformers builds an empty tokenizer for a folder that has none
+        raise ModelNotFound(f"model {source} has no tokenizer (no tokenizer.json, tokenizer_config.json or vocabulary "
+                            "file); save it beside the weights with tokenizer.save_pretrained")
     model.eval()
     # TransformerLens reloads the tokenizer by name to add BOS; give it a name and say
     # BOS is already handled (we prepend BOS ourselves when we build rows).

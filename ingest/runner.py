@@ -59,6 +59,8 @@ class Ingest:
         self.cfg = config
         self.log = (lambda *a, **k: None) if config.quiet else log
         self._replace = False  # the stored configuration conflicts and --overwrite was given
+        self._grow: dict = {}  # corpus, n_rows, n_tokens: set once this run's clean shards are all committed
+        self._damaged: dict[str, str] = {}  # committed shards whose files are missing or damaged: redone
 
     def run(self) -> IngestResult:
         """Lock the model folder, check it, load the model, then do the missing clean and ablation work."""
@@ -128,9 +130,11 @@ class Ingest:
             self._writer = self._lock(ms)
             self._check_identity(self._writer, identity)
         writer = self._writer
-        if writer.manifest is not None and not self._replace and writer.manifest.get("n_rows", 0) > cfg.n_rows:
-            # The store already has more rows: the run covers all of them (new heads or ablations too).
-            cfg = self.cfg = replace(cfg, tokens=writer.manifest["n_rows"] * cfg.preds_per_row)
+        have = 0 if writer.manifest is None else max(writer.manifest.get("n_rows", 0), plan.stored_rows(writer.manifest))
+        if not self._replace and have > cfg.n_rows:
+            # The store already has more rows (or an interrupted extension stored some): the run
+            # covers all of them (new heads or ablations too).
+            cfg = self.cfg = replace(cfg, tokens=have * cfg.preds_per_row)
         rows_np = C.build_rows(corpus_spec, model.tokenizer, cfg.n_rows, cfg.seq_len, model.bos_id, model.eos_id)
         if "resample" in cfg.ablations:
             source_rows(cfg.n_rows, cfg.batch_size, 0, cfg.seed)  # fails early with < 2 rows
@@ -146,6 +150,8 @@ class Ingest:
         rows = torch.from_numpy(rows_np).to(model.device)
         t1 = time.perf_counter()
         self._clean_phase(writer, model, w, rows, result)
+        if self._grow:  # only now: the manifest's token count never runs ahead of the stored tokens
+            writer.set(**self._grow)
         result.seconds["clean"] = time.perf_counter() - t1
         top_sets = self._top_sets(writer)
         t2 = time.perf_counter()
@@ -229,15 +235,25 @@ class Ingest:
                                         "(corpus: the token stream differs from the stored one); "
                                         "use a new --store, or --overwrite to replace it")
                 self._replace = True
+        grow = {k: fresh[k] for k in ("corpus", "n_rows", "n_tokens")}
         if old is None or self._replace:
-            writer.create(fresh)
+            # No rows are counted until their clean shards are committed (see _run).
+            empty = {"corpus": fresh["corpus"] | {"fingerprint": C.fingerprint(rows_np[:0]), "rows": 0},
+                     "n_rows": 0, "n_tokens": 0}
+            writer.create(fresh | empty)
+            self._grow = grow
             return
         removed = writer.clean_orphans()
         if removed:
             self.log(f"resume: removed {len(removed)} partial or superseded file(s) left by an earlier run")
+        self._damaged = writer.ms.damaged_shards(writer.manifest)
+        if self._damaged:
+            sid, why = next(iter(self._damaged.items()))
+            self.log(f"resume: {len(self._damaged)} committed shard(s) have missing or damaged files "
+                     f"(shard {sid}: {why}); recomputing them")
         updates = {"self_check": checks}
         if cfg.n_rows > old["n_rows"]:  # extending with more tokens: new rows, new shards
-            updates.update({k: fresh[k] for k in ("corpus", "n_rows", "n_tokens")})
+            self._grow = grow
         kinds = [k for k in ABLATION_KINDS if k in set(old.get("ablations", [])) | set(cfg.ablations)]
         samples = max(old.get("resample", {}).get("samples", 1), cfg.resamples)
         config = dict(old["config"])
@@ -307,7 +323,7 @@ class Ingest:
                 "b_U": w.b_U.cpu().numpy(), "W_out_final": w.W_out_final.cpu().numpy(),
             })
         strings = TokenStrings(model.tokenizer)
-        todo = plan.clean_work(writer.manifest, cfg.n_rows, cfg.batch_size)
+        todo = plan.clean_work(writer.manifest, cfg.n_rows, cfg.batch_size, damaged=self._damaged)
         result.shards_skipped += len(plan.batches(cfg.n_rows, cfg.batch_size)) - len(todo)
         bar = Progress("clean pass", total=sum((t.rows[1] - t.rows[0]) * preds for t in todo), unit="tok",
                        quiet=cfg.quiet)
@@ -331,7 +347,8 @@ class Ingest:
         """Each head's top-p% token indices, from the stored `head_top_tokens` (rebuilt if stale)."""
         manifest = writer.manifest
         stored = manifest.get("derived", {}).get("head_top_tokens")
-        if stored and stored["n_tokens"] == manifest["n_tokens"] and stored["top_p"] == self.cfg.top_p:
+        if stored and stored["n_tokens"] == manifest["n_tokens"] and stored["top_p"] == self.cfg.top_p \
+                and not writer.ms.file_problem(stored):
             table = files.read_parquet(writer.ms.table_files("head_top_tokens", manifest))
         else:
             table = top_tokens.write(writer, self.cfg.top_p)
@@ -373,8 +390,10 @@ class Ingest:
         digest = lambda sample, r0, r1: pairs_digest(source_rows(cfg.n_rows, cfg.batch_size, sample, cfg.seed, r0, r1))  # noqa: E731
         # Only the missing (ablation, sample, head, batch) units, from what the store already holds.
         top_digest = lambda r0, r1, hs: top_tokens.batch_digest(top_sets, hs, r0 * preds, r1 * preds)  # noqa: E731
-        # …and the stored shards whose detail follows other top-p% sets (more tokens) are redone.
-        todo = plan.ablation_work(writer.manifest, cfg.n_rows, cfg.batch_size, draws, heads, digest, top_digest)
+        # …and the stored shards whose detail follows other top-p% sets (more tokens), or whose
+        # files are missing or damaged, are redone.
+        todo = plan.ablation_work(writer.manifest, cfg.n_rows, cfg.batch_size, draws, heads, digest, top_digest,
+                                  damaged=self._damaged)
         total = sum(len(t.heads) * (t.rows[1] - t.rows[0]) * preds for t in todo)
         result.shards_skipped += len(plan.batches(cfg.n_rows, cfg.batch_size)) * len(draws) - \
             len({(t.kind, t.sample, t.rows) for t in todo if (t.kind, t.sample) in draws})

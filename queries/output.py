@@ -2,20 +2,32 @@
 
 Text formats go to a file or stdout; Parquet needs a file. Floats are shown with six
 significant digits in table, Markdown and LaTeX; CSV, JSON and Parquet keep full precision.
+
+`write_result` runs a query straight into its output: CSV and Parquet stream batch by
+batch (a result larger than memory is fine), the other formats fetch at most `max_rows`
+rows. No output path may lie inside a store: a read-only command never changes a store.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
+import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import polars as pl
 
 from selfrepair.errors import QueryError
 
+if TYPE_CHECKING:
+    from selfrepair.queries.store import Store
+
 FORMATS = ("table", "csv", "json", "markdown", "latex", "parquet")
 BINARY_FORMATS = ("parquet",)
+STREAMED_FORMATS = ("csv", "parquet")
+DEFAULT_MAX_ROWS = 10_000
 
 _LATEX_ESCAPES = {
     "\\": r"\textbackslash{}",
@@ -121,26 +133,140 @@ def write_output(df: pl.DataFrame, fmt: str = "table", output: str | Path | None
         output: destination file; required for parquet.
 
     Raises:
-        QueryError: an unknown format, or parquet without an output file.
+        QueryError: an unknown format, parquet without an output file, or the file cannot be written.
     """
     if fmt not in FORMATS:
         raise QueryError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
     if fmt == "parquet":
         if output is None:
             raise QueryError("format parquet needs an output file (--output FILE)")
-        _to_file(output, lambda path: df.write_parquet(path))
+        _to_file(output, lambda f: df.write_parquet(f))
         return
-    text = _RENDERERS[fmt](df)
+    try:
+        text = _RENDERERS[fmt](df)
+    except pl.exceptions.PolarsError as e:
+        raise QueryError(f"cannot write the result as {fmt}: {str(e).splitlines()[0]}") from None
     if output is None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        _to_stdout(lambda f: f.write(text.encode()))
     else:
-        _to_file(output, lambda path: path.write_text(text))
+        _to_file(output, lambda f: f.write(text.encode()))
+
+
+def write_result(store: "Store", text: str, params: dict | None, fmt: str, output: str | Path | None,
+                 max_rows: int | None = DEFAULT_MAX_ROWS) -> str | None:
+    """Run one query into its output: CSV and Parquet streamed, other formats at most `max_rows` rows.
+
+    Args:
+        store: the open store.
+        text, params: the SELECT and its parameters.
+        fmt: one of FORMATS.
+        output: destination file (None: stdout), never inside a store.
+        max_rows: the most rows fetched for a non-streamed format (None: no cap).
+
+    Returns:
+        A note for the user when the rows shown were capped, else None.
+
+    Raises:
+        QueryError: a bad query, an output inside a store, a capped result for a file, or a write error.
+    """
+    if fmt not in FORMATS:
+        raise QueryError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    if output is not None:
+        check_output_path(output, store.root)
+    if fmt in STREAMED_FORMATS:
+        if fmt == "parquet" and output is None:
+            raise QueryError("format parquet needs an output file (--output FILE)")
+        batches = store.sql_batches(text, params, for_csv=fmt == "csv")
+        write = _stream_csv(batches) if fmt == "csv" else _stream_parquet(batches)
+        _to_stdout(write) if output is None else _to_file(output, write)
+        return None
+    df, more = store.sql_head(text, params, max_rows)
+    if more and output is not None:
+        raise QueryError(f"the result has more than {max_rows} rows; raise --max-rows (0: no cap), "
+                         "or use --format csv or parquet, which stream any number of rows")
+    write_output(df, fmt, output)
+    if more:
+        return f"note: showing the first {max_rows} rows; the result has more (--max-rows 0 shows all)"
+    return None
+
+
+def _stream_csv(batches):
+    def write(f):
+        first = True
+        for batch in batches:
+            if batch.num_rows or first:
+                pl.from_arrow(batch).write_csv(f, include_header=first)
+                first = False
+    return write
+
+
+def _stream_parquet(batches):
+    def write(f):
+        import pyarrow.parquet as pq
+
+        writer = None
+        try:
+            for batch in batches:
+                if writer is None:
+                    writer = pq.ParquetWriter(f, batch.schema, compression="zstd")
+                writer.write_batch(batch)
+        finally:
+            if writer is not None:
+                writer.close()
+    return write
+
+
+def check_output_path(output: str | Path, store_root: str | Path | None = None) -> None:
+    """Refuse an output path inside the open store or inside any model folder (symlinks followed).
+
+    Raises:
+        QueryError: naming the path and the store it lies in.
+    """
+    from selfrepair.store.model_store import enclosing_model_folder
+
+    real = Path(os.path.realpath(output))
+    if store_root is not None:
+        root = Path(os.path.realpath(store_root))
+        if real == root or root in real.parents:
+            raise QueryError(f"refusing to write {output}: it lies inside the store {store_root} "
+                             "(a query never changes a store); write it elsewhere")
+    folder = enclosing_model_folder(real)
+    if folder is not None:
+        raise QueryError(f"refusing to write {output}: it lies inside the model folder {folder} "
+                         "(a query never changes a store); write it elsewhere")
+
+
+def _to_stdout(write) -> None:
+    try:
+        sys.stdout.flush()  # text echoed before stays before
+        write(sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+    except (OSError, pl.exceptions.PolarsError) as e:
+        raise QueryError(f"cannot write to stdout: {_reason(e)}") from None
 
 
 def _to_file(output: str | Path, write) -> None:
+    """Write a regular file under a temporary name and rename it into place (no half file is left);
+    anything else (/dev/stdout, a pipe) is written directly."""
     path = Path(output)
+    direct = path.exists() and not path.is_file()
+    target = path if direct else path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        write(path)
-    except OSError as e:
-        raise QueryError(f"cannot write {path}: {e.strerror or e}") from None
+        with open(target, "wb") as f:
+            write(f)
+        if not direct:
+            os.replace(target, path)
+    except (OSError, pl.exceptions.PolarsError) as e:
+        raise QueryError(f"cannot write {path}: {_reason(e)}") from None
+    finally:
+        if not direct and target.exists():
+            target.unlink(missing_ok=True)
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    text = str(e)
+    if "No space left on device" in text:
+        return "No space left on device"
+    return text.splitlines()[0] if text else type(e).__name__

@@ -7,16 +7,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import tempfile
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
 import polars as pl
+import pyarrow as pa
 
 from selfrepair.errors import QueryError, StoreNotFound
-from selfrepair.queries import interrupt, named, requests, safety, views
+from selfrepair.queries import interrupt, named, requests, safety, shape, views
+from selfrepair.store import files
 from selfrepair.store.inventory import Inventory
 from selfrepair.store.model_store import list_models
 from selfrepair.store.schema import TABLES
@@ -34,11 +39,13 @@ class Store:
         self._manifests = manifests
 
     @classmethod
-    def open(cls, path: str | Path) -> "Store":
+    def open(cls, path: str | Path, memory_limit: str | None = None) -> "Store":
         """Open a store root (or one model folder) and lock it down.
 
         Args:
             path: a store root holding model folders, or one model folder.
+            memory_limit: DuckDB's memory limit (default: half the machine's memory, or
+                $SELFREPAIR_MEMORY_LIMIT), so a huge query fails with one line.
 
         Returns:
             A Store whose views cover every committed shard at this moment.
@@ -47,11 +54,15 @@ class Store:
             StoreNotFound: the path is missing or holds no model.
         """
         root = Path(path).resolve()
-        models = []
+        models, readable = [], []
         for ms in list_models(root):
             manifest = ms.manifest()
-            files = {t: [p.resolve() for p in ms.table_files(t, manifest)] for t in TABLES}
-            models.append(views.ModelFiles(ms.name, manifest, files))
+            real = {t: [p.resolve() for p in ms.table_files(t, manifest)] for t in TABLES}
+            readable += [p for paths in real.values() for p in paths]
+            # The views name each file by a pattern that matches only itself (a folder `a?` is not `ab`).
+            patterns = {t: [Path(files.glob_literal(p)) for p in paths] for t, paths in real.items()}
+            readable += [p for paths in patterns.values() for p in paths]
+            models.append(views.ModelFiles(ms.name, manifest, patterns))
         if not models:
             raise StoreNotFound(f"no selfrepair store at {root}")
         con = duckdb.connect(":memory:")
@@ -62,8 +73,7 @@ class Store:
             con.close()
             raise QueryError(f"cannot build views over {root}: {safety.one_line(e)}") from None
         temp_dir = Path(tempfile.mkdtemp(prefix="selfrepair-duckdb-"))
-        readable = [p for m in models for paths in m.files.values() for p in paths]
-        safety.lock_down(con, readable, temp_dir)
+        safety.lock_down(con, readable, temp_dir, memory_limit or default_memory_limit())
         store = cls(root, con, {m.model: m.manifest for m in models})
         weakref.finalize(store, _cleanup, con, temp_dir)
         return store
@@ -97,24 +107,61 @@ class Store:
             params: values for the placeholders.
 
         Returns:
-            The result as a Polars frame.
+            The result as a Polars frame (duplicate column names made unique and types
+            Polars cannot hold given as text, see `queries/shape.py`).
 
         Raises:
             QueryError: not a single SELECT, bad SQL, a sandbox refusal, or interrupted.
         """
+        return self.sql_head(text, params, None)[0]
+
+    def sql_head(self, text: str, params: dict | None = None,
+                 max_rows: int | None = None) -> tuple[pl.DataFrame, bool]:
+        """Like `sql`, fetching at most `max_rows` rows (None: all).
+
+        Returns:
+            (the frame, whether the result has more rows than were fetched).
+        """
+        with self._guard():
+            rel = self._relation(text, params)
+            if max_rows is not None:
+                rel = rel.limit(max_rows + 1)  # one more, to know whether the result was cut
+            table = rel.to_arrow_table()
+            more = max_rows is not None and table.num_rows > max_rows
+            return pl.from_arrow(table.slice(0, max_rows) if more else table), more
+
+    def sql_batches(self, text: str, params: dict | None = None, for_csv: bool = False,
+                    batch_rows: int = 65536) -> Iterator:
+        """Stream one read-only SELECT as Arrow record batches (memory stays one batch), an empty one first.
+
+        Args:
+            for_csv: also give nested and binary columns as text (a CSV cell holds neither).
+        """
+        with self._guard():
+            reader = self._relation(text, params, for_csv).to_arrow_reader(batch_rows)
+            yield pa.RecordBatch.from_pylist([], schema=reader.schema)  # the columns, even for no rows
+            yield from reader
+
+    def _relation(self, text: str, params: dict | None, for_csv: bool = False):
         safety.check_read_only(self._con, text)
+        return shape.shape(self._con.sql(text, params=params or None), for_csv)
+
+    @contextlib.contextmanager
+    def _guard(self):
+        """DuckDB and Polars errors as one-line QueryErrors; Ctrl-C interrupts the running query."""
         try:
-            table = self._run(text, params or None)
+            with interrupt.sigint_interrupts(self._con):
+                yield
         except (duckdb.InterruptException, KeyboardInterrupt):
             raise QueryError("query interrupted") from None
+        except duckdb.OutOfMemoryException as e:
+            reason = safety.one_line(e).split(" Possible solutions")[0]
+            raise QueryError(f"{reason}: the query needs more than DuckDB's memory limit; raise "
+                             "$SELFREPAIR_MEMORY_LIMIT, or aggregate or LIMIT the query") from None
         except duckdb.Error as e:
             raise QueryError(safety.one_line(e)) from None
-        return pl.from_arrow(table)
-
-    def _run(self, text: str, params: dict | None):
-        """Execute and fetch everything as Arrow; Ctrl-C interrupts the query."""
-        with interrupt.sigint_interrupts(self._con):
-            return self._con.sql(text, params=params).to_arrow_table()
+        except pl.exceptions.PolarsError as e:
+            raise QueryError(f"cannot convert the result: {safety.one_line(e)}") from None
 
     def query(self, name: str, **params) -> pl.DataFrame:
         """Run a named query from `queries/sql/`.
@@ -127,10 +174,17 @@ class Store:
             UnknownQuery: no such named query.
             QueryError: a required parameter is missing, or the query failed.
         """
+        return self.sql(*self.named_sql(name, **params))
+
+    def named_sql(self, name: str, **params) -> tuple[str, dict]:
+        """A named query's SQL and its bound parameters (every check a named query gets happens here).
+
+        The CLI runs the pair through `queries/output.write_result`, so it streams or caps like `sql`.
+        """
         q = named.get_query(name)
         bound = q.bind(params)
         requests.check(self.inventories, bound)  # never an empty answer for what was not ingested
-        return self.sql(q.sql, bound)
+        return q.sql, bound
 
     @property
     def inventories(self) -> list[Inventory]:
@@ -149,6 +203,18 @@ class Store:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def default_memory_limit() -> str:
+    """$SELFREPAIR_MEMORY_LIMIT, else half the machine's memory (the rest for the result in Python)."""
+    env = os.environ.get("SELFREPAIR_MEMORY_LIMIT")
+    if env:
+        return env
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return "4GiB"
+    return f"{max(total // 2 >> 20, 256)}MiB"
 
 
 def _cleanup(con: duckdb.DuckDBPyConnection, temp_dir: Path) -> None:

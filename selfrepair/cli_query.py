@@ -11,7 +11,7 @@ import click
 
 from selfrepair.cli_common import friendly_errors, store_option
 from selfrepair.queries import named
-from selfrepair.queries.output import FORMATS, write_output
+from selfrepair.queries.output import DEFAULT_MAX_ROWS, FORMATS, write_result
 
 EXPORT_FORMATS = ("latex", "markdown", "csv", "parquet")
 
@@ -44,6 +44,37 @@ def output_options(formats: tuple[str, ...], default: str | None):
     return decorate
 
 
+def max_rows_option(f):
+    return click.option("--max-rows", type=click.IntRange(min=0), default=DEFAULT_MAX_ROWS, show_default=True,
+                        help="Most rows fetched for table, json, markdown and latex (0: no cap); csv and "
+                             "parquet stream every row.")(f)
+
+
+class SqlTextCommand(click.Command):
+    """A command whose SQL argument may start with a `--` comment, as every named query file does.
+
+    click would read `-- Title\nSELECT 42` as an unknown option, so an argument that
+    starts with `--`, names none of the command's options and holds whitespace is moved
+    behind a `--`.
+    """
+
+    def parse_args(self, ctx, args):
+        known = {o for p in self.get_params(ctx) for o in (*p.opts, *p.secondary_opts)}
+        texts, rest, i = [], [], 0
+        while i < len(args):
+            arg = args[i]
+            if arg == "--":
+                texts += args[i + 1:]
+                break
+            # Whitespace: a comment before SQL; a bare `--fromat` stays, for click's "No such option".
+            if arg.startswith("--") and arg.split("=", 1)[0] not in known and any(c.isspace() for c in arg):
+                texts.append(arg)
+            else:
+                rest.append(arg)
+            i += 1
+        return super().parse_args(ctx, rest + (["--", *texts] if texts else []))
+
+
 def param_option(f):
     return click.option("--param", "-p", "params", type=ParamType(), multiple=True,
                         help="Query parameter as key=value; repeatable.")(f)
@@ -54,20 +85,31 @@ def _check_output(fmt: str, output: Path | None) -> None:
         raise click.UsageError("--format parquet needs --output FILE")
 
 
-def _run_named(store: Path, name: str, params: tuple[tuple[str, str], ...]):
+def _run(store: Path, text: str | None, params, fmt: str, output: Path | None, max_rows: int,
+         name: str | None = None) -> None:
     from selfrepair.queries.store import Store
 
-    query = named.get_query(name)  # unknown name fails before opening the store
     with Store.open(store) as s:
-        return s.query(query.name, **dict(params))
+        if name is not None:
+            text, params = s.named_sql(name, **dict(params))
+        note = write_result(s, text, params, fmt, output, max_rows or None)
+    if note:
+        click.echo(note, err=True)
 
 
-@click.command("sql")
+def _run_named(store: Path, name: str, params: tuple[tuple[str, str], ...], fmt: str, output: Path | None,
+               max_rows: int) -> None:
+    named.get_query(name)  # unknown name fails before opening the store
+    _run(store, None, params, fmt, output, max_rows, name=name)
+
+
+@click.command("sql", cls=SqlTextCommand)
 @click.argument("text")
 @store_option
 @output_options(FORMATS, "table")
+@max_rows_option
 @friendly_errors
-def sql(text: str, store: Path, fmt: str, output: Path | None) -> None:
+def sql(text: str, store: Path, fmt: str, output: Path | None, max_rows: int) -> None:
     """Run one read-only SELECT over the store's views.
 
     Views: tokens, head_effects, mlp_effects, ablation_effects, resample_sources,
@@ -77,13 +119,11 @@ def sql(text: str, store: Path, fmt: str, output: Path | None) -> None:
     Example:
 
         selfrepair sql "SELECT model, layer, avg(sr) FROM self_repair GROUP BY ALL"
-    """
-    from selfrepair.queries.store import Store
 
+        selfrepair sql "$(cat queries/sql/layer_summary.sql)" --format csv --output out.csv
+    """
     _check_output(fmt, output)
-    with Store.open(store) as s:
-        df = s.sql(text)
-    write_output(df, fmt, output)
+    _run(store, text, None, fmt, output, max_rows)
 
 
 def _list_queries() -> None:
@@ -101,8 +141,9 @@ def _list_queries() -> None:
 @param_option
 @store_option
 @output_options(FORMATS, "table")
+@max_rows_option
 @friendly_errors
-def query(name: str | None, list_: bool, params, store: Path, fmt: str, output: Path | None) -> None:
+def query(name: str | None, list_: bool, params, store: Path, fmt: str, output: Path | None, max_rows: int) -> None:
     """Run a named query from queries/sql/, or list them.
 
     Example:
@@ -119,7 +160,7 @@ def query(name: str | None, list_: bool, params, store: Path, fmt: str, output: 
     if not name:
         raise click.UsageError("give a query NAME, or --list")
     _check_output(fmt, output)
-    write_output(_run_named(store, name, params), fmt, output)
+    _run_named(store, name, params, fmt, output, max_rows)
 
 
 @click.command("export")
@@ -127,8 +168,9 @@ def query(name: str | None, list_: bool, params, store: Path, fmt: str, output: 
 @param_option
 @store_option
 @output_options(EXPORT_FORMATS, None)
+@max_rows_option
 @friendly_errors
-def export(name: str, params, store: Path, fmt: str, output: Path | None) -> None:
+def export(name: str, params, store: Path, fmt: str, output: Path | None, max_rows: int) -> None:
     """Write a named query's result to a file, for paper tables.
 
     Example:
@@ -137,7 +179,7 @@ def export(name: str, params, store: Path, fmt: str, output: Path | None) -> Non
     """
     if output is None:
         raise click.UsageError("export needs --output FILE")
-    write_output(_run_named(store, name, params), fmt, output)
+    _run_named(store, name, params, fmt, output, max_rows)
 
 
 COMMANDS = [sql, query, export]

@@ -56,8 +56,10 @@ def report(store: Path, models: str | None, heads, ablation: str | None, p: floa
         selfrepair report --store stores --heads L9H11,L10H2 --output report
     """
     from selfrepair.analysis.report import build_report
+    from selfrepair.queries.output import check_output_path
     from selfrepair.queries.store import Store
 
+    check_output_path(output / "report.html", store)  # a read-only command never writes into a store
     names = [m.strip() for m in models.split(",") if m.strip()] if models else None
     if models is not None and not names:
         raise click.UsageError("--models needs at least one model name")

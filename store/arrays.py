@@ -8,6 +8,7 @@ import numpy as np
 import zarr
 
 from selfrepair.errors import StoreError
+from selfrepair.store.files import raise_store_error
 from selfrepair.store.schema import ARRAYS, WEIGHT_ARRAYS
 
 
@@ -24,6 +25,15 @@ def create_arrays(path: Path, shapes: dict[str, tuple[int, ...]], chunk_tokens: 
         chunk_tokens: chunk length along `token_index` (one clean shard writes whole chunks).
         dtype: "float16" or "float32".
     """
+    try:
+        _create_arrays(path, shapes, chunk_tokens, dtype)
+    except OSError as e:  # a full disk or a read-only mount, as one line
+        raise_store_error(path, e)
+    except (ValueError, KeyError) as e:  # damaged zarr.json metadata
+        raise StoreError(f"{path}: the Zarr metadata is damaged ({type(e).__name__}); run selfrepair verify") from None
+
+
+def _create_arrays(path: Path, shapes: dict[str, tuple[int, ...]], chunk_tokens: int, dtype: str) -> None:
     group = zarr.open_group(str(path), mode="a")
     for name, shape in shapes.items():
         spec = ARRAYS[name]
@@ -47,8 +57,13 @@ def create_arrays(path: Path, shapes: dict[str, tuple[int, ...]], chunk_tokens: 
 
 def write_region(path: Path, name: str, start: int, values: np.ndarray) -> None:
     """Write rows [start, start + len(values)) of one array."""
-    arr = zarr.open_array(str(path / name), mode="r+")
-    arr[start : start + values.shape[0]] = values.astype(arr.dtype, copy=False)
+    try:
+        arr = zarr.open_array(str(path / name), mode="r+")
+        arr[start : start + values.shape[0]] = values.astype(arr.dtype, copy=False)
+    except OSError as e:  # a full disk mid-chunk: one line; the shard is not committed, a rerun redoes it
+        raise_store_error(path / name, e)
+    except (ValueError, KeyError) as e:
+        raise StoreError(f"{path / name}: the Zarr metadata is damaged ({type(e).__name__}); run selfrepair verify") from None
 
 
 def read_region(path: Path, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
@@ -58,21 +73,36 @@ def read_region(path: Path, name: str, start: int = 0, stop: int | None = None) 
 
 def write_weights(path: Path, weights: dict[str, np.ndarray]) -> None:
     """Save the unembedding, W_O and the final W_out (float32) under `weights/`."""
-    group = zarr.open_group(str(path), mode="a")
-    wg = group.require_group("weights")
-    for name, value in weights.items():
-        if name in wg:
-            del wg[name]
-        wg.create_array(
-            name, data=value.astype(np.float32), dimension_names=WEIGHT_ARRAYS[name],
-            compressors=_compressor(),
-        )
+    try:
+        group = zarr.open_group(str(path), mode="a")
+        wg = group.require_group("weights")
+        for name, value in weights.items():
+            if name in wg:
+                del wg[name]
+            wg.create_array(
+                name, data=value.astype(np.float32), dimension_names=WEIGHT_ARRAYS[name],
+                compressors=_compressor(),
+            )
+    except OSError as e:
+        raise_store_error(path / "weights", e)
 
 
 def array_info(path: Path) -> dict[str, dict]:
-    """Shape, dtype and dimension names of every array present (for the manifest and verify)."""
+    """Shape, dtype and dimension names of every array present (for the manifest and verify).
+
+    Raises:
+        StoreError: a damaged `zarr.json` (group or array), as one line.
+    """
     if not path.exists():
         return {}
+    try:
+        return _array_info(path)
+    except Exception as e:  # noqa: BLE001 - zarr raises JSON, value and key errors on damaged metadata
+        raise StoreError(f"{path}: the Zarr metadata is damaged ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
+
+
+def _array_info(path: Path) -> dict[str, dict]:
     group = zarr.open_group(str(path), mode="r")
     out = {}
     for name in sorted(group.array_keys()):

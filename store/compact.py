@@ -154,7 +154,7 @@ def _write_sorted(ms: ModelStore, table: str, paths: list[Path], name: str, wher
     """One table's rows from `paths` (those where `where` holds), sorted by its key, into `tables/<table>/<name>.parquet`."""
     spec = TABLES[table]
     path = ms.shard_file(table, name)
-    listing = "[" + ", ".join(_literal(str(p)) for p in paths) + "]"
+    listing = "[" + ", ".join(_literal(files.glob_literal(p)) for p in paths) + "]"  # literal paths, not patterns
     cols = ", ".join(spec.column_names)
     order = ", ".join(spec.key)
 

@@ -39,7 +39,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _raise_store_error(path: Path, e: OSError) -> None:
+def raise_store_error(path: Path, e: OSError) -> None:
+    """An OSError while writing `path`, re-raised as one StoreError line (out of space, not writable, …)."""
     if e.errno == errno.ENOSPC:
         raise StoreError(f"out of disk space while writing {path}") from None
     if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
@@ -60,7 +61,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         _fsync_dir(path.parent)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        _raise_store_error(path, e)
+        raise_store_error(path, e)
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -110,7 +111,7 @@ def write_file_with(path: Path, write) -> tuple[int, str]:
         _fsync_dir(path.parent)
         return size, digest
     except OSError as e:
-        _raise_store_error(path, e)
+        raise_store_error(path, e)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -119,6 +120,15 @@ def read_parquet(paths: list[Path], columns: list[str] | None = None) -> pa.Tabl
     if not paths:
         return None
     return pa.concat_tables(pq.read_table(p, columns=columns) for p in paths)
+
+
+def glob_literal(path: str | Path) -> str:
+    """A path as a DuckDB glob pattern that matches only itself: `?`, `*` and `[` inside brackets.
+
+    DuckDB expands every file name given to `read_parquet`, even in a list, so a model
+    folder `a?` would also read its neighbour `ab`. (Polars: pass `glob=False`.)
+    """
+    return str(path).replace("[", "[[]").replace("?", "[?]").replace("*", "[*]")
 
 
 def check_writable_dir(path: Path) -> None:
@@ -146,7 +156,7 @@ def ensure_writable_dir(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        _raise_store_error(path, e)
+        raise_store_error(path, e)
     if not os.access(path, os.W_OK | os.X_OK):
         raise StoreError(f"store path {path} is not writable")
 
@@ -222,7 +232,7 @@ def append_line(fd: int, path: Path, line: bytes) -> None:
         os.write(fd, line)
         os.fsync(fd)
     except OSError as e:
-        _raise_store_error(path, e)
+        raise_store_error(path, e)
 
 
 def free_disk(path: Path) -> int:

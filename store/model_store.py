@@ -8,6 +8,7 @@ globbing, so they never see half a shard.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,40 @@ class ModelStore:
             out.append(self.path / derived["path"])
         return out
 
+    def file_problem(self, entry: dict) -> str | None:
+        """Why a committed file entry no longer matches its file (missing, or another size), or None.
+
+        One stat per file, cheap enough for every resume; `verify` also compares checksums.
+        """
+        try:
+            size = os.stat(self.path / entry["path"]).st_size
+        except FileNotFoundError:
+            return "is missing"
+        except OSError as e:
+            return f"cannot be read ({e.strerror or e})"
+        return None if size == entry["bytes"] else f"has {size} bytes, not the {entry['bytes']} committed"
+
+    def damaged_shards(self, manifest: dict) -> dict[str, str]:
+        """Committed shards with a file or Zarr chunk missing or resized: shard id -> what is wrong.
+
+        Raises:
+            StoreError: a compacted file is damaged (its rows belong to many shards; nothing to redo).
+        """
+        for table, lst in sorted((manifest.get("compacted") or {}).items()):
+            for f in lst:
+                problem = self.file_problem(f)
+                if problem:
+                    raise StoreError(f"{self.path}: compacted {table} file {f['path']} {problem}; restore it, "
+                                     "or re-ingest with --overwrite")
+        out = {}
+        for sid, e in sorted(manifest["shards"].items()):
+            problems = [f"{f['path']} {p}" for f in e["files"].values() if (p := self.file_problem(f))]
+            problems += [f"{rel} is missing" for rel, digest in (e.get("chunks") or {}).items()
+                         if digest is not None and not (self.path / rel).is_file()]
+            if problems:
+                out[sid] = problems[0]
+        return out
+
     def read_table(self, table: str, columns: list[str] | None = None) -> pa.Table | None:
         return files.read_parquet(self.table_files(table), columns)
 
@@ -119,6 +154,7 @@ class ModelStore:
         for name, table in tables.items():
             table = validate_table(TABLES[name], table)
             path = self.shard_file(name, shard_id)
+            files.inside(self.path, str(path.relative_to(self.path)))  # no symlinked folder leads the write out
             size, digest = files.write_parquet(path, table)
             entries[name] = {
                 "path": str(path.relative_to(self.path)),
@@ -150,3 +186,19 @@ def list_models(root: Path, incomplete: bool = False) -> list[ModelStore]:
 
 
 ModelStore.__lt__ = lambda a, b: a.name < b.name  # sorted() over model folders
+
+
+def is_model_folder(path: Path) -> bool:
+    """Whether `path` looks like a model folder: a manifest, or what an ingest leaves before writing one."""
+    return (path / MANIFEST).is_file() or (path / snapshot.LOG_DIR).is_dir() or (path / ARRAYS_DIR).is_dir()
+
+
+def enclosing_model_folder(path: Path) -> Path | None:
+    """The model folder that `path` (taken as a real path) lies in, or None: for refusing writes into a store."""
+    for folder in Path(path).parents:
+        try:
+            if is_model_folder(folder):
+                return folder
+        except OSError:  # an unreadable ancestor: nothing to learn from it
+            continue
+    return None

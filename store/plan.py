@@ -61,14 +61,20 @@ def _overlaps(rows, r0: int, r1: int) -> bool:
     return rows[0] < r1 and rows[1] > r0
 
 
-def clean_work(manifest: dict, n_rows: int, batch_size: int) -> list[CleanWork]:
-    """The clean batches not yet stored as exactly that batch."""
-    clean = {tuple(e["rows"]): sid for sid, e in manifest["shards"].items() if e["phase"] == "clean"}
+def stored_rows(manifest: dict) -> int:
+    """Rows covered by committed clean shards (0..this): an interrupted extension may have stored more than n_rows."""
+    return max((e["rows"][1] for e in manifest["shards"].values() if e["phase"] == "clean"), default=0)
+
+
+def clean_work(manifest: dict, n_rows: int, batch_size: int, *, damaged=frozenset()) -> list[CleanWork]:
+    """The clean batches not yet stored as exactly that batch (a `damaged` shard counts as not stored)."""
+    stored = {tuple(e["rows"]): sid for sid, e in manifest["shards"].items() if e["phase"] == "clean"}
+    clean = {rows: sid for rows, sid in stored.items() if sid not in damaged}
     out = []
     for r0, r1 in batches(n_rows, batch_size):
         if (r0, r1) in clean:
             continue
-        old = [sid for rows, sid in clean.items() if _overlaps(rows, r0, r1)]
+        old = [sid for rows, sid in stored.items() if _overlaps(rows, r0, r1)]
         out.append(CleanWork((r0, r1), f"clean-{r0:08d}-{r1:08d}", old))
     return out
 
@@ -97,7 +103,8 @@ def _same_top(entry: dict, manifest: dict, n_layers: int, n_heads: int,
 
 def ablation_work(manifest: dict, n_rows: int, batch_size: int, asked_draws: list[tuple[str, int]],
                   asked_heads: Heads, pairs_digest: Callable[[int, int, int], str],
-                  top_digest: Callable[[int, int, Heads], str] | None = None) -> list[AblationWork]:
+                  top_digest: Callable[[int, int, Heads], str] | None = None, *,
+                  damaged=frozenset()) -> list[AblationWork]:
     """The ablation shards a run must write, batch by batch.
 
     Args:
@@ -108,6 +115,7 @@ def ablation_work(manifest: dict, n_rows: int, batch_size: int, asked_draws: lis
         pairs_digest: (sample, r0, r1) -> digest of that batch's resample pairs now.
         top_digest: (r0, r1, heads) -> digest of those heads' top-p% tokens in the batch now
             (`store/top_tokens.batch_digest`); None: not checked.
+        damaged: shard ids whose files are missing or damaged: redone like a changed batch.
 
     Returns:
         Work in batch order, then draw order.
@@ -126,7 +134,8 @@ def ablation_work(manifest: dict, n_rows: int, batch_size: int, asked_draws: lis
             digest = pairs_digest(sample, r0, r1) if kind == "resample" else None
             # Shards written before pairs were recorded are taken as valid when their batch matches.
             valid = all(tuple(e["rows"]) == (r0, r1) and (digest is None or e.get("pairs_sha", digest) == digest)
-                        and _same_top(e, manifest, n_layers, n_heads, top_digest) for _, e in stored)
+                        and _same_top(e, manifest, n_layers, n_heads, top_digest) and sid not in damaged
+                        for sid, e in stored)
             have = {h for _, e in stored for h in parse_heads(e.get("heads", "all"), n_layers, n_heads)}
             asked = set(asked_heads) if (kind, sample) in asked_draws else set()
             if valid:

@@ -27,9 +27,9 @@ def compute(ms: ModelStore, top_p: float, manifest: dict | None = None) -> pa.Ta
     manifest = manifest if manifest is not None else ms.manifest()
     paths = ms.table_files("head_effects", manifest)
     keep = math.floor(top_p * manifest["n_tokens"])
-    layers = pl.scan_parquet(paths).select(pl.col("layer").unique()).collect()["layer"].sort().to_list()
+    layers = pl.scan_parquet(paths, glob=False).select(pl.col("layer").unique()).collect()["layer"].sort().to_list()
     parts = [
-        pl.scan_parquet(paths).filter(pl.col("layer") == layer)
+        pl.scan_parquet(paths, glob=False).filter(pl.col("layer") == layer)
         .sort(["head", "de", "token_index"], descending=[False, True, False])
         .group_by("head", maintain_order=True).head(keep)
         .select("layer", "head", "token_index", "de").collect()

@@ -18,7 +18,7 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from selfrepair.errors import ConfigError
+from selfrepair.errors import ConfigError, StoreError
 from selfrepair.store import arrays, files
 from selfrepair.store.heads import parse_heads
 from selfrepair.store.model_store import ModelStore, list_models
@@ -156,6 +156,15 @@ def _check_shards(ms: ModelStore, manifest: dict, good: set[Path], ok: list[str]
     for (a0, a1, s1), (b0, b1, s2) in zip(clean_rows, clean_rows[1:]):
         if b0 < a1:
             bad.append(f"shards {s1} and {s2} overlap (rows {b0}..{min(a1, b1)})")
+    covered = 0
+    for r0, r1, _ in clean_rows:  # rows 0..covered are stored without a gap
+        if r0 > covered:
+            break
+        covered = max(covered, r1)
+    n_rows = manifest.get("n_rows")
+    if isinstance(n_rows, int) and n_rows > covered:
+        bad.append(f"the manifest counts {n_rows} rows ({manifest.get('n_tokens')} tokens) but clean shards store "
+                   f"rows 0..{covered} only (an interrupted ingest: rerun it)")
     for (kind, sample), lst in sorted(units.items()):
         lst.sort(key=lambda u: u[0])
         for i, (a0, a1, ha, s1) in enumerate(lst):
@@ -189,14 +198,14 @@ def _strictly_sorted(path: Path, key: list[str], batch_rows: int = 1 << 20) -> b
 
 
 def _duplicates(path: Path, key: list[str]) -> int:
-    frame = pl.read_parquet(path, columns=key)
+    frame = pl.read_parquet(path, columns=key, glob=False)
     return frame.height - frame.unique().height
 
 
 def _check_file(table, path: Path, entry: dict, r0: int, r1: int, preds: int, heads: set | None) -> str | None:
     """One shard file: unique keys, and every row inside the shard's declared rows, draw and heads."""
     key = list(table.key)
-    frame = pl.read_parquet(path, columns=key)
+    frame = pl.read_parquet(path, columns=key, glob=False)
     dup = frame.height - frame.unique().height
     if dup:
         return f"has {dup} duplicate key(s) on ({', '.join(key)})"
@@ -234,7 +243,11 @@ def _check_arrays(ms: ModelStore, manifest: dict, ok: list[str], bad: list[str])
     expected = manifest.get("arrays")
     if not expected:
         return
-    found = arrays.array_info(ms.arrays_path)
+    try:
+        found = arrays.array_info(ms.arrays_path)
+    except StoreError as e:
+        bad.append(str(e))
+        return
     for name, info in expected.items():
         if name not in found:
             bad.append(f"activations.zarr/{name}: missing")
@@ -268,11 +281,12 @@ def _check_arrays(ms: ModelStore, manifest: dict, ok: list[str], bad: list[str])
 def _check_identities(readable: dict[str, list[Path]], ok: list[str], bad: list[str], seed: int) -> None:
     if not (readable["tokens"] and readable["head_effects"] and readable["mlp_effects"]):
         return
-    tokens = pl.read_parquet(readable["tokens"], columns=["token_index", "logit", "ln_scale", "unembed_bias", "de_other"])
+    tokens = pl.read_parquet(readable["tokens"], columns=["token_index", "logit", "ln_scale", "unembed_bias", "de_other"],
+                             glob=False)
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(tokens["token_index"].to_numpy(), min(SAMPLE_TOKENS, tokens.height), replace=False))
     sample = pick.tolist()
-    sel = lambda t: pl.scan_parquet(readable[t]).filter(pl.col("token_index").is_in(sample))  # noqa: E731
+    sel = lambda t: pl.scan_parquet(readable[t], glob=False).filter(pl.col("token_index").is_in(sample))  # noqa: E731
     heads = sel("head_effects").group_by("token_index").agg(pl.col("de").cast(pl.Float64).sum().alias("h"))
     mlps = sel("mlp_effects").group_by("token_index").agg(pl.col("de").cast(pl.Float64).sum().alias("m"))
     t = tokens.lazy().filter(pl.col("token_index").is_in(sample)).join(heads, on="token_index").join(mlps, on="token_index")

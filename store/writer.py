@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from selfrepair.errors import StoreError
 from selfrepair.store import arrays, files, snapshot
 from selfrepair.store.lock import LOCK_NAME, WriterLock
-from selfrepair.store.model_store import ModelStore
+from selfrepair.store.model_store import ARRAYS_DIR, ModelStore
 from selfrepair.store.schema import SCHEMA_VERSION
 
 CHECKPOINT_MIN_RECORDS = 256
@@ -45,6 +46,9 @@ class Writer:
     def open(cls, ms: ModelStore) -> "Writer":
         """Create the model folder if needed, take its lock (or raise StoreBusy) and read its snapshot."""
         files.ensure_writable_dir(ms.path)
+        for name in ("tables", snapshot.LOG_DIR, ARRAYS_DIR):
+            if (ms.path / name).is_symlink():  # every write and removal must provably stay inside the folder
+                raise StoreError(f"{ms.path / name} is a symlink; a model folder's {name} must lie inside it")
         w = cls(ms)
         w.lock.acquire()
         try:
@@ -148,6 +152,8 @@ class Writer:
         """A clean shard: its Zarr region (whole chunks, checksummed for `verify`), then its tables."""
         chunks = {}
         for name, array in values.items():
+            for p in arrays.region_chunks(self.ms.arrays_path, name, *tokens):  # checked before anything is written
+                files.inside(self.ms.path, str(p.relative_to(self.ms.path)))
             arrays.write_region(self.ms.arrays_path, name, tokens[0], array)
             for p in arrays.region_chunks(self.ms.arrays_path, name, *tokens):
                 chunks[str(p.relative_to(self.ms.path))] = files.sha256_file(p) if p.exists() else None

@@ -120,7 +120,7 @@ class _Proxy:
 
     def sql(self, *args, **kwargs):
         class Result:
-            def to_arrow_table(self):
+            def __getattr__(self, name):  # columns, types, to_arrow_table…: the first read is interrupted
                 raise KeyboardInterrupt
 
         return Result()

@@ -98,6 +98,8 @@ CASES = {
     "record without keys": (_append(b'{"seq": 0, "op": "shard"}'), "lacks the key"),
     "record with a path out": (_append(_RECORD_OUT), "leads outside the model folder"),
     "commit log missing": (lambda m: _log(m).unlink(), "commit log"),
+    "derived path out": (_edit(lambda man: man["derived"]["head_top_tokens"].update(path="../../outside/victim.txt")),
+                         "leads outside the model folder"),
 }
 
 
