@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import time
 from collections import Counter, deque
 from dataclasses import replace
 from pathlib import Path
@@ -30,6 +31,7 @@ from selfrepair.store import shards
 from selfrepair.store.model_store import ModelStore
 
 MAX_ATTEMPTS = 3
+MAX_PROBES = 20  # readiness probes of a restarting worker before giving up on it
 # Fault injection for tests, read by the driver and handed to the workers:
 #   kill:N:PATH  the first worker to finish writing its N-th unit's files (and create PATH) is SIGKILLed
 #                before returning the entry (PATH makes it happen once in the whole cluster);
@@ -92,6 +94,10 @@ def _claim(path: str) -> bool:
         return True
     except FileExistsError:
         return False
+
+
+def _restarting(ray, e: Exception) -> bool:
+    return isinstance(e, ray.exceptions.ActorUnavailableError) and "restarting" in str(e)
 
 
 def _cause(ray, e: Exception) -> str:
@@ -187,9 +193,10 @@ class RayPool:
         failed_on: dict[str, int] = {}  # shard id -> the worker its last attempt failed on
         attempts: Counter = Counter()
         streak = [0] * self.n  # failures in a row per worker
+        probes = [0] * self.n  # failed readiness probes (and calls refused while restarting) since its last unit
         idle = deque(range(self.n))
-        inflight: dict = {}
-        while pending or inflight:
+        inflight: dict = {}  # ref -> (unit, worker); unit None: a readiness probe of a restarting worker
+        while pending or any(u is not None for u, _ in inflight.values()):
             while idle and pending:
                 i = idle.popleft()
                 unit = _take(pending, failed_on, i)
@@ -200,6 +207,20 @@ class RayPool:
                 entry = ray.get(ref)
             except ray.exceptions.RayError as e:
                 cause = _cause(ray, e)
+                if unit is None:  # still restarting: ask again shortly
+                    probes[i] += 1
+                    if probes[i] >= MAX_PROBES:
+                        raise WorkerFailed(f"worker {i} did not come back after it died: {cause}") from None
+                    time.sleep(0.2 * probes[i])
+                    inflight[self.actors[i].where.remote()] = (None, i)
+                    continue
+                if _restarting(ray, e):  # sent to a worker Ray is still restarting: the unit never ran
+                    probes[i] += 1
+                    if probes[i] >= MAX_PROBES:
+                        raise WorkerFailed(f"worker {i} did not come back after it died: {cause}") from None
+                    pending.appendleft(unit)
+                    inflight[self.actors[i].where.remote()] = (None, i)
+                    continue
                 attempts[unit.shard_id] += 1
                 streak[i] += 1
                 if attempts[unit.shard_id] >= MAX_ATTEMPTS or streak[i] >= MAX_ATTEMPTS:
@@ -210,9 +231,17 @@ class RayPool:
                 shards.remove_leftovers(self.ms, unit.shard_id)
                 failed_on[unit.shard_id] = i
                 pending.appendleft(unit)
+                if isinstance(e, ray.exceptions.RayActorError):
+                    # Ray restarts the actor (the model loads again); calls made before it is back fail,
+                    # so it takes units again only once a probe answers.
+                    inflight[self.actors[i].where.remote()] = (None, i)
+                else:
+                    idle.append(i)
+                continue
+            if unit is None:
                 idle.append(i)
                 continue
-            streak[i] = 0
+            streak[i] = probes[i] = 0
             idle.append(i)
             commit(unit, entry)
             progress(unit.size)
