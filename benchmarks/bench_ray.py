@@ -114,6 +114,15 @@ def run(ctx) -> dict:
         _timed_run(pool, units()[:2], writer)  # both actors load the model
         runs["ray2"] = [_timed_run(pool, units(), writer)]
         pool.close()
+        import torch
+
+        # Each of the 2 workers runs torch on one core: the same ingest in-process on one thread, for comparison.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            runs["inprocess_1thread"] = [_timed_run(inproc, units(), writer)]
+        finally:
+            torch.set_num_threads(threads)
     finally:
         writer.close()
         if started:
@@ -147,6 +156,8 @@ def rows(r: dict, quick: bool) -> list[tuple[str, str, str, str]]:
          "not judged (--quick)" if quick else verdict(max(r["overhead"], 1e-9), 0.10, False)),
         (f"Ray, 2 workers on {r['cores']} cores, head-token ablations/s", f"{r['ray2']['per_s']:,.0f} "
          f"({r['ray2_vs_inprocess']:.2f}× in-process)", "as measured", ""),
+        ("in-process on 1 torch thread (each 2-worker actor has one core)",
+         f"{r['inprocess_1thread']['per_s']:,.0f} ({r['inprocess_1thread']['wall_s']:.2f} s)", "", ""),
         ("Ray start + actor model load (1 worker)", f"{r['ray_start_s']:.1f} s", "", ""),
         ("per unit: compute+write / driver commit / Parquet bytes",
          f"{r['unit_s']:.2f} s / {r['ray1']['commit_ms_per_unit']:.1f} ms / {r['ray1']['bytes_per_unit'] / 1e3:.0f} kB", "", ""),
