@@ -1,7 +1,7 @@
 """Run the benchmarks and print one table: every figure, its target, PASS/MISS and margin.
 
 Usage:
-    python benchmarks/run.py [--quick] [--only sweep,flops,clean,queries,precision,cuda] [--output results.json]
+    python benchmarks/run.py [--quick] [--only sweep,flops,clean,queries,precision,cuda,ray] [--output results.json]
 
 Every figure is a ratio or a time measured in this run (see benchmarks/README.md), so
 the table holds on a machine shared with other jobs.
@@ -23,11 +23,13 @@ import bench_cuda  # noqa: E402
 import bench_flops  # noqa: E402
 import bench_precision  # noqa: E402
 import bench_queries  # noqa: E402
+import bench_ray  # noqa: E402
 import bench_sweep  # noqa: E402
 from common import Context, threads  # noqa: E402
 
 BENCHES = {"sweep": bench_sweep.run, "flops": bench_flops.run, "clean": bench_clean.run,
-           "queries": bench_queries.run, "precision": bench_precision.run, "cuda": bench_cuda.run}
+           "queries": bench_queries.run, "precision": bench_precision.run, "cuda": bench_cuda.run,
+           "ray": bench_ray.run}
 
 
 def verdict(value: float, target: float, at_least: bool) -> str:
@@ -97,6 +99,8 @@ def rows_for(name: str, r: dict, quick: bool) -> list[tuple[str, str, str, str]]
             out.append((f"bfloat16 vs float32 error, {col}",
                         f"max abs {r[f'bf16_max_abs_err_{col}']:.3g}, mean rel {r[f'bf16_rel_err_{col}']:.2%}", "", ""))
         return out
+    if name == "ray":
+        return bench_ray.rows(r, quick)
     raise KeyError(name)
 
 

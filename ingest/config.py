@@ -18,6 +18,10 @@ from selfrepair.store.schema import ABLATION_KINDS, ARRAY_DTYPES, ARRAYS
 ENGINES = ("fast", "reference")
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+EXECUTORS = ("inprocess", "ray")
+# How the work is spread changes nothing that is stored: these settings stay out of the
+# manifest's config and identity, so either executor resumes or extends the other's store.
+_EXECUTION = ("executor", "ray_address", "workers")
 
 
 @dataclass
@@ -48,6 +52,10 @@ class IngestConfig:
         overwrite: replace an existing model folder with a different configuration.
         quiet: no plan, progress bars or summary.
         dry_run: load the model, print the plan and the disk estimate, write nothing.
+        executor: `inprocess` (this process computes every unit) or `ray` (a pool of Ray actors
+            computes them; this process commits).
+        ray_address: the Ray cluster to join (`auto`, `HOST:PORT`); None starts a Ray of this machine.
+        workers: Ray actors (default: one per GPU of the cluster, or one on its CPUs when it has none).
     """
 
     model: str = "smollm2-135m"
@@ -72,6 +80,9 @@ class IngestConfig:
     overwrite: bool = False
     quiet: bool = False
     dry_run: bool = False
+    executor: str = "inprocess"
+    ray_address: str | None = None
+    workers: int | None = None
 
     def __post_init__(self) -> None:
         self.store = Path(self.store)
@@ -114,6 +125,12 @@ class IngestConfig:
             raise ConfigError(f"engine: {self.engine!r} is not one of {', '.join(ENGINES)}")
         if self.heads_per_pass is not None and self.heads_per_pass <= 0:
             raise ConfigError(f"heads_per_pass: must be positive, got {self.heads_per_pass}")
+        if self.executor not in EXECUTORS:
+            raise ConfigError(f"executor: {self.executor!r} is not one of {', '.join(EXECUTORS)}")
+        if self.workers is not None and self.workers <= 0:
+            raise ConfigError(f"workers: must be positive, got {self.workers}")
+        if self.executor != "ray" and (self.workers is not None or self.ray_address is not None):
+            raise ConfigError("workers, ray_address: only with executor ray")
         if self.activation_dtype not in ARRAY_DTYPES:
             raise ConfigError(f"activation_dtype: {self.activation_dtype!r} is not float16 or float32")
 
@@ -159,4 +176,6 @@ class IngestConfig:
         arrays = list(self.activations)
         d["activations"] = True if arrays == list(ARRAYS) else False if not arrays else arrays
         d.pop("dry_run")
+        for k in _EXECUTION:
+            d.pop(k)
         return d

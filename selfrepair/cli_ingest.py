@@ -93,6 +93,13 @@ class ArraysType(click.ParamType):
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the extra resample draws.")
 @click.option("--overwrite", is_flag=True, help="Replace a model folder ingested with another configuration.")
 @click.option("--quiet", "-q", is_flag=True, help="No plan, progress bars or summary.")
+@click.option("--executor", type=click.Choice(["inprocess", "ray"]), default="inprocess", show_default=True,
+              help="inprocess: this process computes everything; ray: a pool of Ray actors (one per GPU) computes "
+              "the units and this process commits them (needs selfrepair[ray]).")
+@click.option("--ray-address", default=None,
+              help="With --executor ray: the cluster to join, 'auto' or HOST:PORT (default: a Ray of this machine).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="With --executor ray: actors to start (default: one per GPU, or one on the CPUs).")
 @store_option
 @friendly_errors
 def ingest(**opts):
@@ -107,6 +114,8 @@ def ingest(**opts):
         selfrepair ingest --model pythia-410m --tokens 1000000 --device cuda
 
         selfrepair ingest --model pythia-410m --tokens 1000000 --activations z --dry-run
+
+        selfrepair ingest --model pythia-410m --tokens 1000000 --executor ray --ray-address auto
     """
     from selfrepair.ingest.config import IngestConfig
     from selfrepair.ingest.runner import Ingest
@@ -117,6 +126,10 @@ def ingest(**opts):
         opts["activations"] = ()
     if opts["activations"] is None:
         opts["activations"] = True
+    if opts["executor"] != "ray":
+        given = [f for f, k in (("--ray-address", "ray_address"), ("--workers", "workers")) if opts[k] is not None]
+        if given:
+            raise click.UsageError(f"{' and '.join(given)} only apply with --executor ray")
     cfg = IngestConfig(**opts)
     result = Ingest(cfg, log=lambda *a: click.echo(*a, err=True)).run()
     if cfg.dry_run:

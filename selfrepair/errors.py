@@ -55,3 +55,7 @@ class SelfCheckFailed(SelfRepairError):
 
 class StoreBusy(SelfRepairError):
     """Another process holds the model folder's writer lock."""
+
+
+class WorkerFailed(SelfRepairError):
+    """A distributed ingest's unit kept failing on its workers (the message names the unit and the cause)."""

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from selfrepair.errors import StoreError
-from selfrepair.store import arrays, files, snapshot
+from selfrepair.store import arrays, files, shards, snapshot
 from selfrepair.store.lock import LOCK_NAME, WriterLock
 from selfrepair.store.model_store import ARRAYS_DIR, ModelStore
 from selfrepair.store.schema import SCHEMA_VERSION
@@ -137,7 +137,22 @@ class Writer:
 
     def commit(self, shard_id: str, entry: dict, tables: dict[str, pa.Table], supersedes=()) -> None:
         """Write a shard's tables, then commit its entry; `supersedes` leave the snapshot in the same record."""
-        entry["files"] = self.ms.write_shard_files(shard_id, tables)
+        self.commit_written(shard_id, shards.write_shard(self.ms, shard_id, entry, tables), supersedes)
+
+    def commit_clean(self, shard_id: str, rows: tuple[int, int], tokens: tuple[int, int],
+                     tables: dict[str, pa.Table], values: dict[str, np.ndarray], supersedes=()) -> None:
+        """A clean shard: its Zarr region (whole chunks, checksummed for `verify`), then its tables."""
+        entry = shards.write_clean_shard(self.ms, shard_id, rows, tokens, tables, values)
+        self.commit_written(shard_id, entry, supersedes)
+
+    def commit_written(self, shard_id: str, entry: dict, supersedes=()) -> None:
+        """Commit a shard whose files are written (`store/shards.py`, possibly by another process).
+
+        Args:
+            shard_id: the shard's id.
+            entry: the entry `shards.write_shard` or `shards.write_clean_shard` returned.
+            supersedes: stored shards that leave the snapshot in the same record.
+        """
         record = {"op": "shard", "id": shard_id, "entry": entry, "supersedes": sorted(supersedes)}
         if any(self.manifest["shards"].get(sid, {}).get("compacted") for sid in supersedes):
             # The superseded rows share compacted files with others: the same record swaps
@@ -146,19 +161,6 @@ class Writer:
 
             record["compacted"] = without_shards(self, supersedes)
         self._append(record)
-
-    def commit_clean(self, shard_id: str, rows: tuple[int, int], tokens: tuple[int, int],
-                     tables: dict[str, pa.Table], values: dict[str, np.ndarray], supersedes=()) -> None:
-        """A clean shard: its Zarr region (whole chunks, checksummed for `verify`), then its tables."""
-        chunks = {}
-        for name, array in values.items():
-            for p in arrays.region_chunks(self.ms.arrays_path, name, *tokens):  # checked before anything is written
-                files.inside(self.ms.path, str(p.relative_to(self.ms.path)))
-            arrays.write_region(self.ms.arrays_path, name, tokens[0], array)
-            for p in arrays.region_chunks(self.ms.arrays_path, name, *tokens):
-                chunks[str(p.relative_to(self.ms.path))] = files.sha256_file(p) if p.exists() else None
-        entry = {"phase": "clean", "rows": list(rows), "tokens": list(tokens), "chunks": chunks}
-        self.commit(shard_id, entry, tables, supersedes)
 
     def commit_compaction(self, files_by_table: dict[str, list[dict]], shard_ids: list[str]) -> None:
         """Swap in compacted files: one record replaces the compacted set and empties those shards' files."""

@@ -1,0 +1,197 @@
+"""Work units of an ingest and the code that computes one and writes its shard files.
+
+A unit is one shard of `store/plan.py` (a clean batch, or a batch × ablation draw × head
+group) with everything needed to compute it and nothing else: its token rows, the
+resample source rows, and its batch's part of each head's top-p% token set. The same
+`UnitRunner` computes units in the ingest's own process and in each Ray worker, so both
+executors write the same rows; only the committer differs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+
+from selfrepair.errors import DeviceError
+from selfrepair.ingest.config import IngestConfig
+from selfrepair.ingest.pairing import pairs_digest
+from selfrepair.store import shards, top_tokens
+from selfrepair.store.model_store import ModelStore
+from selfrepair.store.plan import AblationWork, CleanWork
+
+
+@dataclass
+class CleanUnit:
+    """One clean batch. `rows`: token ids [batch, seq_len]; `size`: its predictions (progress)."""
+
+    work: CleanWork
+    rows: np.ndarray
+    size: int
+
+    @property
+    def shard_id(self) -> str:
+        return self.work.shard_id
+
+    def describe(self) -> str:
+        return f"{self.shard_id} (clean pass, rows {self.work.rows[0]}-{self.work.rows[1]})"
+
+
+@dataclass
+class AblationUnit:
+    """One ablation shard: a batch, an ablation draw and a group of heads.
+
+    Args:
+        work: the planned shard.
+        rows: token ids [batch, seq_len].
+        pair: resample source row of each row (resample only).
+        source_rows: token ids of those source rows [batch, seq_len] (resample only).
+        top_sets: (layer, head) -> that head's top-p% token indices inside this batch (sorted).
+        top_n_tokens: the token count the top sets were taken over (recorded in the entry).
+        size: head-token ablations in this unit (progress).
+    """
+
+    work: AblationWork
+    rows: np.ndarray
+    pair: np.ndarray | None
+    source_rows: np.ndarray | None
+    top_sets: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+    top_n_tokens: int = 0
+    size: int = 0
+
+    @property
+    def shard_id(self) -> str:
+        return self.work.shard_id
+
+    def describe(self) -> str:
+        w = self.work
+        draw = f"{w.kind} draw {w.sample}" if w.kind == "resample" else w.kind
+        return f"{self.shard_id} ({draw}, rows {w.rows[0]}-{w.rows[1]}, heads {w.heads_spec})"
+
+
+def batch_top_sets(top_sets: dict[tuple[int, int], np.ndarray], heads, t0: int, t1: int) -> dict:
+    """Each head's top tokens that fall in the token range [t0, t1) (the sets are sorted)."""
+    out = {}
+    for key in heads:
+        top = top_sets.get(key)
+        if top is not None:
+            out[key] = top[np.searchsorted(top, t0):np.searchsorted(top, t1)]
+    return out
+
+
+class UnitRunner:
+    """Computes units on one loaded model and writes their shard files; returns the entries to commit.
+
+    Args:
+        cfg: the run's configuration.
+        model: the loaded model (ingest/models.py).
+        w: its processed weights.
+        ms: the model folder the files go into.
+        log: where a retry with fewer heads per pass is reported.
+    """
+
+    def __init__(self, cfg: IngestConfig, model, w, ms: ModelStore, log=print):
+        import torch
+
+        from selfrepair.ingest.clean import TokenStrings
+
+        self.cfg, self.model, self.w, self.ms, self.log = cfg, model, w, ms, log
+        self.low = None if cfg.dtype == "float32" else getattr(torch, cfg.dtype)
+        self.strings = TokenStrings(model.tokenizer)
+        self.hpp: int | None = None  # heads per pass, found on the first ablation unit
+        self._ctx_rows, self._ctx = None, None  # the last batch's clean state, reused across its draws
+
+    def run(self, unit, on_pass: Callable[[int], None] = lambda n: None) -> dict:
+        """Compute `unit`, write its files; returns its shard entry.
+
+        Args:
+            unit: a CleanUnit or AblationUnit.
+            on_pass: called with the tokens (clean) or head-token ablations done, as they are done.
+        """
+        if isinstance(unit, CleanUnit):
+            entry = self.clean(unit)
+            on_pass(unit.size)
+            return entry
+        return self.ablation(unit, on_pass)
+
+    def _tensor(self, rows: np.ndarray):
+        import torch
+
+        # A copy: a Ray worker receives read-only arrays, which torch will not wrap.
+        return torch.tensor(rows, device=self.model.device)
+
+    def clean(self, unit: CleanUnit) -> dict:
+        from selfrepair.ingest.clean import run_clean
+
+        cfg, (r0, r1) = self.cfg, unit.work.rows
+        preds = cfg.preds_per_row
+        out = run_clean(self.w, self._tensor(unit.rows), r0, self.strings, bool(cfg.activations))
+        values = {k: v for k, v in out.arrays.items() if k in cfg.activations}
+        return shards.write_clean_shard(self.ms, unit.shard_id, (r0, r1), (r0 * preds, r1 * preds),
+                                        out.tables, values)
+
+    def heads_per_pass(self) -> int:
+        if self.hpp is None:
+            self.hpp = heads_per_pass(self.cfg, self.model.device, self.w)
+        return self.hpp
+
+    def ablation(self, unit: AblationUnit, on_pass=lambda n: None) -> dict:
+        import torch
+
+        from selfrepair.ingest.ablate import FastBatch, ReferenceBatch, ablation_tables
+
+        cfg, w, work = self.cfg, self.w, unit.work
+        kind, sample, (r0, r1) = work.kind, work.sample, work.rows
+        make = (lambda r: FastBatch(w, r, self.low)) if cfg.engine == "fast" else (
+            lambda r: ReferenceBatch(self.model.require_bridge(), r))
+        rows = self._tensor(unit.rows)
+        hpp = self.heads_per_pass()
+        with torch.no_grad():
+            if self._ctx_rows != work.rows:
+                self._ctx_rows, self._ctx = work.rows, make(rows)
+            src = make(self._tensor(unit.source_rows)) if kind == "resample" else None
+            while True:
+                try:
+                    tables = ablation_tables(self._ctx, src, kind, sample, work.heads, rows, r0, unit.top_sets,
+                                             cfg.neurons_top_k, hpp, w, on_pass)
+                    break
+                except torch.OutOfMemoryError:
+                    if hpp == 1:
+                        raise DeviceError("out of GPU memory even with one head per pass; "
+                                          "lower --batch-size, or use --dtype bfloat16 (the matrix products "
+                                          "only: errors stay within 2% of the effects)") from None
+                    hpp = self.hpp = max(1, hpp // 2)
+                    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+                    self.log(f"out of memory: retrying with {hpp} heads per pass")
+        entry = {"phase": "ablation", "rows": [r0, r1], "ablation": kind, "sample": sample,
+                 "heads": work.heads_spec, "engine": cfg.engine, "top_n_tokens": unit.top_n_tokens,
+                 # the top tokens its detail covers: a shard whose set changes later is redone
+                 "top_sha": top_tokens.batch_digest(unit.top_sets, work.heads, r0 * cfg.preds_per_row,
+                                                   r1 * cfg.preds_per_row)}
+        if unit.pair is not None:
+            entry["pairs_sha"] = pairs_digest(unit.pair)
+            if work.with_sources:  # one shard per batch and draw holds its pairs, so keys never repeat
+                tables["resample_sources"] = pa.table({
+                    "sample": np.full(r1 - r0, sample, dtype=np.int16),
+                    "row": np.arange(r0, r1, dtype=np.int32), "source_row": unit.pair.astype(np.int32)})
+        return shards.write_shard(self.ms, unit.shard_id, entry, tables)
+
+
+def heads_per_pass(cfg: IngestConfig, device: str, w) -> int:
+    """Heads batched into one patched pass: `--heads-per-pass`, or what half the free memory holds."""
+    if cfg.heads_per_pass:
+        return cfg.heads_per_pass
+    import torch
+
+    # Live floats per head copy in one patched pass: a few residual-sized tensors, the
+    # MLP hidden layer, the attention pattern, and the per-component ΔDE kept per token.
+    per_tok = 6 * w.d_model + 3 * w.d_mlp + w.n_heads * cfg.seq_len + w.n_layers * (w.n_heads + 1)
+    per_head = cfg.batch_size * cfg.seq_len * per_tok * 4
+    if device == "cuda":
+        free = torch.cuda.mem_get_info()[0] * 0.5
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.25
+    return max(1, min(w.n_heads, int(free // max(per_head, 1))))
