@@ -58,8 +58,13 @@ def _is_numeric(dtype: pl.DataType) -> bool:
     return dtype.is_numeric()
 
 
+_ESCAPES = str.maketrans({"\n": "\\n", "\t": "\\t", "\r": "\\r"})
+
+
 def _cells(df: pl.DataFrame) -> list[list[str]]:
-    return [[format_value(v) for v in row] for row in df.iter_rows()]
+    """Every cell as one line of text: newlines, tabs and carriage returns escaped (a `\\n`
+    token must not break the table, Markdown or LaTeX layout)."""
+    return [[format_value(v).translate(_ESCAPES) for v in row] for row in df.iter_rows()]
 
 
 def render_table(df: pl.DataFrame) -> str:

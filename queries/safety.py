@@ -6,20 +6,23 @@ Two independent guards:
      not `allowed_directories`, which would let `COPY … TO` write inside the store),
      `enable_external_access=false`, then `lock_configuration=true`, so no `SET` or
      `RESET` can undo any of it.
-  2. `check_read_only` parses the text first and accepts exactly one SELECT statement,
+  2. `check_read_only` parses the text first and accepts exactly one SELECT (or EXPLAIN,
+     or a PIVOT, which DuckDB runs as an ENUM type then a SELECT) statement,
      so `COPY`, `ATTACH`, `INSTALL`, `CREATE`, `SET`, `PRAGMA`… fail with one clear error
      even where the sandbox alone would have allowed them (CREATE in the in-memory catalog).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import duckdb
 
 from selfrepair.errors import QueryError
 
-ALLOWED_STATEMENTS = (duckdb.StatementType.SELECT,)
+ALLOWED_STATEMENTS = (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN)
+_PIVOT = re.compile(r"^\s*(?:(?:--[^\n]*\n|/\*.*?\*/)\s*)*(?:UN)?PIVOT\b", re.IGNORECASE | re.DOTALL)
 
 
 def lock_down(con: duckdb.DuckDBPyConnection, readable: list[str], temp_dir: Path, memory_limit: str) -> None:
@@ -62,6 +65,10 @@ def check_read_only(con: duckdb.DuckDBPyConnection, text: str) -> str:
     except ValueError:  # a statement kind newer than the client's enum (UPDATE EXTENSIONS: 29)
         raise QueryError("only read-only SELECT queries are allowed, not a statement of a kind "
                          "this client does not know") from None
+    # DuckDB parses a PIVOT whose columns come from the data as MULTI (an ENUM type of the
+    # values, then the SELECT): read-only, and the sandbox still holds for both parts.
+    if kind == duckdb.StatementType.MULTI and _PIVOT.match(text):
+        return text
     if kind not in ALLOWED_STATEMENTS:
         name = getattr(kind, "name", str(kind))
         raise QueryError(f"only read-only SELECT queries are allowed, not a {name} statement")

@@ -86,44 +86,90 @@ def _check_output(fmt: str, output: Path | None) -> None:
 
 
 def _run(store: Path, text: str | None, params, fmt: str, output: Path | None, max_rows: int,
-         name: str | None = None) -> None:
+         name: str | None = None, limit: int | None = None, sort: str | None = None, desc: bool = False) -> None:
     from selfrepair.queries.store import Store
 
     with Store.open(store) as s:
         if name is not None:
             text, params = s.named_sql(name, **dict(params))
-        note = write_result(s, text, params, fmt, output, max_rows or None)
+        elif params:
+            params = {k: named.coerce(v) for k, v in params}
+        text = reshape(text, limit, sort, desc)
+        note = write_result(s, text, params or None, fmt, output, max_rows or None)
     if note:
         click.echo(note, err=True)
 
 
+def reshape(text: str, limit: int | None, sort: str | None, desc: bool) -> str:
+    """The query wrapped so its rows are sorted by `sort` and/or cut to `limit`."""
+    if limit is None and sort is None:
+        return text
+    body = text.rstrip().rstrip(";")
+    out = f"SELECT * FROM (\n{body}\n) AS q"
+    if sort is not None:
+        out += f' ORDER BY "{sort.replace(chr(34), chr(34) * 2)}"' + (" DESC" if desc else "")
+    if limit is not None:
+        out += f" LIMIT {int(limit)}"
+    return out
+
+
+def shape_options(f):
+    """`--limit`, `--sort` and `--desc` for named queries."""
+    f = click.option("--desc", is_flag=True, help="With --sort: largest first.")(f)
+    f = click.option("--sort", default=None, metavar="COLUMN", help="Sort the result by this column.")(f)
+    return click.option("--limit", type=click.IntRange(min=0), default=None, help="Keep the first N rows.")(f)
+
+
 def _run_named(store: Path, name: str, params: tuple[tuple[str, str], ...], fmt: str, output: Path | None,
-               max_rows: int) -> None:
+               max_rows: int, **shape) -> None:
     named.get_query(name)  # unknown name fails before opening the store
-    _run(store, None, params, fmt, output, max_rows, name=name)
+    _run(store, None, params, fmt, output, max_rows, name=name, **shape)
+
+
+def _sql_text(text: str | None, file: Path | None) -> str:
+    """The query from the argument, `-` (stdin) or `--file`."""
+    if file is not None:
+        if text is not None:
+            raise click.UsageError("give the query as TEXT or --file, not both")
+        try:
+            return file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise click.UsageError(f"cannot read --file {file}: {getattr(e, 'strerror', None) or e}") from None
+    if text is None:
+        raise click.UsageError("give the query as TEXT, - (read stdin) or --file FILE")
+    if text == "-":
+        return click.get_text_stream("stdin").read()
+    return text
 
 
 @click.command("sql", cls=SqlTextCommand)
-@click.argument("text")
+@click.argument("text", required=False)
+@click.option("--file", "file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Read the query from this .sql file.")
+@param_option
 @store_option
 @output_options(FORMATS, "table")
 @max_rows_option
 @friendly_errors
-def sql(text: str, store: Path, fmt: str, output: Path | None, max_rows: int) -> None:
-    """Run one read-only SELECT over the store's views.
+def sql(text: str | None, file: Path | None, params, store: Path, fmt: str, output: Path | None,
+        max_rows: int) -> None:
+    """Run one read-only SELECT (or PIVOT) over the store's views.
 
-    Views: tokens, head_effects, mlp_effects, ablation_effects, resample_sources,
-    repair_sources, neuron_effects, models, self_repair; macros top_tokens(p) and
-    self_repair_top(p).
+    TEXT may be `-` to read the query from stdin, or use --file. `$name` placeholders are
+    bound from --param name=value.
+
+    Views: tokens, head_effects, mlp_effects, ablation_effects, ablation_top,
+    resample_sources, repair_sources, neuron_effects, head_top_tokens, models, inventory,
+    self_repair; macros top_tokens(p), self_repair_top(p), token_context(n).
 
     Example:
 
         selfrepair sql "SELECT model, layer, avg(sr) FROM self_repair GROUP BY ALL"
 
-        selfrepair sql "$(cat queries/sql/layer_summary.sql)" --format csv --output out.csv
+        selfrepair sql --file queries/sql/layer_summary.sql -p p=0.02 -p ablation=resample -p sample=0
     """
     _check_output(fmt, output)
-    _run(store, text, None, fmt, output, max_rows)
+    _run(store, _sql_text(text, file), params, fmt, output, max_rows)
 
 
 def _list_queries() -> None:
@@ -142,13 +188,17 @@ def _list_queries() -> None:
 @store_option
 @output_options(FORMATS, "table")
 @max_rows_option
+@shape_options
 @friendly_errors
-def query(name: str | None, list_: bool, params, store: Path, fmt: str, output: Path | None, max_rows: int) -> None:
+def query(name: str | None, list_: bool, params, store: Path, fmt: str, output: Path | None, max_rows: int,
+          limit: int | None, sort: str | None, desc: bool) -> None:
     """Run a named query from queries/sql/, or list them.
 
     Example:
 
         selfrepair query layer_summary --param p=0.02 --param ablation=resample
+
+        selfrepair query backup_heads -p head=L26H6 --sort d_de --limit 5
 
         selfrepair query --list
     """
@@ -160,7 +210,7 @@ def query(name: str | None, list_: bool, params, store: Path, fmt: str, output: 
     if not name:
         raise click.UsageError("give a query NAME, or --list")
     _check_output(fmt, output)
-    _run_named(store, name, params, fmt, output, max_rows)
+    _run_named(store, name, params, fmt, output, max_rows, limit=limit, sort=sort, desc=desc)
 
 
 @click.command("export")
@@ -169,8 +219,10 @@ def query(name: str | None, list_: bool, params, store: Path, fmt: str, output: 
 @store_option
 @output_options(EXPORT_FORMATS, None)
 @max_rows_option
+@shape_options
 @friendly_errors
-def export(name: str, params, store: Path, fmt: str, output: Path | None, max_rows: int) -> None:
+def export(name: str, params, store: Path, fmt: str, output: Path | None, max_rows: int,
+           limit: int | None, sort: str | None, desc: bool) -> None:
     """Write a named query's result to a file, for paper tables.
 
     Example:
@@ -179,7 +231,7 @@ def export(name: str, params, store: Path, fmt: str, output: Path | None, max_ro
     """
     if output is None:
         raise click.UsageError("export needs --output FILE")
-    _run_named(store, name, params, fmt, output, max_rows)
+    _run_named(store, name, params, fmt, output, max_rows, limit=limit, sort=sort, desc=desc)
 
 
 COMMANDS = [sql, query, export]

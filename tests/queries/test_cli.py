@@ -124,3 +124,45 @@ def test_export_rejects_table_format(run, tmp_path):
 def test_help_has_example(cli, command):
     r = CliRunner().invoke(cli, [command, "--help"])
     assert r.exit_code == 0 and "Example:" in r.output
+
+
+# -- SQL that fits a day's work: files, stdin, parameters, PIVOT, limits, escaped cells --------
+
+def test_sql_from_a_file_stdin_and_with_parameters(cli, store_root, tmp_path):
+    f = tmp_path / "q.sql"
+    f.write_text("-- Tokens of one model\nSELECT count(*) AS n FROM tokens WHERE model = $m;\n")
+    by_file = CliRunner().invoke(cli, ["sql", "--file", str(f), "-p", "m=gpt2-tiny", "--store", str(store_root),
+                                       "-f", "csv"])
+    assert by_file.exit_code == 0, by_file.output
+    assert by_file.output.splitlines() == ["n", "40"]
+    by_stdin = CliRunner().invoke(cli, ["sql", "-", "-p", "m=pythia-tiny", "--store", str(store_root), "-f", "csv"],
+                                  input=f.read_text())
+    assert by_stdin.output.splitlines() == ["n", "30"]
+    both = CliRunner().invoke(cli, ["sql", "SELECT 1", "--file", str(f), "--store", str(store_root)])
+    assert both.exit_code == 2 and "not both" in both.output
+
+
+def test_pivot_and_explain_are_allowed_and_the_sandbox_holds(run):
+    r = run("sql", "PIVOT (SELECT model, layer, count(*) AS n FROM head_effects GROUP BY ALL) ON layer USING sum(n) "
+                   "ORDER BY model", "-f", "csv")
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[0] == "model,0,1,2"
+    assert run("sql", "EXPLAIN SELECT 1").exit_code == 0
+    bad = run("sql", "PIVOT (SELECT 1 AS a) ON a USING count(*); COPY tokens TO 'x.csv'")
+    assert bad.exit_code == 1 and _error_line(bad) == "Error: expected exactly one SELECT statement, got 2"
+
+
+def test_named_query_limit_and_sort(run):
+    full = run("query", "layer_summary", "-p", "p=0.1", "-f", "csv")
+    top = run("query", "layer_summary", "-p", "p=0.1", "--sort", "sr", "--desc", "--limit", "2", "-f", "csv")
+    assert full.exit_code == top.exit_code == 0, top.output
+    frame = pl.read_csv(full.stdout.encode())
+    want = frame.sort("sr", descending=True).head(2)
+    assert pl.read_csv(top.stdout.encode()).equals(want)
+
+
+def test_newlines_and_tabs_are_escaped_in_text_formats(run):
+    for fmt, want in (("table", "a\\nb\\tc"), ("markdown", "a\\nb\\tc"),
+                      ("latex", "a\\textbackslash{}nb\\textbackslash{}tc")):  # LaTeX prints \n and \t
+        r = run("sql", "SELECT 'a' || chr(10) || 'b' || chr(9) || 'c' AS s", "-f", fmt)
+        assert r.exit_code == 0 and want in r.output, (fmt, r.output)
