@@ -35,6 +35,13 @@ class TokenStrings:
         return out
 
 
+def vocab_table(tokenizer, d_vocab: int) -> pa.Table:
+    """The `vocab` rows: every token id of the unembedding and its decoded string (as `tokens` shows it)."""
+    n = min(d_vocab, len(tokenizer))
+    strings = TokenStrings(tokenizer)(np.arange(n)) + [""] * (d_vocab - n)  # ids the tokenizer never makes
+    return pa.table({"token_id": np.arange(d_vocab, dtype=np.int32), "token_str": strings})
+
+
 @dataclass
 class CleanBatch:
     """The clean pass over one batch of rows: Parquet tables and token-major arrays."""

@@ -318,6 +318,11 @@ class Ingest:
                 "W_O": w.W_O_eff.cpu().numpy(), "W_U": w.W_U.cpu().numpy(),
                 "b_U": w.b_U.cpu().numpy(), "W_out_final": w.W_out_final.cpu().numpy(),
             })
+        if "vocab" not in (writer.manifest.get("derived") or {}):  # so a DE toward any token is a lookup away
+            from selfrepair.ingest.clean import vocab_table
+
+            writer.write_derived("vocab", vocab_table(model.tokenizer, w.W_U.shape[1]),
+                                 {"n_tokens": writer.manifest["n_tokens"]})
         todo = plan.clean_work(writer.manifest, cfg.n_rows, cfg.batch_size, damaged=self._damaged)
         result.shards_skipped += len(plan.batches(cfg.n_rows, cfg.batch_size)) - len(todo)
         units = [CleanUnit(t, rows_np[t.rows[0]:t.rows[1]], (t.rows[1] - t.rows[0]) * preds) for t in todo]

@@ -186,6 +186,22 @@ class Store:
         requests.check(self.inventories, bound)  # never an empty answer for what was not ingested
         return q.sql, bound
 
+    def activations(self, model: str | None = None):
+        """A model's Zarr activations and saved weights as a lazy `xarray.Dataset` with named,
+        labelled dimensions (see `queries/activations.py`); `model` may be omitted with one model."""
+        from selfrepair.queries.activations import open_activations
+
+        if model is None:
+            if len(self.models) != 1:
+                raise QueryError(f"the store holds {len(self.models)} models; name one: {', '.join(self.models)}")
+            model = self.models[0]
+        manifest = self.manifest(model)
+        tokens = self.sql("SELECT token_index, row, pos, token_str, next_token_str FROM tokens WHERE model = $m "
+                          "ORDER BY token_index", {"m": model})
+        vocab = self.sql("SELECT token_id, token_str FROM vocab WHERE model = $m ORDER BY token_id", {"m": model})
+        folder = next(ms.path for ms in list_models(self.root) if ms.name == model)
+        return open_activations(folder, manifest, tokens, vocab if vocab.height else None)
+
     @property
     def inventories(self) -> list[Inventory]:
         """What each model folder holds (ablations, draws, heads, tokens, arrays), from its manifest."""

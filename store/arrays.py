@@ -9,7 +9,7 @@ import zarr
 
 from selfrepair.errors import StoreError
 from selfrepair.store.files import raise_store_error
-from selfrepair.store.schema import ARRAYS, WEIGHT_ARRAYS
+from selfrepair.store.schema import ARRAYS, WEIGHT_ARRAYS, WEIGHT_DOCS
 
 
 def _compressor():
@@ -52,6 +52,8 @@ def _create_arrays(path: Path, shapes: dict[str, tuple[int, ...]], chunk_tokens:
             dimension_names=spec.dims,
             compressors=_compressor(),
             fill_value=0,
+            attributes={"doc": spec.doc, "aligned_with": "token_index of the tokens table",
+                        "written_by": "selfrepair ingest"},
         )
 
 
@@ -81,7 +83,7 @@ def write_weights(path: Path, weights: dict[str, np.ndarray]) -> None:
                 del wg[name]
             wg.create_array(
                 name, data=value.astype(np.float32), dimension_names=WEIGHT_ARRAYS[name],
-                compressors=_compressor(),
+                compressors=_compressor(), attributes={"doc": WEIGHT_DOCS[name]},
             )
     except OSError as e:
         raise_store_error(path / "weights", e)

@@ -28,11 +28,12 @@ TABLE_BYTES: dict[str, tuple[float, float]] = {
     "head_effects": (5.5, 1200.0),  # de + token_index (layer/head are runs)
     "mlp_effects": (5.9, 1200.0),
     "ablation_effects": (22.8, 1050.0),  # 5 float32 + token_index
-    "ablation_top": (22.8, 1050.0),  # as ablation_effects
+    "ablation_top": (22.8, 2700.0),  # as ablation_effects, in small files (rows not in runs)
     "resample_sources": (8.0, 1000.0),
     "repair_sources": (5.5, 2750.0),  # d_de + token_index; src columns repeat per token
     "neuron_effects": (10.5, 2700.0),  # 2 float32 + neuron index + token_index
     "head_top_tokens": (7.3, 1300.0),
+    "vocab": (3.0, 1000.0),  # token_id + a short string (a 50k BPE vocabulary: ~11 B a row, 0.5 MB)
 }
 
 # Compressed size / raw size of the activations (float16 or float32). Random and real
@@ -175,6 +176,7 @@ def table_rows(shape: ModelShape, run: RunCounts) -> dict[str, tuple[int, int]]:
         "neuron_effects": (run.draws * len(run.heads) * top * min(run.neurons_top_k, shape.d_mlp),
                            b * run.draws if detail and run.neurons_top_k else 0),
         "head_top_tokens": (shape.n_layers * shape.n_heads * top, 1),
+        "vocab": (shape.d_vocab, 1),
     }
     return rows
 

@@ -152,6 +152,13 @@ HEAD_TOP_TOKENS = Table(
     "derived: each head's top floor(top_p · N) tokens at the ingest's top_p, rewritten when tokens are added",
 )
 
+VOCAB = Table(
+    "vocab",
+    ("token_id",),
+    (("token_id", I32), ("token_str", STR)),
+    "derived: every token id of the unembedding and its decoded string",
+)
+
 TABLES: dict[str, Table] = {
     t.name: t
     for t in (
@@ -164,6 +171,7 @@ TABLES: dict[str, Table] = {
         REPAIR_SOURCES,
         NEURON_EFFECTS,
         HEAD_TOP_TOKENS,
+        VOCAB,
     )
 }
 
@@ -203,6 +211,14 @@ WEIGHT_ARRAYS: dict[str, tuple[str, ...]] = {
     "W_U": ("d_model", "d_vocab"),
     "b_U": ("d_vocab",),
     "W_out_final": ("d_mlp", "d_model"),
+}
+
+WEIGHT_DOCS = {
+    "W_O": "each head's output projection as the fast engine applies it (post-norm gain folded): "
+           "a head's direct output is z[token, layer, head] @ W_O[layer, head]",
+    "W_U": "processed unembedding: final-norm gain folded, centred over the vocabulary",
+    "b_U": "processed unembedding bias (centred)",
+    "W_out_final": "the last MLP's output projection (d_mlp × d_model)",
 }
 
 ARRAY_DTYPES = ("float16", "float32")

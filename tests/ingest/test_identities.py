@@ -157,3 +157,28 @@ def test_ablation_top_is_the_top_token_slice_of_ablation_effects(store):
                      "ORDER BY model, ablation, sample, layer, head, token_index")
     top = store.sql("SELECT * FROM self_repair_top(0.05) ORDER BY model, ablation, sample, layer, head, token_index")
     assert top.equals(full)
+
+
+def test_activations_from_python_reproduce_head_effects(store):
+    """`Store.activations` labels every dimension, and DEs recomputed from the stored arrays
+    and weights toward the true next token reproduce `head_effects` (float16 activations)."""
+    import zarr
+
+    from selfrepair.queries.activations import head_de
+
+    for model in FAMILY_MODELS:
+        ds = store.activations(model)
+        assert ds["z"].dims == ("token_index", "layer", "head", "d_head")
+        assert ds["norm"].values[-1] == store.manifest(model)["model"]["norm_names"][-1]
+        assert ds["vocab_str"].sizes["d_vocab"] == ds["W_U"].sizes["d_vocab"]
+        tokens = store.sql("SELECT next_token_id, next_token_str FROM tokens WHERE model = $m ORDER BY token_index",
+                           {"m": model})
+        assert list(ds["next_token_str"].values) == tokens["next_token_str"].to_list()
+        for layer, head in ((0, 1), (1, 3)):
+            want = store.sql("SELECT de FROM head_effects WHERE model = $m AND layer = $l AND head = $h "
+                             "ORDER BY token_index", {"m": model, "l": layer, "h": head})["de"].to_numpy()
+            got = head_de(ds, layer, head, tokens["next_token_id"].to_numpy())
+            assert np.max(np.abs(got - want) / np.maximum(1, np.abs(want))) < 1e-3, (model, layer, head)
+        arrays = zarr.open_group(str(store.root / model / "activations.zarr"), mode="r")
+        assert arrays["z"].metadata.dimension_names == ("token_index", "layer", "head", "d_head")
+        assert arrays["z"].attrs["doc"] and arrays["weights/W_O"].attrs["doc"]
