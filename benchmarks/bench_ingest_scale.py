@@ -123,8 +123,9 @@ def _cli(*args: str) -> tuple[int, float, float, str]:
     return proc.returncode, time.perf_counter() - t0, int(peak.read_text()) / 1024, verdict
 
 
-def run(tokens: int, seq_len: int, batch_size: int, keep: bool) -> dict:
+def run(tokens: int, seq_len: int, batch_size: int, keep: bool, partial: Path | None = None) -> dict:
     import tiny_models
+    import selfrepair.queries.store  # noqa: F401 - the reads after a long ingest use the code of its start
     from selfrepair.ingest.config import IngestConfig
     from selfrepair.ingest.runner import Ingest
     from selfrepair.store import writer as writer_mod
@@ -164,6 +165,8 @@ def run(tokens: int, seq_len: int, batch_size: int, keep: bool) -> dict:
         "manifest_bytes": (folder / "manifest.json").stat().st_size,
         "files_before": sum(1 for p in folder.rglob("*") if p.is_file()),
     }
+    if partial is not None:  # the ingest's figures survive a failure in the reads below
+        partial.write_text(json.dumps(out, indent=1))
     out["before"] = _reads(root)
     out["verify_before"] = _cli("verify", "--store", str(root))
     rc, secs, _, line = _cli("compact", "--store", str(root))
@@ -220,7 +223,7 @@ def main(argv=None) -> None:
     ap.add_argument("--keep", action="store_true", help="keep the store under benchmarks/.cache")
     ap.add_argument("--json", type=Path, help="also write the raw figures here")
     args = ap.parse_args(argv)
-    r = run(args.tokens, args.seq_len, args.batch_size, args.keep)
+    r = run(args.tokens, args.seq_len, args.batch_size, args.keep, args.json)
     print(report(r))
     if args.json:
         args.json.write_text(json.dumps(r, indent=1))
