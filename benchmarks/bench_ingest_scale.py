@@ -222,7 +222,15 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--keep", action="store_true", help="keep the store under benchmarks/.cache")
     ap.add_argument("--json", type=Path, help="also write the raw figures here")
+    ap.add_argument("--reads-only", action="store_true",
+                    help="only time Store.open, head_top_self_repair and verify on the store a --keep run left")
     args = ap.parse_args(argv)
+    if args.reads_only:
+        root = CACHE / f"ingest-scale-{args.tokens}-{args.seq_len}-{args.batch_size}" / "store"
+        r, v = _reads(root), _cli("verify", "--store", str(root))
+        print(f"Store.open {r['open'][1]:.3f} s (first {r['open'][0]:.3f}); head_top_self_repair "
+              f"{r['fig1'][1]:.3f} s (first {r['fig1'][0]:.3f}); verify {v[2]:.0f} MB peak, {v[1]:.1f} s, exit {v[0]}")
+        return
     r = run(args.tokens, args.seq_len, args.batch_size, args.keep, args.json)
     print(report(r))
     if args.json:

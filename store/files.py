@@ -169,6 +169,14 @@ def remove_file(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
+def check_name(root: Path, rel: str) -> None:
+    """Refuse a manifest path that is not a plain relative name inside `root` (no `..`, not absolute)."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        raise StoreError(f"{root}: a manifest path is empty or not a string ({rel!r})")
+    if rel.startswith("/") or ".." in rel.split("/"):
+        raise StoreError(f"{root}: manifest path {rel!r} leads outside the model folder")
+
+
 def inside(root: Path, rel: str, follow: bool = True) -> Path:
     """`root / rel`, refused unless it stays inside `root` (no `..`, no absolute path, no symlink out).
 
@@ -177,10 +185,7 @@ def inside(root: Path, rel: str, follow: bool = True) -> Path:
     real paths are cached, so checking a snapshot's thousands of paths costs one lstat
     per file.
     """
-    if not isinstance(rel, str) or not rel or "\x00" in rel:
-        raise StoreError(f"{root}: a manifest path is empty or not a string ({rel!r})")
-    if rel.startswith("/") or ".." in rel.split("/"):
-        raise StoreError(f"{root}: manifest path {rel!r} leads outside the model folder")
+    check_name(root, rel)
     full = os.path.join(root, rel)
     if follow:  # `follow=False`: names only, for paths that are checked again before use
         real_root = _realdir(str(root))

@@ -61,7 +61,7 @@ def check_shard_entry(folder: Path, shard_id, entry, what: str) -> None:
             raise StoreError(f"{what}, shard {shard_id}: unknown table {table!r}")
         check_file_entry(folder, f, f"{what}, shard {shard_id}, table {table}")
     for rel, digest in (entry.get("chunks") or {}).items():
-        files.inside(folder, rel, follow=False)  # only verify opens chunk files, and checks them fully first
+        files.check_name(folder, rel)  # only verify opens chunk files, and checks them fully (`inside`) first
         if digest is not None and not isinstance(digest, str):
             raise StoreError(f"{what}, shard {shard_id}: chunk {rel} has no valid checksum")
 

@@ -372,18 +372,19 @@ def test_killed_extension_then_the_original_command(good_store, model_dir, tmp_p
 
     store = tmp_path / "store"
     shutil.copytree(good_store, store)
-    commit, calls = Writer.commit_clean, []
+    commit, calls = Writer.commit_written, []
 
-    def killed_on_the_second(self, *a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # the extension dies after its first new clean shard
-        return commit(self, *a, **k)
+    def killed_on_the_second(self, shard_id, entry, *a, **k):
+        if entry["phase"] == "clean":
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt  # the extension dies after its first new clean shard
+        return commit(self, shard_id, entry, *a, **k)
 
-    monkeypatch.setattr(Writer, "commit_clean", killed_on_the_second)
+    monkeypatch.setattr(Writer, "commit_written", killed_on_the_second)
     with pytest.raises(KeyboardInterrupt):
         ingest_tiny(model_dir, store, **ARGS | {"tokens": 310})
-    monkeypatch.setattr(Writer, "commit_clean", commit)
+    monkeypatch.setattr(Writer, "commit_written", commit)
     ms = ModelStore(store / MODEL)
     man = ms.manifest()
     stored = max(e["rows"][1] for e in man["shards"].values() if e["phase"] == "clean") * 31
