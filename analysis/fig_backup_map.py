@@ -10,7 +10,7 @@ from selfrepair.analysis.context import Context, head_label
 from selfrepair.analysis.spec import FigureSpec
 from selfrepair.analysis.style import attach, caption, new_figure
 
-MAX_LABELS = 40
+MAX_LABELS = 32  # per axis; beyond, every k-th label (at 8 pt, they stay legible)
 
 
 def matrix(df: pl.DataFrame):
@@ -35,7 +35,7 @@ def _ticks(labels: list[str]):
 def plot(df: pl.DataFrame, ctx: Context):
     """fig_backup_map as a heatmap of share, diverging around 0."""
     grid, row_labels, col_labels = matrix(df)
-    size = min(14.0, 5 + 0.12 * max(len(row_labels), len(col_labels)))
+    size = min(16.0, 6 + 0.2 * min(MAX_LABELS, max(len(row_labels), len(col_labels))))
     fig, axes = new_figure(figsize=(size + 1.5, size))
     ax = axes[0, 0]
     ax.grid(False)
@@ -45,9 +45,9 @@ def plot(df: pl.DataFrame, ctx: Context):
                       interpolation="nearest")
     fig.colorbar(image, ax=ax, label="share of the ablated head's DE, mean(ΔDE) / mean(DE) (ratio)")
     ticks, labels = _ticks(row_labels)
-    ax.set_yticks(ticks, labels, fontsize=6)
+    ax.set_yticks(ticks, labels, fontsize=8)
     ticks, labels = _ticks(col_labels)
-    ax.set_xticks(ticks, labels, fontsize=6, rotation=90)
+    ax.set_xticks(ticks, labels, fontsize=8, rotation=90)
     ax.set_xlabel("downstream component (head or MLP)")
     ax.set_ylabel("ablated head")
     ax.set_title(f"Backup map: downstream repair of each ablated head\n{ctx.facts()}")

@@ -6,7 +6,7 @@ import polars as pl
 
 from selfrepair.analysis.context import Context
 from selfrepair.analysis.spec import FigureSpec, headline_params
-from selfrepair.analysis.style import MODEL_COLOURS, attach, caption, new_figure
+from selfrepair.analysis.style import MODEL_COLOURS, attach, caption, keep_readable, new_figure
 
 
 def plot(df: pl.DataFrame, ctx: Context):
@@ -25,8 +25,9 @@ def plot(df: pl.DataFrame, ctx: Context):
     ax.set_ylabel("LayerNorm share of DE, mean(sr_ln) / mean(DE) (%)")
     ax.set_title(f"LayerNorm self-repair as a share of DE\n{ctx.facts()}")
     ax.legend(fontsize=7)
+    capped = keep_readable(ax)
     caption(fig, "Ratio of means over each head's top p% tokens: mean(sr_ln) / mean(clean DE). Points: heads; "
-                 "lines: layers. The per-token clipped share is in the query's ln_share_clipped column.")
+                 "lines: layers. The per-token clipped share is in the query's ln_share_clipped column." + capped)
     return attach(fig, df)
 
 

@@ -6,7 +6,7 @@ import polars as pl
 
 from selfrepair.analysis.context import Context
 from selfrepair.analysis.spec import FigureSpec, headline_params
-from selfrepair.analysis.style import MODEL_COLOURS, attach, caption, new_figure
+from selfrepair.analysis.style import MODEL_COLOURS, attach, caption, keep_readable, new_figure
 
 
 def plot(df: pl.DataFrame, ctx: Context):
@@ -24,8 +24,9 @@ def plot(df: pl.DataFrame, ctx: Context):
     ax.set_ylabel("share of DE, mean(sr_mlps) / mean(DE) (%)")
     ax.set_title(f"MLP self-repair as a share of DE\n{ctx.facts()}")
     ax.legend(fontsize=7)
+    capped = keep_readable(ax)
     caption(fig, "Ratio of means over each layer's heads' top p% tokens: mean(sr_mlps) / mean(clean DE); "
-                 "dotted: the same for downstream heads.")
+                 "dotted: the same for downstream heads." + capped)
     return attach(fig, df)
 
 

@@ -19,6 +19,7 @@ from selfrepair.queries import requests
 from selfrepair.queries.output import format_value, render_table
 
 CONTEXT_TOKENS = 12
+ATTENTION_SHOWN = 4  # sources shown per token (ingest keeps 8)
 VISIBLE = {"\n": "⏎", "\t": "⇥", "\r": "␍"}
 
 
@@ -39,7 +40,7 @@ class HeadPage:
         tokens: the top tokens in their text (before, token, after) with their effects.
         repair: downstream components of both signs (`backup_heads`).
         neurons: anti-erasure neurons (`anti_erasure_neurons`).
-        attention: where the head attends on its top tokens (None: not stored).
+        attention: the top attention sources of each shown token (None: not stored).
         draws: per resample draw means, when there are several (None otherwise).
     """
 
@@ -111,15 +112,16 @@ def build_head_page(store, label: str, model: str | None = None, ablation: str |
     repair = repair.filter(pl.col("model") == one["model"]).drop("model")
     neurons = store.query("anti_erasure_neurons", layer=layer, head=head, ablation=ablation, sample=sample,
                           limit=limit).filter(pl.col("model") == model).drop("model")
-    attention = None
-    if "attention_top" in store.views:
-        attention = store.sql(
-            "SELECT a.rank, count(*) AS n_tokens, avg(a.weight) AS mean_weight, "
-            "avg(a.token_index - a.src_token_index) AS mean_distance, "
-            "mode(a.src_token_str) AS most_common_source "
-            "FROM attention_top a JOIN top_tokens($p) t USING (model, layer, head, token_index) "
-            "WHERE a.model = $model AND a.layer = $layer AND a.head = $head GROUP BY a.rank ORDER BY a.rank",
-            {k: bound[k] for k in ("p", "model", "layer", "head")})
+    # Where it attends: the top-k sources of each shown token (rows stored with each draw's shard).
+    attention = store.sql(
+        "SELECT a.token_index, a.rank, a.src_pos, a.token_index - a.src_token_index AS distance, a.weight, "
+        "t.token_str AS src_token FROM attention_top a JOIN tokens t ON t.model = a.model "
+        "AND t.token_index = a.src_token_index WHERE a.model = $model AND a.layer = $layer AND a.head = $head "
+        "AND a.ablation = $ablation AND a.sample = $sample AND a.token_index IN (SELECT unnest($tokens)) "
+        "ORDER BY a.token_index, a.rank",
+        {k: bound[k] for k in ("model", "layer", "head", "ablation", "sample")}
+        | {"tokens": tokens["token_index"].to_list()})
+    attention = attention if attention.height else None
     draws = None
     if ablation == "resample" and len({d.sample for d in inv.draws if d.ablation == "resample"}) > 1:
         draws = store.sql(
@@ -162,11 +164,14 @@ def text(page: HeadPage) -> str:
         "direction", "rank", "component", "n_tokens", "d_de", "share", "direction_total")).splitlines()]
     out += ["", "Anti-erasure neurons of the final MLP:"]
     out += ["  " + line for line in render_table(page.neurons).splitlines()]
-    out += ["", "Where it attends on its top tokens:"]
+    out += ["", "Where it attends on those tokens (clean run; source token, distance back, weight):"]
     if page.attention is None:
-        out.append("  not stored in this store (re-ingest with this version to keep attention)")
+        out.append("  not stored in this store (ingested before attention was kept: re-ingest to add it)")
     else:
-        out += ["  " + line for line in render_table(page.attention).splitlines()]
+        for r in page.tokens.iter_rows(named=True):
+            src = page.attention.filter(pl.col("token_index") == r["token_index"]).head(ATTENTION_SHOWN)
+            out.append(f"  ⟦{visible(r['token'])}⟧ ← " + ", ".join(
+                f"{visible(a['src_token'])!r} −{a['distance']} ({a['weight']:.2f})" for a in src.iter_rows(named=True)))
     if page.draws is not None:
         out += ["", "Spread across resample draws:"]
         out += ["  " + line for line in render_table(page.draws).splitlines()]
@@ -207,7 +212,9 @@ def html(page: HeadPage) -> str:
         f"<tr><td>{r['de_clean']:.3f}</td><td>{r['d_logit']:.3f}</td><td>{r['sr']:.3f}</td>"
         f'<td class="ctx">…{_marked(r["before"])}<span class="tok">{_marked(r["token"])}</span>'
         f"{_marked(r['after'])}…</td></tr>" for r in page.tokens.iter_rows(named=True))
-    attention = ("<p>Not stored in this store.</p>" if page.attention is None else _table(page.attention))
+    attention = ("<p>Not stored in this store.</p>" if page.attention is None else _table(
+        page.attention.filter(pl.col("rank") <= ATTENTION_SHOWN)
+        .select("token_index", "rank", "src_token", "distance", "weight")))
     draws = "" if page.draws is None else f"<h2>Spread across resample draws</h2>{_table(page.draws)}"
     title = f"{page.label} of {page.model}"
     summary = "".join(f"<p>{_html.escape(line)}</p>" for line in _summary_lines(page))

@@ -79,3 +79,39 @@ def note_figure(title: str, text: str) -> Figure:
     ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True)
     ax.set_title(title)
     return fig
+
+
+SHARE_LIMITS = (-100.0, 200.0)  # percent: a layer whose DE is near 0 gives shares far outside this
+
+
+def keep_readable(ax, limits=SHARE_LIMITS) -> str:
+    """Cap a share axis at `limits` when the data run past them, and mark what lies beyond.
+
+    A ratio of means explodes where the mean DE is near 0 (layer 0 often): one such point
+    would squeeze every other to a flat line. Points and line vertices outside are drawn
+    on the edge as triangles. Returns a caption sentence ("" when nothing was capped).
+    """
+    import numpy as np
+
+    lo, hi = limits
+    beyond = 0
+    for artist in [*ax.lines, *ax.collections]:
+        if hasattr(artist, "get_offsets") and len(artist.get_offsets()):
+            xy = np.asarray(artist.get_offsets(), dtype=float)
+        elif hasattr(artist, "get_xydata"):
+            xy = np.asarray(artist.get_xydata(), dtype=float)
+        else:
+            continue
+        if xy.ndim != 2 or not len(xy) or np.allclose(xy[:, 1], xy[0, 1]) and len(xy) == 2:
+            continue  # reference lines (axhline)
+        y = xy[:, 1]
+        out_hi, out_lo = y > hi, y < lo
+        beyond += int(out_hi.sum() + out_lo.sum())
+        colour = artist.get_color() if hasattr(artist, "get_xydata") else artist.get_facecolor()[0]
+        ax.scatter(xy[out_hi, 0], np.full(out_hi.sum(), hi), marker="^", s=28, color=colour, clip_on=False, zorder=5)
+        ax.scatter(xy[out_lo, 0], np.full(out_lo.sum(), lo), marker="v", s=28, color=colour, clip_on=False, zorder=5)
+    if not beyond:
+        return ""
+    ax.set_ylim(lo, hi)
+    return (f" {beyond} value(s) beyond {lo:g}%…{hi:g}% (a mean DE near 0) are drawn as triangles on the "
+            "axis edge; the query has their exact values.")

@@ -142,7 +142,7 @@ def ablation_tables(
 
     Returns:
         Arrow tables `ablation_effects`, `ablation_top` (its rows on top-p% tokens),
-        `repair_sources`, `neuron_effects`.
+        `repair_sources`, `neuron_effects`, `attention_top`.
     """
     batch, seq = rows.shape
     preds = seq - 1
@@ -156,7 +156,7 @@ def ablation_tables(
     # Each final-MLP neuron's DE per unit of activation: W_out[last, n] · u / s.
     wu = torch.einsum("nm,bpm->bpn", w.W_out_final, u.float())[:, :preds] / s[:, :preds, None].float()
     post_clean = ctx.post_final()[:, :preds].float()
-    eff, rep, neu, top_masks = [], [], [], []
+    eff, rep, neu, top_masks, mask_heads = [], [], [], [], []
     by_layer: dict[int, list[int]] = {}
     for layer, head in heads:
         by_layer.setdefault(layer, []).append(head)
@@ -179,6 +179,7 @@ def ablation_tables(
                 top = top_sets.get((layer, head))
                 mask = np.isin(token_index, top) if top is not None and len(top) else np.zeros(n, bool)
                 top_masks.append(mask)
+                mask_heads.append((layer, head))
                 if not mask.any():
                     continue
                 sel = torch.from_numpy(np.nonzero(mask)[0]).to(u.device)
@@ -190,7 +191,52 @@ def ablation_tables(
                     de_a = (cut(r.post_final).float() * wu).reshape(n, -1)[sel]
                     neu.append(_neuron_rows(layer, head, token_index[mask], de_c, de_a, neurons_top_k))
             on_pass(len(chunk) * n)
-    return _assemble(kind, sample, token_index, eff, rep, neu, top_masks)
+    out = _assemble(kind, sample, token_index, eff, rep, neu, top_masks)
+    att = attention_rows(w, rows, row0, mask_heads, top_masks, token_index)
+    if att is not None:
+        out["attention_top"] = _concat(att, kind, sample)
+    return out
+
+
+ATTENTION_TOP_K = 8
+
+
+def attention_rows(w, rows: torch.Tensor, row0: int, heads, top_masks, token_index, k: int = ATTENTION_TOP_K):
+    """Per ablated head and top token, the k source positions with the largest clean attention weight.
+
+    One forward of the model with eager attention (which returns its probabilities) per
+    batch that holds top tokens; None when none of `heads` has a top token here.
+    """
+    if not any(m.any() for m in top_masks):
+        return None
+    batch, seq = rows.shape
+    preds = seq - 1
+    model = w.model
+    previous = getattr(model.config, "_attn_implementation", None)
+    try:
+        model.set_attn_implementation("eager")
+        with torch.no_grad():
+            patterns = model(rows, output_attentions=True, use_cache=False).attentions  # [layer] [b, h, q, k]
+    finally:
+        if previous and previous != "eager":
+            model.set_attn_implementation(previous)
+    parts = []
+    for (layer, head), mask in zip(heads, top_masks):
+        if not mask.any():
+            continue
+        idx = np.nonzero(mask)[0]
+        b, q = idx // preds, idx % preds
+        p = patterns[layer][torch.from_numpy(b), head, torch.from_numpy(q)].float()  # [n, seq] over keys
+        kk = min(k, seq)
+        weight, src = p.topk(kk, dim=-1)
+        weight, src = weight.cpu().numpy(), src.cpu().numpy()
+        rank = np.tile(np.arange(1, kk + 1, dtype=np.int16), (len(idx), 1))
+        keep = src <= q[:, None]  # causal: a query sees positions up to its own
+        parts.append({"layer": layer, "head": head, "token_index": np.repeat(token_index[idx], kk)[keep.reshape(-1)],
+                      "rank": rank[keep], "src_pos": src[keep].astype(np.int16),
+                      "src_token_index": ((row0 + b[:, None]) * preds + src)[keep].astype(np.int32),
+                      "weight": weight[keep]})
+    return parts
 
 
 def _repair_rows(w, layer, head, tokens, d_heads, d_mlps) -> dict:

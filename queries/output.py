@@ -98,17 +98,43 @@ def latex_escape(text: str) -> str:
     return "".join(_LATEX_ESCAPES.get(ch, ch) for ch in text)
 
 
+LONG_TABLE_ROWS = 40
+
+
+def _latex_number(value) -> str:
+    """Four significant digits: a paper table's columns stay narrow."""
+    if isinstance(value, float) and math.isfinite(value):
+        return f"{value:.4g}"
+    return format_value(value)
+
+
 def render_latex(df: pl.DataFrame) -> str:
-    """A booktabs `tabular` (needs `\\usepackage{booktabs}`), every cell escaped."""
+    """A booktabs table that fits a page (needs `booktabs`, `graphicx` and `longtable`), every cell escaped.
+
+    Columns with one value in every row are dropped and named in a comment above the
+    table; a table wider than the line is scaled down to it; more than
+    `LONG_TABLE_ROWS` rows become a `longtable`, which breaks across pages and repeats
+    its header.
+    """
+    constant = [c for c in df.columns if df.height > 1 and df[c].n_unique() == 1]
+    notes = ["% constant columns, dropped: " + "; ".join(
+        f"{c} = {format_value(df[c][0]).translate(_ESCAPES)}" for c in constant)] if constant else []
+    if constant and len(constant) < df.width:
+        df = df.drop(constant)
     spec = "".join("r" if _is_numeric(t) else "l" for t in df.dtypes)
+    cells = [[_latex_number(v).translate(_ESCAPES) for v in row] for row in df.iter_rows()]
 
-    def line(cells):
-        return " & ".join(latex_escape(c) for c in cells) + r" \\"
+    def line(row):
+        return " & ".join(latex_escape(c) for c in row) + r" \\"
 
-    out = [rf"\begin{{tabular}}{{{spec}}}", r"\toprule", line(df.columns), r"\midrule"]
-    out += [line(r) for r in _cells(df)]
-    out += [r"\bottomrule", r"\end{tabular}"]
-    return "\n".join(out) + "\n"
+    head = [r"\toprule", line(df.columns), r"\midrule"]
+    if len(cells) > LONG_TABLE_ROWS:
+        out = [rf"\begin{{longtable}}{{{spec}}}", *head, r"\endhead", *map(line, cells), r"\bottomrule",
+               r"\end{longtable}"]
+    else:
+        out = [r"\resizebox{\ifdim\width>\linewidth\linewidth\else\width\fi}{!}{%",
+               rf"\begin{{tabular}}{{{spec}}}", *head, *map(line, cells), r"\bottomrule", r"\end{tabular}}"]
+    return "\n".join(notes + out) + "\n"
 
 
 def render_json(df: pl.DataFrame) -> str:

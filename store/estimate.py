@@ -32,6 +32,7 @@ TABLE_BYTES: dict[str, tuple[float, float]] = {
     "resample_sources": (8.0, 1000.0),
     "repair_sources": (5.5, 2750.0),  # d_de + token_index; src columns repeat per token
     "neuron_effects": (10.5, 2700.0),  # 2 float32 + neuron index + token_index
+    "attention_top": (9.0, 2500.0),  # rank, positions, weight
     "head_top_tokens": (7.3, 1300.0),
     "vocab": (3.0, 1000.0),  # token_id + a short string (a 50k BPE vocabulary: ~11 B a row, 0.5 MB)
 }
@@ -175,6 +176,7 @@ def table_rows(shape: ModelShape, run: RunCounts) -> dict[str, tuple[int, int]]:
                            b * run.draws if detail else 0),
         "neuron_effects": (run.draws * len(run.heads) * top * min(run.neurons_top_k, shape.d_mlp),
                            b * run.draws if detail and run.neurons_top_k else 0),
+        "attention_top": (run.draws * len(run.heads) * top * 8, b * run.draws if detail else 0),
         "head_top_tokens": (shape.n_layers * shape.n_heads * top, 1),
         "vocab": (shape.d_vocab, 1),
     }

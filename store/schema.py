@@ -145,6 +145,24 @@ NEURON_EFFECTS = Table(
     "top-p% tokens only: final-MLP neurons with the largest abs(change in DE)",
 )
 
+ATTENTION_TOP = Table(
+    "attention_top",
+    ("ablation", "sample", "layer", "head", "token_index", "rank"),
+    (
+        ("ablation", STR),
+        ("sample", I16),
+        ("layer", I16),
+        ("head", I16),
+        ("token_index", I32),
+        ("rank", I16),
+        ("src_pos", I16),
+        ("src_token_index", I32),
+        ("weight", F32),
+    ),
+    "top-p% tokens only: the k source positions the head attends to most on the clean run "
+    "(rank 1 = largest weight); stored with each ablation draw's shard, the same rows in every draw",
+)
+
 HEAD_TOP_TOKENS = Table(
     "head_top_tokens",
     ("layer", "head", "token_index"),
@@ -170,6 +188,7 @@ TABLES: dict[str, Table] = {
         RESAMPLE_SOURCES,
         REPAIR_SOURCES,
         NEURON_EFFECTS,
+        ATTENTION_TOP,
         HEAD_TOP_TOKENS,
         VOCAB,
     )

@@ -53,5 +53,7 @@ def test_table_queries_export_as_latex(tiny_store, tmp_path):
                                        "--param", "p=0.05", "--format", "latex", "--output", str(out)])
     assert result.exit_code == 0, result.output
     text = out.read_text()
-    assert text.splitlines()[2] == (r"Model & Layer & Tokens & DE & Ablated DE & Logit change & Self-repair & "
+    # Every model has the same top-token count: the constant column is dropped and named above the table.
+    assert text.splitlines()[0] == "% constant columns, dropped: Tokens = 60"
+    assert text.splitlines()[4] == (r"Model & Layer & DE & Ablated DE & Logit change & Self-repair & "
                                     r"Heads & MLPs & LayerNorm & LN share (\%) \\")

@@ -121,7 +121,7 @@ def test_tables_equal_their_named_queries(report_dir, tiny_query_store, built):
         assert csv.height == want.height
         np.testing.assert_allclose(csv["DE"].to_numpy(), want["DE"].to_numpy())
         tex = (report_dir / "tables" / f"{entry.spec.name}.tex").read_text()
-        assert tex.startswith(r"\begin{tabular}") and r"\toprule" in tex and r"LN share (\%)" in tex
+        assert r"\begin{tabular}" in tex and r"\toprule" in tex and r"LN share (\%)" in tex
 
 
 def test_layer_table_matches_breakdown(tiny_query_store):
@@ -149,3 +149,21 @@ def test_fetch_adds_run_parameters(tiny_query_store):
     df = fetch(tiny_query_store.query, "head_tokens", runs, ["tiny-gpt2"])
     assert df.height == 2 * 310
     assert df.group_by("head").len().sort("head")["len"].to_list() == [310, 310]
+
+
+def test_share_axes_stay_readable_when_a_mean_de_is_near_zero():
+    """One layer's share of −1250% (DE ≈ 0) no longer squeezes the others: the axis is capped
+    and the point is drawn on its edge, and the caption says so."""
+    from selfrepair.analysis.style import SHARE_LIMITS, keep_readable, new_figure
+
+    fig, axes = new_figure()
+    ax = axes[0, 0]
+    ax.plot([0.0, 0.5, 1.0], [-1250.0, 20.0, 35.0], marker="o")
+    ax.scatter([0.1, 0.6], [15.0, 900.0])
+    ax.axhline(0, color="black")
+    note = keep_readable(ax)
+    assert ax.get_ylim() == SHARE_LIMITS
+    assert note.startswith(" 2 value(s) beyond -100%…200%")
+    fig2, axes2 = new_figure()
+    axes2[0, 0].plot([0, 1], [10.0, 60.0])
+    assert keep_readable(axes2[0, 0]) == "" and axes2[0, 0].get_ylim() != SHARE_LIMITS

@@ -54,6 +54,8 @@ def test_head_page_in_the_terminal(tiny_store):
         assert section in out, section
     token_lines = [ln for ln in out.splitlines() if ln.startswith("  DE ")]
     assert len(token_lines) == 5 and all("⟦" in ln and "⟧" in ln for ln in token_lines)
+    attends = [ln for ln in out.split("Where it attends", 1)[1].splitlines() if ln.startswith("  ⟦")]
+    assert len(attends) == 5 and all(ln.count("(0.") + ln.count("(1.") >= 1 for ln in attends)
     with Store.open(tiny_store) as s:
         page = build_head_page(s, "L1H2", model=MODEL)
     want = _expected_summary(tiny_store, 1, 2)

@@ -182,3 +182,43 @@ def test_activations_from_python_reproduce_head_effects(store):
         arrays = zarr.open_group(str(store.root / model / "activations.zarr"), mode="r")
         assert arrays["z"].metadata.dimension_names == ("token_index", "layer", "head", "d_head")
         assert arrays["z"].attrs["doc"] and arrays["weights/W_O"].attrs["doc"]
+
+
+def test_attention_top_matches_plain_transformers(store, tiny_model_dirs):
+    """`attention_top` against the model's own eager attention probabilities, recomputed with
+    transformers only: for each ablated head's top tokens, the 8 largest weights over the
+    positions the query sees, in order, the same rows in every draw."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tiny_models import rows_from_store
+
+    for family in ("gpt2", "llama"):
+        model = f"tiny-{family}"
+        man = store.manifest(model)
+        seq = man["seq_len"]
+        rows = rows_from_store(store, model, man["n_rows"], seq)
+        hf = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[family], attn_implementation="eager").eval()
+        with torch.no_grad():
+            pattern = hf(rows, output_attentions=True, use_cache=False).attentions
+        got = store.sql("SELECT ablation, layer, head, token_index, rank, src_pos, src_token_index, weight "
+                        "FROM attention_top WHERE model = $m ORDER BY ALL", {"m": model})
+        tops = store.sql("SELECT layer, head, token_index FROM top_tokens(0.05) WHERE model = $m", {"m": model})
+        assert got.height and set(got["ablation"]) == {"resample", "mean", "zero"}
+        per_draw = got.filter(got["ablation"] == "zero").drop("ablation")
+        assert per_draw.equals(got.filter(got["ablation"] == "mean").drop("ablation"))  # same rows every draw
+        assert per_draw.select("layer", "head", "token_index").unique().height == tops.height
+        preds = seq - 1
+        for layer, head, tok in tops.sample(20, seed=0).iter_rows():
+            r, q = divmod(tok, preds)
+            w = pattern[layer][r, head, q, : q + 1].double()
+            want_w, want_src = w.sort(descending=True)
+            k = min(8, q + 1)
+            mine = per_draw.filter((per_draw["layer"] == layer) & (per_draw["head"] == head)
+                                   & (per_draw["token_index"] == tok)).sort("rank")
+            assert mine["rank"].to_list() == list(range(1, k + 1))
+            assert np.allclose(mine["weight"].to_numpy(), want_w[:k].numpy(), atol=1e-6)
+            assert (mine["src_token_index"] - mine["src_pos"] == r * preds).all()
+            # Positions agree wherever the weights are not tied.
+            assert set(mine["src_pos"].to_list()) == set(want_src[:k].tolist()) or \
+                np.isclose(want_w[k - 1].item(), want_w[k].item() if k < q + 1 else -1)

@@ -30,7 +30,7 @@ def test_markdown():
 
 def test_latex_booktabs_escaped():
     text = render_latex(DF)
-    assert text.startswith(r"\begin{tabular}{lrrr}") and r"\toprule" in text and r"\bottomrule" in text
+    assert r"\begin{tabular}{lrrr}" in text and r"\toprule" in text and r"\bottomrule" in text
     assert r"gpt2\_small" in text and r"a\&b|c" in text
     assert latex_escape(r"50% $x^2$ #1 {a} ~ \ ") == r"50\% \$x\textasciicircum{}2\$ \#1 \{a\} \textasciitilde{} \textbackslash{} "
 
@@ -62,6 +62,18 @@ def test_every_text_format_to_stdout_and_file(fmt, tmp_path, capsys):
     path = tmp_path / f"x.{fmt}"
     write_output(DF, fmt, path)
     assert out and path.read_text() == out
+
+
+def test_latex_fits_a_page():
+    """Constant columns are dropped and named, wide tables scale to the line, long ones break across pages."""
+    one = DF.with_columns(pl.lit("smollm2").alias("model"))
+    text = render_latex(one)
+    assert text.splitlines()[0] == "% constant columns, dropped: model = smollm2"
+    assert r"\begin{tabular}{rrr}" in text and "smollm2" not in text.split("\n", 1)[1]
+    assert text.splitlines()[1].startswith(r"\resizebox{\ifdim\width>\linewidth\linewidth")
+    assert "0.1235" in text  # four significant digits
+    long = render_latex(pl.concat([DF] * 30))
+    assert r"\begin{longtable}{lrrr}" in long and r"\endhead" in long and long.count(r"\\") == 61
 
 
 def test_empty_frame():

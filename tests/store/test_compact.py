@@ -50,8 +50,8 @@ def ingested(tiny_model_dirs, tmp_path) -> Path:
 def test_compaction_keeps_every_row_and_sorts_each_file(ingested):
     before, n_before = _tables(ingested), _n_files(ingested)
     (result,) = compact(ingested)
-    assert result.shards > 0 and result.files_after == 8  # every shard table, one file each
-    assert _n_files(ingested) == 8 < n_before
+    assert result.shards > 0 and result.files_after == 9  # every shard table, one file each
+    assert _n_files(ingested) == 9 < n_before
     _assert_same_sets(_tables(ingested), before)
     manifest = ModelStore(ingested / MODEL).manifest()
     for table, entries in manifest["compacted"].items():
@@ -119,10 +119,10 @@ def test_a_kill_during_compaction_leaves_the_old_store_readable(ingested, monkey
     assert "compacted" not in ModelStore(ingested / MODEL).manifest()
     monkeypatch.setattr(compact_mod, "_write_sorted", real)
     (result,) = compact(ingested)  # the next compaction completes and removes the leftovers
-    assert result.files_after == 8
+    assert result.files_after == 9
     _assert_same_sets(_tables(ingested), before)
     assert verify(ingested).ok
-    assert len(list((ingested / MODEL / "tables").rglob("compact-*.parquet"))) == 8
+    assert len(list((ingested / MODEL / "tables").rglob("compact-*.parquet"))) == 9
 
 
 def test_a_kill_at_the_commit_leaves_the_old_store_readable(ingested, monkeypatch):
