@@ -123,6 +123,7 @@ def ablation_tables(
     ctx, src, kind: str, sample: int, heads: list[tuple[int, int]], rows: torch.Tensor,
     row0: int, top_sets: dict[tuple[int, int], np.ndarray], neurons_top_k: int,
     heads_per_pass: int, w: Weights, on_pass: Callable[[int], None] = lambda n: None,
+    attention_top_k: int = 8,
 ) -> dict[str, pa.Table]:
     """Ablate every head in `heads` on one batch and build the ablation tables' rows.
 
@@ -139,6 +140,7 @@ def ablation_tables(
         heads_per_pass: heads batched into one patched pass.
         w: the model's processed weights (float32): structure, target columns, neuron DEs.
         on_pass: called with the number of head-token ablations done after each pass.
+        attention_top_k: attention sources kept per head and top token (0: none).
 
     Returns:
         Arrow tables `ablation_effects`, `ablation_top` (its rows on top-p% tokens),
@@ -192,22 +194,19 @@ def ablation_tables(
                     neu.append(_neuron_rows(layer, head, token_index[mask], de_c, de_a, neurons_top_k))
             on_pass(len(chunk) * n)
     out = _assemble(kind, sample, token_index, eff, rep, neu, top_masks)
-    att = attention_rows(w, rows, row0, mask_heads, top_masks, token_index)
+    att = attention_rows(w, rows, row0, mask_heads, top_masks, token_index, attention_top_k)
     if att is not None:
         out["attention_top"] = _concat(att, kind, sample)
     return out
 
 
-ATTENTION_TOP_K = 8
-
-
-def attention_rows(w, rows: torch.Tensor, row0: int, heads, top_masks, token_index, k: int = ATTENTION_TOP_K):
+def attention_rows(w, rows: torch.Tensor, row0: int, heads, top_masks, token_index, k: int):
     """Per ablated head and top token, the k source positions with the largest clean attention weight.
 
     One forward of the model with eager attention (which returns its probabilities) per
     batch that holds top tokens; None when none of `heads` has a top token here.
     """
-    if not any(m.any() for m in top_masks):
+    if not k or not any(m.any() for m in top_masks):
         return None
     batch, seq = rows.shape
     preds = seq - 1

@@ -41,6 +41,7 @@ class IngestConfig:
         heads: `all` or labels such as `L9H11,L10`.
         top_p: fraction of each head's tokens (by clean DE) that get repair/neuron detail.
         neurons_top_k: final-MLP neurons kept per ablated head and top token.
+        attention_top_k: attention sources kept per ablated head and top token (`attention_top`).
         device: auto, cpu or cuda.
         dtype: compute dtype of the model.
         engine: `fast` (the FLOP-minimal sweep) or `reference` (one hooked forward per head).
@@ -70,6 +71,7 @@ class IngestConfig:
     heads: str = "all"
     top_p: float = 0.02
     neurons_top_k: int = 50
+    attention_top_k: int = 8
     device: str = "auto"
     dtype: str = "float32"
     engine: str = "fast"
@@ -115,6 +117,8 @@ class IngestConfig:
             raise ConfigError(f"top_p: floor(top_p × tokens) = floor({self.top_p:g} × {self.n_tokens}) = 0 tokens per "
                               f"head; raise --top-p to at least 1/{self.n_tokens} or --tokens to at least "
                               f"{math.ceil(1 / self.top_p)}")
+        if self.attention_top_k < 0:
+            raise ConfigError(f"attention_top_k: must be >= 0, got {self.attention_top_k}")
         if self.neurons_top_k < 0:
             raise ConfigError(f"neurons_top_k: must be >= 0, got {self.neurons_top_k}")
         if self.device not in DEVICES:

@@ -26,7 +26,7 @@ def run_counts(cfg: IngestConfig, heads, arrays: tuple[str, ...] | None = None) 
     draws = sum(cfg.resamples if k == "resample" else 1 for k in cfg.ablations)
     return E.RunCounts(n_rows=cfg.n_rows, preds_per_row=cfg.preds_per_row, batch_size=cfg.batch_size,
                        draws=draws, resample_draws=resample, heads=tuple(heads), top_p=cfg.top_p,
-                       neurons_top_k=cfg.neurons_top_k,
+                       neurons_top_k=cfg.neurons_top_k, attention_top_k=cfg.attention_top_k,
                        arrays=cfg.activations if arrays is None else arrays,
                        activation_dtype=cfg.activation_dtype)
 

@@ -395,6 +395,9 @@ class Ingest:
         bar.close()
 
 
+LATER_SETTINGS = ("attention_top_k",)  # identity settings newer than some stores
+
+
 def _identity_conflict(old: dict, identity: dict) -> str | None:
     """The first setting that differs from the stored run's, as `key: stored …, asked …`.
 
@@ -403,6 +406,8 @@ def _identity_conflict(old: dict, identity: dict) -> str | None:
     """
     prev = old.get("identity", {})
     for key in sorted(identity):
+        if key in LATER_SETTINGS and key not in prev:
+            continue  # a store from before the setting existed: its shards are redone or kept as they are
         a, b = prev.get(key), identity.get(key)
         if isinstance(a, list) or isinstance(b, (list, tuple)):
             a, b = list(a or []), list(b or [])

@@ -156,7 +156,7 @@ class UnitRunner:
             while True:
                 try:
                     tables = ablation_tables(self._ctx, src, kind, sample, work.heads, rows, r0, unit.top_sets,
-                                             cfg.neurons_top_k, hpp, w, on_pass)
+                                             cfg.neurons_top_k, hpp, w, on_pass, cfg.attention_top_k)
                     break
                 except torch.OutOfMemoryError:
                     if hpp == 1:

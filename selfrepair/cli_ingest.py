@@ -76,6 +76,8 @@ class ArraysType(click.ParamType):
               help="Fraction of each head's tokens (by clean DE) with repair and neuron detail.")
 @click.option("--neurons-top-k", type=click.IntRange(min=0), default=50, show_default=True,
               help="Final-MLP neurons kept per head and top token.")
+@click.option("--attention-top-k", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Attention sources kept per head and top token (the largest clean attention weights).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
               help="Precision of the sweep's matrix products (on the change from the clean run); the clean pass, residual stream, norms "

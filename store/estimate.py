@@ -83,6 +83,7 @@ class RunCounts:
         heads: ablated (layer, head) pairs.
         top_p: fraction of tokens per head with repair and neuron detail.
         neurons_top_k: neurons kept per ablated head and top token.
+        attention_top_k: attention sources kept per ablated head and top token.
         arrays: Zarr activation arrays kept.
         activation_dtype: float16 or float32.
     """
@@ -97,6 +98,7 @@ class RunCounts:
     neurons_top_k: int
     arrays: tuple[str, ...]
     activation_dtype: str = "float16"
+    attention_top_k: int = 8
 
     @property
     def n_tokens(self) -> int:
@@ -176,7 +178,9 @@ def table_rows(shape: ModelShape, run: RunCounts) -> dict[str, tuple[int, int]]:
                            b * run.draws if detail else 0),
         "neuron_effects": (run.draws * len(run.heads) * top * min(run.neurons_top_k, shape.d_mlp),
                            b * run.draws if detail and run.neurons_top_k else 0),
-        "attention_top": (run.draws * len(run.heads) * top * 8, b * run.draws if detail else 0),
+        # Each top token sees its own position and those before it: at most k sources.
+        "attention_top": (run.draws * len(run.heads) * top * run.attention_top_k,
+                          b * run.draws if detail and run.attention_top_k else 0),
         "head_top_tokens": (shape.n_layers * shape.n_heads * top, 1),
         "vocab": (shape.d_vocab, 1),
     }
