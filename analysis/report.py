@@ -25,6 +25,7 @@ from selfrepair.analysis.heads import default_heads
 from selfrepair.analysis.spec import FigureSpec, TableSpec, fetch
 from selfrepair.analysis.style import figure_bytes, note_figure, rc
 from selfrepair.errors import ConfigError, QueryError, StoreError
+from selfrepair.queries import requests
 from selfrepair.queries.named import get_query
 from selfrepair.queries.output import write_output
 
@@ -175,6 +176,13 @@ def build_report(store, output: str | Path, models: list[str] | None = None,
     if heads:
         _check_heads(infos, heads)
     ctx = Context(models=tuple(infos), ablation=ablation, p=p if p is not None else infos[0].top_p)
+    # A head, draw or p with nothing stored is refused with one line, never drawn as empty figures.
+    for m in infos:
+        for layer, head in heads or [(None, None)]:
+            asked = {"p": ctx.p, "ablation": ablation, "sample": ctx.sample}
+            if layer is not None:
+                asked |= {"layer": layer, "head": head}
+            requests.check(store.inventories, asked, m.name)
     query = QueryCache(store)
     per_model_heads = {}
     for m in infos:

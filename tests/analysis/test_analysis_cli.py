@@ -57,3 +57,16 @@ def test_table_queries_export_as_latex(tiny_store, tmp_path):
     assert text.splitlines()[0] == "% constant columns, dropped: Tokens = 60"
     assert text.splitlines()[4] == (r"Model & Layer & DE & Ablated DE & Logit change & Self-repair & "
                                     r"Heads & MLPs & LayerNorm & LN share (\%) \\")
+
+
+def test_a_head_that_was_not_ablated_is_refused(tiny_model_dirs, tmp_path):
+    """The report draws nothing empty: a head the ingest never ablated gets one line."""
+    from tiny_models import ingest_tiny
+
+    store = tmp_path / "store"
+    ingest_tiny(tiny_model_dirs["gpt2"], store, heads="L1", ablations=("zero",))
+    result = invoke("--store", str(store), "--heads", "L0H1", "--output", str(tmp_path / "r"))
+    assert result.exit_code == 1
+    assert result.output == "Error: head L0H1 was not ablated; stored heads: tiny-gpt2 zero draw 0: L1\n"
+    result = invoke("--store", str(store), "--p", "0.001", "--output", str(tmp_path / "r"))
+    assert result.exit_code == 1 and "keeps no token" in result.output
