@@ -182,7 +182,7 @@ PAGE_STYLE = """
 body { font-family: sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
 table.data { border-collapse: collapse; font-size: 0.85em; }
 table.data td, table.data th { border-bottom: 1px solid #ddd; padding: 2px 8px; text-align: right; }
-.ctx { font-family: monospace; white-space: pre-wrap; text-align: left; }
+table.data td.ctx { font-family: monospace; white-space: pre-wrap; text-align: left; }
 .tok { background: #ffd54f; font-weight: bold; }
 .ws { color: #999; }
 """
