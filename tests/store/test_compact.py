@@ -167,7 +167,7 @@ def test_cli_compact(ingested, tmp_path):
     runner = CliRunner()
     result = runner.invoke(main, ["compact", "--store", str(ingested)])
     assert result.exit_code == 0, result.output
-    assert result.output.startswith(f"{MODEL}: ") and "-> 7 sorted files" in result.output
+    assert result.output.startswith(f"{MODEL}: ") and "-> 9 sorted files" in result.output
     again = runner.invoke(main, ["compact", "--store", str(ingested)])
     assert again.exit_code == 0 and again.output == f"{MODEL}: nothing to compact\n"
     missing = runner.invoke(main, ["compact", "--store", str(tmp_path / "nope")])
