@@ -161,6 +161,11 @@ def downstream_components(shape: ModelShape, layer: int) -> int:
     return (shape.n_layers - 1 - layer) * shape.n_heads + (shape.n_layers - first_mlp)
 
 
+def _mean_sources(k: int, preds: int) -> float:
+    """Mean of min(k, p + 1) over the positions p of a row's predictions."""
+    return sum(min(k, p + 1) for p in range(preds)) / max(preds, 1)
+
+
 def table_rows(shape: ModelShape, run: RunCounts) -> dict[str, tuple[int, int]]:
     """Rows and files of every table in the final store: name -> (rows, files)."""
     n, b = run.n_tokens, run.n_batches
@@ -178,8 +183,9 @@ def table_rows(shape: ModelShape, run: RunCounts) -> dict[str, tuple[int, int]]:
                            b * run.draws if detail else 0),
         "neuron_effects": (run.draws * len(run.heads) * top * min(run.neurons_top_k, shape.d_mlp),
                            b * run.draws if detail and run.neurons_top_k else 0),
-        # Each top token sees its own position and those before it: at most k sources.
-        "attention_top": (run.draws * len(run.heads) * top * run.attention_top_k,
+        # A top token at position p sees p + 1 sources, so it keeps min(k, p + 1): the mean
+        # over positions (top tokens fall anywhere in a row). Not exact: it depends on where they fall.
+        "attention_top": (round(run.draws * len(run.heads) * top * _mean_sources(run.attention_top_k, run.preds_per_row)),
                           b * run.draws if detail and run.attention_top_k else 0),
         "head_top_tokens": (shape.n_layers * shape.n_heads * top, 1),
         "vocab": (shape.d_vocab, 1),

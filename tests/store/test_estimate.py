@@ -43,7 +43,11 @@ def test_rows_per_table_are_exact(planned_and_real):
         if item.kind != "table":
             continue
         files = sorted((model_dir / "tables" / item.name).glob("*.parquet"))
-        assert sum(pq.ParquetFile(f).metadata.num_rows for f in files) == item.count, item.name
+        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        if item.name == "attention_top":  # min(k, position + 1) per top token: depends on where they fall
+            assert abs(rows - item.count) <= TOLERANCE * rows, (rows, item.count)
+            continue
+        assert rows == item.count, item.name
     tables = {i.name for i in est.items if i.kind == "table"}
     assert tables == {p.name for p in (model_dir / "tables").iterdir()}
 
