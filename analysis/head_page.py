@@ -107,9 +107,8 @@ def build_head_page(store, label: str, model: str | None = None, ablation: str |
         "WHERE s.model = $model AND s.layer = $layer AND s.head = $head AND s.ablation = $ablation "
         "AND s.sample = $sample ORDER BY s.de_clean DESC, s.token_index LIMIT $n",
         bound | {"n": n_tokens})
-    one = {"model": model}
     repair = store.query("backup_heads", layer=layer, head=head, ablation=ablation, sample=sample, limit=limit)
-    repair = repair.filter(pl.col("model") == one["model"]).drop("model")
+    repair = repair.filter(pl.col("model") == model).drop("model")
     neurons = store.query("anti_erasure_neurons", layer=layer, head=head, ablation=ablation, sample=sample,
                           limit=limit).filter(pl.col("model") == model).drop("model")
     # Where it attends: the top-k sources of each shown token (rows stored with each draw's shard).
