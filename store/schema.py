@@ -139,10 +139,31 @@ NEURON_EFFECTS = Table(
         ("head", I16),
         ("token_index", I32),
         ("neuron", I32),
+        ("rank", I16),
         ("de_clean", F32),
         ("de_ablated", F32),
     ),
-    "top-p% tokens only: final-MLP neurons with the largest abs(change in DE)",
+    "detail tokens only (each head's top-p% tokens by clean DE, and by sr_mlps for the heads "
+    "`--sr-mlps-neurons` names): the final-MLP neurons whose signed change in DE ranks in the "
+    "top k or the bottom k; rank is the 1-based rank of de_ablated - de_clean, largest first, "
+    "among all d_mlp neurons (rank > d_mlp - k: the bottom k)",
+)
+
+NEURON_TOTALS = Table(
+    "neuron_totals",
+    ("ablation", "sample", "layer", "head", "token_index"),
+    (
+        ("ablation", STR),
+        ("sample", I16),
+        ("layer", I16),
+        ("head", I16),
+        ("token_index", I32),
+        ("d_de_sum", F32),
+        ("d_de_abs_sum", F32),
+        ("d_de_pos_sum", F32),
+    ),
+    "detail tokens only (as neuron_effects): over all d_mlp final-MLP neurons, the sum of the "
+    "change in DE, of its absolute value and of its positive part",
 )
 
 ATTENTION_TOP = Table(
@@ -188,6 +209,7 @@ TABLES: dict[str, Table] = {
         RESAMPLE_SOURCES,
         REPAIR_SOURCES,
         NEURON_EFFECTS,
+        NEURON_TOTALS,
         ATTENTION_TOP,
         HEAD_TOP_TOKENS,
         VOCAB,
