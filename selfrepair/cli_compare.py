@@ -1,0 +1,96 @@
+"""`selfrepair compare-paper`: a store against the paper's published per-head numbers.
+
+Import `selfrepair.cli` (not this module) first: cli.py registers the command.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import click
+import polars as pl
+
+from selfrepair.cli_common import friendly_errors, store_option
+from selfrepair.queries.output import write_output
+
+EXIT_DISAGREES, EXIT_BAD_INPUT = 1, 2
+FORMATS = ("table", "csv", "json", "markdown")
+
+
+def bad_input_exits_2(f):
+    """Our typed errors as one `Error:` line, exiting 2 (exit 1 means "some head disagrees")."""
+    wrapped = friendly_errors(f)
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        try:
+            return wrapped(*args, **kwargs)
+        except click.ClickException as e:
+            e.exit_code = EXIT_BAD_INPUT
+            raise
+
+    return wrapper
+
+
+def _section(title: str, df: pl.DataFrame, fmt: str) -> None:
+    click.echo(f"\n## {title}\n" if fmt == "markdown" else f"\n{title}")
+    # Six decimals: float32 noise (1e-9) would otherwise fill the table; csv and json keep every digit.
+    write_output(df.with_columns(pl.col("store", "paper", "diff").round(6)), fmt)
+
+
+@click.command("compare-paper")
+@store_option
+@click.option("--model", default=None, help="Model folder (default: every model of the store the paper has).")
+@click.option("--ablation", default="resample", show_default=True, help="Stored ablation compared.")
+@click.option("--sample", default=0, show_default=True, type=int, help="Resample draw compared.")
+@click.option("--tolerance", default=0.05, show_default=True, type=float,
+              help="Largest agreeing difference, in logits.")
+@click.option("--reference", type=click.Path(path_type=Path), default=None,
+              help="Reference CSV (default: the paper's values shipped with selfrepair).")
+@click.option("--format", "-f", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
+              help="Output format; csv and json give both tables as one, with a `level` column.")
+@bad_input_exits_2
+def compare_paper(store, model, ablation, sample, tolerance, reference, fmt):
+    """Compare the store's self-repair means with the paper's (Rushing & Nanda 2024).
+
+    For each model of the paper (pythia-160m, gpt2-small, pythia-410m, gpt2-medium): per
+    layer, the mean over its heads of DE, ablated DE, logit change, self-repair and its
+    heads/MLPs/LayerNorm split, over each head's top 2% tokens (and over all tokens where
+    the paper gives them), beside the paper's, with the difference; then every head that
+    differs by more than the tolerance. Exact agreement needs the paper's rows and pairing
+    (`selfrepair ingest --preset paper`).
+
+    Exit status: 0 when every head agrees, 1 when some head disagrees, 2 for bad input
+    (unknown model, missing or malformed reference file, ablation not stored).
+
+    Example:
+
+        selfrepair compare-paper --model pythia-160m --tolerance 0.05
+    """
+    from selfrepair.queries.compare_paper import REFERENCE_CSV, compare
+    from selfrepair.queries.store import Store
+
+    with Store.open(store) as s:
+        result = compare(s, model=model, ablation=ablation, sample=sample, tolerance=tolerance,
+                         reference=reference or REFERENCE_CSV)
+    n_off = result.heads.select("model", "tokens", "head").n_unique()
+    verdict = (f"every head agrees within {result.tolerance:g} logits" if result.agrees else
+               f"{n_off} head{'s' if n_off > 1 else ''} disagree by more than {result.tolerance:g} logits")
+    summary = [*result.notes, verdict]
+    if fmt in ("csv", "json"):
+        for line in summary:
+            click.echo(line, err=True)  # stdout stays one parsable table
+        both = pl.concat([result.layers.with_columns(level=pl.lit("layer")),
+                          result.heads.with_columns(level=pl.lit("head"))], how="diagonal")
+        write_output(both.select("level", "model", "tokens", "layer", "head", "quantity", "store", "paper", "diff",
+                                 "agrees"), fmt)
+    else:
+        click.echo("\n".join(summary))
+        _section("Per layer: mean over the layer's heads (store, paper, store - paper)", result.layers, fmt)
+        _section(f"Heads off by more than {result.tolerance:g} logits", result.heads, fmt)
+    if not result.agrees:
+        click.get_current_context().exit(EXIT_DISAGREES)
+
+
+COMMANDS = [compare_paper]

@@ -1,0 +1,255 @@
+"""`selfrepair compare-paper` on synthetic stores built to match the paper's reference, or to miss it.
+
+The matching store is a 12 × 12 `pythia-160m` of N = 100 tokens (top 2%: 2 tokens per
+head). Each head's two top tokens carry the paper's top2pct means exactly, and the other 98
+carry the value that makes the all-token mean the paper's all_tokens mean (always a lower
+clean DE, so the top set is those two). The ablation columns follow the views' definitions:
+de = DE_ablated, d_logit = delta_logit, d_de_heads = SR_from_heads, d_de_mlps = SR_from_MLPs,
+so sr = d_logit - (de_ablated - de_clean) and sr_ln = sr - heads - MLPs are the paper's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pytest
+from click.testing import CliRunner
+
+from selfrepair.queries import compare_paper
+from selfrepair.queries.compare_paper import QUANTITIES, REFERENCE_CSV, compare, load_reference, paper_model
+from selfrepair.store.model_store import ModelStore
+from selfrepair.store.schema import TABLES
+
+N_TOKENS, SEQ_LEN, TOP_P = 100, 10, 0.02
+K = math.floor(TOP_P * N_TOKENS)
+OFF = {(3, 5): 0.2, (11, 0): -0.3}  # head -> shift of its top tokens' ablated-head repair (d_de_heads)
+# Store column each quantity is built from (sr and sr_ln follow from these in the views).
+BUILT_FROM = {"de_clean": "DE_clean", "de": "DE_ablated", "d_logit": "delta_logit", "d_de_heads": "SR_from_heads",
+              "d_de_mlps": "SR_from_MLPs"}
+
+
+def _table(name: str, cols: dict) -> pa.Table:
+    return pa.table(cols).cast(TABLES[name].arrow_schema)
+
+
+def write_paper_store(path: Path, paper: str = "pythia-160m", shift: dict | None = None,
+                      ablation: str = "resample") -> None:
+    """One model folder whose top-2% (and all-token) head means are the reference's for `paper`."""
+    ref = load_reference()
+    top = ref.filter((pl.col("token_selection") == "top2pct") & (pl.col("model") == paper)).sort("layer", "head")
+    every = ref.filter((pl.col("token_selection") == "all_tokens") & (pl.col("model") == paper)).sort("layer", "head")
+    n_layers, n_heads = int(top["n_layers"][0]), int(top["head"].max()) + 1
+    ms = ModelStore(path)
+    path.mkdir(parents=True)
+    ms.write_manifest({
+        "model": {"name": paper, "hf_id": f"EleutherAI/{paper}", "n_layers": n_layers, "n_heads": n_heads,
+                  "d_model": 16, "d_mlp": 8},
+        "n_tokens": N_TOKENS, "n_rows": N_TOKENS // SEQ_LEN, "seq_len": SEQ_LEN, "config": {"top_p": TOP_P},
+        "ablations": [ablation], "resample": {"samples": 1}, "shards": {},
+    })
+    t = np.arange(N_TOKENS)
+    tokens = {"token_index": t, "row": t // SEQ_LEN, "pos": t % SEQ_LEN, "token_id": t % 50,
+              "next_token_id": (t + 1) % 50, "token_str": [f"t{i}" for i in t],
+              "next_token_str": [f"t{i + 1}" for i in t], "logit": np.ones(N_TOKENS), "ln_scale": np.ones(N_TOKENS),
+              "unembed_bias": np.zeros(N_TOKENS), "loss": np.ones(N_TOKENS), "de_other": np.zeros(N_TOKENS)}
+    heads = {c: [] for c in ("layer", "head", "token_index", "de")}
+    abl = {c: [] for c in TABLES["ablation_effects"].column_names}
+    for i, row in enumerate(top.iter_rows(named=True)):
+        layer, head = row["layer"], row["head"]
+        first = (layer * n_heads + head) % N_TOKENS
+        is_top = np.isin(t, [first, (first + 37) % N_TOKENS])  # two top tokens, spread over the rows
+        cols = {}
+        for col, paper_col in BUILT_FROM.items():
+            value = row[paper_col] + (shift or {}).get((layer, head), 0.0) * (col == "d_de_heads")
+            # The other tokens' value makes the all-token mean the paper's (or one logit lower).
+            mean = every[paper_col][i] if every.height else row[paper_col] - 1.0
+            cols[col] = np.where(is_top, value, (N_TOKENS * mean - K * row[paper_col]) / (N_TOKENS - K))
+        heads["de"] += cols.pop("de_clean").tolist()
+        for key, value in (("layer", layer), ("head", head), ("ablation", ablation), ("sample", 0)):
+            abl[key] += [value] * N_TOKENS
+        heads["layer"] += [layer] * N_TOKENS
+        heads["head"] += [head] * N_TOKENS
+        heads["token_index"] += t.tolist()
+        abl["token_index"] += t.tolist()
+        abl["ln_scale"] += [1.0] * N_TOKENS
+        for col, values in cols.items():
+            abl[col] += values.tolist()
+    entries = ms.write_shard_files("clean-0000", {"tokens": _table("tokens", tokens),
+                                                  "head_effects": _table("head_effects", heads)})
+    ms.commit_shard("clean-0000", {"phase": "clean", "rows": [0, N_TOKENS // SEQ_LEN], "files": entries})
+    entries = ms.write_shard_files("ablation-0000", {"ablation_effects": _table("ablation_effects", abl)})
+    ms.commit_shard("ablation-0000", {"phase": "ablation", "rows": [0, N_TOKENS // SEQ_LEN], "files": entries,
+                                      "ablation": ablation, "sample": 0, "heads": "all"})
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("paper")
+    out = {"match": root / "match", "off": root / "off", "zero": root / "zero", "mixed": root / "mixed"}
+    write_paper_store(out["match"] / "pythia-160m")
+    write_paper_store(out["off"] / "pythia-160m", shift=OFF)
+    write_paper_store(out["zero"] / "pythia-160m", ablation="zero")
+    write_paper_store(out["mixed"] / "pythia-160m")
+    write_paper_store(out["mixed"] / "tiny-x", paper="pythia-160m")
+    manifest = ModelStore(out["mixed"] / "tiny-x").manifest()
+    manifest["model"] |= {"name": "tiny-x", "hf_id": "someone/tiny-x"}
+    ModelStore(out["mixed"] / "tiny-x").write_manifest(manifest)
+    return out
+
+
+@pytest.fixture()
+def run(cli):
+    def invoke(store: Path, *args):
+        return CliRunner().invoke(cli, ["compare-paper", "--store", str(store), *args])
+
+    return invoke
+
+
+def _compare(store: Path, **kwargs):
+    from selfrepair.queries.store import Store
+
+    with Store.open(store) as s:
+        return compare(s, **kwargs)
+
+
+def test_matching_store_agrees_to_float32_precision(stores):
+    result = _compare(stores["match"])
+    assert result.agrees and result.heads.is_empty()
+    layers = result.layers
+    assert layers.height == 2 * 12 * len(QUANTITIES)  # top2pct and all_tokens, 12 layers, 7 quantities
+    assert set(layers["tokens"]) == {"top2pct", "all_tokens"}
+    assert layers["agrees"].all()
+    # The paper's own rounding (6 significant digits) bounds sr and sr_ln; the rest is float32.
+    assert layers["diff"].abs().max() < 2e-4
+
+
+def test_layer_means_are_the_paper_heads_means(stores):
+    ref = load_reference().filter(pl.col("model") == "pythia-160m")
+    expected = ref.group_by("token_selection", "layer").agg(pl.col("delta_logit").mean())
+    got = _compare(stores["match"]).layers.filter(pl.col("quantity") == "delta_logit")
+    joined = got.join(expected, left_on=["tokens", "layer"], right_on=["token_selection", "layer"])
+    assert joined.height == 24
+    assert np.allclose(joined["paper"], joined["delta_logit"], rtol=0, atol=1e-12)
+
+
+def test_cli_agrees_exit_0(run, stores):
+    r = run(stores["match"], "--model", "pythia-160m")
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0] == f"reference: {REFERENCE_CSV}; tolerance 0.05 logits"
+    assert ("pythia-160m (the paper's pythia-160m): resample draw 0; the store has 100 tokens (10 rows of 10; "
+            "top 2%: 2 tokens per head), the paper ~1 M tokens in rows of 128") in lines
+    assert any("selfrepair ingest --preset paper" in line for line in lines)
+    assert "every head agrees within 0.05 logits" in lines
+    assert "model        tokens      layer  quantity     store     paper  diff  agrees".split() == \
+        lines[lines.index("Per layer: mean over the layer's heads (store, paper, store - paper)") + 1].split()
+    assert r.output.rstrip().endswith("(0 rows)")
+
+
+def test_off_heads_listed_exit_1(run, stores):
+    r = run(stores["off"])
+    assert r.exit_code == 1, r.output
+    assert "2 heads disagree by more than 0.05 logits" in r.output
+    heads = _compare(stores["off"]).heads
+    # Only top2pct: the shift moves the all-token mean by 2% of it (< 0.05).
+    assert set(zip(heads["tokens"], heads["head"], heads["quantity"])) == {
+        ("top2pct", h, q) for h in ("L3H5", "L11H0") for q in ("SR_heads", "SR_LN")}
+    for (layer, head), shift in OFF.items():
+        rows = heads.filter(pl.col("head") == f"L{layer}H{head}")
+        assert np.allclose(rows["diff"].abs(), abs(shift), atol=2e-4)
+        assert np.allclose(rows["store"] - rows["paper"], rows["diff"])
+    assert "L3H5" in r.output and "L11H0" in r.output
+
+
+def test_tolerance_option(run, stores):
+    assert run(stores["off"], "--tolerance", "0.5").exit_code == 0
+    r = run(stores["off"], "--tolerance", "-1")
+    assert (r.exit_code, r.output) == (2, "Error: tolerance -1.0 must be a positive number of logits\n")
+
+
+def test_json_and_csv(run, stores):
+    r = run(stores["off"], "--format", "json")
+    assert r.exit_code == 1
+    rows = json.loads(r.stdout)
+    assert {row["level"] for row in rows} == {"layer", "head"}
+    assert sum(row["level"] == "head" for row in rows) == 4
+    r = run(stores["match"], "--format", "csv")
+    assert r.exit_code == 0
+    assert r.stdout.splitlines()[0] == "level,model,tokens,layer,head,quantity,store,paper,diff,agrees"
+    assert "every head agrees" in r.stderr
+
+
+def test_markdown(run, stores):
+    r = run(stores["match"], "--format", "markdown")
+    assert r.exit_code == 0 and "## Per layer" in r.output and "| model | tokens | layer |" in r.output
+
+
+def test_multi_model_store(run, stores):
+    r = run(stores["mixed"])
+    assert r.exit_code == 0, r.output
+    assert "skipped tiny-x: not a model of the paper's reference" in r.output
+    r = run(stores["mixed"], "--model", "tiny-x")
+    assert (r.exit_code, r.output) == (2, "Error: model 'tiny-x' is not in the paper's reference "
+                                          "(it has gpt2-medium, gpt2-small, pythia-160m, pythia-410m)\n")
+    r = run(stores["mixed"], "--model", "nope")
+    assert r.exit_code == 2 and r.output.startswith("Error: no model 'nope' in ")
+
+
+def test_store_without_resample(run, stores):
+    r = run(stores["zero"])
+    assert r.exit_code == 2
+    assert r.output == ("Error: ablation 'resample' was not ingested; this store has: zero "
+                        "(add it with `selfrepair ingest --ablations …`)\n")
+
+
+def test_bad_reference_files(run, stores, tmp_path):
+    missing = tmp_path / "none.csv"
+    r = run(stores["match"], "--reference", str(missing))
+    assert (r.exit_code, r.output) == (2, f"Error: reference file {missing} not found\n")
+    short = tmp_path / "short.csv"
+    short.write_text("token_selection,model,layer,head,n_layers,DE_clean\ntop2pct,pythia-160m,0,0,12,0.4\n")
+    r = run(stores["match"], "--reference", str(short))
+    assert (r.exit_code, r.output) == (2, f"Error: reference file {short} lacks column 'DE_ablated'\n")
+    text = tmp_path / "text.csv"
+    text.write_text(REFERENCE_CSV.read_text().replace("0.454766", "n/a", 1))
+    r = run(stores["match"], "--reference", str(text))
+    assert (r.exit_code, r.output) == (2, f"Error: reference file {text}: column 'DE_clean' has empty or "
+                                          "non-numeric values\n")
+
+
+def test_missing_store(run, tmp_path):
+    r = run(tmp_path / "nope")
+    assert (r.exit_code, r.output) == (2, f"Error: no selfrepair store at {tmp_path / 'nope'}\n")
+
+
+@pytest.mark.parametrize("folder,info,paper", [
+    ("pythia-410m", {}, "pythia-410m"),
+    ("EleutherAI--pythia-410m", {"name": "EleutherAI/pythia-410m", "hf_id": "EleutherAI/pythia-410m"}, "pythia-410m"),
+    ("gpt2", {"name": "gpt2", "hf_id": "openai-community/gpt2"}, "gpt2-small"),
+    ("mine", {"name": "mine", "hf_id": "openai-community/gpt2-medium"}, "gpt2-medium"),
+    ("pythia-160m-deduped", {"hf_id": "EleutherAI/pythia-160m-deduped"}, None),
+])
+def test_paper_model(folder, info, paper):
+    assert paper_model(folder, {"model": info}) == paper
+
+
+def test_paper_models_agree_with_the_registry():
+    from selfrepair.ingest.models import REGISTRY
+
+    for paper, aliases in compare_paper.PAPER_MODELS.items():
+        assert REGISTRY[paper] in aliases
+        assert all(REGISTRY[a] == REGISTRY[paper] for a in aliases if a in REGISTRY)
+
+
+def test_reference_is_shipped():
+    assert REFERENCE_CSV.is_file() and (REFERENCE_CSV.parent / "README.md").is_file()
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    assert "reference/*.csv" in pyproject["tool"]["setuptools"]["package-data"]["selfrepair.queries"]
+    ref = load_reference()
+    assert ref.group_by("token_selection", "model").len().height == 6
