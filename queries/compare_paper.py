@@ -20,7 +20,7 @@ from pathlib import Path
 import polars as pl
 
 from selfrepair.errors import ConfigError, QueryError
-from selfrepair.queries import named, requests
+from selfrepair.queries import named, requests, safety
 from selfrepair.queries.store import Store
 from selfrepair.store.inventory import Inventory
 
@@ -129,7 +129,7 @@ def load_reference(path: str | Path = REFERENCE_CSV) -> pl.DataFrame:
     try:
         df = pl.read_csv(path, infer_schema_length=None)
     except (OSError, pl.exceptions.PolarsError) as e:
-        raise ConfigError(f"reference file {path} cannot be read as CSV: {_first_line(e)}") from None
+        raise ConfigError(f"reference file {path} cannot be read as CSV: {safety.one_line(e)}") from None
     missing = [c for c in (*KEY_COLUMNS, *(q.paper for q in QUANTITIES)) if c not in df.columns]
     if missing:
         raise ConfigError(f"reference file {path} lacks column {missing[0]!r}")
@@ -173,16 +173,17 @@ def compare(store: Store, model: str | None = None, ablation: str = "resample", 
         notes.append(f"note: the paper's numbers are resample ablations; this compares {ablation}")
     notes += [f"skipped {folder}: not a model of the paper's reference" for folder, paper in pairs if paper is None]
     layers, heads = [], []
+    inventories = store.inventories
     for folder, paper in [(f, p) for f, p in pairs if p is not None]:
-        inventory = next(i for i in store.inventories if i.model == folder)
-        requests.check(store.inventories, {"ablation": ablation, "sample": sample}, model=folder)
+        inventory = next(i for i in inventories if i.model == folder)
+        requests.check(inventories, {"ablation": ablation, "sample": sample}, model=folder)
         for sel in SELECTIONS:
             rows = ref.filter((pl.col("token_selection") == sel.name) & (pl.col("model") == paper))
             if rows.is_empty():
                 continue
             _check_shape(inventory, paper, rows)
             if sel.p is not None:
-                requests.check(store.inventories, {"p": sel.p}, model=folder)
+                requests.check(inventories, {"p": sel.p}, model=folder)
             joined = _joined(_store_values(store, folder, sel, ablation, sample), rows)
             joined = joined.with_columns(model=pl.lit(folder), tokens=pl.lit(sel.name))
             layers.append(_layer_means(joined, tolerance))
@@ -258,7 +259,8 @@ def _layer_means(joined: pl.DataFrame, tolerance: float) -> pl.DataFrame:
 
 def _off_heads(joined: pl.DataFrame, tolerance: float) -> pl.DataFrame:
     off = joined.filter(pl.col("store").is_null() | (pl.col("diff").abs() > tolerance))
-    return off.with_columns(head=pl.format("L{}H{}", "layer", "head"), position=pl.col("layer") * 10_000 + pl.col("head"))
+    return off.with_columns(head=pl.format("L{}H{}", "layer", "head"),
+                            position=pl.col("layer") * 10_000 + pl.col("head"))
 
 
 def _ordered(parts: list[pl.DataFrame], columns: tuple[str, ...]) -> pl.DataFrame:
@@ -274,7 +276,3 @@ def _scale_note(folder: str, paper: str, inv: Inventory, ablation: str, sample: 
             f"({inv.n_rows:,} rows of {inv.seq_len}; top 2%: {top:,} tokens per head), the paper "
             f"{PAPER_TOKENS} tokens in rows of {PAPER_SEQ_LEN}")
 
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__

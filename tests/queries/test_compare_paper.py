@@ -39,8 +39,10 @@ def _table(name: str, cols: dict) -> pa.Table:
 
 
 def write_paper_store(path: Path, paper: str = "pythia-160m", shift: dict | None = None,
-                      ablation: str = "resample") -> None:
-    """One model folder whose top-2% (and all-token) head means are the reference's for `paper`."""
+                      ablation: str = "resample", unablated: tuple = (), hf_id: str | None = None) -> None:
+    """One model folder whose top-2% (and all-token) head means are the reference's for `paper`
+    (`shift`: head -> added to its top tokens' d_de_heads; `unablated`: heads with no ablation rows;
+    `hf_id`: the manifest's model id, default the paper model's; the manifest's name is the folder's)."""
     ref = load_reference()
     top = ref.filter((pl.col("token_selection") == "top2pct") & (pl.col("model") == paper)).sort("layer", "head")
     every = ref.filter((pl.col("token_selection") == "all_tokens") & (pl.col("model") == paper)).sort("layer", "head")
@@ -48,7 +50,7 @@ def write_paper_store(path: Path, paper: str = "pythia-160m", shift: dict | None
     ms = ModelStore(path)
     path.mkdir(parents=True)
     ms.write_manifest({
-        "model": {"name": paper, "hf_id": f"EleutherAI/{paper}", "n_layers": n_layers, "n_heads": n_heads,
+        "model": {"name": path.name, "hf_id": hf_id or f"EleutherAI/{paper}", "n_layers": n_layers, "n_heads": n_heads,
                   "d_model": 16, "d_mlp": 8},
         "n_tokens": N_TOKENS, "n_rows": N_TOKENS // SEQ_LEN, "seq_len": SEQ_LEN, "config": {"top_p": TOP_P},
         "ablations": [ablation], "resample": {"samples": 1}, "shards": {},
@@ -71,13 +73,15 @@ def write_paper_store(path: Path, paper: str = "pythia-160m", shift: dict | None
             mean = every[paper_col][i] if every.height else row[paper_col] - 1.0
             cols[col] = np.where(is_top, value, (N_TOKENS * mean - K * row[paper_col]) / (N_TOKENS - K))
         heads["de"] += cols.pop("de_clean").tolist()
-        for key, value in (("layer", layer), ("head", head), ("ablation", ablation), ("sample", 0)):
-            abl[key] += [value] * N_TOKENS
         heads["layer"] += [layer] * N_TOKENS
         heads["head"] += [head] * N_TOKENS
         heads["token_index"] += t.tolist()
+        if (layer, head) in unablated:
+            continue
         abl["token_index"] += t.tolist()
         abl["ln_scale"] += [1.0] * N_TOKENS
+        for key, value in (("layer", layer), ("head", head), ("ablation", ablation), ("sample", 0)):
+            abl[key] += [value] * N_TOKENS
         for col, values in cols.items():
             abl[col] += values.tolist()
     entries = ms.write_shard_files("clean-0000", {"tokens": _table("tokens", tokens),
@@ -91,15 +95,15 @@ def write_paper_store(path: Path, paper: str = "pythia-160m", shift: dict | None
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("paper")
-    out = {"match": root / "match", "off": root / "off", "zero": root / "zero", "mixed": root / "mixed"}
+    out = {name: root / name for name in ("match", "off", "zero", "mixed", "partial", "shape")}
     write_paper_store(out["match"] / "pythia-160m")
     write_paper_store(out["off"] / "pythia-160m", shift=OFF)
     write_paper_store(out["zero"] / "pythia-160m", ablation="zero")
     write_paper_store(out["mixed"] / "pythia-160m")
-    write_paper_store(out["mixed"] / "tiny-x", paper="pythia-160m")
-    manifest = ModelStore(out["mixed"] / "tiny-x").manifest()
-    manifest["model"] |= {"name": "tiny-x", "hf_id": "someone/tiny-x"}
-    ModelStore(out["mixed"] / "tiny-x").write_manifest(manifest)
+    write_paper_store(out["mixed"] / "tiny-x", hf_id="someone/tiny-x")
+    write_paper_store(out["partial"] / "pythia-160m", unablated=((2, 7),))
+    # pythia-160m's 12 × 12 heads under gpt2-medium's name
+    write_paper_store(out["shape"] / "gpt2-medium", hf_id="openai-community/gpt2-medium")
     return out
 
 
@@ -199,6 +203,20 @@ def test_multi_model_store(run, stores):
                                           "(it has gpt2-medium, gpt2-small, pythia-160m, pythia-410m)\n")
     r = run(stores["mixed"], "--model", "nope")
     assert r.exit_code == 2 and r.output.startswith("Error: no model 'nope' in ")
+
+
+def test_head_not_stored_is_listed(run, stores):
+    result = _compare(stores["partial"])
+    assert set(result.heads["head"]) == {"L2H7"} and result.heads["store"].is_null().all()
+    assert result.heads.height == 2 * len(QUANTITIES)  # both token sets
+    assert result.layers["agrees"].all()  # layer means over the stored heads, on both sides
+    assert run(stores["partial"]).exit_code == 1
+
+
+def test_model_shape_differs(run, stores):
+    r = run(stores["shape"])
+    assert (r.exit_code, r.output) == (2, "Error: model 'gpt2-medium' has 12 layers × 12 heads; the paper's "
+                                          "gpt2-medium has 24 × 16\n")
 
 
 def test_store_without_resample(run, stores):
