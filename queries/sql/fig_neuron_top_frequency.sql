@@ -19,17 +19,20 @@ WITH tokens AS (
 ),
 token_counts AS (
     SELECT model, count(*) AS n_tokens FROM tokens GROUP BY model
+),
+ranked AS (
+    SELECT n.model,
+           n.neuron,
+           count(*) AS n_top,
+           c.n_tokens,
+           count(*) / c.n_tokens AS frequency,
+           row_number() OVER (PARTITION BY n.model ORDER BY count(*) DESC, n.neuron) AS rank
+    FROM neuron_effects n
+    JOIN tokens t USING (model, layer, head, token_index)
+    JOIN token_counts c ON c.model = n.model
+    WHERE n.ablation = $ablation AND n.sample = $sample AND n.rank <= $top_n
+    GROUP BY n.model, n.neuron, c.n_tokens
 )
-SELECT n.model,
-       n.neuron,
-       count(*) AS n_top,
-       c.n_tokens,
-       count(*) / c.n_tokens AS frequency,
-       row_number() OVER (PARTITION BY n.model ORDER BY count(*) DESC, n.neuron) AS rank
-FROM neuron_effects n
-JOIN tokens t USING (model, layer, head, token_index)
-JOIN token_counts c ON c.model = n.model
-WHERE n.ablation = $ablation AND n.sample = $sample AND n.rank <= $top_n
-GROUP BY n.model, n.neuron, c.n_tokens
-QUALIFY rank <= $limit
-ORDER BY n.model, rank;
+SELECT * FROM ranked
+WHERE rank <= $limit
+ORDER BY model, rank;

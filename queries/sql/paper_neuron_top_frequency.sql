@@ -16,18 +16,21 @@ WITH sel AS (
 ),
 token_counts AS (
     SELECT model, count(*) AS n_tokens FROM sel GROUP BY model
+),
+ranked AS (
+    SELECT s.model,
+           n.neuron,
+           count(*) AS n_top,
+           c.n_tokens,
+           count(*) / c.n_tokens AS frequency,
+           row_number() OVER (PARTITION BY s.model ORDER BY count(*) DESC, n.neuron) AS rank
+    FROM sel s
+    JOIN neuron_effects n
+      ON n.model = s.model AND n.layer = s.layer AND n.head = s.head AND n.token_index = s.token_index
+    JOIN token_counts c ON c.model = s.model
+    WHERE n.ablation = $ablation AND n.sample = $sample AND n.rank <= $top_n
+    GROUP BY s.model, n.neuron, c.n_tokens
 )
-SELECT s.model,
-       n.neuron,
-       count(*) AS n_top,
-       c.n_tokens,
-       count(*) / c.n_tokens AS frequency,
-       row_number() OVER (PARTITION BY s.model ORDER BY count(*) DESC, n.neuron) AS rank
-FROM sel s
-JOIN neuron_effects n
-  ON n.model = s.model AND n.layer = s.layer AND n.head = s.head AND n.token_index = s.token_index
-JOIN token_counts c ON c.model = s.model
-WHERE n.ablation = $ablation AND n.sample = $sample AND n.rank <= $top_n
-GROUP BY s.model, n.neuron, c.n_tokens
-QUALIFY rank <= $limit
-ORDER BY s.model, rank;
+SELECT * FROM ranked
+WHERE rank <= $limit
+ORDER BY model, rank;
