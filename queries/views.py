@@ -239,9 +239,10 @@ FROM base
 # the largest signed sr_mlps = d_de_mlps under one ablation draw, ties to the lower token_index,
 # at the ingest's own top_p (the only p with neuron rows). A selected token that neuron_totals
 # lacks (the ingest's --sr-mlps-neurons did not name the head) refuses the query with one line.
-# Callers filter on layer and head; DuckDB pushes that below the window.
+# One layer (lyr -1: the penultimate, n_layers - 2) and one head (hd -1: all): the filter must sit
+# inside, below the refusing projection, or other heads' tokens would refuse too.
 SR_MLPS_TOP_SQL = f"""
-CREATE MACRO sr_mlps_top(abl, smp) AS TABLE
+CREATE MACRO sr_mlps_top(abl, smp, lyr, hd) AS TABLE
 SELECT model, layer, head, head_label, sr_mlps,
        -- every query joins on token_index, so a selected token without neuron rows always refuses
        CASE WHEN has_neurons THEN token_index ELSE error(
@@ -255,6 +256,7 @@ FROM (
                      AND n.head = a.head AND n.token_index = a.token_index) AS has_neurons
     FROM ablation_effects a JOIN models m USING (model)
     WHERE a.ablation = abl AND a.sample = smp
+      AND a.layer = CASE WHEN lyr < 0 THEN m.n_layers - 2 ELSE lyr END AND (hd < 0 OR a.head = hd)
     QUALIFY row_number() OVER (PARTITION BY a.model, a.layer, a.head
                                ORDER BY a.d_de_mlps DESC, a.token_index) <= floor(m.top_p * m.n_tokens)
 )
@@ -309,7 +311,7 @@ def inventory_view_sql(models: list[ModelFiles]) -> str:
 
 
 DERIVED_VIEWS = ("models", "inventory", "self_repair")
-MACROS = ("top_tokens(p)", "self_repair_top(p)", "sr_mlps_top(abl, smp)", "paper_head_means(abl, smp)", "token_context(n)")
+MACROS = ("top_tokens(p)", "self_repair_top(p)", "sr_mlps_top(abl, smp, lyr, hd)", "paper_head_means(abl, smp)", "token_context(n)")
 
 
 def view_statements(models: list[ModelFiles]) -> list[str]:

@@ -10,7 +10,7 @@
 -- param ablation: resample — ablation kind (resample, mean, zero)
 -- param sample: 0 — resample draw
 WITH sel AS (
-    SELECT * FROM sr_mlps_top($ablation, $sample) WHERE layer = $layer AND head = $head
+    SELECT * FROM sr_mlps_top($ablation, $sample, $layer, $head)
 )
 SELECT s.model,
        s.token_index,

@@ -12,7 +12,7 @@
 -- param top_n: 10 — top neurons per token (at most the ingest's neurons_top_k)
 -- param limit: 30 — neurons kept per model
 WITH sel AS (
-    SELECT * FROM sr_mlps_top($ablation, $sample) WHERE layer = $layer AND head = $head
+    SELECT * FROM sr_mlps_top($ablation, $sample, $layer, $head)
 ),
 token_counts AS (
     SELECT model, count(*) AS n_tokens FROM sel GROUP BY model

@@ -9,14 +9,10 @@
 -- param p: 0.02 — fraction of each model's tokens kept per head
 -- param ablation: resample — ablation kind (resample, mean, zero)
 -- param sample: 0 — resample draw
-WITH shares AS (
-    -- IEEE division: x / 0 is ±inf (clipped to 1 or 0), 0 / 0 is NaN (dropped below)
-    SELECT model, layer, head,
-           least(greatest(sr_heads / de_clean, 0), 1) AS heads,
-           least(greatest(sr_mlps / de_clean, 0), 1) AS mlps,
-           least(greatest(sr_ln / de_clean, 0), 1) AS ln,
-           least(greatest(sr / de_clean, 0), 1) AS total,
-           de_clean
+WITH ratios AS (
+    -- IEEE division: x / 0 is ±inf (clipped to 1 or 0); 0 / 0 is NaN, left out of the mean
+    SELECT model, layer, head, de_clean,
+           sr_heads / de_clean AS heads, sr_mlps / de_clean AS mlps, sr_ln / de_clean AS ln, sr / de_clean AS total
     FROM self_repair_top($p)
     WHERE ablation = $ablation AND sample = $sample
 ),
@@ -24,11 +20,11 @@ per_head AS (
     SELECT model, layer, head,
            count(*) AS n_tokens,
            avg(de_clean) AS de_clean,
-           avg(heads) FILTER (WHERE NOT isnan(heads)) AS heads_share,
-           avg(mlps) FILTER (WHERE NOT isnan(mlps)) AS mlps_share,
-           avg(ln) FILTER (WHERE NOT isnan(ln)) AS ln_share,
-           avg(total) FILTER (WHERE NOT isnan(total)) AS sr_share
-    FROM shares
+           avg(least(greatest(heads, 0), 1)) FILTER (WHERE NOT isnan(heads)) AS heads_share,
+           avg(least(greatest(mlps, 0), 1)) FILTER (WHERE NOT isnan(mlps)) AS mlps_share,
+           avg(least(greatest(ln, 0), 1)) FILTER (WHERE NOT isnan(ln)) AS ln_share,
+           avg(least(greatest(total, 0), 1)) FILTER (WHERE NOT isnan(total)) AS sr_share
+    FROM ratios
     GROUP BY model, layer, head
 )
 SELECT model, layer, head, n_tokens, de_clean, heads_share, mlps_share, ln_share, sr_share

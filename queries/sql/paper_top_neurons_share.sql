@@ -10,9 +10,7 @@
 -- param sample: 0 — resample draw
 -- param top_n: 5 — neurons per token (at most the ingest's neurons_top_k)
 WITH sel AS (
-    SELECT t.*
-    FROM sr_mlps_top($ablation, $sample) t JOIN models m USING (model)
-    WHERE t.layer = CASE WHEN $layer < 0 THEN m.n_layers - 2 ELSE $layer END
+    SELECT * FROM sr_mlps_top($ablation, $sample, $layer, -1)
 ),
 top AS (
     SELECT model, layer, head, token_index,
