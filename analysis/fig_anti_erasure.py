@@ -37,6 +37,6 @@ FIGURE = FigureSpec(
     name="fig_anti_erasure",
     title="Anti-erasure scatter",
     query="fig_anti_erasure_top_neuron",
-    runs=lambda ctx: [head_params(ctx)],
+    runs=lambda ctx: [{k: v for k, v in head_params(ctx).items() if k != "p"}],  # its query reads every stored token
     plot=plot,
 )

@@ -6,6 +6,7 @@ Header format (leading `--` comment lines):
     -- Description, any number of lines.
     -- param p: 0.02 — fraction of tokens        (a default)
     -- param layer — layer of the ablated head    (required)
+    -- needs: neuron_ranks                        (stored data the query cannot run without)
 
 The parameter list itself is read from the SQL text (`$name` placeholders, found by
 DuckDB's parser so comments and string literals are ignored); the header only adds
@@ -25,6 +26,7 @@ import duckdb
 from selfrepair.errors import QueryError, UnknownQuery
 
 SQL_DIR = Path(__file__).parent / "sql"
+_NEEDS_LINE = re.compile(r"^needs:\s*(.+)$")
 _PARAM_LINE = re.compile(r"^param\s+(\w+)\s*(?::\s*(.*?))?\s*(?:[—–]|--)\s*(.*)$")
 _INT = re.compile(r"^[+-]?\d+$")
 _FLOAT = re.compile(r"^[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?$")
@@ -52,6 +54,7 @@ class NamedQuery:
     description: str
     sql: str
     params: tuple[Param, ...] = field(default=())
+    needs: tuple[str, ...] = field(default=())
 
     def bind(self, values: dict) -> dict:
         """Defaults filled in and values coerced; raises QueryError naming a missing or unknown one."""
@@ -96,10 +99,13 @@ def parse(path: Path) -> NamedQuery:
             break
         header.append(line[2:].strip())
     title = header[0] if header else path.stem
-    description, declared = [], {}
+    description, declared, needs = [], {}, []
     for line in header[1:]:
         m = _PARAM_LINE.match(line)
-        if m:
+        n = _NEEDS_LINE.match(line)
+        if n:
+            needs += n.group(1).replace(",", " ").split()
+        elif m:
             name, default, doc = m.groups()
             declared[name] = Param(name, default if default else None, doc.strip())
         elif line:
@@ -117,7 +123,7 @@ def parse(path: Path) -> NamedQuery:
     # Order: as declared in the header, then any undocumented ones alphabetically.
     names = [n for n in declared if n in used] + sorted(set(used) - set(declared))
     params = tuple(declared.get(n, Param(n)) for n in names)
-    return NamedQuery(path.stem, title, " ".join(description), text, params)
+    return NamedQuery(path.stem, title, " ".join(description), text, params, tuple(needs))
 
 
 @lru_cache(maxsize=1)

@@ -88,3 +88,24 @@ def check(inventories: list[Inventory], params: dict, model: str | None = None) 
             if draws and not any((layer, head) in d.heads for _, d in draws):
                 stored = "; ".join(f"{i.model} {d.ablation} draw {d.sample}: {i.heads_text(d)}" for i, d in draws)
                 raise QueryError(f"head L{layer}H{head} was not ablated; stored heads: {stored}")
+
+
+# What a `-- needs:` header line may name, and what stores lack it (see `Store.named_sql`).
+NEEDS = {
+    "neuron_ranks": "final-MLP neuron ranks by signed change in DE (neuron_effects.rank and neuron_totals)",
+}
+
+
+def check_needs(query: str, needs: tuple[str, ...], lacking: dict[str, list[str]]) -> None:
+    """Refuse a named query whose `-- needs:` data some model's store predates.
+
+    Args:
+        query: the query's name, for the message.
+        needs: its `-- needs:` names (keys of NEEDS).
+        lacking: need -> the models whose store lacks it.
+    """
+    for need in needs:
+        models = lacking.get(need) or []
+        if models:
+            raise QueryError(f"query '{query}' needs {NEEDS[need]}, which the store of {', '.join(models)} "
+                             "predates; ingest that model again with this selfrepair version")

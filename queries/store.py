@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import weakref
+from dataclasses import replace
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +38,7 @@ class Store:
         self.root = root
         self._con = con
         self._manifests = manifests
+        self._lacking: dict[str, list[str]] = {}  # `-- needs:` name -> models whose store lacks it
 
     @classmethod
     def open(cls, path: str | Path, memory_limit: str | None = None) -> "Store":
@@ -67,6 +69,7 @@ class Store:
             raise StoreNotFound(f"no selfrepair store at {root}")
         con = duckdb.connect(":memory:")
         try:
+            models = [replace(m, missing=_missing_columns(con, m.files)) for m in models]
             for statement in views.view_statements(models):
                 con.execute(statement)
         except duckdb.Error as e:
@@ -75,6 +78,7 @@ class Store:
         temp_dir = Path(tempfile.mkdtemp(prefix="selfrepair-duckdb-"))
         safety.lock_down(con, readable, temp_dir, memory_limit or default_memory_limit())
         store = cls(root, con, {m.model: m.manifest for m in models})
+        store._lacking = {"neuron_ranks": sorted(m.model for m in models if "neuron_effects" in m.missing)}
         weakref.finalize(store, _cleanup, con, temp_dir)
         return store
 
@@ -184,6 +188,7 @@ class Store:
         q = named.get_query(name)
         bound = q.bind(params)
         requests.check(self.inventories, bound)  # never an empty answer for what was not ingested
+        requests.check_needs(name, q.needs, self._lacking)
         return q.sql, bound
 
     def activations(self, model: str | None = None):
@@ -219,6 +224,28 @@ class Store:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# Columns added to a table after stores were written with it: a store without them still opens,
+# the view gives them as NULL, and the queries that need them refuse (see `requests.check_needs`).
+ADDED_COLUMNS = {"neuron_effects": ("rank",)}
+
+
+def _missing_columns(con: duckdb.DuckDBPyConnection, table_files: dict[str, list[Path]]) -> dict[str, set[str]]:
+    """Per table of ADDED_COLUMNS, the added columns that some of its files lack (Parquet footers only)."""
+    out = {}
+    for table, added in ADDED_COLUMNS.items():
+        paths = [str(p) for p in table_files.get(table) or []]
+        if not paths:
+            continue
+        rows = con.execute("SELECT file_name, name FROM parquet_schema($files)", {"files": paths}).fetchall()
+        have: dict[str, set[str]] = {}
+        for file_name, name in rows:
+            have.setdefault(file_name, set()).add(name)
+        lacking = {c for c in added if any(c not in cols for cols in have.values())}
+        if lacking:
+            out[table] = lacking
+    return out
 
 
 def default_memory_limit() -> str:

@@ -8,7 +8,7 @@ string literals through `sql_literal`, the one place that quotes them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -30,7 +30,7 @@ _DUCKDB_TYPES = {
 }
 
 MODEL_COLUMNS = ("model", "name", "n_layers", "n_heads", "d_model", "d_mlp", "n_tokens", "top_p", "top_stored",
-                 "top_rows_stored")
+                 "top_rows_stored", "batch_size", "neurons_top_k", "neuron_ranks")
 
 
 @dataclass(frozen=True)
@@ -41,11 +41,14 @@ class ModelFiles:
         model: the model folder's name (the `model` column).
         manifest: its parsed manifest.
         files: table name -> committed Parquet paths, from the manifest only.
+        missing: table name -> schema columns its files lack (a store written before the
+            column existed, e.g. neuron_effects.rank); the view gives them as NULL.
     """
 
     model: str
     manifest: dict
     files: dict[str, list[Path]]
+    missing: dict[str, set[str]] = field(default_factory=dict)
 
 
 def sql_literal(value: str) -> str:
@@ -87,12 +90,16 @@ def table_view_sql(table: str, models: list[ModelFiles]) -> str:
     """`CREATE VIEW <table>`: model column plus the schema's columns, union over models."""
     spec = TABLES[table]
     cols = ", ".join(_derived_column(c) or c for c in view_columns(table))
+    types = dict(spec.columns)
     parts = []
     for m in models:
         paths = m.files.get(table) or []
         if paths:
+            missing = m.missing.get(table, set())
+            own = ", ".join(f"CAST(NULL AS {duckdb_type(types[c])}) AS {c}" if c in missing else _derived_column(c) or c
+                            for c in view_columns(table))
             file_list = "[" + ", ".join(sql_literal(str(p)) for p in paths) + "]"
-            parts.append(f"SELECT {sql_literal(m.model)} AS model, {cols} FROM read_parquet({file_list})")
+            parts.append(f"SELECT {sql_literal(m.model)} AS model, {own} FROM read_parquet({file_list})")
     if not parts:
         typed = ", ".join(f"CAST(NULL AS {duckdb_type(t)}) AS {n}" for n, t in spec.columns)
         parts.append(f"SELECT model, {cols} FROM (SELECT CAST(NULL AS VARCHAR) AS model, {typed} WHERE false)")
@@ -112,6 +119,10 @@ def models_view_sql(models: list[ModelFiles]) -> str:
         # Every ablation shard carries its `ablation_top` slice (stores written before it existed do not).
         top_rows = all("ablation_top" in e.get("files", {}) or "ablation_top" in e.get("compacted", ())
                        for e in m.manifest.get("shards", {}).values() if e.get("phase") == "ablation")
+        config = m.manifest.get("config", {})
+        batch_size = (m.manifest.get("resample") or {}).get("batch_size") or config.get("batch_size", 4)
+        # Neuron ranks by signed change in DE (and neuron_totals) exist from the schema that added `rank`.
+        ranks = "rank" not in m.missing.get("neuron_effects", set())
         rows.append(
             "("
             + ", ".join(
@@ -126,6 +137,9 @@ def models_view_sql(models: list[ModelFiles]) -> str:
                     repr(float(top_p)),
                     "true" if top_stored else "false",
                     "true" if top_rows else "false",
+                    str(int(batch_size)),
+                    str(int(config.get("neurons_top_k", 50))),
+                    "true" if ranks else "false",
                 ]
             )
             + ")"
@@ -221,6 +235,52 @@ SELECT model, ablation, sample, layer, head, {HEAD_LABEL}, token_index,{_SELF_RE
 FROM base
 """
 
+# The authors' second token set (Rushing & Nanda's code): a head's floor(top_p * N) tokens with
+# the largest signed sr_mlps = d_de_mlps under one ablation draw, ties to the lower token_index,
+# at the ingest's own top_p (the only p with neuron rows). A selected token that neuron_totals
+# lacks (the ingest's --sr-mlps-neurons did not name the head) refuses the query with one line.
+# One layer (lyr -1: the penultimate, n_layers - 2) and one head (hd -1: all): the filter must sit
+# inside, below the refusing projection, or other heads' tokens would refuse too.
+SR_MLPS_TOP_SQL = f"""
+CREATE MACRO sr_mlps_top(abl, smp, lyr, hd) AS TABLE
+SELECT model, layer, head, head_label, sr_mlps,
+       -- every query joins on token_index, so a selected token without neuron rows always refuses
+       CASE WHEN has_neurons THEN token_index ELSE error(
+           head_label || ': its top tokens by sr_mlps have no neuron rows; ingest them with '
+           || '`selfrepair ingest --sr-mlps-neurons ' || head_label || '` (or all, or penultimate)') END
+           AS token_index
+FROM (
+    SELECT a.model, a.layer, a.head, {HEAD_LABEL}, a.token_index, a.d_de_mlps::DOUBLE AS sr_mlps,
+           EXISTS (SELECT 1 FROM neuron_totals n
+                   WHERE n.model = a.model AND n.ablation = abl AND n.sample = smp AND n.layer = a.layer
+                     AND n.head = a.head AND n.token_index = a.token_index) AS has_neurons
+    FROM ablation_effects a JOIN models m USING (model)
+    WHERE a.ablation = abl AND a.sample = smp
+      AND a.layer = CASE WHEN lyr < 0 THEN m.n_layers - 2 ELSE lyr END AND (hd < 0 OR a.head = hd)
+    QUALIFY row_number() OVER (PARTITION BY a.model, a.layer, a.head
+                               ORDER BY a.d_de_mlps DESC, a.token_index) <= floor(m.top_p * m.n_tokens)
+)
+"""
+
+# The authors' all-token per-head means (their scatter of DE against logit change): over the
+# tokens with |clean DE| > 0, the mean of each batch (batch_size rows), then the mean of those.
+PAPER_HEAD_MEANS_SQL = """
+CREATE MACRO paper_head_means(abl, smp) AS TABLE
+WITH batches AS (
+    SELECT s.model, s.layer, s.head, t.row // m.batch_size AS batch,
+           avg(s.de_clean) AS de_clean, avg(s.d_logit) AS d_logit, count(*) AS n_tokens
+    FROM self_repair s
+    JOIN tokens t USING (model, token_index)
+    JOIN models m USING (model)
+    WHERE s.ablation = abl AND s.sample = smp AND abs(s.de_clean) > 0
+    GROUP BY ALL
+)
+SELECT model, layer, head, count(*) AS n_batches, sum(n_tokens) AS n_tokens,
+       avg(de_clean) AS de_clean, avg(d_logit) AS d_logit
+FROM batches
+GROUP BY ALL
+"""
+
 # Each prediction in its text: `before` is the row's text up to and including the input
 # token (n tokens), `token` the predicted next token, `after` the n tokens that follow it.
 TOKEN_CONTEXT_SQL = """
@@ -251,14 +311,14 @@ def inventory_view_sql(models: list[ModelFiles]) -> str:
 
 
 DERIVED_VIEWS = ("models", "inventory", "self_repair")
-MACROS = ("top_tokens(p)", "self_repair_top(p)", "token_context(n)")
+MACROS = ("top_tokens(p)", "self_repair_top(p)", "sr_mlps_top(abl, smp, lyr, hd)", "paper_head_means(abl, smp)", "token_context(n)")
 
 
 def view_statements(models: list[ModelFiles]) -> list[str]:
     """Every DDL statement, in dependency order."""
     out = [table_view_sql(t, models) for t in TABLES]
     out += [models_view_sql(models), inventory_view_sql(models), SELF_REPAIR_SQL, TOP_TOKENS_SQL,
-            SELF_REPAIR_TOP_SQL, TOKEN_CONTEXT_SQL]
+            SELF_REPAIR_TOP_SQL, SR_MLPS_TOP_SQL, PAPER_HEAD_MEANS_SQL, TOKEN_CONTEXT_SQL]
     return out
 
 

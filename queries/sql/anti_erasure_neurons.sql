@@ -7,16 +7,19 @@
 -- param ablation: resample — ablation kind (resample, mean, zero)
 -- param sample: 0 — resample draw
 -- param limit: 20 — neurons kept per model
-SELECT model,
-       neuron,
-       count(*) AS n_tokens,
-       avg(de_clean) AS de_clean,
-       avg(de_ablated - de_clean) AS mean_repair,
-       sum(de_ablated - de_clean) AS total_repair,
-       count(*) FILTER (WHERE de_clean < 0 AND de_ablated - de_clean > 0) AS n_anti_erasure,
-       row_number() OVER (PARTITION BY model ORDER BY sum(de_ablated - de_clean) DESC, neuron) AS rank
-FROM neuron_effects
-WHERE layer = $layer AND head = $head AND ablation = $ablation AND sample = $sample
-GROUP BY model, neuron
-QUALIFY rank <= $limit
+WITH ranked AS (
+    SELECT model,
+           neuron,
+           count(*) AS n_tokens,
+           avg(de_clean) AS de_clean,
+           avg(de_ablated - de_clean) AS mean_repair,
+           sum(de_ablated - de_clean) AS total_repair,
+           count(*) FILTER (WHERE de_clean < 0 AND de_ablated - de_clean > 0) AS n_anti_erasure,
+           row_number() OVER (PARTITION BY model ORDER BY sum(de_ablated - de_clean) DESC, neuron) AS rank
+    FROM neuron_effects
+    WHERE layer = $layer AND head = $head AND ablation = $ablation AND sample = $sample
+    GROUP BY model, neuron
+)
+SELECT * FROM ranked
+WHERE rank <= $limit
 ORDER BY model, rank;

@@ -1,24 +1,26 @@
 -- Neuron sparsity of one head's final-MLP repair
--- On the ablated head's top p% tokens (those in neuron_effects), rank the final-MLP
--- neurons of each token by repair = de_ablated - de_clean, largest first. For N = 1 …
--- max_rank and X in 50, 10, 5, 2.5, 1 percent: the share of the head's tokens on which the
--- N-th largest repair exceeds X% of the head's clean DE on that token. Only the neurons
--- kept at ingest (top k by |repair|) are ranked; a token with fewer counts as not exceeding.
+-- On the ablated head's top p% tokens by clean DE, the final-MLP neurons of each token ranked
+-- by signed repair = de_ablated - de_clean among all neurons (neuron_effects.rank), as Rushing
+-- & Nanda did. For N = 1 … max_rank and X in 50, 10, 5, 2.5, 1 percent: the share of the head's
+-- tokens on which the N-th largest repair exceeds X% of the head's clean DE on that token.
+-- needs: neuron_ranks
 -- param layer — layer of the ablated head
 -- param head — head index
+-- param p: 0.02 — the ingest's top_p (the tokens with neuron rows)
 -- param ablation: resample — ablation kind (resample, mean, zero)
 -- param sample: 0 — resample draw
--- param max_rank: 50 — largest N
-WITH repair AS (
-    SELECT n.model,
-           n.token_index,
-           n.de_ablated::DOUBLE - n.de_clean::DOUBLE AS repair,
-           h.de::DOUBLE AS de,
-           row_number() OVER (PARTITION BY n.model, n.token_index
-                              ORDER BY n.de_ablated::DOUBLE - n.de_clean::DOUBLE DESC, n.neuron) AS n_rank
+-- param max_rank: 50 — largest N (at most the ingest's neurons_top_k)
+WITH tokens AS (
+    SELECT model, layer, head, token_index, de::DOUBLE AS de
+    FROM top_tokens($p)
+    WHERE layer = $layer AND head = $head
+),
+repair AS (
+    SELECT n.model, n.token_index, n.rank AS n_rank, t.de,
+           n.de_ablated::DOUBLE - n.de_clean::DOUBLE AS repair
     FROM neuron_effects n
-    JOIN head_effects h USING (model, layer, head, token_index)
-    WHERE n.layer = $layer AND n.head = $head AND n.ablation = $ablation AND n.sample = $sample
+    JOIN tokens t USING (model, layer, head, token_index)
+    WHERE n.ablation = $ablation AND n.sample = $sample AND n.rank <= $max_rank
 ),
 token_counts AS (
     SELECT model, count(DISTINCT token_index) AS n_tokens FROM repair GROUP BY model

@@ -1,32 +1,38 @@
 -- How often each final-MLP neuron is among a token's top repairers
--- For the ablated head's top p% tokens (neuron_effects), rank each token's neurons by
--- repair de_ablated - de_clean; frequency = the share of tokens on which the neuron is in
--- the top top_n. The most frequent `limit` neurons per model.
+-- On the ablated head's top p% tokens by clean DE: frequency = the share of those tokens on
+-- which the neuron's repair de_ablated - de_clean ranks in the top top_n by sign among all
+-- final-MLP neurons (neuron_effects.rank). The most frequent `limit` neurons per model. The
+-- authors' token set (top sr_mlps) is the query `paper_neuron_top_frequency`.
+-- needs: neuron_ranks
 -- param layer — layer of the ablated head
 -- param head — head index
+-- param p: 0.02 — the ingest's top_p (the tokens with neuron rows)
 -- param ablation: resample — ablation kind (resample, mean, zero)
 -- param sample: 0 — resample draw
--- param top_n: 10 — top neurons per token
+-- param top_n: 10 — top neurons per token (at most the ingest's neurons_top_k)
 -- param limit: 30 — neurons kept per model
-WITH ranked AS (
-    SELECT model, token_index, neuron,
-           row_number() OVER (PARTITION BY model, token_index
-                              ORDER BY de_ablated::DOUBLE - de_clean::DOUBLE DESC, neuron) AS token_rank
-    FROM neuron_effects
-    WHERE layer = $layer AND head = $head AND ablation = $ablation AND sample = $sample
+WITH tokens AS (
+    SELECT n.model, n.layer, n.head, n.token_index
+    FROM neuron_totals n
+    JOIN top_tokens($p) t USING (model, layer, head, token_index)
+    WHERE n.layer = $layer AND n.head = $head AND n.ablation = $ablation AND n.sample = $sample
 ),
 token_counts AS (
-    SELECT model, count(DISTINCT token_index) AS n_tokens FROM ranked GROUP BY model
+    SELECT model, count(*) AS n_tokens FROM tokens GROUP BY model
+),
+ranked AS (
+    SELECT n.model,
+           n.neuron,
+           count(*) AS n_top,
+           c.n_tokens,
+           count(*) / c.n_tokens AS frequency,
+           row_number() OVER (PARTITION BY n.model ORDER BY count(*) DESC, n.neuron) AS rank
+    FROM neuron_effects n
+    JOIN tokens t USING (model, layer, head, token_index)
+    JOIN token_counts c ON c.model = n.model
+    WHERE n.ablation = $ablation AND n.sample = $sample AND n.rank <= $top_n
+    GROUP BY n.model, n.neuron, c.n_tokens
 )
-SELECT r.model,
-       r.neuron,
-       count(*) AS n_top,
-       t.n_tokens,
-       count(*) / t.n_tokens AS frequency,
-       row_number() OVER (PARTITION BY r.model ORDER BY count(*) DESC, r.neuron) AS rank
-FROM ranked r
-JOIN token_counts t USING (model)
-WHERE r.token_rank <= $top_n
-GROUP BY r.model, r.neuron, t.n_tokens
-QUALIFY rank <= $limit
-ORDER BY r.model, rank;
+SELECT * FROM ranked
+WHERE rank <= $limit
+ORDER BY model, rank;

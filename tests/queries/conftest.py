@@ -84,6 +84,7 @@ def make_model(path: Path, n_layers: int, n_heads: int, n_tokens: int, seed: int
     ab = {k: [] for k in TABLES["ablation_effects"].column_names}
     rep = {k: [] for k in TABLES["repair_sources"].column_names}
     neu = {k: [] for k in TABLES["neuron_effects"].column_names}
+    tot = {k: [] for k in TABLES["neuron_totals"].column_names}
     k_top = int(np.floor(TOP_P * n_tokens))
     for ablation in ("resample", "zero"):
         for l in range(n_layers):
@@ -110,11 +111,19 @@ def make_model(path: Path, n_layers: int, n_heads: int, n_tokens: int, seed: int
                             for col, v in (("ablation", ablation), ("sample", 0), ("layer", l), ("head", h), ("token_index", int(i)),
                                            ("src_kind", "mlp" if src_h < 0 else "head"), ("src_layer", src_l), ("src_head", src_h), ("d_de", float(rng.normal(0.1, 0.2)))):
                                 rep[col].append(v)
+                    clean = rng.normal(-0.1, 0.3, 3)
+                    change = rng.normal(0.05, 0.1, 3)
+                    # Three of D_MLP neurons kept: the top two and the bottom one by signed change.
+                    ranks = dict(zip(np.argsort(-change, kind="stable"), (1, 2, D_MLP)))
                     for n in range(3):
-                        clean = float(rng.normal(-0.1, 0.3))
                         for col, v in (("ablation", ablation), ("sample", 0), ("layer", l), ("head", h), ("token_index", int(i)),
-                                       ("neuron", n), ("de_clean", clean), ("de_ablated", clean + float(rng.normal(0.05, 0.1)))):
+                                       ("neuron", n), ("rank", ranks[n]), ("de_clean", float(clean[n])),
+                                       ("de_ablated", float(clean[n] + change[n]))):
                             neu[col].append(v)
+                    for col, v in (("ablation", ablation), ("sample", 0), ("layer", l), ("head", h), ("token_index", int(i)),
+                                   ("d_de_sum", change.sum()), ("d_de_abs_sum", np.abs(change).sum()),
+                                   ("d_de_pos_sum", np.maximum(change, 0).sum())):
+                        tot[col].append(float(v) if isinstance(v, np.floating) else v)
     n_rows = n_tokens // SEQ_LEN
     sources = {"sample": [0] * n_rows, "row": list(range(n_rows)), "source_row": [(i + 1) % n_rows for i in range(n_rows)]}
     entries = ms.write_shard_files(
@@ -123,6 +132,7 @@ def make_model(path: Path, n_layers: int, n_heads: int, n_tokens: int, seed: int
             "ablation_effects": _table("ablation_effects", ab),
             "repair_sources": _table("repair_sources", rep),
             "neuron_effects": _table("neuron_effects", neu),
+            "neuron_totals": _table("neuron_totals", tot),
             "resample_sources": _table("resample_sources", sources),
         },
     )
