@@ -72,6 +72,7 @@ class Context:
         p: fraction of each model's tokens kept per head (top p% by signed clean DE).
         sample: resample draw.
         heads: the heads a per-head figure draws, (layer, head), most important first.
+        paper_head: the penultimate-layer head of the authors' neuron figures (None: none).
     """
 
     models: tuple[ModelInfo, ...]
@@ -79,6 +80,7 @@ class Context:
     p: float
     sample: int = 0
     heads: tuple[tuple[int, int], ...] = field(default=())
+    paper_head: tuple[int, int] | None = None
 
     @property
     def model(self) -> ModelInfo:
@@ -94,8 +96,9 @@ class Context:
         """The head that the single-head figures draw (the first of `heads`)."""
         return self.heads[0]
 
-    def with_model(self, model: ModelInfo, heads: tuple[tuple[int, int], ...] = ()) -> "Context":
-        return replace(self, models=(model,), heads=heads)
+    def with_model(self, model: ModelInfo, heads: tuple[tuple[int, int], ...] = (),
+                   paper_head: tuple[int, int] | None = None) -> "Context":
+        return replace(self, models=(model,), heads=heads, paper_head=paper_head)
 
     def facts(self, ablation: str | None = None) -> str:
         """One line for a title: models, token counts, ablation type and p."""

@@ -10,7 +10,11 @@ from selfrepair.analysis.spec import FigureSpec
 from selfrepair.analysis.style import LOGIT_UNIT, attach, caption, new_figure
 
 
-def plot(df: pl.DataFrame, ctx: Context):
+ALL_TOKENS = "means over all tokens"
+PAPER_MEANS = ("authors' statistic: the mean over batches of each batch's mean over tokens with |DE| > 0")
+
+
+def plot(df: pl.DataFrame, ctx: Context, means: str = ALL_TOKENS):
     """Scatter of fig_head_de_vs_dlogit, coloured by layer, with the regions labelled."""
     fig, axes = new_figure()
     ax = axes[0, 0]
@@ -34,16 +38,27 @@ def plot(df: pl.DataFrame, ctx: Context):
     ax.set_ylabel(f"mean change in logit when ablated ({LOGIT_UNIT})")
     ax.set_title(f"Per-head DE against logit change, all tokens\n{ctx.facts()} (p unused: all tokens)")
     ax.legend(loc="lower left", fontsize=7)
-    caption(fig, "One point per head: means over all tokens. Region labels read for heads with positive DE. "
+    caption(fig, f"One point per head: {means}. Region labels read for heads with positive DE. "
                  "Under resample or mean ablation the head keeps part of its DE, so the no-repair "
                  "line for a single head is d_logit = d_de rather than −DE.")
     return attach(fig, df)
+
+
+def runs(ctx: Context) -> list[dict]:
+    return [{"ablation": ctx.ablation, "sample": ctx.sample}]
 
 
 FIGURE = FigureSpec(
     name="fig_de_vs_dlogit",
     title="Per-head DE against logit change",
     query="fig_head_de_vs_dlogit",
-    runs=lambda ctx: [{"ablation": ctx.ablation, "sample": ctx.sample}],
+    runs=runs,
     plot=plot,
+    paper=FigureSpec(
+        name="fig_de_vs_dlogit_paper",
+        title="Per-head DE against logit change (authors' statistic)",
+        query="paper_head_de_vs_dlogit",
+        runs=runs,
+        plot=lambda df, ctx: plot(df, ctx, PAPER_MEANS),
+    ),
 )

@@ -20,6 +20,18 @@ def plot(df: pl.DataFrame, ctx: Context):
     return attach(fig, df)
 
 
+def plot_paper(df: pl.DataFrame, ctx: Context):
+    """paper_final_mlp_share: self-repair and every MLP's part, per head, the clipped share above."""
+    fig = penultimate.paired_bars(
+        df, (("sr", "self-repair"), ("sr_mlps", "ΔDE of every MLP layer")), "mlps_share",
+        "mean of clip(max(sr_mlps, 0) / sr, 0, 1)",
+        f"Self-repair of penultimate-layer heads explained by the MLPs (authors' statistic)\n{ctx.facts()}")
+    caption(fig, "Authors' statistic: over each head's top p% tokens with sr > 0, the mean of "
+                 "clip(max(sr_mlps, 0) / sr, 0, 1), sr_mlps summing every MLP layer (for a penultimate-layer "
+                 "head, the last two).")
+    return attach(fig, df)
+
+
 FIGURE = FigureSpec(
     name="fig_final_mlp_share",
     title="Final MLP share of self-repair",
@@ -27,4 +39,12 @@ FIGURE = FigureSpec(
     runs=lambda ctx: [{"layer": -1, "ablation": ctx.ablation, "sample": ctx.sample}],
     plot=plot,
     skip=penultimate.skip,
+    paper=FigureSpec(
+        name="fig_final_mlp_share_paper",
+        title="MLP share of self-repair (authors' statistic)",
+        query="paper_final_mlp_share",
+        runs=lambda ctx: [{"layer": -1, "p": ctx.p, "ablation": ctx.ablation, "sample": ctx.sample}],
+        plot=plot_paper,
+        skip=penultimate.skip,
+    ),
 )

@@ -12,7 +12,7 @@ from selfrepair.analysis.style import attach, caption, new_figure
 BIN_WIDTH = 0.01
 
 
-def plot(df: pl.DataFrame, ctx: Context):
+def plot(df: pl.DataFrame, ctx: Context, paper: bool = False):
     """Step histograms of ln_ratio_distribution, the share above 1 in the legend."""
     fig, axes = new_figure()
     ax = axes[0, 0]
@@ -26,12 +26,15 @@ def plot(df: pl.DataFrame, ctx: Context):
                alpha=0.45, label=f"{kind}: {share:.1%} of tokens above 1")
     ax.axvline(1.0, color="black", lw=1, ls="--")
     ax.set_xlabel("ln_ratio = s / s_abl (clean over ablated final-norm scale, unitless)")
-    ax.set_ylabel("fraction of top p% tokens")
     layer, head = ctx.focus_head
-    ax.set_title(f"Final-norm scale ratio on {head_label(layer, head)}'s top {ctx.p:.2%} tokens\n"
-                 f"{ctx.facts(ablation='/'.join(kinds))}")
+    tokens = "tokens above its 98th percentile of DE" if paper else f"top {ctx.p:.2%} tokens"
+    ax.set_ylabel(f"fraction of the head's {tokens}")
+    ax.set_title(f"Final-norm scale ratio on {head_label(layer, head)}'s {tokens}"
+                 f"{' (authors’ token set)' if paper else ''}\n{ctx.facts(ablation='/'.join(kinds))}")
     ax.legend(fontsize=7)
-    caption(fig, "Above 1 the final norm shrank once the head was ablated, amplifying what was left "
+    rule = ("Authors' token set: the head's tokens with clean DE strictly above its 98th percentile "
+            "(numpy's linear interpolation). " if paper else "")
+    caption(fig, rule + "Above 1 the final norm shrank once the head was ablated, amplifying what was left "
                  f"(LayerNorm self-repair). Bin width {BIN_WIDTH}.")
     return attach(fig, df)
 
@@ -43,4 +46,12 @@ FIGURE = FigureSpec(
     runs=lambda ctx: [{"p": ctx.p, "ablation": kind, "sample": ctx.sample, "layer": ctx.focus_head[0],
                        "head": ctx.focus_head[1], "bin_width": BIN_WIDTH} for kind in ablations(ctx)],
     plot=plot,
+    paper=FigureSpec(
+        name="fig_ln_ratio_histogram_paper",
+        title="ln_ratio histogram (authors' token set)",
+        query="paper_ln_ratio_distribution",
+        runs=lambda ctx: [{"ablation": kind, "sample": ctx.sample, "layer": ctx.focus_head[0],
+                           "head": ctx.focus_head[1], "bin_width": BIN_WIDTH} for kind in ablations(ctx)],
+        plot=lambda df, ctx: plot(df, ctx, paper=True),
+    ),
 )

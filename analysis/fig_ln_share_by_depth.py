@@ -9,7 +9,13 @@ from selfrepair.analysis.spec import FigureSpec, headline_params
 from selfrepair.analysis.style import MODEL_COLOURS, attach, caption, keep_readable, new_figure
 
 
-def plot(df: pl.DataFrame, ctx: Context):
+RATIO = ("mean(sr_ln) / mean(DE)", "Ratio of means over each head's top p% tokens: mean(sr_ln) / mean(clean DE). "
+         "The per-token clipped share is in the query's ln_share_clipped column.")
+CLIPPED = ("mean of clip(sr_ln / DE, 0, 1)", "Authors' statistic: the mean over each head's top p% tokens of "
+           "clip(sr_ln / DE, 0, 1) (DE = 0 counts as 0 or 1 by the sign of sr_ln, 0/0 left out).")
+
+
+def plot(df: pl.DataFrame, ctx: Context, statistic: tuple[str, str] = RATIO):
     """ln_share rows: per-head points and the per-layer line (head NULL rows), one colour per model."""
     fig, axes = new_figure()
     ax = axes[0, 0]
@@ -22,12 +28,11 @@ def plot(df: pl.DataFrame, ctx: Context):
                 marker="o", ms=3, label=f"{info.name} (layer)")
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xlabel("relative depth (layer / n_layers)")
-    ax.set_ylabel("LayerNorm share of DE, mean(sr_ln) / mean(DE) (%)")
+    ax.set_ylabel(f"LayerNorm share of DE, {statistic[0]} (%)")
     ax.set_title(f"LayerNorm self-repair as a share of DE\n{ctx.facts()}")
     ax.legend(fontsize=7)
     capped = keep_readable(ax)
-    caption(fig, "Ratio of means over each head's top p% tokens: mean(sr_ln) / mean(clean DE). Points: heads; "
-                 "lines: layers. The per-token clipped share is in the query's ln_share_clipped column." + capped)
+    caption(fig, f"{statistic[1]} Points: heads; lines: layers." + capped)
     return attach(fig, df)
 
 
@@ -38,4 +43,12 @@ FIGURE = FigureSpec(
     runs=lambda ctx: [headline_params(ctx)],
     plot=plot,
     per_model=False,
+    paper=FigureSpec(
+        name="fig_ln_share_by_depth_paper",
+        title="LayerNorm share of DE against depth (authors' statistic)",
+        query="paper_shares",
+        runs=lambda ctx: [headline_params(ctx)],
+        plot=lambda df, ctx: plot(df, ctx, CLIPPED),
+        per_model=False,
+    ),
 )

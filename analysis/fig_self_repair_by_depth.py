@@ -30,6 +30,33 @@ def plot(df: pl.DataFrame, ctx: Context):
     return attach(fig, df)
 
 
+def plot_paper(df: pl.DataFrame, ctx: Context):
+    """paper_layer_trend: the per-layer mean of each head's clipped repair fraction, one line per model."""
+    fig, axes = new_figure()
+    ax = axes[0, 0]
+    for i, model in enumerate(ctx.names):
+        rows = df.filter(pl.col("model") == model)
+        ax.plot(rows["rel_depth"], rows["repair_fraction"] * 100, color=MODEL_COLOURS[i % len(MODEL_COLOURS)],
+                lw=1.5, marker="o", ms=3, label=model)
+    ax.set_ylim(-5, 105)
+    ax.set_xlabel("relative depth (layer / n_layers)")
+    ax.set_ylabel("self-repair fraction, clip((Δlogit + DE) / DE, 0, 1) (%)")
+    ax.set_title(f"Self-repair fraction per layer (authors' statistic)\n{ctx.facts()} (p unused: all tokens)")
+    ax.legend(fontsize=7)
+    caption(fig, "Authors' statistic: per head, clip((Δlogit + DE) / DE, 0, 1) of its all-token means "
+                 "(batch means over tokens with |DE| > 0), averaged over the layer's heads.")
+    return attach(fig, df)
+
+
+PAPER = FigureSpec(
+    name="fig_self_repair_by_depth_paper",
+    title="Self-repair fraction per layer (authors' statistic)",
+    query="paper_layer_trend",
+    runs=lambda ctx: [{"ablation": ctx.ablation, "sample": ctx.sample}],
+    plot=plot_paper,
+    per_model=False,
+)
+
 FIGURE = FigureSpec(
     name="fig_self_repair_by_depth",
     title="Self-repair against relative depth",
@@ -37,4 +64,5 @@ FIGURE = FigureSpec(
     runs=lambda ctx: [headline_params(ctx)],
     plot=plot,
     per_model=False,
+    paper=PAPER,
 )

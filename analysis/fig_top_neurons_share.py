@@ -24,6 +24,18 @@ def plot(df: pl.DataFrame, ctx: Context):
     return attach(fig, df)
 
 
+def plot_paper(df: pl.DataFrame, ctx: Context):
+    """paper_top_neurons_share: every MLP's repair and the top neurons' part, per head, the capped share above."""
+    fig = penultimate.paired_bars(
+        df, (("sr_mlps", "ΔDE of every MLP layer"), ("top_neurons", f"top {TOP_N} final-MLP neurons")),
+        "top_share", "mean of min(top neurons / sr_mlps, 300%)",
+        f"MLP repair explained by the top {TOP_N} final-MLP neurons (authors' statistic)\n{ctx.facts()}")
+    caption(fig, f"Authors' statistic and token set: each head's top p% tokens by sr_mlps (not by DE); per token, "
+                 f"the sum of the {TOP_N} largest signed neuron repairs over sr_mlps, capped at 300% (no lower "
+                 "clip), averaged. Needs the ingest's --sr-mlps-neurons for these heads.")
+    return attach(fig, df)
+
+
 FIGURE = FigureSpec(
     name="fig_top_neurons_share",
     title="Top-neuron share of MLP repair",
@@ -31,4 +43,12 @@ FIGURE = FigureSpec(
     runs=lambda ctx: [{"layer": -1, "ablation": ctx.ablation, "sample": ctx.sample, "top_n": TOP_N}],
     plot=plot,
     skip=penultimate.skip,
+    paper=FigureSpec(
+        name="fig_top_neurons_share_paper",
+        title="Top-neuron share of MLP repair (authors' statistic)",
+        query="paper_top_neurons_share",
+        runs=lambda ctx: [{"layer": -1, "ablation": ctx.ablation, "sample": ctx.sample, "top_n": TOP_N}],
+        plot=plot_paper,
+        skip=penultimate.skip,
+    ),
 )

@@ -23,6 +23,8 @@ table.data { border-collapse: collapse; font-size: 0.8em; }
 table.data td, table.data th { border-bottom: 1px solid #ddd; padding: 2px 8px; text-align: right; }
 .note { color: #8a6d3b; background: #fcf8e3; padding: 0.5em; }
 section { border-top: 1px solid #ccc; margin-top: 2em; }
+.pair { display: flex; gap: 1em; } .pair > div { flex: 1 1 0; min-width: 0; }
+.pair h4 { margin: 0.5em 0 0; font-size: 0.95em; }
 """
 
 # First script on the page: catches errors of everything after it (capture phase sees
@@ -79,19 +81,30 @@ def _drawn_heads(entry, pages: dict) -> str:
     return " Drawn for " + ", ".join(head_link(entry.ctx.model.name, l, h, pages) for l, h in heads) + "."
 
 
+def _figure_body(entry, title: str, pages: dict) -> str:
+    if entry.note:
+        return f'<p class="note">Not drawn: {e(entry.note)}.</p>'
+    data = base64.b64encode(entry.png).decode("ascii")
+    return (f'<figure><img alt="{e(title)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{e(entry.ctx.facts())}. {e(entry.caption)}{_drawn_heads(entry, pages)} "
+            f"{_files(entry)}</figcaption></figure>")
+
+
 def figure_html(entry, number: int, pages: dict | None = None) -> str:
+    """One figure; where the authors computed its statistic differently, theirs first and ours beside it."""
+    pages = pages or {}
     title = f"{number}. {entry.spec.title}"
     if entry.spec.per_model:
         title += f" — {entry.ctx.model.name}"
     anchor = f"fig-{number}"
-    if entry.note:
-        body = f'<p class="note">Not drawn: {e(entry.note)}.</p>'
-    else:
-        data = base64.b64encode(entry.png).decode("ascii")
-        body = (f'<figure><img alt="{e(title)}" src="data:image/png;base64,{data}">'
-                f"<figcaption>{e(entry.ctx.facts())}. {e(entry.caption)}{_drawn_heads(entry, pages or {})} "
-                f"{_files(entry)}</figcaption></figure>")
-    return f'<section id="{anchor}"><h3>{e(title)}</h3>{body}{_sql_block(entry)}</section>'
+    if entry.beside is None:
+        return f'<section id="{anchor}"><h3>{e(title)}</h3>{_figure_body(entry, title, pages)}{_sql_block(entry)}</section>'
+    paper = entry.beside
+    return (f'<section id="{anchor}"><h3>{e(title)}</h3><div class="pair">'
+            f"<div><h4>The paper's statistic (as its authors' code computed it)</h4>"
+            f"{_figure_body(paper, title, pages)}{_sql_block(paper)}</div>"
+            f"<div><h4>This store's statistic (DESIGN.md: ratio of means where it is a share)</h4>"
+            f"{_figure_body(entry, title, pages)}{_sql_block(entry)}</div></div></section>")
 
 
 def table_html(entry) -> str:
@@ -130,7 +143,9 @@ def render_page(ctx: Context, heads: dict, figures: list, tables: list, pages: d
 <h1>Self-repair report</h1>
 <p>Ablation type <b>{e(ctx.ablation)}</b>, top p = <b>{ctx.p:g}</b> of each model's tokens per head
 (by signed clean direct effect), resample draw {ctx.sample}. All logits are vocabulary-centred.
-Shares of DE are ratios of means unless a caption says otherwise (DESIGN.md).</p>
+Shares of DE are ratios of means unless a caption says otherwise (DESIGN.md). Where the paper's
+authors computed a figure's statistic differently (per-token clipped shares, other token sets),
+the figure is drawn both ways side by side, each labelled.</p>
 <ul>{models}</ul>
 <p id="report-status">(status is filled in when the page has loaded)</p>
 <h2>Contents</h2><ol class="toc">{''.join(toc)}</ol>

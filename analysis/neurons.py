@@ -16,5 +16,27 @@ def head_title(ctx: Context, what: str) -> str:
     return f"{what} — ablated head {head_label(layer, head)}, its top {ctx.p:.2%} tokens\n{ctx.facts()}"
 
 
+def paper_params(ctx: Context) -> dict:
+    """layer, head, ablation and sample of the authors' neuron figures: a penultimate-layer head."""
+    layer, head = ctx.paper_head
+    return {"layer": layer, "head": head, "ablation": ctx.ablation, "sample": ctx.sample}
+
+
+def paper_title(ctx: Context, what: str) -> str:
+    layer, head = ctx.paper_head
+    return (f"{what} — ablated head {head_label(layer, head)}, its top {ctx.p:.2%} tokens by sr_mlps "
+            f"(authors' token set)\n{ctx.facts()}")
+
+
+def paper_skip(ctx: Context) -> str | None:
+    if ctx.paper_head is None:
+        return f"{ctx.model.name} has no ablated head in its penultimate layer (the authors' neuron figures' heads)"
+    return None
+
+
+PAPER_NOTE = ("Authors' token set: the head's top p% tokens by sr_mlps (its ΔDE of every MLP layer), which "
+              "needs the ingest's --sr-mlps-neurons for the head; neurons ranked by signed repair.")
+
+
 KEPT_NOTE = ("Neurons are ranked by signed repair among all final-MLP neurons (neuron_effects.rank, the top "
              "and bottom k kept at ingest); p is the ingest's top_p.")

@@ -21,7 +21,7 @@ from selfrepair.analysis import html, registry
 from selfrepair.analysis.context import Context, ModelInfo, head_label
 from selfrepair.analysis.head_page import build_head_page
 from selfrepair.analysis.head_page import html as head_html
-from selfrepair.analysis.heads import default_heads
+from selfrepair.analysis.heads import default_heads, penultimate_head
 from selfrepair.analysis.spec import FigureSpec, TableSpec, fetch
 from selfrepair.analysis.style import figure_bytes, note_figure, rc
 from selfrepair.errors import ConfigError, QueryError, StoreError
@@ -44,6 +44,7 @@ class Entry:
         frame: the table's rows (tables).
         caption: the figure's caption.
         note: why nothing was drawn, when skipped.
+        beside: the same figure drawn with the authors' statistic (`FigureSpec.paper`).
     """
 
     spec: FigureSpec | TableSpec
@@ -56,6 +57,7 @@ class Entry:
     frame: pl.DataFrame | None = None
     caption: str = ""
     note: str | None = None
+    beside: "Entry | None" = None
 
     @property
     def sql(self) -> str:
@@ -109,9 +111,16 @@ def _check_heads(infos: list[ModelInfo], heads) -> None:
                                   f"({m.n_layers} layers × {m.n_heads} heads)")
 
 
-def figure_entries(spec: FigureSpec, ctx: Context, per_model_heads: dict, query) -> list[Entry]:
-    """Plot one registry figure: once for all models, or once per model."""
-    contexts = ([ctx.with_model(m, per_model_heads[m.name]) for m in ctx.models] if spec.per_model else [ctx])
+def figure_entries(spec: FigureSpec, ctx: Context, per_model_heads: dict, query,
+                   paper_heads: dict | None = None) -> list[Entry]:
+    """Plot one registry figure: once for all models, or once per model.
+
+    A query that refuses (e.g. the authors' neuron figures on a head without sr_mlps neuron
+    detail) leaves its entry undrawn with the refusal as the note.
+    """
+    paper_heads = paper_heads or {}
+    contexts = ([ctx.with_model(m, per_model_heads[m.name], paper_heads.get(m.name)) for m in ctx.models]
+                if spec.per_model else [ctx])
     out = []
     for c in contexts:
         note = spec.skip(c) if spec.skip else None
@@ -125,7 +134,12 @@ def figure_entries(spec: FigureSpec, ctx: Context, per_model_heads: dict, query)
                 note = f"no head to draw for {c.model.name} (none in its last third of layers; use --heads)"
         entry = Entry(spec, c, runs, note=note)
         if note is None:
-            df = fetch(query, spec.query, runs, c.names)
+            try:
+                df = fetch(query, spec.query, runs, c.names)
+            except (QueryError, ConfigError) as e:
+                entry.note = str(e).rstrip(".")
+                out.append(entry)
+                continue
             if df.is_empty():
                 entry.note = (f"the query {spec.query} returned no rows for {', '.join(c.names)} "
                               "(e.g. no neuron or repair detail stored for this head)")
@@ -184,13 +198,12 @@ def build_report(store, output: str | Path, models: list[str] | None = None,
                 asked |= {"layer": layer, "head": head}
             requests.check(store.inventories, asked, m.name)
     query = QueryCache(store)
-    per_model_heads = {}
+    per_model_heads, paper_heads = {}, {}
+    top = query("head_top_self_repair", p=ctx.p, ablation=ablation, sample=ctx.sample)
     for m in infos:
-        if heads:
-            per_model_heads[m.name] = tuple(heads)
-        else:
-            top = query("head_top_self_repair", p=ctx.p, ablation=ablation, sample=ctx.sample)
-            per_model_heads[m.name] = default_heads(top.filter(pl.col("model") == m.name), m.n_layers)
+        mine = top.filter(pl.col("model") == m.name)
+        per_model_heads[m.name] = tuple(heads) if heads else default_heads(mine, m.n_layers)
+        paper_heads[m.name] = penultimate_head(mine, m.n_layers, per_model_heads[m.name])
 
     out = Path(output)
     try:
@@ -216,12 +229,17 @@ def build_report(store, output: str | Path, models: list[str] | None = None,
     specs = [s for s in registry.FIGURES if figures is None or s.name in figures]
     figure_list = []
     for spec in specs:
-        for entry in figure_entries(spec, ctx, per_model_heads, query):
-            if entry.png is not None:
-                stem = figure_stem(entry)
-                for fmt, data in (("png", entry.png), ("pdf", entry.pdf)):
-                    _write(out / "figures" / f"{stem}.{fmt}", data)
-                    entry.files.append(f"figures/{stem}.{fmt}")
+        entries = figure_entries(spec, ctx, per_model_heads, query, paper_heads)
+        if spec.paper is not None:
+            for entry, paper in zip(entries, figure_entries(spec.paper, ctx, per_model_heads, query, paper_heads)):
+                entry.beside = paper
+        for entry in entries:
+            for drawn in filter(None, (entry, entry.beside)):
+                if drawn.png is not None:
+                    stem = figure_stem(drawn)
+                    for fmt, data in (("png", drawn.png), ("pdf", drawn.pdf)):
+                        _write(out / "figures" / f"{stem}.{fmt}", data)
+                        drawn.files.append(f"figures/{stem}.{fmt}")
             figure_list.append(entry)
 
     table_list = []

@@ -31,6 +31,8 @@ class FigureSpec:
         plot: draws the (concatenated) query frame; returns the Figure.
         per_model: one figure per model (True) or one for all models.
         skip: a reason to draw nothing for a context (e.g. one ablation type), or None.
+        paper: where the authors computed this figure's statistic differently (Rushing & Nanda's
+            code), the figure drawn with theirs; the report shows it beside this one.
     """
 
     name: str
@@ -40,6 +42,7 @@ class FigureSpec:
     plot: Callable[[pl.DataFrame, Context], Figure]
     per_model: bool = True
     skip: Callable[[Context], str | None] | None = None
+    paper: "FigureSpec | None" = None
 
 
 @dataclass(frozen=True)

@@ -95,4 +95,6 @@ def one_line(error: BaseException) -> str:
             break
         if line.strip():
             lines.append(line.strip())
-    return " ".join(lines) or type(error).__name__
+    text = " ".join(lines) or type(error).__name__
+    # A refusal a query raises itself (SQL `error(...)`) reads as its own line, not DuckDB's kind.
+    return text.removeprefix("Invalid Input Error: ")
