@@ -168,7 +168,7 @@ def paper_store(tmp_path_factory):
     store = tmp_path_factory.mktemp("paper-store")
     res = CliRunner().invoke(main, ["ingest", "--model", str(folder), "--store", str(store), "--preset", "paper",
                                     "--tokens", str(61 * 127), "--corpus", "embedded", "--ablations",
-                                    "resample,mean", "--quiet"])
+                                    "resample,mean", "--neurons-top-k", "0", "--quiet"])
     assert res.exit_code == 0, res.output
     return store, folder, model
 
@@ -264,11 +264,11 @@ def test_paper_llama_store_matches_the_authors_convention(paper_store):
     tok = q("SELECT logit FROM tokens WHERE model = $m AND token_index >= $t0 ORDER BY token_index")
     hd = q("SELECT de FROM head_effects WHERE model = $m AND token_index >= $t0 ORDER BY layer, head, token_index")
     md = q("SELECT de FROM mlp_effects WHERE model = $m AND token_index >= $t0 ORDER BY layer, token_index")
-    stored_logit = torch.from_numpy(tok["logit"].to_numpy()).double()
+    stored_logit = torch.from_numpy(tok["logit"].to_numpy().copy()).double()
     assert torch.allclose(stored_logit, logit.flatten(), atol=1e-4, rtol=1e-4)
     assert not torch.allclose(stored_logit, real.flatten(), atol=1e-2)  # the real logit has the gain
-    assert torch.allclose(torch.from_numpy(hd["de"].to_numpy()).double(), heads.flatten(), atol=1e-4, rtol=1e-4)
-    assert torch.allclose(torch.from_numpy(md["de"].to_numpy()).double(), mlps.flatten(), atol=1e-4, rtol=1e-4)
+    assert torch.allclose(torch.from_numpy(hd["de"].to_numpy().copy()).double(), heads.flatten(), atol=1e-4, rtol=1e-4)
+    assert torch.allclose(torch.from_numpy(md["de"].to_numpy().copy()).double(), mlps.flatten(), atol=1e-4, rtol=1e-4)
     # Mean ablation of L1H2 over this batch of 30 rows and 128 positions, recomputed with the gain set to 1.
     H, dh = model.config.num_attention_heads, model.config.hidden_size // model.config.num_attention_heads
     z = got["z1"][..., 2 * dh:3 * dh]
@@ -285,7 +285,7 @@ def test_paper_llama_store_matches_the_authors_convention(paper_store):
     ab = q("SELECT d_logit FROM ablation_effects WHERE model = $m AND ablation = 'mean' AND sample = 0 "
            "AND layer = 1 AND head = 2 AND token_index >= $t0 ORDER BY token_index")
     want = (ablated - logit).flatten()
-    assert torch.allclose(torch.from_numpy(ab["d_logit"].to_numpy()).double(), want, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(torch.from_numpy(ab["d_logit"].to_numpy().copy()).double(), want, atol=1e-4, rtol=1e-4)
 
 
 # -- CLI -------------------------------------------------------------------------------------
