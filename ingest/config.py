@@ -57,6 +57,9 @@ class IngestConfig:
             computes them; this process commits).
         ray_address: the Ray cluster to join (`auto`, `HOST:PORT`); None starts a Ray of this machine.
         workers: Ray actors (default: one per GPU of the cluster, or one on its CPUs when it has none).
+        preset: None, or `paper` (ingest/presets.py): the authors' rows, batches, pairing and weight
+            processing. The preset's settings replace the fields left at their defaults; a field set to
+            another value conflicts with it (ConfigError).
     """
 
     model: str = "smollm2-135m"
@@ -85,8 +88,10 @@ class IngestConfig:
     executor: str = "inprocess"
     ray_address: str | None = None
     workers: int | None = None
+    preset: str | None = None
 
     def __post_init__(self) -> None:
+        self._apply_preset()
         self.store = Path(self.store)
         try:
             self.activations = select_arrays(self.activations)
@@ -110,6 +115,14 @@ class IngestConfig:
                 raise ConfigError(f"ablations: unknown ablation type {kind!r}; choose from {', '.join(ABLATION_KINDS)}")
         if self.resamples < 1:
             raise ConfigError(f"resamples: must be at least 1, got {self.resamples}")
+        if self.whole_batches:
+            need = 2 if "resample" in self.ablations else 1  # resample pairs each batch with another
+            if self.n_rows < need * self.batch_size:
+                raise ConfigError(
+                    f"tokens: preset {self.preset} needs {need} whole batch{'es' if need > 1 else ''} of "
+                    f"{self.batch_size} rows{' for resample ablation' if need > 1 else ''} "
+                    f"(--tokens {need * self.batch_size * self.preds_per_row}); {self.tokens} tokens make "
+                    f"{-(-self.tokens // self.preds_per_row)} rows")
         if not (0 < self.top_p <= 1):
             raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p}")
         if self.top_tokens < 1:
@@ -138,13 +151,38 @@ class IngestConfig:
         if self.activation_dtype not in ARRAY_DTYPES:
             raise ConfigError(f"activation_dtype: {self.activation_dtype!r} is not float16 or float32")
 
+    def _apply_preset(self) -> None:
+        from dataclasses import fields
+
+        from selfrepair.ingest.presets import PRESETS
+
+        if self.preset is None:
+            return
+        if self.preset not in PRESETS:
+            raise ConfigError(f"preset: unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
+        defaults = {f.name: f.default for f in fields(self)}
+        for key, value in PRESETS[self.preset].items():
+            if key not in defaults:
+                continue  # a setting this version does not have yet: recorded in the manifest only
+            mine = getattr(self, key)
+            if mine != defaults[key] and mine != value:
+                raise ConfigError(f"{key}: {mine!r} conflicts with preset {self.preset} ({key} {value!r})")
+            setattr(self, key, value)
+
+    @property
+    def whole_batches(self) -> bool:
+        """Whether a partial last batch is dropped (the paper preset) rather than kept."""
+        return self.preset == "paper"
+
     @property
     def preds_per_row(self) -> int:
         return self.seq_len - 1
 
     @property
     def n_rows(self) -> int:
-        return -(-self.tokens // self.preds_per_row)
+        rows = -(-self.tokens // self.preds_per_row)
+        # The authors' dataset_generator ran only whole batches: a partial last batch is dropped.
+        return rows // self.batch_size * self.batch_size if self.whole_batches else rows
 
     @property
     def n_tokens(self) -> int:

@@ -197,3 +197,75 @@ def build_rows(spec: str, tokenizer, n_rows: int, seq_len: int, bos_id: int, eos
 def fingerprint(rows: np.ndarray) -> str:
     """sha256 of the token stream (int32, row-major): the corpus identity in the manifest."""
     return hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int32).tobytes()).hexdigest()
+
+
+# TransformerLens's tokenize_and_concatenate as the authors ran it (TransformerLens 1.x): a
+# `datasets.map` in batches of 1000 documents over `num_proc=10` contiguous shards.
+TL_MAP_BATCH = 1000
+TL_NUM_PROC = 10
+TL_CHUNKS = 20
+
+
+def _tl_map_batches(docs: list[str]) -> Iterator[list[str]]:
+    """The document batches `datasets.map(batched=True, num_proc=10)` hands to the function, in order."""
+    n = len(docs)
+    shards = min(TL_NUM_PROC, n)
+    start = 0
+    for i in range(shards):
+        size = n // shards + (1 if i < n % shards else 0)  # datasets' contiguous sharding
+        for b in range(start, start + size, TL_MAP_BATCH):
+            yield docs[b:min(b + TL_MAP_BATCH, start + size)]
+        start += size
+
+
+def tl_rows(spec: str, tokenizer, n_rows: int, seq_len: int) -> np.ndarray:
+    """Rows as TransformerLens's (chunked) `tokenize_and_concatenate(dataset, tokenizer, max_length=seq_len)` built them.
+
+    Per map batch: the texts joined with the EOS *string*, cut into 20 equal character chunks
+    (a chunk may split a word or the EOS string itself), each chunk tokenised with the tokenizer's
+    own special tokens (a Llama tokenizer starts each chunk with BOS), then every pad token deleted.
+    TransformerLens gave its tokenizers pad = EOS, so every EOS goes too: no document separators
+    remain. The stream is cut into rows of seq_len - 1 tokens (the remainder of the batch dropped),
+    each after a BOS.
+
+    Args:
+        spec: corpus spec.
+        tokenizer: a Hugging Face tokenizer with an EOS token.
+        n_rows: rows wanted (the first n_rows built).
+        seq_len: tokens per row, BOS included.
+
+    Returns:
+        int64 array [n_rows, seq_len].
+
+    Raises:
+        CorpusError: an empty corpus, or fewer rows than asked.
+    """
+    if tokenizer.eos_token is None:
+        raise CorpusError(f"corpus {spec}: the tokenizer has no EOS token to join documents with")
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token is not None else eos  # TransformerLens: pad = EOS if unset
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos  # likewise BOS
+    body = seq_len - 1
+    docs = [d for d in documents(spec)]
+    if not docs:
+        raise CorpusError(f"corpus {spec}: empty (no text to tokenise)")
+    out: list[np.ndarray] = []
+    have = 0
+    for texts in _tl_map_batches(docs):
+        full = tokenizer.eos_token.join(texts)
+        size = (len(full) - 1) // TL_CHUNKS + 1
+        chunks = [full[i * size:(i + 1) * size] for i in range(TL_CHUNKS)]
+        # Padding the chunks to one length and deleting pads afterwards equals not padding at all.
+        ids = np.concatenate([np.asarray(tokenizer(c)["input_ids"], dtype=np.int64) for c in chunks])
+        ids = ids[ids != pad]
+        k = len(ids) // body
+        if k:
+            rows = ids[:k * body].reshape(k, body)  # [batch, seq_len - 1]
+            out.append(np.concatenate([np.full((k, 1), bos, dtype=np.int64), rows], axis=1))
+            have += k
+        if have >= n_rows:
+            break
+    if have < n_rows:
+        raise CorpusError(f"corpus {spec}: tokenize_and_concatenate makes {have} rows of {seq_len} tokens, fewer "
+                          f"than the {n_rows} asked; lower --tokens to at most {have * body}")
+    return np.concatenate(out)[:n_rows]

@@ -209,15 +209,27 @@ class LoadedModel:
             "post_norm_blocks": w.post_norm,
             "final_logit_softcapping": w.softcap,
             "norm_names": w.norm_names,
-            "weight_processing": {
-                "method": "the fast engine drives the Hugging Face modules and applies TransformerLens's "
-                          "processing to u and z; the reference engine uses TransformerBridge.enable_compatibility_mode()",
-                "fold_ln": True,
-                "center_writing_weights": True,
-                "center_unembed": True,
-                "fold_value_biases": True,
-            },
+            "weight_processing": _processing(w.convention),
         }
+
+
+def _processing(convention: str) -> dict:
+    """The manifest's weight processing for a convention (ingest/weights.py)."""
+    from selfrepair.ingest.weights import CONVENTIONS, PROCESSED
+
+    processed = convention == PROCESSED
+    return {
+        "convention": convention,
+        "definition": CONVENTIONS[convention],
+        "method": "the fast engine drives the Hugging Face modules and applies TransformerLens's "
+                  "processing to u and z; the reference engine uses TransformerBridge.enable_compatibility_mode()"
+                  if processed else "the fast engine drives the Hugging Face modules with the raw unembedding "
+                  "(TransformerLens fold_ln=False, center_writing_weights=False, center_unembed=False)",
+        "fold_ln": processed,
+        "center_writing_weights": processed,
+        "center_unembed": processed,
+        "fold_value_biases": True,
+    }
 
 
 def pick_device(device: str) -> str:

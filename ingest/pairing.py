@@ -24,8 +24,25 @@ RULE = (
 )
 
 
-def source_rows(n_rows: int, batch_size: int, sample: int, seed: int, r0: int = 0, r1: int | None = None) -> np.ndarray:
+# The authors' dataset_generator: batch b's corrupted prompts are batch b+1, and the last batch,
+# finding no rows after it, loops back to batch 0. Their runs held whole batches only.
+PAPER_RULE = (
+    "preset paper: whole batches of batch_size rows (a partial last batch dropped), at least two; "
+    "sample 0: source_row = (row + batch_size) mod n_rows, the same row of the next batch, the last "
+    "batch's from batch 0, so no row's source is in its own batch; sample k >= 1: as the default rule"
+)
+
+
+def rule(whole_batches: bool) -> str:
+    """The pairing rule recorded in the manifest."""
+    return PAPER_RULE if whole_batches else RULE
+
+
+def source_rows(n_rows: int, batch_size: int, sample: int, seed: int, r0: int = 0, r1: int | None = None,
+                whole_batches: bool = False) -> np.ndarray:
     """The source row of rows [r0, r1) for one resample draw; no row is its own source.
+
+    With `whole_batches` (the paper preset) no row's source is in its own batch either.
 
     Args:
         n_rows: rows in the run.
@@ -33,6 +50,7 @@ def source_rows(n_rows: int, batch_size: int, sample: int, seed: int, r0: int = 
         sample: the draw (0 is the paper's next-batch rule).
         seed: base seed of the extra draws.
         r0, r1: the rows asked for (default: all), batch-aligned at r0.
+        whole_batches: the paper preset's rule (PAPER_RULE) on a run of whole batches.
 
     Returns:
         int64 array [r1 - r0].
@@ -40,6 +58,12 @@ def source_rows(n_rows: int, batch_size: int, sample: int, seed: int, r0: int = 
     if n_rows < 2:
         raise ConfigError("resample ablation needs at least 2 rows; raise --tokens or use mean/zero")
     r1 = n_rows if r1 is None else r1
+    if whole_batches:
+        if n_rows % batch_size or n_rows < 2 * batch_size:
+            raise ConfigError(f"resample ablation with preset paper needs at least two whole batches of "
+                              f"{batch_size} rows; got {n_rows} rows")
+        if sample == 0:
+            return (np.arange(r0, r1) + batch_size) % n_rows
     n_batches = -(-n_rows // batch_size)
     if n_batches == 1:
         rows = np.arange(n_rows)

@@ -18,7 +18,7 @@ from selfrepair.errors import ConfigError, DeviceError, StoreConflict, Unsupport
 from selfrepair.ingest import corpus as C
 from selfrepair.ingest.config import IngestConfig, parse_heads
 from selfrepair.ingest.executors import make_executor
-from selfrepair.ingest.pairing import RULE, pairs_digest, source_rows
+from selfrepair.ingest.pairing import pairs_digest, rule, source_rows
 from selfrepair.ingest.progress import Progress
 from selfrepair.ingest.units import AblationUnit, CleanUnit, batch_top_sets
 from selfrepair.store import files, plan, top_tokens
@@ -103,15 +103,18 @@ class Ingest:
         t0 = time.perf_counter()
         # With Ray the workers hold the accelerators; the driver's copy (plan, self-check) stays on the CPU.
         model = load_model(cfg.model, "cpu" if cfg.executor == "ray" else cfg.device, cfg.dtype, cfg.revision)
-        from selfrepair.ingest.weights import read_weights
+        from selfrepair.ingest.weights import PROCESSED, read_weights
 
         _check_context(model, cfg.seq_len)  # read_weights runs the model at seq_len
-        w = read_weights(model.hf_model, cfg.seq_len)
+        w = read_weights(model.hf_model, cfg.seq_len, cfg.preset)
         if model.bridge is not None and (model.cfg.n_layers, model.cfg.n_heads) != (w.n_layers, w.n_heads):
             raise UnsupportedModel(f"{w.family.name}: the bridge sees {model.cfg.n_layers} layers × "
                                    f"{model.cfg.n_heads} heads, the model {w.n_layers} × {w.n_heads}")
         if cfg.engine == "reference":
             model.require_bridge()
+            if w.convention != PROCESSED:
+                raise UnsupportedModel(f"{w.family.name}: --engine reference reads TransformerLens's processed "
+                                       "logits; with --preset paper use the fast engine")
             if w.post_norm or w.softcap:
                 raise UnsupportedModel(f"{w.family.name}: --engine reference (TransformerLens) does not model "
                                        "post-norm blocks or softcapped logits as DESIGN.md defines them; "
@@ -122,9 +125,9 @@ class Ingest:
         estimate = check_free_disk(cfg, ms, w, heads)  # before the self-check's forward passes
         checks = None
         if self._writer is None:
-            rows_np = C.build_rows(corpus_spec, model.tokenizer, cfg.n_rows, cfg.seq_len, model.bos_id, model.eos_id)
+            rows_np = _rows(cfg, corpus_spec, model)
             if "resample" in cfg.ablations:
-                source_rows(cfg.n_rows, cfg.batch_size, 0, cfg.seed)  # fails early with < 2 rows
+                _sources(cfg, 0)  # fails early with < 2 rows
             # A new folder: checked, then created and locked, only once the numbers are trusted.
             checks = self._self_check(model, w, rows_np)
             self._writer = self._lock(ms)
@@ -135,9 +138,9 @@ class Ingest:
             # The store already has more rows (or an interrupted extension stored some): the run
             # covers all of them (new heads or ablations too).
             cfg = self.cfg = replace(cfg, tokens=have * cfg.preds_per_row)
-        rows_np = C.build_rows(corpus_spec, model.tokenizer, cfg.n_rows, cfg.seq_len, model.bos_id, model.eos_id)
+        rows_np = _rows(cfg, corpus_spec, model)
         if "resample" in cfg.ablations:
-            source_rows(cfg.n_rows, cfg.batch_size, 0, cfg.seed)  # fails early with < 2 rows
+            _sources(cfg, 0)  # fails early with < 2 rows
         if checks is None:
             checks = self._self_check(model, w, rows_np)  # an existing folder: checked before any write
         self._open_store(writer, model, corpus_spec, rows_np, identity, w, checks)
@@ -189,7 +192,7 @@ class Ingest:
         first = rows[: cfg.batch_size]
         src = None
         if "resample" in cfg.ablations:
-            pair = source_rows(cfg.n_rows, cfg.batch_size, 0, cfg.seed, 0, len(first))
+            pair = _sources(cfg, 0, 0, len(first))
             src = rows[torch.from_numpy(pair).to(rows.device)]
         if model.bridge is None:
             self.log(f"warning: {model.bridge_error}; the self-check compares the engine with the model's "
@@ -218,7 +221,8 @@ class Ingest:
             "n_rows": cfg.n_rows,
             "n_tokens": cfg.n_tokens,
             "ablations": list(cfg.ablations),
-            "resample": {"rule": RULE, "samples": cfg.resamples, "seed": cfg.seed, "batch_size": cfg.batch_size},
+            "preset": _preset_facts(cfg),
+            "resample": {"rule": rule(cfg.whole_batches), "samples": cfg.resamples, "seed": cfg.seed, "batch_size": cfg.batch_size},
             "top_token_rule": "floor(top_p * n_tokens) tokens per head by clean DE, ORDER BY de DESC, token_index ASC",
             "versions": _versions(),
         }
@@ -277,7 +281,7 @@ class Ingest:
         corpus_spec = cfg.corpus or C.default_corpus(spec.name, spec.path is not None and spec.gguf_file is None)
         model = load_model(cfg.model, cfg.device, cfg.dtype, cfg.revision)
         _check_context(model, cfg.seq_len)
-        w = read_weights(model.hf_model, cfg.seq_len)
+        w = read_weights(model.hf_model, cfg.seq_len, cfg.preset)
         heads = parse_heads(cfg.heads, w.n_layers, w.n_heads)
         estimate = estimate_run(cfg, w, heads)
         self._print_plan(model, w, heads, corpus_spec, estimate)
@@ -365,7 +369,7 @@ class Ingest:
         cfg = self.cfg
         preds = cfg.preds_per_row
         draws = [(k, s) for k in cfg.ablations for s in (range(cfg.resamples) if k == "resample" else [0])]
-        digest = lambda sample, r0, r1: pairs_digest(source_rows(cfg.n_rows, cfg.batch_size, sample, cfg.seed, r0, r1))  # noqa: E731
+        digest = lambda sample, r0, r1: pairs_digest(_sources(cfg, sample, r0, r1))  # noqa: E731
         # Only the missing (ablation, sample, head, batch) units, from what the store already holds.
         top_digest = lambda r0, r1, hs: top_tokens.batch_digest(top_sets, hs, r0 * preds, r1 * preds)  # noqa: E731
         # …and the stored shards whose detail follows other top-p% sets (more tokens), or whose
@@ -378,7 +382,7 @@ class Ingest:
         for t in todo:
             (r0, r1), pair = t.rows, None
             if t.kind == "resample":
-                pair = source_rows(cfg.n_rows, cfg.batch_size, t.sample, cfg.seed, r0, r1)
+                pair = _sources(cfg, t.sample, r0, r1)
             units.append(AblationUnit(
                 t, rows_np[r0:r1], pair, rows_np[pair] if pair is not None else None,
                 batch_top_sets(top_sets, t.heads, r0 * preds, r1 * preds), writer.manifest["n_tokens"],
@@ -414,9 +418,29 @@ def _identity_conflict(old: dict, identity: dict) -> str | None:
         if a != b:
             return f"{key}: stored {a!r}, asked {b!r}"
     has_resample = any(e.get("ablation") == "resample" for e in old["shards"].values())
-    if has_resample and old.get("resample", {}).get("rule") != RULE:
+    if has_resample and old.get("resample", {}).get("rule") != rule(identity.get("preset") == "paper"):
         return "resample pairing rule: the store's stored pairs follow an older rule"
     return None
+
+
+def _sources(cfg: IngestConfig, sample: int, r0: int = 0, r1: int | None = None) -> np.ndarray:
+    """The run's resample sources of rows [r0, r1) (ingest/pairing.py; the preset's rule with --preset paper)."""
+    return source_rows(cfg.n_rows, cfg.batch_size, sample, cfg.seed, r0, r1, whole_batches=cfg.whole_batches)
+
+
+def _rows(cfg: IngestConfig, corpus_spec: str, model) -> np.ndarray:
+    """The run's token rows: TransformerLens's tokenize_and_concatenate with --preset paper, DESIGN.md's rule otherwise."""
+    if cfg.preset == "paper":
+        return C.tl_rows(corpus_spec, model.tokenizer, cfg.n_rows, cfg.seq_len)
+    return C.build_rows(corpus_spec, model.tokenizer, cfg.n_rows, cfg.seq_len, model.bos_id, model.eos_id)
+
+
+def _preset_facts(cfg: IngestConfig) -> dict | None:
+    """The manifest's record of the preset: its settings, row-building and pairing rules."""
+    from selfrepair.ingest.presets import ROWS_RULE, preset_settings
+
+    return {"name": cfg.preset, "settings": preset_settings(cfg.preset), "rows_rule": ROWS_RULE[cfg.preset],
+            "pairing_rule": rule(cfg.whole_batches), "whole_batches": cfg.whole_batches}
 
 
 def _precheck_corpus(spec: str) -> None:

@@ -14,15 +14,25 @@ Three comparisons, each a largest absolute deviation over the batch's prediction
   pre-softcap (TransformerLens disables center_unembed), so only the plain forward
   judges d_logit there.
 
+With the paper preset's unfolded Llama weights (ingest/weights.py UNFOLDED) the stored
+logit is the uncentred logit with the final norm's gain set to 1, which the components'
+DEs sum to; "the model" is then the model run with that gain replaced by ones, and the
+reference engine (whose logits are TransformerLens's gained, centred ones) judges the
+ablated scale and DEs but not d_logit (the plain forward still does).
+
 Beyond `TOLERANCE` (relative to the quantity's own size) the ingest is refused with one
 line naming the mismatch; the deviations are recorded in the manifest either way.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from selfrepair.errors import SelfCheckFailed
+from selfrepair.errors import SelfCheckFailed, UnsupportedModel
+from selfrepair.ingest.families import module_at
+from selfrepair.ingest.weights import PROCESSED
 
 TOLERANCE = 1e-3  # of max(1, largest |value|): float32 engines agree to ~1e-6
 
@@ -39,8 +49,36 @@ def sample_heads(n_layers: int, n_heads: int) -> list[tuple[int, int]]:
     return [(layer, (layer * 5 + 1) % n_heads) for layer in layers]
 
 
+@contextlib.contextmanager
+def unit_final_gain(w):
+    """Under UNFOLDED, the model with its final norm's gain set to 1 (restored after); otherwise unchanged."""
+    if w.convention == PROCESSED:
+        yield
+        return
+    norm = module_at(w.model, w.family.final_norm)
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.nn.Parameter) or weight.shape != (w.d_model,):
+        raise UnsupportedModel(f"{w.family.name}: the final norm has no [d_model] weight to set to 1")
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.fill_(1.0)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+
+
+def model_logit(w, raw: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The stored logit from the model's unembedding output: vocab-centred (PROCESSED) or raw (UNFOLDED)."""
+    if w.convention == PROCESSED:
+        raw = raw - raw.mean(-1, keepdim=True)
+    return raw.gather(-1, y[..., None])[..., 0]
+
+
 def full_forward_logit(w, rows: torch.Tensor, layer: int, head: int, z_new: torch.Tensor) -> torch.Tensor:
-    """The ablated centred pre-softcap logit minus b_U from one whole forward of the model itself."""
+    """The ablated pre-softcap logit minus b_U from one whole forward of the model itself (centred, or under
+    UNFOLDED uncentred with the final norm's gain set to 1)."""
     batch, pos = rows.shape
 
     def patch(module, args):
@@ -52,14 +90,14 @@ def full_forward_logit(w, rows: torch.Tensor, layer: int, head: int, z_new: torc
     hooks = [w.attn_out[layer].register_forward_pre_hook(patch),
              w.model.get_output_embeddings().register_forward_hook(lambda m, a, o: raw.__setitem__("r", o.float()))]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), unit_final_gain(w):
             w.model(rows, use_cache=False)
     finally:
         for h in hooks:
             h.remove()
     r = raw["r"].reshape(batch, pos, -1) * w.logit_scale
     y = rows.roll(-1, dims=1)
-    return (r - r.mean(-1, keepdim=True)).gather(-1, y[..., None])[..., 0] - w.b_U[y]
+    return model_logit(w, r, y) - w.b_U[y]
 
 
 def run_self_check(model, w, rows: torch.Tensor, source_rows: torch.Tensor | None, ablations, log=print) -> dict:
@@ -90,8 +128,12 @@ def run_self_check(model, w, rows: torch.Tensor, source_rows: torch.Tensor | Non
     st = fast.clean
     u_full = w.target_columns(rows.roll(-1, dims=1))
     engine_logit = cut(fast.clean_logit(u_full)) + w.b_U[y]
-    raw = st.raw_logits[:, :preds]
-    record("clean logit: engine vs model", engine_logit, (raw - raw.mean(-1, keepdim=True)).gather(-1, y[..., None])[..., 0])
+    if w.convention == PROCESSED:
+        raw = st.raw_logits[:, :preds]
+    else:  # the logit Σ DE sums to: the model's own forward with its final norm's gain set to 1
+        with torch.no_grad(), unit_final_gain(w):
+            raw = w.model(rows, use_cache=False).logits.float()[:, :preds]
+    record("clean logit: engine vs model", engine_logit, model_logit(w, raw, y))
     bridge = model.bridge  # None when TransformerLens cannot wrap the model: the model's own forward judges
     if bridge is not None:
         with torch.no_grad():
@@ -117,7 +159,8 @@ def run_self_check(model, w, rows: torch.Tensor, source_rows: torch.Tensor | Non
                 continue
             zr = replacement_z(kind, ref.clean_z(layer), ref_src.clean_z(layer) if ref_src is not None else None)
             rr = ref.patch(layer, [head], zr[:, :, [head]].permute(2, 0, 1, 3), u_full)
-            record(f"d_logit {tag}: fast vs reference", cut(rf.logit[0] - cf), cut(rr.logit[0] - cr))
+            if w.convention == PROCESSED:  # the bridge's logits are processed (gained, centred) ones
+                record(f"d_logit {tag}: fast vs reference", cut(rf.logit[0] - cf), cut(rr.logit[0] - cr))
             record(f"ablated scale {tag}: fast vs reference", cut(rf.scale[0]), cut(rr.scale[0]))
             if not w.post_norm:  # the bridge's hooks do not model post-norm head writes
                 record(f"ablated DE {tag}: fast vs reference", cut(rf.de_head[0]), cut(rr.de_head[0]))

@@ -11,6 +11,14 @@ into `b_O`. The same numbers follow from the unprocessed modules:
   when the layer's input is all zeros (its value vector is then exactly the value bias
   plus the norm bias times W_V, and attention weights sum to 1).
 
+With `--preset paper` a Llama model is read as the authors loaded LLaMA-7B
+(`fold_ln=False, center_writing_weights=False, center_unembed=False`): `u = W_U[:, y]`, the
+raw unembedding column, with neither the final norm's gain nor any centring. That is the DE
+their `collect_direct_effect` computed (`apply_ln_to_stack` divides by the final scale but
+never multiplies by the gain; `tokens_to_residual_directions` is `W_U[:, y]`), so the logit
+the components sum to is the model's uncentred logit with the final norm's gain set to 1
+(`UNFOLDED`). The self-check and the tests check that identity.
+
 Norm parameters are probed from the module and its formula is asserted on random
 input, so a norm that is neither LayerNorm nor RMSNorm is refused, never guessed.
 """
@@ -27,6 +35,21 @@ from selfrepair.errors import UnsupportedModel
 from selfrepair.ingest.families import Family, family_of, module_at
 
 _EPS_ATTRS = ("eps", "variance_epsilon", "epsilon")
+PROCESSED = "processed"  # DESIGN.md: final-norm gain folded into W_U, W_U centred
+UNFOLDED = "unfolded"  # the paper preset on Llama: raw W_U, no gain, no centring (the authors' LLaMA-7B)
+CONVENTIONS = {
+    PROCESSED: "DE_c = c · u / s with u = centre(g ⊙ W_U[:, y]) (TransformerLens fold_ln, center_writing_weights, "
+               "center_unembed); logit = the model's vocab-centred logit; Σ DE = logit − b_U[y]",
+    UNFOLDED: "DE_c = c · W_U[:, y] / s, the raw unembedding column without the final norm's gain and uncentred, "
+              "as the authors' collect_direct_effect on LLaMA-7B (fold_ln=False, center_writing_weights=False, "
+              "center_unembed=False); logit = the model's uncentred logit with the final norm's gain set to 1, "
+              "so Σ DE = logit − b_U[y] still holds; the model's real logit is not stored",
+}
+
+
+def convention_for(family_name: str, preset: str | None) -> str:
+    """The weight convention of a run: UNFOLDED for a Llama model under the paper preset, else PROCESSED."""
+    return UNFOLDED if preset == "paper" and family_name == "Llama" else PROCESSED
 
 
 @dataclass
@@ -137,6 +160,7 @@ class Weights:
     parallel: bool
     softcap: float | None
     logit_scale: float  # Cohere multiplies its logits by this; 1 elsewhere
+    convention: str = PROCESSED  # PROCESSED or UNFOLDED: what W_U (and so every DE and logit) means
 
     @property
     def n_layers(self) -> int:
@@ -167,8 +191,13 @@ class Weights:
         return self.W_U.T[next_tokens]
 
 
-def read_weights(model, seq_len: int) -> Weights:
+def read_weights(model, seq_len: int, preset: str | None = None) -> Weights:
     """Resolve a loaded causal LM's modules and read its processed weights.
+
+    Args:
+        model: the Hugging Face causal LM.
+        seq_len: tokens per row (the zero-input z is computed at this length).
+        preset: the run's preset; `paper` reads a Llama model unfolded (UNFOLDED).
 
     Raises:
         UnsupportedModel: the architecture, a norm or a projection is not one we can read.
@@ -200,11 +229,17 @@ def read_weights(model, seq_len: int) -> Weights:
     lm_head = model.get_output_embeddings()
     W_lm = in_major(lm_head, f"{family.name} unembedding")  # [d_model, d_vocab]
     logit_scale = float(getattr(cfg, "logit_scale", None) or 1.0) if family.name == "Cohere" else 1.0
-    W_U = (final.gain[:, None] * W_lm) * logit_scale
-    b_U = (final.bias @ W_lm + _bias(lm_head, W_lm.shape[1], device)) * logit_scale
-    W_U, b_U = W_U - W_U.mean(1, keepdim=True), b_U - b_U.mean()
-    if final.kind == "LN":
-        W_U = W_U - W_U.mean(0, keepdim=True)
+    convention = convention_for(family.name, preset)
+    if convention == UNFOLDED:
+        _check_unfoldable(family.name, final, cfg, logit_scale)
+        # No gain, no centring: the raw unembedding, as TransformerLens's W_U with fold_ln=False.
+        W_U, b_U = W_lm, _bias(lm_head, W_lm.shape[1], device)
+    else:
+        W_U = (final.gain[:, None] * W_lm) * logit_scale
+        b_U = (final.bias @ W_lm + _bias(lm_head, W_lm.shape[1], device)) * logit_scale
+        W_U, b_U = W_U - W_U.mean(1, keepdim=True), b_U - b_U.mean()
+        if final.kind == "LN":
+            W_U = W_U - W_U.mean(0, keepdim=True)
     down_final = at(len(layers) - 1, family.down)
     W_out = in_major(down_final, f"{family.name} {family.down}")
     if mlp_post[-1] is not None:
@@ -224,8 +259,10 @@ def read_weights(model, seq_len: int) -> Weights:
         W_O=W_O, W_O_eff=W_O * g_attn[:, None, None, :], c=torch.zeros(len(layers), n_heads, W_O.shape[2], device=device),
         b_attn=torch.zeros(len(layers), d, device=device), W_U=W_U.contiguous(), b_U=b_U, W_out_final=W_out,
         n_heads=n_heads, parallel=family.parallel(cfg),
-        softcap=getattr(cfg, "final_logit_softcapping", None), logit_scale=logit_scale,
+        softcap=getattr(cfg, "final_logit_softcapping", None), logit_scale=logit_scale, convention=convention,
     )
+    if convention == UNFOLDED and w.post_norm:
+        raise UnsupportedModel(f"{family.name}: the paper preset's unfolded weights assume no post-norm blocks")
     from selfrepair.ingest.engine import zero_input_z
 
     w.c = zero_input_z(w, seq_len)
@@ -237,3 +274,17 @@ def read_weights(model, seq_len: int) -> Weights:
         raise UnsupportedModel(f"{family.name}: post-norm blocks with attention biases are not supported "
                                "(released checkpoints of this family have none)")
     return w
+
+
+def _check_unfoldable(family: str, final: Norm, cfg, logit_scale: float) -> None:
+    """The unfolded convention is defined for the authors' architecture only: assert it, never assume it."""
+    problems = []
+    if final.kind != "RMS":
+        problems.append(f"its final norm is {final.kind}, not RMSNorm")
+    if bool(final.bias.any()):
+        problems.append("its final norm has a bias")
+    if logit_scale != 1.0 or getattr(cfg, "final_logit_softcapping", None):
+        problems.append("its logits are scaled or softcapped")
+    if problems:
+        raise UnsupportedModel(f"{family}: the paper preset reads Llama models as the authors read LLaMA-7B, "
+                               f"but this one differs ({'; '.join(problems)})")

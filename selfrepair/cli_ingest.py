@@ -102,6 +102,10 @@ class ArraysType(click.ParamType):
               help="With --executor ray: the cluster to join, 'auto' or HOST:PORT (default: a Ray of this machine).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="With --executor ray: actors to start (default: one per GPU, or one on the CPUs).")
+@click.option("--preset", type=click.Choice(["paper"]), default=None,
+              help="paper: the authors' setup (batches of 30, partial batch dropped, next-batch resample, "
+              "TransformerLens tokenize_and_concatenate rows, seq-len 128, top-p 0.02, Llama unfolded). "
+              "An explicit flag that contradicts it is refused.")
 @store_option
 @friendly_errors
 def ingest(**opts):
@@ -118,6 +122,8 @@ def ingest(**opts):
         selfrepair ingest --model pythia-410m --tokens 1000000 --activations z --dry-run
 
         selfrepair ingest --model pythia-410m --tokens 1000000 --executor ray --ray-address auto
+
+        selfrepair ingest --model gpt2-small --preset paper --tokens 381000
     """
     from selfrepair.ingest.config import IngestConfig
     from selfrepair.ingest.runner import Ingest
@@ -132,6 +138,7 @@ def ingest(**opts):
         given = [f for f, k in (("--ray-address", "ray_address"), ("--workers", "workers")) if opts[k] is not None]
         if given:
             raise click.UsageError(f"{' and '.join(given)} only apply with --executor ray")
+    _check_preset(click.get_current_context(), opts)
     cfg = IngestConfig(**opts)
     result = Ingest(cfg, log=lambda *a: click.echo(*a, err=True)).run()
     if cfg.dry_run:
@@ -153,6 +160,18 @@ def ingest(**opts):
     summary = summary.filter(summary["model"] == result.model_store.name)
     click.echo(f"Per-layer self-repair over each head's top {cfg.top_p:g} tokens ({cfg.ablations[0]} ablation):")
     write_output(summary, "table", None)
+
+
+def _check_preset(ctx: click.Context, opts: dict) -> None:
+    """Refuse a flag given on the command line that contradicts --preset (one that agrees is fine)."""
+    from click.core import ParameterSource
+
+    from selfrepair.ingest.presets import preset_settings
+
+    for key, value in preset_settings(opts.get("preset")).items():
+        if key in opts and ctx.get_parameter_source(key) == ParameterSource.COMMANDLINE and opts[key] != value:
+            flag = "--" + key.replace("_", "-")
+            raise click.UsageError(f"{flag} {opts[key]} contradicts --preset {opts['preset']} ({flag} {value})")
 
 
 COMMANDS = [ingest]
