@@ -297,7 +297,7 @@ FILE_ENTRY = {"path": str, "rows": int, "bytes": int, "sha256": str}
 SHARD_ENTRY = {"phase": str, "rows": list, "files": dict}
 SHARD_ENTRY_OPTIONAL = {"chunks": dict, "tokens": list, "ablation": str, "sample": int, "heads": str,
                         "heads_key": str, "engine": str, "pairs_sha": str, "top_n_tokens": int, "top_sha": str,
-                        "compacted": list}
+                        "detail_sha": str, "compacted": list}
 MANIFEST = {"schema_version": int, "model": dict, "n_tokens": int, "shards": dict}
 MANIFEST_OPTIONAL = {"corpus": dict, "config": dict, "identity": dict, "n_rows": int, "derived": dict,
                      "arrays": dict, "log": dict, "ablations": list, "resample": dict, "seq_len": int,
