@@ -15,7 +15,7 @@ import torch
 
 from selfrepair.ingest import engine as E
 from selfrepair.ingest.weights import Weights
-from selfrepair.store.schema import SRC_KINDS, TABLES
+from selfrepair.store.schema import SRC_KINDS
 
 
 class FastBatch:
@@ -239,7 +239,8 @@ def neuron_detail_tables(
         neurons_top_k: as `ablation_tables` (positive).
 
     Returns:
-        Arrow tables `neuron_effects` and `neuron_totals` (empty when no head has a token here).
+        Arrow tables `neuron_effects` and `neuron_totals`; none when no head has a token here (a shard
+        that only supersedes stale detail).
     """
     heads = sorted(key for key, toks in detail_sets.items() if len(toks))
     neu, tot = [], []
@@ -251,13 +252,9 @@ def neuron_detail_tables(
                 neu.append(rows_)
                 tot.append(totals)
             on_pass(len(chunk) * b.n)
-    return {"neuron_effects": _concat(neu, kind, sample) if neu else empty_table("neuron_effects"),
-            "neuron_totals": _concat(tot, kind, sample) if tot else empty_table("neuron_totals")}
-
-
-def empty_table(name: str) -> pa.Table:
-    """A table with the schema's columns and no rows."""
-    return TABLES[name].arrow_schema.empty_table()
+    if not neu:
+        return {}
+    return {"neuron_effects": _concat(neu, kind, sample), "neuron_totals": _concat(tot, kind, sample)}
 
 
 def attention_rows(w, rows: torch.Tensor, row0: int, heads, top_masks, token_index, k: int):

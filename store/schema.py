@@ -216,6 +216,13 @@ TABLES: dict[str, Table] = {
     )
 }
 
+# A table's columns as stores written before a change of its schema hold them: such files are
+# still read, verified and compacted, never written. neuron_effects before `rank` (neurons
+# then ranked by abs(change in DE), no neuron_totals).
+LEGACY_COLUMNS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "neuron_effects": (("ablation", "sample", "layer", "head", "token_index", "neuron", "de_clean", "de_ablated"),),
+}
+
 ABLATION_KINDS = ("resample", "mean", "zero")
 SRC_KINDS = ("head", "mlp")  # repair_sources.src_kind, in that order
 

@@ -77,6 +77,9 @@ def batch_digest(top_sets: dict[tuple[int, int], np.ndarray], heads, tok0: int, 
     (after more tokens changed them) is found and redone.
     """
     h = hashlib.sha256()
+    # The rule the detail follows: shards of stores whose neuron rows were ranked by abs(ΔDE),
+    # without neuron_totals, no longer match and are redone when the store is ingested again.
+    h.update(b"neurons: signed rank, top and bottom k, totals;")
     for layer, head in sorted(heads):
         toks = top_sets.get((layer, head), np.empty(0, np.int64))
         lo, hi = np.searchsorted(toks, [tok0, tok1])
