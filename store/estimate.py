@@ -32,7 +32,7 @@ TABLE_BYTES: dict[str, tuple[float, float]] = {
     "resample_sources": (8.0, 1000.0),
     "repair_sources": (5.5, 2750.0),  # d_de + token_index; src columns repeat per token
     "neuron_effects": (11.5, 2700.0),  # 2 float32 + neuron index + rank (repeats per token) + token_index
-    "neuron_totals": (14.0, 1500.0),  # 3 float32 + token_index
+    "neuron_totals": (14.0, 2450.0),  # 3 float32 + token_index
     "attention_top": (9.0, 2500.0),  # rank, positions, weight
     "head_top_tokens": (7.3, 1300.0),
     "vocab": (3.0, 1000.0),  # token_id + a short string (a 50k BPE vocabulary: ~11 B a row, 0.5 MB)
