@@ -119,6 +119,50 @@ def replacement_z(kind: str, clean_z: torch.Tensor, source_z: torch.Tensor | Non
     return torch.zeros_like(clean_z)
 
 
+def _patched(ctx, src, kind: str, heads: list[tuple[int, int]], u: torch.Tensor, heads_per_pass: int):
+    """Patch every head in `heads`, layer by layer, `heads_per_pass` at a time.
+
+    Yields:
+        (layer, chunk, result): the heads of one pass and their `PatchResult`.
+    """
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in heads:
+        by_layer.setdefault(layer, []).append(head)
+    for layer, layer_heads in sorted(by_layer.items()):
+        z_rep = replacement_z(kind, ctx.clean_z(layer), src.clean_z(layer) if src is not None else None)
+        for start in range(0, len(layer_heads), heads_per_pass):
+            chunk = layer_heads[start:start + heads_per_pass]
+            z_new = z_rep[:, :, chunk].permute(2, 0, 1, 3)  # [k, batch, pos, d_head]
+            yield layer, chunk, ctx.patch(layer, chunk, z_new, u)
+
+
+class _Batch:
+    """What every pass over one batch shares: targets, clean logit and scale, token indices, neuron DE units."""
+
+    def __init__(self, ctx, rows: torch.Tensor, row0: int, w: Weights):
+        batch, seq = rows.shape
+        self.preds = preds = seq - 1
+        y = rows.roll(-1, dims=1)  # [batch, pos]; the last position is a dummy, dropped below
+        self.u = w.target_columns(y)
+        self.clean_logit = ctx.clean_logit(self.u)
+        s = ctx.scale()
+        self.token_index = ((row0 + np.arange(batch)[:, None]) * preds + np.arange(preds)[None, :]).reshape(-1)
+        self.n = batch * preds
+        # Each final-MLP neuron's DE per unit of activation: W_out[last, n] · u / s.
+        self.wu = torch.einsum("nm,bpm->bpn", w.W_out_final, self.u.float())[:, :preds] / s[:, :preds, None].float()
+        self.post_clean = ctx.post_final()[:, :preds].float()
+
+    def mask(self, tokens: np.ndarray | None) -> np.ndarray:
+        return np.isin(self.token_index, tokens) if tokens is not None and len(tokens) else np.zeros(self.n, bool)
+
+    def neurons(self, r: E.PatchResult, i: int, layer: int, head: int, mask: np.ndarray, k: int):
+        """Neuron rows and totals of head `i` of a pass on the tokens in `mask` (float32 DEs, as stored)."""
+        sel = torch.from_numpy(np.nonzero(mask)[0]).to(self.u.device)
+        de_c = (self.post_clean * self.wu).reshape(self.n, -1)[sel]  # [tok, d_mlp]
+        de_a = (r.post_final[i, :, :self.preds].float() * self.wu).reshape(self.n, -1)[sel]
+        return _neuron_rows(layer, head, self.token_index[mask], de_c, de_a, k)
+
+
 def ablation_tables(
     ctx, src, kind: str, sample: int, heads: list[tuple[int, int]], rows: torch.Tensor,
     row0: int, top_sets: dict[tuple[int, int], np.ndarray], neurons_top_k: int,
@@ -136,7 +180,7 @@ def ablation_tables(
         rows: token ids [batch, seq_len].
         row0: global index of the batch's first row.
         top_sets: each head's top-p% token indices (global, sorted).
-        neurons_top_k: final-MLP neurons kept per head and top token.
+        neurons_top_k: final-MLP neurons kept at each end of the signed ranking, per head and top token.
         heads_per_pass: heads batched into one patched pass.
         w: the model's processed weights (float32): structure, target columns, neuron DEs.
         on_pass: called with the number of head-token ablations done after each pass.
@@ -144,60 +188,73 @@ def ablation_tables(
 
     Returns:
         Arrow tables `ablation_effects`, `ablation_top` (its rows on top-p% tokens),
-        `repair_sources`, `neuron_effects`, `attention_top`.
+        `repair_sources`, `neuron_effects`, `neuron_totals`, `attention_top`.
     """
-    batch, seq = rows.shape
-    preds = seq - 1
-    y = rows.roll(-1, dims=1)  # [batch, pos]; the last position is a dummy, dropped below
-    u = w.target_columns(y)
-    clean_logit = ctx.clean_logit(u)
-    s = ctx.scale()
-    token_index = ((row0 + np.arange(batch)[:, None]) * preds + np.arange(preds)[None, :]).reshape(-1)
-    n = batch * preds
-    last = w.n_layers - 1
-    # Each final-MLP neuron's DE per unit of activation: W_out[last, n] · u / s.
-    wu = torch.einsum("nm,bpm->bpn", w.W_out_final, u.float())[:, :preds] / s[:, :preds, None].float()
-    post_clean = ctx.post_final()[:, :preds].float()
-    eff, rep, neu, top_masks, mask_heads = [], [], [], [], []
-    by_layer: dict[int, list[int]] = {}
-    for layer, head in heads:
-        by_layer.setdefault(layer, []).append(head)
-    for layer, layer_heads in sorted(by_layer.items()):
-        z_rep = replacement_z(kind, ctx.clean_z(layer), src.clean_z(layer) if src is not None else None)
-        for start in range(0, len(layer_heads), heads_per_pass):
-            chunk = layer_heads[start:start + heads_per_pass]
-            z_new = z_rep[:, :, chunk].permute(2, 0, 1, 3)
-            r = ctx.patch(layer, chunk, z_new, u)
-            for i, head in enumerate(chunk):
-                cut = lambda t: t[i, :, :preds]  # noqa: E731 - [k, batch, pos, ...] -> [batch, preds, ...]
-                eff.append({
-                    "layer": layer, "head": head,
-                    "d_logit": (cut(r.logit) - clean_logit[:, :preds]).reshape(-1),
-                    "ln_scale": cut(r.scale).reshape(-1),
-                    "de": cut(r.de_head).reshape(-1),
-                    "d_de_heads": cut(r.d_de_heads).sum((-1, -2)).reshape(-1),
-                    "d_de_mlps": cut(r.d_de_mlps).sum(-1).reshape(-1),
-                })
-                top = top_sets.get((layer, head))
-                mask = np.isin(token_index, top) if top is not None and len(top) else np.zeros(n, bool)
-                top_masks.append(mask)
-                mask_heads.append((layer, head))
-                if not mask.any():
-                    continue
-                sel = torch.from_numpy(np.nonzero(mask)[0]).to(u.device)
-                rep.append(_repair_rows(w, layer, head, token_index[mask],
-                                        cut(r.d_de_heads).reshape(n, -1)[sel],
-                                        cut(r.d_de_mlps).reshape(n, -1)[sel]))
-                if neurons_top_k:
-                    de_c = (post_clean * wu).reshape(n, -1)[sel]
-                    de_a = (cut(r.post_final).float() * wu).reshape(n, -1)[sel]
-                    neu.append(_neuron_rows(layer, head, token_index[mask], de_c, de_a, neurons_top_k))
-            on_pass(len(chunk) * n)
-    out = _assemble(kind, sample, token_index, eff, rep, neu, top_masks)
+    b = _Batch(ctx, rows, row0, w)
+    preds, n, token_index = b.preds, b.n, b.token_index
+    eff, rep, neu, tot, top_masks, mask_heads = [], [], [], [], [], []
+    for layer, chunk, r in _patched(ctx, src, kind, heads, b.u, heads_per_pass):
+        for i, head in enumerate(chunk):
+            cut = lambda t: t[i, :, :preds]  # noqa: E731 - [k, batch, pos, ...] -> [batch, preds, ...]
+            eff.append({
+                "layer": layer, "head": head,
+                "d_logit": (cut(r.logit) - b.clean_logit[:, :preds]).reshape(-1),
+                "ln_scale": cut(r.scale).reshape(-1),
+                "de": cut(r.de_head).reshape(-1),
+                "d_de_heads": cut(r.d_de_heads).sum((-1, -2)).reshape(-1),
+                "d_de_mlps": cut(r.d_de_mlps).sum(-1).reshape(-1),
+            })
+            mask = b.mask(top_sets.get((layer, head)))
+            top_masks.append(mask)
+            mask_heads.append((layer, head))
+            if not mask.any():
+                continue
+            sel = torch.from_numpy(np.nonzero(mask)[0]).to(b.u.device)
+            rep.append(_repair_rows(w, layer, head, token_index[mask],
+                                    cut(r.d_de_heads).reshape(n, -1)[sel],
+                                    cut(r.d_de_mlps).reshape(n, -1)[sel]))
+            if neurons_top_k:
+                rows_, totals = b.neurons(r, i, layer, head, mask, neurons_top_k)
+                neu.append(rows_)
+                tot.append(totals)
+        on_pass(len(chunk) * n)
+    out = _assemble(kind, sample, token_index, eff, rep, neu, tot, top_masks)
     att = attention_rows(w, rows, row0, mask_heads, top_masks, token_index, attention_top_k)
     if att is not None:
         out["attention_top"] = _concat(att, kind, sample)
     return out
+
+
+def neuron_detail_tables(
+    ctx, src, kind: str, sample: int, detail_sets: dict[tuple[int, int], np.ndarray], rows: torch.Tensor,
+    row0: int, neurons_top_k: int, heads_per_pass: int, w: Weights,
+    on_pass: Callable[[int], None] = lambda n: None,
+) -> dict[str, pa.Table]:
+    """Neuron detail only, for extra tokens of some heads (`--sr-mlps-neurons`): re-patch just those heads.
+
+    Args:
+        ctx, src, kind, sample, rows, row0, heads_per_pass, w, on_pass: as `ablation_tables`.
+        detail_sets: (layer, head) -> the token indices (global, sorted) to store neuron rows for;
+            heads with an empty set are not patched.
+        neurons_top_k: as `ablation_tables` (positive).
+
+    Returns:
+        Arrow tables `neuron_effects` and `neuron_totals`; none when no head has a token here (a shard
+        that only supersedes stale detail).
+    """
+    heads = sorted(key for key, toks in detail_sets.items() if len(toks))
+    neu, tot = [], []
+    if heads:
+        b = _Batch(ctx, rows, row0, w)
+        for layer, chunk, r in _patched(ctx, src, kind, heads, b.u, heads_per_pass):
+            for i, head in enumerate(chunk):
+                rows_, totals = b.neurons(r, i, layer, head, b.mask(detail_sets[(layer, head)]), neurons_top_k)
+                neu.append(rows_)
+                tot.append(totals)
+            on_pass(len(chunk) * b.n)
+    if not neu:
+        return {}
+    return {"neuron_effects": _concat(neu, kind, sample), "neuron_totals": _concat(tot, kind, sample)}
 
 
 def attention_rows(w, rows: torch.Tensor, row0: int, heads, top_masks, token_index, k: int):
@@ -255,13 +312,38 @@ def _repair_rows(w, layer, head, tokens, d_heads, d_mlps) -> dict:
             "src_head": np.tile(src_head, len(tokens)), "d_de": vals.reshape(-1)}
 
 
-def _neuron_rows(layer, head, tokens, de_c, de_a, k) -> dict:
-    k = min(k, de_c.shape[1])
-    idx = (de_a - de_c).abs().topk(k, dim=1).indices  # [tok, k]
-    return {"layer": layer, "head": head, "token_index": np.repeat(tokens, k),
+def _neuron_rows(layer, head, tokens, de_c, de_a, k) -> tuple[dict, dict]:
+    """The neuron rows whose signed ΔDE ranks in the top k or bottom k, and the per-token totals.
+
+    Args:
+        tokens: global token indices [tok].
+        de_c, de_a: each final-MLP neuron's clean and ablated DE (float32) [tok, d_mlp].
+        k: neurons kept at each end of the ranking.
+
+    Returns:
+        (`neuron_effects` columns, `neuron_totals` columns) for `_concat`.
+    """
+    d = de_a - de_c  # float32, exactly the difference of the two stored columns' sources
+    d_mlp = d.shape[1]
+    # Rank 1 = largest ΔDE; ties to the lower neuron index (a stable sort keeps index order).
+    order = torch.sort(d, dim=1, descending=True, stable=True).indices  # [tok, d_mlp]
+    if d_mlp <= 2 * k:
+        pos = torch.arange(d_mlp, device=d.device)
+    else:
+        pos = torch.cat([torch.arange(k), torch.arange(d_mlp - k, d_mlp)]).to(d.device)
+    idx = order[:, pos]  # [tok, kept]
+    kept = len(pos)
+    rows = {"layer": layer, "head": head, "token_index": np.repeat(tokens, kept),
             "neuron": idx.reshape(-1).cpu().numpy().astype(np.int32),
+            "rank": np.tile(pos.cpu().numpy() + 1, len(tokens)).astype(np.int16),
             "de_clean": de_c.gather(1, idx).reshape(-1).cpu().numpy(),
             "de_ablated": de_a.gather(1, idx).reshape(-1).cpu().numpy()}
+    d64 = d.double()  # sums over thousands of neurons: accumulate in float64, store float32
+    totals = {"layer": layer, "head": head, "token_index": np.asarray(tokens),
+              "d_de_sum": d64.sum(1).float().cpu().numpy(),
+              "d_de_abs_sum": d64.abs().sum(1).float().cpu().numpy(),
+              "d_de_pos_sum": d64.clamp(min=0).sum(1).float().cpu().numpy()}
+    return rows, totals
 
 
 def _concat(parts: list[dict], kind: str, sample: int) -> pa.Table:
@@ -280,7 +362,7 @@ def _concat(parts: list[dict], kind: str, sample: int) -> pa.Table:
     return pa.table(data)
 
 
-def _assemble(kind, sample, token_index, eff, rep, neu, top_masks) -> dict[str, pa.Table]:
+def _assemble(kind, sample, token_index, eff, rep, neu, tot, top_masks) -> dict[str, pa.Table]:
     for part in eff:
         part["token_index"] = token_index
     out = {"ablation_effects": _concat(eff, kind, sample)}
@@ -291,4 +373,5 @@ def _assemble(kind, sample, token_index, eff, rep, neu, top_masks) -> dict[str, 
         out["repair_sources"] = _concat(rep, kind, sample)
     if neu:
         out["neuron_effects"] = _concat(neu, kind, sample)
+        out["neuron_totals"] = _concat(tot, kind, sample)
     return out

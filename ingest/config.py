@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from selfrepair.errors import ConfigError
-from selfrepair.store.heads import parse_heads  # noqa: F401 - re-exported for ingest
+from selfrepair.store.heads import SR_WORDS, check_sr_heads_spec, parse_heads  # noqa: F401 - parse_heads re-exported
 from selfrepair.store.estimate import select_arrays
 from selfrepair.store.schema import ABLATION_KINDS, ARRAY_DTYPES, ARRAYS
 
@@ -42,6 +42,9 @@ class IngestConfig:
         top_p: fraction of each head's tokens (by clean DE) that get repair/neuron detail.
         neurons_top_k: final-MLP neurons kept per ablated head and top token.
         attention_top_k: attention sources kept per ablated head and top token (`attention_top`).
+        sr_mlps_neurons: heads whose top floor(top_p · N) tokens by sr_mlps (`d_de_mlps`) also get
+            neuron detail: `none`, `all`, `penultimate` (every head of layer n_layers − 2, the
+            paper's choice) or labels such as `L10H3,L11`. Like `heads`, naming more later extends.
         device: auto, cpu or cuda.
         dtype: compute dtype of the model.
         engine: `fast` (the FLOP-minimal sweep) or `reference` (one hooked forward per head).
@@ -75,6 +78,7 @@ class IngestConfig:
     top_p: float = 0.02
     neurons_top_k: int = 50
     attention_top_k: int = 8
+    sr_mlps_neurons: str = "none"
     device: str = "auto"
     dtype: str = "float32"
     engine: str = "fast"
@@ -100,6 +104,9 @@ class IngestConfig:
         if isinstance(self.ablations, str):
             self.ablations = tuple(a.strip() for a in self.ablations.split(",") if a.strip())
         self.ablations = tuple(dict.fromkeys(self.ablations))
+        self.sr_mlps_neurons = str(self.sr_mlps_neurons).strip() or "none"
+        if self.sr_mlps_neurons.lower() in SR_WORDS:
+            self.sr_mlps_neurons = self.sr_mlps_neurons.lower()
         if not self.model or not str(self.model).strip():
             raise ConfigError("model: empty name")
         if self.tokens <= 0:
@@ -134,6 +141,15 @@ class IngestConfig:
             raise ConfigError(f"attention_top_k: must be >= 0, got {self.attention_top_k}")
         if self.neurons_top_k < 0:
             raise ConfigError(f"neurons_top_k: must be >= 0, got {self.neurons_top_k}")
+        try:
+            check_sr_heads_spec(self.sr_mlps_neurons)
+        except ConfigError as e:
+            raise ConfigError(f"sr_mlps_neurons: {e}") from None
+        if self.sr_mlps_neurons != "none" and self.neurons_top_k == 0:
+            raise ConfigError("sr_mlps_neurons: needs neuron detail; --neurons-top-k is 0")
+        if self.sr_mlps_neurons != "none" and self.executor == "ray":
+            raise ConfigError("sr_mlps_neurons: not supported with --executor ray yet; run it with the in-process "
+                              "executor (it extends a store the Ray run wrote)")
         if self.device not in DEVICES:
             raise ConfigError(f"device: {self.device!r} is not one of {', '.join(DEVICES)}")
         if self.dtype not in DTYPES:
@@ -201,10 +217,11 @@ class IngestConfig:
     def identity(self) -> dict:
         """Settings that must match to append to an existing model folder.
 
-        Tokens, heads, ablation types and resample draws are not among them: those extend a store.
+        Tokens, heads, ablation types, resample draws and the heads with sr_mlps neuron detail are
+        not among them: those extend a store.
         """
         d = self.to_json()
-        for k in ("store", "tokens", "heads", "ablations", "resamples", "device", "engine", "heads_per_pass",
+        for k in ("store", "tokens", "heads", "sr_mlps_neurons", "ablations", "resamples", "device", "engine", "heads_per_pass",
                   "overwrite", "quiet"):
             d.pop(k)
         return d

@@ -20,20 +20,27 @@ def model_shape(w) -> E.ModelShape:
                         parallel=bool(w.parallel))
 
 
-def run_counts(cfg: IngestConfig, heads, arrays: tuple[str, ...] | None = None) -> E.RunCounts:
-    """The counts of the store `cfg` asks for (`arrays` overrides `cfg.activations`)."""
+def run_counts(cfg: IngestConfig, heads, arrays: tuple[str, ...] | None = None, sr_heads: int = 0) -> E.RunCounts:
+    """The counts of the store `cfg` asks for (`arrays` overrides `cfg.activations`; `sr_heads`: `count_sr_heads`)."""
     resample = cfg.resamples if "resample" in cfg.ablations else 0
     draws = sum(cfg.resamples if k == "resample" else 1 for k in cfg.ablations)
-    return E.RunCounts(n_rows=cfg.n_rows, preds_per_row=cfg.preds_per_row, batch_size=cfg.batch_size,
+    return E.RunCounts(sr_heads=sr_heads, n_rows=cfg.n_rows, preds_per_row=cfg.preds_per_row, batch_size=cfg.batch_size,
                        draws=draws, resample_draws=resample, heads=tuple(heads), top_p=cfg.top_p,
                        neurons_top_k=cfg.neurons_top_k, attention_top_k=cfg.attention_top_k,
                        arrays=cfg.activations if arrays is None else arrays,
                        activation_dtype=cfg.activation_dtype)
 
 
+def count_sr_heads(cfg: IngestConfig, w, heads) -> int:
+    """The ablated heads `--sr-mlps-neurons` names (they get neuron detail on their top tokens by sr_mlps)."""
+    from selfrepair.store.heads import parse_sr_heads
+
+    return len(set(parse_sr_heads(cfg.sr_mlps_neurons, w.n_layers, w.n_heads)) & set(heads))
+
+
 def estimate_run(cfg: IngestConfig, w, heads, arrays: tuple[str, ...] | None = None) -> E.Estimate:
     """The estimated bytes of every part of the store this run produces."""
-    return E.estimate(model_shape(w), run_counts(cfg, heads, arrays))
+    return E.estimate(model_shape(w), run_counts(cfg, heads, arrays, count_sr_heads(cfg, w, heads)))
 
 
 def check_free_disk(cfg: IngestConfig, ms: ModelStore, w, heads) -> E.Estimate:

@@ -17,8 +17,7 @@ starship006/backup_research, `prepare_dataset` and `collect_direct_effect`):
 
 from __future__ import annotations
 
-# Settings each preset fixes. A key that is not (yet) an IngestConfig field is recorded in the
-# manifest and applied once the field exists (`sr_mlps_neurons` comes from another change).
+# Settings each preset fixes (IngestConfig fields), recorded in the manifest.
 PRESETS: dict[str, dict] = {
     "paper": {
         "seq_len": 128,

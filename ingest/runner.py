@@ -20,8 +20,9 @@ from selfrepair.ingest.config import IngestConfig, parse_heads
 from selfrepair.ingest.executors import make_executor
 from selfrepair.ingest.pairing import pairs_digest, rule, source_rows
 from selfrepair.ingest.progress import Progress
-from selfrepair.ingest.units import AblationUnit, CleanUnit, batch_top_sets
+from selfrepair.ingest.units import AblationUnit, CleanUnit, NeuronUnit, batch_top_sets
 from selfrepair.store import files, plan, top_tokens
+from selfrepair.store.heads import parse_sr_heads
 from selfrepair.store.estimate import Estimate
 from selfrepair.store.model_store import ModelStore, model_dirname
 from selfrepair.store.schema import ABLATION_KINDS
@@ -120,6 +121,7 @@ class Ingest:
                                        "post-norm blocks or softcapped logits as DESIGN.md defines them; "
                                        "use the fast engine")
         heads = parse_heads(cfg.heads, w.n_layers, w.n_heads)
+        parse_sr_heads(cfg.sr_mlps_neurons, w.n_layers, w.n_heads)  # ranges, before any work
         from selfrepair.ingest.disk import check_free_disk
 
         estimate = check_free_disk(cfg, ms, w, heads)  # before the self-check's forward passes
@@ -158,6 +160,9 @@ class Ingest:
             t2 = time.perf_counter()
             self._ablation_phase(writer, rows_np, heads, top_sets, result)
             result.seconds["ablation"] = time.perf_counter() - t2
+            t3 = time.perf_counter()
+            if self._sr_neuron_phase(writer, rows_np, top_sets, result):
+                result.seconds["sr_neurons"] = time.perf_counter() - t3
         result.seconds["total"] = time.perf_counter() - t0
         return result
 
@@ -215,7 +220,8 @@ class Ingest:
             "model": model.facts(w),
             "self_check": checks,
             "corpus": {"spec": corpus_spec, "fingerprint": C.fingerprint(rows_np), "rows": cfg.n_rows},
-            "config": cfg.to_json() | {"corpus": corpus_spec, "heads_runs": [cfg.heads]},
+            "config": cfg.to_json() | {"corpus": corpus_spec, "heads_runs": [cfg.heads],
+                                       "sr_mlps_neurons_runs": _sr_runs([], cfg.sr_mlps_neurons)},
             "identity": identity,
             "seq_len": cfg.seq_len,
             "n_rows": cfg.n_rows,
@@ -260,6 +266,11 @@ class Ingest:
         samples = max(old.get("resample", {}).get("samples", 1), cfg.resamples)
         config = dict(old["config"])
         config["heads_runs"] = sorted(set(config.get("heads_runs", [])) | {cfg.heads})
+        config["sr_mlps_neurons_runs"] = _sr_runs(config.get("sr_mlps_neurons_runs", []), cfg.sr_mlps_neurons)
+        if cfg.executor == "ray" and config["sr_mlps_neurons_runs"]:
+            raise ConfigError(f"{writer.ms.path} keeps neuron detail by sr_mlps (--sr-mlps-neurons "
+                              f"{','.join(config['sr_mlps_neurons_runs'])}), which --executor ray does not "
+                              "maintain yet; extend it with --executor inprocess")
         config.update({"ablations": kinds, "resamples": samples})
         if config != old["config"]:
             updates["config"] = config
@@ -283,6 +294,7 @@ class Ingest:
         _check_context(model, cfg.seq_len)
         w = read_weights(model.hf_model, cfg.seq_len, cfg.preset)
         heads = parse_heads(cfg.heads, w.n_layers, w.n_heads)
+        parse_sr_heads(cfg.sr_mlps_neurons, w.n_layers, w.n_heads)  # ranges, before any work
         estimate = estimate_run(cfg, w, heads)
         self._print_plan(model, w, heads, corpus_spec, estimate)
         return IngestResult(ModelStore(cfg.store / model_dirname(spec.name)), spec.name, cfg.n_tokens,
@@ -303,7 +315,8 @@ class Ingest:
             f"  corpus {corpus_spec}: {cfg.n_rows} rows × {cfg.seq_len} = {cfg.n_tokens} predictions, "
             f"{cfg.n_batches} batches of {cfg.batch_size} rows\n"
             f"  ablations {','.join(cfg.ablations)} (resamples {cfg.resamples}) on {len(heads)} heads: "
-            f"{abl_rows:,} head-token ablations; top_p {cfg.top_p}, {cfg.neurons_top_k} neurons\n"
+            f"{abl_rows:,} head-token ablations; top_p {cfg.top_p}, {cfg.neurons_top_k} neurons at each end"
+            f"{_sr_plan(cfg, w)}\n"
             f"  store {cfg.store}, activations {kept} ({cfg.activation_dtype}), "
             f"estimated {human(estimate.total)}"
         )
@@ -397,6 +410,72 @@ class Ingest:
 
         self._executor.run(units, commit, bar.update)
         bar.close()
+
+
+    # -- neuron detail by sr_mlps ----------------------------------------------------------
+    def _sr_neuron_phase(self, writer: Writer, rows_np: np.ndarray, top_sets, result) -> bool:
+        """Neuron detail for the top tokens by sr_mlps of the heads `--sr-mlps-neurons` names (in this
+        run or an earlier one), where those tokens are not already detail tokens; stale detail is redone.
+
+        Runs after the sweep: a head's sr_mlps set needs every token of its draw. Returns whether
+        there was anything to check.
+        """
+        cfg, manifest = self.cfg, writer.manifest
+        preds = cfg.preds_per_row
+        n_layers, n_heads = manifest["model"]["n_layers"], manifest["model"]["n_heads"]
+        runs = manifest.get("config", {}).get("sr_mlps_neurons_runs", [])
+        named = {h for spec in runs for h in parse_sr_heads(spec, n_layers, n_heads)}
+        stored = any(e["phase"] == plan.NEURON_PHASE for e in manifest["shards"].values())
+        if not named and not stored:
+            return False
+        empty = np.empty(0, np.int64)
+        extras: dict[tuple[str, int], dict] = {}
+        for kind, sample in plan.stored_draws(manifest):
+            complete = named & plan.complete_heads(manifest, cfg.n_rows, cfg.batch_size, kind, sample)
+            sr = top_tokens.sr_mlps_sets(writer.ms, cfg.top_p, kind, sample, sorted(complete), manifest)
+            # Tokens already in the head's top-p% set by clean DE have their detail in the ablation shard.
+            extras[(kind, sample)] = {k: np.setdiff1d(v, top_sets.get(k, empty)) for k, v in sr.items()}
+
+        def wanted(kind, sample, r0, r1):
+            return {k for k, v in extras.get((kind, sample), {}).items()
+                    if np.searchsorted(v, r1 * preds) > np.searchsorted(v, r0 * preds)}
+
+        def digest(kind, sample, r0, r1, hs):
+            return top_tokens.batch_digest(extras.get((kind, sample), {}), hs, r0 * preds, r1 * preds)
+
+        todo = plan.neuron_work(manifest, cfg.n_rows, cfg.batch_size, wanted, digest, damaged=self._damaged)
+        units = []
+        for t in todo:
+            (r0, r1), pair = t.rows, None
+            if t.kind == "resample":
+                pair = source_rows(cfg.n_rows, cfg.batch_size, t.sample, cfg.seed, r0, r1)
+            sets = batch_top_sets(extras.get((t.kind, t.sample), {}), t.heads, r0 * preds, r1 * preds)
+            units.append(NeuronUnit(t, rows_np[r0:r1], pair, rows_np[pair] if pair is not None else None, sets,
+                                    sum(len(v) > 0 for v in sets.values()) * (r1 - r0) * preds))
+        bar = Progress("sr_mlps neuron detail", total=sum(u.size for u in units), unit="abl", quiet=cfg.quiet)
+
+        def commit(unit: NeuronUnit, entry: dict) -> None:
+            t = time.perf_counter()
+            writer.commit_written(unit.shard_id, entry, unit.work.supersedes)
+            result.seconds["commit"] = result.seconds.get("commit", 0.0) + time.perf_counter() - t
+            result.shards_written += 1
+
+        self._executor.run(units, commit, bar.update)
+        bar.close()
+        return True
+
+
+def _sr_plan(cfg: IngestConfig, w) -> str:
+    """The plan line's part on neuron detail by sr_mlps."""
+    if cfg.sr_mlps_neurons == "none":
+        return ""
+    n = len(parse_sr_heads(cfg.sr_mlps_neurons, w.n_layers, w.n_heads))
+    return f", and on each of {n} heads' top {cfg.top_tokens} tokens by sr_mlps (--sr-mlps-neurons {cfg.sr_mlps_neurons})"
+
+
+def _sr_runs(runs: list, spec: str) -> list:
+    """The `--sr-mlps-neurons` values a store has been ingested with (`none` is not kept)."""
+    return sorted(set(runs) | ({spec} if spec != "none" else set()))
 
 
 LATER_SETTINGS = ("attention_top_k",)  # identity settings newer than some stores

@@ -21,7 +21,7 @@ from selfrepair.ingest.config import IngestConfig
 from selfrepair.ingest.pairing import pairs_digest
 from selfrepair.store import shards, top_tokens
 from selfrepair.store.model_store import ModelStore
-from selfrepair.store.plan import AblationWork, CleanWork
+from selfrepair.store.plan import NEURON_PHASE, AblationWork, CleanWork
 
 
 @dataclass
@@ -72,6 +72,34 @@ class AblationUnit:
         return f"{self.shard_id} ({draw}, rows {w.rows[0]}-{w.rows[1]}, heads {w.heads_spec})"
 
 
+@dataclass
+class NeuronUnit:
+    """Extra neuron detail of one batch and ablation draw (`--sr-mlps-neurons`): re-patch only its heads.
+
+    Args:
+        work: the planned `neurons` shard.
+        rows, pair, source_rows: as `AblationUnit`.
+        detail_sets: (layer, head) -> that head's extra detail tokens inside this batch (sorted; may be empty).
+        size: head-token ablations in this unit (progress).
+    """
+
+    work: AblationWork
+    rows: np.ndarray
+    pair: np.ndarray | None
+    source_rows: np.ndarray | None
+    detail_sets: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+    size: int = 0
+
+    @property
+    def shard_id(self) -> str:
+        return self.work.shard_id
+
+    def describe(self) -> str:
+        w = self.work
+        draw = f"{w.kind} draw {w.sample}" if w.kind == "resample" else w.kind
+        return f"{self.shard_id} (sr_mlps neuron detail, {draw}, rows {w.rows[0]}-{w.rows[1]}, heads {w.heads_spec})"
+
+
 def batch_top_sets(top_sets: dict[tuple[int, int], np.ndarray], heads, t0: int, t1: int) -> dict:
     """Each head's top tokens that fall in the token range [t0, t1) (the sets are sorted)."""
     out = {}
@@ -115,6 +143,8 @@ class UnitRunner:
             entry = self.clean(unit)
             on_pass(unit.size)
             return entry
+        if isinstance(unit, NeuronUnit):
+            return self.neurons(unit, on_pass)
         return self.ablation(unit, on_pass)
 
     def _tensor(self, rows: np.ndarray):
@@ -138,13 +168,13 @@ class UnitRunner:
             self.hpp = heads_per_pass(self.cfg, self.model.device, self.w)
         return self.hpp
 
-    def ablation(self, unit: AblationUnit, on_pass=lambda n: None) -> dict:
+    def _patching(self, unit, compute) -> dict:
+        """Run `compute(ctx, src, rows, hpp)` on the unit's batch, halving the heads per pass on out-of-memory."""
         import torch
 
-        from selfrepair.ingest.ablate import FastBatch, ReferenceBatch, ablation_tables
+        from selfrepair.ingest.ablate import FastBatch, ReferenceBatch
 
         cfg, w, work = self.cfg, self.w, unit.work
-        kind, sample, (r0, r1) = work.kind, work.sample, work.rows
         make = (lambda r: FastBatch(w, r, self.low)) if cfg.engine == "fast" else (
             lambda r: ReferenceBatch(self.model.require_bridge(), r))
         rows = self._tensor(unit.rows)
@@ -152,12 +182,10 @@ class UnitRunner:
         with torch.no_grad():
             if self._ctx_rows != work.rows:
                 self._ctx_rows, self._ctx = work.rows, make(rows)
-            src = make(self._tensor(unit.source_rows)) if kind == "resample" else None
+            src = make(self._tensor(unit.source_rows)) if work.kind == "resample" else None
             while True:
                 try:
-                    tables = ablation_tables(self._ctx, src, kind, sample, work.heads, rows, r0, unit.top_sets,
-                                             cfg.neurons_top_k, hpp, w, on_pass, cfg.attention_top_k)
-                    break
+                    return compute(self._ctx, src, rows, hpp)
                 except torch.OutOfMemoryError:
                     if hpp == 1:
                         raise DeviceError("out of GPU memory even with one head per pass; "
@@ -166,6 +194,15 @@ class UnitRunner:
                     hpp = self.hpp = max(1, hpp // 2)
                     torch.cuda.empty_cache() if torch.cuda.is_available() else None
                     self.log(f"out of memory: retrying with {hpp} heads per pass")
+
+    def ablation(self, unit: AblationUnit, on_pass=lambda n: None) -> dict:
+        from selfrepair.ingest.ablate import ablation_tables
+
+        cfg, w, work = self.cfg, self.w, unit.work
+        kind, sample, (r0, r1) = work.kind, work.sample, work.rows
+        tables = self._patching(unit, lambda ctx, src, rows, hpp: ablation_tables(
+            ctx, src, kind, sample, work.heads, rows, r0, unit.top_sets, cfg.neurons_top_k, hpp, w, on_pass,
+            cfg.attention_top_k))
         entry = {"phase": "ablation", "rows": [r0, r1], "ablation": kind, "sample": sample,
                  "heads": work.heads_spec, "engine": cfg.engine, "top_n_tokens": unit.top_n_tokens,
                  # the top tokens its detail covers: a shard whose set changes later is redone
@@ -177,6 +214,22 @@ class UnitRunner:
                 tables["resample_sources"] = pa.table({
                     "sample": np.full(r1 - r0, sample, dtype=np.int16),
                     "row": np.arange(r0, r1, dtype=np.int32), "source_row": unit.pair.astype(np.int32)})
+        return shards.write_shard(self.ms, unit.shard_id, entry, tables)
+
+    def neurons(self, unit: NeuronUnit, on_pass=lambda n: None) -> dict:
+        from selfrepair.ingest.ablate import neuron_detail_tables
+
+        cfg, w, work = self.cfg, self.w, unit.work
+        kind, sample, (r0, r1) = work.kind, work.sample, work.rows
+        tables = self._patching(unit, lambda ctx, src, rows, hpp: neuron_detail_tables(
+            ctx, src, kind, sample, unit.detail_sets, rows, r0, cfg.neurons_top_k, hpp, w, on_pass))
+        entry = {"phase": NEURON_PHASE, "rows": [r0, r1], "ablation": kind, "sample": sample,
+                 "heads": work.heads_spec, "engine": cfg.engine,
+                 # the extra tokens it holds detail for: a shard whose sets change later is redone
+                 "detail_sha": top_tokens.batch_digest(unit.detail_sets, work.heads, r0 * cfg.preds_per_row,
+                                                      r1 * cfg.preds_per_row)}
+        if unit.pair is not None:
+            entry["pairs_sha"] = pairs_digest(unit.pair)
         return shards.write_shard(self.ms, unit.shard_id, entry, tables)
 
 

@@ -26,6 +26,23 @@ class HeadsType(click.ParamType):
         return ",".join(p.upper() for p in parts)
 
 
+class SrHeadsType(click.ParamType):
+    """`none`, `all`, `penultimate` or head labels (ranges are checked against the model)."""
+
+    name = "HEADS"
+
+    def convert(self, value, param, ctx):
+        word = value.strip().lower()
+        if word in ("none", "all", "penultimate"):
+            return word
+        parts = [p.strip() for p in value.split(",")]
+        bad = [p for p in parts if not HeadsType._part.match(p)]
+        if bad or not parts:
+            self.fail(f"cannot parse {bad[0] if bad else value!r}; use none, all, penultimate or labels like L10H3,L11",
+                      param, ctx)
+        return ",".join(p.upper() for p in parts)
+
+
 class AblationsType(click.ParamType):
     """A comma list of ablation kinds."""
 
@@ -75,7 +92,12 @@ class ArraysType(click.ParamType):
 @click.option("--top-p", type=float, default=0.02, show_default=True,
               help="Fraction of each head's tokens (by clean DE) with repair and neuron detail.")
 @click.option("--neurons-top-k", type=click.IntRange(min=0), default=50, show_default=True,
-              help="Final-MLP neurons kept per head and top token.")
+              help="Final-MLP neurons kept at each end of the signed change in DE (top k and bottom k) per "
+              "head and detail token; per-token sums over all neurons are stored too.")
+@click.option("--sr-mlps-neurons", type=SrHeadsType(), default="none", show_default=True,
+              help="Heads whose top-p% tokens by sr_mlps (d_de_mlps) also get neuron detail, as the paper's "
+              "neuron figures pick them: none, all, penultimate (every head of layer n_layers-2) or e.g. L10H3,L11. "
+              "In-process executor only.")
 @click.option("--attention-top-k", type=click.IntRange(min=0), default=8, show_default=True,
               help="Attention sources kept per head and top token (the largest clean attention weights).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
@@ -124,6 +146,8 @@ def ingest(**opts):
         selfrepair ingest --model pythia-410m --tokens 1000000 --executor ray --ray-address auto
 
         selfrepair ingest --model gpt2-small --preset paper --tokens 381000
+
+        selfrepair ingest --model pythia-410m --tokens 1000000 --sr-mlps-neurons penultimate
     """
     from selfrepair.ingest.config import IngestConfig
     from selfrepair.ingest.runner import Ingest
@@ -153,7 +177,8 @@ def ingest(**opts):
     click.echo(
         f"stored {result.n_tokens} tokens of {result.model} in {result.model_store.path} "
         f"({result.shards_written} shards written, {result.shards_skipped} already there) in "
-        f"{secs['total']:.1f} s (load {secs['load']:.1f}, clean {secs['clean']:.1f}, ablation {secs['ablation']:.1f})",
+        f"{secs['total']:.1f} s (load {secs['load']:.1f}, clean {secs['clean']:.1f}, ablation {secs['ablation']:.1f}"
+        f"{', sr_mlps neurons ' + format(secs['sr_neurons'], '.1f') if 'sr_neurons' in secs else ''})",
         err=True,
     )
     summary = Store.open(cfg.store).query("layer_summary", p=cfg.top_p, ablation=cfg.ablations[0], sample=0)

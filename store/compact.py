@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from selfrepair.errors import StoreError
 from selfrepair.store import files
 from selfrepair.store.heads import parse_heads
+from selfrepair.store.plan import NEURON_PHASE
 from selfrepair.store.model_store import ModelStore, list_models
 from selfrepair.store.schema import TABLES
 from selfrepair.store.writer import Writer
@@ -112,10 +113,12 @@ def without_shards(writer: Writer, shard_ids) -> dict[str, list[dict]]:
     preds = manifest.get("seq_len", 0) - 1
     n_layers, n_heads = manifest["model"]["n_layers"], manifest["model"]["n_heads"]
     drop: dict[str, list[str]] = {}
+    top = _top_sets(ms, manifest) if any(manifest["shards"].get(sid, {}).get("phase") == NEURON_PHASE
+                                         for sid in shard_ids) else None
     for sid in shard_ids:
         e = manifest["shards"].get(sid, {})
         for table in e.get("compacted", []):
-            drop.setdefault(table, []).append(_unit_condition(TABLES[table], e, preds, n_layers, n_heads))
+            drop.setdefault(table, []).append(_unit_condition(TABLES[table], e, preds, n_layers, n_heads, top))
     tag = uuid.uuid4().hex[:8]
     out = {}
     for table, entries in (manifest.get("compacted") or {}).items():
@@ -128,7 +131,7 @@ def without_shards(writer: Writer, shard_ids) -> dict[str, list[dict]]:
     return out
 
 
-def _unit_condition(spec, entry: dict, preds: int, n_layers: int, n_heads: int) -> str:
+def _unit_condition(spec, entry: dict, preds: int, n_layers: int, n_heads: int, top: dict | None = None) -> str:
     """SQL that is true exactly on a shard's rows of one table (from its unit: rows, draw, heads)."""
     r0, r1 = entry["rows"]
     cols = set(spec.column_names)
@@ -139,7 +142,7 @@ def _unit_condition(spec, entry: dict, preds: int, n_layers: int, n_heads: int) 
         terms.append(f"token_index >= {r0 * preds} AND token_index < {r1 * preds}")
     elif "row" in cols:
         terms.append(f"row >= {r0} AND row < {r1}")
-    if entry.get("phase") == "ablation":
+    if entry.get("phase") in ("ablation", NEURON_PHASE):
         if "ablation" in cols:
             terms.append(f"ablation = {_literal(entry['ablation'])}")
         if "sample" in cols:
@@ -147,7 +150,31 @@ def _unit_condition(spec, entry: dict, preds: int, n_layers: int, n_heads: int) 
         if "head" in cols and entry.get("heads", "all") != "all":
             pairs = parse_heads(entry["heads"], n_layers, n_heads)
             terms.append("(layer, head) IN (" + ", ".join(f"({la}, {h})" for la, h in pairs) + ")")
+    if entry.get("phase") == NEURON_PHASE and top is not None:
+        # Its batch's ablation shards hold the detail of the heads' top-p% tokens in the same
+        # tables, and they stay: only the other (extra) tokens are this shard's rows.
+        r0t, r1t = r0 * preds, r1 * preds
+        heads = parse_heads(entry.get("heads", "all"), n_layers, n_heads)
+        keep = []
+        for la, h in heads:
+            toks = [t for t in top.get((la, h), []) if r0t <= t < r1t]
+            if toks:
+                keep.append(f"(layer = {la} AND head = {h} AND token_index IN ({', '.join(map(str, toks))}))")
+        if keep:
+            terms.append("NOT (" + " OR ".join(keep) + ")")
     return "(" + " AND ".join(terms) + ")"
+
+
+def _top_sets(ms: ModelStore, manifest: dict) -> dict | None:
+    """Each head's top-p% tokens as the store's `head_top_tokens` holds them now (None: not stored)."""
+    entry = (manifest.get("derived") or {}).get("head_top_tokens")
+    if entry is None:
+        return None
+    t = pq.read_table(ms.path / entry["path"], columns=["layer", "head", "token_index"])
+    out: dict = {}
+    for la, h, tok in zip(*(t.column(c).to_pylist() for c in ("layer", "head", "token_index"))):
+        out.setdefault((la, h), []).append(tok)
+    return out
 
 
 def _write_sorted(ms: ModelStore, table: str, paths: list[Path], name: str, where: str = "true") -> dict:
@@ -155,7 +182,14 @@ def _write_sorted(ms: ModelStore, table: str, paths: list[Path], name: str, wher
     spec = TABLES[table]
     path = ms.shard_file(table, name)
     listing = "[" + ", ".join(_literal(files.glob_literal(p)) for p in paths) + "]"  # literal paths, not patterns
-    cols = ", ".join(spec.column_names)
+    layouts = {tuple(pq.read_schema(p).names) for p in paths}
+    reader = f"read_parquet({listing})"
+    if layouts == {tuple(spec.column_names)} or len(layouts) > 1:
+        cols = ", ".join(spec.column_names)
+        if len(layouts) > 1:  # an older store's files beside newer ones: their missing columns read as NULL
+            reader = f"read_parquet({listing}, union_by_name = true)"
+    else:  # only files of an older layout (store/schema.py LEGACY_COLUMNS): kept as they are
+        cols = ", ".join(next(iter(layouts)))
     order = ", ".join(spec.key)
 
     def write(tmp: Path) -> None:
@@ -163,7 +197,7 @@ def _write_sorted(ms: ModelStore, table: str, paths: list[Path], name: str, wher
             con = duckdb.connect(":memory:", config={"memory_limit": MEMORY_LIMIT, "temp_directory": spill,
                                                      "preserve_insertion_order": True})
             try:
-                con.execute(f"COPY (SELECT {cols} FROM read_parquet({listing}) WHERE {where} ORDER BY {order}) "
+                con.execute(f"COPY (SELECT {cols} FROM {reader} WHERE {where} ORDER BY {order}) "
                             f"TO {_literal(str(tmp))} (FORMAT parquet, COMPRESSION zstd, "
                             f"ROW_GROUP_SIZE {ROW_GROUP_ROWS})")
             finally:

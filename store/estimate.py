@@ -31,7 +31,8 @@ TABLE_BYTES: dict[str, tuple[float, float]] = {
     "ablation_top": (22.8, 2700.0),  # as ablation_effects, in small files (rows not in runs)
     "resample_sources": (8.0, 1000.0),
     "repair_sources": (5.5, 2750.0),  # d_de + token_index; src columns repeat per token
-    "neuron_effects": (10.5, 2700.0),  # 2 float32 + neuron index + token_index
+    "neuron_effects": (11.5, 2700.0),  # 2 float32 + neuron index + rank (repeats per token) + token_index
+    "neuron_totals": (14.0, 2450.0),  # 3 float32 + token_index
     "attention_top": (9.0, 2500.0),  # rank, positions, weight
     "head_top_tokens": (7.3, 1300.0),
     "vocab": (3.0, 1000.0),  # token_id + a short string (a 50k BPE vocabulary: ~11 B a row, 0.5 MB)
@@ -84,6 +85,7 @@ class RunCounts:
         top_p: fraction of tokens per head with repair and neuron detail.
         neurons_top_k: neurons kept per ablated head and top token.
         attention_top_k: attention sources kept per ablated head and top token.
+        sr_heads: ablated heads whose top tokens by sr_mlps also get neuron detail (`--sr-mlps-neurons`).
         arrays: Zarr activation arrays kept.
         activation_dtype: float16 or float32.
     """
@@ -99,6 +101,7 @@ class RunCounts:
     arrays: tuple[str, ...]
     activation_dtype: str = "float16"
     attention_top_k: int = 8
+    sr_heads: int = 0
 
     @property
     def n_tokens(self) -> int:
@@ -171,6 +174,9 @@ def table_rows(shape: ModelShape, run: RunCounts) -> dict[str, tuple[int, int]]:
     n, b = run.n_tokens, run.n_batches
     top = run.top_n
     detail = top > 0 and bool(run.heads)
+    neurons = detail and run.neurons_top_k > 0
+    neuron_tokens = run.draws * (len(run.heads) + run.sr_heads) * top if neurons else 0
+    neuron_files = b * run.draws * (1 + (run.sr_heads > 0)) if neurons else 0
     rows = {
         "tokens": (n, b),
         "head_effects": (n * shape.n_layers * shape.n_heads, b),
@@ -181,8 +187,10 @@ def table_rows(shape: ModelShape, run: RunCounts) -> dict[str, tuple[int, int]]:
         # Only each ablated head's top-p% tokens get repair and neuron detail.
         "repair_sources": (run.draws * top * sum(downstream_components(shape, l) for l, _ in run.heads),
                            b * run.draws if detail else 0),
-        "neuron_effects": (run.draws * len(run.heads) * top * min(run.neurons_top_k, shape.d_mlp),
-                           b * run.draws if detail and run.neurons_top_k else 0),
+        # Top k and bottom k by signed ΔDE (every neuron when d_mlp <= 2k), per detail token. Tokens
+        # by sr_mlps: an upper bound (those already in the top-p% set by clean DE are not repeated).
+        "neuron_effects": (neuron_tokens * min(2 * run.neurons_top_k, shape.d_mlp), neuron_files),
+        "neuron_totals": (neuron_tokens, neuron_files),
         # A top token at position p sees p + 1 sources, so it keeps min(k, p + 1): the mean
         # over positions (top tokens fall anywhere in a row). Not exact: it depends on where they fall.
         "attention_top": (round(run.draws * len(run.heads) * top * _mean_sources(run.attention_top_k, run.preds_per_row)),
@@ -240,7 +248,7 @@ def estimate(shape: ModelShape, run: RunCounts) -> Estimate:
             est.items.append(Item("array", name, elements, round(data)))
         elements = weight_elements(shape)
         est.items.append(Item("weights", "W_O,W_U,b_U,W_out", elements, round(elements * 4 * WEIGHT_RATIO + 4 * ARRAY_META_BYTES)))
-    n_shards = run.n_batches * (1 + run.draws)
+    n_shards = run.n_batches * (1 + run.draws * (1 + (run.sr_heads > 0)))
     est.items.append(Item("manifest", "manifest.json", n_shards,
                           MANIFEST_BYTES + n_shards * MANIFEST_BYTES_PER_SHARD))
     return est

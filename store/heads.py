@@ -59,3 +59,39 @@ def heads_spec(heads, n_layers: int, n_heads: int) -> str:
         else:
             parts += [f"L{layer}H{h}" for h in in_layer]
     return ",".join(parts)
+
+
+SR_WORDS = ("none", "all", "penultimate")
+
+
+def check_sr_heads_spec(spec: str) -> None:
+    """Check the form of a `--sr-mlps-neurons` value without the model (ranges are checked later).
+
+    Raises:
+        ConfigError: neither `none`, `all`, `penultimate` nor head labels.
+    """
+    if spec.strip().lower() in SR_WORDS:
+        return
+    for part in (p.strip() for p in spec.split(",")):
+        if not _HEAD_RE.match(part):
+            raise ConfigError(f"cannot parse {part!r}; use none, all, penultimate or labels like L10H3,L11")
+
+
+def parse_sr_heads(spec: str, n_layers: int, n_heads: int) -> list[tuple[int, int]]:
+    """The heads a `--sr-mlps-neurons` value names: `none`, `all`, `penultimate` (every head of
+    layer n_layers − 2, as the paper's neuron figures) or labels parsed like `--heads`.
+
+    Returns:
+        Sorted unique (layer, head) pairs (empty for `none`).
+    """
+    word = spec.strip().lower()
+    if word == "none":
+        return []
+    if word == "penultimate":
+        if n_layers < 2:
+            raise ConfigError(f"--sr-mlps-neurons penultimate: the model has {n_layers} layer(s), no layer n_layers - 2")
+        return [(n_layers - 2, h) for h in range(n_heads)]
+    try:
+        return parse_heads(spec, n_layers, n_heads)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("--heads", "--sr-mlps-neurons", 1)) from None

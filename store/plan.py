@@ -6,6 +6,10 @@ does only the missing units. A stored shard whose batch changed (the partial las
 grew), whose resample pairs changed, or whose repair/neuron detail was written for other
 top-p% token sets (more tokens change every head's set) is invalid: its units are redone
 for the new batch in one shard that supersedes it in the same commit, so keys never repeat.
+
+`--sr-mlps-neurons` adds `neurons` shards: neuron detail for each named head's top tokens by
+sr_mlps that are not already detail tokens (`neuron_work`). A batch's `neurons` shards are
+superseded with its ablation shards, and redone when the extra token sets they hold change.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from selfrepair.store.heads import heads_spec, parse_heads
 from selfrepair.store.schema import ABLATION_KINDS
 
 Heads = list[tuple[int, int]]
+NEURON_PHASE = "neurons"  # shard phase of the extra neuron detail (`--sr-mlps-neurons`)
 
 
 @dataclass
@@ -121,10 +126,8 @@ def ablation_work(manifest: dict, n_rows: int, batch_size: int, asked_draws: lis
         Work in batch order, then draw order.
     """
     n_layers, n_heads = manifest["model"]["n_layers"], manifest["model"]["n_heads"]
-    by_draw: dict[tuple[str, int], list[tuple[str, dict]]] = {}
-    for sid, e in manifest["shards"].items():
-        if e["phase"] == "ablation":
-            by_draw.setdefault((e["ablation"], e["sample"]), []).append((sid, e))
+    by_draw = _by_draw(manifest, "ablation")
+    detail = _by_draw(manifest, NEURON_PHASE)
     draws = sorted(set(asked_draws) | set(by_draw), key=_draw_order)
     taken = set(manifest["shards"])
     out = []
@@ -144,17 +147,87 @@ def ablation_work(manifest: dict, n_rows: int, batch_size: int, asked_draws: lis
                     "resample_sources" in e["files"] or "resample_sources" in e.get("compacted", ()) for _, e in stored)
             else:
                 need, supersedes = asked | have, [sid for sid, _ in stored]
+                # The batch's extra neuron detail goes with it (redone after this phase if still wanted).
+                supersedes += [sid for sid, e in detail.get((kind, sample), []) if _overlaps(e["rows"], r0, r1)]
                 with_sources = kind == "resample"
             if not need:
                 continue
             heads = sorted(need)
             spec = heads_spec(heads, n_layers, n_heads)
-            key = hashlib.sha256(spec.encode()).hexdigest()[:8]
-            base = f"abl-{kind}-s{sample}-{r0:08d}-{r1:08d}-h{key}"
-            shard_id, n = base, 1
-            while shard_id in taken:
-                n += 1
-                shard_id = f"{base}-v{n}"
-            taken.add(shard_id)
+            shard_id = _new_id(taken, "abl", kind, sample, r0, r1, spec)
             out.append(AblationWork(kind, sample, (r0, r1), heads, spec, shard_id, supersedes, with_sources))
+    return out
+
+
+def _by_draw(manifest: dict, phase: str) -> dict[tuple[str, int], list[tuple[str, dict]]]:
+    out: dict[tuple[str, int], list[tuple[str, dict]]] = {}
+    for sid, e in manifest["shards"].items():
+        if e["phase"] == phase:
+            out.setdefault((e["ablation"], e["sample"]), []).append((sid, e))
+    return out
+
+
+def _new_id(taken: set, prefix: str, kind: str, sample: int, r0: int, r1: int, spec: str) -> str:
+    """A shard id not in `taken` (then added to it)."""
+    key = hashlib.sha256(spec.encode()).hexdigest()[:8]
+    base = f"{prefix}-{kind}-s{sample}-{r0:08d}-{r1:08d}-h{key}"
+    shard_id, n = base, 1
+    while shard_id in taken:
+        n += 1
+        shard_id = f"{base}-v{n}"
+    taken.add(shard_id)
+    return shard_id
+
+
+def complete_heads(manifest: dict, n_rows: int, batch_size: int, kind: str, sample: int) -> set[tuple[int, int]]:
+    """Heads whose ablation shards of one draw cover every batch of `n_rows` rows exactly (sr_mlps needs all tokens)."""
+    n_layers, n_heads = manifest["model"]["n_layers"], manifest["model"]["n_heads"]
+    per_batch: dict[tuple[int, int], set] = {}
+    for _, e in _by_draw(manifest, "ablation").get((kind, sample), []):
+        per_batch.setdefault(tuple(e["rows"]), set()).update(parse_heads(e.get("heads", "all"), n_layers, n_heads))
+    out = None
+    for rows in batches(n_rows, batch_size):
+        have = per_batch.get(rows, set())
+        out = have if out is None else out & have
+    return out or set()
+
+
+def neuron_work(manifest: dict, n_rows: int, batch_size: int,
+                wanted: Callable[[str, int, int, int], set],
+                digest: Callable[[str, int, int, int, Heads], str], *,
+                damaged=frozenset()) -> list[AblationWork]:
+    """The `neurons` shards a run must write (extra neuron detail of `--sr-mlps-neurons`), batch by batch.
+
+    Args:
+        manifest: the store's snapshot (after the ablation phase).
+        n_rows, batch_size: the run's rows and batch size.
+        wanted: (kind, sample, r0, r1) -> heads with extra detail tokens in that batch now.
+        digest: (kind, sample, r0, r1, heads) -> digest of those heads' extra tokens in the batch now
+            (empty for a head without any).
+        damaged: shard ids whose files are missing or damaged: redone.
+
+    Returns:
+        Work in batch order, then draw order; a stale shard is superseded by one covering its heads
+        too (possibly with no rows left), so its rows never outlive the token sets they were for.
+    """
+    n_layers, n_heads = manifest["model"]["n_layers"], manifest["model"]["n_heads"]
+    detail = _by_draw(manifest, NEURON_PHASE)
+    draws = sorted(set(stored_draws(manifest)) | set(detail), key=_draw_order)
+    taken = set(manifest["shards"])
+    out = []
+    for r0, r1 in batches(n_rows, batch_size):
+        for kind, sample in draws:
+            stored = [(sid, e) for sid, e in detail.get((kind, sample), []) if _overlaps(e["rows"], r0, r1)]
+            heads_of = {sid: parse_heads(e.get("heads", "all"), n_layers, n_heads) for sid, e in stored}
+            valid = all(tuple(e["rows"]) == (r0, r1) and sid not in damaged
+                        and e.get("detail_sha") == digest(kind, sample, r0, r1, heads_of[sid]) for sid, e in stored)
+            have = {h for hs in heads_of.values() for h in hs}
+            want = set(wanted(kind, sample, r0, r1))
+            need, supersedes = (want - have, []) if valid else (want | have, [sid for sid, _ in stored])
+            if not need:
+                continue
+            heads = sorted(need)
+            spec = heads_spec(heads, n_layers, n_heads)
+            shard_id = _new_id(taken, "nrn", kind, sample, r0, r1, spec)
+            out.append(AblationWork(kind, sample, (r0, r1), heads, spec, shard_id, supersedes))
     return out

@@ -216,6 +216,13 @@ TABLES: dict[str, Table] = {
     )
 }
 
+# A table's columns as stores written before a change of its schema hold them: such files are
+# still read, verified and compacted, never written. neuron_effects before `rank` (neurons
+# then ranked by abs(change in DE), no neuron_totals).
+LEGACY_COLUMNS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "neuron_effects": (("ablation", "sample", "layer", "head", "token_index", "neuron", "de_clean", "de_ablated"),),
+}
+
 ABLATION_KINDS = ("resample", "mean", "zero")
 SRC_KINDS = ("head", "mlp")  # repair_sources.src_kind, in that order
 
@@ -297,7 +304,7 @@ FILE_ENTRY = {"path": str, "rows": int, "bytes": int, "sha256": str}
 SHARD_ENTRY = {"phase": str, "rows": list, "files": dict}
 SHARD_ENTRY_OPTIONAL = {"chunks": dict, "tokens": list, "ablation": str, "sample": int, "heads": str,
                         "heads_key": str, "engine": str, "pairs_sha": str, "top_n_tokens": int, "top_sha": str,
-                        "compacted": list}
+                        "detail_sha": str, "compacted": list}
 MANIFEST = {"schema_version": int, "model": dict, "n_tokens": int, "shards": dict}
 MANIFEST_OPTIONAL = {"corpus": dict, "config": dict, "identity": dict, "n_rows": int, "derived": dict,
                      "arrays": dict, "log": dict, "ablations": list, "resample": dict, "seq_len": int,

@@ -45,6 +45,30 @@ def write(writer: "Writer", top_p: float) -> pa.Table:
     return table
 
 
+def sr_mlps_sets(ms: ModelStore, top_p: float, kind: str, sample: int, heads, manifest: dict | None = None
+                 ) -> dict[tuple[int, int], np.ndarray]:
+    """Each of `heads`' top floor(top_p · N) tokens by sr_mlps (`d_de_mlps`, signed, largest first, ties
+    to the lower token_index) in one ablation draw, from the stored `ablation_effects` (sorted arrays).
+
+    The heads' sweeps must be complete (every token stored), as `store/plan.complete_heads` checks.
+    """
+    manifest = manifest if manifest is not None else ms.manifest()
+    paths = ms.table_files("ablation_effects", manifest)
+    keep = math.floor(top_p * manifest["n_tokens"])
+    out: dict[tuple[int, int], np.ndarray] = {}
+    for layer in sorted({la for la, _ in heads}):
+        hs = sorted(h for la, h in heads if la == layer)
+        got = (pl.scan_parquet(paths, glob=False)
+               .filter((pl.col("ablation") == kind) & (pl.col("sample") == sample) & (pl.col("layer") == layer)
+                       & pl.col("head").is_in(hs) & (pl.col("token_index") < manifest["n_tokens"]))
+               .sort(["head", "d_de_mlps", "token_index"], descending=[False, True, False])
+               .group_by("head", maintain_order=True).head(keep)
+               .select("head", "token_index").collect())
+        for h in hs:
+            out[(layer, h)] = np.sort(got.filter(pl.col("head") == h)["token_index"].to_numpy()).astype(np.int64)
+    return out
+
+
 def batch_digest(top_sets: dict[tuple[int, int], np.ndarray], heads, tok0: int, tok1: int) -> str:
     """sha256 of the top tokens in [tok0, tok1) of each of `heads` (sorted arrays in `top_sets`).
 
@@ -53,6 +77,9 @@ def batch_digest(top_sets: dict[tuple[int, int], np.ndarray], heads, tok0: int, 
     (after more tokens changed them) is found and redone.
     """
     h = hashlib.sha256()
+    # The rule the detail follows: shards of stores whose neuron rows were ranked by abs(ΔDE),
+    # without neuron_totals, no longer match and are redone when the store is ingested again.
+    h.update(b"neurons: signed rank, top and bottom k, totals;")
     for layer, head in sorted(heads):
         toks = top_sets.get((layer, head), np.empty(0, np.int64))
         lo, hi = np.searchsorted(toks, [tok0, tok1])

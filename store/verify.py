@@ -22,7 +22,8 @@ from selfrepair.errors import ConfigError, StoreError
 from selfrepair.store import arrays, files
 from selfrepair.store.heads import parse_heads
 from selfrepair.store.model_store import ModelStore, list_models
-from selfrepair.store.schema import ABLATION_KINDS, ARRAYS, TABLES
+from selfrepair.store.plan import NEURON_PHASE
+from selfrepair.store.schema import ABLATION_KINDS, ARRAYS, LEGACY_COLUMNS, TABLES
 
 IDENTITY_TOL = 1e-3  # stored float32 sums over hundreds of components
 SAMPLE_TOKENS = 2000
@@ -92,7 +93,8 @@ def _verify_model(ms: ModelStore, ok: list[str], bad: list[str], seed: int) -> N
         if meta.num_rows != entry["rows"]:
             bad.append(f"shard {shard_id}: {entry['path']} has {meta.num_rows} rows, manifest says {entry['rows']}")
             continue
-        if meta.schema.to_arrow_schema().names != TABLES[table].column_names:
+        names = meta.schema.to_arrow_schema().names
+        if names != TABLES[table].column_names and tuple(names) not in LEGACY_COLUMNS.get(table, ()):
             bad.append(f"shard {shard_id}: {entry['path']} columns differ from store/schema.py")
             continue
         readable[table].append(path)
@@ -111,7 +113,8 @@ def _check_shards(ms: ModelStore, manifest: dict, good: set[Path], ok: list[str]
     kinds = set(manifest.get("ablations") or ABLATION_KINDS)
     samples = (manifest.get("resample") or {}).get("samples", 1)
     clean_rows: list[tuple[int, int, str]] = []
-    units: dict[tuple[str, int], list[tuple[int, int, set, str]]] = {}
+    units: dict[tuple[str, str, int], list[tuple[int, int, set, str]]] = {}
+    detail: list[tuple[str, dict]] = []  # `neurons` shards, checked against their batch's ablation shards
     sources: dict[tuple[int, int, int], str] = {}
     rows_checked = 0
     for sid, e in sorted(manifest["shards"].items()):
@@ -129,7 +132,9 @@ def _check_shards(ms: ModelStore, manifest: dict, good: set[Path], ok: list[str]
             except ConfigError as err:
                 bad.append(f"shard {sid}: heads {e.get('heads')!r} do not fit the model ({err})")
                 continue
-            units.setdefault((kind, sample), []).append((r0, r1, heads, sid))
+            units.setdefault((e["phase"], kind, sample), []).append((r0, r1, heads, sid))
+            if e["phase"] == NEURON_PHASE:
+                detail.append((sid, e))
             if "resample_sources" in e["files"] or "resample_sources" in e.get("compacted", ()):
                 if (sample, r0, r1) in sources:
                     bad.append(f"shard {sid}: resample_sources of rows {r0}..{r1} also in {sources[(sample, r0, r1)]}")
@@ -165,7 +170,7 @@ def _check_shards(ms: ModelStore, manifest: dict, good: set[Path], ok: list[str]
     if isinstance(n_rows, int) and n_rows > covered:
         bad.append(f"the manifest counts {n_rows} rows ({manifest.get('n_tokens')} tokens) but clean shards store "
                    f"rows 0..{covered} only (an interrupted ingest: rerun it)")
-    for (kind, sample), lst in sorted(units.items()):
+    for (phase, kind, sample), lst in sorted(units.items()):
         lst.sort(key=lambda u: u[0])
         for i, (a0, a1, ha, s1) in enumerate(lst):
             for b0, b1, hb, s2 in lst[i + 1:]:
@@ -173,8 +178,30 @@ def _check_shards(ms: ModelStore, manifest: dict, good: set[Path], ok: list[str]
                     break
                 if ha & hb:
                     bad.append(f"shards {s1} and {s2} overlap ({kind} draw {sample}, {len(ha & hb)} head(s))")
+    bad += _detail_overlaps(ms, manifest, detail, good)
     ok.append(f"{rows_checked} rows: keys unique within each shard and inside its declared rows and heads; "
               f"no two shards overlap; ablations and draws as recorded")
+
+
+def _detail_overlaps(ms: ModelStore, manifest: dict, detail, good: set[Path]) -> list[str]:
+    """A `neurons` shard's tokens must not also be detail tokens of its batch's ablation shards (one key, one row)."""
+    out = []
+    for sid, e in detail:
+        f = e["files"].get("neuron_totals")
+        if f is None or ms.path / f["path"] not in good:
+            continue
+        mine = pl.read_parquet(ms.path / f["path"], columns=["layer", "head", "token_index"], glob=False)
+        for other, o in manifest["shards"].items():
+            g = o["files"].get("neuron_totals")
+            if (o["phase"] != "ablation" or (o.get("ablation"), o.get("sample", 0)) != (e["ablation"], e.get("sample", 0))
+                    or not (o["rows"][0] < e["rows"][1] and o["rows"][1] > e["rows"][0]) or g is None
+                    or ms.path / g["path"] not in good):
+                continue
+            theirs = pl.read_parquet(ms.path / g["path"], columns=["layer", "head", "token_index"], glob=False)
+            n = mine.join(theirs, on=["layer", "head", "token_index"]).height
+            if n:
+                out.append(f"shards {sid} and {other} both hold neuron detail of {n} (head, token) pair(s)")
+    return out
 
 
 def _strictly_sorted(path: Path, key: list[str], batch_rows: int = 1 << 20) -> bool:

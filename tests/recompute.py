@@ -40,6 +40,7 @@ class Spec:
     post_norm: str = "rms"  # rms or rms1p for the post-norms
     logit_scale: str | None = None  # config attribute multiplying the logits
     softcap: str | None = None  # config attribute of the final-logit softcap (applied after lm_head)
+    down: str | None = None  # the MLP's output projection when `mlp_out` is its post-norm (post-norm families)
     notes: str = ""
 
 
@@ -59,10 +60,10 @@ SPECS: dict[str, Spec] = {
                   notes="embedding × sqrt(d_model); gain 1 + weight"),
     "gemma2": Spec("model.layers", "self_attn.o_proj", "post_feedforward_layernorm", "model.norm", "rms1p",
                    attn_post="post_attention_layernorm", post_norm="rms1p", softcap="final_logit_softcapping",
-                   notes="post-norms; post_attention_layernorm is the attention POST-norm"),
+                   down="mlp.down_proj", notes="post-norms; post_attention_layernorm is the attention POST-norm"),
     "gemma3": Spec("model.layers", "self_attn.o_proj", "post_feedforward_layernorm", "model.norm", "rms1p",
                    attn_post="post_attention_layernorm", post_norm="rms1p", softcap="final_logit_softcapping",
-                   notes="post-norms, q/k norms"),
+                   down="mlp.down_proj", notes="post-norms, q/k norms"),
     "phi": Spec("model.layers", "self_attn.dense", "mlp.fc2", "model.final_layernorm",
                 notes="parallel block on one LayerNorm; lm_head bias"),
     "phi3": Spec("model.layers", "self_attn.o_proj", "mlp.down_proj", "model.norm", "rms",
@@ -76,7 +77,7 @@ SPECS: dict[str, Spec] = {
     "olmo": Spec("model.layers", "self_attn.o_proj", "mlp.down_proj", "model.norm", "ln_noparam",
                  notes="LayerNorm without parameters"),
     "olmo2": Spec("model.layers", "self_attn.o_proj", "post_feedforward_layernorm", "model.norm", "rms",
-                  attn_post="post_attention_layernorm", post_norm="rms",
+                  attn_post="post_attention_layernorm", post_norm="rms", down="mlp.down_proj",
                   notes="post-norm only (no pre-norms); q/k norm over the whole projection"),
     "stablelm": Spec("model.layers", "self_attn.o_proj", "mlp.down_proj", "model.norm",
                      notes="per-head q/k LayerNorm"),
@@ -174,6 +175,15 @@ class Model:
             self.attn_post = [_get(l, self.spec.attn_post) for l in self.layers]
             self.g_post = [_gain(m, self.spec.post_norm, self.d_model) for m in self.attn_post]
             self.post_eps = [_eps(m) for m in self.attn_post]
+        # The final MLP's output projection: its input is the neurons' activations.
+        last = self.layers[-1]
+        self.down_final = _get(last, self.spec.down or self.spec.mlp_out)
+        w = self.down_final.weight.detach().double()
+        self.W_out_final = w if type(self.down_final).__name__ == "Conv1D" else w.T  # [d_mlp, d_model]
+        if self.spec.down:  # the MLP's post-norm sits between the projection and the residual
+            self.mlp_post_final = _get(last, self.spec.mlp_out)
+            self.g_mlp_post = _gain(self.mlp_post_final, self.spec.post_norm, self.d_model)
+            self.mlp_post_eps = _eps(self.mlp_post_final)
 
     def u(self, y: torch.Tensor) -> torch.Tensor:
         """[N] target ids -> [N, d_model] effective unembedding directions."""
@@ -192,6 +202,8 @@ class Run:
     x: torch.Tensor  # input of the final norm
     lm: torch.Tensor  # lm_head output (pre-softcap, without logit_scale)
     logits: torch.Tensor  # the model's final logits
+    post_final: torch.Tensor | None = None  # [row, seq, d_mlp] the final MLP's neuron activations
+    mlp_post_in: torch.Tensor | None = None  # [row, seq, d] input of the final MLP's post-norm (post-norm families)
 
 
 def _hidden_arg(args, kwargs):
@@ -243,6 +255,14 @@ def run(m: Model, rows: torch.Tensor, patch=None, zero_layer_inputs: bool = Fals
         def lm_hook(mod, args, out):
             store["lm"] = out.detach().clone()
         hooks.append(m.lm_head.register_forward_hook(lm_hook))
+
+        def down_pre(mod, args):
+            store["post"] = args[0].detach().clone()
+        hooks.append(m.down_final.register_forward_pre_hook(down_pre))
+        if m.spec.down:
+            def mlp_post_pre(mod, args):
+                store["mlp_post_in"] = args[0].detach().clone()
+            hooks.append(m.mlp_post_final.register_forward_pre_hook(mlp_post_pre))
         logits = m.hf(input_ids=rows, use_cache=False).logits
     finally:
         for h in hooks:
@@ -250,7 +270,8 @@ def run(m: Model, rows: torch.Tensor, patch=None, zero_layer_inputs: bool = Fals
     L, shape = m.n_layers, (*rows.shape, -1)  # OPT's fc2 sees [row * seq, d]: reshape every capture
     return Run([z[l] for l in range(L)], [mlp[l].reshape(shape) for l in range(L)],
                [post_in[l].reshape(shape) for l in range(L)] if m.spec.attn_post else [],
-               store["h0"], store["x"], store["lm"], logits.detach())
+               store["h0"], store["x"], store["lm"], logits.detach(), store["post"].reshape(shape),
+               store["mlp_post_in"].reshape(shape) if "mlp_post_in" in store else None)
 
 
 def _pred(t: torch.Tensor) -> torch.Tensor:
@@ -289,6 +310,35 @@ def _head_vecs(m: Model, r: Run, c: list[torch.Tensor], l: int) -> tuple[torch.T
     return vec, bias
 
 
+def neuron_des(m: Model, r: Run, u: torch.Tensor, s: torch.Tensor) -> np.ndarray:
+    """Each final-MLP neuron's DE in run `r` with the clean scale `s`: post_n · W_out[n] · u / s, [N, d_mlp].
+
+    In post-norm blocks a neuron writes through the MLP's post-norm: g_post ⊙ (post_n W_out[n]) / s_post,
+    s_post the post-norm's scale in the same run.
+    """
+    post = _pred(r.post_final)  # [N, d_mlp]
+    if m.spec.down:
+        s_post = _scale(_pred(r.mlp_post_in), m.spec.post_norm, m.mlp_post_eps)
+        wu = (u * m.g_mlp_post) @ m.W_out_final.T / s_post[:, None]
+    else:
+        wu = u @ m.W_out_final.T
+    return (post * wu / s[:, None]).numpy()
+
+
+def neuron_rows(d: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """For ΔDE [N, d_mlp]: each token's neurons by rank (largest first, ties to the lower index) and
+    the 1-based ranks kept (top k and bottom k; all when d_mlp <= 2k). Returns (order [N, d_mlp], ranks)."""
+    order = np.argsort(-d, axis=1, kind="stable")
+    n = d.shape[1]
+    ranks = np.arange(1, n + 1) if n <= 2 * k else np.concatenate([np.arange(1, k + 1), np.arange(n - k + 1, n + 1)])
+    return order, ranks
+
+
+def top_tokens(values: np.ndarray, keep: int) -> np.ndarray:
+    """The `keep` token indices with the largest values (ties to the lower index), sorted."""
+    return np.sort(np.lexsort((np.arange(len(values)), -values))[:keep])
+
+
 def _dot(vec: torch.Tensor, u: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return (vec * u).sum(-1) / s
 
@@ -321,6 +371,7 @@ def clean(model, rows: torch.Tensor, family: str | None = None) -> Clean:
                 de_heads.numpy(), de_mlps.numpy(), de_bias.numpy(), de_other.numpy())
     out.extra["model"] = m
     out.extra["s_t"] = s
+    out.extra["neuron_de"] = neuron_des(m, r, u, s)
     return out
 
 
@@ -333,6 +384,7 @@ class Ablation:
     d_de_mlps: np.ndarray  # Σ over MLP layers of ΔDE
     d_de_bias: np.ndarray  # Σ over layers of Δ(bias write DE); nonzero only with v/o biases in post-norm blocks
     logit_abl: np.ndarray
+    neuron_de: np.ndarray | None = None  # [N, d_mlp] each final-MLP neuron's DE on the ablated run (clean scale)
 
 
 def replacement_z(cl: Clean, kind: str, layer: int, head: int, source_rows=None, batch_size=None) -> torch.Tensor:
@@ -376,7 +428,7 @@ def ablate(cl: Clean, kind: str, layer: int, head: int, source_rows=None, batch_
         d_bias += _dot(bias, u, s) - torch.from_numpy(cl.de_bias[l])
     d_mlps = sum(_dot(_pred(r.mlp[l]), u, s) - torch.from_numpy(cl.de_mlps[l]) for l in range(m.n_layers))
     return Ablation((logit_abl - torch.from_numpy(cl.logit)).numpy(), s_abl.numpy(), de.numpy(),
-                    d_heads.numpy(), d_mlps.numpy(), d_bias.numpy(), logit_abl.numpy())
+                    d_heads.numpy(), d_mlps.numpy(), d_bias.numpy(), logit_abl.numpy(), neuron_des(m, r, u, s))
 
 
 def identity_errors(cl: Clean, ab: Ablation, layer: int, head: int, with_bias: bool = False) -> tuple[float, float]:

@@ -24,14 +24,14 @@ def test_fast_engine_equals_reference(tiny_model_dirs, tmp_path, family):
     fast, ref = tmp_path / "fast", tmp_path / "ref"
     for store, engine in ((fast, "fast"), (ref, "reference")):
         ingest_tiny(tiny_model_dirs[family], store, engine=engine, tokens=124, heads_per_pass=3)
-    for table in ("ablation_effects", "repair_sources", "neuron_effects"):
+    for table in ("ablation_effects", "repair_sources", "neuron_effects", "neuron_totals"):
         key = {"ablation_effects": KEY, "repair_sources": KEY + ["src_kind", "src_layer", "src_head"],
-               "neuron_effects": KEY + ["neuron"]}[table]
+               "neuron_effects": KEY + ["neuron"], "neuron_totals": KEY}[table]
         a = Store.open(fast).sql(f"SELECT * FROM {table}").sort(key)
         b = Store.open(ref).sql(f"SELECT * FROM {table}").sort(key)
         assert a.height == b.height > 0
         if table == "neuron_effects":
-            # Top-k neurons by |ΔDE| can swap places on near-ties; compare the values per token.
+            # Neurons ranked by ΔDE can swap places on near-ties; compare the values per token.
             key = KEY
             a = a.group_by(key).agg(pl.col("de_ablated").sort()).sort(key)
             b = b.group_by(key).agg(pl.col("de_ablated").sort()).sort(key)

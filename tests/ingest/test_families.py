@@ -28,6 +28,8 @@ KINDS = ("resample", "mean", "zero")
 N_LAYERS = 3
 HEADS = [(0, 1), (N_LAYERS // 2, 2), (N_LAYERS - 1, 0), (N_LAYERS - 1, 3)]
 HEAD_LABELS = ",".join(f"L{l}H{h}" for l, h in HEADS)
+TOP_P, K = 0.05, 5  # neuron detail: top and bottom K neurons on each head's top floor(TOP_P · N) tokens
+SR_HEADS = [(l, h) for l, h in HEADS if l == N_LAYERS - 2]  # --sr-mlps-neurons penultimate, ∩ ablated heads
 
 
 @pytest.fixture(autouse=True)
@@ -89,7 +91,7 @@ def _check_correct(family, model_dir, store_dir):
     from transformers import AutoModelForCausalLM
 
     ingest_tiny(model_dir, store_dir, tokens=TOKENS, seq_len=SEQ, batch_size=BATCH, ablations=KINDS,
-                heads=HEAD_LABELS)
+                heads=HEAD_LABELS, top_p=TOP_P, neurons_top_k=K, sr_mlps_neurons="penultimate")
     store = Store.open(store_dir)
     assert len(store.models) == 1
     name = store.models[0]
@@ -138,6 +140,7 @@ def _check_correct(family, model_dir, store_dir):
             _close(f"{where} de", got["de"], ab.de)
             _close(f"{where} d_de_heads", got["d_de_heads"], ab.d_de_heads)
             _close(f"{where} d_de_mlps", got["d_de_mlps"], ab.d_de_mlps)
+            _check_neurons(store, name, cl, ab, kind, layer, head, n, where)
             moved = max(moved, float(np.abs(ab.d_logit).mean()))
     assert moved > 0.05  # the ablations really move the logit: the comparison is not vacuous
 
@@ -148,3 +151,35 @@ def _check_correct(family, model_dir, store_dir):
     ln_id = store.query("check_ln_identity").filter(model=name)
     assert sorted(ln_id["ablation"].to_list()) == sorted(KINDS)
     assert ln_id["max_abs_error"].max() < TOL
+
+
+def _check_neurons(store, name, cl, ab, kind, layer, head, n, where):
+    """neuron_effects and neuron_totals of one ablated head against the recomputation: the detail
+    tokens (top by clean DE, and by sr_mlps for SR_HEADS), every kept rank, the neuron at it, its
+    DEs, and the sums over all neurons."""
+    keep = int(np.floor(TOP_P * n))
+    want = recompute.top_tokens(cl.de_heads[layer, head], keep)
+    if (layer, head) in SR_HEADS:
+        want = np.union1d(want, recompute.top_tokens(ab.d_de_mlps, keep))
+    args = {"m": name, "k": kind, "l": layer, "h": head}
+    tot = store.sql("SELECT token_index, d_de_sum, d_de_abs_sum, d_de_pos_sum FROM neuron_totals WHERE model = $m "
+                    "AND ablation = $k AND sample = 0 AND layer = $l AND head = $h ORDER BY token_index", args)
+    assert tot["token_index"].to_list() == want.tolist(), where
+    d = ab.neuron_de - cl.extra["neuron_de"]  # [N, d_mlp] float64
+    _close(f"{where} neuron Σ ΔDE", tot["d_de_sum"], d[want].sum(1))
+    _close(f"{where} neuron Σ |ΔDE|", tot["d_de_abs_sum"], np.abs(d[want]).sum(1))
+    _close(f"{where} neuron Σ max(ΔDE, 0)", tot["d_de_pos_sum"], np.clip(d[want], 0, None).sum(1))
+    rows = store.sql("SELECT token_index, rank, neuron, de_clean, de_ablated FROM neuron_effects WHERE model = $m "
+                     "AND ablation = $k AND sample = 0 AND layer = $l AND head = $h ORDER BY token_index, rank", args)
+    order, ranks = recompute.neuron_rows(d, K)
+    assert rows.height == len(want) * len(ranks), where
+    assert (rows["rank"].to_numpy().reshape(len(want), -1) == ranks).all(), where
+    got = rows["neuron"].to_numpy().reshape(len(want), -1)
+    exp = order[want][:, ranks - 1]
+    tok = want[:, None]
+    # The same neuron at every rank; only where two neurons' ΔDE tie to float32 precision may they swap.
+    gap = np.abs(d[tok, got] - d[tok, exp])
+    assert ((got == exp) | (gap < 1e-6)).all(), f"{where}: {(got != exp).sum()} neurons at other ranks"
+    _close(f"{where} neuron ΔDE by rank", d[tok, got], d[tok, exp])
+    _close(f"{where} neuron de_clean", rows["de_clean"].to_numpy().reshape(got.shape), cl.extra["neuron_de"][tok, got])
+    _close(f"{where} neuron de_ablated", rows["de_ablated"].to_numpy().reshape(got.shape), ab.neuron_de[tok, got])

@@ -115,12 +115,31 @@ def test_repair_sources_sum_to_the_breakdown(store):
     assert df["eh"][0] < TOL and df["em"][0] < TOL
 
 
-def test_neuron_effects_are_top_k_of_the_final_mlp(store):
-    df = store.sql(
-        "SELECT model, ablation, layer, head, token_index, count(*) AS k FROM neuron_effects GROUP BY ALL"
-    )
-    assert (df["k"] == 5).all()
+def test_neuron_effects_are_the_top_and_bottom_k_of_the_final_mlp(store):
+    # k = 5 at each end of the signed ranking of ΔDE over all d_mlp neurons (d_mlp > 10 here).
+    df = store.sql("""
+        SELECT model, ablation, layer, head, token_index, count(*) AS n, list(rank ORDER BY rank) AS ranks,
+               min(neuron) >= 0 AS ok FROM neuron_effects GROUP BY ALL""")
+    assert (df["n"] == 10).all() and df["ok"].all()
     assert set(df["model"]) == set(FAMILY_MODELS)
+    d_mlp = {m: store.manifest(m)["model"]["d_mlp"] for m in FAMILY_MODELS}
+    for model, ranks in zip(df["model"], df["ranks"]):
+        assert list(ranks) == [1, 2, 3, 4, 5] + list(range(d_mlp[model] - 4, d_mlp[model] + 1))
+    # ranks follow the signed change, largest first; every detail token has its totals
+    bad = store.sql("""
+        SELECT count(*) AS n FROM (
+            SELECT rank, de_ablated - de_clean AS d,
+                   lag(de_ablated - de_clean) OVER (PARTITION BY model, ablation, sample, layer, head, token_index
+                                                    ORDER BY rank) AS prev
+            FROM neuron_effects) WHERE prev < d""")
+    assert bad["n"][0] == 0
+    joined = store.sql("""
+        SELECT count(*) AS n, count(t.d_de_sum) AS with_totals,
+               max(abs(t.d_de_sum - t.d_de_pos_sum - (t.d_de_sum - t.d_de_abs_sum) / 2)) AS err
+        FROM (SELECT DISTINCT model, ablation, sample, layer, head, token_index FROM neuron_effects) e
+        LEFT JOIN neuron_totals t USING (model, ablation, sample, layer, head, token_index)""")
+    assert joined["n"][0] == joined["with_totals"][0] > 0
+    assert joined["err"][0] < TOL  # Σ max(d, 0) = (Σ d + Σ |d|) / 2
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1])

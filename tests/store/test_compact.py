@@ -50,8 +50,8 @@ def ingested(tiny_model_dirs, tmp_path) -> Path:
 def test_compaction_keeps_every_row_and_sorts_each_file(ingested):
     before, n_before = _tables(ingested), _n_files(ingested)
     (result,) = compact(ingested)
-    assert result.shards > 0 and result.files_after == 9  # every shard table, one file each
-    assert _n_files(ingested) == 9 < n_before
+    assert result.shards > 0 and result.files_after == 10  # every shard table, one file each
+    assert _n_files(ingested) == 10 < n_before
     _assert_same_sets(_tables(ingested), before)
     manifest = ModelStore(ingested / MODEL).manifest()
     for table, entries in manifest["compacted"].items():
@@ -119,10 +119,10 @@ def test_a_kill_during_compaction_leaves_the_old_store_readable(ingested, monkey
     assert "compacted" not in ModelStore(ingested / MODEL).manifest()
     monkeypatch.setattr(compact_mod, "_write_sorted", real)
     (result,) = compact(ingested)  # the next compaction completes and removes the leftovers
-    assert result.files_after == 9
+    assert result.files_after == 10
     _assert_same_sets(_tables(ingested), before)
     assert verify(ingested).ok
-    assert len(list((ingested / MODEL / "tables").rglob("compact-*.parquet"))) == 9
+    assert len(list((ingested / MODEL / "tables").rglob("compact-*.parquet"))) == 10
 
 
 def test_a_kill_at_the_commit_leaves_the_old_store_readable(ingested, monkeypatch):
@@ -167,7 +167,7 @@ def test_cli_compact(ingested, tmp_path):
     runner = CliRunner()
     result = runner.invoke(main, ["compact", "--store", str(ingested)])
     assert result.exit_code == 0, result.output
-    assert result.output.startswith(f"{MODEL}: ") and "-> 9 sorted files" in result.output
+    assert result.output.startswith(f"{MODEL}: ") and "-> 10 sorted files" in result.output
     again = runner.invoke(main, ["compact", "--store", str(ingested)])
     assert again.exit_code == 0 and again.output == f"{MODEL}: nothing to compact\n"
     missing = runner.invoke(main, ["compact", "--store", str(tmp_path / "nope")])

@@ -106,3 +106,40 @@ def test_more_tokens_with_a_partial_last_batch(tiny_model_dirs, tmp_path):
     # 93 tokens are redone too, so the detail tables equal one run's as well.
     _assert_same(_tables(tmp_path / "grown"), _tables(tmp_path / "once"))
     assert verify(tmp_path / "grown").ok
+
+
+def test_sr_mlps_neuron_detail_extends_like_one_run(tiny_model_dirs, tmp_path):
+    """Naming heads for neuron detail by sr_mlps later, more of them, and more tokens (after a
+    compaction) leave the same tables as one run naming them all; nothing is left to do after."""
+    from selfrepair.store.compact import compact
+
+    d = tiny_model_dirs["gpt2"]
+    grown, once = tmp_path / "grown", tmp_path / "once"
+    base = dict(SMALL, ablations=("resample", "zero"))
+    ingest_tiny(d, grown, tokens=93, **base)
+    added = ingest_tiny(d, grown, tokens=93, sr_mlps_neurons="L1H0", **base)
+    assert 0 < added.shards_written <= 2 * 2  # neuron detail shards only: at most one per batch and draw
+    compact(grown)
+    ingest_tiny(d, grown, tokens=124, sr_mlps_neurons="L0H1,L1H2", **base)  # L1H0 is kept up to date too
+    assert ingest_tiny(d, grown, tokens=124, **base).shards_written == 0
+    ingest_tiny(d, once, tokens=124, sr_mlps_neurons="L1H0,L1H2,L0H1", **base)
+    got, want = _tables(grown), _tables(once)
+    _assert_same(got, want)
+    extra = want["neuron_totals"].join(want["ablation_top"], on=["ablation", "sample", "layer", "head", "token_index"],
+                                       how="anti")
+    assert extra.height > 0 and set(extra.select("layer", "head").unique().iter_rows()) <= {(1, 0), (1, 2), (0, 1)}
+    assert verify(grown).ok
+    compact(grown)
+    _assert_same(_tables(grown), want)
+    assert verify(grown).ok
+
+
+def test_a_store_with_sr_mlps_detail_refuses_the_ray_executor(tiny_model_dirs, tmp_path):
+    from selfrepair.errors import ConfigError
+
+    d = tiny_model_dirs["gpt2"]
+    with pytest.raises(ConfigError, match="executor ray"):
+        ingest_tiny(d, tmp_path, tokens=62, sr_mlps_neurons="L1", executor="ray", **SMALL)
+    ingest_tiny(d, tmp_path, tokens=62, sr_mlps_neurons="L1", ablations=("zero",), **SMALL)
+    with pytest.raises(ConfigError, match="--executor inprocess"):
+        ingest_tiny(d, tmp_path, tokens=93, executor="ray", ablations=("zero",), **SMALL)
