@@ -34,8 +34,9 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def tiny_store(tiny_model_dirs, tmp_path_factory) -> Path:
-    """One store root holding all three tiny families, every ablation type."""
+    """One store root holding all three tiny families, every ablation type, sr_mlps neuron detail."""
     store = tmp_path_factory.mktemp("store")
     for d in tiny_model_dirs.values():
-        ingest_tiny(d, store)
+        # sr_mlps neuron detail for the penultimate layer: the authors' neuron figures draw it
+        ingest_tiny(d, store, sr_mlps_neurons="penultimate")
     return store

@@ -55,8 +55,12 @@ def test_report_is_self_contained(report_dir):
     # No network: every image is inline, and no resource is fetched from anywhere.
     assert not re.search(r'\b(?:src|href)="(?:https?:)?//', text)
     assert text.count('src="data:image/png;base64,') == len(list((report_dir / "figures").glob("*.png")))
-    # The SQL and parameters of every figure and table sit beside it.
-    assert text.count("<details>") == text.count("<section")
+    # The SQL and parameters of every figure and table sit beside it (both halves of a pair drawn
+    # with the authors' statistic beside the store's).
+    pairs = text.count('<div class="pair">')
+    assert pairs >= 8
+    assert text.count("<details>") == text.count("<section") + pairs
+    assert text.count("The paper's statistic (as its authors' code computed it)") == pairs
     assert "FROM self_repair_top($p)" in text
     assert "{&quot;p&quot;: 0.05, &quot;ablation&quot;: &quot;resample&quot;, &quot;sample&quot;: 0}" in text
     assert "Not drawn: only one resample draw was ingested for tiny-gpt2" in text
