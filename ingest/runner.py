@@ -343,16 +343,7 @@ class Ingest:
         todo = plan.clean_work(writer.manifest, cfg.n_rows, cfg.batch_size, damaged=self._damaged)
         result.shards_skipped += len(plan.batches(cfg.n_rows, cfg.batch_size)) - len(todo)
         units = [CleanUnit(t, rows_np[t.rows[0]:t.rows[1]], (t.rows[1] - t.rows[0]) * preds) for t in todo]
-        bar = Progress("clean pass", total=sum(u.size for u in units), unit="tok", quiet=cfg.quiet)
-
-        def commit(unit: CleanUnit, entry: dict) -> None:
-            t = time.perf_counter()
-            writer.commit_written(unit.shard_id, entry, unit.work.supersedes)
-            result.seconds["commit"] = result.seconds.get("commit", 0.0) + time.perf_counter() - t
-            result.shards_written += 1
-
-        self._executor.run(units, commit, bar.update)
-        bar.close()
+        self._run_units(writer, units, result, "clean pass", "tok")
         if cfg.activations:
             from selfrepair.store import arrays
 
@@ -400,17 +391,21 @@ class Ingest:
                 t, rows_np[r0:r1], pair, rows_np[pair] if pair is not None else None,
                 batch_top_sets(top_sets, t.heads, r0 * preds, r1 * preds), writer.manifest["n_tokens"],
                 len(t.heads) * (r1 - r0) * preds))
-        bar = Progress("ablation sweep", total=sum(u.size for u in units), unit="abl", quiet=cfg.quiet)
+        self._run_units(writer, units, result, "ablation sweep", "abl")
 
-        def commit(unit: AblationUnit, entry: dict) -> None:
+
+    def _run_units(self, writer: Writer, units: list, result, label: str, unit: str) -> None:
+        """Compute units with the executor, committing each as it finishes, under one progress bar."""
+        bar = Progress(label, total=sum(u.size for u in units), unit=unit, quiet=self.cfg.quiet)
+
+        def commit(done, entry: dict) -> None:
             t = time.perf_counter()
-            writer.commit_written(unit.shard_id, entry, unit.work.supersedes)
+            writer.commit_written(done.shard_id, entry, done.work.supersedes)
             result.seconds["commit"] = result.seconds.get("commit", 0.0) + time.perf_counter() - t
             result.shards_written += 1
 
         self._executor.run(units, commit, bar.update)
         bar.close()
-
 
     # -- neuron detail by sr_mlps ----------------------------------------------------------
     def _sr_neuron_phase(self, writer: Writer, rows_np: np.ndarray, top_sets, result) -> bool:
@@ -452,16 +447,7 @@ class Ingest:
             sets = batch_top_sets(extras.get((t.kind, t.sample), {}), t.heads, r0 * preds, r1 * preds)
             units.append(NeuronUnit(t, rows_np[r0:r1], pair, rows_np[pair] if pair is not None else None, sets,
                                     sum(len(v) > 0 for v in sets.values()) * (r1 - r0) * preds))
-        bar = Progress("sr_mlps neuron detail", total=sum(u.size for u in units), unit="abl", quiet=cfg.quiet)
-
-        def commit(unit: NeuronUnit, entry: dict) -> None:
-            t = time.perf_counter()
-            writer.commit_written(unit.shard_id, entry, unit.work.supersedes)
-            result.seconds["commit"] = result.seconds.get("commit", 0.0) + time.perf_counter() - t
-            result.shards_written += 1
-
-        self._executor.run(units, commit, bar.update)
-        bar.close()
+        self._run_units(writer, units, result, "sr_mlps neuron detail", "abl")
         return True
 
 

@@ -24,24 +24,32 @@ from selfrepair.store.model_store import ModelStore
 from selfrepair.store.plan import NEURON_PHASE, AblationWork, CleanWork
 
 
+class _Shard:
+    """What every unit shares: its planned shard (`work`) names it."""
+
+    @property
+    def shard_id(self) -> str:
+        return self.work.shard_id
+
+    def _what(self) -> str:
+        w = self.work
+        return f"{w.kind} draw {w.sample}" if w.kind == "resample" else w.kind
+
+
 @dataclass
-class CleanUnit:
+class CleanUnit(_Shard):
     """One clean batch. `rows`: token ids [batch, seq_len]; `size`: its predictions (progress)."""
 
     work: CleanWork
     rows: np.ndarray
     size: int
 
-    @property
-    def shard_id(self) -> str:
-        return self.work.shard_id
-
     def describe(self) -> str:
         return f"{self.shard_id} (clean pass, rows {self.work.rows[0]}-{self.work.rows[1]})"
 
 
 @dataclass
-class AblationUnit:
+class AblationUnit(_Shard):
     """One ablation shard: a batch, an ablation draw and a group of heads.
 
     Args:
@@ -62,18 +70,13 @@ class AblationUnit:
     top_n_tokens: int = 0
     size: int = 0
 
-    @property
-    def shard_id(self) -> str:
-        return self.work.shard_id
-
     def describe(self) -> str:
         w = self.work
-        draw = f"{w.kind} draw {w.sample}" if w.kind == "resample" else w.kind
-        return f"{self.shard_id} ({draw}, rows {w.rows[0]}-{w.rows[1]}, heads {w.heads_spec})"
+        return f"{self.shard_id} ({self._what()}, rows {w.rows[0]}-{w.rows[1]}, heads {w.heads_spec})"
 
 
 @dataclass
-class NeuronUnit:
+class NeuronUnit(_Shard):
     """Extra neuron detail of one batch and ablation draw (`--sr-mlps-neurons`): re-patch only its heads.
 
     Args:
@@ -90,14 +93,10 @@ class NeuronUnit:
     detail_sets: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
     size: int = 0
 
-    @property
-    def shard_id(self) -> str:
-        return self.work.shard_id
-
     def describe(self) -> str:
         w = self.work
-        draw = f"{w.kind} draw {w.sample}" if w.kind == "resample" else w.kind
-        return f"{self.shard_id} (sr_mlps neuron detail, {draw}, rows {w.rows[0]}-{w.rows[1]}, heads {w.heads_spec})"
+        return (f"{self.shard_id} (sr_mlps neuron detail, {self._what()}, rows {w.rows[0]}-{w.rows[1]}, "
+                f"heads {w.heads_spec})")
 
 
 def batch_top_sets(top_sets: dict[tuple[int, int], np.ndarray], heads, t0: int, t1: int) -> dict:
