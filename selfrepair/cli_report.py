@@ -66,8 +66,10 @@ def report(store: Path, models: str | None, heads, ablation: str | None, p: floa
     with Store.open(store) as s:
         result = build_report(s, output, models=names, heads=heads, ablation=ablation, p=p)
     drawn = sum(1 for f in result.figures if f.png is not None)
-    click.echo(f"wrote {result.path} ({drawn} figures, {len(result.figures) - drawn} not drawn, "
-               f"{len(result.tables)} tables)")
+    paper = [f.beside for f in result.figures if f.beside is not None]
+    click.echo(f"wrote {result.path} ({drawn} figures, {len(result.figures) - drawn} not drawn; beside them "
+               f"{sum(1 for f in paper if f.png is not None)} with the authors' statistic, "
+               f"{sum(1 for f in paper if f.png is None)} not drawn; {len(result.tables)} tables)")
 
 
 COMMANDS = [report]
