@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from selfrepair.errors import ConfigError
 from selfrepair.ingest import engine as E
 from selfrepair.ingest.weights import Weights
 from selfrepair.store.schema import SRC_KINDS
@@ -325,6 +326,9 @@ def _neuron_rows(layer, head, tokens, de_c, de_a, k) -> tuple[dict, dict]:
     """
     d = de_a - de_c  # float32, exactly the difference of the two stored columns' sources
     d_mlp = d.shape[1]
+    if d_mlp > np.iinfo(np.int16).max:  # neuron_effects.rank is int16: never store a wrapped rank
+        raise ConfigError(f"neurons: d_mlp {d_mlp} exceeds the int16 rank column of neuron_effects; "
+                          "use --neurons-top-k 0")
     # Rank 1 = largest ΔDE; ties to the lower neuron index (a stable sort keeps index order).
     order = torch.sort(d, dim=1, descending=True, stable=True).indices  # [tok, d_mlp]
     if d_mlp <= 2 * k:
