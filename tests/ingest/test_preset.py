@@ -168,7 +168,7 @@ def paper_store(tmp_path_factory):
     store = tmp_path_factory.mktemp("paper-store")
     res = CliRunner().invoke(main, ["ingest", "--model", str(folder), "--store", str(store), "--preset", "paper",
                                     "--tokens", str(61 * 127), "--corpus", "embedded", "--ablations",
-                                    "resample,mean", "--neurons-top-k", "0", "--quiet"])
+                                    "resample,mean", "--neurons-top-k", "5", "--quiet"])
     assert res.exit_code == 0, res.output
     return store, folder, model
 
