@@ -176,10 +176,12 @@ class Model:
             self.g_post = [_gain(m, self.spec.post_norm, self.d_model) for m in self.attn_post]
             self.post_eps = [_eps(m) for m in self.attn_post]
         # The final MLP's output projection: its input is the neurons' activations.
+        # (None for a mixture-of-experts MLP, which has no single output projection: Mixtral is refused.)
         last = self.layers[-1]
         self.down_final = _get(last, self.spec.down or self.spec.mlp_out)
-        w = self.down_final.weight.detach().double()
-        self.W_out_final = w if type(self.down_final).__name__ == "Conv1D" else w.T  # [d_mlp, d_model]
+        w = getattr(self.down_final, "weight", None)
+        self.W_out_final = (None if w is None else w.detach().double() if type(self.down_final).__name__ == "Conv1D"
+                            else w.detach().double().T)  # [d_mlp, d_model]
         if self.spec.down:  # the MLP's post-norm sits between the projection and the residual
             self.mlp_post_final = _get(last, self.spec.mlp_out)
             self.g_mlp_post = _gain(self.mlp_post_final, self.spec.post_norm, self.d_model)
@@ -371,7 +373,8 @@ def clean(model, rows: torch.Tensor, family: str | None = None) -> Clean:
                 de_heads.numpy(), de_mlps.numpy(), de_bias.numpy(), de_other.numpy())
     out.extra["model"] = m
     out.extra["s_t"] = s
-    out.extra["neuron_de"] = neuron_des(m, r, u, s)
+    if m.W_out_final is not None:  # no single final-MLP neuron layer in a mixture of experts
+        out.extra["neuron_de"] = neuron_des(m, r, u, s)
     return out
 
 
@@ -428,7 +431,8 @@ def ablate(cl: Clean, kind: str, layer: int, head: int, source_rows=None, batch_
         d_bias += _dot(bias, u, s) - torch.from_numpy(cl.de_bias[l])
     d_mlps = sum(_dot(_pred(r.mlp[l]), u, s) - torch.from_numpy(cl.de_mlps[l]) for l in range(m.n_layers))
     return Ablation((logit_abl - torch.from_numpy(cl.logit)).numpy(), s_abl.numpy(), de.numpy(),
-                    d_heads.numpy(), d_mlps.numpy(), d_bias.numpy(), logit_abl.numpy(), neuron_des(m, r, u, s))
+                    d_heads.numpy(), d_mlps.numpy(), d_bias.numpy(), logit_abl.numpy(),
+                    neuron_des(m, r, u, s) if m.W_out_final is not None else None)
 
 
 def identity_errors(cl: Clean, ab: Ablation, layer: int, head: int, with_bias: bool = False) -> tuple[float, float]:
