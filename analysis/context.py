@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 
+from selfrepair.store.manifest import Manifest
+
 HEAD_LABEL = re.compile(r"^L(\d+)H(\d+)$")
 
 
@@ -49,16 +51,15 @@ class ModelInfo:
     resamples: int
 
     @classmethod
-    def from_manifest(cls, name: str, manifest: dict) -> "ModelInfo":
-        info, config = manifest.get("model", {}), manifest.get("config", {})
+    def from_manifest(cls, name: str, manifest: Manifest) -> "ModelInfo":
         return cls(
             name=name,
-            n_layers=int(info.get("n_layers", 0)),
-            n_heads=int(info.get("n_heads", 0)),
-            n_tokens=int(manifest.get("n_tokens", 0)),
-            top_p=float(config.get("top_p", 0.02)),
-            ablations=tuple(config.get("ablations", ("resample",))),
-            resamples=int(config.get("resamples", 1)),
+            n_layers=manifest.model.n_layers,
+            n_heads=manifest.model.n_heads,
+            n_tokens=manifest.n_tokens,
+            top_p=manifest.config.top_p,
+            ablations=manifest.config.ablations,
+            resamples=manifest.config.resamples,
         )
 
 

@@ -119,7 +119,7 @@ def run_clean(w: Weights, rows: torch.Tensor, row0: int, strings: TokenStrings, 
             "resid_pre": tm(st.resid_pre[:, :, :preds].permute(1, 2, 0, 3)),  # [token, layer, d_model]
             "resid_final": tm(keep(st.resid_final)),
             "z": tm(z.permute(1, 2, 0, 3, 4)),  # [token, layer, head, d_head]
-            "norm_scales": tm(keep(st.norm_scales)),  # [token, norm] in manifest["model"]["norm_names"] order
+            "norm_scales": tm(keep(st.norm_scales)),  # [token, norm] in manifest.model.norm_names order
             "mlp_post_final": tm(keep(st.post_final_raw)),
         }
     return CleanBatch({"tokens": tokens, "head_effects": heads, "mlp_effects": mlps}, arrays)

@@ -24,6 +24,7 @@ from selfrepair.ingest.units import AblationUnit, CleanUnit, NeuronUnit, batch_t
 from selfrepair.store import files, plan, top_tokens
 from selfrepair.store.heads import parse_sr_heads
 from selfrepair.store.estimate import Estimate
+from selfrepair.store.manifest import Manifest
 from selfrepair.store.model_store import ModelStore, model_dirname
 from selfrepair.store.schema import ABLATION_KINDS
 from selfrepair.store.writer import Writer
@@ -135,7 +136,7 @@ class Ingest:
             self._writer = self._lock(ms)
             self._check_identity(self._writer, identity)
         writer = self._writer
-        have = 0 if writer.manifest is None else max(writer.manifest.get("n_rows", 0), plan.stored_rows(writer.manifest))
+        have = 0 if writer.manifest is None else max(writer.manifest.n_rows, plan.stored_rows(writer.manifest))
         if not self._replace and have > cfg.n_rows:
             # The store already has more rows (or an interrupted extension stored some): the run
             # covers all of them (new heads or ablations too).
@@ -234,10 +235,10 @@ class Ingest:
         }
         old = writer.manifest
         if old is not None and not self._replace:
-            n_old = old["n_rows"]
+            n_old = old.n_rows
             # With fewer rows than stored nothing new is written, so only a longer or equal
             # stream can be checked against the stored fingerprint.
-            if C.fingerprint(rows_np[:n_old]) != old["corpus"]["fingerprint"]:
+            if C.fingerprint(rows_np[:n_old]) != old.corpus.fingerprint:
                 if not cfg.overwrite:
                     raise StoreConflict(f"{writer.ms.path} was ingested with a different configuration "
                                         "(corpus: the token stream differs from the stored one); "
@@ -260,24 +261,24 @@ class Ingest:
             self.log(f"resume: {len(self._damaged)} committed shard(s) have missing or damaged files "
                      f"(shard {sid}: {why}); recomputing them")
         updates = {"self_check": checks}
-        if cfg.n_rows > old["n_rows"]:  # extending with more tokens: new rows, new shards
+        if cfg.n_rows > old.n_rows:  # extending with more tokens: new rows, new shards
             self._grow = grow
-        kinds = [k for k in ABLATION_KINDS if k in set(old.get("ablations", [])) | set(cfg.ablations)]
-        samples = max(old.get("resample", {}).get("samples", 1), cfg.resamples)
-        config = dict(old["config"])
-        config["heads_runs"] = sorted(set(config.get("heads_runs", [])) | {cfg.heads})
-        config["sr_mlps_neurons_runs"] = _sr_runs(config.get("sr_mlps_neurons_runs", []), cfg.sr_mlps_neurons)
+        kinds = [k for k in ABLATION_KINDS if k in set(old.ablations) | set(cfg.ablations)]
+        samples = max(old.resample.samples, cfg.resamples)
+        config = dict(old.config.raw)
+        config["heads_runs"] = sorted(set(old.config.heads_runs) | {cfg.heads})
+        config["sr_mlps_neurons_runs"] = _sr_runs(list(old.config.sr_mlps_neurons_runs), cfg.sr_mlps_neurons)
         if cfg.executor == "ray" and config["sr_mlps_neurons_runs"]:
             raise ConfigError(f"{writer.ms.path} keeps neuron detail by sr_mlps (--sr-mlps-neurons "
                               f"{','.join(config['sr_mlps_neurons_runs'])}), which --executor ray does not "
                               "maintain yet; extend it with --executor inprocess")
         config.update({"ablations": kinds, "resamples": samples})
-        if config != old["config"]:
+        if config != old.config.raw:
             updates["config"] = config
-        if kinds != old.get("ablations"):
+        if tuple(kinds) != old.ablations:
             updates["ablations"] = kinds
-        if samples != old.get("resample", {}).get("samples"):
-            updates["resample"] = old.get("resample", fresh["resample"]) | {"samples": samples}
+        if samples != old.resample.samples or not old.resample.raw:
+            updates["resample"] = dict(old.resample.raw or fresh["resample"]) | {"samples": samples}
         if updates:
             writer.set(**updates)
 
@@ -335,11 +336,11 @@ class Ingest:
                 "W_O": w.W_O_eff.cpu().numpy(), "W_U": w.W_U.cpu().numpy(),
                 "b_U": w.b_U.cpu().numpy(), "W_out_final": w.W_out_final.cpu().numpy(),
             })
-        if "vocab" not in (writer.manifest.get("derived") or {}):  # so a DE toward any token is a lookup away
+        if "vocab" not in writer.manifest.derived:  # so a DE toward any token is a lookup away
             from selfrepair.ingest.clean import vocab_table
 
             writer.write_derived("vocab", vocab_table(model.tokenizer, w.W_U.shape[1]),
-                                 {"n_tokens": writer.manifest["n_tokens"]})
+                                 {"n_tokens": writer.manifest.n_tokens})
         todo = plan.clean_work(writer.manifest, cfg.n_rows, cfg.batch_size, damaged=self._damaged)
         result.shards_skipped += len(plan.batches(cfg.n_rows, cfg.batch_size)) - len(todo)
         units = [CleanUnit(t, rows_np[t.rows[0]:t.rows[1]], (t.rows[1] - t.rows[0]) * preds) for t in todo]
@@ -348,14 +349,14 @@ class Ingest:
             from selfrepair.store import arrays
 
             info = arrays.array_info(writer.ms.arrays_path)
-            if info != writer.manifest.get("arrays"):
+            if info != writer.manifest.arrays_json():
                 writer.set(arrays=info)
 
     def _top_sets(self, writer: Writer) -> dict[tuple[int, int], np.ndarray]:
         """Each head's top-p% token indices, from the stored `head_top_tokens` (rebuilt if stale)."""
         manifest = writer.manifest
-        stored = manifest.get("derived", {}).get("head_top_tokens")
-        if stored and stored["n_tokens"] == manifest["n_tokens"] and stored["top_p"] == self.cfg.top_p \
+        stored = manifest.derived.get("head_top_tokens")
+        if stored and stored.n_tokens == manifest.n_tokens and stored.top_p == self.cfg.top_p \
                 and not writer.ms.file_problem(stored):
             table = files.read_parquet(writer.ms.table_files("head_top_tokens", manifest))
         else:
@@ -389,7 +390,7 @@ class Ingest:
                 pair = _sources(cfg, t.sample, r0, r1)
             units.append(AblationUnit(
                 t, rows_np[r0:r1], pair, rows_np[pair] if pair is not None else None,
-                batch_top_sets(top_sets, t.heads, r0 * preds, r1 * preds), writer.manifest["n_tokens"],
+                batch_top_sets(top_sets, t.heads, r0 * preds, r1 * preds), writer.manifest.n_tokens,
                 len(t.heads) * (r1 - r0) * preds))
         self._run_units(writer, units, result, "ablation sweep", "abl")
 
@@ -417,10 +418,10 @@ class Ingest:
         """
         cfg, manifest = self.cfg, writer.manifest
         preds = cfg.preds_per_row
-        n_layers, n_heads = manifest["model"]["n_layers"], manifest["model"]["n_heads"]
-        runs = manifest.get("config", {}).get("sr_mlps_neurons_runs", [])
+        n_layers, n_heads = manifest.model.n_layers, manifest.model.n_heads
+        runs = manifest.config.sr_mlps_neurons_runs
         named = {h for spec in runs for h in parse_sr_heads(spec, n_layers, n_heads)}
-        stored = any(e["phase"] == plan.NEURON_PHASE for e in manifest["shards"].values())
+        stored = any(e.phase == plan.NEURON_PHASE for e in manifest.shards.values())
         if not named and not stored:
             return False
         empty = np.empty(0, np.int64)
@@ -467,13 +468,13 @@ def _sr_runs(runs: list, spec: str) -> list:
 LATER_SETTINGS = ("attention_top_k",)  # identity settings newer than some stores
 
 
-def _identity_conflict(old: dict, identity: dict) -> str | None:
+def _identity_conflict(old: Manifest, identity: dict) -> str | None:
     """The first setting that differs from the stored run's, as `key: stored …, asked …`.
 
     Only the settings that must match are compared: ablation types, resample draws and
     heads extend a store instead.
     """
-    prev = old.get("identity", {})
+    prev = old.identity
     for key in sorted(identity):
         if key in LATER_SETTINGS and key not in prev:
             continue  # a store from before the setting existed: its shards are redone or kept as they are
@@ -482,8 +483,8 @@ def _identity_conflict(old: dict, identity: dict) -> str | None:
             a, b = list(a or []), list(b or [])
         if a != b:
             return f"{key}: stored {a!r}, asked {b!r}"
-    has_resample = any(e.get("ablation") == "resample" for e in old["shards"].values())
-    if has_resample and old.get("resample", {}).get("rule") != rule(identity.get("preset") == "paper"):
+    has_resample = any(e.ablation == "resample" for e in old.shards.values())
+    if has_resample and old.resample.rule != rule(identity.get("preset") == "paper"):
         return "resample pairing rule: the store's stored pairs follow an older rule"
     return None
 

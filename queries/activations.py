@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from selfrepair.errors import StoreError
+from selfrepair.store.manifest import Manifest
 
 
-def open_activations(folder: Path, manifest: dict, tokens=None, vocab=None):
+def open_activations(folder: Path, manifest: Manifest, tokens=None, vocab=None):
     """The model folder's `activations.zarr` as a lazy `xarray.Dataset`.
 
     Args:
@@ -36,15 +37,15 @@ def open_activations(folder: Path, manifest: dict, tokens=None, vocab=None):
     import xarray as xr
 
     path = folder / "activations.zarr"
-    if not path.is_dir() or not manifest.get("arrays"):
+    if not path.is_dir() or not manifest.arrays:
         raise StoreError(f"{folder.name} keeps no activations (ingested with --activations none)")
     ds = xr.open_zarr(str(path), consolidated=False, chunks=None, zarr_format=3)
     weights = xr.open_zarr(str(path), group="weights", consolidated=False, chunks=None, zarr_format=3)
     ds = ds.merge(weights.rename({name: name for name in weights.data_vars}))
-    model = manifest["model"]
+    model = manifest.model
     coords = {dim: np.arange(ds.sizes[dim]) for dim in ("token_index", "layer", "head") if dim in ds.sizes}
     if "norm" in ds.sizes:
-        names = list(model.get("norm_names") or [])
+        names = list(model.norm_names)
         coords["norm"] = names if len(names) == ds.sizes["norm"] else np.arange(ds.sizes["norm"])
     ds = ds.assign_coords(coords)
     if tokens is not None and tokens.height == ds.sizes["token_index"]:
@@ -52,7 +53,7 @@ def open_activations(folder: Path, manifest: dict, tokens=None, vocab=None):
                                ("row", "pos", "token_str", "next_token_str") if c in tokens.columns})
     if vocab is not None and "d_vocab" in ds.sizes and vocab.height == ds.sizes["d_vocab"]:
         ds = ds.assign_coords(d_vocab=vocab["token_id"].to_numpy(), vocab_str=("d_vocab", vocab["token_str"].to_numpy()))
-    ds.attrs.update({"model": model.get("name", folder.name), "n_tokens": manifest.get("n_tokens"),
+    ds.attrs.update({"model": model.name or folder.name, "n_tokens": manifest.n_tokens,
                      "final_norm": "the last `norm` entry scales the residual before the unembedding"})
     return ds
 

@@ -23,6 +23,7 @@ from selfrepair.errors import ConfigError, QueryError
 from selfrepair.queries import named, requests, safety
 from selfrepair.queries.store import Store
 from selfrepair.store.inventory import Inventory
+from selfrepair.store.manifest import ModelFacts
 
 REFERENCE_CSV = Path(__file__).parent / "reference" / "paper_breakdown_per_head.csv"
 DEFAULT_TOLERANCE = 0.05  # logits
@@ -142,10 +143,9 @@ def load_reference(path: str | Path = REFERENCE_CSV) -> pl.DataFrame:
     return df
 
 
-def paper_model(folder: str, manifest: dict) -> str | None:
+def paper_model(folder: str, model: ModelFacts) -> str | None:
     """The paper's name for a store model (by HF id, manifest name or folder), or None."""
-    info = manifest.get("model", {})
-    names = {folder, info.get("name"), info.get("hf_id")}
+    names = {folder, model.name, model.hf_id}
     return next((paper for paper, aliases in PAPER_MODELS.items() if names & set(aliases)), None)
 
 
@@ -198,12 +198,12 @@ def compare(store: Store, model: str | None = None, ablation: str = "resample", 
 def _models(store: Store, model: str | None, known: set[str]) -> list[tuple[str, str | None]]:
     """(folder, paper name or None) for the chosen model, or for every model of the store."""
     if model is not None:
-        paper = paper_model(model, store.manifest(model))  # an unknown folder raises StoreNotFound
+        paper = paper_model(model, store.manifest(model).model)  # an unknown folder raises StoreNotFound
         if paper not in known:
             raise ConfigError(f"model {model!r} is not in the paper's reference (it has "
                               f"{', '.join(sorted(known))})")
         return [(model, paper)]
-    pairs = [(f, p if p in known else None) for f in store.models for p in [paper_model(f, store.manifest(f))]]
+    pairs = [(f, p if p in known else None) for f in store.models for p in [paper_model(f, store.manifest(f).model)]]
     if all(p is None for _, p in pairs):
         raise ConfigError(f"no model of this store ({', '.join(store.models)}) is in the paper's reference "
                           f"(it has {', '.join(sorted(known))})")

@@ -23,6 +23,7 @@ import pyarrow as pa
 from selfrepair.errors import QueryError, StoreNotFound
 from selfrepair.queries import interrupt, named, requests, safety, shape, views
 from selfrepair.store import files
+from selfrepair.store.manifest import Manifest
 from selfrepair.store.inventory import Inventory
 from selfrepair.store.model_store import list_models
 from selfrepair.store.schema import TABLES
@@ -34,7 +35,7 @@ class Store:
     Use `Store.open(path)`; the constructor takes an already built connection.
     """
 
-    def __init__(self, root: Path, con: duckdb.DuckDBPyConnection, manifests: dict[str, dict]):
+    def __init__(self, root: Path, con: duckdb.DuckDBPyConnection, manifests: dict[str, Manifest]):
         self.root = root
         self._con = con
         self._manifests = manifests
@@ -96,7 +97,7 @@ class Store:
     def macros(self) -> list[str]:
         return list(views.MACROS)
 
-    def manifest(self, model: str) -> dict:
+    def manifest(self, model: str) -> Manifest:
         """The parsed manifest of one model folder."""
         try:
             return self._manifests[model]

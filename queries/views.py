@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from selfrepair.errors import SchemaMismatch
 from selfrepair.store.inventory import INVENTORY_COLUMNS, Inventory
+from selfrepair.store.manifest import DEFAULT_BATCH_SIZE, Manifest
 from selfrepair.store.schema import TABLES
 
 # Arrow type -> DuckDB type, for the empty view of a table with no committed file yet.
@@ -46,7 +47,7 @@ class ModelFiles:
     """
 
     model: str
-    manifest: dict
+    manifest: Manifest
     files: dict[str, list[Path]]
     missing: dict[str, set[str]] = field(default_factory=dict)
 
@@ -110,17 +111,14 @@ def models_view_sql(models: list[ModelFiles]) -> str:
     """`CREATE VIEW models`: one row per model with the manifest facts queries need."""
     rows = []
     for m in models:
-        info = m.manifest.get("model", {})
-        top_p = m.manifest.get("config", {}).get("top_p", 0.02)
+        info = m.manifest.model
+        top_p = m.manifest.config.top_p
         # The stored top-token set serves top_tokens(p) only while it matches this store.
-        stored = m.manifest.get("derived", {}).get("head_top_tokens")
-        top_stored = bool(stored) and stored.get("n_tokens") == m.manifest.get("n_tokens") \
-            and stored.get("top_p") == top_p
+        stored = m.manifest.derived.get("head_top_tokens")
+        top_stored = stored is not None and stored.n_tokens == m.manifest.n_tokens and stored.top_p == top_p
         # Every ablation shard carries its `ablation_top` slice (stores written before it existed do not).
-        top_rows = all("ablation_top" in e.get("files", {}) or "ablation_top" in e.get("compacted", ())
-                       for e in m.manifest.get("shards", {}).values() if e.get("phase") == "ablation")
-        config = m.manifest.get("config", {})
-        batch_size = (m.manifest.get("resample") or {}).get("batch_size") or config.get("batch_size", 4)
+        top_rows = all(e.holds("ablation_top") for e in m.manifest.shards.values() if e.phase == "ablation")
+        batch_size = m.manifest.batch_size or DEFAULT_BATCH_SIZE
         # Neuron ranks by signed change in DE (and neuron_totals) exist from the schema that added `rank`.
         ranks = "rank" not in m.missing.get("neuron_effects", set())
         rows.append(
@@ -128,17 +126,17 @@ def models_view_sql(models: list[ModelFiles]) -> str:
             + ", ".join(
                 [
                     sql_literal(m.model),
-                    sql_literal(info.get("name", m.model)),
-                    str(int(info.get("n_layers", 0))),
-                    str(int(info.get("n_heads", 0))),
-                    str(int(info.get("d_model", 0))),
-                    str(int(info.get("d_mlp", 0))),
-                    str(int(m.manifest.get("n_tokens", 0))),
+                    sql_literal(info.name or m.model),
+                    str(info.n_layers),
+                    str(info.n_heads),
+                    str(info.d_model or 0),
+                    str(info.d_mlp or 0),
+                    str(m.manifest.n_tokens),
                     repr(float(top_p)),
                     "true" if top_stored else "false",
                     "true" if top_rows else "false",
                     str(int(batch_size)),
-                    str(int(config.get("neurons_top_k", 50))),
+                    str(m.manifest.config.neurons_top_k),
                     "true" if ranks else "false",
                 ]
             )

@@ -35,6 +35,7 @@ from selfrepair.errors import StoreError
 from selfrepair.store import files
 from selfrepair.store.heads import parse_heads
 from selfrepair.store.plan import NEURON_PHASE
+from selfrepair.store.manifest import Manifest, ShardEntry
 from selfrepair.store.model_store import ModelStore, list_models
 from selfrepair.store.schema import TABLES
 from selfrepair.store.writer import Writer
@@ -60,13 +61,13 @@ class Result:
                 f"sorted files ({self.rows:,} rows)")
 
 
-def compactable(manifest: dict) -> list[str]:
+def compactable(manifest: Manifest) -> list[str]:
     """Shards with files whose batch is complete (a partial last batch may still be redone)."""
-    shards = manifest.get("shards", {})
-    full = (manifest.get("resample") or {}).get("batch_size") or (manifest.get("config") or {}).get("batch_size")
+    shards = manifest.shards
+    full = manifest.batch_size
     if not full:  # stores written without the runner: the longest batch is a full one
-        full = max((e["rows"][1] - e["rows"][0] for e in shards.values()), default=0)
-    return sorted(sid for sid, e in shards.items() if e["files"] and e["rows"][1] - e["rows"][0] >= full)
+        full = max((e.rows[1] - e.rows[0] for e in shards.values()), default=0)
+    return sorted(sid for sid, e in shards.items() if e.files and e.rows[1] - e.rows[0] >= full)
 
 
 def compact(root: Path) -> list[Result]:
@@ -87,11 +88,11 @@ def compact_with(writer: Writer) -> Result:
     ids = compactable(manifest)
     if not ids:
         return result
-    old = manifest.get("compacted") or {}
-    sources: dict[str, list[Path]] = {t: [ms.path / f["path"] for f in old.get(t, [])] for t in TABLES}
+    old = manifest.compacted
+    sources: dict[str, list[Path]] = {t: [ms.path / f.path for f in old.get(t, ())] for t in TABLES}
     for sid in ids:
-        for table, f in manifest["shards"][sid]["files"].items():
-            sources[table].append(ms.path / f["path"])
+        for table, f in manifest.shards[sid].files.items():
+            sources[table].append(ms.path / f.path)
             result.files_before += 1
     result.files_before += sum(len(v) for v in old.values())
     tag = uuid.uuid4().hex[:8]  # never the name of a listed file: old snapshots stay readable
@@ -110,30 +111,29 @@ def compact_with(writer: Writer) -> Result:
 def without_shards(writer: Writer, shard_ids) -> dict[str, list[dict]]:
     """The compacted set with every row of the given (compacted) shards' units dropped, as new files."""
     ms, manifest = writer.ms, writer.manifest
-    preds = manifest.get("seq_len", 0) - 1
-    n_layers, n_heads = manifest["model"]["n_layers"], manifest["model"]["n_heads"]
+    preds = manifest.seq_len - 1
+    n_layers, n_heads = manifest.model.n_layers, manifest.model.n_heads
     drop: dict[str, list[str]] = {}
-    top = _top_sets(ms, manifest) if any(manifest["shards"].get(sid, {}).get("phase") == NEURON_PHASE
-                                         for sid in shard_ids) else None
-    for sid in shard_ids:
-        e = manifest["shards"].get(sid, {})
-        for table in e.get("compacted", []):
+    shards = [manifest.shards[sid] for sid in shard_ids if sid in manifest.shards]
+    top = _top_sets(ms, manifest) if any(e.phase == NEURON_PHASE for e in shards) else None
+    for e in shards:
+        for table in e.compacted:
             drop.setdefault(table, []).append(_unit_condition(TABLES[table], e, preds, n_layers, n_heads, top))
     tag = uuid.uuid4().hex[:8]
     out = {}
-    for table, entries in (manifest.get("compacted") or {}).items():
+    for table, entries in manifest.compacted.items():
         if table not in drop:
-            out[table] = entries
+            out[table] = [dict(f.raw) for f in entries]
             continue
-        paths = [ms.path / f["path"] for f in entries]
+        paths = [ms.path / f.path for f in entries]
         where = "NOT (" + " OR ".join(drop[table]) + ")"
         out[table] = [_write_sorted(ms, table, paths, f"compact-{tag}", where)]
     return out
 
 
-def _unit_condition(spec, entry: dict, preds: int, n_layers: int, n_heads: int, top: dict | None = None) -> str:
+def _unit_condition(spec, entry: ShardEntry, preds: int, n_layers: int, n_heads: int, top: dict | None = None) -> str:
     """SQL that is true exactly on a shard's rows of one table (from its unit: rows, draw, heads)."""
-    r0, r1 = entry["rows"]
+    r0, r1 = entry.rows
     cols = set(spec.column_names)
     terms = []
     if "token_index" in cols:
@@ -142,19 +142,19 @@ def _unit_condition(spec, entry: dict, preds: int, n_layers: int, n_heads: int, 
         terms.append(f"token_index >= {r0 * preds} AND token_index < {r1 * preds}")
     elif "row" in cols:
         terms.append(f"row >= {r0} AND row < {r1}")
-    if entry.get("phase") in ("ablation", NEURON_PHASE):
+    if entry.phase in ("ablation", NEURON_PHASE):
         if "ablation" in cols:
-            terms.append(f"ablation = {_literal(entry['ablation'])}")
+            terms.append(f"ablation = {_literal(entry.ablation)}")
         if "sample" in cols:
-            terms.append(f"sample = {int(entry.get('sample', 0))}")
-        if "head" in cols and entry.get("heads", "all") != "all":
-            pairs = parse_heads(entry["heads"], n_layers, n_heads)
+            terms.append(f"sample = {entry.sample}")
+        if "head" in cols and entry.heads != "all":
+            pairs = parse_heads(entry.heads, n_layers, n_heads)
             terms.append("(layer, head) IN (" + ", ".join(f"({la}, {h})" for la, h in pairs) + ")")
-    if entry.get("phase") == NEURON_PHASE and top is not None:
+    if entry.phase == NEURON_PHASE and top is not None:
         # Its batch's ablation shards hold the detail of the heads' top-p% tokens in the same
         # tables, and they stay: only the other (extra) tokens are this shard's rows.
         r0t, r1t = r0 * preds, r1 * preds
-        heads = parse_heads(entry.get("heads", "all"), n_layers, n_heads)
+        heads = parse_heads(entry.heads, n_layers, n_heads)
         keep = []
         for la, h in heads:
             toks = [t for t in top.get((la, h), []) if r0t <= t < r1t]
@@ -165,12 +165,12 @@ def _unit_condition(spec, entry: dict, preds: int, n_layers: int, n_heads: int, 
     return "(" + " AND ".join(terms) + ")"
 
 
-def _top_sets(ms: ModelStore, manifest: dict) -> dict | None:
+def _top_sets(ms: ModelStore, manifest: Manifest) -> dict | None:
     """Each head's top-p% tokens as the store's `head_top_tokens` holds them now (None: not stored)."""
-    entry = (manifest.get("derived") or {}).get("head_top_tokens")
+    entry = manifest.derived.get("head_top_tokens")
     if entry is None:
         return None
-    t = pq.read_table(ms.path / entry["path"], columns=["layer", "head", "token_index"])
+    t = pq.read_table(ms.path / entry.path, columns=["layer", "head", "token_index"])
     out: dict = {}
     for la, h, tok in zip(*(t.column(c).to_pylist() for c in ("layer", "head", "token_index"))):
         out.setdefault((la, h), []).append(tok)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from selfrepair.store.manifest import Manifest
 from selfrepair.store.heads import heads_spec, parse_heads
 from selfrepair.store.schema import ABLATION_KINDS
 
@@ -48,38 +49,33 @@ class Inventory:
     arrays: list[str] = field(default_factory=list)
 
     @classmethod
-    def of(cls, model: str, manifest: dict) -> "Inventory":
-        info = manifest.get("model", {})
-        n_layers, n_heads = int(info.get("n_layers", 0)), int(info.get("n_heads", 0))
-        config = manifest.get("config", {})
+    def of(cls, model: str, manifest: Manifest) -> "Inventory":
+        n_layers, n_heads = manifest.model.n_layers, manifest.model.n_heads
+        samples = manifest.resample.samples
         heads: dict[tuple[str, int], set] = {}
         batches: dict[tuple[str, int], set] = {}
-        for e in manifest.get("shards", {}).values():
-            if e.get("phase") != "ablation":
+        for e in manifest.shards.values():
+            if e.phase != "ablation":
                 continue
-            if "ablation" in e:
-                keys = [(e["ablation"], e.get("sample", 0))]
+            if e.ablation is not None:
+                keys = [e.draw]
             else:  # a shard that holds several draws (written by hand): the recorded configuration's
-                samples = (manifest.get("resample") or {}).get("samples", 1)
-                keys = [(k, s) for k in manifest.get("ablations") or ABLATION_KINDS
-                        for s in (range(samples) if k == "resample" else [0])]
+                keys = [(k, s) for k in manifest.ablation_kinds for s in (range(samples) if k == "resample" else [0])]
             for key in keys:
-                heads.setdefault(key, set()).update(parse_heads(e.get("heads", "all"), n_layers, n_heads))
-                batches.setdefault(key, set()).add(tuple(e["rows"]))
-        if not heads and manifest.get("ablations") and manifest.get("compacted"):
+                heads.setdefault(key, set()).update(parse_heads(e.heads, n_layers, n_heads))
+                batches.setdefault(key, set()).add(e.rows)
+        if not heads and manifest.ablations and manifest.compacted:
             # Rows written straight into compacted files, no shard entries (synthetic stores):
             # the recorded configuration says what they hold.
-            samples = (manifest.get("resample") or {}).get("samples", 1)
-            for k in manifest["ablations"]:
+            for k in manifest.ablations:
                 for sample in (range(samples) if k == "resample" else [0]):
                     heads[(k, sample)] = set(parse_heads("all", n_layers, n_heads))
                     batches[(k, sample)] = set()
         order = lambda k: (ABLATION_KINDS.index(k[0]) if k[0] in ABLATION_KINDS else 99, k[1])  # noqa: E731
         draws = [Draw(k[0], k[1], tuple(sorted(heads[k])), len(batches[k])) for k in sorted(heads, key=order)]
-        arrays = sorted(a for a in (manifest.get("arrays") or {}) if not a.startswith("weights/"))
-        return cls(model, n_layers, n_heads, int(manifest.get("n_tokens", 0)), int(manifest.get("n_rows", 0)),
-                   int(manifest.get("seq_len", 0)), float(config.get("top_p", 0.02)),
-                   int(config.get("neurons_top_k", 0)), draws, arrays)
+        arrays = sorted(a for a in manifest.arrays if not a.startswith("weights/"))
+        return cls(model, n_layers, n_heads, manifest.n_tokens, manifest.n_rows, manifest.seq_len,
+                   manifest.config.top_p, manifest.config.neurons_top_k, draws, arrays)
 
     def heads_text(self, draw: Draw) -> str:
         return heads_spec(draw.heads, self.n_layers, self.n_heads)

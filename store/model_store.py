@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from selfrepair.errors import StoreError, StoreNotFound
 from selfrepair.store import files, snapshot
+from selfrepair.store.manifest import FileEntry, Manifest
 from selfrepair.store.schema import TABLES, validate_table
 
 MANIFEST = snapshot.MANIFEST_NAME
@@ -49,7 +50,7 @@ class ModelStore:
     def exists(self) -> bool:
         return self.manifest_path.is_file()
 
-    def manifest(self) -> dict:
+    def manifest(self) -> Manifest:
         """One consistent snapshot: the manifest checkpoint with the commit log folded in.
 
         Raises:
@@ -58,13 +59,13 @@ class ModelStore:
         """
         return snapshot.read(self.path)[0]
 
-    def has_clean_shard(self, manifest: dict | None = None) -> bool:
+    def has_clean_shard(self, manifest: Manifest | None = None) -> bool:
         """Whether at least one clean shard is committed: less than that is an incomplete ingest."""
         if manifest is None:
             if not self.exists():
                 return False
             manifest = self.manifest()
-        return any(e.get("phase") == "clean" for e in manifest.get("shards", {}).values())
+        return any(e.phase == "clean" for e in manifest.shards.values())
 
     def remove_if_uncommitted(self) -> bool:
         """Delete this folder if no shard was ever committed to it (an ingest that failed early).
@@ -73,7 +74,7 @@ class ModelStore:
         """
         try:
             # The snapshot, not manifest.json alone: commits since the last checkpoint live in the log.
-            if not self.path.is_dir() or (self.exists() and self.manifest().get("shards")):
+            if not self.path.is_dir() or (self.exists() and self.manifest().shards):
                 return False
         except (OSError, ValueError, StoreError):  # unreadable: keep it for `verify` to report
             return False
@@ -97,49 +98,49 @@ class ModelStore:
     def shard_file(self, table: str, shard_id: str) -> Path:
         return self.path / "tables" / table / f"{shard_id}.parquet"
 
-    def table_files(self, table: str, manifest: dict | None = None) -> list[Path]:
+    def table_files(self, table: str, manifest: Manifest | None = None) -> list[Path]:
         """The committed Parquet files of one table, in shard order (paths checked inside the folder)."""
         manifest = manifest if manifest is not None else self.manifest()
         # Compacted files first: they hold the older shards' rows (see store/compact.py).
-        out = [self.path / f["path"] for f in (manifest.get("compacted") or {}).get(table, [])]
-        for shard_id in sorted(manifest.get("shards", {})):
-            entry = manifest["shards"][shard_id]["files"].get(table)
+        out = [self.path / f.path for f in manifest.compacted.get(table, ())]
+        for shard_id in sorted(manifest.shards):
+            entry = manifest.shards[shard_id].files.get(table)
             if entry is not None:
-                out.append(self.path / entry["path"])
-        derived = manifest.get("derived", {}).get(table)
+                out.append(self.path / entry.path)
+        derived = manifest.derived.get(table)
         if derived is not None:
-            out.append(self.path / derived["path"])
+            out.append(self.path / derived.path)
         return out
 
-    def file_problem(self, entry: dict) -> str | None:
+    def file_problem(self, entry: FileEntry) -> str | None:
         """Why a committed file entry no longer matches its file (missing, or another size), or None.
 
         One stat per file, cheap enough for every resume; `verify` also compares checksums.
         """
         try:
-            size = os.stat(self.path / entry["path"]).st_size
+            size = os.stat(self.path / entry.path).st_size
         except FileNotFoundError:
             return "is missing"
         except OSError as e:
             return f"cannot be read ({e.strerror or e})"
-        return None if size == entry["bytes"] else f"has {size} bytes, not the {entry['bytes']} committed"
+        return None if size == entry.bytes else f"has {size} bytes, not the {entry.bytes} committed"
 
-    def damaged_shards(self, manifest: dict) -> dict[str, str]:
+    def damaged_shards(self, manifest: Manifest) -> dict[str, str]:
         """Committed shards with a file or Zarr chunk missing or resized: shard id -> what is wrong.
 
         Raises:
             StoreError: a compacted file is damaged (its rows belong to many shards; nothing to redo).
         """
-        for table, lst in sorted((manifest.get("compacted") or {}).items()):
+        for table, lst in sorted(manifest.compacted.items()):
             for f in lst:
                 problem = self.file_problem(f)
                 if problem:
-                    raise StoreError(f"{self.path}: compacted {table} file {f['path']} {problem}; restore it, "
+                    raise StoreError(f"{self.path}: compacted {table} file {f.path} {problem}; restore it, "
                                      "or re-ingest with --overwrite")
         out = {}
-        for sid, e in sorted(manifest["shards"].items()):
-            problems = [f"{f['path']} {p}" for f in e["files"].values() if (p := self.file_problem(f))]
-            problems += [f"{rel} is missing" for rel, digest in (e.get("chunks") or {}).items()
+        for sid, e in sorted(manifest.shards.items()):
+            problems = [f"{f.path} {p}" for f in e.files.values() if (p := self.file_problem(f))]
+            problems += [f"{rel} is missing" for rel, digest in e.chunks.items()
                          if digest is not None and not (self.path / rel).is_file()]
             if problems:
                 out[sid] = problems[0]

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from selfrepair.store.heads import heads_spec, parse_heads
-from selfrepair.store.schema import ABLATION_KINDS
+from selfrepair.store.manifest import Manifest, ShardEntry
+from selfrepair.store.schema import ABLATION_KINDS, SHARD_PHASES
 
 Heads = list[tuple[int, int]]
-NEURON_PHASE = "neurons"  # shard phase of the extra neuron detail (`--sr-mlps-neurons`)
+NEURON_PHASE = SHARD_PHASES[2]  # shard phase of the extra neuron detail (`--sr-mlps-neurons`)
 
 
 @dataclass
@@ -66,14 +67,14 @@ def _overlaps(rows, r0: int, r1: int) -> bool:
     return rows[0] < r1 and rows[1] > r0
 
 
-def stored_rows(manifest: dict) -> int:
+def stored_rows(manifest: Manifest) -> int:
     """Rows covered by committed clean shards (0..this): an interrupted extension may have stored more than n_rows."""
-    return max((e["rows"][1] for e in manifest["shards"].values() if e["phase"] == "clean"), default=0)
+    return max((e.rows[1] for e in manifest.shards.values() if e.phase == "clean"), default=0)
 
 
-def clean_work(manifest: dict, n_rows: int, batch_size: int, *, damaged=frozenset()) -> list[CleanWork]:
+def clean_work(manifest: Manifest, n_rows: int, batch_size: int, *, damaged=frozenset()) -> list[CleanWork]:
     """The clean batches not yet stored as exactly that batch (a `damaged` shard counts as not stored)."""
-    stored = {tuple(e["rows"]): sid for sid, e in manifest["shards"].items() if e["phase"] == "clean"}
+    stored = {e.rows: sid for sid, e in manifest.shards.items() if e.phase == "clean"}
     clean = {rows: sid for rows, sid in stored.items() if sid not in damaged}
     out = []
     for r0, r1 in batches(n_rows, batch_size):
@@ -84,9 +85,9 @@ def clean_work(manifest: dict, n_rows: int, batch_size: int, *, damaged=frozense
     return out
 
 
-def stored_draws(manifest: dict) -> list[tuple[str, int]]:
+def stored_draws(manifest: Manifest) -> list[tuple[str, int]]:
     """Every (ablation, sample) with at least one stored shard."""
-    return sorted({(e["ablation"], e["sample"]) for e in manifest["shards"].values() if e["phase"] == "ablation"},
+    return sorted({e.draw for e in manifest.shards.values() if e.phase == "ablation"},
                   key=_draw_order)
 
 
@@ -95,18 +96,18 @@ def _draw_order(draw: tuple[str, int]) -> tuple[int, int]:
     return (ABLATION_KINDS.index(kind) if kind in ABLATION_KINDS else len(ABLATION_KINDS), sample)
 
 
-def _same_top(entry: dict, manifest: dict, n_layers: int, n_heads: int,
+def _same_top(entry: ShardEntry, manifest: Manifest, n_layers: int, n_heads: int,
               top_digest: Callable[[int, int, Heads], str] | None) -> bool:
     """Whether a stored shard's detail was written for the top-p% sets the store has now."""
     if top_digest is None:
         return True
-    if "top_sha" not in entry:  # written before the digest was recorded: its token count decides
-        return entry.get("top_n_tokens", manifest["n_tokens"]) == manifest["n_tokens"]
-    r0, r1 = entry["rows"]
-    return entry["top_sha"] == top_digest(r0, r1, parse_heads(entry.get("heads", "all"), n_layers, n_heads))
+    if entry.top_sha is None:  # written before the digest was recorded: its token count decides
+        return entry.top_n_tokens in (None, manifest.n_tokens)  # None: older still, for the store's tokens
+    r0, r1 = entry.rows
+    return entry.top_sha == top_digest(r0, r1, parse_heads(entry.heads, n_layers, n_heads))
 
 
-def ablation_work(manifest: dict, n_rows: int, batch_size: int, asked_draws: list[tuple[str, int]],
+def ablation_work(manifest: Manifest, n_rows: int, batch_size: int, asked_draws: list[tuple[str, int]],
                   asked_heads: Heads, pairs_digest: Callable[[int, int, int], str],
                   top_digest: Callable[[int, int, Heads], str] | None = None, *,
                   damaged=frozenset()) -> list[AblationWork]:
@@ -125,30 +126,30 @@ def ablation_work(manifest: dict, n_rows: int, batch_size: int, asked_draws: lis
     Returns:
         Work in batch order, then draw order.
     """
-    n_layers, n_heads = manifest["model"]["n_layers"], manifest["model"]["n_heads"]
+    n_layers, n_heads = manifest.model.n_layers, manifest.model.n_heads
     by_draw = _by_draw(manifest, "ablation")
     detail = _by_draw(manifest, NEURON_PHASE)
     draws = sorted(set(asked_draws) | set(by_draw), key=_draw_order)
-    taken = set(manifest["shards"])
+    taken = set(manifest.shards)
     out = []
     for r0, r1 in batches(n_rows, batch_size):
         for kind, sample in draws:
-            stored = [(sid, e) for sid, e in by_draw.get((kind, sample), []) if _overlaps(e["rows"], r0, r1)]
+            stored = [(sid, e) for sid, e in by_draw.get((kind, sample), []) if _overlaps(e.rows, r0, r1)]
             digest = pairs_digest(sample, r0, r1) if kind == "resample" else None
             # Shards written before pairs were recorded are taken as valid when their batch matches.
-            valid = all(tuple(e["rows"]) == (r0, r1) and (digest is None or e.get("pairs_sha", digest) == digest)
+            valid = all(e.rows == (r0, r1) and (digest is None or e.pairs_sha in (None, digest))
                         and _same_top(e, manifest, n_layers, n_heads, top_digest) and sid not in damaged
                         for sid, e in stored)
-            have = {h for _, e in stored for h in parse_heads(e.get("heads", "all"), n_layers, n_heads)}
+            have = {h for _, e in stored for h in parse_heads(e.heads, n_layers, n_heads)}
             asked = set(asked_heads) if (kind, sample) in asked_draws else set()
             if valid:
                 need, supersedes = asked - have, []
                 with_sources = kind == "resample" and not any(
-                    "resample_sources" in e["files"] or "resample_sources" in e.get("compacted", ()) for _, e in stored)
+                    e.holds("resample_sources") for _, e in stored)
             else:
                 need, supersedes = asked | have, [sid for sid, _ in stored]
                 # The batch's extra neuron detail goes with it (redone after this phase if still wanted).
-                supersedes += [sid for sid, e in detail.get((kind, sample), []) if _overlaps(e["rows"], r0, r1)]
+                supersedes += [sid for sid, e in detail.get((kind, sample), []) if _overlaps(e.rows, r0, r1)]
                 with_sources = kind == "resample"
             if not need:
                 continue
@@ -159,11 +160,11 @@ def ablation_work(manifest: dict, n_rows: int, batch_size: int, asked_draws: lis
     return out
 
 
-def _by_draw(manifest: dict, phase: str) -> dict[tuple[str, int], list[tuple[str, dict]]]:
-    out: dict[tuple[str, int], list[tuple[str, dict]]] = {}
-    for sid, e in manifest["shards"].items():
-        if e["phase"] == phase:
-            out.setdefault((e["ablation"], e["sample"]), []).append((sid, e))
+def _by_draw(manifest: Manifest, phase: str) -> dict[tuple[str, int], list[tuple[str, ShardEntry]]]:
+    out: dict[tuple[str, int], list[tuple[str, ShardEntry]]] = {}
+    for sid, e in manifest.shards.items():
+        if e.phase == phase:
+            out.setdefault(e.draw, []).append((sid, e))
     return out
 
 
@@ -179,12 +180,12 @@ def _new_id(taken: set, prefix: str, kind: str, sample: int, r0: int, r1: int, s
     return shard_id
 
 
-def complete_heads(manifest: dict, n_rows: int, batch_size: int, kind: str, sample: int) -> set[tuple[int, int]]:
+def complete_heads(manifest: Manifest, n_rows: int, batch_size: int, kind: str, sample: int) -> set[tuple[int, int]]:
     """Heads whose ablation shards of one draw cover every batch of `n_rows` rows exactly (sr_mlps needs all tokens)."""
-    n_layers, n_heads = manifest["model"]["n_layers"], manifest["model"]["n_heads"]
+    n_layers, n_heads = manifest.model.n_layers, manifest.model.n_heads
     per_batch: dict[tuple[int, int], set] = {}
     for _, e in _by_draw(manifest, "ablation").get((kind, sample), []):
-        per_batch.setdefault(tuple(e["rows"]), set()).update(parse_heads(e.get("heads", "all"), n_layers, n_heads))
+        per_batch.setdefault(e.rows, set()).update(parse_heads(e.heads, n_layers, n_heads))
     out = None
     for rows in batches(n_rows, batch_size):
         have = per_batch.get(rows, set())
@@ -192,7 +193,7 @@ def complete_heads(manifest: dict, n_rows: int, batch_size: int, kind: str, samp
     return out or set()
 
 
-def neuron_work(manifest: dict, n_rows: int, batch_size: int,
+def neuron_work(manifest: Manifest, n_rows: int, batch_size: int,
                 wanted: Callable[[str, int, int, int], set],
                 digest: Callable[[str, int, int, int, Heads], str], *,
                 damaged=frozenset()) -> list[AblationWork]:
@@ -210,17 +211,17 @@ def neuron_work(manifest: dict, n_rows: int, batch_size: int,
         Work in batch order, then draw order; a stale shard is superseded by one covering its heads
         too (possibly with no rows left), so its rows never outlive the token sets they were for.
     """
-    n_layers, n_heads = manifest["model"]["n_layers"], manifest["model"]["n_heads"]
+    n_layers, n_heads = manifest.model.n_layers, manifest.model.n_heads
     detail = _by_draw(manifest, NEURON_PHASE)
     draws = sorted(set(stored_draws(manifest)) | set(detail), key=_draw_order)
-    taken = set(manifest["shards"])
+    taken = set(manifest.shards)
     out = []
     for r0, r1 in batches(n_rows, batch_size):
         for kind, sample in draws:
-            stored = [(sid, e) for sid, e in detail.get((kind, sample), []) if _overlaps(e["rows"], r0, r1)]
-            heads_of = {sid: parse_heads(e.get("heads", "all"), n_layers, n_heads) for sid, e in stored}
-            valid = all(tuple(e["rows"]) == (r0, r1) and sid not in damaged
-                        and e.get("detail_sha") == digest(kind, sample, r0, r1, heads_of[sid]) for sid, e in stored)
+            stored = [(sid, e) for sid, e in detail.get((kind, sample), []) if _overlaps(e.rows, r0, r1)]
+            heads_of = {sid: parse_heads(e.heads, n_layers, n_heads) for sid, e in stored}
+            valid = all(e.rows == (r0, r1) and sid not in damaged
+                        and e.detail_sha == digest(kind, sample, r0, r1, heads_of[sid]) for sid, e in stored)
             have = {h for hs in heads_of.values() for h in hs}
             want = set(wanted(kind, sample, r0, r1))
             need, supersedes = (want - have, []) if valid else (want | have, [sid for sid, _ in stored])

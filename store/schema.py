@@ -223,6 +223,11 @@ LEGACY_COLUMNS: dict[str, tuple[tuple[str, ...], ...]] = {
     "neuron_effects": (("ablation", "sample", "layer", "head", "token_index", "neuron", "de_clean", "de_ablated"),),
 }
 
+# Tables rebuilt whole from the others (one file each, `derived` in the manifest), never sharded.
+DERIVED_TABLES = ("head_top_tokens", "vocab")
+# A shard's phase: the clean pass, an ablation draw, or extra neuron detail (`--sr-mlps-neurons`).
+SHARD_PHASES = ("clean", "ablation", "neurons")
+
 ABLATION_KINDS = ("resample", "mean", "zero")
 SRC_KINDS = ("head", "mlp")  # repair_sources.src_kind, in that order
 
@@ -296,22 +301,7 @@ def validate_table(table: Table, batch: pa.Table) -> pa.Table:
 
 
 # -- manifest and commit records -------------------------------------------------------
-# Every manifest and commit-log record is checked against these before anything reads a
-# path from it, so a damaged or hostile store fails with one line, not a traceback.
-# A spec maps a key to its JSON type; keys after `|` in OPTIONAL are allowed but not needed.
-
-FILE_ENTRY = {"path": str, "rows": int, "bytes": int, "sha256": str}
-SHARD_ENTRY = {"phase": str, "rows": list, "files": dict}
-SHARD_ENTRY_OPTIONAL = {"chunks": dict, "tokens": list, "ablation": str, "sample": int, "heads": str,
-                        "heads_key": str, "engine": str, "pairs_sha": str, "top_n_tokens": int, "top_sha": str,
-                        "detail_sha": str, "compacted": list}
-MANIFEST = {"schema_version": int, "model": dict, "n_tokens": int, "shards": dict}
-MANIFEST_OPTIONAL = {"corpus": dict, "config": dict, "identity": dict, "n_rows": int, "derived": dict,
-                     "arrays": dict, "log": dict, "ablations": list, "resample": dict, "seq_len": int,
-                     "self_check": (dict, list), "versions": dict, "top_token_rule": str,
-                     "compacted": dict}
-MODEL_FACTS = {"n_layers": int, "n_heads": int}
-
+# Their fields, types and bounds are parsed in `store/manifest.py` and `store/records.py`.
 # One JSON object per line of `commits/<generation>.jsonl`:
 #   shard:   a shard's entry, committed (replacing the shards it supersedes in the same record;
 #            when those were compacted, an optional `compacted` gives the files without their rows)
@@ -320,12 +310,7 @@ MODEL_FACTS = {"n_layers": int, "n_heads": int}
 #   compact: every table's compacted files (replacing the previous set: `compacted`), and the
 #            shards whose rows they now hold: those keep their entry (the units `store/plan.py`
 #            and `verify` read) with `files` emptied and `compacted` naming the tables moved
-RECORD = {"seq": int, "op": str}
-RECORD_OPS = {
-    "shard": {"id": str, "entry": dict, "supersedes": list},
-    "derived": {"table": str, "entry": dict},
-    "set": {"values": dict},
-    "compact": {"files": dict, "shards": list},
-}
-# `set` may not replace what shard and derived records own, nor the log pointer.
-SET_FORBIDDEN = ("shards", "derived", "log", "schema_version", "compacted")
+RECORD_OPS = ("shard", "derived", "set", "compact")
+# `set` may not replace what shard and derived records own, the log pointer, nor the model
+# (the arrays and every shard's heads are the model's).
+SET_FORBIDDEN = ("shards", "derived", "log", "schema_version", "compacted", "model")

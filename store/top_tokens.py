@@ -16,17 +16,18 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from selfrepair.store.manifest import Manifest
 from selfrepair.store.model_store import ModelStore
 
 if TYPE_CHECKING:
     from selfrepair.store.writer import Writer
 
 
-def compute(ms: ModelStore, top_p: float, manifest: dict | None = None) -> pa.Table:
+def compute(ms: ModelStore, top_p: float, manifest: Manifest | None = None) -> pa.Table:
     """The `head_top_tokens` rows (layer, head, token_index, de) for `top_p` (over `manifest`'s snapshot)."""
     manifest = manifest if manifest is not None else ms.manifest()
     paths = ms.table_files("head_effects", manifest)
-    keep = math.floor(top_p * manifest["n_tokens"])
+    keep = math.floor(top_p * manifest.n_tokens)
     layers = pl.scan_parquet(paths, glob=False).select(pl.col("layer").unique()).collect()["layer"].sort().to_list()
     parts = [
         pl.scan_parquet(paths, glob=False).filter(pl.col("layer") == layer)
@@ -41,11 +42,11 @@ def compute(ms: ModelStore, top_p: float, manifest: dict | None = None) -> pa.Ta
 def write(writer: "Writer", top_p: float) -> pa.Table:
     """Compute and commit the derived `head_top_tokens` table through the model's writer; returns its rows."""
     table = compute(writer.ms, top_p, writer.manifest)
-    writer.write_derived("head_top_tokens", table, {"n_tokens": writer.manifest["n_tokens"], "top_p": top_p})
+    writer.write_derived("head_top_tokens", table, {"n_tokens": writer.manifest.n_tokens, "top_p": top_p})
     return table
 
 
-def sr_mlps_sets(ms: ModelStore, top_p: float, kind: str, sample: int, heads, manifest: dict | None = None
+def sr_mlps_sets(ms: ModelStore, top_p: float, kind: str, sample: int, heads, manifest: Manifest | None = None
                  ) -> dict[tuple[int, int], np.ndarray]:
     """Each of `heads`' top floor(top_p · N) tokens by sr_mlps (`d_de_mlps`, signed, largest first, ties
     to the lower token_index) in one ablation draw, from the stored `ablation_effects` (sorted arrays).
@@ -54,13 +55,13 @@ def sr_mlps_sets(ms: ModelStore, top_p: float, kind: str, sample: int, heads, ma
     """
     manifest = manifest if manifest is not None else ms.manifest()
     paths = ms.table_files("ablation_effects", manifest)
-    keep = math.floor(top_p * manifest["n_tokens"])
+    keep = math.floor(top_p * manifest.n_tokens)
     out: dict[tuple[int, int], np.ndarray] = {}
     for layer in sorted({la for la, _ in heads}):
         hs = sorted(h for la, h in heads if la == layer)
         got = (pl.scan_parquet(paths, glob=False)
                .filter((pl.col("ablation") == kind) & (pl.col("sample") == sample) & (pl.col("layer") == layer)
-                       & pl.col("head").is_in(hs) & (pl.col("token_index") < manifest["n_tokens"]))
+                       & pl.col("head").is_in(hs) & (pl.col("token_index") < manifest.n_tokens))
                .sort(["head", "d_de_mlps", "token_index"], descending=[False, True, False])
                .group_by("head", maintain_order=True).head(keep)
                .select("head", "token_index").collect())

@@ -21,9 +21,10 @@ import pyarrow.parquet as pq
 from selfrepair.errors import ConfigError, StoreError
 from selfrepair.store import arrays, files
 from selfrepair.store.heads import parse_heads
+from selfrepair.store.manifest import Manifest, ShardEntry
 from selfrepair.store.model_store import ModelStore, list_models
 from selfrepair.store.plan import NEURON_PHASE
-from selfrepair.store.schema import ABLATION_KINDS, ARRAYS, LEGACY_COLUMNS, TABLES
+from selfrepair.store.schema import ARRAYS, LEGACY_COLUMNS, TABLES
 
 IDENTITY_TOL = 1e-3  # stored float32 sums over hundreds of components
 SAMPLE_TOKENS = 2000
@@ -68,34 +69,34 @@ def _verify_model(ms: ModelStore, ok: list[str], bad: list[str], seed: int) -> N
     if not ms.has_clean_shard(manifest):
         bad.append(f"incomplete ingest: {ms.path} has no committed clean shard "
                    "(re-run the ingest, or delete the folder)")
-    shards = manifest.get("shards", {})
+    shards = manifest.shards
     readable: dict[str, list[Path]] = {t: [] for t in TABLES}
     n_files = 0
     listed = [(shard_id, table, entry) for shard_id in sorted(shards)
-              for table, entry in shards[shard_id]["files"].items()]
-    listed += [("derived", table, entry) for table, entry in sorted(manifest.get("derived", {}).items())]
-    listed += [("compacted", table, entry) for table, lst in sorted((manifest.get("compacted") or {}).items())
+              for table, entry in shards[shard_id].files.items()]
+    listed += [("derived", table, entry) for table, entry in sorted(manifest.derived.items())]
+    listed += [("compacted", table, entry) for table, lst in sorted(manifest.compacted.items())
                for entry in lst]
     for shard_id, table, entry in listed:
         n_files += 1
-        path = ms.path / entry["path"]
+        path = ms.path / entry.path
         if not path.is_file():
-            bad.append(f"shard {shard_id}: {entry['path']} is missing")
+            bad.append(f"shard {shard_id}: {entry.path} is missing")
             continue
-        if files.sha256_file(path) != entry["sha256"]:
-            bad.append(f"shard {shard_id}: {entry['path']} checksum mismatch")
+        if files.sha256_file(path) != entry.sha256:
+            bad.append(f"shard {shard_id}: {entry.path} checksum mismatch")
             continue
         try:
             meta = pq.read_metadata(path)
         except Exception as e:  # noqa: BLE001
-            bad.append(f"shard {shard_id}: {entry['path']} is not readable Parquet ({e})")
+            bad.append(f"shard {shard_id}: {entry.path} is not readable Parquet ({e})")
             continue
-        if meta.num_rows != entry["rows"]:
-            bad.append(f"shard {shard_id}: {entry['path']} has {meta.num_rows} rows, manifest says {entry['rows']}")
+        if meta.num_rows != entry.rows:
+            bad.append(f"shard {shard_id}: {entry.path} has {meta.num_rows} rows, manifest says {entry.rows}")
             continue
         names = meta.schema.to_arrow_schema().names
         if names != TABLES[table].column_names and tuple(names) not in LEGACY_COLUMNS.get(table, ()):
-            bad.append(f"shard {shard_id}: {entry['path']} columns differ from store/schema.py")
+            bad.append(f"shard {shard_id}: {entry.path} columns differ from store/schema.py")
             continue
         readable[table].append(path)
     ok.append(f"{len(shards)} shards, {n_files} files: present, checksums, row counts, columns")
@@ -106,57 +107,60 @@ def _verify_model(ms: ModelStore, ok: list[str], bad: list[str], seed: int) -> N
     _show_self_check(manifest, ok)
 
 
-def _check_shards(ms: ModelStore, manifest: dict, good: set[Path], ok: list[str], bad: list[str]) -> None:
+def _check_shards(ms: ModelStore, manifest: Manifest, good: set[Path], ok: list[str], bad: list[str]) -> None:
     """Per shard: the recorded configuration, keys unique, rows inside the declared units; across shards: no overlap."""
-    n_layers, n_heads = manifest["model"]["n_layers"], manifest["model"]["n_heads"]
-    preds = manifest.get("seq_len", 0) - 1
-    kinds = set(manifest.get("ablations") or ABLATION_KINDS)
-    samples = (manifest.get("resample") or {}).get("samples", 1)
+    n_layers, n_heads = manifest.model.n_layers, manifest.model.n_heads
+    preds = manifest.seq_len - 1
+    kinds = set(manifest.ablation_kinds)
+    samples = manifest.resample.samples
+    every_head = set(parse_heads("all", n_layers, n_heads))
     clean_rows: list[tuple[int, int, str]] = []
     units: dict[tuple[str, str, int], list[tuple[int, int, set, str]]] = {}
-    detail: list[tuple[str, dict]] = []  # `neurons` shards, checked against their batch's ablation shards
+    detail: list[tuple[str, ShardEntry]] = []  # `neurons` shards, checked against their batch's ablation shards
     sources: dict[tuple[int, int, int], str] = {}
     rows_checked = 0
-    for sid, e in sorted(manifest["shards"].items()):
-        r0, r1 = e["rows"]
+    for sid, e in sorted(manifest.shards.items()):
+        r0, r1 = e.rows
         heads = None
-        if e["phase"] == "clean":
+        if e.phase == "clean":
             clean_rows.append((r0, r1, sid))
+            heads = every_head  # the clean pass stores every head of the model, no other
         else:
-            kind, sample = e.get("ablation"), e.get("sample", 0)
+            kind, sample = e.draw
             if kind not in kinds or not (0 <= sample < (samples if kind == "resample" else 1)):
                 bad.append(f"shard {sid}: ablation {kind} draw {sample} is not in the recorded configuration")
                 continue
             try:
-                heads = set(parse_heads(e.get("heads", "all"), n_layers, n_heads))
+                heads = set(parse_heads(e.heads, n_layers, n_heads))
             except ConfigError as err:
-                bad.append(f"shard {sid}: heads {e.get('heads')!r} do not fit the model ({err})")
+                bad.append(f"shard {sid}: heads {e.heads!r} do not fit the model ({err})")
                 continue
-            units.setdefault((e["phase"], kind, sample), []).append((r0, r1, heads, sid))
-            if e["phase"] == NEURON_PHASE:
+            units.setdefault((e.phase, kind, sample), []).append((r0, r1, heads, sid))
+            if e.phase == NEURON_PHASE:
                 detail.append((sid, e))
-            if "resample_sources" in e["files"] or "resample_sources" in e.get("compacted", ()):
+            if e.holds("resample_sources"):
                 if (sample, r0, r1) in sources:
                     bad.append(f"shard {sid}: resample_sources of rows {r0}..{r1} also in {sources[(sample, r0, r1)]}")
                 sources[(sample, r0, r1)] = sid
-        for table, f in e["files"].items():
-            path = ms.path / f["path"]
+        for table, f in e.files.items():
+            path = ms.path / f.path
             if path in good:
-                rows_checked += f["rows"]
-                problem = _check_file(TABLES[table], path, e, r0, r1, preds, heads)
+                rows_checked += f.rows
+                exact = e.phase == "clean" and table == "head_effects"
+                problem = _check_file(TABLES[table], path, e, r0, r1, preds, heads, exact)
                 if problem:
-                    bad.append(f"shard {sid}: {f['path']} {problem}")
-    for table, f in sorted(manifest.get("derived", {}).items()):
-        path = ms.path / f["path"]
+                    bad.append(f"shard {sid}: {f.path} {problem}")
+    for table, f in sorted(manifest.derived.items()):
+        path = ms.path / f.path
         if path in good and _duplicates(path, list(TABLES[table].key)):
             bad.append(f"derived {table}: duplicate keys")
-    for table, lst in sorted((manifest.get("compacted") or {}).items()):
+    for table, lst in sorted(manifest.compacted.items()):
         for f in lst:
-            path = ms.path / f["path"]
+            path = ms.path / f.path
             if path in good:
-                rows_checked += f["rows"]
+                rows_checked += f.rows
                 if not _strictly_sorted(path, list(TABLES[table].key)):
-                    bad.append(f"compacted {table}: {f['path']} is not strictly sorted by its key (duplicates?)")
+                    bad.append(f"compacted {table}: {f.path} is not strictly sorted by its key (duplicates?)")
     clean_rows.sort()
     for (a0, a1, s1), (b0, b1, s2) in zip(clean_rows, clean_rows[1:]):
         if b0 < a1:
@@ -166,10 +170,16 @@ def _check_shards(ms: ModelStore, manifest: dict, good: set[Path], ok: list[str]
         if r0 > covered:
             break
         covered = max(covered, r1)
-    n_rows = manifest.get("n_rows")
-    if isinstance(n_rows, int) and n_rows > covered:
-        bad.append(f"the manifest counts {n_rows} rows ({manifest.get('n_tokens')} tokens) but clean shards store "
+    n_rows = manifest.n_rows
+    if n_rows > covered:
+        bad.append(f"the manifest counts {n_rows} rows ({manifest.n_tokens} tokens) but clean shards store "
                    f"rows 0..{covered} only (an interrupted ingest: rerun it)")
+    if n_rows and preds > 0 and manifest.n_tokens != n_rows * preds:
+        bad.append(f"the manifest counts {manifest.n_tokens} tokens, but {n_rows} rows of {preds} predictions "
+                   f"make {n_rows * preds}")
+    if n_rows and clean_rows and max(r1 for _, r1, _ in clean_rows) > n_rows:
+        bad.append(f"clean shards claim rows up to {max(r1 for _, r1, _ in clean_rows)}, beyond the manifest's "
+                   f"{n_rows} rows (an interrupted extension: rerun it)")
     for (phase, kind, sample), lst in sorted(units.items()):
         lst.sort(key=lambda u: u[0])
         for i, (a0, a1, ha, s1) in enumerate(lst):
@@ -183,21 +193,21 @@ def _check_shards(ms: ModelStore, manifest: dict, good: set[Path], ok: list[str]
               f"no two shards overlap; ablations and draws as recorded")
 
 
-def _detail_overlaps(ms: ModelStore, manifest: dict, detail, good: set[Path]) -> list[str]:
+def _detail_overlaps(ms: ModelStore, manifest: Manifest, detail, good: set[Path]) -> list[str]:
     """A `neurons` shard's tokens must not also be detail tokens of its batch's ablation shards (one key, one row)."""
     out = []
     for sid, e in detail:
-        f = e["files"].get("neuron_totals")
-        if f is None or ms.path / f["path"] not in good:
+        f = e.files.get("neuron_totals")
+        if f is None or ms.path / f.path not in good:
             continue
-        mine = pl.read_parquet(ms.path / f["path"], columns=["layer", "head", "token_index"], glob=False)
-        for other, o in manifest["shards"].items():
-            g = o["files"].get("neuron_totals")
-            if (o["phase"] != "ablation" or (o.get("ablation"), o.get("sample", 0)) != (e["ablation"], e.get("sample", 0))
-                    or not (o["rows"][0] < e["rows"][1] and o["rows"][1] > e["rows"][0]) or g is None
-                    or ms.path / g["path"] not in good):
+        mine = pl.read_parquet(ms.path / f.path, columns=["layer", "head", "token_index"], glob=False)
+        for other, o in manifest.shards.items():
+            g = o.files.get("neuron_totals")
+            if (o.phase != "ablation" or o.draw != e.draw
+                    or not (o.rows[0] < e.rows[1] and o.rows[1] > e.rows[0]) or g is None
+                    or ms.path / g.path not in good):
                 continue
-            theirs = pl.read_parquet(ms.path / g["path"], columns=["layer", "head", "token_index"], glob=False)
+            theirs = pl.read_parquet(ms.path / g.path, columns=["layer", "head", "token_index"], glob=False)
             n = mine.join(theirs, on=["layer", "head", "token_index"]).height
             if n:
                 out.append(f"shards {sid} and {other} both hold neuron detail of {n} (head, token) pair(s)")
@@ -229,8 +239,9 @@ def _duplicates(path: Path, key: list[str]) -> int:
     return frame.height - frame.unique().height
 
 
-def _check_file(table, path: Path, entry: dict, r0: int, r1: int, preds: int, heads: set | None) -> str | None:
-    """One shard file: unique keys, and every row inside the shard's declared rows, draw and heads."""
+def _check_file(table, path: Path, entry: ShardEntry, r0: int, r1: int, preds: int, heads: set | None,
+                exact: bool = False) -> str | None:
+    """One shard file: unique keys, and every row inside the shard's declared rows, draw and heads (`exact`: all of them)."""
     key = list(table.key)
     frame = pl.read_parquet(path, columns=key, glob=False)
     dup = frame.height - frame.unique().height
@@ -244,20 +255,23 @@ def _check_file(table, path: Path, entry: dict, r0: int, r1: int, preds: int, he
             return f"holds token_index {lo}..{hi}, outside its rows {r0}..{r1}"
     if "row" in key and (frame["row"].min() < r0 or frame["row"].max() >= r1):
         return f"holds rows outside {r0}..{r1}"
-    if "ablation" in key and set(frame["ablation"].unique()) != {entry.get("ablation")}:
-        return f"holds ablations other than {entry.get('ablation')}"
-    if "sample" in key and set(frame["sample"].unique()) != {entry.get("sample", 0)}:
-        return f"holds draws other than {entry.get('sample', 0)}"
+    if "ablation" in key and set(frame["ablation"].unique()) != {entry.ablation}:
+        return f"holds ablations other than {entry.ablation}"
+    if "sample" in key and set(frame["sample"].unique()) != {entry.sample}:
+        return f"holds draws other than {entry.sample}"
     if heads is not None and "head" in key:
         got = set(frame.select("layer", "head").unique().iter_rows())
         if not got <= heads:
             return f"holds {len(got - heads)} head(s) its entry does not declare"
+        if exact and got != heads:
+            return (f"holds {len(got)} heads, not the {len(heads)} of the manifest's model "
+                    "(the model's layers or heads differ from what was stored)")
     return None
 
 
-def _show_self_check(manifest: dict, ok: list[str]) -> None:
+def _show_self_check(manifest: Manifest, ok: list[str]) -> None:
     """The ingest's own self-check deviations, when the engine recorded them."""
-    check = manifest.get("self_check")
+    check = manifest.self_check
     if not isinstance(check, dict) or not isinstance(check.get("deviations"), dict) or not check["deviations"]:
         return
     devs = check["deviations"]
@@ -266,8 +280,8 @@ def _show_self_check(manifest: dict, ok: list[str]) -> None:
               f"largest deviation {devs[worst]:.1e} ({worst}); tolerance {check.get('tolerance')}")
 
 
-def _check_arrays(ms: ModelStore, manifest: dict, ok: list[str], bad: list[str]) -> None:
-    expected = manifest.get("arrays")
+def _check_arrays(ms: ModelStore, manifest: Manifest, ok: list[str], bad: list[str]) -> None:
+    expected = manifest.arrays_json()
     if not expected:
         return
     try:
@@ -283,8 +297,8 @@ def _check_arrays(ms: ModelStore, manifest: dict, ok: list[str], bad: list[str])
         elif name in ARRAYS and found[name]["dims"] != list(ARRAYS[name].dims):
             bad.append(f"activations.zarr/{name}: dimension names {found[name]['dims']} differ from store/schema.py")
     n_chunks = 0
-    for shard_id, shard in sorted(manifest.get("shards", {}).items()):
-        for rel, digest in shard.get("chunks", {}).items():
+    for shard_id, shard in sorted(manifest.shards.items()):
+        for rel, digest in shard.chunks.items():
             n_chunks += 1
             if digest is None:
                 continue

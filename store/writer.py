@@ -19,8 +19,9 @@ import numpy as np
 import pyarrow as pa
 
 from selfrepair.errors import StoreError
-from selfrepair.store import arrays, files, shards, snapshot
+from selfrepair.store import arrays, files, records, shards, snapshot
 from selfrepair.store.lock import LOCK_NAME, WriterLock
+from selfrepair.store.manifest import Manifest, parse_manifest
 from selfrepair.store.model_store import ARRAYS_DIR, ModelStore
 from selfrepair.store.schema import SCHEMA_VERSION
 
@@ -30,14 +31,15 @@ CHECKPOINT_MIN_RECORDS = 256
 class Writer:
     """The one writer of a model folder. Use `Writer.open(ms)` as a context manager.
 
-    `manifest` is the live snapshot (checkpoint plus every record appended so far), kept
-    in memory and updated per commit, never re-read.
+    `manifest` is the live typed snapshot (checkpoint plus every record appended so far), kept
+    in memory and updated per commit, never re-read. Each record is parsed as a reader would
+    parse it before it is appended, so the writer cannot commit what a reader would refuse.
     """
 
     def __init__(self, ms: ModelStore):
         self.ms = ms
         self.lock = WriterLock(ms.path)
-        self.manifest: dict | None = None
+        self.manifest: Manifest | None = None
         self.generation = -1
         self.n_records = 0
         self._fd: int | None = None
@@ -65,7 +67,7 @@ class Writer:
         if self.generation < 0:
             return  # a schema-1 store: its first commit starts a log (see _append)
         path = snapshot.log_path(self.ms.path, self.generation)
-        _, complete = snapshot.read_log(self.ms.path, self.generation)
+        _, complete, _ = snapshot.read_log(self.ms.path, self.generation)
         if path.stat().st_size != complete:
             os.truncate(path, complete)  # drop a record torn by a crash mid-append
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
@@ -91,7 +93,8 @@ class Writer:
     def create(self, manifest: dict) -> None:
         """Start a fresh store from `manifest` (no shards), replacing whatever the folder holds."""
         self._remove_contents()
-        self.manifest = manifest | {"shards": {}, "derived": {}}
+        fresh = manifest | {"shards": {}, "derived": {}, "schema_version": SCHEMA_VERSION}
+        self.manifest = parse_manifest(self.ms.path, fresh, f"new manifest of {self.ms.path}")
         self.generation = -1
         self.checkpoint()
 
@@ -115,7 +118,7 @@ class Writer:
         new_log = snapshot.log_path(self.ms.path, gen)
         files.atomic_write_bytes(new_log, b"")  # exists before the manifest names it
         files.atomic_write_json(self.ms.manifest_path,
-                                self.manifest | {"log": {"generation": gen}, "schema_version": SCHEMA_VERSION})
+                                self.manifest.to_json() | {"log": {"generation": gen}, "schema_version": SCHEMA_VERSION})
         if self._fd is not None:
             os.close(self._fd)
         old, self.generation, self.n_records = self.generation, gen, 0
@@ -128,11 +131,15 @@ class Writer:
         if self._fd is None:
             self.checkpoint()
         record = {"seq": self.n_records, **record}
+        path = snapshot.log_path(self.ms.path, self.generation)
+        what = f"new commit record {self.n_records} of {path}"
+        parsed = records.parse_record(self.ms.path, record, self.n_records, what)
+        manifest = records.apply(self.ms.path, self.manifest, parsed, what)
         line = json.dumps(record, separators=(",", ":"), sort_keys=True).encode() + b"\n"
-        files.append_line(self._fd, snapshot.log_path(self.ms.path, self.generation), line)
-        snapshot.apply(self.manifest, record)
+        files.append_line(self._fd, path, line)
+        self.manifest = manifest
         self.n_records += 1
-        if self.n_records >= max(CHECKPOINT_MIN_RECORDS, len(self.manifest["shards"])):
+        if self.n_records >= max(CHECKPOINT_MIN_RECORDS, len(self.manifest.shards)):
             self.checkpoint()
 
     def commit(self, shard_id: str, entry: dict, tables: dict[str, pa.Table], supersedes=()) -> None:
@@ -154,7 +161,7 @@ class Writer:
             supersedes: stored shards that leave the snapshot in the same record.
         """
         record = {"op": "shard", "id": shard_id, "entry": entry, "supersedes": sorted(supersedes)}
-        if any(self.manifest["shards"].get(sid, {}).get("compacted") for sid in supersedes):
+        if any(sid in self.manifest.shards and self.manifest.shards[sid].compacted for sid in supersedes):
             # The superseded rows share compacted files with others: the same record swaps
             # in copies of those files without them (rare: a redone batch after compaction).
             from selfrepair.store.compact import without_shards
@@ -189,9 +196,9 @@ class Writer:
         Only files whose folder provably lies inside the model folder are touched.
         """
         root = self.ms.path
-        listed = {e["path"] for s in self.manifest["shards"].values() for e in s["files"].values()}
-        listed |= {e["path"] for e in self.manifest.get("derived", {}).values()}
-        listed |= {e["path"] for lst in (self.manifest.get("compacted") or {}).values() for e in lst}
+        listed = {e.path for s in self.manifest.shards.values() for e in s.files.values()}
+        listed |= {e.path for e in self.manifest.derived.values()}
+        listed |= {e.path for lst in self.manifest.compacted.values() for e in lst}
         removed = []
         tables_dir = root / "tables"
         if tables_dir.is_dir() and not tables_dir.is_symlink():

@@ -349,12 +349,12 @@ def test_deleted_or_damaged_shards_are_recomputed(good_store, model_dir, tmp_pat
     before = _same_numbers(store)
     ms = ModelStore(store / MODEL)
     man = ms.manifest()
-    clean = sorted(s for s in man["shards"] if s.startswith("clean"))[0]
-    abl = sorted(s for s in man["shards"] if s.startswith("abl"))[0]
-    (ms.path / man["shards"][clean]["files"]["head_effects"]["path"]).unlink()  # deleted
-    damaged = ms.path / man["shards"][abl]["files"]["ablation_effects"]["path"]
+    clean = sorted(s for s in man.shards if s.startswith("clean"))[0]
+    abl = sorted(s for s in man.shards if s.startswith("abl"))[0]
+    (ms.path / man.shards[clean].files["head_effects"].path).unlink()  # deleted
+    damaged = ms.path / man.shards[abl].files["ablation_effects"].path
     damaged.write_bytes(damaged.read_bytes()[:100])  # truncated
-    (ms.path / next(iter(man["shards"][clean]["chunks"]))).unlink()  # a Zarr chunk too
+    (ms.path / next(iter(man.shards[clean].chunks))).unlink()  # a Zarr chunk too
     report = verify(store)
     assert not report.ok and any("missing" in p for p in report.problems[MODEL])
     res = CliRunner().invoke(main, ["ingest", "--model", str(model_dir), "--store", str(store), *INGEST[:-1],
@@ -387,13 +387,13 @@ def test_killed_extension_then_the_original_command(good_store, model_dir, tmp_p
     monkeypatch.setattr(Writer, "commit_written", commit)
     ms = ModelStore(store / MODEL)
     man = ms.manifest()
-    stored = max(e["rows"][1] for e in man["shards"].values() if e["phase"] == "clean") * 31
-    assert man["n_tokens"] <= stored  # never ahead of the stored tokens
+    stored = max(e.rows[1] for e in man.shards.values() if e.phase == "clean") * 31
+    assert man.n_tokens <= stored  # never ahead of the stored tokens
     ingest_tiny(model_dir, store, **ARGS)  # the original command finishes what is stored
     man = ms.manifest()
     from selfrepair.queries.store import Store
 
     with Store.open(store) as s:
-        assert s.sql(COUNT)["n"][0] == man["n_tokens"] == stored
-    assert man["derived"]["head_top_tokens"]["n_tokens"] == man["n_tokens"]
+        assert s.sql(COUNT)["n"][0] == man.n_tokens == stored
+    assert man.derived["head_top_tokens"].n_tokens == man.n_tokens
     assert verify(store).ok

@@ -30,7 +30,7 @@ def _raw(store, table: str) -> pl.DataFrame:
 def _expected_summary(store, layer: int, head: int) -> dict:
     """Means over the head's top-p% tokens, by DESIGN.md's rule, recomputed with Polars."""
     manifest = ModelStore(store / MODEL).manifest()
-    n, top_p = manifest["n_tokens"], manifest["config"]["top_p"]
+    n, top_p = manifest.n_tokens, manifest.config.top_p
     h = _raw(store, "head_effects").filter((pl.col("layer") == layer) & (pl.col("head") == head))
     top = h.sort(["de", "token_index"], descending=[True, False]).head(math.floor(top_p * n))
     a = _raw(store, "ablation_effects").filter((pl.col("layer") == layer) & (pl.col("head") == head)

@@ -26,7 +26,7 @@ def test_stored_values_equal_hooked_recompute(tiny_store, tiny_model_dirs, famil
     store = Store.open(tiny_store)
     model_name = f"tiny-{family}"
     manifest = store.manifest(model_name)
-    seq_len, n_rows, batch = manifest["seq_len"], manifest["n_rows"], manifest["config"]["batch_size"]
+    seq_len, n_rows, batch = manifest.seq_len, manifest.n_rows, manifest.config.batch_size
     rows = _rows(store, model_name, n_rows, seq_len)
     bridge = load_model(str(tiny_model_dirs[family])).bridge
     n_layers = bridge.cfg.n_layers

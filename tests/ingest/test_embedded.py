@@ -19,11 +19,11 @@ def test_embedded_model_predicts_real_text(tmp_path):
                         quiet=True, activations=False, neurons_top_k=0)).run()
     store = Store.open(tmp_path)
     manifest = store.manifest("smollm2-135m")
-    assert manifest["model"]["n_layers"] == 30 and manifest["model"]["n_heads"] == 9
-    assert manifest["model"]["norm"] == "RMS"
+    assert manifest.model.n_layers == 30 and manifest.model.n_heads == 9
+    assert manifest.model.raw["norm"] == "RMS"
     tokens = store.sql("SELECT * FROM tokens ORDER BY token_index")
     assert tokens.height == 254
-    uniform = math.log(manifest["model"]["d_vocab"])  # 10.8 nats for 49152 tokens
+    uniform = math.log(manifest.model.d_vocab)  # 10.8 nats for 49152 tokens
     assert tokens["loss"].mean() < 0.5 * uniform
 
     # The Hugging Face model itself, on the stored rows: its logits centred over the

@@ -96,8 +96,8 @@ def _check_correct(family, model_dir, store_dir):
     assert len(store.models) == 1
     name = store.models[0]
     manifest = store.manifest(name)
-    n_rows, seq_len = manifest["n_rows"], manifest["seq_len"]
-    assert seq_len == SEQ and manifest["config"]["batch_size"] == BATCH
+    n_rows, seq_len = manifest.n_rows, manifest.seq_len
+    assert seq_len == SEQ and manifest.config.batch_size == BATCH
     rows = _rows(store, name, n_rows, seq_len)
     n = n_rows * (seq_len - 1)
 

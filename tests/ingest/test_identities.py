@@ -122,7 +122,7 @@ def test_neuron_effects_are_the_top_and_bottom_k_of_the_final_mlp(store):
                min(neuron) >= 0 AS ok FROM neuron_effects GROUP BY ALL""")
     assert (df["n"] == 10).all() and df["ok"].all()
     assert set(df["model"]) == set(FAMILY_MODELS)
-    d_mlp = {m: store.manifest(m)["model"]["d_mlp"] for m in FAMILY_MODELS}
+    d_mlp = {m: store.manifest(m).model.d_mlp for m in FAMILY_MODELS}
     for model, ranks in zip(df["model"], df["ranks"]):
         assert list(ranks) == [1, 2, 3, 4, 5] + list(range(d_mlp[model] - 4, d_mlp[model] + 1))
     # ranks follow the signed change, largest first; every detail token has its totals
@@ -188,7 +188,7 @@ def test_activations_from_python_reproduce_head_effects(store):
     for model in FAMILY_MODELS:
         ds = store.activations(model)
         assert ds["z"].dims == ("token_index", "layer", "head", "d_head")
-        assert ds["norm"].values[-1] == store.manifest(model)["model"]["norm_names"][-1]
+        assert ds["norm"].values[-1] == store.manifest(model).model.norm_names[-1]
         assert ds["vocab_str"].sizes["d_vocab"] == ds["W_U"].sizes["d_vocab"]
         tokens = store.sql("SELECT next_token_id, next_token_str FROM tokens WHERE model = $m ORDER BY token_index",
                            {"m": model})
@@ -215,8 +215,8 @@ def test_attention_top_matches_plain_transformers(store, tiny_model_dirs):
     for family in ("gpt2", "llama"):
         model = f"tiny-{family}"
         man = store.manifest(model)
-        seq = man["seq_len"]
-        rows = rows_from_store(store, model, man["n_rows"], seq)
+        seq = man.seq_len
+        rows = rows_from_store(store, model, man.n_rows, seq)
         hf = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[family], attn_implementation="eager").eval()
         with torch.no_grad():
             pattern = hf(rows, output_attentions=True, use_cache=False).attentions

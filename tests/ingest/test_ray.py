@@ -62,7 +62,7 @@ def _assert_same_store(got_root, want_root) -> None:
 
 def _shards(store) -> dict:
     try:
-        return ModelStore(store / "tiny-llama").manifest()["shards"]
+        return ModelStore(store / "tiny-llama").manifest().shards
     except SelfRepairError:
         return {}
 

@@ -22,6 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from selfrepair.queries import compare_paper
+from selfrepair.store.manifest import ModelFacts
 from selfrepair.queries.compare_paper import QUANTITIES, REFERENCE_CSV, compare, load_reference, paper_model
 from selfrepair.store.model_store import ModelStore
 from selfrepair.store.schema import TABLES
@@ -254,7 +255,8 @@ def test_missing_store(run, tmp_path):
     ("pythia-160m-deduped", {"hf_id": "EleutherAI/pythia-160m-deduped"}, None),
 ])
 def test_paper_model(folder, info, paper):
-    assert paper_model(folder, {"model": info}) == paper
+    facts = ModelFacts(n_layers=1, n_heads=1, name=info.get("name"), hf_id=info.get("hf_id"))
+    assert paper_model(folder, facts) == paper
 
 
 def test_paper_models_agree_with_the_registry():

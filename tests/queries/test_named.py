@@ -404,7 +404,7 @@ def damaged(store_root, tmp_path_factory):
     manifest = ms.manifest()
     for shard, table, col, row, delta in (("clean-0000", "tokens", "de_other", 7, 0.5),
                                           ("ablation-0000", "ablation_effects", "d_de_mlps", 11, 0.25)):
-        path = ms.path / manifest["shards"][shard]["files"][table]["path"]
+        path = ms.path / manifest.shards[shard].files[table].path
         t = pq.read_table(path)
         values = t.column(col).to_numpy().copy()
         values[row] += delta

@@ -22,7 +22,7 @@ def test_models_and_views(store, spec):
     assert (spec.models, spec.top_p) == (MODELS, TOP_P)
     assert store.models == sorted(MODELS)
     assert set(TABLES) | {"models", "inventory", "self_repair"} == set(store.views)
-    assert store.manifest("gpt2-tiny")["model"]["n_layers"] == MODELS["gpt2-tiny"][0]
+    assert store.manifest("gpt2-tiny").model.n_layers == MODELS["gpt2-tiny"][0]
 
 
 @pytest.mark.parametrize("table", list(TABLES))

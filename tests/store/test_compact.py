@@ -37,7 +37,7 @@ def _assert_same_sets(got: dict, want: dict) -> None:
 
 def _n_files(store: Path) -> int:
     m = ModelStore(store / MODEL).manifest()
-    return sum(len(e["files"]) for e in m["shards"].values()) + sum(len(v) for v in m.get("compacted", {}).values())
+    return sum(len(e.files) for e in m.shards.values()) + sum(len(v) for v in m.compacted.values())
 
 
 @pytest.fixture
@@ -54,13 +54,13 @@ def test_compaction_keeps_every_row_and_sorts_each_file(ingested):
     assert _n_files(ingested) == 10 < n_before
     _assert_same_sets(_tables(ingested), before)
     manifest = ModelStore(ingested / MODEL).manifest()
-    for table, entries in manifest["compacted"].items():
+    for table, entries in manifest.compacted.items():
         (entry,) = entries
-        frame = pl.read_parquet(ingested / MODEL / entry["path"])
+        frame = pl.read_parquet(ingested / MODEL / entry.path)
         key = list(TABLES[table].key)
         assert frame.select(key).equals(frame.select(key).sort(key)), table
     # Every shard keeps its units (what store/plan.py reads) and names the tables moved.
-    assert all(e["files"] == {} and e["compacted"] for e in manifest["shards"].values())
+    assert all(not e.files and e.compacted for e in manifest.shards.values())
     assert verify(ingested).ok
     # Nothing of the old shard files is left on disk.
     on_disk = {p.name for p in (ingested / MODEL / "tables").rglob("*.parquet")}
@@ -116,7 +116,7 @@ def test_a_kill_during_compaction_leaves_the_old_store_readable(ingested, monkey
         compact(ingested)
     _assert_same_sets(_tables(ingested), before)
     assert verify(ingested).ok
-    assert "compacted" not in ModelStore(ingested / MODEL).manifest()
+    assert not ModelStore(ingested / MODEL).manifest().compacted
     monkeypatch.setattr(compact_mod, "_write_sorted", real)
     (result,) = compact(ingested)  # the next compaction completes and removes the leftovers
     assert result.files_after == 10
@@ -148,14 +148,14 @@ def test_verify_finds_a_compacted_file_with_duplicate_keys(ingested):
 
     compact(ingested)
     ms = ModelStore(ingested / MODEL)
-    entry = ms.manifest()["compacted"]["head_effects"][0]
+    entry = dict(ms.manifest().compacted["head_effects"][0].raw)
     path = ms.path / entry["path"]
     frame = pl.read_parquet(path)
     doubled = pl.concat([frame, frame.head(1)]).sort(list(TABLES["head_effects"].key)).to_arrow()
     size, digest = files.write_parquet(path, doubled.cast(TABLES["head_effects"].arrow_schema))
     # Re-point the checkpoint at the damaged file, so only the key check can object.
     m = files.read_json(ms.manifest_path)
-    m.setdefault("compacted", ms.manifest()["compacted"])["head_effects"] = [
+    m.setdefault("compacted", ms.manifest().to_json()["compacted"])["head_effects"] = [
         entry | {"rows": doubled.num_rows, "bytes": size, "sha256": digest}]
     files.atomic_write_json(ms.manifest_path, m)
     report = verify(ingested)

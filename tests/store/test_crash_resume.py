@@ -27,7 +27,7 @@ def _cmd(model_dir, store):
 
 def _shards(store) -> dict:
     try:
-        return ModelStore(store / "tiny-llama").manifest()["shards"]
+        return ModelStore(store / "tiny-llama").manifest().shards
     except SelfRepairError:
         return {}
 

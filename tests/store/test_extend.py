@@ -25,7 +25,7 @@ def test_more_heads_then_more_tokens_append(tiny_model_dirs, tmp_path):
                             "FROM ablation_effects") == 0
     assert _count(tmp_path, "SELECT count(*) FROM tokens") == 248
     assert _count(tmp_path, "SELECT count(DISTINCT token_index) FROM ablation_effects WHERE layer = 1") == 248
-    assert Store.open(tmp_path).manifest("tiny-gpt2")["n_tokens"] == 248
+    assert Store.open(tmp_path).manifest("tiny-gpt2").n_tokens == 248
     assert verify(tmp_path).ok
 
 

@@ -41,11 +41,11 @@ def test_typed_failure_before_first_commit_one_line_and_no_folder(tiny_model_dir
 
 def test_failure_keeps_a_folder_that_was_there_before(tiny_model_dirs, tmp_path, monkeypatch):
     ingest_tiny(tiny_model_dirs["gpt2"], tmp_path, tokens=62, ablations=("zero",))
-    shards = sorted(ModelStore(tmp_path / "tiny-gpt2").manifest()["shards"])
+    shards = sorted(ModelStore(tmp_path / "tiny-gpt2").manifest().shards)
     monkeypatch.setattr(arrays, "write_region", _crash)
     with pytest.raises(KeyError):
         ingest_tiny(tiny_model_dirs["gpt2"], tmp_path, tokens=124, ablations=("zero",))  # extends: new shards
-    assert sorted(ModelStore(tmp_path / "tiny-gpt2").manifest()["shards"]) == shards
+    assert sorted(ModelStore(tmp_path / "tiny-gpt2").manifest().shards) == shards
     assert all(ModelStore(tmp_path / "tiny-gpt2").table_files("tokens"))
 
 
@@ -62,7 +62,7 @@ def test_failure_after_a_commit_keeps_the_folder_for_resume(tiny_model_dirs, tmp
     with pytest.raises(KeyError):
         ingest_tiny(tiny_model_dirs["gpt2"], tmp_path, ablations=("zero",))
     ms = ModelStore(tmp_path / "tiny-gpt2")
-    assert sorted(ms.manifest()["shards"]) == ["clean-00000000-00000004"]
+    assert sorted(ms.manifest().shards) == ["clean-00000000-00000004"]
 
 
 def test_verify_reports_folder_without_manifest(tiny_model_dirs, tmp_path):
@@ -87,11 +87,10 @@ def test_verify_reports_manifest_without_clean_shard(tiny_model_dirs, tmp_path):
     shutil.copytree(tmp_path / "good" / "tiny-gpt2", folder)
     ms = ModelStore(folder)
     manifest = ms.manifest()
-    for shard in manifest["shards"].values():
-        for entry in shard["files"].values():
-            files.remove_file(folder / entry["path"])
-    manifest["shards"] = {}
-    ms.write_manifest(manifest)
+    for shard in manifest.shards.values():
+        for entry in shard.files.values():
+            files.remove_file(folder / entry.path)
+    ms.write_manifest(manifest.to_json() | {"shards": {}})
     res = CliRunner().invoke(main, ["verify", "--store", str(tmp_path / "s")])
     assert res.exit_code == 1, res.output
     lines = res.output.splitlines()

@@ -52,9 +52,9 @@ def test_a_legacy_store_verifies_and_compacts(legacy):
     report = verify(legacy)
     assert report.ok, report.lines()
     man = ModelStore(legacy / "tiny-gpt2").manifest()
-    (entry,) = man["compacted"]["neuron_effects"]
-    assert tuple(pq.read_schema(legacy / "tiny-gpt2" / entry["path"]).names) in LEGACY_COLUMNS["neuron_effects"]
-    assert "neuron_totals" not in man["compacted"]
+    (entry,) = man.compacted["neuron_effects"]
+    assert tuple(pq.read_schema(legacy / "tiny-gpt2" / entry.path).names) in LEGACY_COLUMNS["neuron_effects"]
+    assert "neuron_totals" not in man.compacted
 
 
 def test_ingesting_a_legacy_store_again_redoes_its_neuron_detail(legacy, tiny_model_dirs, tmp_path):

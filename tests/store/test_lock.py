@@ -103,5 +103,5 @@ def test_two_ingests_at_once_never_lose_a_shard(tiny_model_dirs, tmp_path):
     for name, spec in TABLES.items():
         key = ", ".join(spec.key)
         assert store.sql(f"SELECT count(*) FROM (SELECT {key} FROM {name} GROUP BY ALL HAVING count(*) > 1)").item() == 0
-    assert ModelStore(tmp_path / "tiny-neox").manifest()["config"]["heads_runs"] == ["L0", "L1"]
+    assert ModelStore(tmp_path / "tiny-neox").manifest().config.heads_runs == ("L0", "L1")
     assert verify(tmp_path).ok

@@ -21,12 +21,12 @@ READER = textwrap.dedent("""
         s = Store.open(root)
         man = s.manifest("tiny-neox")
         want = {}
-        for entry in man["shards"].values():
-            for table, f in entry["files"].items():
-                want[table] = want.get(table, 0) + f["rows"]
+        for entry in man.shards.values():
+            for table, f in entry.files.items():
+                want[table] = want.get(table, 0) + f.rows
         # The ingest compacts at its end: compacted files then hold the shards' rows.
-        for table, parts in (man.get("compacted") or {}).items():
-            want[table] = want.get(table, 0) + sum(f["rows"] for f in parts)
+        for table, parts in man.compacted.items():
+            want[table] = want.get(table, 0) + sum(f.rows for f in parts)
         got = s.sql("SELECT (SELECT count(*) FROM tokens) AS tokens, (SELECT count(*) FROM head_effects) AS head_effects,"
                     " (SELECT count(*) FROM ablation_effects) AS ablation_effects,"
                     " (SELECT count(*) FROM self_repair) AS self_repair").row(0, named=True)
@@ -36,7 +36,7 @@ READER = textwrap.dedent("""
         assert got["self_repair"] == got["ablation_effects"], got
         s.close()
         ok += 1
-        seen.add(len(man["shards"]))
+        seen.add(len(man.shards))
         if finished:
             break
     print(json.dumps({"ok": ok, "distinct_snapshots": len(seen), "max_shards": max(seen)}))

@@ -28,8 +28,8 @@ def _damaged(small_store, tmp_path, change):
 
 
 def _copy_of_first_ablation(w, **changes):
-    sid = min(s for s in w.manifest["shards"] if s.startswith("abl-"))
-    entry = copy.deepcopy(w.manifest["shards"][sid]) | changes
+    sid = min(s for s in w.manifest.shards if s.startswith("abl-"))
+    entry = copy.deepcopy(dict(w.manifest.shards[sid].raw)) | changes
     w._append({"op": "shard", "id": sid + "-copy", "entry": entry, "supersedes": []})
 
 
@@ -46,8 +46,9 @@ def test_shards_outside_the_recorded_configuration_are_found(small_store, tmp_pa
 
 def test_rows_outside_the_declared_batch_are_found(small_store, tmp_path):
     def shift(w):
-        sid = min(s for s in w.manifest["shards"] if s.startswith("abl-"))
-        w._append({"op": "shard", "id": sid, "entry": w.manifest["shards"][sid] | {"rows": [2, 4]}, "supersedes": []})
+        sid = min(s for s in w.manifest.shards if s.startswith("abl-"))
+        w._append({"op": "shard", "id": sid, "entry": dict(w.manifest.shards[sid].raw) | {"rows": [2, 4]},
+                   "supersedes": []})
 
     problems = _damaged(small_store, tmp_path, shift).problems["tiny-gpt2"]
     assert any("holds token_index 0..61, outside its rows 2..4" in p for p in problems), problems
