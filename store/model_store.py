@@ -48,7 +48,9 @@ class ModelStore:
         return self.path / ARRAYS_DIR
 
     def exists(self) -> bool:
-        return self.manifest_path.is_file()
+        # Anything named manifest.json (a symlink, a FIFO) makes a model folder, so reading it
+        # says what is wrong with it instead of "no store here".
+        return os.path.lexists(self.manifest_path)
 
     def manifest(self) -> Manifest:
         """One consistent snapshot: the manifest checkpoint with the commit log folded in.
@@ -177,9 +179,9 @@ def list_models(root: Path, incomplete: bool = False) -> list[ModelStore]:
     root = Path(root)
     if not root.exists():
         raise StoreNotFound(f"no selfrepair store at {root}")
-    if (root / MANIFEST).is_file() or (incomplete and ((root / "tables").is_dir() or (root / ARRAYS_DIR).is_dir())):
+    if os.path.lexists(root / MANIFEST) or (incomplete and ((root / "tables").is_dir() or (root / ARRAYS_DIR).is_dir())):
         return [ModelStore(root)]
-    keep = (lambda p: p.is_dir() and not p.name.startswith(".")) if incomplete else (lambda p: (p / MANIFEST).is_file())
+    keep = (lambda p: p.is_dir() and not p.name.startswith(".")) if incomplete else (lambda p: os.path.lexists(p / MANIFEST))
     models = sorted(ModelStore(p) for p in root.iterdir() if keep(p)) if root.is_dir() else []
     if not models:
         raise StoreNotFound(f"no selfrepair store at {root} (no model folder with a {MANIFEST})")

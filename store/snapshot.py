@@ -35,7 +35,7 @@ def _check_log_dir(folder: Path) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISDIR(st.st_mode):
-        raise StoreError(f"{folder / LOG_DIR} is a symlink or not a folder; a model folder's commit log must lie inside it")
+        raise StoreError(f"{folder / LOG_DIR} is a symlink or not a folder; a model folder's commits must lie inside it")
 
 
 def read_log(folder: Path, generation: int, manifest: Manifest | None = None) -> tuple[list[Record], int, Manifest | None]:

@@ -61,7 +61,7 @@ class Writer:
         return w
 
     def _load(self) -> None:
-        if not self.ms.manifest_path.exists():
+        if not self.ms.exists():  # a dangling manifest symlink is read (and refused), never replaced
             return
         self.manifest, self.generation, self.n_records = snapshot.read(self.ms.path)
         if self.generation < 0:
