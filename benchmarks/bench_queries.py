@@ -132,10 +132,10 @@ def run(ctx, repeats: int = 3) -> dict:
     spec = QUICK if ctx.quick else FULL
     root = cached_store(spec, ctx.log)
     manifest = ModelStore(root / "synthetic").manifest()
-    entries = [s["files"]["ablation_effects"] for s in manifest["shards"].values() if "ablation_effects" in s["files"]]
-    n_rows = sum(e["rows"] for e in entries)
-    out = {"ablation_rows": n_rows, "bytes_per_row": sum(e["bytes"] for e in entries) / n_rows,
-           "store": f"{spec['n_layers']} layers × {spec['n_heads']} heads × {manifest['n_tokens']:,} tokens"}
+    entries = [s.files["ablation_effects"] for s in manifest.shards.values() if "ablation_effects" in s.files]
+    n_rows = sum(e.rows for e in entries)
+    out = {"ablation_rows": n_rows, "bytes_per_row": sum(e.bytes for e in entries) / n_rows,
+           "store": f"{spec['n_layers']} layers × {spec['n_heads']} heads × {manifest.n_tokens:,} tokens"}
     t0 = time.perf_counter()
     store = Store.open(root)
     out["open_s"] = time.perf_counter() - t0

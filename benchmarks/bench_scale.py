@@ -74,10 +74,9 @@ def many_shards(tokens: int, log=print) -> dict:
     bench_queries.build_store(root, n_rows=n_rows, **TINY)
     log(f"  built {root.name} in {time.perf_counter() - t0:.0f} s")
     manifest = ModelStore(root / "synthetic").manifest()
-    rows = sum(s["files"]["ablation_effects"]["rows"] for s in manifest["shards"].values()
-               if "ablation_effects" in s["files"])
-    out = {"tokens": manifest["n_tokens"], "ablation_rows": rows, "shards": len(manifest["shards"]),
-           "files": sum(len(s["files"]) for s in manifest["shards"].values())}
+    rows = sum(s.files["ablation_effects"].rows for s in manifest.shards.values() if "ablation_effects" in s.files)
+    out = {"tokens": manifest.n_tokens, "ablation_rows": rows, "shards": len(manifest.shards),
+           "files": sum(len(s.files) for s in manifest.shards.values())}
     out["before"] = _open_and_query(root)
     t0 = time.perf_counter()
     out["files_after"] = compact(root)[0].files_after
@@ -179,19 +178,19 @@ def add_top_slice(root: Path) -> None:
 
     ms = ModelStore(root / "synthetic")
     writer = Writer.open(ms)
-    compacted = writer.manifest.get("compacted") or {}
+    compacted = {t: [dict(f.raw) for f in lst] for t, lst in writer.manifest.compacted.items()}
     if "ablation_top" not in compacted:
         path = ms.shard_file("ablation_top", "compact-bench")
         path.parent.mkdir(parents=True, exist_ok=True)
         abl = ms.path / compacted["ablation_effects"][0]["path"]
-        top = ms.path / writer.manifest["derived"]["head_top_tokens"]["path"]
+        top = ms.path / writer.manifest.derived["head_top_tokens"].path
         duckdb.sql(f"COPY (SELECT a.* FROM read_parquet('{abl}') a SEMI JOIN read_parquet('{top}') t "
                    "USING (layer, head, token_index) ORDER BY layer, head, token_index) "
                    f"TO '{path}' (FORMAT parquet, COMPRESSION zstd)")
         entry = {"path": str(path.relative_to(ms.path)), "rows": pq_rows(path), "bytes": path.stat().st_size,
                  "sha256": files.sha256_file(path)}
         writer.commit_compaction(compacted | {"ablation_top": [entry]}, [])
-    if "ablations" not in writer.manifest:  # cached before the manifest recorded it
+    if not writer.manifest.ablations:  # cached before the manifest recorded it
         writer.set(ablations=["resample"], resample={"samples": 1})
     writer.close()
 
@@ -215,7 +214,7 @@ def big(tokens: int, log=print) -> dict:
         log(f"  built {root.name} in {time.perf_counter() - t0:.0f} s")
     add_top_slice(root)
     store = Store.open(root)
-    n = store.manifest("synthetic")["n_tokens"]
+    n = store.manifest("synthetic").n_tokens
     out = {"tokens": n, "ablation_rows": n * n_layers * n_heads,
            "fig1": _time(lambda: store.query("head_top_self_repair", p=0.02)),
            "layer_agg": _time(lambda: store.sql(LAYER_AGG))}
