@@ -15,7 +15,8 @@ import pyarrow as pa
 
 from selfrepair.errors import SchemaMismatch
 from selfrepair.store.inventory import INVENTORY_COLUMNS, Inventory
-from selfrepair.store.manifest import DEFAULT_BATCH_SIZE, Manifest
+from selfrepair.store.bounds import DEFAULT_BATCH_SIZE
+from selfrepair.store.manifest import Manifest
 from selfrepair.store.schema import TABLES
 
 # Arrow type -> DuckDB type, for the empty view of a table with no committed file yet.

@@ -1,9 +1,9 @@
 """The manifest, its shard and file entries, and the commit records, parsed once into typed objects.
 
 Every reader gets these frozen objects from `store/snapshot.py`; nobody indexes the raw JSON
-or supplies a default of its own. Each field is checked for its JSON type and its bounds
-(`FIELD_BOUNDS` below lists them); a value out of bounds is one `StoreError` naming the file,
-the field and the value. A store written before an optional key existed reads with the
+or supplies a default of its own. Each field is checked for its JSON type and its
+bounds (`store/bounds.py` lists them: `FIELD_BOUNDS`); a value out of bounds is one
+`StoreError` naming the file, the field and the value. A store written before an optional key existed reads with the
 default given here, once. Objects keep the JSON they came from (`raw`) so the writer
 re-serialises exactly what it read: the on-disk format does not change.
 """
@@ -12,157 +12,17 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
-
-import pyarrow as pa
 
 from selfrepair.errors import ConfigError, StoreError
 from selfrepair.store import files
-from selfrepair.store.heads import parse_heads
-from selfrepair.store.schema import (
-    ABLATION_KINDS, DERIVED_TABLES, READABLE_SCHEMA_VERSIONS, SHARD_PHASES, TABLES,
+from selfrepair.store.bounds import (
+    DEFAULT_NEURONS_TOP_K, DEFAULT_TOP_P, MAX_COUNT, MAX_HEADS, MAX_LAYERS, MAX_ROWS, MAX_SAMPLE, MAX_SEQ_LEN,
+    MAX_TEXT, MAX_TOKENS, REQUIRED, Fields, proxy, show, type_ok,
 )
-
-_REQUIRED = object()
-
-
-def _int_max(table: str, column: str) -> int:
-    """The largest value a table's integer column holds (the store cannot index beyond it)."""
-    return (1 << (dict(TABLES[table].columns)[column].bit_width - 1)) - 1
-
-
-MAX_TOKENS = _int_max("tokens", "token_index")  # n_tokens, token ranges
-MAX_ROWS = _int_max("tokens", "row")  # n_rows, shard row ranges
-MAX_SEQ_LEN = _int_max("tokens", "pos") + 1
-MAX_SAMPLE = _int_max("ablation_effects", "sample")
-# Far above any released model (the largest have ~128 layers and heads); "all" heads of a
-# bounded model is at most a million (layer, head) pairs, so no reader can be made to allocate more.
-MAX_LAYERS = 1024
-MAX_HEADS = 1024
-MAX_COUNT = 1 << 53  # file rows and bytes, array dimensions: integers JSON keeps exact
-MAX_TEXT = 1 << 16  # ids, digests, head lists, names
-# Stores whose config lacks a setting (written by hand, or before the key) read with the
-# ingest's own default for it (ingest/config.py), here, once.
-DEFAULT_TOP_P = 0.02
-DEFAULT_BATCH_SIZE = 4
-DEFAULT_NEURONS_TOP_K = 50
-
-# field -> (type, bound): the closing note of issue 18 and `selfrepair verify`'s contract.
-FIELD_BOUNDS = {
-    "schema_version": ("int", f"one of {READABLE_SCHEMA_VERSIONS}"),
-    "model.n_layers": ("int", f"1 ≤ n ≤ {MAX_LAYERS}; equal to the arrays' layer axis"),
-    "model.n_heads": ("int", f"1 ≤ n ≤ {MAX_HEADS}; equal to the arrays' head axis"),
-    "model.d_model, d_mlp, d_head, d_vocab": ("int, optional", f"0 ≤ n ≤ {MAX_COUNT}"),
-    "model.name, hf_id": ("str, optional", f"≤ {MAX_TEXT} chars"),
-    "model.norm_names": ("list[str], optional", f"≤ {MAX_TEXT} chars each"),
-    "n_tokens": ("int", f"0 ≤ n ≤ {MAX_TOKENS} (int32 token_index)"),
-    "n_rows": ("int, default 0", f"0 ≤ n ≤ {MAX_ROWS} (int32 row)"),
-    "seq_len": ("int, default 0", f"0 ≤ n ≤ {MAX_SEQ_LEN} (int16 pos)"),
-    "shards.<id>": ("object", f"id a non-empty str ≤ {MAX_TEXT} chars"),
-    "shards.<id>.phase": ("str", f"one of {SHARD_PHASES}"),
-    "shards.<id>.rows": ("[int, int]", f"0 ≤ r0 < r1 ≤ {MAX_ROWS}"),
-    "shards.<id>.tokens": ("[int, int], optional", f"0 ≤ t0 ≤ t1 ≤ {MAX_TOKENS}"),
-    "shards.<id>.files.<table>": ("file entry", "table a non-derived table of store/schema.py"),
-    "shards.<id>.chunks": ("{path: sha256 | null}, optional", "path relative, under activations.zarr/"),
-    "shards.<id>.ablation": ("str, optional", f"one of {ABLATION_KINDS}"),
-    "shards.<id>.sample": ("int, default 0", f"0 ≤ n ≤ {MAX_SAMPLE} (int16 sample)"),
-    "shards.<id>.heads": ("str, default 'all'", "heads that exist in the model"),
-    "shards.<id>.top_n_tokens": ("int, optional", f"0 ≤ n ≤ {MAX_TOKENS}"),
-    "shards.<id>.compacted": ("list[str], default []", "tables of store/schema.py"),
-    "shards.<id>.heads_key, engine, pairs_sha, top_sha, detail_sha": ("str, optional", f"≤ {MAX_TEXT} chars"),
-    "file entry .path": ("str", "relative, inside the model folder (no symlink out), under tables/<table>/"),
-    "file entry .rows, .bytes": ("int", f"0 ≤ n ≤ {MAX_COUNT}"),
-    "file entry .sha256": ("str", f"≤ {MAX_TEXT} chars"),
-    "derived.<table>": ("file entry", f"table one of {DERIVED_TABLES}"),
-    "derived.<table>.n_tokens": ("int, optional", f"0 ≤ n ≤ {MAX_TOKENS}"),
-    "derived.<table>.top_p": ("float, optional", "0 < p ≤ 1"),
-    "compacted.<table>": ("list[file entry], default {}", "table of store/schema.py"),
-    "arrays.<name>.shape": ("list[int]", f"0 ≤ n ≤ {MAX_COUNT} each"),
-    "arrays.<name>.dims, dtype": ("list[str], str", "str"),
-    "ablations": ("list[str], optional", f"each one of {ABLATION_KINDS}"),
-    "resample.samples": ("int, default 1", f"1 ≤ n ≤ {MAX_SAMPLE + 1}"),
-    "resample.batch_size, config.batch_size": ("int, optional", f"1 ≤ n ≤ {MAX_ROWS}"),
-    "config.top_p": ("float, default 0.02", "0 < p ≤ 1"),
-    "config.neurons_top_k": ("int, default 50", f"0 ≤ n ≤ {MAX_COUNT}"),
-    "config.resamples": ("int, default 1", f"1 ≤ n ≤ {MAX_SAMPLE + 1}"),
-    "config.ablations": ("list[str], default ['resample']", f"each one of {ABLATION_KINDS}"),
-    "config.heads_runs, sr_mlps_neurons_runs": ("list[str], default []", f"≤ {MAX_TEXT} chars each"),
-    "corpus.fingerprint, spec / corpus.rows": ("str / int, optional", f"0 ≤ rows ≤ {MAX_ROWS}"),
-    "log.generation": ("int, optional (schema 1: none)", f"0 ≤ n ≤ {MAX_COUNT}"),
-    "identity, preset, versions, self_check, top_token_rule": ("JSON, optional", "kept as written"),
-}
-
-
-# -- field readers -------------------------------------------------------------------------
-def _type_ok(value, want) -> bool:
-    # bool is an int to Python; JSON true is never a count or an index here.
-    if isinstance(value, bool):
-        return want is bool
-    if want is float:
-        return isinstance(value, (int, float))
-    return isinstance(value, want)
-
-
-def _show(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-class _Fields:
-    """Typed, bounded access to one JSON object; every message names `what` and the key."""
-
-    def __init__(self, obj, what: str):
-        if not isinstance(obj, dict):
-            raise StoreError(f"{what} is a JSON {type(obj).__name__}, not an object")
-        self.obj, self.what = obj, what
-
-    def fail(self, key: str, why: str):
-        raise StoreError(f"{self.what}: {key} {why}")
-
-    def get(self, key: str, want, default=_REQUIRED):
-        value = self.obj.get(key)
-        if value is None:
-            if default is _REQUIRED:
-                raise StoreError(f"{self.what} lacks the key {key!r}")
-            return default
-        if not _type_ok(value, want):
-            raise StoreError(f"{self.what}: {key!r} has the wrong type ({type(value).__name__}: {_show(value)})")
-        return value
-
-    def count(self, key: str, hi: int, lo: int = 0, default=_REQUIRED) -> int:
-        value = self.get(key, int, default)
-        if value is not default and not lo <= value <= hi:
-            self.fail(key, f"is {_show(value)}, outside [{lo}, {hi}]")
-        return value
-
-    def text(self, key: str, default=_REQUIRED) -> str:
-        value = self.get(key, str, default)
-        if value is not default and len(value) > MAX_TEXT:
-            self.fail(key, f"has {len(value)} characters, over the limit of {MAX_TEXT}")
-        return value
-
-    def fraction(self, key: str, default=_REQUIRED) -> float:
-        value = self.get(key, float, default)
-        if value is not default and not 0 < value <= 1:
-            self.fail(key, f"is {_show(value)}, outside (0, 1]")
-        return value
-
-    def texts(self, key: str, choices=None, default=()) -> tuple[str, ...]:
-        value = self.get(key, list, default)
-        for v in value:
-            if not isinstance(v, str) or len(v) > MAX_TEXT or (choices is not None and v not in choices):
-                want = f"one of {tuple(choices)}" if choices is not None else "a string"
-                self.fail(key, f"holds {_show(v)}, not {want}")
-        return tuple(value)
-
-    def obj_(self, key: str) -> dict:
-        return self.get(key, dict, {})
-
-
-def _proxy(d: dict) -> Mapping:
-    return MappingProxyType(d)
+from selfrepair.store.heads import parse_heads
+from selfrepair.store.schema import ABLATION_KINDS, DERIVED_TABLES, READABLE_SCHEMA_VERSIONS, SHARD_PHASES, TABLES
 
 
 # -- entries ---------------------------------------------------------------------------------
@@ -183,7 +43,7 @@ class FileEntry:
 
 
 def parse_file(folder: Path, table: str, obj, what: str) -> FileEntry:
-    f = _Fields(obj, what)
+    f = Fields(obj, what)
     path = f.text("path")
     files.inside(folder, path)
     if not path.startswith(f"tables/{table}/") or not path.endswith(".parquet"):
@@ -222,25 +82,25 @@ class ShardEntry:
         return table in self.files or table in self.compacted
 
 
-def _pair(f: _Fields, key: str, hi: int, strict: bool, default=_REQUIRED):
+def _pair(f: Fields, key: str, hi: int, strict: bool, default=REQUIRED):
     value = f.get(key, list, default)
     if value is default:
         return value
-    if len(value) != 2 or not all(_type_ok(v, int) for v in value) \
+    if len(value) != 2 or not all(type_ok(v, int) for v in value) \
             or not (0 <= value[0] < value[1] <= hi if strict else 0 <= value[0] <= value[1] <= hi):
-        f.fail(key, f"{_show(value)} is not a range inside [0, {hi}]")
+        f.fail(key, f"{show(value)} is not a range inside [0, {hi}]")
     return tuple(value)
 
 
 def parse_shard(folder: Path, shard_id, obj, what: str) -> ShardEntry:
     """A shard entry's keys, types, bounds and paths (every path inside `folder`)."""
     if not isinstance(shard_id, str) or not shard_id or len(shard_id) > MAX_TEXT:
-        raise StoreError(f"{what}: a shard id is not a string ({_show(shard_id)})")
+        raise StoreError(f"{what}: a shard id is not a string ({show(shard_id)})")
     what = f"{what}, shard {shard_id}"
-    f = _Fields(obj, what)
+    f = Fields(obj, what)
     phase = f.get("phase", str)
     if phase not in SHARD_PHASES:
-        f.fail("phase", f"is {_show(phase)}, not one of {SHARD_PHASES}")
+        f.fail("phase", f"is {show(phase)}, not one of {SHARD_PHASES}")
     rows = _pair(f, "rows", MAX_ROWS, strict=True)
     entries = {}
     for table, e in f.get("files", dict).items():
@@ -256,9 +116,9 @@ def parse_shard(folder: Path, shard_id, obj, what: str) -> ShardEntry:
             raise StoreError(f"{what}: chunk {rel} has no valid checksum")
     ablation = f.text("ablation", None)
     if ablation is not None and ablation not in ABLATION_KINDS:
-        f.fail("ablation", f"is {_show(ablation)}, not one of {ABLATION_KINDS}")
+        f.fail("ablation", f"is {show(ablation)}, not one of {ABLATION_KINDS}")
     return ShardEntry(
-        phase, rows, _proxy(entries), _pair(f, "tokens", MAX_TOKENS, strict=False, default=None), _proxy(chunks),
+        phase, rows, proxy(entries), _pair(f, "tokens", MAX_TOKENS, strict=False, default=None), proxy(chunks),
         ablation, f.count("sample", MAX_SAMPLE, default=0), f.text("heads", "all"), f.text("heads_key", None),
         f.text("engine", None), f.text("pairs_sha", None), f.count("top_n_tokens", MAX_TOKENS, default=None),
         f.text("top_sha", None), f.text("detail_sha", None), f.texts("compacted", TABLES), obj)
@@ -273,7 +133,7 @@ def parse_compacted(folder: Path, obj, what: str) -> Mapping[str, tuple[FileEntr
         if table not in TABLES or table in DERIVED_TABLES or not isinstance(entries, list):
             raise StoreError(f"{what}: compacted table {table!r} is unknown or not a list")
         out[table] = tuple(parse_file(folder, table, e, f"{what}, compacted {table}") for e in entries)
-    return _proxy(out)
+    return proxy(out)
 
 
 def parse_derived(folder: Path, table, obj, what: str) -> FileEntry:
@@ -300,10 +160,10 @@ class ModelFacts:
 
 
 def parse_model(obj, what: str) -> ModelFacts:
-    f = _Fields(obj, f"{what}, model")
+    f = Fields(obj, f"{what}, model")
     dims = [f.count(k, MAX_COUNT, default=None) for k in ("d_model", "d_mlp", "d_head", "d_vocab")]
     return ModelFacts(f.count("n_layers", MAX_LAYERS, 1), f.count("n_heads", MAX_HEADS, 1), f.text("name", None),
-                      f.text("hf_id", None), *dims, f.texts("norm_names"), _proxy(obj))
+                      f.text("hf_id", None), *dims, f.texts("norm_names"), proxy(obj))
 
 
 @dataclass(frozen=True)
@@ -317,10 +177,10 @@ class ArrayInfo:
 
 
 def parse_array(name: str, obj, what: str) -> ArrayInfo:
-    f = _Fields(obj, f"{what}, array {name}")
+    f = Fields(obj, f"{what}, array {name}")
     shape = f.get("shape", list)
-    if not all(_type_ok(n, int) and 0 <= n <= MAX_COUNT for n in shape):
-        f.fail("shape", f"{_show(shape)} is not a list of sizes inside [0, {MAX_COUNT}]")
+    if not all(type_ok(n, int) and 0 <= n <= MAX_COUNT for n in shape):
+        f.fail("shape", f"{show(shape)} is not a list of sizes inside [0, {MAX_COUNT}]")
     return ArrayInfo(tuple(shape), f.texts("dims"), f.text("dtype", ""), obj)
 
 
@@ -339,11 +199,12 @@ class RunConfig:
 
 
 def parse_config(obj, what: str) -> RunConfig:
-    f = _Fields(obj, f"{what}, config")
+    f = Fields(obj, f"{what}, config")
     return RunConfig(f.fraction("top_p", DEFAULT_TOP_P), f.count("batch_size", MAX_ROWS, 1, default=None),
-                     f.count("neurons_top_k", MAX_COUNT, default=DEFAULT_NEURONS_TOP_K), f.count("resamples", MAX_SAMPLE + 1, 1, default=1),
+                     f.count("neurons_top_k", MAX_COUNT, default=DEFAULT_NEURONS_TOP_K),
+                     f.count("resamples", MAX_SAMPLE + 1, 1, default=1),
                      f.texts("ablations", ABLATION_KINDS, ("resample",)), f.texts("heads_runs"),
-                     f.texts("sr_mlps_neurons_runs"), _proxy(obj))
+                     f.texts("sr_mlps_neurons_runs"), proxy(obj))
 
 
 @dataclass(frozen=True)
@@ -429,7 +290,7 @@ def _heads_exist(spec: str, n_layers: int, n_heads: int) -> bool:
 def check_heads(entry: ShardEntry, sid: str, model: ModelFacts, what: str) -> None:
     """Refuse a shard naming a head the model does not have."""
     if not _heads_exist(entry.heads, model.n_layers, model.n_heads):
-        raise StoreError(f"{what}, shard {sid}: heads {_show(entry.heads)} name heads outside the model's "
+        raise StoreError(f"{what}, shard {sid}: heads {show(entry.heads)} name heads outside the model's "
                          f"{model.n_layers} layers × {model.n_heads} heads")
 
 
@@ -446,19 +307,19 @@ def check_model_arrays(m: Manifest, what: str) -> None:
                 raise StoreError(f"{what}: model.{_AXES[dim]} is {want}, but array {name} has {size} along {dim}")
 
 
-def _parse_top(folder: Path, obj, what: str, shards, derived, compacted) -> Manifest:
-    f = _Fields(obj, what)
+def parse_top(folder: Path, obj, what: str, shards, derived, compacted) -> Manifest:
+    f = Fields(obj, what)
     version = f.get("schema_version", int)
     if version not in READABLE_SCHEMA_VERSIONS:
         raise StoreError(f"{what}: schema_version {version} is not one this selfrepair reads "
                          f"({', '.join(map(str, READABLE_SCHEMA_VERSIONS))}); upgrade selfrepair")
     model = parse_model(f.get("model", dict), what)
     n_tokens = f.count("n_tokens", MAX_TOKENS)
-    resample = _Fields(f.obj_("resample"), f"{what}, resample")
-    corpus = _Fields(f.obj_("corpus"), f"{what}, corpus")
+    resample = Fields(f.obj_("resample"), f"{what}, resample")
+    corpus = Fields(f.obj_("corpus"), f"{what}, corpus")
     log = f.get("log", dict, None)
     if log is not None:
-        log = LogPointer(_Fields(log, f"{what}, log").count("generation", MAX_COUNT))
+        log = LogPointer(Fields(log, f"{what}, log").count("generation", MAX_COUNT))
     arrays = {name: parse_array(name, a, what) for name, a in f.obj_("arrays").items()}
     self_check = f.get("self_check", (dict, list), None)
     for key in ("identity", "versions", "preset"):
@@ -466,25 +327,25 @@ def _parse_top(folder: Path, obj, what: str, shards, derived, compacted) -> Mani
     f.text("top_token_rule", None)
     m = Manifest(
         version, model, n_tokens, shards, f.count("n_rows", MAX_ROWS, default=0),
-        f.count("seq_len", MAX_SEQ_LEN, default=0), derived, compacted, _proxy(arrays),
+        f.count("seq_len", MAX_SEQ_LEN, default=0), derived, compacted, proxy(arrays),
         parse_config(f.obj_("config"), what),
         Resample(resample.count("samples", MAX_SAMPLE + 1, 1, default=1),
                  resample.count("batch_size", MAX_ROWS, 1, default=None), resample.get("seed", int, None),
-                 resample.text("rule", None), _proxy(resample.obj)),
+                 resample.text("rule", None), proxy(resample.obj)),
         Corpus(corpus.text("spec", None), corpus.text("fingerprint", None), corpus.count("rows", MAX_ROWS, default=0),
-               _proxy(corpus.obj)),
-        f.texts("ablations", ABLATION_KINDS), _proxy(f.obj_("identity")), self_check, log, _proxy(obj))
+               proxy(corpus.obj)),
+        f.texts("ablations", ABLATION_KINDS), proxy(f.obj_("identity")), self_check, log, proxy(obj))
     check_model_arrays(m, what)
     return m
 
 
 def parse_manifest(folder: Path, obj, what: str) -> Manifest:
     """Refuse a manifest that is not the shape and bounds above, with one line; else its typed snapshot."""
-    f = _Fields(obj, what)
+    f = Fields(obj, what)
     f.get("schema_version", int)
     shards = {sid: parse_shard(folder, sid, e, what) for sid, e in f.get("shards", dict).items()}
     derived = {t: parse_derived(folder, t, e, what) for t, e in f.obj_("derived").items()}
-    m = _parse_top(folder, obj, what, _proxy(shards), _proxy(derived),
+    m = parse_top(folder, obj, what, proxy(shards), proxy(derived),
                    parse_compacted(folder, f.obj_("compacted"), what))
     for sid, e in shards.items():
         check_heads(e, sid, m.model, what)

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Union
 
 from selfrepair.errors import StoreError
+from selfrepair.store.bounds import Fields, proxy
 from selfrepair.store.manifest import (
-    FileEntry, Manifest, ShardEntry, _Fields, _parse_top, _proxy, check_heads, parse_compacted, parse_derived,
-    parse_shard,
+    FileEntry, Manifest, ShardEntry, check_heads, parse_compacted, parse_derived, parse_shard, parse_top,
 )
 from selfrepair.store.schema import RECORD_OPS, SET_FORBIDDEN
 
@@ -66,7 +66,7 @@ Record = Union[ShardRecord, DerivedRecord, SetRecord, CompactRecord]
 
 def parse_record(folder: Path, obj, seq: int, what: str) -> Record:
     """One commit record, refused with one line unless it is well formed, in bounds and in order."""
-    f = _Fields(obj, what)
+    f = Fields(obj, what)
     got = f.get("seq", int)
     if got != seq:
         raise StoreError(f"{what}: seq {got} where {seq} was expected")
@@ -91,30 +91,51 @@ def parse_record(folder: Path, obj, seq: int, what: str) -> Record:
     return SetRecord(seq, values, obj)
 
 
-def _missing(f: _Fields, key: str):
+def _missing(f: Fields, key: str):
     if key not in f.obj:
         raise StoreError(f"{f.what} lacks the key {key!r}")
     return ()
 
 
+class Fold:
+    """Records folded into a manifest in place, in order; `result()` is the new frozen manifest.
+
+    A log holds up to as many records as the manifest has shards: folding them one copy of
+    the shard table at a time would cost O(shards²) per read.
+    """
+
+    def __init__(self, folder: Path, m: Manifest):
+        self.folder, self.m = folder, m
+        self.shards, self.derived, self.compacted = dict(m.shards), dict(m.derived), m.compacted
+
+    def add(self, record: Record, what: str) -> None:
+        m = self.m
+        if isinstance(record, ShardRecord):
+            check_heads(record.entry, record.id, m.model, what)
+            for sid in record.supersedes:
+                self.shards.pop(sid, None)
+            self.shards[record.id] = record.entry
+            if record.compacted is not None:
+                self.compacted = record.compacted
+        elif isinstance(record, DerivedRecord):
+            self.derived[record.table] = record.entry
+        elif isinstance(record, CompactRecord):
+            for sid in record.shards:
+                e = self.shards.get(sid)
+                if e is not None:
+                    moved = sorted(set(e.compacted) | set(e.files))
+                    self.shards[sid] = replace(e, files=proxy({}), compacted=tuple(moved),
+                                               raw=dict(e.raw) | {"files": {}, "compacted": moved})
+            self.compacted = record.files
+        else:  # a set record: the replaced keys are checked exactly as a manifest's own
+            self.m = parse_top(self.folder, dict(m.raw) | record.values, what, m.shards, m.derived, m.compacted)
+
+    def result(self) -> Manifest:
+        return replace(self.m, shards=proxy(self.shards), derived=proxy(self.derived), compacted=self.compacted)
+
+
 def apply(folder: Path, m: Manifest, record: Record, what: str) -> Manifest:
     """The manifest with one parsed record folded in (a new object: manifests are frozen)."""
-    if isinstance(record, ShardRecord):
-        check_heads(record.entry, record.id, m.model, what)
-        shards = {sid: e for sid, e in m.shards.items() if sid not in set(record.supersedes)}
-        shards[record.id] = record.entry
-        compacted = m.compacted if record.compacted is None else record.compacted
-        return replace(m, shards=_proxy(shards), compacted=compacted)
-    if isinstance(record, DerivedRecord):
-        return replace(m, derived=_proxy(dict(m.derived) | {record.table: record.entry}))
-    if isinstance(record, CompactRecord):
-        shards = dict(m.shards)
-        for sid in record.shards:
-            e = shards.get(sid)
-            if e is not None:
-                moved = sorted(set(e.compacted) | set(e.files))
-                shards[sid] = replace(e, files=_proxy({}), compacted=tuple(moved),
-                                      raw=dict(e.raw) | {"files": {}, "compacted": moved})
-        return replace(m, shards=_proxy(shards), compacted=record.files)
-    # A set record: the replaced keys are checked exactly as a manifest's own.
-    return _parse_top(folder, dict(m.raw) | record.values, what, m.shards, m.derived, m.compacted)
+    fold = Fold(folder, m)
+    fold.add(record, what)
+    return fold.result()

@@ -17,7 +17,7 @@ from pathlib import Path
 from selfrepair.errors import StoreError, StoreNotFound
 from selfrepair.store import files, jsonread
 from selfrepair.store.manifest import Manifest, parse_manifest
-from selfrepair.store.records import Record, apply, parse_record
+from selfrepair.store.records import Fold, Record, parse_record
 
 MANIFEST_NAME = "manifest.json"
 LOG_DIR = "commits"
@@ -35,10 +35,12 @@ def _check_log_dir(folder: Path) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISDIR(st.st_mode):
-        raise StoreError(f"{folder / LOG_DIR} is a symlink or not a folder; a model folder's commits must lie inside it")
+        raise StoreError(f"{folder / LOG_DIR} is a symlink or not a folder; "
+                         "a model folder's commits must lie inside it")
 
 
-def read_log(folder: Path, generation: int, manifest: Manifest | None = None) -> tuple[list[Record], int, Manifest | None]:
+def read_log(folder: Path, generation: int,
+             manifest: Manifest | None = None) -> tuple[list[Record], int, Manifest | None]:
     """The complete records of one log generation (a torn last line is not a record), bounded in size.
 
     Args:
@@ -53,16 +55,18 @@ def read_log(folder: Path, generation: int, manifest: Manifest | None = None) ->
     _check_log_dir(folder)
     path = log_path(folder, generation)
     records, end = [], 0
-    with jsonread.open_regular(path, f"commit log {path}", jsonread.LOG_MAX_BYTES) as f:
-        lines = jsonread.lines_bounded(f, f"commit log {path}", jsonread.RECORD_MAX_BYTES, jsonread.LOG_MAX_BYTES)
+    fold = Fold(folder, manifest) if manifest is not None else None
+    log = f"commit log {path}"
+    with jsonread.open_regular(path, log, jsonread.LOG_MAX_BYTES) as f:
+        lines = jsonread.lines_bounded(f, log, jsonread.RECORD_MAX_BYTES, jsonread.LOG_MAX_BYTES)
         for i, line in enumerate(lines):
             what = f"commit record {i} of {path}"
             record = parse_record(folder, jsonread.parse_json(line, what), i, what)
-            if manifest is not None:
-                manifest = apply(folder, manifest, record, what)
+            if fold is not None:
+                fold.add(record, what)
             records.append(record)
             end += len(line)
-    return records, end, manifest
+    return records, end, fold.result() if fold is not None else None
 
 
 def read(folder: Path) -> tuple[Manifest, int, int]:

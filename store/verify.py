@@ -241,7 +241,7 @@ def _duplicates(path: Path, key: list[str]) -> int:
 
 def _check_file(table, path: Path, entry: ShardEntry, r0: int, r1: int, preds: int, heads: set | None,
                 exact: bool = False) -> str | None:
-    """One shard file: unique keys, and every row inside the shard's declared rows, draw and heads (`exact`: all of them)."""
+    """One shard file: unique keys, every row inside the shard's declared rows, draw and heads (`exact`: all heads)."""
     key = list(table.key)
     frame = pl.read_parquet(path, columns=key, glob=False)
     dup = frame.height - frame.unique().height

@@ -117,8 +117,8 @@ class Writer:
         gen = self.generation + 1
         new_log = snapshot.log_path(self.ms.path, gen)
         files.atomic_write_bytes(new_log, b"")  # exists before the manifest names it
-        files.atomic_write_json(self.ms.manifest_path,
-                                self.manifest.to_json() | {"log": {"generation": gen}, "schema_version": SCHEMA_VERSION})
+        checkpoint = self.manifest.to_json() | {"log": {"generation": gen}, "schema_version": SCHEMA_VERSION}
+        files.atomic_write_json(self.ms.manifest_path, checkpoint)
         if self._fd is not None:
             os.close(self._fd)
         old, self.generation, self.n_records = self.generation, gen, 0
@@ -161,7 +161,8 @@ class Writer:
             supersedes: stored shards that leave the snapshot in the same record.
         """
         record = {"op": "shard", "id": shard_id, "entry": entry, "supersedes": sorted(supersedes)}
-        if any(sid in self.manifest.shards and self.manifest.shards[sid].compacted for sid in supersedes):
+        shards = self.manifest.shards
+        if any(sid in shards and shards[sid].compacted for sid in supersedes):
             # The superseded rows share compacted files with others: the same record swaps
             # in copies of those files without them (rare: a redone batch after compaction).
             from selfrepair.store.compact import without_shards

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from tiny_models import ingest_tiny
 from selfrepair.cli import main
 from selfrepair.store import jsonread
-from selfrepair.store.manifest import FIELD_BOUNDS, MAX_LAYERS, MAX_ROWS, MAX_TOKENS
+from selfrepair.store.bounds import FIELD_BOUNDS, MAX_LAYERS, MAX_ROWS, MAX_TOKENS
 
 MODEL = "tiny-gpt2"
 ARGS = dict(tokens=62, seq_len=32, batch_size=2, ablations=("zero",), heads="L1", top_p=0.05, neurons_top_k=2)
