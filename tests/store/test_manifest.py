@@ -277,3 +277,20 @@ def test_the_writer_keeps_the_on_disk_format(good_store, tmp_path):
 
 def test_every_bound_is_listed():
     assert all(isinstance(t, str) and isinstance(b, str) for t, b in FIELD_BOUNDS.values())
+
+
+def test_a_schema_1_store_without_later_keys_still_reads(good_store, tmp_path):
+    # Schema 1: no commit log, every commit rewrote the manifest; older still: no ablations,
+    # resample or top_token_rule keys. The typed parse supplies their defaults.
+    store = tmp_path / "store"
+    shutil.copytree(good_store, store)
+    m = store / MODEL
+    man = _manifest(m)
+    for key in ("log", "ablations", "resample", "top_token_rule"):
+        man.pop(key)
+    (m / "manifest.json").write_text(json.dumps(man | {"schema_version": 1}))
+    shutil.rmtree(m / "commits")
+    res = CliRunner().invoke(main, ["verify", "--store", str(store)])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["sql", "SELECT count(*) AS n FROM tokens", "--store", str(store)])
+    assert res.exit_code == 0 and "62" in res.output, res.output
