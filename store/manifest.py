@@ -278,7 +278,7 @@ class Manifest:
         return out
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=1024)  # a store has few distinct head sets; specs are ≤ MAX_TEXT each
 def _heads_exist(spec: str, n_layers: int, n_heads: int) -> bool:
     try:
         parse_heads(spec, n_layers, n_heads)

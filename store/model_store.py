@@ -53,7 +53,7 @@ class ModelStore:
         return os.path.lexists(self.manifest_path)
 
     def manifest(self) -> Manifest:
-        """One consistent snapshot: the manifest checkpoint with the commit log folded in.
+        """One consistent snapshot: the manifest checkpoint with the commit log folded in, typed and bounded.
 
         Raises:
             StoreNotFound: no manifest.
