@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from selfrepair.queries.store import Store
 
 FORMATS = ("table", "csv", "json", "markdown", "latex", "parquet")
-BINARY_FORMATS = ("parquet",)
 STREAMED_FORMATS = ("csv", "parquet")
 DEFAULT_MAX_ROWS = 10_000
 

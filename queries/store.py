@@ -89,12 +89,8 @@ class Store:
 
     @property
     def views(self) -> list[str]:
-        """Every view name; table macros are listed in `macros`."""
+        """Every view name (the table macros are listed in `selfrepair sql --help`)."""
         return views.view_names()
-
-    @property
-    def macros(self) -> list[str]:
-        return list(views.MACROS)
 
     def manifest(self, model: str) -> dict:
         """The parsed manifest of one model folder."""

@@ -311,7 +311,6 @@ def inventory_view_sql(models: list[ModelFiles]) -> str:
 
 
 DERIVED_VIEWS = ("models", "inventory", "self_repair")
-MACROS = ("top_tokens(p)", "self_repair_top(p)", "sr_mlps_top(abl, smp, lyr, hd)", "paper_head_means(abl, smp)", "token_context(n)")
 
 
 def view_statements(models: list[ModelFiles]) -> list[str]:
