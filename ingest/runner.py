@@ -355,8 +355,7 @@ class Ingest:
         """Each head's top-p% token indices, from the stored `head_top_tokens` (rebuilt if stale)."""
         manifest = writer.manifest
         stored = manifest.get("derived", {}).get("head_top_tokens")
-        if stored and stored["n_tokens"] == manifest["n_tokens"] and stored["top_p"] == self.cfg.top_p \
-                and not writer.ms.file_problem(stored):
+        if top_tokens.is_current(stored, manifest["n_tokens"], self.cfg.top_p) and not writer.ms.file_problem(stored):
             table = files.read_parquet(writer.ms.table_files("head_top_tokens", manifest))
         else:
             table = top_tokens.write(writer, self.cfg.top_p)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from selfrepair.errors import SchemaMismatch
+from selfrepair.store import top_tokens
 from selfrepair.store.inventory import INVENTORY_COLUMNS, Inventory
 from selfrepair.store.schema import TABLES
 
@@ -114,8 +115,7 @@ def models_view_sql(models: list[ModelFiles]) -> str:
         top_p = m.manifest.get("config", {}).get("top_p", 0.02)
         # The stored top-token set serves top_tokens(p) only while it matches this store.
         stored = m.manifest.get("derived", {}).get("head_top_tokens")
-        top_stored = bool(stored) and stored.get("n_tokens") == m.manifest.get("n_tokens") \
-            and stored.get("top_p") == top_p
+        top_stored = top_tokens.is_current(stored, m.manifest.get("n_tokens"), top_p)
         # Every ablation shard carries its `ablation_top` slice (stores written before it existed do not).
         top_rows = all("ablation_top" in e.get("files", {}) or "ablation_top" in e.get("compacted", ())
                        for e in m.manifest.get("shards", {}).values() if e.get("phase") == "ablation")
