@@ -69,7 +69,7 @@ def measure(ctx, device: str, shape: dict, batch_rows: int, n_batches: int) -> d
 
     # load_model boots a local folder with TransformerBridge.boot_transformers(path,
     # hf_model=..., tokenizer=...) and enable_compatibility_mode(), as the ingest does.
-    model = load_model(str(_save_neox(ctx.tmp / "neox-bench", shape)), device, "float32")
+    model = load_model(str(_save_neox(ctx.tmp / "neox-bench", shape)), device)
     w32 = read_weights(model.hf_model, SEQ_LEN)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     heads = [(l, h) for l in range(w32.n_layers) for h in range(w32.n_heads)]

@@ -17,47 +17,15 @@ full vocabulary: DEs are dot products with the target token's processed column `
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from selfrepair.errors import UnsupportedModel
+from selfrepair.ingest.families import module_at
+from selfrepair.ingest.layer_calls import Call, capture_calls, hooks
 from selfrepair.ingest.weights import Weights
-
-
-@dataclass
-class Call:
-    """One decoder layer's call as the model made it, less the hidden state."""
-
-    args: tuple
-    kwargs: dict
-    hidden_kw: bool  # the hidden state came as `hidden_states=` rather than first positional
-
-    def run(self, layer, hidden: Tensor, batch: int, copies: int) -> Tensor:
-        """Call `layer` on `hidden` ([copies·batch, pos, d_model]), tiling batch-shaped arguments."""
-        args = _tile(self.args, batch, copies)
-        kwargs = _tile(self.kwargs, batch, copies)
-        out = layer(*args, hidden_states=hidden, **kwargs) if self.hidden_kw else layer(hidden, *args, **kwargs)
-        return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _tile(obj, batch: int, copies: int):
-    """Repeat every batch-major tensor (masks, ALiBi [batch·head, …], per-row positions) `copies` times."""
-    if copies == 1:
-        return obj
-    if isinstance(obj, Tensor):
-        batchlike = obj.dim() >= 2 and obj.shape[0] % batch == 0 and not (obj.shape[0] == 1 and batch > 1)
-        return torch.cat([obj] * copies) if batchlike else obj
-    if isinstance(obj, tuple):
-        return tuple(_tile(o, batch, copies) for o in obj)
-    if isinstance(obj, list):
-        return [_tile(o, batch, copies) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _tile(v, batch, copies) for k, v in obj.items()}
-    return obj
 
 
 def _linears(w: Weights, layer: int) -> list:
@@ -96,64 +64,6 @@ class _LowPrecisionDelta:
 
     def remove(self) -> None:
         del self.module.forward  # the class's forward shows through again
-
-
-@contextlib.contextmanager
-def _hooks(*registrations):
-    handles = [r() for r in registrations]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _capture_calls(w: Weights, rows: Tensor, extra=()) -> tuple[list[Call], list[Tensor], object]:
-    """Run the whole model once, recording each layer's input and call. Returns (calls, inputs, output)."""
-    calls: list[Call | None] = [None] * w.n_layers
-    inputs: list[Tensor | None] = [None] * w.n_layers
-
-    def pre(i):
-        def hook(module, args, kwargs):
-            kwargs = dict(kwargs)
-            for cache_key in ("past_key_values", "past_key_value", "layer_past"):
-                if cache_key in kwargs:
-                    kwargs[cache_key] = None
-            if "hidden_states" in kwargs:
-                inputs[i] = kwargs.pop("hidden_states")
-                calls[i] = Call(tuple(args), kwargs, True)
-            else:
-                inputs[i] = args[0]
-                calls[i] = Call(tuple(args[1:]), kwargs, False)
-        return hook
-
-    regs = [lambda i=i: w.layers[i].register_forward_pre_hook(pre(i), with_kwargs=True) for i in range(w.n_layers)]
-    with torch.no_grad(), _hooks(*regs, *extra):
-        out = w.model(rows, use_cache=False)
-    return calls, inputs, out
-
-
-def zero_input_z(w: Weights, seq_len: int) -> Float[Tensor, "layer head d_head"]:
-    """Each head's z when its layer's input is all zeros: the folded value bias, constant over positions."""
-    device = w.W_O.device
-    rows = torch.zeros((1, seq_len), dtype=torch.long, device=device)
-    calls, _, _ = _capture_calls(w, rows)
-    out = []
-    for i, layer in enumerate(w.layers):
-        seen = {}
-        hook = w.attn_out[i].register_forward_pre_hook(lambda m, a, seen=seen: seen.__setitem__("z", a[0]))
-        try:
-            with torch.no_grad():
-                calls[i].run(layer, torch.zeros(1, seq_len, w.d_model, device=device), 1, 1)
-        finally:
-            hook.remove()
-        z = seen["z"].float()[0].view(seq_len, w.n_heads, w.d_head)
-        c = z.mean(0)
-        if float((z - c).abs().max()) > 1e-4 * (1 + float(c.abs().max())):
-            raise UnsupportedModel(f"{w.family.name}: a head's output at zero input varies with position, "
-                                   "so its value bias cannot be folded")
-        out.append(c)
-    return torch.stack(out)
 
 
 @dataclass
@@ -211,15 +121,13 @@ def clean_run(w: Weights, rows: Tensor, with_linears: bool = False) -> CleanStat
     if w.mlp_post[-1] is not None:
         regs.append(lambda: w.mlp_out[-1].register_forward_hook(put("mpre")))
     regs.append(lambda: w.down_final.register_forward_pre_hook(put("post")))
-    from selfrepair.ingest.families import module_at
-
     regs.append(lambda: module_at(w.model, w.family.final_norm).register_forward_pre_hook(put("final")))
     regs.append(lambda: w.model.get_output_embeddings().register_forward_hook(put("raw")))
     linears = {}
     if with_linears:
         keep = lambda m, a, o: linears.__setitem__(m, (a[0].detach().float().clone(), o.detach().float().clone()))  # noqa: E731
         regs += [lambda m=m: m.register_forward_hook(keep) for i in range(L) for m in _linears(w, i)]
-    calls, inputs, out = _capture_calls(w, rows, regs)
+    calls, inputs, out = capture_calls(w.model, w.layers, rows, regs)
     batch, pos = rows.shape
     f = lambda t: t.float().reshape(batch, pos, -1)  # noqa: E731 - some layers flatten [batch·pos, …] (OPT)
     z_hf = torch.stack([f(got[("z", i)]).view(batch, pos, w.n_heads, w.d_head) for i in range(L)])
@@ -341,7 +249,7 @@ def patch_layer(
     head_idx = torch.tensor(heads, device=u.device)
     de_head = None
     hidden = clean.resid_pre[layer].repeat(n, 1, 1)  # [n·batch, pos, d_model], copy-major
-    with torch.no_grad(), _hooks(*regs):
+    with torch.no_grad(), hooks(*regs):
         for i in range(layer, w.n_layers):
             hidden = clean.calls[i].run(w.layers[i], hidden, batch, n)
             z = got.pop(("z", i))
