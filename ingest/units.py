@@ -126,7 +126,7 @@ class UnitRunner:
         from selfrepair.ingest.clean import TokenStrings
 
         self.cfg, self.model, self.w, self.ms, self.log = cfg, model, w, ms, log
-        self.low = None if cfg.dtype == "float32" else getattr(torch, cfg.dtype)
+        self.dtype = None if cfg.dtype == "float32" else getattr(torch, cfg.dtype)  # None: a float32 sweep
         self.strings = TokenStrings(model.tokenizer)
         self.hpp: int | None = None  # heads per pass, found on the first ablation unit
         self._ctx_rows, self._ctx = None, None  # the last batch's clean state, reused across its draws
@@ -174,7 +174,7 @@ class UnitRunner:
         from selfrepair.ingest.ablate import FastBatch, ReferenceBatch
 
         cfg, w, work = self.cfg, self.w, unit.work
-        make = (lambda r: FastBatch(w, r, self.low)) if cfg.engine == "fast" else (
+        make = (lambda r: FastBatch(w, r, self.dtype)) if cfg.engine == "fast" else (
             lambda r: ReferenceBatch(self.model.require_bridge(), r))
         rows = self._tensor(unit.rows)
         hpp = self.heads_per_pass()
