@@ -101,8 +101,11 @@ def build_head_page(store, label: str, model: str | None = None, ablation: str |
         values = {k: v for k, v in (params | extra).items() if k in known}
         return store.query(name, **values).filter(pl.col("model") == model).drop("model")
 
-    summary = query("head_top_self_repair").filter((pl.col("layer") == layer) & (pl.col("head") == head)).row(
-        0, named=True)
+    def means(sample: int) -> pl.DataFrame:
+        """The head's means over its top-p% tokens in one draw (`head_top_self_repair`'s row)."""
+        return query("head_top_self_repair", sample=sample).filter((pl.col("layer") == layer) & (pl.col("head") == head))
+
+    summary = means(sample).row(0, named=True)
     tokens = query("head_page_tokens", n=n_tokens, context=CONTEXT_TOKENS)
     repair = query("backup_heads", limit=limit)
     neurons = query("anti_erasure_neurons", limit=limit)
@@ -111,8 +114,10 @@ def build_head_page(store, label: str, model: str | None = None, ablation: str |
         pl.col("token_index").is_in(tokens["token_index"].implode()) & pl.col("rank").is_not_null())
     attention = attention if attention.height else None
     draws = None
-    if ablation == "resample" and len({d.sample for d in inv.draws if d.ablation == "resample"}) > 1:
-        draws = query("head_page_draws")
+    samples = sorted({d.sample for d in inv.draws if d.ablation == "resample"})
+    if ablation == "resample" and len(samples) > 1:
+        draws = pl.concat([means(s).select(pl.lit(s).alias("sample"), "n_tokens", "d_logit", "sr", "sr_heads",
+                                            "sr_mlps", "sr_ln") for s in samples])
     return HeadPage(model, layer, head, ablation, sample, p, summary, tokens, repair, neurons, attention, draws)
 
 
