@@ -7,25 +7,10 @@ title or caption: model, token count, ablation type and p.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, replace
 
+from selfrepair.store.labels import head_label  # noqa: F401 - the figures import it from here
 from selfrepair.store.manifest import Manifest
-
-HEAD_LABEL = re.compile(r"^L(\d+)H(\d+)$")
-
-
-def head_label(layer: int, head: int) -> str:
-    """`L{layer}H{head}`, the project's head label."""
-    return f"L{int(layer)}H{int(head)}"
-
-
-def parse_head(text: str) -> tuple[int, int]:
-    """`L9H11` -> (9, 11); raises ValueError naming the bad label."""
-    m = HEAD_LABEL.match(text.strip())
-    if not m:
-        raise ValueError(f"{text!r} is not a head label like L9H11")
-    return int(m.group(1)), int(m.group(2))
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import polars as pl
 
 from selfrepair.analysis.context import head_label
 from selfrepair.errors import QueryError
-from selfrepair.queries import requests
+from selfrepair.queries import named, requests
 from selfrepair.queries.output import format_value, render_table
 
 CONTEXT_TOKENS = 12
@@ -94,40 +94,30 @@ def build_head_page(store, label: str, model: str | None = None, ablation: str |
         p = inv.top_p
     params = {"p": p, "ablation": ablation, "sample": sample, "layer": layer, "head": head}
     requests.check(invs, params, model)
-    bound = dict(params, model=model)
-    summary = store.sql(
-        "SELECT count(*) AS n_tokens, avg(de_clean) AS de_clean, avg(de_ablated) AS de_ablated, "
-        "avg(d_logit) AS d_logit, avg(sr) AS sr, avg(sr_heads) AS sr_heads, avg(sr_mlps) AS sr_mlps, "
-        "avg(sr_ln) AS sr_ln, avg(ln_ratio) AS ln_ratio FROM self_repair_top($p) "
-        "WHERE model = $model AND layer = $layer AND head = $head AND ablation = $ablation AND sample = $sample",
-        bound).row(0, named=True)
-    tokens = store.sql(
-        "SELECT s.token_index, c.row, c.pos, c.before, c.token, c.after, s.de_clean, s.d_logit, s.sr "
-        f"FROM self_repair_top($p) s JOIN token_context({CONTEXT_TOKENS}) c USING (model, token_index) "
-        "WHERE s.model = $model AND s.layer = $layer AND s.head = $head AND s.ablation = $ablation "
-        "AND s.sample = $sample ORDER BY s.de_clean DESC, s.token_index LIMIT $n",
-        bound | {"n": n_tokens})
-    repair = store.query("backup_heads", layer=layer, head=head, ablation=ablation, sample=sample, limit=limit)
-    repair = repair.filter(pl.col("model") == model).drop("model")
-    neurons = store.query("anti_erasure_neurons", layer=layer, head=head, ablation=ablation, sample=sample,
-                          limit=limit).filter(pl.col("model") == model).drop("model")
+
+    def query(name: str, **extra) -> pl.DataFrame:
+        """A named query for this head (the page's settings it takes, and `extra`), the model's rows only."""
+        known = {q.name for q in named.get_query(name).params}
+        values = {k: v for k, v in (params | extra).items() if k in known}
+        return store.query(name, **values).filter(pl.col("model") == model).drop("model")
+
+    def means(sample: int) -> pl.DataFrame:
+        """The head's means over its top-p% tokens in one draw (`head_top_self_repair`'s row)."""
+        return query("head_top_self_repair", sample=sample).filter((pl.col("layer") == layer) & (pl.col("head") == head))
+
+    summary = means(sample).row(0, named=True)
+    tokens = query("head_page_tokens", n=n_tokens, context=CONTEXT_TOKENS)
+    repair = query("backup_heads", limit=limit)
+    neurons = query("anti_erasure_neurons", limit=limit)
     # Where it attends: the top-k sources of each shown token (rows stored with each draw's shard).
-    attention = store.sql(
-        "SELECT a.token_index, a.rank, a.src_pos, a.token_index - a.src_token_index AS distance, a.weight, "
-        "t.token_str AS src_token FROM attention_top a JOIN tokens t ON t.model = a.model "
-        "AND t.token_index = a.src_token_index WHERE a.model = $model AND a.layer = $layer AND a.head = $head "
-        "AND a.ablation = $ablation AND a.sample = $sample AND a.token_index IN (SELECT unnest($tokens)) "
-        "ORDER BY a.token_index, a.rank",
-        {k: bound[k] for k in ("model", "layer", "head", "ablation", "sample")}
-        | {"tokens": tokens["token_index"].to_list()})
+    attention = query("head_page_attention").filter(
+        pl.col("token_index").is_in(tokens["token_index"].implode()) & pl.col("rank").is_not_null())
     attention = attention if attention.height else None
     draws = None
-    if ablation == "resample" and len({d.sample for d in inv.draws if d.ablation == "resample"}) > 1:
-        draws = store.sql(
-            "SELECT sample, count(*) AS n_tokens, avg(d_logit) AS d_logit, avg(sr) AS sr, "
-            "avg(sr_heads) AS sr_heads, avg(sr_mlps) AS sr_mlps, avg(sr_ln) AS sr_ln FROM self_repair_top($p) "
-            "WHERE model = $model AND layer = $layer AND head = $head AND ablation = 'resample' "
-            "GROUP BY sample ORDER BY sample", {k: bound[k] for k in ("p", "model", "layer", "head")})
+    samples = sorted({d.sample for d in inv.draws if d.ablation == "resample"})
+    if ablation == "resample" and len(samples) > 1:
+        draws = pl.concat([means(s).select(pl.lit(s).alias("sample"), "n_tokens", "d_logit", "sr", "sr_heads",
+                                            "sr_mlps", "sr_ln") for s in samples])
     return HeadPage(model, layer, head, ablation, sample, p, summary, tokens, repair, neurons, attention, draws)
 
 

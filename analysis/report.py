@@ -23,7 +23,7 @@ from selfrepair.analysis.head_page import build_head_page
 from selfrepair.analysis.head_page import html as head_html
 from selfrepair.analysis.heads import default_heads, penultimate_head
 from selfrepair.analysis.spec import FigureSpec, TableSpec, fetch
-from selfrepair.analysis.style import figure_bytes, note_figure, rc
+from selfrepair.analysis.style import figure_bytes, rc
 from selfrepair.errors import ConfigError, QueryError, StoreError
 from selfrepair.queries import requests
 from selfrepair.queries.named import get_query

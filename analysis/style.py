@@ -71,16 +71,6 @@ def figure_bytes(fig: Figure, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def note_figure(title: str, text: str) -> Figure:
-    """A small figure that only says why there is nothing to draw."""
-    fig, axes = new_figure(figsize=(7.5, 1.6))
-    ax = axes[0, 0]
-    ax.axis("off")
-    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True)
-    ax.set_title(title)
-    return fig
-
-
 SHARE_LIMITS = (-100.0, 200.0)  # percent: a layer whose DE is near 0 gives shares far outside this
 
 

@@ -37,14 +37,14 @@ def _save_neox(folder, shape: dict):
     return folder
 
 
-def sweep_tables(w, low, rows, src_rows, heads, top_sets):
+def sweep_tables(w, dtype, rows, src_rows, heads, top_sets):
     """One batch's tables: both clean baselines, then all heads, a layer's heads per pass.
 
-    `low`: the dtype of the matrix products (None: float32), as `--dtype` gives it.
+    `dtype`: the dtype of the matrix products (None: float32), as `--dtype` gives it.
     """
     from selfrepair.ingest.ablate import FastBatch, ablation_tables
 
-    ctx, src = FastBatch(w, rows, low), FastBatch(w, src_rows, low)
+    ctx, src = FastBatch(w, rows, dtype), FastBatch(w, src_rows, dtype)
     return ablation_tables(ctx, src, "resample", 0, heads, rows, 0, top_sets, 50, w.n_heads, w)
 
 
@@ -69,7 +69,7 @@ def measure(ctx, device: str, shape: dict, batch_rows: int, n_batches: int) -> d
 
     # load_model boots a local folder with TransformerBridge.boot_transformers(path,
     # hf_model=..., tokenizer=...) and enable_compatibility_mode(), as the ingest does.
-    model = load_model(str(_save_neox(ctx.tmp / "neox-bench", shape)), device, "float32")
+    model = load_model(str(_save_neox(ctx.tmp / "neox-bench", shape)), device)
     w32 = read_weights(model.hf_model, SEQ_LEN)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     heads = [(l, h) for l in range(w32.n_layers) for h in range(w32.n_heads)]
@@ -80,12 +80,12 @@ def measure(ctx, device: str, shape: dict, batch_rows: int, n_batches: int) -> d
     top_sets = {lh: top for lh in heads}
     out = {"heads": len(heads), "tokens_per_batch": n}
     with torch.no_grad():
-        for name, low in (("float32", None), ("bfloat16", torch.bfloat16)):
-            sweep_tables(w32, low, rows[0], rows[1], heads, top_sets)  # warm-up
+        for name, dtype in (("float32", None), ("bfloat16", torch.bfloat16)):
+            sweep_tables(w32, dtype, rows[0], rows[1], heads, top_sets)  # warm-up
             sync()
             t0 = time.perf_counter()
             for b in range(n_batches):
-                sweep_tables(w32, low, rows[b], rows[b + 1], heads, top_sets)
+                sweep_tables(w32, dtype, rows[b], rows[b + 1], heads, top_sets)
             sync()
             out[f"{name}_s_per_m_tokens"] = (time.perf_counter() - t0) / (n_batches * n) * 1e6
         a = sweep_tables(w32, None, rows[0], rows[1], heads, top_sets)["ablation_effects"]

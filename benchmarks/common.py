@@ -76,7 +76,7 @@ class Context:
 
             name = str(tiny_llama_dir(self.tmp / "tiny-llama")) if self.quick else EMBEDDED
             t0 = time.perf_counter()
-            self.memo["model"] = load_model(name, "cpu", "float32")
+            self.memo["model"] = load_model(name, "cpu")
             self.log(f"  loaded {self.model_name} in {time.perf_counter() - t0:.1f} s")
         return self.memo["model"]
 

@@ -22,10 +22,10 @@ from selfrepair.store.schema import SRC_KINDS
 class FastBatch:
     """The fast engine on one batch: its own float32 clean run is the baseline of every patch."""
 
-    def __init__(self, w: Weights, rows: torch.Tensor, low_precision: torch.dtype | None = None,
+    def __init__(self, w: Weights, rows: torch.Tensor, dtype: torch.dtype | None = None,
                  clean: E.CleanState | None = None):
-        self.w, self.low_precision = w, low_precision
-        self.clean = clean if clean is not None else E.clean_run(w, rows, with_linears=low_precision is not None)
+        self.w, self.dtype = w, dtype  # the sweep's matrix products (None: float32), `IngestConfig.dtype`
+        self.clean = clean if clean is not None else E.clean_run(w, rows, with_linears=dtype is not None)
         self._ou = None  # head projections, made on the first patch
 
     def clean_z(self, layer: int) -> torch.Tensor:
@@ -43,7 +43,7 @@ class FastBatch:
     def patch(self, layer: int, heads: list[int], z_new: torch.Tensor, u: torch.Tensor) -> E.PatchResult:
         if self._ou is None:
             self._ou = E.head_projections(self.w, u)
-        return E.patch_layer(self.w, self.clean, layer, heads, z_new, u, self._ou, self.low_precision)
+        return E.patch_layer(self.w, self.clean, layer, heads, z_new, u, self._ou, self.dtype)
 
 
 class ReferenceBatch:

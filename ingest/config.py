@@ -7,13 +7,16 @@ follow from the settings are properties.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 
-from selfrepair.errors import ConfigError
-from selfrepair.store.heads import SR_WORDS, check_sr_heads_spec, parse_heads  # noqa: F401 - parse_heads re-exported
+from selfrepair.errors import ConfigError, SettingConflict
+from selfrepair.ingest.presets import PRESETS, preset_settings
+from selfrepair.store.heads import HEAD_WORDS, SR_WORDS, normalize_spec, parse_heads  # noqa: F401 - parse_heads re-exported
 from selfrepair.store.estimate import select_arrays
 from selfrepair.store.schema import ABLATION_KINDS, ARRAY_DTYPES, ARRAYS
+from selfrepair.store.top_tokens import top_count
 
 ENGINES = ("fast", "reference")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -24,89 +27,132 @@ EXECUTORS = ("inprocess", "ray")
 _EXECUTION = ("executor", "ray_address", "workers")
 
 
+def parse_ablations(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """A comma list (or sequence) of ablation kinds, each once, in the order given."""
+    kinds = tuple(value.split(",")) if isinstance(value, str) else tuple(value)
+    kinds = tuple(dict.fromkeys(k.strip() for k in kinds if k.strip()))
+    for kind in kinds:
+        if kind not in ABLATION_KINDS:
+            raise ConfigError(f"unknown ablation type {kind!r}; choose from {', '.join(ABLATION_KINDS)}")
+    if not kinds:
+        raise ConfigError("no ablation type given")
+    return kinds
+
+
+def setting(default=None, help: str | None = None, *, unset=None, choices: tuple | None = None, parse=None,
+            min: int | None = None, flag: tuple[str, ...] | None = None, metavar: str | None = None,
+            cli: bool = True, show_default: bool = True):
+    """A field of IngestConfig with everything `selfrepair ingest` builds its option from.
+
+    Args:
+        default: the field's default (None for a preset field: "unset").
+        help: the option's help text.
+        unset: for a field a preset may fix: the value it takes when neither the caller nor the preset sets it.
+        choices: the only values allowed.
+        parse: turns text (or an already parsed value) into the field's value; raises ValueError.
+        min: the smallest value allowed.
+        flag: the option's declarations (default: `--field-name`).
+        metavar: the option's value name in `--help`.
+        cli: whether `selfrepair ingest` has an option for it.
+        show_default: whether `--help` shows the default.
+    """
+    meta = {"help": help, "unset": unset, "choices": choices, "parse": parse, "min": min, "flag": flag,
+            "metavar": metavar, "cli": cli, "show_default": show_default}
+    return field(default=default, metadata={k: v for k, v in meta.items() if v is not None})
+
+
+def flag_of(name: str) -> str:
+    """The `selfrepair ingest` option of an IngestConfig field (`batch_size` -> `--batch-size`)."""
+    meta = _FIELDS[name].metadata
+    return meta["flag"][0] if "flag" in meta else "--" + name.replace("_", "-")
+
+
 @dataclass
 class IngestConfig:
     """One ingest run.
 
-    Args:
-        model: registry short name, Hugging Face id or local folder.
-        revision: the Hugging Face revision (branch, tag or commit) of the weights.
-        store: store root; the model gets a folder inside it.
-        tokens: predictions to store (rows = ceil(tokens / (seq_len - 1))).
-        seq_len: tokens per row, BOS included.
-        batch_size: rows per batch: the unit of resample pairing, mean ablation and a shard.
-        corpus: corpus spec (None: the default for the model).
-        ablations: ablation kinds to run.
-        resamples: resample draws (draw 0 is the paper's next-batch rule).
-        heads: `all` or labels such as `L9H11,L10`.
-        top_p: fraction of each head's tokens (by clean DE) that get repair/neuron detail.
-        neurons_top_k: final-MLP neurons kept per ablated head and top token.
-        attention_top_k: attention sources kept per ablated head and top token (`attention_top`).
-        sr_mlps_neurons: heads whose top floor(top_p · N) tokens by sr_mlps (`d_de_mlps`) also get
-            neuron detail: `none`, `all`, `penultimate` (every head of layer n_layers − 2, the
-            paper's choice) or labels such as `L10H3,L11`. Like `heads`, naming more later extends.
-        device: auto, cpu or cuda.
-        dtype: compute dtype of the model.
-        engine: `fast` (the FLOP-minimal sweep) or `reference` (one hooked forward per head).
-        heads_per_pass: heads batched into one patched pass (None: from free memory).
-        activations: Zarr activation arrays to keep: a tuple of names from `store/schema.py::ARRAYS`,
-            or a spec such as `all`, `none`, `z`, `resid,z` (True: all, False: none).
-        activation_dtype: float16 or float32 for the Zarr arrays.
-        seed: seed of the extra resample pairings.
-        overwrite: replace an existing model folder with a different configuration.
-        quiet: no plan, progress bars or summary.
-        dry_run: load the model, print the plan and the disk estimate, write nothing.
-        executor: `inprocess` (this process computes every unit) or `ray` (a pool of Ray actors
-            computes them; this process commits).
-        ray_address: the Ray cluster to join (`auto`, `HOST:PORT`); None starts a Ray of this machine.
-        workers: Ray actors (default: one per GPU of the cluster, or one on its CPUs when it has none).
-        preset: None, or `paper` (ingest/presets.py): the authors' rows, batches, pairing and weight
-            processing. The preset's settings replace the fields left at their defaults; a field set to
-            another value conflicts with it (ConfigError).
+    Each field's help, choices, range and parser are its `setting(...)`, which `selfrepair ingest`
+    turns into its options; `--help` lists them all.
+
+    The preset fields (seq_len, batch_size, top_p, sr_mlps_neurons) default to None, "unset":
+    a preset then fixes them, and without one they take their `unset` value. A value given
+    that differs from the preset's is refused (SettingConflict), even one equal to the default.
     """
 
-    model: str = "smollm2-135m"
-    revision: str | None = None
-    store: Path = Path("stores")
-    tokens: int = 1016
-    seq_len: int = 128
-    batch_size: int = 4
-    corpus: str | None = None
-    ablations: tuple[str, ...] = ("resample",)
-    resamples: int = 1
-    heads: str = "all"
-    top_p: float = 0.02
-    neurons_top_k: int = 50
-    attention_top_k: int = 8
-    sr_mlps_neurons: str = "none"
-    device: str = "auto"
-    dtype: str = "float32"
-    engine: str = "fast"
-    heads_per_pass: int | None = None
-    activations: bool | str | tuple[str, ...] = True
-    activation_dtype: str = "float16"
-    seed: int = 0
-    overwrite: bool = False
-    quiet: bool = False
-    dry_run: bool = False
-    executor: str = "inprocess"
-    ray_address: str | None = None
-    workers: int | None = None
-    preset: str | None = None
+    model: str = setting("smollm2-135m", "Registry short name (pythia-410m, gpt2-small, smollm2-135m, …), "
+                         "Hugging Face id or local folder.")
+    revision: str | None = setting(None, "Hugging Face revision (branch, tag or commit) of the weights.")
+    store: Path = setting(Path("stores"), "Store root; the model gets a folder inside it.", cli=False)
+    tokens: int = setting(1016, "Predictions to store (whole rows).")
+    seq_len: int | None = setting(help="Tokens per row, BOS included.", unset=128)
+    batch_size: int | None = setting(help="Rows per batch: the unit of resample pairing, mean ablation and shards.",
+                                     unset=4)
+    corpus: str | None = setting(None, "'embedded', a .txt/.jsonl/.parquet file or folder, or a dataset id. "
+                                 "Default: embedded for the embedded/local models, NeelNanda/pile-10k otherwise.")
+    ablations: tuple[str, ...] = setting(("resample",), "Comma list of resample, mean, zero.", parse=parse_ablations,
+                                         metavar="KINDS")
+    resamples: int = setting(1, "Resample draws; draw 0 is the paper's next-batch rule, others are seeded.", min=1)
+    heads: str = setting("all", "'all' or e.g. L9H11,L10.", parse=partial(normalize_spec, words=HEAD_WORDS),
+                         metavar="HEADS")
+    top_p: float | None = setting(help="Fraction of each head's tokens (by clean DE) with repair and neuron detail.",
+                                  unset=0.02)
+    neurons_top_k: int = setting(50, "Final-MLP neurons kept at each end of the signed change in DE (top k and "
+                                 "bottom k) per head and detail token; per-token sums over all neurons are stored too.",
+                                 min=0)
+    sr_mlps_neurons: str | None = setting(
+        help="Heads whose top-p% tokens by sr_mlps (d_de_mlps) also get neuron detail, as the paper's neuron figures "
+        "pick them: none, all, penultimate (every head of layer n_layers-2) or e.g. L10H3,L11. In-process executor only.",
+        unset="none", parse=partial(normalize_spec, words=SR_WORDS), metavar="HEADS")
+    attention_top_k: int = setting(8, "Attention sources kept per head and top token (the largest clean attention "
+                                   "weights).", min=0)
+    device: str = setting("auto", choices=DEVICES)
+    dtype: str = setting("float32", "Precision of the sweep's matrix products (on the change from the clean run); "
+                         "the clean pass, residual stream, norms and differences stay float32.", choices=DTYPES)
+    engine: str = setting("fast", "fast: FLOP-minimal sweep; reference: one full hooked forward per head.",
+                          choices=ENGINES)
+    heads_per_pass: int | None = setting(None, "Heads batched into one patched pass (default: from free memory).",
+                                         min=1)
+    activations: bool | str | tuple[str, ...] = setting(
+        True, "Zarr arrays to keep: all (default), none, or a comma list of resid_pre, resid_final, resid, z, "
+        "norm_scales, mlp_post_final.", parse=select_arrays, metavar="ARRAYS", show_default=False)
+    activation_dtype: str = setting("float16", "float16 or float32 for the Zarr arrays.", choices=ARRAY_DTYPES,
+                                    cli=False)
+    dry_run: bool = setting(False, "Load the model, print the plan and the estimated bytes of every table and array; "
+                            "write nothing.")
+    seed: int = setting(0, "Seed of the extra resample draws.")
+    overwrite: bool = setting(False, "Replace a model folder ingested with another configuration.")
+    quiet: bool = setting(False, "No plan, progress bars or summary.", flag=("--quiet", "-q"))
+    executor: str = setting("inprocess", "inprocess: this process computes everything; ray: a pool of Ray actors "
+                            "(one per GPU) computes the units and this process commits them (needs selfrepair[ray]).",
+                            choices=EXECUTORS)
+    ray_address: str | None = setting(None, "With --executor ray: the cluster to join, 'auto' or HOST:PORT "
+                                      "(default: a Ray of this machine).")
+    workers: int | None = setting(None, "With --executor ray: actors to start (default: one per GPU, or one on the "
+                                  "CPUs).", min=1)
+    preset: str | None = setting(None, "paper: the authors' setup (batches of 30, partial batch dropped, next-batch "
+                                 "resample, TransformerLens tokenize_and_concatenate rows, seq-len 128, top-p 0.02, "
+                                 "Llama unfolded). An explicit flag that contradicts it is refused.",
+                                 choices=tuple(PRESETS))
 
     def __post_init__(self) -> None:
-        self._apply_preset()
         self.store = Path(self.store)
-        try:
-            self.activations = select_arrays(self.activations)
-        except ValueError as e:
-            raise ConfigError(f"activations: {e}") from None
-        if isinstance(self.ablations, str):
-            self.ablations = tuple(a.strip() for a in self.ablations.split(",") if a.strip())
-        self.ablations = tuple(dict.fromkeys(self.ablations))
-        self.sr_mlps_neurons = str(self.sr_mlps_neurons).strip() or "none"
-        if self.sr_mlps_neurons.lower() in SR_WORDS:
-            self.sr_mlps_neurons = self.sr_mlps_neurons.lower()
+        for f in fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if value is None:
+                continue
+            if "parse" in meta:
+                try:
+                    value = meta["parse"](value)
+                except ValueError as e:
+                    raise ConfigError(f"{f.name}: {e}") from None
+                setattr(self, f.name, value)
+            if "choices" in meta and value not in meta["choices"]:
+                if f.name == "preset":
+                    raise ConfigError(f"preset: unknown preset {value!r}; choose from {', '.join(meta['choices'])}")
+                raise ConfigError(f"{f.name}: {value!r} is not one of {', '.join(meta['choices'])}")
+            if "min" in meta and value < meta["min"]:
+                raise ConfigError(f"{f.name}: must be {_at_least(meta['min'])}, got {value}")
+        self._apply_preset()
         if not self.model or not str(self.model).strip():
             raise ConfigError("model: empty name")
         if self.tokens <= 0:
@@ -115,13 +161,6 @@ class IngestConfig:
             raise ConfigError(f"seq_len: must be at least 2, got {self.seq_len}")
         if self.batch_size <= 0:
             raise ConfigError(f"batch_size: must be positive, got {self.batch_size}")
-        if not self.ablations:
-            raise ConfigError("ablations: none given")
-        for kind in self.ablations:
-            if kind not in ABLATION_KINDS:
-                raise ConfigError(f"ablations: unknown ablation type {kind!r}; choose from {', '.join(ABLATION_KINDS)}")
-        if self.resamples < 1:
-            raise ConfigError(f"resamples: must be at least 1, got {self.resamples}")
         if self.whole_batches:
             need = 2 if "resample" in self.ablations else 1  # resample pairs each batch with another
             if self.n_rows < need * self.batch_size:
@@ -137,53 +176,33 @@ class IngestConfig:
             raise ConfigError(f"top_p: floor(top_p × tokens) = floor({self.top_p:g} × {self.n_tokens}) = 0 tokens per "
                               f"head; raise --top-p to at least 1/{self.n_tokens} or --tokens to at least "
                               f"{math.ceil(1 / self.top_p)}")
-        if self.attention_top_k < 0:
-            raise ConfigError(f"attention_top_k: must be >= 0, got {self.attention_top_k}")
-        if self.neurons_top_k < 0:
-            raise ConfigError(f"neurons_top_k: must be >= 0, got {self.neurons_top_k}")
-        try:
-            check_sr_heads_spec(self.sr_mlps_neurons)
-        except ConfigError as e:
-            raise ConfigError(f"sr_mlps_neurons: {e}") from None
         if self.sr_mlps_neurons != "none" and self.neurons_top_k == 0:
             raise ConfigError("sr_mlps_neurons: needs neuron detail; --neurons-top-k is 0")
         if self.sr_mlps_neurons != "none" and self.executor == "ray":
             raise ConfigError("sr_mlps_neurons: not supported with --executor ray yet; run it with the in-process "
                               "executor (it extends a store the Ray run wrote)")
-        if self.device not in DEVICES:
-            raise ConfigError(f"device: {self.device!r} is not one of {', '.join(DEVICES)}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if self.engine not in ENGINES:
-            raise ConfigError(f"engine: {self.engine!r} is not one of {', '.join(ENGINES)}")
-        if self.heads_per_pass is not None and self.heads_per_pass <= 0:
-            raise ConfigError(f"heads_per_pass: must be positive, got {self.heads_per_pass}")
-        if self.executor not in EXECUTORS:
-            raise ConfigError(f"executor: {self.executor!r} is not one of {', '.join(EXECUTORS)}")
-        if self.workers is not None and self.workers <= 0:
-            raise ConfigError(f"workers: must be positive, got {self.workers}")
-        if self.executor != "ray" and (self.workers is not None or self.ray_address is not None):
-            raise ConfigError("workers, ray_address: only with executor ray")
-        if self.activation_dtype not in ARRAY_DTYPES:
-            raise ConfigError(f"activation_dtype: {self.activation_dtype!r} is not float16 or float32")
+        given = [k for k in ("workers", "ray_address") if getattr(self, k) is not None]
+        if self.executor != "ray" and given:
+            raise SettingConflict(f"{', '.join(given)}: only with executor ray",
+                                  f"{' and '.join(map(flag_of, given))} only apply with --executor ray")
 
     def _apply_preset(self) -> None:
-        from dataclasses import fields
-
-        from selfrepair.ingest.presets import PRESETS
-
-        if self.preset is None:
-            return
-        if self.preset not in PRESETS:
-            raise ConfigError(f"preset: unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
-        defaults = {f.name: f.default for f in fields(self)}
-        for key, value in PRESETS[self.preset].items():
-            if key not in defaults:
-                continue  # a setting this version does not have yet: recorded in the manifest only
-            mine = getattr(self, key)
-            if mine != defaults[key] and mine != value:
-                raise ConfigError(f"{key}: {mine!r} conflicts with preset {self.preset} ({key} {value!r})")
-            setattr(self, key, value)
+        """Give each preset field (one with an `unset` value) the preset's value, or its `unset` value
+        without one; refuse a value set that differs from the preset's."""
+        fixed = preset_settings(self.preset)  # a setting this version does not have stays in the manifest only
+        for f in fields(self):
+            if "unset" not in f.metadata:
+                continue
+            mine = getattr(self, f.name)
+            if f.name not in fixed:
+                setattr(self, f.name, f.metadata["unset"] if mine is None else mine)
+                continue
+            theirs = fixed[f.name]
+            if mine is not None and mine != theirs:
+                flag = flag_of(f.name)
+                raise SettingConflict(f"{f.name}: {mine!r} conflicts with preset {self.preset} ({f.name} {theirs!r})",
+                                      f"{flag} {mine} contradicts --preset {self.preset} ({flag} {theirs})")
+            setattr(self, f.name, theirs)
 
     @property
     def whole_batches(self) -> bool:
@@ -207,8 +226,8 @@ class IngestConfig:
 
     @property
     def top_tokens(self) -> int:
-        """Tokens in each head's top-p% set: floor(top_p · n_tokens)."""
-        return math.floor(self.top_p * self.n_tokens)
+        """Tokens in each head's top-p% set (`store/top_tokens.top_count`)."""
+        return top_count(self.top_p, self.n_tokens)
 
     @property
     def n_batches(self) -> int:
@@ -226,6 +245,7 @@ class IngestConfig:
             d.pop(k)
         return d
 
+
     def to_json(self) -> dict:
         d = asdict(self)
         d["store"] = str(self.store)
@@ -238,3 +258,17 @@ class IngestConfig:
         for k in _EXECUTION:
             d.pop(k)
         return d
+
+
+_FIELDS = {f.name: f for f in fields(IngestConfig)}
+
+
+def _at_least(low: int) -> str:
+    return "positive" if low == 1 else f">= {low}"
+
+
+_FIELDS = {f.name: f for f in fields(IngestConfig)}
+
+
+def _at_least(low: int) -> str:
+    return "positive" if low == 1 else f">= {low}"

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from selfrepair.errors import CorpusError
+from selfrepair.ingest import models
 
 EMBEDDED = "embedded"
 PAPER_CORPUS = "NeelNanda/pile-10k"
@@ -24,9 +25,7 @@ _SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 def default_corpus(model_name: str, model_is_local: bool) -> str:
     """The embedded corpus for the embedded or a local model, the paper's corpus otherwise."""
-    from selfrepair.ingest.models import EMBEDDED as EMBEDDED_MODEL
-
-    return EMBEDDED if model_name == EMBEDDED_MODEL or model_is_local else PAPER_CORPUS
+    return EMBEDDED if model_name == models.EMBEDDED or model_is_local else PAPER_CORPUS
 
 
 def _embedded_documents() -> Iterator[str]:
@@ -82,9 +81,7 @@ def _hf_documents(name: str) -> Iterator[str]:
             f"corpus {name}: the Hugging Face `datasets` package is not installed and no local file "
             "has that name; pass a local .txt/.jsonl/.parquet file or --corpus embedded"
         ) from None
-    from selfrepair.ingest.models import _hub_reachable
-
-    with _quiet_hub(offline=not _hub_reachable()):
+    with _quiet_hub(offline=not models._hub_reachable()):
         try:
             ds = datasets.load_dataset(name, split="train")
         except Exception as e:  # noqa: BLE001 - datasets raises many kinds; one line is what a user needs

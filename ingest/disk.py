@@ -10,6 +10,7 @@ from selfrepair.errors import StoreError
 from selfrepair.ingest.config import IngestConfig
 from selfrepair.store import estimate as E
 from selfrepair.store import files
+from selfrepair.store.heads import parse_sr_heads
 from selfrepair.store.model_store import ModelStore
 
 
@@ -33,8 +34,6 @@ def run_counts(cfg: IngestConfig, heads, arrays: tuple[str, ...] | None = None, 
 
 def count_sr_heads(cfg: IngestConfig, w, heads) -> int:
     """The ablated heads `--sr-mlps-neurons` names (they get neuron detail on their top tokens by sr_mlps)."""
-    from selfrepair.store.heads import parse_sr_heads
-
     return len(set(parse_sr_heads(cfg.sr_mlps_neurons, w.n_layers, w.n_heads)) & set(heads))
 
 

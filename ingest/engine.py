@@ -17,47 +17,16 @@ full vocabulary: DEs are dot products with the target token's processed column `
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from selfrepair.errors import UnsupportedModel
+from selfrepair.ingest import hook_names as H
+from selfrepair.ingest.families import module_at
+from selfrepair.ingest.layer_calls import Call, capture_calls, hooks
 from selfrepair.ingest.weights import Weights
-
-
-@dataclass
-class Call:
-    """One decoder layer's call as the model made it, less the hidden state."""
-
-    args: tuple
-    kwargs: dict
-    hidden_kw: bool  # the hidden state came as `hidden_states=` rather than first positional
-
-    def run(self, layer, hidden: Tensor, batch: int, copies: int) -> Tensor:
-        """Call `layer` on `hidden` ([copies·batch, pos, d_model]), tiling batch-shaped arguments."""
-        args = _tile(self.args, batch, copies)
-        kwargs = _tile(self.kwargs, batch, copies)
-        out = layer(*args, hidden_states=hidden, **kwargs) if self.hidden_kw else layer(hidden, *args, **kwargs)
-        return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _tile(obj, batch: int, copies: int):
-    """Repeat every batch-major tensor (masks, ALiBi [batch·head, …], per-row positions) `copies` times."""
-    if copies == 1:
-        return obj
-    if isinstance(obj, Tensor):
-        batchlike = obj.dim() >= 2 and obj.shape[0] % batch == 0 and not (obj.shape[0] == 1 and batch > 1)
-        return torch.cat([obj] * copies) if batchlike else obj
-    if isinstance(obj, tuple):
-        return tuple(_tile(o, batch, copies) for o in obj)
-    if isinstance(obj, list):
-        return [_tile(o, batch, copies) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _tile(v, batch, copies) for k, v in obj.items()}
-    return obj
 
 
 def _linears(w: Weights, layer: int) -> list:
@@ -69,7 +38,7 @@ def _linears(w: Weights, layer: int) -> list:
             if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not w.attn_out[layer]]
 
 
-class _LowPrecisionDelta:
+class _DeltaInDtype:
     """Run a projection as `clean output + low-precision W·(x − clean input)`, until `remove()`.
 
     Rounding whole activations to bfloat16 would swamp the small changes an ablation makes
@@ -96,64 +65,6 @@ class _LowPrecisionDelta:
 
     def remove(self) -> None:
         del self.module.forward  # the class's forward shows through again
-
-
-@contextlib.contextmanager
-def _hooks(*registrations):
-    handles = [r() for r in registrations]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _capture_calls(w: Weights, rows: Tensor, extra=()) -> tuple[list[Call], list[Tensor], object]:
-    """Run the whole model once, recording each layer's input and call. Returns (calls, inputs, output)."""
-    calls: list[Call | None] = [None] * w.n_layers
-    inputs: list[Tensor | None] = [None] * w.n_layers
-
-    def pre(i):
-        def hook(module, args, kwargs):
-            kwargs = dict(kwargs)
-            for cache_key in ("past_key_values", "past_key_value", "layer_past"):
-                if cache_key in kwargs:
-                    kwargs[cache_key] = None
-            if "hidden_states" in kwargs:
-                inputs[i] = kwargs.pop("hidden_states")
-                calls[i] = Call(tuple(args), kwargs, True)
-            else:
-                inputs[i] = args[0]
-                calls[i] = Call(tuple(args[1:]), kwargs, False)
-        return hook
-
-    regs = [lambda i=i: w.layers[i].register_forward_pre_hook(pre(i), with_kwargs=True) for i in range(w.n_layers)]
-    with torch.no_grad(), _hooks(*regs, *extra):
-        out = w.model(rows, use_cache=False)
-    return calls, inputs, out
-
-
-def zero_input_z(w: Weights, seq_len: int) -> Float[Tensor, "layer head d_head"]:
-    """Each head's z when its layer's input is all zeros: the folded value bias, constant over positions."""
-    device = w.W_O.device
-    rows = torch.zeros((1, seq_len), dtype=torch.long, device=device)
-    calls, _, _ = _capture_calls(w, rows)
-    out = []
-    for i, layer in enumerate(w.layers):
-        seen = {}
-        hook = w.attn_out[i].register_forward_pre_hook(lambda m, a, seen=seen: seen.__setitem__("z", a[0]))
-        try:
-            with torch.no_grad():
-                calls[i].run(layer, torch.zeros(1, seq_len, w.d_model, device=device), 1, 1)
-        finally:
-            hook.remove()
-        z = seen["z"].float()[0].view(seq_len, w.n_heads, w.d_head)
-        c = z.mean(0)
-        if float((z - c).abs().max()) > 1e-4 * (1 + float(c.abs().max())):
-            raise UnsupportedModel(f"{w.family.name}: a head's output at zero input varies with position, "
-                                   "so its value bias cannot be folded")
-        out.append(c)
-    return torch.stack(out)
 
 
 @dataclass
@@ -197,35 +108,34 @@ def clean_run(w: Weights, rows: Tensor, with_linears: bool = False) -> CleanStat
     low-precision sweep.
     """
     L = w.n_layers
-    got: dict = {}
+    got: dict = {}  # TransformerLens hook name -> the tensor that hook sees (ingest/hook_names.py)
     # Copies: some layers add into a module's output in place afterwards (Falcon's MLP).
     put = lambda key: (lambda m, a, o=None: got.__setitem__(key, (a[0] if o is None else o).detach().clone()))  # noqa: E731
+    norm_keys = [[H.norm_in(i, role) for role in _norm_roles(w, i)] for i in range(L)]
     regs = []
     for i in range(L):
-        regs.append(lambda i=i: w.attn_out[i].register_forward_pre_hook(put(("z", i))))
-        regs.append(lambda i=i: w.mlp_write[i].register_forward_hook(put(("m", i))))
+        regs.append(lambda i=i: w.attn_out[i].register_forward_pre_hook(put(H.z(i))))
+        regs.append(lambda i=i: w.mlp_write[i].register_forward_hook(put(H.mlp_out(i))))
         if w.post_norm:
-            regs.append(lambda i=i: w.attn_out[i].register_forward_hook(put(("o", i))))
-        for j, (_, module, _) in enumerate(w.layer_norms[i]):
-            regs.append(lambda i=i, j=j, module=module: module.register_forward_pre_hook(put(("n", i, j))))
+            regs.append(lambda i=i: w.attn_out[i].register_forward_hook(put(H.attn_out(i))))
+        for (_, module, _), key in zip(w.layer_norms[i], norm_keys[i]):
+            regs.append(lambda module=module, key=key: module.register_forward_pre_hook(put(key)))
     if w.mlp_post[-1] is not None:
-        regs.append(lambda: w.mlp_out[-1].register_forward_hook(put("mpre")))
-    regs.append(lambda: w.down_final.register_forward_pre_hook(put("post")))
-    from selfrepair.ingest.families import module_at
-
-    regs.append(lambda: module_at(w.model, w.family.final_norm).register_forward_pre_hook(put("final")))
-    regs.append(lambda: w.model.get_output_embeddings().register_forward_hook(put("raw")))
+        regs.append(lambda: w.mlp_out[-1].register_forward_hook(put(H.mlp_module_out(L - 1))))
+    regs.append(lambda: w.down_final.register_forward_pre_hook(put(H.mlp_post(L - 1))))
+    regs.append(lambda: module_at(w.model, w.family.final_norm).register_forward_pre_hook(put(H.resid_post(L - 1))))
+    regs.append(lambda: w.model.get_output_embeddings().register_forward_hook(put(H.UNEMBED_OUT)))
     linears = {}
     if with_linears:
         keep = lambda m, a, o: linears.__setitem__(m, (a[0].detach().float().clone(), o.detach().float().clone()))  # noqa: E731
         regs += [lambda m=m: m.register_forward_hook(keep) for i in range(L) for m in _linears(w, i)]
-    calls, inputs, out = _capture_calls(w, rows, regs)
+    calls, inputs, out = capture_calls(w.model, w.layers, rows, regs)
     batch, pos = rows.shape
     f = lambda t: t.float().reshape(batch, pos, -1)  # noqa: E731 - some layers flatten [batch·pos, …] (OPT)
-    z_hf = torch.stack([f(got[("z", i)]).view(batch, pos, w.n_heads, w.d_head) for i in range(L)])
-    o_out = torch.stack([f(got[("o", i)]) for i in range(L)]) if w.post_norm else None
-    resid_final = f(got["final"])
-    scales = [n.scale(f(got[("n", i, j)])) for i in range(L) for j, (_, _, n) in enumerate(w.layer_norms[i])]
+    z_hf = torch.stack([f(got[H.z(i)]).view(batch, pos, w.n_heads, w.d_head) for i in range(L)])
+    o_out = torch.stack([f(got[H.attn_out(i)]) for i in range(L)]) if w.post_norm else None
+    resid_final = f(got[H.resid_post(L - 1)])
+    scales = [n.scale(f(got[key])) for i in range(L) for (_, _, n), key in zip(w.layer_norms[i], norm_keys[i])]
     scale = w.final.scale(resid_final)
     state = CleanState(
         calls=calls,
@@ -233,19 +143,25 @@ def clean_run(w: Weights, rows: Tensor, with_linears: bool = False) -> CleanStat
         z=z_hf - w.c[:, None, None],
         o_out=o_out,
         attn_post_scale=torch.stack([w.attn_post[i].scale(o_out[i]) for i in range(L)]) if w.post_norm else None,
-        mlp_write=torch.stack([f(got[("m", i)]) for i in range(L)]),
-        mlp_pre_final=f(got["mpre"]) if "mpre" in got else None,
-        post_final_raw=f(got["post"]),
+        mlp_write=torch.stack([f(got[H.mlp_out(i)]) for i in range(L)]),
+        mlp_pre_final=f(got[H.mlp_module_out(L - 1)]) if H.mlp_module_out(L - 1) in got else None,
+        post_final_raw=f(got[H.mlp_post(L - 1)]),
         resid_final=resid_final,
         scale=scale,
         norm_scales=torch.stack(scales + [scale], -1),
         logits=f(out.logits),
-        raw_logits=f(got["raw"]) * w.logit_scale,
+        raw_logits=f(got[H.UNEMBED_OUT]) * w.logit_scale,
         linears=linears if with_linears else None,
     )
     if state.mlp_pre_final is not None:
         state.mlp_post_scale = w.mlp_post[-1].scale(state.mlp_pre_final)[..., None]
     return state
+
+
+def _norm_roles(w: Weights, layer: int) -> list[str]:
+    """The TransformerLens roles (`ln1`, `ln2`, `ln1_post`, …) of a layer's norms, in `w.layer_norms` order."""
+    children = [name.rsplit(".", 1)[-1] for name, _, _ in w.layer_norms[layer]]
+    return H.norm_roles(children, w.family.attn_post, w.family.mlp_post)
 
 
 def head_projections(w: Weights, u: Float[Tensor, "batch pos d_model"]) -> Tensor:
@@ -280,9 +196,15 @@ def patch_layer(
     z_new: Float[Tensor, "k batch pos d_head"],
     u: Float[Tensor, "batch pos d_model"],
     ou: Float[Tensor, "layer batch pos head d_head"],
-    low_precision: torch.dtype | None = None,
+    dtype: torch.dtype | None = None,
 ) -> PatchResult:
     """Ablate each of `heads` (all in `layer`) by replacing its processed z with `z_new[i]`.
+
+    One pass runs layers `layer`… on `k + 1` copies of the batch (copy 0 unpatched, the
+    baseline; copy j + 1 ablates heads[j]); each quantity is its clean value plus
+    (copy − baseline). The steps, in order: `_patch_hooks` (what the pass captures and
+    replaces), `_head_changes` and `_mlp_change` per layer, `_own_de` at the ablated layer,
+    `_final_state` after the last layer.
 
     Args:
         w: the model's modules and processed weights.
@@ -292,91 +214,112 @@ def patch_layer(
         z_new: the replacement processed z for each head.
         u: the correct next token's processed unembedding column at every position.
         ou: `head_projections(w, u)`.
-        low_precision: run the layers' matrix products in this dtype, on the change from the clean
-            run (`_LowPrecisionDelta`), or None.
+        dtype: run the layers' matrix products in this dtype, on the change from the clean
+            run (`_DeltaInDtype`), or None (float32).
 
     Returns:
         Per-head results; positions without a next token carry garbage the caller drops.
     """
     k, n = len(heads), len(heads) + 1
     batch, pos = u.shape[:2]
-    H, dh = w.n_heads, w.d_head
-    s = clean.scale
-    got: dict = {}
+    got: dict = {}  # TransformerLens hook name -> [copy, batch, pos, …] of this pass
+    d_heads = u.new_zeros((k, batch, pos, w.n_layers, w.n_heads))
+    d_mlps = u.new_zeros((k, batch, pos, w.n_layers))
+    de_head = None
+    hidden = clean.resid_pre[layer].repeat(n, 1, 1)  # [n·batch, pos, d_model], copy-major
+    with torch.no_grad(), hooks(*_patch_hooks(w, clean, layer, heads, z_new, got, n, dtype)):
+        for i in range(layer, w.n_layers):
+            hidden = clean.calls[i].run(w.layers[i], hidden, batch, n)
+            d_heads[..., i, :], sp = _head_changes(w, clean, i, got, ou, clean.scale)
+            if i == layer:
+                de_head = _own_de(clean, layer, heads, z_new, ou, sp)
+                d_heads[torch.arange(k, device=u.device), :, :, layer, torch.tensor(heads, device=u.device)] = 0
+            d_mlps[..., i] = _mlp_change(got.pop(H.mlp_out(i)), u, clean.scale)
+    logit, s_abl, post = _final_state(w, clean, hidden.float().view(n, batch, pos, -1), got, u)
+    return PatchResult(logit=logit, scale=s_abl, de_head=de_head, d_de_heads=d_heads, d_de_mlps=d_mlps,
+                       post_final=post)
 
-    def o_pre(i):
+
+def _patch_hooks(w: Weights, clean: CleanState, layer: int, heads: list[int], z_new: Tensor, got: dict, n: int,
+                 dtype: torch.dtype | None) -> list:
+    """The pass's hook registrations: replace the ablated heads' z at `layer`, capture every later
+    layer's z, attention output and MLP write, the final MLP's activations, and (with `dtype`) run
+    each projection on the change from the clean run."""
+    batch, pos = clean.scale.shape
+    n_heads, dh = w.n_heads, w.d_head
+    last = w.n_layers - 1
+
+    def z_hook(i):
         def hook(module, args):
             x = args[0]
             if i == layer:  # copy 0 is the baseline; copy j + 1 ablates heads[j]
                 # Every copy gets the exact float32 clean z of this layer, so the ablated
                 # head's change is exactly z_new − z_clean whatever the sweep's precision.
-                view = (clean.z[layer] + w.c[layer]).repeat(n, 1, 1, 1).view(n, batch, pos, H, dh)
+                view = (clean.z[layer] + w.c[layer]).repeat(n, 1, 1, 1).view(n, batch, pos, n_heads, dh)
                 x = view.reshape(x.shape)
                 for j, h in enumerate(heads):
                     view[j + 1, :, :, h] = z_new[j] + w.c[layer, h]
-            got[("z", i)] = x.detach().float().clone().view(n, batch, pos, H, dh)
+            got[H.z(i)] = x.detach().float().clone().view(n, batch, pos, n_heads, dh)
             return (x, *args[1:]) if i == layer else None
         return hook
 
-    put = lambda key, shape: (lambda m, a, o=None: got.__setitem__(  # noqa: E731
-        key, (a[0] if o is None else o).detach().float().clone().view(n, *shape)))
+    put = lambda key: (lambda m, a, o=None: got.__setitem__(  # noqa: E731
+        key, (a[0] if o is None else o).detach().float().clone().view(n, batch, pos, -1)))
     regs = []
     for i in range(layer, w.n_layers):
-        regs.append(lambda i=i: w.attn_out[i].register_forward_pre_hook(o_pre(i)))
-        regs.append(lambda i=i: w.mlp_write[i].register_forward_hook(put(("m", i), (batch, pos, -1))))
+        regs.append(lambda i=i: w.attn_out[i].register_forward_pre_hook(z_hook(i)))
+        regs.append(lambda i=i: w.mlp_write[i].register_forward_hook(put(H.mlp_out(i))))
         if w.post_norm:
-            regs.append(lambda i=i: w.attn_out[i].register_forward_hook(put(("o", i), (batch, pos, -1))))
+            regs.append(lambda i=i: w.attn_out[i].register_forward_hook(put(H.attn_out(i))))
     if clean.mlp_pre_final is not None:
-        regs.append(lambda: w.mlp_out[-1].register_forward_hook(put("mpre", (batch, pos, -1))))
-    regs.append(lambda: w.down_final.register_forward_pre_hook(put("post", (batch, pos, -1))))
-    if low_precision is not None:
+        regs.append(lambda: w.mlp_out[-1].register_forward_hook(put(H.mlp_module_out(last))))
+    regs.append(lambda: w.down_final.register_forward_pre_hook(put(H.mlp_post(last))))
+    if dtype is not None:
         cache = w.__dict__.setdefault("_low_weights", {})
-        regs += [lambda m=m: _LowPrecisionDelta(m, *clean.linears[m], n, low_precision, cache)
+        regs += [lambda m=m: _DeltaInDtype(m, *clean.linears[m], n, dtype, cache)
                  for i in range(layer, w.n_layers) for m in _linears(w, i)]
+    return regs
 
-    d_heads = u.new_zeros((k, batch, pos, w.n_layers, H))
-    d_mlps = u.new_zeros((k, batch, pos, w.n_layers))
+
+def _head_changes(w: Weights, clean: CleanState, i: int, got: dict, ou: Tensor, s: Tensor
+                  ) -> tuple[Tensor, Tensor | None]:
+    """ΔDE of every head of layer `i` in each ablated copy, [k, batch, pos, head]; with post-norm
+    blocks also the ablated attention post-norm scale (None without)."""
+    z = got.pop(H.z(i))
     s_h = s[..., None]
-    idx = torch.arange(k, device=u.device)
-    head_idx = torch.tensor(heads, device=u.device)
-    de_head = None
-    hidden = clean.resid_pre[layer].repeat(n, 1, 1)  # [n·batch, pos, d_model], copy-major
-    with torch.no_grad(), _hooks(*regs):
-        for i in range(layer, w.n_layers):
-            hidden = clean.calls[i].run(w.layers[i], hidden, batch, n)
-            z = got.pop(("z", i))
-            if w.post_norm:
-                o = got.pop(("o", i))
-                sp = w.attn_post[i].scale(clean.o_out[i] + (o[1:] - o[0]))[..., None]  # ablated post-norm scale
-                z_abl = clean.z[i] + (z[1:] - z[0])  # [k, batch, pos, head, d_head], processed
-                d_heads[..., i, :] = ((z_abl * ou[i]).sum(-1) / sp
-                                      - (clean.z[i] * ou[i]).sum(-1) / clean.attn_post_scale[i][..., None]) / s_h
-            else:
-                sp = None
-                d_heads[..., i, :] = ((z[1:] - z[0]) * ou[i]).sum(-1) / s_h
-            if i == layer:
-                # The ablated head's own change is d_de, not part of d_de_heads; its DE uses
-                # the replacement itself, not a difference of two low-precision runs.
-                ou_h = ou[layer][:, :, head_idx].permute(2, 0, 1, 3)  # [k, batch, pos, d_head]
-                de_head = (z_new * ou_h).sum(-1) / s
-                if sp is not None:
-                    de_head = de_head / sp[..., 0]
-                d_heads[idx, :, :, layer, head_idx] = 0
-            m = got.pop(("m", i))
-            d_mlps[..., i] = ((m[1:] - m[0]) * u).sum(-1) / s
-    r = hidden.float().view(n, batch, pos, -1)
+    if not w.post_norm:
+        return ((z[1:] - z[0]) * ou[i]).sum(-1) / s_h, None
+    o = got.pop(H.attn_out(i))
+    sp = w.attn_post[i].scale(clean.o_out[i] + (o[1:] - o[0]))[..., None]  # ablated post-norm scale
+    z_abl = clean.z[i] + (z[1:] - z[0])  # [k, batch, pos, head, d_head], processed
+    return ((z_abl * ou[i]).sum(-1) / sp
+            - (clean.z[i] * ou[i]).sum(-1) / clean.attn_post_scale[i][..., None]) / s_h, sp
+
+
+def _own_de(clean: CleanState, layer: int, heads: list[int], z_new: Tensor, ou: Tensor, sp: Tensor | None
+            ) -> Tensor:
+    """Each ablated head's own DE after patching, [k, batch, pos]: from the replacement z itself, not a
+    difference of two low-precision runs (its change is d_de, not part of d_de_heads)."""
+    head_idx = torch.tensor(heads, device=z_new.device)
+    ou_h = ou[layer][:, :, head_idx].permute(2, 0, 1, 3)  # [k, batch, pos, d_head]
+    de_head = (z_new * ou_h).sum(-1) / clean.scale
+    return de_head if sp is None else de_head / sp[..., 0]
+
+
+def _mlp_change(m: Tensor, u: Tensor, s: Tensor) -> Tensor:
+    """ΔDE of one MLP layer's write in each ablated copy, [k, batch, pos]."""
+    return ((m[1:] - m[0]) * u).sum(-1) / s
+
+
+def _final_state(w: Weights, clean: CleanState, r: Tensor, got: dict, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """From the last layer's output `r` ([copy, batch, pos, d_model]): each ablated copy's logit of the
+    correct token (minus b_U), its final-norm scale and its final-MLP activations (post-norm scaled)."""
+    last = w.n_layers - 1
     resid = clean.resid_final + (r[1:] - r[0])
     s_abl = w.final.scale(resid)
-    p = got.pop("post")
+    p = got.pop(H.mlp_post(last))
     post = clean.post_final_raw + (p[1:] - p[0])
     if clean.mlp_pre_final is not None:
-        mp = got.pop("mpre")
+        mp = got.pop(H.mlp_module_out(last))
         post = post / w.mlp_post[-1].scale(clean.mlp_pre_final + (mp[1:] - mp[0]))[..., None]
-    return PatchResult(
-        logit=(resid * u).sum(-1) / s_abl,
-        scale=s_abl,
-        de_head=de_head,
-        d_de_heads=d_heads,
-        d_de_mlps=d_mlps,
-        post_final=post,
-    )
+    return (resid * u).sum(-1) / s_abl, s_abl, post

@@ -14,7 +14,9 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfrepair.errors import ModelNotFound
+from selfrepair.errors import DeviceError, ModelNotFound
+from selfrepair.ingest.conventions import CONVENTIONS, PROCESSED
+from selfrepair.ingest.families import family_of
 
 EMBEDDED = "smollm2-135m"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -156,7 +158,6 @@ class LoadedModel:
     bridge: object
     tokenizer: object
     device: str
-    dtype: str
     revision: str | None = None
     hf_model: object = None
     bridge_error: str | None = None  # why there is no bridge, when TransformerLens cannot wrap the model
@@ -185,8 +186,6 @@ class LoadedModel:
 
     def facts(self, w) -> dict:
         """Architecture facts for the manifest, from the engine's view of the model (`w`: its Weights)."""
-        from selfrepair.ingest.runner import context_length
-
         hf = self.hf_model.config
         return {
             "name": self.spec.name,
@@ -215,8 +214,6 @@ class LoadedModel:
 
 def _processing(convention: str) -> dict:
     """The manifest's weight processing for a convention (ingest/weights.py)."""
-    from selfrepair.ingest.weights import CONVENTIONS, PROCESSED
-
     processed = convention == PROCESSED
     return {
         "convention": convention,
@@ -238,17 +235,15 @@ def pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        from selfrepair.errors import DeviceError
-
         raise DeviceError("--device cuda: no CUDA device is available")
     return device
 
 
-def load_model(name: str, device: str = "auto", dtype: str = "float32", revision: str | None = None) -> LoadedModel:
+def load_model(name: str, device: str = "auto", revision: str | None = None) -> LoadedModel:
     """Resolve and load a model in float32, and wrap a copy in a TransformerBridge with processed weights.
 
-    The weights stay float32 whatever `dtype` says: the clean pass is a float32 run, and a
-    low-precision sweep runs only its matrix products in `dtype` (ingest/engine.py).
+    The weights stay float32 whatever the run's `dtype`: the clean pass is a float32 run, and a
+    bfloat16 or float16 sweep runs only its matrix products in `dtype` (ingest/engine.py).
     """
     import contextlib
     import copy
@@ -264,8 +259,6 @@ def load_model(name: str, device: str = "auto", dtype: str = "float32", revision
     spec = resolve(name)
     device = pick_device(device)
     hf_model, tokenizer = load_hf(spec, torch.float32, revision)
-    from selfrepair.ingest.families import family_of
-
     family_of(hf_model)  # an unsupported family is refused before anything else happens
     # The bridge replaces the model's modules with its own wrappers: give it a copy.
     bridge_model = copy.deepcopy(hf_model)
@@ -280,4 +273,13 @@ def load_model(name: str, device: str = "auto", dtype: str = "float32", revision
         # The fast engine drives the model's own modules and does not need the bridge; the
         # reference engine and the bridge's part of the self-check do.
         bridge, bridge_error = None, f"TransformerLens cannot wrap {spec.hf_id}: {_first_line(e)}"
-    return LoadedModel(spec, bridge, tokenizer, device, dtype, revision, hf_model, bridge_error)
+    return LoadedModel(spec, bridge, tokenizer, device, revision, hf_model, bridge_error)
+
+
+def context_length(hf_config) -> int | None:
+    """The longest row the model takes, from its config (None when it does not say)."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length", "max_sequence_length"):
+        value = getattr(hf_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

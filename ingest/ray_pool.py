@@ -64,7 +64,7 @@ class UnitWorker:
         from selfrepair.ingest.units import UnitRunner
         from selfrepair.ingest.weights import read_weights
 
-        model = load_model(cfg.model, cfg.device, cfg.dtype, cfg.revision)
+        model = load_model(cfg.model, cfg.device, cfg.revision)
         w = read_weights(model.hf_model, cfg.seq_len, cfg.preset)
         self.runner = UnitRunner(cfg, model, w, ModelStore(Path(folder)), log=lambda *a, **k: None)
         self.index, self.fault, self.done = index, fault or "", 0

@@ -16,14 +16,18 @@ import numpy as np
 
 from selfrepair.errors import ConfigError, DeviceError, StoreConflict, UnsupportedModel
 from selfrepair.ingest import corpus as C
+from selfrepair.ingest import models as M
 from selfrepair.ingest.config import IngestConfig, parse_heads
+from selfrepair.ingest.conventions import PROCESSED
+from selfrepair.ingest.disk import check_free_disk, estimate_run, model_shape
 from selfrepair.ingest.executors import make_executor
 from selfrepair.ingest.pairing import pairs_digest, rule, source_rows
+from selfrepair.ingest.presets import ROWS_RULE, preset_settings
 from selfrepair.ingest.progress import Progress
 from selfrepair.ingest.units import AblationUnit, CleanUnit, NeuronUnit, batch_top_sets
-from selfrepair.store import files, plan, top_tokens
+from selfrepair.store import arrays, files, plan, top_tokens
 from selfrepair.store.heads import parse_sr_heads
-from selfrepair.store.estimate import Estimate
+from selfrepair.store.estimate import Estimate, array_shapes, human
 from selfrepair.store.manifest import Manifest
 from selfrepair.store.model_store import ModelStore, model_dirname
 from selfrepair.store.schema import ABLATION_KINDS
@@ -67,10 +71,8 @@ class Ingest:
 
     def run(self) -> IngestResult:
         """Lock the model folder, check it, load the model, then do the missing clean and ablation work."""
-        from selfrepair.ingest.models import resolve
-
         cfg = self.cfg
-        spec = resolve(cfg.model)
+        spec = M.resolve(cfg.model)
         if cfg.dry_run:
             return self._dry_run(spec)
         files.check_writable_dir(cfg.store)  # before the expensive load; created only once inputs pass
@@ -99,13 +101,11 @@ class Ingest:
         return result
 
     def _run(self, spec, ms: ModelStore, corpus_spec: str, identity: dict) -> IngestResult:
-        from selfrepair.ingest.models import load_model
-
         cfg = self.cfg
         t0 = time.perf_counter()
         # With Ray the workers hold the accelerators; the driver's copy (plan, self-check) stays on the CPU.
-        model = load_model(cfg.model, "cpu" if cfg.executor == "ray" else cfg.device, cfg.dtype, cfg.revision)
-        from selfrepair.ingest.weights import PROCESSED, read_weights
+        model = M.load_model(cfg.model, "cpu" if cfg.executor == "ray" else cfg.device, cfg.revision)
+        from selfrepair.ingest.weights import read_weights  # torch: loaded with the model, not on import
 
         _check_context(model, cfg.seq_len)  # read_weights runs the model at seq_len
         w = read_weights(model.hf_model, cfg.seq_len, cfg.preset)
@@ -123,8 +123,6 @@ class Ingest:
                                        "use the fast engine")
         heads = parse_heads(cfg.heads, w.n_layers, w.n_heads)
         parse_sr_heads(cfg.sr_mlps_neurons, w.n_layers, w.n_heads)  # ranges, before any work
-        from selfrepair.ingest.disk import check_free_disk
-
         estimate = check_free_disk(cfg, ms, w, heads)  # before the self-check's forward passes
         checks = None
         if self._writer is None:
@@ -285,13 +283,11 @@ class Ingest:
     # -- plan ---------------------------------------------------------------------------
     def _dry_run(self, spec) -> IngestResult:
         """Load the model for its shapes, print the plan and the estimate; no lock, no folder, no forward pass."""
-        from selfrepair.ingest.disk import estimate_run
-        from selfrepair.ingest.models import load_model
-        from selfrepair.ingest.weights import read_weights
+        from selfrepair.ingest.weights import read_weights  # torch: loaded with the model, not on import
 
         cfg = self.cfg
         corpus_spec = cfg.corpus or C.default_corpus(spec.name, spec.path is not None and spec.gguf_file is None)
-        model = load_model(cfg.model, cfg.device, cfg.dtype, cfg.revision)
+        model = M.load_model(cfg.model, cfg.device, cfg.revision)
         _check_context(model, cfg.seq_len)
         w = read_weights(model.hf_model, cfg.seq_len, cfg.preset)
         heads = parse_heads(cfg.heads, w.n_layers, w.n_heads)
@@ -302,8 +298,6 @@ class Ingest:
                             estimate=estimate)
 
     def _print_plan(self, model, w, heads, corpus_spec: str, estimate: Estimate) -> None:
-        from selfrepair.store.estimate import human
-
         cfg = self.cfg
         draws = sum(cfg.resamples if k == "resample" else 1 for k in cfg.ablations)
         abl_rows = draws * len(heads) * cfg.n_tokens
@@ -327,9 +321,6 @@ class Ingest:
         cfg = self.cfg
         preds = cfg.preds_per_row
         if cfg.activations:
-            from selfrepair.ingest.disk import model_shape
-            from selfrepair.store.estimate import array_shapes
-
             shapes = {k: v for k, v in array_shapes(model_shape(w), cfg.n_tokens).items() if k in cfg.activations}
             # One clean shard writes whole chunks (a chunk is one batch of tokens).
             writer.prepare_arrays(shapes, cfg.batch_size * preds, cfg.activation_dtype, {
@@ -346,8 +337,6 @@ class Ingest:
         units = [CleanUnit(t, rows_np[t.rows[0]:t.rows[1]], (t.rows[1] - t.rows[0]) * preds) for t in todo]
         self._run_units(writer, units, result, "clean pass", "tok")
         if cfg.activations:
-            from selfrepair.store import arrays
-
             info = arrays.array_info(writer.ms.arrays_path)
             if info != writer.manifest.arrays_json():
                 writer.set(arrays=info)
@@ -356,8 +345,7 @@ class Ingest:
         """Each head's top-p% token indices, from the stored `head_top_tokens` (rebuilt if stale)."""
         manifest = writer.manifest
         stored = manifest.derived.get("head_top_tokens")
-        if stored and stored.n_tokens == manifest.n_tokens and stored.top_p == self.cfg.top_p \
-                and not writer.ms.file_problem(stored):
+        if top_tokens.is_current(stored, manifest.n_tokens, self.cfg.top_p) and not writer.ms.file_problem(stored):
             table = files.read_parquet(writer.ms.table_files("head_top_tokens", manifest))
         else:
             table = top_tokens.write(writer, self.cfg.top_p)
@@ -503,8 +491,6 @@ def _rows(cfg: IngestConfig, corpus_spec: str, model) -> np.ndarray:
 
 def _preset_facts(cfg: IngestConfig) -> dict | None:
     """The manifest's record of the preset: its settings, row-building and pairing rules."""
-    from selfrepair.ingest.presets import ROWS_RULE, preset_settings
-
     return {"name": cfg.preset, "settings": preset_settings(cfg.preset), "rows_rule": ROWS_RULE[cfg.preset],
             "pairing_rule": rule(cfg.whole_batches), "whole_batches": cfg.whole_batches}
 
@@ -518,15 +504,6 @@ def _precheck_corpus(spec: str) -> None:
 
 
 def _check_context(model, seq_len: int) -> None:
-    n_ctx = context_length(model.hf_model.config)
+    n_ctx = M.context_length(model.hf_model.config)
     if n_ctx is not None and seq_len > n_ctx:
         raise ConfigError(f"seq_len: {seq_len} is above the model's context of {n_ctx} tokens")
-
-
-def context_length(hf_config) -> int | None:
-    """The longest row the model takes, from its config (None when it does not say)."""
-    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length", "max_sequence_length"):
-        value = getattr(hf_config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None

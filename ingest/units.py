@@ -49,23 +49,32 @@ class CleanUnit(_Shard):
 
 
 @dataclass
-class AblationUnit(_Shard):
-    """One ablation shard: a batch, an ablation draw and a group of heads.
+class _BatchDraw(_Shard):
+    """A batch under one ablation draw: what ablation and neuron units both patch.
 
     Args:
         work: the planned shard.
         rows: token ids [batch, seq_len].
         pair: resample source row of each row (resample only).
         source_rows: token ids of those source rows [batch, seq_len] (resample only).
-        top_sets: (layer, head) -> that head's top-p% token indices inside this batch (sorted).
-        top_n_tokens: the token count the top sets were taken over (recorded in the entry).
-        size: head-token ablations in this unit (progress).
     """
 
     work: AblationWork
     rows: np.ndarray
     pair: np.ndarray | None
     source_rows: np.ndarray | None
+
+
+@dataclass
+class AblationUnit(_BatchDraw):
+    """One ablation shard: a batch, an ablation draw and a group of heads.
+
+    Args (besides `_BatchDraw`'s):
+        top_sets: (layer, head) -> that head's top-p% token indices inside this batch (sorted).
+        top_n_tokens: the token count the top sets were taken over (recorded in the entry).
+        size: head-token ablations in this unit (progress).
+    """
+
     top_sets: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
     top_n_tokens: int = 0
     size: int = 0
@@ -76,20 +85,14 @@ class AblationUnit(_Shard):
 
 
 @dataclass
-class NeuronUnit(_Shard):
+class NeuronUnit(_BatchDraw):
     """Extra neuron detail of one batch and ablation draw (`--sr-mlps-neurons`): re-patch only its heads.
 
-    Args:
-        work: the planned `neurons` shard.
-        rows, pair, source_rows: as `AblationUnit`.
+    Args (besides `_BatchDraw`'s):
         detail_sets: (layer, head) -> that head's extra detail tokens inside this batch (sorted; may be empty).
         size: head-token ablations in this unit (progress).
     """
 
-    work: AblationWork
-    rows: np.ndarray
-    pair: np.ndarray | None
-    source_rows: np.ndarray | None
     detail_sets: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
     size: int = 0
 
@@ -126,7 +129,7 @@ class UnitRunner:
         from selfrepair.ingest.clean import TokenStrings
 
         self.cfg, self.model, self.w, self.ms, self.log = cfg, model, w, ms, log
-        self.low = None if cfg.dtype == "float32" else getattr(torch, cfg.dtype)
+        self.dtype = None if cfg.dtype == "float32" else getattr(torch, cfg.dtype)  # None: a float32 sweep
         self.strings = TokenStrings(model.tokenizer)
         self.hpp: int | None = None  # heads per pass, found on the first ablation unit
         self._ctx_rows, self._ctx = None, None  # the last batch's clean state, reused across its draws
@@ -174,7 +177,7 @@ class UnitRunner:
         from selfrepair.ingest.ablate import FastBatch, ReferenceBatch
 
         cfg, w, work = self.cfg, self.w, unit.work
-        make = (lambda r: FastBatch(w, r, self.low)) if cfg.engine == "fast" else (
+        make = (lambda r: FastBatch(w, r, self.dtype)) if cfg.engine == "fast" else (
             lambda r: ReferenceBatch(self.model.require_bridge(), r))
         rows = self._tensor(unit.rows)
         hpp = self.heads_per_pass()

@@ -32,26 +32,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from selfrepair.errors import UnsupportedModel
+from selfrepair.ingest.conventions import PROCESSED, UNFOLDED, convention_for
 from selfrepair.ingest.families import Family, family_of, module_at
+from selfrepair.ingest.layer_calls import capture_calls
 
 _EPS_ATTRS = ("eps", "variance_epsilon", "epsilon")
-PROCESSED = "processed"  # DESIGN.md: final-norm gain folded into W_U, W_U centred
-UNFOLDED = "unfolded"  # the paper preset on Llama: raw W_U, no gain, no centring (the authors' LLaMA-7B)
-CONVENTIONS = {
-    PROCESSED: "DE_c = c · u / s with u = centre(g ⊙ W_U[:, y]) (TransformerLens fold_ln, center_writing_weights, "
-               "center_unembed); logit = the model's vocab-centred logit; Σ DE = logit − b_U[y]",
-    UNFOLDED: "DE_c = c · W_U[:, y] / s, the raw unembedding column without the final norm's gain and uncentred, "
-              "as the authors' collect_direct_effect on LLaMA-7B (fold_ln=False, center_writing_weights=False, "
-              "center_unembed=False); logit = the model's uncentred logit with the final norm's gain set to 1, "
-              "so Σ DE = logit − b_U[y] still holds; the model's real logit is not stored",
-}
-
-
-def convention_for(family_name: str, preset: str | None) -> str:
-    """The weight convention of a run: UNFOLDED for a Llama model under the paper preset, else PROCESSED."""
-    return UNFOLDED if preset == "paper" and family_name == "Llama" else PROCESSED
-
-
 @dataclass
 class Norm:
     """A LayerNorm (`LN`: centre, scale) or RMSNorm (`RMS`: scale) with its gain and bias."""
@@ -263,9 +248,7 @@ def read_weights(model, seq_len: int, preset: str | None = None) -> Weights:
     )
     if convention == UNFOLDED and w.post_norm:
         raise UnsupportedModel(f"{family.name}: the paper preset's unfolded weights assume no post-norm blocks")
-    from selfrepair.ingest.engine import zero_input_z
-
-    w.c = zero_input_z(w, seq_len)
+    w.c = _zero_input_z(w, seq_len)
     w.b_attn = torch.stack([
         w.c[i].flatten() @ W[i] + _bias(attn_out[i], d, device) for i in range(len(layers))])
     if w.post_norm and bool(w.b_attn.any()):
@@ -274,6 +257,29 @@ def read_weights(model, seq_len: int, preset: str | None = None) -> Weights:
         raise UnsupportedModel(f"{family.name}: post-norm blocks with attention biases are not supported "
                                "(released checkpoints of this family have none)")
     return w
+
+
+def _zero_input_z(w: Weights, seq_len: int) -> Float[Tensor, "layer head d_head"]:
+    """Each head's z when its layer's input is all zeros: the folded value bias, constant over positions."""
+    device = w.W_O.device
+    rows = torch.zeros((1, seq_len), dtype=torch.long, device=device)
+    calls, _, _ = capture_calls(w.model, w.layers, rows)
+    out = []
+    for i, layer in enumerate(w.layers):
+        seen = {}
+        hook = w.attn_out[i].register_forward_pre_hook(lambda m, a, seen=seen: seen.__setitem__("z", a[0]))
+        try:
+            with torch.no_grad():
+                calls[i].run(layer, torch.zeros(1, seq_len, w.d_model, device=device), 1, 1)
+        finally:
+            hook.remove()
+        z = seen["z"].float()[0].view(seq_len, w.n_heads, w.d_head)
+        c = z.mean(0)
+        if float((z - c).abs().max()) > 1e-4 * (1 + float(c.abs().max())):
+            raise UnsupportedModel(f"{w.family.name}: a head's output at zero input varies with position, "
+                                   "so its value bias cannot be folded")
+        out.append(c)
+    return torch.stack(out)
 
 
 def _check_unfoldable(family: str, final: Norm, cfg, logit_scale: float) -> None:

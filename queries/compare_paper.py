@@ -24,6 +24,7 @@ from selfrepair.queries import named, requests, safety
 from selfrepair.queries.store import Store
 from selfrepair.store.inventory import Inventory
 from selfrepair.store.manifest import ModelFacts
+from selfrepair.store.top_tokens import top_count
 
 REFERENCE_CSV = Path(__file__).parent / "reference" / "paper_breakdown_per_head.csv"
 DEFAULT_TOLERANCE = 0.05  # logits
@@ -271,7 +272,7 @@ def _ordered(parts: list[pl.DataFrame], columns: tuple[str, ...]) -> pl.DataFram
 
 
 def _scale_note(folder: str, paper: str, inv: Inventory, ablation: str, sample: int) -> str:
-    top = math.floor(SELECTIONS[0].p * inv.n_tokens)
+    top = top_count(SELECTIONS[0].p, inv.n_tokens)
     return (f"{folder} (the paper's {paper}): {ablation} draw {sample}; the store has {inv.n_tokens:,} tokens "
             f"({inv.n_rows:,} rows of {inv.seq_len}; top 2%: {top:,} tokens per head), the paper "
             f"{PAPER_TOKENS} tokens in rows of {PAPER_SEQ_LEN}")

@@ -24,6 +24,7 @@ from pathlib import Path
 import duckdb
 
 from selfrepair.errors import QueryError, UnknownQuery
+from selfrepair.queries.requests import split_head_label
 
 SQL_DIR = Path(__file__).parent / "sql"
 _NEEDS_LINE = re.compile(r"^needs:\s*(.+)$")
@@ -60,8 +61,6 @@ class NamedQuery:
         """Defaults filled in and values coerced; raises QueryError naming a missing or unknown one."""
         known = {p.name for p in self.params}
         if "head" in known:
-            from selfrepair.queries.requests import split_head_label
-
             values = split_head_label(values)  # head=L26H6 means layer 26, head 6
         unknown = sorted(set(values) - known)
         if unknown:

@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING
 import polars as pl
 
 from selfrepair.errors import QueryError
+from selfrepair.store.model_store import enclosing_model_folder
 
 if TYPE_CHECKING:
     from selfrepair.queries.store import Store
 
 FORMATS = ("table", "csv", "json", "markdown", "latex", "parquet")
-BINARY_FORMATS = ("parquet",)
 STREAMED_FORMATS = ("csv", "parquet")
 DEFAULT_MAX_ROWS = 10_000
 
@@ -253,8 +253,6 @@ def check_output_path(output: str | Path, store_root: str | Path | None = None) 
     Raises:
         QueryError: naming the path and the store it lies in.
     """
-    from selfrepair.store.model_store import enclosing_model_folder
-
     real = Path(os.path.realpath(output))
     if store_root is not None:
         root = Path(os.path.realpath(store_root))

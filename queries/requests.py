@@ -7,21 +7,18 @@ These checks run on the manifests alone, before any SQL.
 
 from __future__ import annotations
 
-import math
-import re
-
-from selfrepair.errors import QueryError
+from selfrepair.errors import ConfigError, QueryError
+from selfrepair.store import labels
 from selfrepair.store.inventory import Inventory
-
-_LABEL = re.compile(r"^L(\d+)H(\d+)$", re.IGNORECASE)
+from selfrepair.store.top_tokens import top_count
 
 
 def parse_head_label(text: str) -> tuple[int, int]:
     """`L26H6` -> (26, 6); anything else is refused with one line."""
-    m = _LABEL.match(str(text).strip())
-    if not m:
-        raise QueryError(f"head {text!r}: use a label like L26H6 (layer 26, head 6)")
-    return int(m.group(1)), int(m.group(2))
+    try:
+        return labels.parse_head(text)
+    except ConfigError:
+        raise QueryError(f"head {text!r}: use a label like L26H6 (layer 26, head 6)") from None
 
 
 def split_head_label(values: dict) -> dict:
@@ -34,8 +31,13 @@ def split_head_label(values: dict) -> dict:
             raise QueryError(f"head {head} and layer {out['layer']} disagree")
         out["layer"], out["head"] = layer, h
     layer = out.get("layer")
-    if isinstance(layer, str) and re.fullmatch(r"[Ll]\d+", layer.strip()):
-        out["layer"] = int(layer.strip()[1:])
+    if isinstance(layer, str):
+        try:
+            label = labels.parse_label(layer)
+        except ConfigError:
+            label = None  # not a label: the parameter's own type check refuses it
+        if label is not None and label.head is None:
+            out["layer"] = label.layer
     return out
 
 
@@ -57,7 +59,7 @@ def check(inventories: list[Inventory], params: dict, model: str | None = None) 
         p = params["p"]
         if not isinstance(p, (int, float)) or not (0 < p <= 1):
             raise QueryError(f"p = {p!r} is outside (0, 1]: p is the fraction of tokens kept per head, e.g. 0.02")
-        if not any(math.floor(p * i.n_tokens) >= 1 for i in invs):
+        if not any(top_count(p, i.n_tokens) >= 1 for i in invs):
             most = max(i.n_tokens for i in invs)
             raise QueryError(f"p = {p} keeps no token: floor(p × {most:,} tokens) = 0; use p ≥ {1 / most:.2g}")
     draws = [(i, d) for i in invs for d in i.draws]

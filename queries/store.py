@@ -12,8 +12,8 @@ import os
 import shutil
 import tempfile
 import weakref
-from dataclasses import replace
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import duckdb
@@ -27,6 +27,29 @@ from selfrepair.store.manifest import Manifest
 from selfrepair.store.inventory import Inventory
 from selfrepair.store.model_store import list_models
 from selfrepair.store.schema import TABLES
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Which rows of a named query's result to keep: sorted by the column `sort` (largest first
+    with `desc`), then the first `limit` (None: every row; no sort: the query's own order)."""
+
+    limit: int | None = None
+    sort: str | None = None
+    desc: bool = False
+
+    def wrap(self, text: str) -> str:
+        """The query `text` wrapped so its rows are sorted and cut."""
+        if self.limit is None and self.sort is None:
+            return text
+        if self.limit is not None and self.limit < 0:
+            raise QueryError(f"limit: must be >= 0, got {self.limit}")
+        out = f"SELECT * FROM (\n{text.rstrip().rstrip(';')}\n) AS q"
+        if self.sort is not None:
+            out += f' ORDER BY "{self.sort.replace(chr(34), chr(34) * 2)}"' + (" DESC" if self.desc else "")
+        if self.limit is not None:
+            out += f" LIMIT {int(self.limit)}"
+        return out
 
 
 class Store:
@@ -90,12 +113,8 @@ class Store:
 
     @property
     def views(self) -> list[str]:
-        """Every view name; table macros are listed in `macros`."""
+        """Every view name (the table macros are listed in `selfrepair sql --help`)."""
         return views.view_names()
-
-    @property
-    def macros(self) -> list[str]:
-        return list(views.MACROS)
 
     def manifest(self, model: str) -> Manifest:
         """The parsed manifest of one model folder."""
@@ -168,21 +187,24 @@ class Store:
         except pl.exceptions.PolarsError as e:
             raise QueryError(f"cannot convert the result: {safety.one_line(e)}") from None
 
-    def query(self, name: str, **params) -> pl.DataFrame:
+    def query(self, name: str, rows: Rows | None = None, /, **params) -> pl.DataFrame:
         """Run a named query from `queries/sql/`.
 
         Args:
             name: the file's stem, e.g. `layer_summary`.
+            rows: sort and cut the result (`Rows(limit=5, sort="sr", desc=True)`; the CLI's
+                `--limit`, `--sort` and `--desc`); None: every row in the query's order.
             **params: values for its `$` parameters; missing ones take their defaults.
 
         Raises:
             UnknownQuery: no such named query.
             QueryError: a required parameter is missing, or the query failed.
         """
-        return self.sql(*self.named_sql(name, **params))
+        return self.sql(*self.named_sql(name, rows, **params))
 
-    def named_sql(self, name: str, **params) -> tuple[str, dict]:
-        """A named query's SQL and its bound parameters (every check a named query gets happens here).
+    def named_sql(self, name: str, rows: Rows | None = None, /, **params) -> tuple[str, dict]:
+        """A named query's SQL (sorted and cut by `rows`) and its bound parameters (every check a
+        named query gets happens here).
 
         The CLI runs the pair through `queries/output.write_result`, so it streams or caps like `sql`.
         """
@@ -190,7 +212,7 @@ class Store:
         bound = q.bind(params)
         requests.check(self.inventories, bound)  # never an empty answer for what was not ingested
         requests.check_needs(name, q.needs, self._lacking)
-        return q.sql, bound
+        return (rows or Rows()).wrap(q.sql), bound
 
     def activations(self, model: str | None = None):
         """A model's Zarr activations and saved weights as a lazy `xarray.Dataset` with named,

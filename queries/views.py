@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from selfrepair.errors import SchemaMismatch
+from selfrepair.store import top_tokens
 from selfrepair.store.inventory import INVENTORY_COLUMNS, Inventory
 from selfrepair.store.bounds import DEFAULT_BATCH_SIZE
 from selfrepair.store.manifest import Manifest
@@ -116,7 +117,7 @@ def models_view_sql(models: list[ModelFiles]) -> str:
         top_p = m.manifest.config.top_p
         # The stored top-token set serves top_tokens(p) only while it matches this store.
         stored = m.manifest.derived.get("head_top_tokens")
-        top_stored = stored is not None and stored.n_tokens == m.manifest.n_tokens and stored.top_p == top_p
+        top_stored = top_tokens.is_current(stored, m.manifest.n_tokens, top_p)
         # Every ablation shard carries its `ablation_top` slice (stores written before it existed do not).
         top_rows = all(e.holds("ablation_top") for e in m.manifest.shards.values() if e.phase == "ablation")
         batch_size = m.manifest.batch_size or DEFAULT_BATCH_SIZE
@@ -310,7 +311,6 @@ def inventory_view_sql(models: list[ModelFiles]) -> str:
 
 
 DERIVED_VIEWS = ("models", "inventory", "self_repair")
-MACROS = ("top_tokens(p)", "self_repair_top(p)", "sr_mlps_top(abl, smp, lyr, hd)", "paper_head_means(abl, smp)", "token_context(n)")
 
 
 def view_statements(models: list[ModelFiles]) -> list[str]:

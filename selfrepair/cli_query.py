@@ -87,30 +87,16 @@ def _check_output(fmt: str, output: Path | None) -> None:
 
 def _run(store: Path, text: str | None, params, fmt: str, output: Path | None, max_rows: int,
          name: str | None = None, limit: int | None = None, sort: str | None = None, desc: bool = False) -> None:
-    from selfrepair.queries.store import Store
+    from selfrepair.queries.store import Rows, Store
 
     with Store.open(store) as s:
         if name is not None:
-            text, params = s.named_sql(name, **dict(params))
+            text, params = s.named_sql(name, Rows(limit, sort, desc), **dict(params))
         elif params:
             params = {k: named.coerce(v) for k, v in params}
-        text = reshape(text, limit, sort, desc)
         note = write_result(s, text, params or None, fmt, output, max_rows or None)
     if note:
         click.echo(note, err=True)
-
-
-def reshape(text: str, limit: int | None, sort: str | None, desc: bool) -> str:
-    """The query wrapped so its rows are sorted by `sort` and/or cut to `limit`."""
-    if limit is None and sort is None:
-        return text
-    body = text.rstrip().rstrip(";")
-    out = f"SELECT * FROM (\n{body}\n) AS q"
-    if sort is not None:
-        out += f' ORDER BY "{sort.replace(chr(34), chr(34) * 2)}"' + (" DESC" if desc else "")
-    if limit is not None:
-        out += f" LIMIT {int(limit)}"
-    return out
 
 
 def shape_options(f):

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from selfrepair.cli_common import friendly_errors, store_option
+from selfrepair.store.labels import parse_head
 from selfrepair.store.schema import ABLATION_KINDS
 
 
@@ -18,8 +19,6 @@ class HeadsType(click.ParamType):
     def convert(self, value, param, ctx):
         if isinstance(value, tuple):
             return value
-        from selfrepair.analysis.context import parse_head
-
         heads = []
         for part in (p for p in value.split(",") if p.strip()):
             try:

@@ -9,6 +9,14 @@ class ConfigError(SelfRepairError, ValueError):
     """A setting is out of range or two settings contradict each other."""
 
 
+class SettingConflict(ConfigError):
+    """Two settings contradict each other. `flags` says the same in the CLI's words (its option names)."""
+
+    def __init__(self, message: str, flags: str):
+        super().__init__(message)
+        self.flags = flags
+
+
 class ModelNotFound(SelfRepairError):
     """An unknown model name, or weights that cannot be loaded offline."""
 

@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass, field
 
 from selfrepair.store.schema import ARRAYS
+from selfrepair.store.top_tokens import top_count
 
 # table -> (bytes per row, bytes per file), measured as described above.
 TABLE_BYTES: dict[str, tuple[float, float]] = {
@@ -114,7 +115,7 @@ class RunCounts:
     @property
     def top_n(self) -> int:
         """Each head's top-p% token count, floor(top_p · N) as `store/top_tokens.py` keeps."""
-        return math.floor(self.top_p * self.n_tokens)
+        return top_count(self.top_p, self.n_tokens)
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,31 @@ A shard records the exact heads it ablated in this form, so the store can tell w
 
 from __future__ import annotations
 
-import re
-
 from selfrepair.errors import ConfigError
+from selfrepair.store.labels import parse_label
 
-_HEAD_RE = re.compile(r"^L(\d+)(?:H(\d+))?$", re.IGNORECASE)
+HEAD_WORDS = ("all",)
+SR_WORDS = ("none", "all", "penultimate")
+_ADVICE = {HEAD_WORDS: "'all' or labels like L9H11,L10", SR_WORDS: "none, all, penultimate or labels like L10H3,L11"}
+
+
+def normalize_spec(spec: str, words: tuple[str, ...] = HEAD_WORDS) -> str:
+    """The canonical text of a `--heads` (or, with SR_WORDS, `--sr-mlps-neurons`) value, checked
+    without the model: one of `words` in lower case, or upper-case labels (ranges are checked later).
+
+    Raises:
+        ConfigError: `cannot parse 'X'; use …`.
+    """
+    word = str(spec).strip().lower()
+    if word in words:
+        return word
+    parts = [p.strip() for p in str(spec).split(",")]
+    for part in parts:
+        try:
+            parse_label(part)
+        except ConfigError as e:
+            raise ConfigError(f"{e}; use {_ADVICE[words]}") from None
+    return ",".join(p.upper() for p in parts)
 
 
 def parse_heads(spec: str, n_layers: int, n_heads: int) -> list[tuple[int, int]]:
@@ -27,20 +47,12 @@ def parse_heads(spec: str, n_layers: int, n_heads: int) -> list[tuple[int, int]]
     if spec.strip().lower() == "all":
         return [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
     out: set[tuple[int, int]] = set()
-    for part in (p.strip() for p in spec.split(",")):
-        m = _HEAD_RE.match(part)
-        if not m:
-            raise ConfigError(f"--heads: cannot parse {part!r}; use 'all' or labels like L9H11,L10")
-        layer = int(m.group(1))
-        if layer >= n_layers:
-            raise ConfigError(f"--heads: {part} is out of range; the model has layers 0..{n_layers - 1}")
-        if m.group(2) is None:
-            out.update((layer, h) for h in range(n_heads))
-            continue
-        head = int(m.group(2))
-        if head >= n_heads:
-            raise ConfigError(f"--heads: {part} is out of range; the model has heads 0..{n_heads - 1}")
-        out.add((layer, head))
+    for part in spec.split(","):
+        try:
+            out.update(parse_label(part, n_layers, n_heads).heads(n_heads))
+        except ConfigError as e:
+            advice = f"; use {_ADVICE[HEAD_WORDS]}" if str(e).startswith("cannot parse") else ""
+            raise ConfigError(f"--heads: {e}{advice}") from None
     if not out:
         raise ConfigError("--heads: no head selected")
     return sorted(out)
@@ -60,21 +72,6 @@ def heads_spec(heads, n_layers: int, n_heads: int) -> str:
             parts += [f"L{layer}H{h}" for h in in_layer]
     return ",".join(parts)
 
-
-SR_WORDS = ("none", "all", "penultimate")
-
-
-def check_sr_heads_spec(spec: str) -> None:
-    """Check the form of a `--sr-mlps-neurons` value without the model (ranges are checked later).
-
-    Raises:
-        ConfigError: neither `none`, `all`, `penultimate` nor head labels.
-    """
-    if spec.strip().lower() in SR_WORDS:
-        return
-    for part in (p.strip() for p in spec.split(",")):
-        if not _HEAD_RE.match(part):
-            raise ConfigError(f"cannot parse {part!r}; use none, all, penultimate or labels like L10H3,L11")
 
 
 def parse_sr_heads(spec: str, n_layers: int, n_heads: int) -> list[tuple[int, int]]:

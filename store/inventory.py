@@ -6,12 +6,12 @@ query for something that was never ingested (an empty answer is never silent).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from selfrepair.store.manifest import Manifest
 from selfrepair.store.heads import heads_spec, parse_heads
 from selfrepair.store.schema import ABLATION_KINDS
+from selfrepair.store.top_tokens import top_count
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ class Inventory:
     def rows(self) -> list[dict]:
         """One row per stored draw (the `inventory` view)."""
         base = {"model": self.model, "n_tokens": self.n_tokens, "n_rows": self.n_rows, "seq_len": self.seq_len,
-                "top_p": self.top_p, "top_tokens": math.floor(self.top_p * self.n_tokens),
+                "top_p": self.top_p, "top_tokens": top_count(self.top_p, self.n_tokens),
                 "neurons_top_k": self.neurons_top_k, "arrays": ",".join(self.arrays)}
         return [base | {"ablation": d.ablation, "sample": d.sample, "heads": self.heads_text(d),
                         "n_heads": len(d.heads), "batches": d.batches} for d in self.draws]
@@ -92,7 +92,7 @@ class Inventory:
         """`selfrepair info`'s text for this model."""
         out = [f"{self.model}: {self.n_layers} layers × {self.n_heads} heads; {self.n_tokens:,} tokens "
                f"({self.n_rows:,} rows of {self.seq_len}); top_p {self.top_p} "
-               f"({math.floor(self.top_p * self.n_tokens):,} tokens per head), {self.neurons_top_k} neurons kept"]
+               f"({top_count(self.top_p, self.n_tokens):,} tokens per head), {self.neurons_top_k} neurons kept"]
         for d in self.draws:
             out.append(f"  {d.ablation:<8} draw {d.sample}: heads {self.heads_text(d)} ({len(d.heads)}), "
                        f"{d.batches} batches")

@@ -83,20 +83,6 @@ class ModelStore:
         files.remove_tree(self.path)
         return True
 
-    def write_manifest(self, manifest: dict) -> None:
-        """Start this folder afresh from `manifest` (for fixtures and benchmarks; ingest uses a Writer)."""
-        from selfrepair.store.writer import Writer
-
-        with Writer.open(self) as w:
-            w.create(manifest)
-
-    def commit_shard(self, shard_id: str, entry: dict) -> None:
-        """Commit one shard whose files are written (a whole writer session per call: for small fixtures)."""
-        from selfrepair.store.writer import Writer
-
-        with Writer.open(self) as w:
-            w._append({"op": "shard", "id": shard_id, "entry": entry, "supersedes": []})
-
     def shard_file(self, table: str, shard_id: str) -> Path:
         return self.path / "tables" / table / f"{shard_id}.parquet"
 

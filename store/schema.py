@@ -42,7 +42,7 @@ class Table:
         return [n for n, _ in self.columns]
 
 
-I32, I16, I8, F32 = pa.int32(), pa.int16(), pa.int8(), pa.float32()
+I32, I16, F32 = pa.int32(), pa.int16(), pa.float32()
 STR = pa.string()
 
 TOKENS = Table(

@@ -16,18 +16,29 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from selfrepair.store.manifest import Manifest
+from selfrepair.store.manifest import FileEntry, Manifest
 from selfrepair.store.model_store import ModelStore
 
 if TYPE_CHECKING:
     from selfrepair.store.writer import Writer
 
 
+def top_count(top_p: float, n_tokens: int) -> int:
+    """Tokens in each head's top-p% set: floor(top_p · n_tokens), the one rule every reader uses."""
+    return math.floor(top_p * n_tokens)
+
+
+def is_current(stored: FileEntry | None, n_tokens: int, top_p: float) -> bool:
+    """Whether a stored `head_top_tokens` entry (the manifest's `derived` record, or None) was
+    written for this store's token count and top_p, so it still holds each head's top-p% set."""
+    return stored is not None and stored.n_tokens == n_tokens and stored.top_p == top_p
+
+
 def compute(ms: ModelStore, top_p: float, manifest: Manifest | None = None) -> pa.Table:
     """The `head_top_tokens` rows (layer, head, token_index, de) for `top_p` (over `manifest`'s snapshot)."""
     manifest = manifest if manifest is not None else ms.manifest()
     paths = ms.table_files("head_effects", manifest)
-    keep = math.floor(top_p * manifest.n_tokens)
+    keep = top_count(top_p, manifest.n_tokens)
     layers = pl.scan_parquet(paths, glob=False).select(pl.col("layer").unique()).collect()["layer"].sort().to_list()
     parts = [
         pl.scan_parquet(paths, glob=False).filter(pl.col("layer") == layer)
@@ -55,7 +66,7 @@ def sr_mlps_sets(ms: ModelStore, top_p: float, kind: str, sample: int, heads, ma
     """
     manifest = manifest if manifest is not None else ms.manifest()
     paths = ms.table_files("ablation_effects", manifest)
-    keep = math.floor(top_p * manifest.n_tokens)
+    keep = top_count(top_p, manifest.n_tokens)
     out: dict[tuple[int, int], np.ndarray] = {}
     for layer in sorted({la for la, _ in heads}):
         hs = sorted(h for la, h in heads if la == layer)

@@ -218,3 +218,15 @@ class Writer:
             if files.remove_inside(root, p):
                 removed.append(p)
         return removed
+
+
+def write_manifest(ms: ModelStore, manifest: dict) -> None:
+    """Start a model folder afresh from `manifest` (for fixtures and benchmarks; ingest keeps a Writer open)."""
+    with Writer.open(ms) as w:
+        w.create(manifest)
+
+
+def commit_shard(ms: ModelStore, shard_id: str, entry: dict) -> None:
+    """Commit one shard whose files are written (a whole writer session per call: for small fixtures)."""
+    with Writer.open(ms) as w:
+        w._append({"op": "shard", "id": shard_id, "entry": entry, "supersedes": []})

@@ -18,6 +18,7 @@ import pytest
 
 from selfrepair.store.model_store import ModelStore
 from selfrepair.store.schema import TABLES
+from selfrepair.store.writer import commit_shard, write_manifest
 
 MODELS = {"gpt2-tiny": (2, 3, 40), "pythia-tiny": (3, 2, 30)}  # name -> layers, heads, tokens
 SEQ_LEN = 10
@@ -40,7 +41,7 @@ def make_model(path: Path, n_layers: int, n_heads: int, n_tokens: int, seed: int
     rng = np.random.default_rng(seed)
     ms = ModelStore(path)
     path.mkdir(parents=True)
-    ms.write_manifest(
+    write_manifest(ms,
         {
             "model": {"name": path.name, "n_layers": n_layers, "n_heads": n_heads, "d_model": 16, "d_mlp": D_MLP},
             "n_tokens": n_tokens,
@@ -78,7 +79,7 @@ def make_model(path: Path, n_layers: int, n_heads: int, n_tokens: int, seed: int
         "clean-0000",
         {"tokens": _table("tokens", tokens), "head_effects": _table("head_effects", heads), "mlp_effects": _table("mlp_effects", mlps)},
     )
-    ms.commit_shard("clean-0000", {"phase": "clean", "rows": [0, n_tokens // SEQ_LEN], "files": entries})
+    commit_shard(ms, "clean-0000", {"phase": "clean", "rows": [0, n_tokens // SEQ_LEN], "files": entries})
 
     # Ablation facts for every head and token, resample sample 0 and zero ablation.
     ab = {k: [] for k in TABLES["ablation_effects"].column_names}
@@ -136,7 +137,7 @@ def make_model(path: Path, n_layers: int, n_heads: int, n_tokens: int, seed: int
             "resample_sources": _table("resample_sources", sources),
         },
     )
-    ms.commit_shard("ablation-0000", {"phase": "ablation", "rows": [0, n_rows], "files": entries})
+    commit_shard(ms, "ablation-0000", {"phase": "ablation", "rows": [0, n_rows], "files": entries})
     return ms
 
 

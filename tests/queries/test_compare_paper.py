@@ -26,6 +26,7 @@ from selfrepair.store.manifest import ModelFacts
 from selfrepair.queries.compare_paper import QUANTITIES, REFERENCE_CSV, compare, load_reference, paper_model
 from selfrepair.store.model_store import ModelStore
 from selfrepair.store.schema import TABLES
+from selfrepair.store.writer import commit_shard, write_manifest
 
 N_TOKENS, SEQ_LEN, TOP_P = 100, 10, 0.02
 K = math.floor(TOP_P * N_TOKENS)
@@ -50,7 +51,7 @@ def write_paper_store(path: Path, paper: str = "pythia-160m", shift: dict | None
     n_layers, n_heads = int(top["n_layers"][0]), int(top["head"].max()) + 1
     ms = ModelStore(path)
     path.mkdir(parents=True)
-    ms.write_manifest({
+    write_manifest(ms, {
         "model": {"name": path.name, "hf_id": hf_id or f"EleutherAI/{paper}", "n_layers": n_layers, "n_heads": n_heads,
                   "d_model": 16, "d_mlp": 8},
         "n_tokens": N_TOKENS, "n_rows": N_TOKENS // SEQ_LEN, "seq_len": SEQ_LEN, "config": {"top_p": TOP_P},
@@ -87,9 +88,9 @@ def write_paper_store(path: Path, paper: str = "pythia-160m", shift: dict | None
             abl[col] += values.tolist()
     entries = ms.write_shard_files("clean-0000", {"tokens": _table("tokens", tokens),
                                                   "head_effects": _table("head_effects", heads)})
-    ms.commit_shard("clean-0000", {"phase": "clean", "rows": [0, N_TOKENS // SEQ_LEN], "files": entries})
+    commit_shard(ms, "clean-0000", {"phase": "clean", "rows": [0, N_TOKENS // SEQ_LEN], "files": entries})
     entries = ms.write_shard_files("ablation-0000", {"ablation_effects": _table("ablation_effects", abl)})
-    ms.commit_shard("ablation-0000", {"phase": "ablation", "rows": [0, N_TOKENS // SEQ_LEN], "files": entries,
+    commit_shard(ms, "ablation-0000", {"phase": "ablation", "rows": [0, N_TOKENS // SEQ_LEN], "files": entries,
                                       "ablation": ablation, "sample": 0, "heads": "all"})
 
 

@@ -124,6 +124,16 @@ def test_missing_parameter_named(store):
         store.query("head_tokens", head=0)
 
 
+def test_rows_sort_and_cut_a_named_query(store):
+    from selfrepair.queries.store import Rows
+
+    full = store.query("layer_summary", p=0.1)
+    top = store.query("layer_summary", Rows(limit=2, sort="sr", desc=True), p=0.1)
+    assert top.equals(full.sort("sr", descending=True).head(2))
+    # `limit` without Rows stays a query parameter (backup_heads's own $limit).
+    assert store.query("backup_heads", Rows(limit=1), layer=0, head=1, limit=3).height == 1
+
+
 def test_unknown_parameter(store):
     with pytest.raises(QueryError, match="has no parameter 'q'"):
         store.query("layer_summary", q=1)

@@ -16,6 +16,7 @@ import pytest
 from selfrepair.errors import QueryError
 from selfrepair.store.model_store import ModelStore
 from selfrepair.store.schema import TABLES
+from selfrepair.store.writer import commit_shard, write_manifest
 
 L, H, N, SEQ, BATCH, D_MLP, K, P = 3, 2, 50, 5, 2, 6, 2, 0.1
 NTOP = int(np.floor(P * N))
@@ -81,7 +82,7 @@ def paper_store(tmp_path_factory, raw):
     root = tmp_path_factory.mktemp("paper")
     ms = ModelStore(root / "m")
     ms.path.mkdir(parents=True)
-    ms.write_manifest({"model": {"name": "m", "n_layers": L, "n_heads": H, "d_model": 8, "d_mlp": D_MLP},
+    write_manifest(ms, {"model": {"name": "m", "n_layers": L, "n_heads": H, "d_model": 8, "d_mlp": D_MLP},
                        "n_tokens": N, "config": {"top_p": P, "batch_size": BATCH, "neurons_top_k": K},
                        "shards": {}})
     t = np.arange(N)
@@ -96,7 +97,7 @@ def paper_store(tmp_path_factory, raw):
     entries = ms.write_shard_files("clean-0000", {"tokens": _tab("tokens", tokens),
                                                   "head_effects": _tab("head_effects", heads),
                                                   "mlp_effects": _tab("mlp_effects", mlps)})
-    ms.commit_shard("clean-0000", {"phase": "clean", "rows": [0, N // SEQ], "files": entries})
+    commit_shard(ms, "clean-0000", {"phase": "clean", "rows": [0, N // SEQ], "files": entries})
     ab = {"ablation": ["resample"] * (L * H * N), "sample": np.zeros(L * H * N), "layer": gl.ravel(),
           "head": gh.ravel(), "token_index": gt.ravel(), "d_logit": r["d_logit"].ravel(),
           "ln_scale": r["abl_scale"].ravel(), "de": r["de_abl"].ravel(), "d_de_heads": r["d_heads"].ravel(),
@@ -125,7 +126,7 @@ def paper_store(tmp_path_factory, raw):
     entries = ms.write_shard_files("ablation-0000", {"ablation_effects": _tab("ablation_effects", ab),
                                                      "neuron_effects": _tab("neuron_effects", neu),
                                                      "neuron_totals": _tab("neuron_totals", tot)})
-    ms.commit_shard("ablation-0000", {"phase": "ablation", "rows": [0, N // SEQ], "files": entries})
+    commit_shard(ms, "ablation-0000", {"phase": "ablation", "rows": [0, N // SEQ], "files": entries})
     with Store.open(root) as s:
         yield s
 

@@ -12,6 +12,7 @@ from selfrepair.queries.store import Store
 from selfrepair.queries.views import view_columns
 from selfrepair.store.model_store import ModelStore
 from selfrepair.store.schema import TABLES
+from selfrepair.store.writer import write_manifest
 
 MODELS = {"gpt2-tiny": (2, 3, 40), "pythia-tiny": (3, 2, 30)}  # as conftest.MODELS (checked below)
 TOP_P = 0.1
@@ -119,7 +120,7 @@ def test_self_repair_top_matches_top_tokens(store):
 def test_missing_table_is_empty_view(tmp_path):
     ms = ModelStore(tmp_path / "empty-model")
     ms.path.mkdir()
-    ms.write_manifest({"model": {"name": "x", "n_layers": 1, "n_heads": 1, "d_model": 4, "d_mlp": 4},
+    write_manifest(ms, {"model": {"name": "x", "n_layers": 1, "n_heads": 1, "d_model": 4, "d_mlp": 4},
                        "n_tokens": 0, "config": {"top_p": 0.02}, "shards": {}})
     with Store.open(tmp_path) as s:
         for table in TABLES:

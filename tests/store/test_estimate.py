@@ -157,7 +157,7 @@ def test_free_disk_refusal_before_any_forward_pass(tiny_model_dirs, tmp_path, mo
     from selfrepair.ingest.weights import read_weights
     from selfrepair.ingest.models import load_model
 
-    w = read_weights(load_model(cfg.model, "cpu", "float32").hf_model, 32)
+    w = read_weights(load_model(cfg.model, "cpu").hf_model, 32)
     heads = [(l, h) for l in range(2) for h in range(4)]
     need, z_only, none = (E.human(estimate_run(cfg, w, heads, a).total) for a in (tuple(ARRAYS), ("z",), ()))
     res = _cli(tiny_model_dirs, store)

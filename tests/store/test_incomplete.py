@@ -10,6 +10,7 @@ from selfrepair.cli import main
 from selfrepair.store import arrays, files
 from selfrepair.store.model_store import ModelStore
 from selfrepair.store.verify import verify
+from selfrepair.store.writer import write_manifest
 
 
 def _crash(*args, **kwargs):
@@ -90,7 +91,7 @@ def test_verify_reports_manifest_without_clean_shard(tiny_model_dirs, tmp_path):
     for shard in manifest.shards.values():
         for entry in shard.files.values():
             files.remove_file(folder / entry.path)
-    ms.write_manifest(manifest.to_json() | {"shards": {}})
+    write_manifest(ms, manifest.to_json() | {"shards": {}})
     res = CliRunner().invoke(main, ["verify", "--store", str(tmp_path / "s")])
     assert res.exit_code == 1, res.output
     lines = res.output.splitlines()
