@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 
-HEAD_LABEL = re.compile(r"^L(\d+)H(\d+)$")
+HEAD_LABEL = re.compile(r"^L([0-9]+)H([0-9]+)$")
 
 
 def head_label(layer: int, head: int) -> str:

@@ -122,6 +122,8 @@ class IngestConfig:
                 raise ConfigError(f"ablations: unknown ablation type {kind!r}; choose from {', '.join(ABLATION_KINDS)}")
         if self.resamples < 1:
             raise ConfigError(f"resamples: must be at least 1, got {self.resamples}")
+        if not 0 <= self.seed < 2**63:  # numpy seeds are non-negative; the manifest keeps it as an int64
+            raise ConfigError(f"seed: must be in [0, 2**63), got {self.seed}")
         if self.whole_batches:
             need = 2 if "resample" in self.ablations else 1  # resample pairs each batch with another
             if self.n_rows < need * self.batch_size:

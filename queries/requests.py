@@ -13,7 +13,7 @@ import re
 from selfrepair.errors import QueryError
 from selfrepair.store.inventory import Inventory
 
-_LABEL = re.compile(r"^L(\d+)H(\d+)$", re.IGNORECASE)
+_LABEL = re.compile(r"^L([0-9]+)H([0-9]+)$", re.IGNORECASE)
 
 
 def parse_head_label(text: str) -> tuple[int, int]:
@@ -34,7 +34,7 @@ def split_head_label(values: dict) -> dict:
             raise QueryError(f"head {head} and layer {out['layer']} disagree")
         out["layer"], out["head"] = layer, h
     layer = out.get("layer")
-    if isinstance(layer, str) and re.fullmatch(r"[Ll]\d+", layer.strip()):
+    if isinstance(layer, str) and re.fullmatch(r"[Ll][0-9]+", layer.strip()):
         out["layer"] = int(layer.strip()[1:])
     return out
 

@@ -14,7 +14,7 @@ class HeadsType(click.ParamType):
     """`all` or a comma list of `L{layer}` / `L{layer}H{head}` labels (ranges are checked against the model)."""
 
     name = "HEADS"
-    _part = re.compile(r"^L\d+(H\d+)?$", re.IGNORECASE)
+    _part = re.compile(r"^L[0-9]+(H[0-9]+)?$", re.IGNORECASE)
 
     def convert(self, value, param, ctx):
         if value.strip().lower() == "all":

@@ -10,7 +10,7 @@ import re
 
 from selfrepair.errors import ConfigError
 
-_HEAD_RE = re.compile(r"^L(\d+)(?:H(\d+))?$", re.IGNORECASE)
+_HEAD_RE = re.compile(r"^L([0-9]+)(?:H([0-9]+))?$", re.IGNORECASE)
 
 
 def parse_heads(spec: str, n_layers: int, n_heads: int) -> list[tuple[int, int]]:

@@ -194,8 +194,8 @@ def is_model_folder(path: Path) -> bool:
 
 
 def enclosing_model_folder(path: Path) -> Path | None:
-    """The model folder that `path` (taken as a real path) lies in, or None: for refusing writes into a store."""
-    for folder in Path(path).parents:
+    """The model folder that `path` (taken as a real path) is or lies in, or None: for refusing writes into a store."""
+    for folder in (Path(path), *Path(path).parents):
         try:
             if is_model_folder(folder):
                 return folder
