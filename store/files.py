@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from pathlib import Path
@@ -229,6 +230,34 @@ def remove_inside(root: Path, path: Path) -> bool:
         return False
     path.unlink(missing_ok=True)
     return True
+
+
+def file_problem(path: Path) -> str | None:
+    """Why `path` is not a regular file the store may read, or None (one lstat; nothing is opened).
+
+    A symlink is refused wherever it points (even inside: a shard is a file of its own
+    folder, and a link could be re-aimed outside between a check and a read); a FIFO or
+    device is refused because opening it would block or read without end.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return "is missing"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if stat.S_ISLNK(mode):
+        return "is a symlink (a store's files must lie inside it)"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file (a FIFO, socket or device)"
+    return None
+
+
+def check_regular(path: Path, missing_ok: bool = False) -> Path:
+    """`path`, refused with one StoreError line unless it is a regular file (see `file_problem`)."""
+    problem = file_problem(path)
+    if problem and not (missing_ok and problem == "is missing"):
+        raise StoreError(f"{path} {problem}")
+    return path
 
 
 def append_line(fd: int, path: Path, line: bytes) -> None:

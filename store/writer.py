@@ -68,7 +68,7 @@ class Writer:
         _, complete = snapshot.read_log(self.ms.path, self.generation)
         if path.stat().st_size != complete:
             os.truncate(path, complete)  # drop a record torn by a crash mid-append
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
 
     # -- life cycle --------------------------------------------------------------------
     def __enter__(self) -> "Writer":
@@ -178,6 +178,7 @@ class Writer:
     def prepare_arrays(self, shapes: dict[str, tuple[int, ...]], chunk_tokens: int, dtype: str,
                        weights: dict[str, np.ndarray]) -> None:
         """Create or grow the activation arrays; save the weights once."""
+        arrays.check_tree(self.ms.arrays_path)  # no chunk written through a symlink, no FIFO blocking a resize
         arrays.create_arrays(self.ms.arrays_path, shapes, chunk_tokens, dtype)
         if weights and not (self.ms.arrays_path / "weights").exists():
             arrays.write_weights(self.ms.arrays_path, weights)
