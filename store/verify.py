@@ -264,7 +264,9 @@ def _show_self_check(manifest: dict, ok: list[str]) -> None:
     devs = check["deviations"]
     worst = max(devs, key=lambda k: devs[k])
     ok.append(f"ingest self-check ({check.get('bridge', 'bridge')}): {len(devs)} comparisons on the first batch, "
-              f"largest deviation {devs[worst]:.1e} ({worst}); tolerance {check.get('tolerance')}")
+              f"largest deviation {devs[worst]:.1e} ({worst}); tolerance {check.get('tolerance')}"
+              + (f"; {len(check['excused'])} comparison(s) with the bridge excused (the bridge disagrees with the "
+                 "model's own forward, the engine agrees)" if check.get("excused") else ""))
 
 
 def _check_arrays(ms: ModelStore, manifest: dict, ok: list[str], bad: list[str]) -> None:
