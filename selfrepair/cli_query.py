@@ -5,6 +5,7 @@ Import `selfrepair.cli` (not this module) first: cli.py registers these commands
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -143,7 +144,7 @@ def _sql_text(text: str | None, file: Path | None) -> str:
     if text is None:
         raise click.UsageError("give the query as TEXT, - (read stdin) or --file FILE")
     if text == "-":
-        return _bounded_text(click.get_binary_stream("stdin"), "stdin")
+        return _bounded_text(sys.stdin.buffer, "stdin")
     return text
 
 
