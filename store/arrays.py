@@ -55,10 +55,14 @@ def _check_entry(p: Path, st: os.stat_result, folder: bool) -> None:
         raise StoreError(f"{p} is {st.st_size} bytes; Zarr metadata is at most {MAX_METADATA_BYTES} bytes")
 
 
-def expected_dims(manifest: dict) -> dict[str, int]:
-    """Each dimension's size from the manifest's model facts (token_index: at most the tokens ingested)."""
+def expected_dims(manifest: dict, name: str | None = None) -> dict[str, int]:
+    """Each dimension's size from the manifest's model facts; token_index: the most tokens the
+    manifest accounts for (n_tokens, n_rows × (seq_len − 1), or the array's recorded length: an
+    extension that was interrupted and not repeated leaves arrays longer than the tokens stored)."""
     model = manifest.get("model") or {}
-    n_tokens = max(_int(manifest.get("n_tokens")), _int(manifest.get("n_rows")) * max(_int(manifest.get("seq_len")) - 1, 0))
+    recorded = ((manifest.get("arrays") or {}).get(name) or {}).get("shape") or [0]
+    n_tokens = max(_int(manifest.get("n_tokens")), _int(manifest.get("n_rows")) * max(_int(manifest.get("seq_len")) - 1, 0),
+                   _int(recorded[0]) if name in ARRAYS else 0)
     return {"token_index": n_tokens, "layer": _int(model.get("n_layers")), "head": _int(model.get("n_heads")),
             "d_head": _int(model.get("d_head")), "d_model": _int(model.get("d_model")),
             "d_mlp": _int(model.get("d_mlp")), "d_vocab": _int(model.get("d_vocab")),
@@ -74,12 +78,12 @@ def shape_problems(found: dict[str, dict], manifest: dict) -> dict[str, str]:
 
     Checked before any array is read: a zarr.json claiming 10^15 tokens is refused here
     rather than met as a MemoryError. The token dimension may be at most the tokens the
-    manifest counts (n_tokens, or n_rows × (seq_len − 1) while an extension runs); every
-    other dimension must equal the model's; chunks no larger than the array.
+    manifest accounts for (`expected_dims`); every other dimension must equal the model's;
+    chunks no larger than the array.
     """
-    sizes = expected_dims(manifest)
     out = {}
     for name, info in found.items():
+        sizes = expected_dims(manifest, name)
         dims = ARRAYS[name].dims if name in ARRAYS else WEIGHT_ARRAYS.get(name.removeprefix("weights/"))
         if dims is None:
             continue  # not ours; nothing reads it
@@ -93,8 +97,9 @@ def shape_problems(found: dict[str, dict], manifest: dict) -> dict[str, str]:
                 out[name] = f"cannot be checked: the manifest gives no size for {dim}"
                 break
             if (n > limit) if dim == "token_index" else (n != limit):
-                out[name] = (f"shape {shape}: {dim} is {n}, but the manifest's "
-                             f"{'tokens' if dim == 'token_index' else 'model'} allow{'s at most' if dim == 'token_index' else 's'} {limit}")
+                out[name] = (f"shape {shape}: token_index is {n}, more than the {limit} tokens the manifest "
+                             "accounts for" if dim == "token_index" else
+                             f"shape {shape}: {dim} is {n}, the model's (manifest) is {limit}")
                 break
             if c > max(n, 1):
                 out[name] = f"chunk {chunks} is larger than the array {shape}"

@@ -13,11 +13,11 @@ import fcntl
 import json
 import os
 import socket
-import stat
 import time
 from pathlib import Path
 
-from selfrepair.errors import StoreBusy, StoreError
+from selfrepair.errors import StoreBusy
+from selfrepair.store import files
 
 LOCK_NAME = ".writer.lock"
 
@@ -36,7 +36,9 @@ class WriterLock:
 
     def acquire(self) -> "WriterLock":
         """Take the lock or raise StoreBusy naming the holder; never waits."""
-        fd = open_lock_file(self.path)
+        # Never through a symlink or into a FIFO: the record written below would truncate or
+        # create a file outside the store, or block. No O_TRUNC: the holder's record is read first.
+        fd = files.open_regular(self.path, os.O_RDWR | os.O_CREAT, "writer lock")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -69,41 +71,6 @@ class WriterLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
-
-
-def open_lock_file(path: Path) -> int:
-    """Open (or create) the lock file itself, never what a symlink there points at, never blocking.
-
-    O_NOFOLLOW: a `.writer.lock` symlinked out of the store (dangling or not) is refused, so
-    the record written into the lock can neither truncate a file outside nor create one.
-    O_NONBLOCK and the fstat: a FIFO or a device in its place is refused at once instead of
-    blocking the open or receiving the record. No O_TRUNC: the holder's record is read first.
-
-    Raises:
-        StoreError: a symlink, anything but a regular file, or an open that fails (one line).
-    """
-    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags, 0o644)
-    except OSError as e:
-        if os.path.islink(path):
-            raise StoreError(f"the writer lock {path} is a symlink; it must be a regular file inside "
-                             "the model folder (remove the link)") from None
-        raise StoreError(f"cannot open the writer lock {path}: {e.strerror or e}") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise StoreError(f"the writer lock {path} is not a regular file ({_kind(mode)}); remove it")
-    os.set_blocking(fd, True)
-    return fd
-
-
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
-        if test(mode):
-            return name
-    return "not a regular file"
 
 
 def _read(fd: int) -> bytes:

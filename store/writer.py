@@ -66,9 +66,9 @@ class Writer:
             return  # a schema-1 store: its first commit starts a log (see _append)
         path = snapshot.log_path(self.ms.path, self.generation)
         _, complete = snapshot.read_log(self.ms.path, self.generation)
-        if path.stat().st_size != complete:
-            os.truncate(path, complete)  # drop a record torn by a crash mid-append
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+        self._fd = files.open_regular(path, os.O_WRONLY | os.O_APPEND, "commit log")  # never truncated through a link
+        if os.fstat(self._fd).st_size != complete:
+            os.ftruncate(self._fd, complete)  # drop a record torn by a crash mid-append
 
     # -- life cycle --------------------------------------------------------------------
     def __enter__(self) -> "Writer":
