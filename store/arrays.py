@@ -58,12 +58,15 @@ def _check_entry(p: Path, st: os.stat_result, folder: bool) -> None:
 def expected_dims(manifest: dict, name: str | None = None) -> dict[str, int]:
     """Each dimension's size from the manifest's model facts; token_index: the most tokens the
     manifest accounts for (n_tokens, n_rows × (seq_len − 1), or the array's recorded length: an
-    extension that was interrupted and not repeated leaves arrays longer than the tokens stored)."""
+    extension that was interrupted and not repeated leaves arrays longer than the tokens stored);
+    chunk_tokens: one batch of tokens, the longest chunk along token_index."""
     model = manifest.get("model") or {}
+    preds = max(_int(manifest.get("seq_len")) - 1, 0)
     recorded = ((manifest.get("arrays") or {}).get(name) or {}).get("shape") or [0]
-    n_tokens = max(_int(manifest.get("n_tokens")), _int(manifest.get("n_rows")) * max(_int(manifest.get("seq_len")) - 1, 0),
+    n_tokens = max(_int(manifest.get("n_tokens")), _int(manifest.get("n_rows")) * preds,
                    _int(recorded[0]) if name in ARRAYS else 0)
-    return {"token_index": n_tokens, "layer": _int(model.get("n_layers")), "head": _int(model.get("n_heads")),
+    return {"token_index": n_tokens, "chunk_tokens": _int((manifest.get("config") or {}).get("batch_size")) * preds,
+            "layer": _int(model.get("n_layers")), "head": _int(model.get("n_heads")),
             "d_head": _int(model.get("d_head")), "d_model": _int(model.get("d_model")),
             "d_mlp": _int(model.get("d_mlp")), "d_vocab": _int(model.get("d_vocab")),
             "norm": len(model.get("norm_names") or ())}
@@ -79,7 +82,7 @@ def shape_problems(found: dict[str, dict], manifest: dict) -> dict[str, str]:
     Checked before any array is read: a zarr.json claiming 10^15 tokens is refused here
     rather than met as a MemoryError. The token dimension may be at most the tokens the
     manifest accounts for (`expected_dims`); every other dimension must equal the model's;
-    chunks no larger than the array.
+    chunks no larger than the array (along token_index: or one batch of tokens).
     """
     out = {}
     for name, info in found.items():
@@ -101,8 +104,9 @@ def shape_problems(found: dict[str, dict], manifest: dict) -> dict[str, str]:
                              "accounts for" if dim == "token_index" else
                              f"shape {shape}: {dim} is {n}, the model's (manifest) is {limit}")
                 break
-            if c > max(n, 1):
-                out[name] = f"chunk {chunks} is larger than the array {shape}"
+            # A chunk spans one batch of tokens (maybe more than a short store holds), never more.
+            if c > max(n, 1, sizes["chunk_tokens"] if dim == "token_index" else 0):
+                out[name] = f"chunk {chunks} is larger than the array {shape} and a batch of tokens"
                 break
     return out
 

@@ -230,6 +230,15 @@ def _zarr_shape(n: int):
     return setup
 
 
+def _zarr_chunk(n: int):
+    def setup(c) -> None:
+        meta = c.m / "activations.zarr" / "z" / "zarr.json"
+        doc = json.loads(meta.read_text())
+        doc["chunk_grid"]["configuration"]["chunk_shape"][0] = n
+        meta.write_text(json.dumps(doc))
+    return setup
+
+
 def _zarr_json_padded(c) -> None:
     meta = c.m / "activations.zarr" / "z" / "zarr.json"
     meta.write_bytes(meta.read_bytes() + b" " * (2 << 20))
@@ -390,6 +399,8 @@ CASES = {
     # -- issue 18: bounded reads ----------------------------------------------------------------
     "verify: a Zarr shape of 10^15 tokens": Case(verify_store, 1, "token_index is 1000000000000000, more than the 62 tokens",
                                                  setup=_zarr_shape(10**15)),
+    "verify: a Zarr chunk of 10^15 tokens": Case(verify_store, 1, "chunk [1000000000000000, 2, 4, 8] is larger",
+                                                 setup=_zarr_chunk(10**15)),
     "verify: a 2 MiB zarr.json": Case(verify_store, 1, "Zarr metadata is at most 1048576 bytes",
                                       setup=_zarr_json_padded),
     "sql --file /dev/zero": Case(lambda c: ["sql", "--file", "/dev/zero", "--store", str(c.store)], 1,
@@ -475,6 +486,7 @@ ACTIVATIONS_CASES = {
     "a chunk symlinked outside": (_chunk_linked, "is a symlink"),
     "a chunk that is a FIFO": (_chunk_fifo, "is not a regular file (a FIFO"),
     "a Zarr shape of 10^15 tokens": (_zarr_shape(10**15), "token_index is 1000000000000000, more than the 62 tokens"),
+    "a Zarr chunk of 10^15 tokens": (_zarr_chunk(10**15), "chunk [1000000000000000, 2, 4, 8] is larger"),
     "a 2 MiB zarr.json": (_zarr_json_padded, "Zarr metadata is at most 1048576 bytes"),
 }
 
