@@ -161,6 +161,8 @@ class IngestConfig:
             raise ConfigError(f"seq_len: must be at least 2, got {self.seq_len}")
         if self.batch_size <= 0:
             raise ConfigError(f"batch_size: must be positive, got {self.batch_size}")
+        if not 0 <= self.seed < 2**63:  # numpy seeds are non-negative; the manifest keeps it as an int64
+            raise ConfigError(f"seed: must be in [0, 2**63), got {self.seed}")
         if self.whole_batches:
             need = 2 if "resample" in self.ablations else 1  # resample pairs each batch with another
             if self.n_rows < need * self.batch_size:
@@ -258,13 +260,6 @@ class IngestConfig:
         for k in _EXECUTION:
             d.pop(k)
         return d
-
-
-_FIELDS = {f.name: f for f in fields(IngestConfig)}
-
-
-def _at_least(low: int) -> str:
-    return "positive" if low == 1 else f">= {low}"
 
 
 _FIELDS = {f.name: f for f in fields(IngestConfig)}

@@ -52,6 +52,8 @@ def _llama_like(name: str, **kw) -> Family:
 def _opt_check(cfg) -> str | None:
     if not getattr(cfg, "do_layer_norm_before", True):
         return "post-LayerNorm OPT variants (do_layer_norm_before=False, e.g. opt-350m) are not supported"
+    if getattr(cfg, "_remove_final_layer_norm", False):
+        return "OPT saved without its final LayerNorm (_remove_final_layer_norm=True) is not supported"
     if getattr(cfg, "word_embed_proj_dim", cfg.hidden_size) != cfg.hidden_size:
         return "OPT with project_in/project_out (word_embed_proj_dim != hidden_size) is not supported"
     return None
@@ -134,6 +136,8 @@ def family_of(hf_model) -> Family:
 
 def module_at(root, path: str):
     """The submodule at a dotted path, or UnsupportedModel when the layout differs."""
+    import torch
+
     obj = root
     for part in path.split("."):
         if not hasattr(obj, part):
@@ -141,4 +145,7 @@ def module_at(root, path: str):
                 f"{type(root).__name__} has no module {path!r}: its layout differs from what selfrepair supports"
             )
         obj = getattr(obj, part)
+    if not isinstance(obj, torch.nn.Module):  # e.g. a final norm a config switched off (None): refused by name
+        raise UnsupportedModel(f"{type(root).__name__} has no module at {path!r} ({type(obj).__name__} there): "
+                               "this configuration of the architecture is not supported")
     return obj

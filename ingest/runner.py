@@ -65,6 +65,7 @@ class Ingest:
     def __init__(self, config: IngestConfig, log=print):
         self.cfg = config
         self.log = (lambda *a, **k: None) if config.quiet else log
+        self._warn = log  # shown even with --quiet
         self._replace = False  # the stored configuration conflicts and --overwrite was given
         self._grow: dict = {}  # corpus, n_rows, n_tokens: set once this run's clean shards are all committed
         self._damaged: dict[str, str] = {}  # committed shards whose files are missing or damaged: redone
@@ -203,14 +204,24 @@ class Ingest:
                      "own forward passes only")
         t = time.perf_counter()
         try:
-            checks = run_self_check(model, w, first, src, cfg.ablations)
+            checks, excused = run_self_check(model, w, first, src, cfg.ablations)
         except torch.OutOfMemoryError:
             raise DeviceError("out of GPU memory even with one head per pass (in the self-check on the first "
                               "batch); lower --batch-size") from None
         self.log(f"self-check on the first batch: {len(checks)} comparisons, largest deviation "
                  f"{max(checks.values()):.2e} ({time.perf_counter() - t:.1f} s)")
-        return {"tolerance": "1e-3 of max(1, |value|)", "bridge": model.bridge_error or "TransformerBridge",
-                "deviations": checks}
+        record = {"tolerance": "1e-3 of max(1, |value|)", "bridge": model.bridge_error or "TransformerBridge",
+                  "deviations": checks}
+        if excused:
+            from selfrepair.ingest.selfcheck import BRIDGE_VS_MODEL
+
+            engine = max(v for k, v in checks.items() if "engine vs model" in k or "full model forward" in k)
+            self._warn(f"warning: TransformerLens's bridge disagrees with {w.family.name}'s own forward "
+                       f"({BRIDGE_VS_MODEL} differ by {checks[BRIDGE_VS_MODEL]:.3g}) while the engine agrees with "
+                       f"it (largest deviation {engine:.2g}); {len(excused)} comparison(s) with the bridge are "
+                       "excused and recorded in the manifest's self_check")
+            record["excused"] = excused
+        return record
 
     def _open_store(self, writer: Writer, model, corpus_spec: str, rows_np: np.ndarray, identity: dict,
                     w, checks: dict) -> None:

@@ -13,6 +13,7 @@ beside the activations (`W_O`, `W_U`, `b_U`, `W_out_final`) are variables too, a
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -32,13 +33,26 @@ def open_activations(folder: Path, manifest: Manifest, tokens=None, vocab=None):
         vocab: the `vocab` rows (token_id, token_str), for the `d_vocab` coordinate (None: ids only).
 
     Raises:
-        StoreError: the store keeps no activations.
+        StoreError: the store keeps no activations, or they fail verify's checks: anything in
+            `activations.zarr` symlinked (out of the store), a FIFO or device, an oversized
+            zarr.json, or a shape that does not fit the model and the tokens (refused before
+            anything is allocated).
     """
     import xarray as xr
 
+    from selfrepair.store import arrays
+
     path = folder / "activations.zarr"
-    if not path.is_dir() or not manifest.arrays:
+    if not os.path.lexists(path) or not manifest.arrays:
         raise StoreError(f"{folder.name} keeps no activations (ingested with --activations none)")
+    found, misfit = arrays.checked_arrays(path, manifest)  # the one check verify makes too
+    for name, info in sorted(manifest.arrays.items()):
+        if name in misfit:
+            raise StoreError(f"{path}/{name}: {misfit[name]}; run selfrepair verify")
+        if name not in found or tuple(found[name]["shape"]) != info.shape:
+            got = found[name]["shape"] if name in found else "missing"
+            raise StoreError(f"{path}/{name}: shape {got} differs from the manifest's {list(info.shape)}; "
+                             "run selfrepair verify")
     ds = xr.open_zarr(str(path), consolidated=False, chunks=None, zarr_format=3)
     weights = xr.open_zarr(str(path), group="weights", consolidated=False, chunks=None, zarr_format=3)
     ds = ds.merge(weights.rename({name: name for name in weights.data_vars}))

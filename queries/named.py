@@ -29,8 +29,8 @@ from selfrepair.queries.requests import split_head_label
 SQL_DIR = Path(__file__).parent / "sql"
 _NEEDS_LINE = re.compile(r"^needs:\s*(.+)$")
 _PARAM_LINE = re.compile(r"^param\s+(\w+)\s*(?::\s*(.*?))?\s*(?:[—–]|--)\s*(.*)$")
-_INT = re.compile(r"^[+-]?\d+$")
-_FLOAT = re.compile(r"^[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?$")
+_INT = re.compile(r"^[+-]?[0-9]+$")
+_FLOAT = re.compile(r"^[+-]?([0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)([eE][+-]?[0-9]+)?$")
 
 
 @dataclass(frozen=True)

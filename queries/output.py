@@ -248,7 +248,12 @@ def _stream_parquet(batches):
 
 
 def check_output_path(output: str | Path, store_root: str | Path | None = None) -> None:
-    """Refuse an output path inside the open store or inside any model folder (symlinks followed).
+    """Refuse an output path inside the open store or inside ANY store's model folder (symlinks resolved).
+
+    The one rule for every command that writes a file (`sql`, `query` and `export --output`,
+    `head --html`, `report --output`): a read-only command never changes a store, its own
+    or another. A model folder is recognised by its manifest or commit log
+    (`store/model_store.py: is_model_folder`) in the target's folder or any parent.
 
     Raises:
         QueryError: naming the path and the store it lies in.
@@ -258,11 +263,11 @@ def check_output_path(output: str | Path, store_root: str | Path | None = None) 
         root = Path(os.path.realpath(store_root))
         if real == root or root in real.parents:
             raise QueryError(f"refusing to write {output}: it lies inside the store {store_root} "
-                             "(a query never changes a store); write it elsewhere")
+                             "(a read-only command never changes a store); write it elsewhere")
     folder = enclosing_model_folder(real)
     if folder is not None:
         raise QueryError(f"refusing to write {output}: it lies inside the model folder {folder} "
-                         "(a query never changes a store); write it elsewhere")
+                         "(a read-only command never changes a store); write it elsewhere")
 
 
 def _to_stdout(write) -> None:

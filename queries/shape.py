@@ -53,7 +53,9 @@ def _needs_text(t: duckdb.DuckDBPyType, text_types: frozenset[str]) -> bool:
     if t.id in text_types:
         return True
     if t.id in ("list", "struct", "map", "array", "union"):
-        return any(_needs_text(child, text_types) for _, child in t.children)
+        # A fixed-size ARRAY's children also hold its size (an int), not only its element type.
+        return any(_needs_text(child, text_types) for _, child in t.children
+                   if not isinstance(child, int))
     return False
 
 

@@ -31,15 +31,16 @@ def head(label, store, model, ablation, sample, p, n_tokens, html_path):
         selfrepair head L26H6 --html L26H6.html
     """
     from selfrepair.analysis.head_page import build_head_page, html, text
+    from selfrepair.queries.output import check_output_path
     from selfrepair.queries.store import Store
 
+    if html_path is not None:  # before any work: a read-only command never writes into a store, any store
+        check_output_path(html_path, store)
     with Store.open(store) as s:
         page = build_head_page(s, label, model=model, ablation=ablation, p=p, sample=sample, n_tokens=n_tokens)
     click.echo(text(page))
     if html_path is not None:
         target = html_path.resolve()
-        if target == Path(store).resolve() or Path(store).resolve() in target.parents:
-            raise click.ClickException(f"--html {html_path} lies inside the store {store}; write it elsewhere")
         try:
             target.write_text(html(page), encoding="utf-8")
         except OSError as e:

@@ -5,11 +5,13 @@ Import `selfrepair.cli` (not this module) first: cli.py registers these commands
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
 
 from selfrepair.cli_common import friendly_errors, store_option
+from selfrepair.errors import QueryError
 from selfrepair.queries import named
 from selfrepair.queries.output import DEFAULT_MAX_ROWS, FORMATS, write_result
 
@@ -112,20 +114,37 @@ def _run_named(store: Path, name: str, params: tuple[tuple[str, str], ...], fmt:
     _run(store, None, params, fmt, output, max_rows, name=name, **shape)
 
 
+MAX_QUERY_BYTES = 1 << 20  # 1 MiB: far beyond any hand-written query; /dev/zero is refused, not read
+
+
 def _sql_text(text: str | None, file: Path | None) -> str:
-    """The query from the argument, `-` (stdin) or `--file`."""
+    """The query from the argument, `-` (stdin) or `--file`: at most MAX_QUERY_BYTES of UTF-8."""
     if file is not None:
         if text is not None:
             raise click.UsageError("give the query as TEXT or --file, not both")
         try:
-            return file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise click.UsageError(f"cannot read --file {file}: {getattr(e, 'strerror', None) or e}") from None
+            with open(file, "rb") as f:
+                return _bounded_text(f, f"--file {file}")
+        except OSError as e:
+            raise QueryError(f"cannot read --file {file}: {e.strerror or e}") from None
     if text is None:
         raise click.UsageError("give the query as TEXT, - (read stdin) or --file FILE")
     if text == "-":
-        return click.get_text_stream("stdin").read()
+        return _bounded_text(sys.stdin.buffer, "stdin")
     return text
+
+
+def _bounded_text(f, what: str) -> str:
+    """Read at most MAX_QUERY_BYTES + 1 bytes (memory stays flat whatever `f` is) and decode them."""
+    data = f.read(MAX_QUERY_BYTES + 1)
+    if len(data) > MAX_QUERY_BYTES:
+        raise QueryError(f"the query from {what} is longer than {MAX_QUERY_BYTES} bytes (1 MiB); "
+                               "a query is text, not data")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise QueryError(f"the query from {what} is not valid UTF-8 (byte 0x{data[e.start]:02X} "
+                               f"at byte {e.start + 1})") from None
 
 
 @click.command("sql", cls=SqlTextCommand)

@@ -170,7 +170,7 @@ def _top_sets(ms: ModelStore, manifest: Manifest) -> dict | None:
     entry = manifest.derived.get("head_top_tokens")
     if entry is None:
         return None
-    t = pq.read_table(ms.path / entry.path, columns=["layer", "head", "token_index"])
+    t = pq.read_table(files.check_regular(ms.path / entry.path), columns=["layer", "head", "token_index"])
     out: dict = {}
     for la, h, tok in zip(*(t.column(c).to_pylist() for c in ("layer", "head", "token_index"))):
         out.setdefault((la, h), []).append(tok)
@@ -181,6 +181,8 @@ def _write_sorted(ms: ModelStore, table: str, paths: list[Path], name: str, wher
     """One table's rows from `paths` (those where `where` holds), sorted by its key, into `tables/<table>/<name>.parquet`."""
     spec = TABLES[table]
     path = ms.shard_file(table, name)
+    for p in paths:  # a symlink (read out of the store) or a FIFO (blocks DuckDB) is refused, not compacted
+        files.check_regular(p)
     listing = "[" + ", ".join(_literal(files.glob_literal(p)) for p in paths) + "]"  # literal paths, not patterns
     layouts = {tuple(pq.read_schema(p).names) for p in paths}
     reader = f"read_parquet({listing})"

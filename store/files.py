@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from pathlib import Path
@@ -229,6 +230,73 @@ def remove_inside(root: Path, path: Path) -> bool:
         return False
     path.unlink(missing_ok=True)
     return True
+
+
+def file_problem(path: Path) -> str | None:
+    """Why `path` is not a regular file the store may read, or None (one lstat; nothing is opened).
+
+    A symlink is refused wherever it points (even inside: a shard is a file of its own
+    folder, and a link could be re-aimed outside between a check and a read); a FIFO or
+    device is refused because opening it would block or read without end.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return "is missing"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if stat.S_ISLNK(mode):
+        return "is a symlink (a store's files must lie inside it)"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file (a FIFO, socket or device)"
+    return None
+
+
+def open_regular(path: Path, flags: int, what: str = "", mode: int = 0o644) -> int:
+    """`os.open` of a file the store owns, never through a symlink, never blocking on a FIFO.
+
+    O_NOFOLLOW: a symlink in its place (dangling or not) is refused, so nothing outside is
+    truncated, written or created through it. O_NONBLOCK, then fstat: a FIFO or device is
+    refused at once (the descriptor is made blocking again for a regular file).
+
+    Args:
+        path: the file.
+        flags: os.O_* flags (O_NOFOLLOW, O_NONBLOCK, O_NOCTTY and O_CLOEXEC are added).
+        what: how the message names the file (e.g. "the writer lock"), default "file".
+
+    Raises:
+        StoreError: a symlink, anything but a regular file, or an open that fails (one line).
+    """
+    name = f"{what or 'file'} {path}"
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, mode)
+    except OSError as e:
+        if os.path.islink(path):
+            raise StoreError(f"the {name} is a symlink; it must be a regular file inside the model folder "
+                             "(remove the link)") from None
+        raise StoreError(f"cannot open the {name}: {e.strerror or e}") from None
+    kind = os.fstat(fd).st_mode
+    if not stat.S_ISREG(kind):
+        os.close(fd)
+        raise StoreError(f"the {name} is not a regular file ({_kind(kind)}); remove it")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def check_regular(path: Path, missing_ok: bool = False) -> Path:
+    """`path`, refused with one StoreError line unless it is a regular file (see `file_problem`)."""
+    problem = file_problem(path)
+    if problem and not (missing_ok and problem == "is missing"):
+        raise StoreError(f"{path} {problem}")
+    return path
 
 
 def append_line(fd: int, path: Path, line: bytes) -> None:

@@ -16,7 +16,8 @@ import socket
 import time
 from pathlib import Path
 
-from selfrepair.errors import StoreBusy, StoreError
+from selfrepair.errors import StoreBusy
+from selfrepair.store import files
 
 LOCK_NAME = ".writer.lock"
 
@@ -35,10 +36,9 @@ class WriterLock:
 
     def acquire(self) -> "WriterLock":
         """Take the lock or raise StoreBusy naming the holder; never waits."""
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise StoreError(f"cannot open the writer lock {self.path}: {e.strerror or e}") from None
+        # Never through a symlink or into a FIFO: the record written below would truncate or
+        # create a file outside the store, or block. No O_TRUNC: the holder's record is read first.
+        fd = files.open_regular(self.path, os.O_RDWR | os.O_CREAT, "writer lock")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -87,7 +87,11 @@ class ModelStore:
         return self.path / "tables" / table / f"{shard_id}.parquet"
 
     def table_files(self, table: str, manifest: Manifest | None = None) -> list[Path]:
-        """The committed Parquet files of one table, in shard order (paths checked inside the folder)."""
+        """The committed Parquet files of one table, in shard order (paths checked inside the folder).
+
+        Raises:
+            StoreError: a listed file is a symlink, a FIFO or a device (a missing one is left to the reader).
+        """
         manifest = manifest if manifest is not None else self.manifest()
         # Compacted files first: they hold the older shards' rows (see store/compact.py).
         out = [self.path / f.path for f in manifest.compacted.get(table, ())]
@@ -98,19 +102,18 @@ class ModelStore:
         derived = manifest.derived.get(table)
         if derived is not None:
             out.append(self.path / derived.path)
-        return out
+        return [files.check_regular(p, missing_ok=True) for p in out]
 
     def file_problem(self, entry: FileEntry) -> str | None:
         """Why a committed file entry no longer matches its file (missing, or another size), or None.
 
         One stat per file, cheap enough for every resume; `verify` also compares checksums.
         """
-        try:
-            size = os.stat(self.path / entry.path).st_size
-        except FileNotFoundError:
-            return "is missing"
-        except OSError as e:
-            return f"cannot be read ({e.strerror or e})"
+        path = self.path / entry.path
+        problem = files.file_problem(path)  # a symlink or FIFO is damage too: the shard is redone
+        if problem:
+            return problem
+        size = os.lstat(path).st_size
         return None if size == entry.bytes else f"has {size} bytes, not the {entry.bytes} committed"
 
     def damaged_shards(self, manifest: Manifest) -> dict[str, str]:
@@ -128,8 +131,8 @@ class ModelStore:
         out = {}
         for sid, e in sorted(manifest.shards.items()):
             problems = [f"{f.path} {p}" for f in e.files.values() if (p := self.file_problem(f))]
-            problems += [f"{rel} is missing" for rel, digest in e.chunks.items()
-                         if digest is not None and not (self.path / rel).is_file()]
+            problems += [f"{rel} {p}" for rel, digest in e.chunks.items()
+                         if digest is not None and (p := files.file_problem(self.path / rel))]
             if problems:
                 out[sid] = problems[0]
         return out
@@ -169,6 +172,12 @@ def list_models(root: Path, incomplete: bool = False) -> list[ModelStore]:
         return [ModelStore(root)]
     keep = (lambda p: p.is_dir() and not p.name.startswith(".")) if incomplete else (lambda p: os.path.lexists(p / MANIFEST))
     models = sorted(ModelStore(p) for p in root.iterdir() if keep(p)) if root.is_dir() else []
+    for ms in models:
+        # A model folder linked in from elsewhere would be read (and written) outside the store
+        # root: refused, like every other symlink in a store (README: "Symlinks").
+        if ms.path.is_symlink():
+            raise StoreError(f"model folder {ms.path} is a symlink (to {os.readlink(ms.path)}); a store's "
+                             "model folders must lie inside its root: move the folder in, or use that store directly")
     if not models:
         raise StoreNotFound(f"no selfrepair store at {root} (no model folder with a {MANIFEST})")
     return models
@@ -183,8 +192,8 @@ def is_model_folder(path: Path) -> bool:
 
 
 def enclosing_model_folder(path: Path) -> Path | None:
-    """The model folder that `path` (taken as a real path) lies in, or None: for refusing writes into a store."""
-    for folder in Path(path).parents:
+    """The model folder that `path` (taken as a real path) is or lies in, or None: for refusing writes into a store."""
+    for folder in (Path(path), *Path(path).parents):
         try:
             if is_model_folder(folder):
                 return folder

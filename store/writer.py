@@ -68,9 +68,9 @@ class Writer:
             return  # a schema-1 store: its first commit starts a log (see _append)
         path = snapshot.log_path(self.ms.path, self.generation)
         _, complete, _ = snapshot.read_log(self.ms.path, self.generation)
-        if path.stat().st_size != complete:
-            os.truncate(path, complete)  # drop a record torn by a crash mid-append
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        self._fd = files.open_regular(path, os.O_WRONLY | os.O_APPEND, "commit log")  # never truncated through a link
+        if os.fstat(self._fd).st_size != complete:
+            os.ftruncate(self._fd, complete)  # drop a record torn by a crash mid-append
 
     # -- life cycle --------------------------------------------------------------------
     def __enter__(self) -> "Writer":
@@ -186,6 +186,7 @@ class Writer:
     def prepare_arrays(self, shapes: dict[str, tuple[int, ...]], chunk_tokens: int, dtype: str,
                        weights: dict[str, np.ndarray]) -> None:
         """Create or grow the activation arrays; save the weights once."""
+        arrays.check_tree(self.ms.arrays_path)  # no chunk written through a symlink, no FIFO blocking a resize
         arrays.create_arrays(self.ms.arrays_path, shapes, chunk_tokens, dtype)
         if weights and not (self.ms.arrays_path / "weights").exists():
             arrays.write_weights(self.ms.arrays_path, weights)

@@ -56,6 +56,7 @@ class Case:
         env: extra environment variables.
         patch: monkeypatches (e.g. a full disk).
         writes: the command may change the store (an ingest that succeeds).
+        stdin: opens the command's standard input (e.g. /dev/zero), from the context.
     """
 
     args: Callable
@@ -65,6 +66,7 @@ class Case:
     env: dict = field(default_factory=dict)
     patch: Callable | None = None
     writes: bool = False
+    stdin: Callable | None = None
 
 
 def sql(text: str, *extra: str):
@@ -153,6 +155,110 @@ def _neighbours(name: str, other: str, model_names=False):
 
 def _link_to_manifest(c) -> None:
     (c.tmp / "out.json").symlink_to(c.m / "manifest.json")
+
+
+# -- issue 18: nothing followed out of a store, nothing outside written through it ------------------
+def _lock_linked(target: str):
+    """The model folder's `.writer.lock` replaced by a symlink to `target` under tmp (maybe dangling)."""
+    def setup(c) -> None:
+        (c.tmp / "outside").mkdir()
+        if not target.endswith("new.txt"):
+            (c.tmp / target).write_text("precious")
+        (c.m / ".writer.lock").unlink()
+        (c.m / ".writer.lock").symlink_to(c.tmp / target)
+    return setup
+
+
+def _lock_fifo(c) -> None:
+    (c.m / ".writer.lock").unlink()
+    os.mkfifo(c.m / ".writer.lock")
+
+
+def _first_shard(c, table: str = "tokens") -> Path:
+    return sorted((c.m / "tables" / table).glob("*.parquet"))[0]
+
+
+def _shard_fifo(c) -> None:
+    path = _first_shard(c)
+    path.unlink()
+    os.mkfifo(path)
+
+
+def _shard_linked(c) -> None:
+    path = _first_shard(c)
+    (c.tmp / "outside").mkdir()
+    shutil.move(path, c.tmp / "outside" / path.name)
+    path.symlink_to(c.tmp / "outside" / path.name)
+
+
+def _model_linked(c) -> None:
+    """The model folder lives outside the store root; the root holds a symlink to it."""
+    (c.tmp / "outside").mkdir()
+    shutil.move(c.m, c.tmp / "outside" / MODEL)
+    c.m.symlink_to(c.tmp / "outside" / MODEL)
+
+
+def _array_linked(c) -> None:
+    (c.tmp / "outside").mkdir()
+    shutil.move(c.m / "activations.zarr" / "z", c.tmp / "outside" / "z")
+    (c.m / "activations.zarr" / "z").symlink_to(c.tmp / "outside" / "z")
+
+
+def _chunk(c) -> Path:
+    return next(p for p in sorted((c.m / "activations.zarr" / "z" / "c").rglob("*")) if p.is_file())
+
+
+def _chunk_linked(c) -> None:
+    path = _chunk(c)
+    (c.tmp / "outside").mkdir()
+    shutil.move(path, c.tmp / "outside" / "chunk")
+    path.symlink_to(c.tmp / "outside" / "chunk")
+
+
+def _chunk_fifo(c) -> None:
+    path = _chunk(c)
+    path.unlink()
+    os.mkfifo(path)
+
+
+def _zarr_shape(n: int):
+    def setup(c) -> None:
+        meta = c.m / "activations.zarr" / "z" / "zarr.json"
+        doc = json.loads(meta.read_text())
+        doc["shape"][0] = n
+        meta.write_text(json.dumps(doc))
+    return setup
+
+
+def _zarr_chunk(n: int):
+    def setup(c) -> None:
+        meta = c.m / "activations.zarr" / "z" / "zarr.json"
+        doc = json.loads(meta.read_text())
+        doc["chunk_grid"]["configuration"]["chunk_shape"][0] = n
+        meta.write_text(json.dumps(doc))
+    return setup
+
+
+def _zarr_json_padded(c) -> None:
+    meta = c.m / "activations.zarr" / "z" / "zarr.json"
+    meta.write_bytes(meta.read_bytes() + b" " * (2 << 20))
+
+
+def _opt_without_final_norm(c) -> None:
+    import tiny_families
+
+    folder = tiny_families.save("opt", c.tmp / "opt-nofinal", n_layers=2)
+    config = json.loads((folder / "config.json").read_text())
+    config["_remove_final_layer_norm"] = True
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _other_store(c) -> None:
+    shutil.copytree(c.good, c.tmp / "other")
+
+
+def verify_store(c):
+    return ["verify", "--store", str(c.store)]
 
 
 COUNT = "SELECT count(*) AS n FROM tokens"
@@ -248,6 +354,68 @@ CASES = {
                                                0, "", setup=_neighbours("brack[1]", "brack1"), writes=True),
     "ingest into r? beside rX": Case(ingest("--corpus", "embedded", "--tokens", "124", store="r?"),
                                      0, "", setup=_neighbours("r?", "rX"), writes=True),
+    # -- issue 18: the writer lock never writes outside the store ------------------------------
+    "compact: .writer.lock a symlink to a file outside": Case(
+        lambda c: ["compact", "--store", str(c.store)], 1, "the writer lock", setup=_lock_linked("outside/victim.txt")),
+    "compact: .writer.lock a dangling symlink": Case(
+        lambda c: ["compact", "--store", str(c.store)], 1, "is a symlink", setup=_lock_linked("outside/new.txt")),
+    "ingest: .writer.lock a symlink to a file outside": Case(
+        ingest("--corpus", "embedded", "--tokens", "124"), 1, "is a symlink", setup=_lock_linked("outside/victim.txt")),
+    "compact: .writer.lock a FIFO": Case(lambda c: ["compact", "--store", str(c.store)], 1, "not a regular file (a FIFO)",
+                                         setup=_lock_fifo),
+    # -- issue 18: a read-only command never writes into any store's model folder -----------------
+    "head --html another store's manifest": Case(
+        lambda c: ["head", "L1H1", "--store", str(c.store), "--html", str(c.tmp / "other" / MODEL / "manifest.json")],
+        1, "inside the model folder", setup=_other_store),
+    "head --html into its own store": Case(
+        lambda c: ["head", "L1H1", "--store", str(c.store), "--html", str(c.m / "L1H1.html")], 1, "inside the store"),
+    "report --output another store's model folder": Case(
+        lambda c: ["report", "--store", str(c.store), "--output", str(c.tmp / "other" / MODEL / "report")], 1,
+        "inside the model folder", setup=_other_store),
+    "export --output another store's commit log folder": Case(
+        lambda c: ["export", "ln_share", "-p", "ablation=zero", "--format", "latex", "--store", str(c.store),
+                   "--output", str(c.tmp / "other" / MODEL / "commits" / "t.tex")], 1, "inside the model folder",
+        setup=_other_store),
+    "sql --output another store's manifest": Case(
+        lambda c: ["sql", "SELECT 1", "--store", str(c.store), "--output", str(c.tmp / "other" / MODEL / "manifest.json")],
+        1, "inside the model folder", setup=_other_store),
+    # -- issue 18: no shard, chunk or model folder read out of the store, no FIFO read -----------------
+    "sql: a shard that is a FIFO": Case(sql(COUNT), 1, "is not a regular file (a FIFO", setup=_shard_fifo),
+    "compact: a shard that is a FIFO": Case(lambda c: ["compact", "--store", str(c.store)], 1,
+                                           "is not a regular file (a FIFO", setup=_shard_fifo),
+    "verify: a shard that is a FIFO": Case(verify_store, 1, "is not a regular file (a FIFO", setup=_shard_fifo),
+    "sql: a shard symlinked outside": Case(sql(COUNT), 1, "symlink", setup=_shard_linked),
+    "compact: a shard symlinked outside": Case(lambda c: ["compact", "--store", str(c.store)], 1, "symlink",
+                                               setup=_shard_linked),
+    "sql: a model folder symlinked from outside the root": Case(sql(COUNT), 1, "is a symlink", setup=_model_linked),
+    "verify: a model folder symlinked from outside the root": Case(verify_store, 1, "is a symlink",
+                                                                   setup=_model_linked),
+    "verify: activations.zarr symlinked outside": Case(verify_store, 1, "activations.zarr is a symlink",
+                                                       setup=_symlinked("activations.zarr")),
+    "verify: a Zarr array folder symlinked outside": Case(verify_store, 1, "activations.zarr/z is a symlink",
+                                                          setup=_array_linked),
+    "verify: a Zarr chunk symlinked outside": Case(verify_store, 1, "is a symlink", setup=_chunk_linked),
+    "verify: a Zarr chunk that is a FIFO": Case(verify_store, 1, "is not a regular file (a FIFO", setup=_chunk_fifo),
+    # -- issue 18: bounded reads ----------------------------------------------------------------
+    "verify: a Zarr shape of 10^15 tokens": Case(verify_store, 1, "token_index is 1000000000000000, more than the 62 tokens",
+                                                 setup=_zarr_shape(10**15)),
+    "verify: a Zarr chunk of 10^15 tokens": Case(verify_store, 1, "chunk [1000000000000000, 2, 4, 8] is larger",
+                                                 setup=_zarr_chunk(10**15)),
+    "verify: a 2 MiB zarr.json": Case(verify_store, 1, "Zarr metadata is at most 1048576 bytes",
+                                      setup=_zarr_json_padded),
+    "sql --file /dev/zero": Case(lambda c: ["sql", "--file", "/dev/zero", "--store", str(c.store)], 1,
+                                 "longer than 1048576 bytes"),
+    "sql - </dev/zero": Case(lambda c: ["sql", "-", "--store", str(c.store)], 1, "longer than 1048576 bytes",
+                             stdin=lambda c: open("/dev/zero", "rb")),
+    # -- issue 18: one line, not a traceback (two regressions among them) -------------------------------
+    "INTEGER[3] column (regression)": Case(sql("SELECT [1,2,3]::INTEGER[3] AS a"), 0, "[1, 2, 3]"),
+    "ingest --seed -1 --resamples 2 (regression)": Case(
+        ingest("--corpus", "embedded", "--ablations", "resample", "--seed", "-1", "--resamples", "2", store="new"), 1,
+        "seed: must be in [0, 2**63), got -1"),
+    "OPT saved without its final norm": Case(ingest("--corpus", "embedded", store="new", model="opt-nofinal"), 1,
+                                            "OPT saved without its final LayerNorm", setup=_opt_without_final_norm),
+    "head 'L١H١' (Arabic-Indic digits)": Case(lambda c: ["head", "L\u0661H\u0661", "--store", str(c.store)], 1,
+                                              "use a label like L26H6"),
 }
 
 
@@ -273,7 +441,12 @@ def run_case(name: str, good: Path, model: Path, tmp: Path, monkeypatch) -> tupl
         case.patch(monkeypatch)
     before = _snapshot(tmp)
     args = [a.replace("{tmp}", str(tmp)) for a in case.args(c)]
-    res = CliRunner().invoke(main, args, env=case.env or None)
+    stdin = case.stdin(c) if case.stdin else None
+    try:
+        res = CliRunner().invoke(main, args, env=case.env or None, input=stdin)
+    finally:
+        if stdin is not None:
+            stdin.close()
     assert "Traceback" not in res.output and not isinstance(res.exception, (AssertionError, NameError, TypeError)), \
         res.output
     errors = [line for line in res.output.splitlines() if line.startswith("Error")]
@@ -282,8 +455,9 @@ def run_case(name: str, good: Path, model: Path, tmp: Path, monkeypatch) -> tupl
         if args[0] != "verify":  # verify prints its report, then the one Error line
             assert res.output.strip().splitlines() == errors, res.output
         shown = errors[0]
-        if args[0] == "verify":
-            shown += " — " + next(line.strip() for line in res.output.splitlines() if "FAIL" in line)
+        fail = next((line.strip() for line in res.output.splitlines() if "FAIL" in line), None)
+        if args[0] == "verify" and fail:  # (a store verify cannot read at all is one Error line, no report)
+            shown += " — " + fail
     else:
         assert not errors, res.output
         lines = [line for line in res.output.splitlines() if line.strip()]
@@ -304,6 +478,36 @@ def test_red_team_case(name, good_store, model_dir, tmp_path, monkeypatch, recor
     case = CASES[name]
     assert code == case.code, output
     assert case.line in (shown if code else output), output
+
+
+ACTIVATIONS_CASES = {
+    "activations.zarr symlinked outside": (_symlinked("activations.zarr"), "activations.zarr is a symlink"),
+    "an array folder symlinked outside": (_array_linked, "activations.zarr/z is a symlink"),
+    "a chunk symlinked outside": (_chunk_linked, "is a symlink"),
+    "a chunk that is a FIFO": (_chunk_fifo, "is not a regular file (a FIFO"),
+    "a Zarr shape of 10^15 tokens": (_zarr_shape(10**15), "token_index is 1000000000000000, more than the 62 tokens"),
+    "a Zarr chunk of 10^15 tokens": (_zarr_chunk(10**15), "chunk [1000000000000000, 2, 4, 8] is larger"),
+    "a 2 MiB zarr.json": (_zarr_json_padded, "Zarr metadata is at most 1048576 bytes"),
+}
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS_CASES))
+def test_python_api_activations_refuse(name, good_store, model_dir, tmp_path):
+    # Store.activations() makes verify's check (store/arrays.py check_tree, shape_problems) before zarr opens anything.
+    from selfrepair.errors import StoreError
+    from selfrepair.queries.store import Store
+
+    setup, line = ACTIVATIONS_CASES[name]
+    store = tmp_path / "store"
+    shutil.copytree(good_store, store, symlinks=True)
+    c = SimpleNamespace(tmp=tmp_path, store=store, model=model_dir, m=store / MODEL, good=good_store)
+    setup(c)
+    before = _snapshot(tmp_path)
+    with Store.open(store) as s:
+        with pytest.raises(StoreError) as err:
+            s.activations(MODEL)
+    assert line in str(err.value) and "\n" not in str(err.value), str(err.value)
+    assert _snapshot(tmp_path) == before
 
 
 def test_paths_read_only_their_own_files(good_store, model_dir, tmp_path, monkeypatch):

@@ -183,3 +183,62 @@ def _check_neurons(store, name, cl, ab, kind, layer, head, n, where):
     _close(f"{where} neuron ΔDE by rank", d[tok, got], d[tok, exp])
     _close(f"{where} neuron de_clean", rows["de_clean"].to_numpy().reshape(got.shape), cl.extra["neuron_de"][tok, got])
     _close(f"{where} neuron de_ablated", rows["de_ablated"].to_numpy().reshape(got.shape), ab.neuron_de[tok, got])
+
+
+# -- the self-check judges by the model's own forward (issue 18, requirement 6) ---------------
+SOFTCAP = 5.0  # Gemma 3's attention logit softcap: TransformerLens's bridge then disagrees with the model
+
+
+def _softcapped_gemma3(tmp_path):
+    import json
+
+    model_dir = tiny_families.save("gemma3", tmp_path / "models" / "tiny-gemma3-softcap", n_layers=N_LAYERS)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["attn_logit_softcapping"] = SOFTCAP
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    return model_dir
+
+
+def test_bridge_only_mismatch_is_warned_and_recorded(tmp_path, capsys):
+    from selfrepair.ingest.selfcheck import BRIDGE_VS_MODEL, MODEL_JUDGED, TOLERANCE
+
+    store_dir = tmp_path / "store"
+    # The stored numbers equal the plain-transformers recomputation: the engine is right.
+    _check_correct("gemma3", _softcapped_gemma3(tmp_path), store_dir)
+    assert "warning: TransformerLens's bridge disagrees with Gemma 3's own forward" in capsys.readouterr().out
+    store = Store.open(store_dir)
+    check = store.manifest(store.models[0])["self_check"]
+    devs = check["deviations"]
+    assert devs[BRIDGE_VS_MODEL] > TOLERANCE and BRIDGE_VS_MODEL in check["excused"]  # both deviations recorded
+    engine = {k: v for k, v in devs.items() if any(m in k for m in MODEL_JUDGED)}
+    assert engine and max(engine.values()) < 1e-4, engine
+    assert not set(engine) & set(check["excused"])
+
+
+@pytest.mark.parametrize("where", ["clean logit", "ablated logit"])
+def test_engine_disagreeing_with_the_model_is_refused(where, tmp_path, monkeypatch):
+    # Even where the bridge's own mismatches are excused, a deviation of the engine from the model is not.
+    import dataclasses
+
+    from selfrepair.ingest import ablate
+
+    if where == "clean logit":
+        clean_logit = ablate.FastBatch.clean_logit
+        monkeypatch.setattr(ablate.FastBatch, "clean_logit", lambda self, u: clean_logit(self, u) * 1.01)
+    else:
+        patch = ablate.FastBatch.patch
+
+        def off_by_one_percent(self, *a, **k):
+            r = patch(self, *a, **k)
+            return dataclasses.replace(r, logit=r.logit * 1.01)
+
+        monkeypatch.setattr(ablate.FastBatch, "patch", off_by_one_percent)
+    store_dir = tmp_path / "store"
+    res = CliRunner().invoke(main, [
+        "ingest", "--model", str(_softcapped_gemma3(tmp_path)), "--store", str(store_dir), "--tokens", str(TOKENS),
+        "--seq-len", str(SEQ), "--batch-size", str(BATCH), "--corpus", "embedded", "--ablations", "zero",
+        "--heads", HEAD_LABELS, "--quiet"])
+    assert res.exit_code == 1, res.output
+    assert res.output.startswith(f"Error: self-check failed for Gemma 3: {where}"), res.output
+    assert len(res.output.strip().splitlines()) == 1, res.output
+    assert not (store_dir / "tiny-gemma3-softcap").exists()

@@ -105,3 +105,31 @@ def test_two_ingests_at_once_never_lose_a_shard(tiny_model_dirs, tmp_path):
         assert store.sql(f"SELECT count(*) FROM (SELECT {key} FROM {name} GROUP BY ALL HAVING count(*) > 1)").item() == 0
     assert ModelStore(tmp_path / "tiny-neox").manifest().config.heads_runs == ("L0", "L1")
     assert verify(tmp_path).ok
+
+
+@pytest.mark.parametrize("kind", ["symlink to a file", "dangling symlink", "FIFO", "folder"])
+def test_lock_never_follows_a_link_or_blocks(kind, tmp_path):
+    # issue 18: O_NOFOLLOW, O_NONBLOCK and a regular-file check; nothing outside is truncated or created.
+    from selfrepair.errors import StoreError
+
+    folder, outside = tmp_path / "m", tmp_path / "outside"
+    folder.mkdir()
+    outside.mkdir()
+    victim = outside / "victim.txt"
+    lock = folder / ".writer.lock"
+    if kind == "symlink to a file":
+        victim.write_text("precious")
+        lock.symlink_to(victim)
+    elif kind == "dangling symlink":
+        lock.symlink_to(victim)
+    elif kind == "FIFO":
+        os.mkfifo(lock)
+    else:
+        lock.mkdir()
+    with pytest.raises(StoreError) as err:
+        WriterLock(folder).acquire()
+    assert "\n" not in str(err.value) and ".writer.lock" in str(err.value)
+    if kind == "symlink to a file":
+        assert victim.read_text() == "precious"
+    else:
+        assert not victim.exists()
