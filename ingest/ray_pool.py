@@ -27,7 +27,7 @@ from typing import Callable
 
 from selfrepair.errors import ConfigError, DeviceError, SelfRepairError, WorkerFailed
 from selfrepair.ingest.config import IngestConfig
-from selfrepair.store import shards
+from selfrepair.store import faults, shards
 from selfrepair.store.model_store import ModelStore
 
 MAX_ATTEMPTS = 3
@@ -80,6 +80,7 @@ class UnitWorker:
             raise DeviceError("out of GPU memory even with one head per pass (injected by "
                               f"{FAULT_ENV}); lower --batch-size")
         entry = self.runner.run(unit)
+        faults.point("ray.worker.written")
         self.done += 1
         if kind == "kill":
             n, _, marker = arg.partition(":")

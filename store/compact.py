@@ -32,7 +32,7 @@ import duckdb
 import pyarrow.parquet as pq
 
 from selfrepair.errors import StoreError
-from selfrepair.store import files
+from selfrepair.store import faults, files
 from selfrepair.store.heads import parse_heads
 from selfrepair.store.plan import NEURON_PHASE
 from selfrepair.store.model_store import ModelStore, list_models
@@ -100,7 +100,9 @@ def compact_with(writer: Writer) -> Result:
         if paths:
             new[table] = [_write_sorted(ms, table, paths, f"compact-{tag}")]
             result.rows += new[table][0]["rows"]
+    faults.point("compact.written")
     writer.commit_compaction(new, ids)
+    faults.point("compact.committed")
     # Readers that opened the old snapshot must reopen: its files go now, not at the next ingest.
     writer.clean_orphans()
     result.shards, result.files_after = len(ids), len(new)
