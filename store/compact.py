@@ -86,6 +86,7 @@ def compact_with(writer: Writer) -> Result:
         return result
     ids = compactable(manifest)
     if not ids:
+        writer.clean_orphans()  # what a compaction killed before its deletions were done left behind
         return result
     old = manifest.get("compacted") or {}
     sources: dict[str, list[Path]] = {t: [ms.path / f["path"] for f in old.get(t, [])] for t in TABLES}

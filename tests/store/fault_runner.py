@@ -1,30 +1,43 @@
 """A fork server for the fault-injection tests: torch, transformers and the tiny model loaded once.
 
-`python fault_runner.py MODEL_DIR` reads one JSON request per line on stdin and answers one
-JSON line on stdout. Each command runs in a child forked from this process, so it starts
-in milliseconds with the model already loaded, and dies alone when its fault fires:
+`python fault_runner.py MODEL_DIR` saves the tiny GPT-2 there if it is missing, prints
+`{"ready": true}`, then reads one JSON request per line on stdin and answers one JSON line
+on stdout. Every command runs in a child forked from this process, so it starts in
+milliseconds with the model already loaded, and dies alone when its fault fires.
 
-    {"run": {"cmd": "ingest"|"compact", "root": PATH, "config": {...}, "fault": "point:n"|null}}
-        -> {"rc": exit code, -9 when SIGKILLed, "trace": {point: hits}}
-    {"race": [run, run, ...]}   all forked, released together; a writer refused by the
-        lock (StoreBusy) retries until it gets it
-        -> {"rcs": [...], "refusals": [...]}
+A step is {"cmd": "ingest"|"compact"|"none", "root": PATH, "config": {...}, "fault": "point:n" |
+"trace" | "new:<JSON list of points>" | null, "check": bool, "retry_busy": bool}; its result is {"rc": exit code (-9:
+SIGKILLed), "trace": {point: hits} (fault "trace": points counted, none killed),
+"killed_at": the point (fault "new:[…]": killed at the first point not listed),
+"refusals": lock refusals retried, "check": the store's digest after the step}.
+
+    {"jobs": [[step, ...], ...]}  each job's steps in order, up to `parallel` jobs at once
+        -> {"results": [[result, ...], ...]}
+    {"race": [step, ...]}  all forked, released together -> {"results": [result, ...]}
+
+The digest (`check`) is, per table, its row count, its number of duplicate keys (SQL
+GROUP BY key HAVING count(*) > 1) and the SHA-256 of its rows sorted by key, plus whether
+`verify` passes and the table files no entry lists (orphans): computed in the child, so checks run in parallel too.
 
 This process itself never runs a command: Polars' thread pool (and torch's OpenMP one)
-do not survive a fork, so they are first used in the children only. torch runs one
+do not survive a fork, so they are first used in the children only; torch runs one
 thread per process for the same reason.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import io
 import json
 import os
 import pkgutil
+import select
+import signal
 import sys
 import time
 import traceback
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 
 import torch
@@ -33,19 +46,21 @@ torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for tiny_models
 
+import tiny_models  # noqa: E402
 from tiny_models import ingest_tiny  # noqa: E402
 
 from selfrepair.errors import SelfRepairError, StoreBusy  # noqa: E402
 from selfrepair.ingest import models  # noqa: E402
 from selfrepair.ingest.config import IngestConfig  # noqa: E402
 from selfrepair.store import faults  # noqa: E402
-from selfrepair.store.compact import compact  # noqa: E402
 
 RACE_SECONDS = 60  # a racing writer gives up after this long of refusals
 
 
-def _cache_loader(model_dir: str) -> None:
+def _prepare(model_dir: str) -> None:
     """Load the tiny model once here; every child's load_model returns it (copy-on-write after fork)."""
+    if not Path(model_dir).exists():
+        tiny_models.save("gpt2", Path(model_dir))
     load = models.load_model
     cache = {}
 
@@ -60,53 +75,92 @@ def _cache_loader(model_dir: str) -> None:
     with torch.no_grad():  # the first forward pass's one-time costs, paid once
         m.hf_model(torch.zeros(1, 4, dtype=torch.long))
     import selfrepair.ingest
+    import selfrepair.queries
     import selfrepair.store
 
-    for pkg in (selfrepair.ingest, selfrepair.store):  # imported here, not once per child
+    for pkg in (selfrepair.ingest, selfrepair.store, selfrepair.queries):  # imported here, not once per child
         for mod in pkgutil.iter_modules(pkg.__path__):
             if mod.name != "ray_pool":
                 importlib.import_module(f"{pkg.__name__}.{mod.name}")
 
 
-def _command(req: dict, model_dir: str) -> None:
-    root = Path(req["root"])
-    if req["cmd"] == "compact":
+def _command(step: dict, model_dir: str) -> None:
+    root = Path(step["root"])
+    if step["cmd"] == "none":  # a digest alone
+        return
+    if step["cmd"] == "compact":
+        from selfrepair.store.compact import compact
+
         compact(root)
     else:
-        ingest_tiny(model_dir, root, **req["config"])
+        ingest_tiny(model_dir, root, **step["config"])
 
 
-def _trace() -> Counter:
-    """Record every point reached instead of killing (fault "trace")."""
-    hits: Counter = Counter()
-    faults.point = lambda name: hits.update([name])
-    return hits
+def _digest(root: Path) -> dict:
+    from selfrepair import Store
+    from selfrepair.store.schema import TABLES
+    from selfrepair.store.verify import verify
+
+    s = Store.open(root)
+    tables = {}
+    for name, spec in TABLES.items():
+        key = ", ".join(spec.key)
+        rows = s.sql(f"SELECT * FROM {name} ORDER BY {key}")
+        dups = s.sql(f"SELECT count(*) AS n FROM (SELECT {key} FROM {name} GROUP BY {key} HAVING count(*) > 1)")
+        buf = io.BytesIO()
+        rows.write_ipc(buf)
+        tables[name] = {"rows": rows.height, "duplicate_keys": int(dups["n"][0]),
+                        "sha256": hashlib.sha256(buf.getvalue()).hexdigest()}
+    report = verify(root)
+    return {"tables": tables, "verify_ok": report.ok, "orphans": _orphans(root),
+            "verify_problems": [p for ps in report.problems.values() for p in ps]}
 
 
-def _child(req: dict, model_dir: str, out_fd: int, gate: tuple[int, int] | None = None) -> None:
-    """The forked child: wait for the gate, arm the fault, run; report and exit without cleanup."""
+def _orphans(root: Path) -> list[str]:
+    """Table files no committed entry lists (left by a killed run until a writer's cleanup)."""
+    from selfrepair.store.model_store import list_models
+
+    out = []
+    for ms in list_models(root):
+        m = ms.manifest()
+        listed = {e["path"] for s in m["shards"].values() for e in s["files"].values()}
+        listed |= {e["path"] for e in (m.get("derived") or {}).values()}
+        listed |= {e["path"] for lst in (m.get("compacted") or {}).values() for e in lst}
+        out += sorted(str(p.relative_to(ms.path)) for p in (ms.path / "tables").rglob("*")
+                      if p.is_file() and str(p.relative_to(ms.path)) not in listed)
+    return out
+
+
+def _child(step: dict, model_dir: str, out_fd: int, gate: tuple[int, int] | None = None) -> None:
+    """The forked child: wait for the gate, arm the fault, run, check; report and exit without cleanup."""
     code, report = 0, {}
     os.dup2(2, 1)  # stdout is the server's answer channel
     try:
         if gate is not None:
             os.close(gate[1])  # else this child's own copy keeps the gate shut
             os.read(gate[0], 1)
-        hits = None
-        if req.get("fault") == "trace":
-            hits = _trace()
+        hits: Counter = Counter()
+        fault = step.get("fault") or ""
+        if fault == "trace":
+            faults.point = lambda name: hits.update([name])
+        elif fault.startswith("new:"):
+            faults.point = _kill_at_new(set(json.loads(fault[4:])), out_fd)
         else:
-            faults.arm(req.get("fault"))
+            faults.arm(step.get("fault"))
         refusals, start = 0, time.monotonic()
         while True:
             try:
-                _command(req, model_dir)
+                _command(step, model_dir)
                 break
             except StoreBusy:
-                if not req.get("retry_busy") or time.monotonic() - start > RACE_SECONDS:
+                if not step.get("retry_busy") or time.monotonic() - start > RACE_SECONDS:
                     raise
                 refusals += 1
                 time.sleep(0.02)
-        report = {"refusals": refusals, "trace": dict(hits or {})}
+        report = {"refusals": refusals, "trace": dict(hits)}
+        if step.get("check"):
+            faults.arm(None)
+            report["check"] = _digest(Path(step["root"]))
     except SelfRepairError as e:
         print(f"Error: {e}", file=sys.stderr)
         code = 1
@@ -117,40 +171,92 @@ def _child(req: dict, model_dir: str, out_fd: int, gate: tuple[int, int] | None 
     os._exit(code)
 
 
-def _fork(req: dict, model_dir: str, gate: tuple[int, int] | None = None) -> tuple[int, int]:
+def _kill_at_new(seen: set, out_fd: int):
+    """A point that SIGKILLs at the first point not in `seen`, after reporting its name."""
+
+    def point(name: str) -> None:
+        if name not in seen:
+            os.write(out_fd, json.dumps({"killed_at": name}).encode())
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return point
+
+
+def _fork(step: dict, model_dir: str, gate: tuple[int, int] | None = None) -> tuple[int, int]:
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(r)
-        _child(req, model_dir, w, gate)
+        _child(step, model_dir, w, gate)
     os.close(w)
     return pid, r
 
 
-def _finish(pid: int, r: int) -> dict:
+def _read_all(fd: int) -> bytes:
     chunks = []
-    while chunk := os.read(r, 65536):
+    while chunk := os.read(fd, 65536):
         chunks.append(chunk)
-    os.close(r)
+    os.close(fd)
+    return b"".join(chunks)
+
+
+def _finish(pid: int, r: int) -> dict:
+    report = json.loads(_read_all(r) or b"{}")
     _, status = os.waitpid(pid, 0)
-    report = json.loads(b"".join(chunks) or b"{}")
     return {"rc": os.waitstatus_to_exitcode(status), **report}
 
 
+def _job(steps: list, model_dir: str) -> tuple[int, int]:
+    """A process that runs one job's steps in order, each in its own forked child."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            results = [_finish(*_fork(step, model_dir)) for step in steps]
+            os.write(w, json.dumps(results).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    return pid, r
+
+
+def _jobs(jobs: list, model_dir: str, parallel: int) -> list:
+    results: list = [None] * len(jobs)
+    waiting = deque(enumerate(jobs))
+    running: dict[int, tuple[int, int, list]] = {}  # read fd -> (job index, pid, bytes so far)
+    while waiting or running:
+        while waiting and len(running) < parallel:
+            i, steps = waiting.popleft()
+            pid, r = _job(steps, model_dir)
+            running[r] = (i, pid, [])
+        ready, _, _ = select.select(list(running), [], [])
+        for r in ready:
+            i, pid, chunks = running[r]
+            chunk = os.read(r, 65536)
+            if chunk:
+                chunks.append(chunk)
+                continue
+            os.close(r)
+            del running[r]
+            os.waitpid(pid, 0)
+            results[i] = json.loads(b"".join(chunks))
+    return results
+
+
 def main(model_dir: str) -> None:
-    _cache_loader(model_dir)
+    _prepare(model_dir)
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         req = json.loads(line)
-        if "run" in req:
-            answer = _finish(*_fork(req["run"], model_dir))
+        if "jobs" in req:
+            answer = {"results": _jobs(req["jobs"], model_dir, max(1, int(req.get("parallel", 1))))}
         else:
             gate_r, gate_w = os.pipe()
-            started = [_fork(r, model_dir, (gate_r, gate_w)) for r in req["race"]]
+            started = [_fork(step, model_dir, (gate_r, gate_w)) for step in req["race"]]
             os.close(gate_r)
             os.close(gate_w)  # every child's read returns now: they start together
-            done = [_finish(pid, r) for pid, r in started]
-            answer = {"rcs": [d["rc"] for d in done], "refusals": [d.get("refusals", 0) for d in done]}
+            answer = {"results": [_finish(pid, r) for pid, r in started]}
         print(json.dumps(answer), flush=True)
 
 

@@ -4,13 +4,17 @@ Each command — a fresh ingest, extensions with more tokens, more heads and mor
 draws, `compact` — is SIGKILLed at each commit point it reaches (SELFREPAIR_FAULT), rerun
 without the fault, and its store must then hold exactly the rows of a one-shot run of the
 final configuration (every table, sorted by its key), with no duplicate key, and pass
-`selfrepair verify`. Then every kill point in sequence on one store, ten rounds of two
-ingests and a `compact` racing on one store, and a Ray worker killed after writing a unit.
+`verify`. Then every kill point in sequence on one store, ten rounds of two ingests and a
+`compact` racing on one store, the variable on a real `selfrepair compact` process, and a
+Ray worker killed after writing a unit.
 
 Commands run in children forked from `fault_runner.py`, a process that has loaded torch
 and the tiny model once, so a run costs a fraction of a second instead of an interpreter
-start. Stores live on /dev/shm where there is one (fsync is most of a run's cost on disk,
-and a SIGKILL loses nothing the page cache holds, so the kill is the same).
+start, and independent cases run side by side. Each rerun's child computes its store's
+digest (per table: rows, duplicate keys by SQL GROUP BY … HAVING count(*) > 1, SHA-256 of
+the rows sorted by key; and `verify`), compared here with the one-shot run's. Stores live
+on /dev/shm where there is one: fsync is most of a run's cost on disk, and a SIGKILL
+loses nothing the page cache holds, so the kill is the same.
 """
 
 from __future__ import annotations
@@ -30,12 +34,13 @@ from click.testing import CliRunner
 
 from selfrepair import Store
 from selfrepair.cli import main
+from selfrepair.errors import ConfigError
 from selfrepair.store import faults
 from selfrepair.store.schema import TABLES
-import tiny_models
 
 RUNNER = Path(__file__).with_name("fault_runner.py")
 KILLED = -9  # a child's exit code when SIGKILL ended it
+PARALLEL = max(1, min(4, os.cpu_count() or 1))
 
 # The smallest useful store: 10 rows × 15 predictions in 2 batches, 2 heads, one resample
 # draw, neuron detail by sr_mlps for one head (so all three shard phases are written).
@@ -49,8 +54,13 @@ FINAL = {
     "draws": {"resamples": 2},
     "compact": {},
 }
-# Kill points (point:n) per command: every point the command reaches (test_matrix_covers_every_point
-# checks that against a trace), n > 1 where a later hit leaves the store in another state.
+ALL = BASE | FINAL["tokens"] | FINAL["heads"] | FINAL["draws"]  # the sequence's final configuration
+RACE_ROUNDS = 10
+RACE_GROWTH = 15  # tokens per round: one row, so each round redoes the partial last batch
+RACE_FINAL = BASE | {"tokens": BASE["tokens"] + RACE_GROWTH * RACE_ROUNDS, "resamples": 2}
+
+# Kill points (point[:n]) per command: every point the command reaches (test_matrix_covers_every_point
+# checks this against a trace), with n > 1 where a later hit leaves the store in another state.
 CKPT = ["writer.checkpoint.log_created", "writer.checkpoint.renamed", "writer.checkpoint.done"]
 MATRIX = {
     "fresh": [*CKPT, *(f"{p}:2" for p in CKPT),  # 1: the store's creation; 2: the final fold
@@ -70,9 +80,16 @@ MATRIX = {
     "draws": ["writer.set.appended", "writer.shard.ablation.written", "writer.shard.ablation.appended",
               "writer.shard.neurons.written", "writer.shard.neurons.appended", *CKPT],
     "compact": ["compact.written", "compact.committed", "writer.orphan.removed",
-                "writer.orphan.removed:12", *CKPT],  # 12 of 24 old files deleted: mid-deletion
+                "writer.orphan.removed:12", *CKPT],  # 12 of the 24 old files deleted: mid-deletion
 }
 CASES = [(cmd, spec) for cmd, specs in MATRIX.items() for spec in specs]
+
+
+def step(cmd: str, root: Path, config: dict | None = None, fault: str | None = None, **extra) -> dict:
+    """A runner step: `cmd` is "compact", "none" (a digest alone) or a FINAL key (an ingest)."""
+    if cmd in FINAL and cmd != "compact":
+        config, cmd = BASE | FINAL[cmd] if config is None else config, "ingest"
+    return {"cmd": cmd, "root": str(root), "config": config or {}, "fault": fault, **extra}
 
 
 class Runner:
@@ -83,18 +100,16 @@ class Runner:
                                      stdout=subprocess.PIPE, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
         assert json.loads(self.proc.stdout.readline()) == {"ready": True}
 
-    def ask(self, request: dict) -> dict:
+    def ask(self, request: dict) -> list:
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         assert line, "the fault runner died"
-        return json.loads(line)
+        return json.loads(line)["results"]
 
-    def run(self, cmd: str, root: Path, fault: str | None = None) -> dict:
-        """Run a command ("compact" or one of FINAL's ingests) on `root` in a forked child."""
-        config = {} if cmd == "compact" else BASE | FINAL[cmd]
-        return self.ask({"run": {"cmd": "compact" if cmd == "compact" else "ingest", "root": str(root),
-                                 "config": config, "fault": fault}})
+    def jobs(self, jobs: list[list[dict]]) -> list[list[dict]]:
+        """Each job's steps in order, PARALLEL jobs at a time; each step's result."""
+        return self.ask({"jobs": jobs, "parallel": PARALLEL})
 
     def close(self) -> None:
         self.proc.stdin.close()
@@ -112,25 +127,39 @@ def scratch():
 
 @pytest.fixture(scope="module")
 def runner(scratch):
-    r = Runner(tiny_models.save("gpt2", scratch / "tiny-gpt2"))
+    r = Runner(scratch / "tiny-gpt2")
     yield r
     r.close()
 
 
 @pytest.fixture(scope="module")
-def references(runner, scratch):
-    """One-shot stores, built once per final configuration: {name: (root, tables)}."""
-    cache: dict[str, tuple[Path, dict]] = {}
+def references(runner, scratch) -> dict[str, dict]:
+    """One-shot stores, built once per final configuration (side by side): name -> {root, digest}."""
+    configs = {cmd: BASE | FINAL[cmd] for cmd in FINAL if cmd != "compact"} | {"all": ALL, "race": RACE_FINAL}
+    results = runner.jobs([[step("ingest", scratch / f"reference-{n}", c, check=True)] for n, c in configs.items()])
+    out = {}
+    for name, (res,) in zip(configs, results):
+        assert res["rc"] == 0, name
+        out[name] = {"root": scratch / f"reference-{name}", "digest": res["check"]}
+    out["compact"] = out["fresh"]  # compaction keeps its store's rows
+    return out
 
-    def get(cmd: str) -> tuple[Path, dict]:
-        name = "fresh" if cmd == "compact" else cmd  # compaction keeps the rows of its store
-        if name not in cache:
-            root = scratch / f"reference-{name}"
-            assert runner.run(name, root)["rc"] == 0
-            cache[name] = (root, tables(root))
-        return cache[name]
 
-    return get
+def start(cmd: str, root: Path, references) -> Path:
+    """The store a command starts from: nothing for a fresh ingest, a copy of the one-shot BASE store otherwise."""
+    if cmd != "fresh":
+        shutil.copytree(references["fresh"]["root"], root, ignore=shutil.ignore_patterns(".writer.lock"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def matrix(runner, references, scratch) -> dict[tuple[str, str], list[dict]]:
+    """Every case of the matrix, run side by side: the killed run, then the rerun with its digest."""
+    jobs = []
+    for cmd, spec in CASES:
+        root = start(cmd, scratch / f"case-{cmd}-{spec}", references)
+        jobs.append([step(cmd, root, fault=spec), step(cmd, root, check=True)])
+    return dict(zip(CASES, runner.jobs(jobs)))
 
 
 def tables(root: Path) -> dict[str, pl.DataFrame]:
@@ -138,19 +167,8 @@ def tables(root: Path) -> dict[str, pl.DataFrame]:
     return {name: s.sql(f"SELECT * FROM {name}").sort(list(t.key)) for name, t in TABLES.items()}
 
 
-def duplicate_keys(root: Path) -> dict[str, int]:
-    """Per table, the number of keys held by more than one row (SQL over the store's views)."""
-    s = Store.open(root)
-    out = {}
-    for name, t in TABLES.items():
-        key = ", ".join(t.key)
-        n = s.sql(f"SELECT count(*) AS n FROM (SELECT {key} FROM {name} GROUP BY {key} HAVING count(*) > 1)")
-        out[name] = int(n["n"][0])
-    return {k: v for k, v in out.items() if v}
-
-
 def lost_or_duplicated(got: dict[str, pl.DataFrame], want: dict[str, pl.DataFrame]) -> dict[str, int]:
-    """Per table, rows of the reference missing from the store plus rows beyond one per reference row."""
+    """Per table, rows of the reference missing from the store, rows it lacks, and rows beyond one per key (SQL)."""
     out = {}
     con = duckdb.connect()
     try:
@@ -170,114 +188,108 @@ def lost_or_duplicated(got: dict[str, pl.DataFrame], want: dict[str, pl.DataFram
     return out
 
 
-def verify_rc(root: Path) -> int:
-    return CliRunner().invoke(main, ["verify", "--store", str(root)]).exit_code
-
-
-def assert_like_one_shot(root: Path, want: dict[str, pl.DataFrame]) -> None:
-    got = tables(root)
-    assert lost_or_duplicated(got, want) == {}
-    assert duplicate_keys(root) == {}
-    for name in TABLES:
-        assert got[name].equals(want[name]), f"{name} differs from the one-shot run"
-    assert verify_rc(root) == 0
-
-
-def start(cmd: str, root: Path, references) -> None:
-    """The store a command starts from: nothing for a fresh ingest, a one-shot BASE store otherwise."""
-    if cmd != "fresh":
-        shutil.copytree(references("fresh")[0], root, ignore=shutil.ignore_patterns(".writer.lock"))
+def assert_like(root: Path, digest: dict, reference: dict) -> None:
+    """The store's digest equals the one-shot run's, no table has a duplicate key, verify passes."""
+    assert digest["verify_ok"], digest["verify_problems"]
+    dups = {t: d["duplicate_keys"] for t, d in digest["tables"].items() if d["duplicate_keys"]}
+    assert dups == {}, f"duplicate keys: {dups}"
+    if digest["tables"] != reference["digest"]["tables"]:
+        bad = lost_or_duplicated(tables(root), tables(reference["root"]))
+        differ = [t for t in TABLES if digest["tables"][t] != reference["digest"]["tables"][t]]
+        pytest.fail(f"tables differ from the one-shot run: {differ}; rows lost or duplicated: {bad}")
 
 
 @pytest.mark.parametrize("cmd,spec", CASES, ids=[f"{c}-{s}" for c, s in CASES])
-def test_kill_then_rerun_equals_one_shot(runner, references, scratch, cmd, spec):
-    root = scratch / f"case-{cmd}-{spec}"
-    start(cmd, root, references)
-    killed = runner.run(cmd, root, fault=spec)
+def test_kill_then_rerun_equals_one_shot(matrix, references, scratch, cmd, spec):
+    killed, rerun = matrix[(cmd, spec)]
     assert killed["rc"] == KILLED, f"{spec} was not reached by {cmd} (exit {killed['rc']})"
-    assert runner.run(cmd, root)["rc"] == 0
-    assert_like_one_shot(root, references(cmd)[1])
-    shutil.rmtree(root)
+    assert rerun["rc"] == 0
+    assert_like(scratch / f"case-{cmd}-{spec}", rerun["check"], references[cmd])
+    if cmd == "compact":  # a rerun finishes the deletion a kill interrupted
+        assert rerun["check"]["orphans"] == []
 
 
 def test_matrix_covers_every_point(runner, references, scratch):
-    """Every point a command reaches (traced, not killed) is in its row of the matrix."""
-    for cmd in MATRIX:
-        root = scratch / f"trace-{cmd}"
-        start(cmd, root, references)
-        hits = runner.run(cmd, root, fault="trace")["trace"]
+    """Every point a command reaches (traced, not killed) is in its row of the matrix, as often as it says."""
+    results = runner.jobs([[step(cmd, start(cmd, scratch / f"trace-{cmd}", references), fault="trace")]
+                           for cmd in MATRIX])
+    for cmd, (res,) in zip(MATRIX, results):
+        assert res["rc"] == 0, cmd
+        hits = res["trace"]
         assert set(hits) == {s.partition(":")[0] for s in MATRIX[cmd]}, cmd
         for spec in MATRIX[cmd]:
             name, _, n = spec.partition(":")
             assert hits[name] >= int(n or 1), spec
-        shutil.rmtree(root)
 
 
 def test_every_kill_point_in_sequence_on_one_store(runner, references, scratch):
-    """Fresh ingest, the three extensions and `compact` on one store: each run is killed at the
-    next point of the command's row (a rerun is itself killed), then one clean rerun; checked once."""
+    """A fresh ingest, the three extensions and `compact` on one store: each run is killed at the
+    first point not killed yet (so each rerun dies at the next point) until one finishes; checked once."""
     root = scratch / "sequence"
-    fired = 0
-    final = BASE | {k: v for cmd in ("tokens", "heads", "draws") for k, v in FINAL[cmd].items()}
+    config, kills = dict(BASE), {}
     for cmd in ("fresh", "tokens", "heads", "draws", "compact"):
-        config = {} if cmd == "compact" else BASE | {k: v for c in list(FINAL)[:list(FINAL).index(cmd) + 1]
-                                                         for k, v in FINAL[c].items()}
-        request = {"cmd": "compact" if cmd == "compact" else "ingest", "root": str(root), "config": config}
-        for spec in MATRIX[cmd]:
-            rc = runner.ask({"run": request | {"fault": spec}})["rc"]
-            assert rc in (0, KILLED), (cmd, spec, rc)  # 0: the work that point guards was already done
-            fired += rc == KILLED
-        assert runner.ask({"run": request | {"fault": None}})["rc"] == 0
-    assert fired >= len(CASES) * 2 // 3, f"only {fired} of {len(CASES)} kills fired"
-    ref = scratch / "reference-sequence"
-    assert runner.ask({"run": {"cmd": "ingest", "root": str(ref), "config": final, "fault": None}})["rc"] == 0
-    assert_like_one_shot(root, tables(ref))
-    print(f"\nsequence: {fired} of {len(CASES)} kills fired on one store; equal to the one-shot run, "
-          "0 duplicate keys, verify OK")
+        config |= FINAL[cmd]
+        name, seen = "compact" if cmd == "compact" else "ingest", []
+        while True:
+            (res,), = runner.jobs([[step(name, root, config, fault="new:" + json.dumps(seen))]])
+            if res["rc"] == 0:
+                break
+            assert res["rc"] == KILLED and res["killed_at"] not in seen, res
+            seen.append(res["killed_at"])
+        # Every point of the row, except one a rerun no longer reaches: after a kill between a
+        # checkpoint's rename and its old log's removal, no record is left to fold.
+        missing = {s.partition(":")[0] for s in MATRIX[cmd]} - set(seen)
+        assert missing <= {"writer.checkpoint.done"}, (cmd, missing)
+        kills[cmd] = len(seen)
+    (final,), = runner.jobs([[step("none", root, check=True)]])
+    assert_like(root, final["check"], references["all"])
+    print(f"\nsequence: {sum(kills.values())} kills on one store ({kills}); the final store equals the one-shot "
+          "run, 0 duplicate keys, verify OK")
 
 
-def test_two_ingests_and_compact_race_for_ten_rounds(runner, scratch):
-    """Each round, two ingests (one more batch of tokens; one of them also a second draw) and a
+def test_two_ingests_and_compact_race_for_ten_rounds(runner, references, scratch):
+    """Each round, two ingests (one more row of tokens; one of them with a second draw too) and a
     `compact` start together on one store; a writer refused by the lock retries. Rows lost or
-    duplicated against a one-shot run are counted with SQL."""
-    root = scratch / "race"
-    root.mkdir()
-    refusals, rounds = 0, 10
-    for r in range(rounds):
-        tokens = 150 + 75 * r
-        one = {"cmd": "ingest", "root": str(root), "config": BASE | {"tokens": tokens}, "retry_busy": True}
-        two = {**one, "config": BASE | {"tokens": tokens, "resamples": 2}}
-        answer = runner.ask({"race": [one, two, {"cmd": "compact", "root": str(root), "retry_busy": True}]})
-        assert answer["rcs"] == [0, 0, 0], answer
-        refusals += sum(answer["refusals"])
-        assert duplicate_keys(root) == {}, f"round {r}"
-    ref = scratch / "reference-race"
-    final = BASE | {"tokens": 150 + 75 * (rounds - 1), "resamples": 2}
-    assert runner.ask({"run": {"cmd": "ingest", "root": str(ref), "config": final, "fault": None}})["rc"] == 0
-    bad = lost_or_duplicated(tables(root), tables(ref))
-    assert bad == {}, bad
-    assert verify_rc(root) == 0
-    print(f"\nrace: {rounds} rounds of 2 ingests + compact, {refusals} lock refusals retried, "
-          f"{sum(bad.values())} rows lost or duplicated, verify OK")
+    duplicated against the one-shot run are counted with SQL."""
+    root = start("compact", scratch / "race", references)  # a BASE store: `compact` needs one
+    refusals = 0
+    for r in range(1, RACE_ROUNDS + 1):
+        tokens = BASE["tokens"] + RACE_GROWTH * r
+        one = step("ingest", root, BASE | {"tokens": tokens}, retry_busy=True)
+        two = step("ingest", root, BASE | {"tokens": tokens, "resamples": 2}, retry_busy=True)
+        results = runner.ask({"race": [one, two, step("compact", root, retry_busy=True)]})
+        assert [res["rc"] for res in results] == [0, 0, 0], f"round {r}"
+        refusals += sum(res["refusals"] for res in results)
+        (check,), = runner.jobs([[step("none", root, check=True)]])
+        dups = {t: d["duplicate_keys"] for t, d in check["check"]["tables"].items() if d["duplicate_keys"]}
+        assert dups == {} and check["check"]["verify_ok"], f"round {r}: {dups} {check['check']['verify_problems']}"
+    bad = lost_or_duplicated(tables(root), tables(references["race"]["root"]))
+    assert bad == {}, f"rows lost or duplicated: {bad}"
+    assert CliRunner().invoke(main, ["verify", "--store", str(root)]).exit_code == 0
+    print(f"\nrace: {RACE_ROUNDS} rounds of 2 ingests + compact on one store, {refusals} lock refusals "
+          f"retried, {sum(bad.values())} rows lost or duplicated, verify OK")
 
 
 def test_the_variable_kills_a_real_compact(runner, references, scratch):
-    """SELFREPAIR_FAULT set for a `selfrepair compact` process: it dies at the point (rc -9); rerun, same rows."""
-    root = scratch / "cli-compact"
-    start("compact", root, references)
+    """SELFREPAIR_FAULT in a `selfrepair compact` process's environment: it dies there (rc -9); rerun, same rows."""
+    root = start("compact", scratch / "cli-compact", references)
     cli = Path(sys.executable).with_name("selfrepair")
     res = subprocess.run([str(cli), "compact", "--store", str(root)], capture_output=True, text=True, timeout=120,
                          env=os.environ | {faults.ENV: "compact.committed"})
     assert res.returncode == KILLED, res.stderr
-    assert runner.run("compact", root)["rc"] == 0
-    assert_like_one_shot(root, references("compact")[1])
+    (rerun,), = runner.jobs([[step("compact", root, check=True)]])
+    assert rerun["rc"] == 0
+    assert_like(root, rerun["check"], references["compact"])
+    assert CliRunner().invoke(main, ["verify", "--store", str(root)]).exit_code == 0
 
 
-@pytest.mark.parametrize("spec", ["", "x:0", "x:-1", "x:one", ":2", "x:١"])
-def test_a_malformed_fault_is_one_error(spec):
-    if not spec:
-        assert faults.parse(spec) is None
-        return
-    with pytest.raises(ValueError, match="SELFREPAIR_FAULT"):
+@pytest.mark.parametrize("spec", ["x:0", "x:-1", "x:one", ":2", "x:١"])
+def test_a_malformed_fault_is_refused(spec):
+    with pytest.raises(ConfigError, match="SELFREPAIR_FAULT"):
         faults.parse(spec)
+
+
+def test_a_fault_spec_parses():
+    assert faults.parse(None) is None and faults.parse("") is None
+    assert faults.parse("compact.written") == ("compact.written", 1)
     assert faults.parse("writer.set.appended:3") == ("writer.set.appended", 3)
