@@ -11,9 +11,12 @@ SIGKILLed), "trace": {point: hits} (fault "trace": points counted, none killed),
 "killed_at": the point (fault "new:[…]": killed at the first point not listed),
 "refusals": lock refusals retried, "check": the store's digest after the step}.
 
-    {"jobs": [[step, ...], ...]}  each job's steps in order, up to `parallel` jobs at once
-        -> {"results": [[result, ...], ...]}
-    {"race": [step, ...]}  all forked, released together -> {"results": [result, ...]}
+    {"jobs": [[item, ...], ...], "parallel": N} -> {"results": [[result, ...], ...]}
+
+runs each job's items in order, up to N jobs at once. An item is a step (its result), or
+{"race": [step, ...]}: all forked, then released together (their results), or
+{"until_done": step}: the step run again and again, each run killed at the first point no
+earlier run was killed at, until one finishes (every run's result).
 
 The digest (`check`) is, per table, its row count, its number of duplicate keys (SQL
 GROUP BY key HAVING count(*) > 1) and the SHA-256 of its rows sorted by key, plus whether
@@ -54,6 +57,7 @@ from selfrepair.ingest import models  # noqa: E402
 from selfrepair.ingest.config import IngestConfig  # noqa: E402
 from selfrepair.store import faults  # noqa: E402
 
+KILLED = -9  # a child's exit code when SIGKILL ended it
 RACE_SECONDS = 60  # a racing writer gives up after this long of refusals
 
 
@@ -156,11 +160,12 @@ def _child(step: dict, model_dir: str, out_fd: int, gate: tuple[int, int] | None
                 if not step.get("retry_busy") or time.monotonic() - start > RACE_SECONDS:
                     raise
                 refusals += 1
-                time.sleep(0.02)
-        report = {"refusals": refusals, "trace": dict(hits)}
+                time.sleep(0.1)
+        report = {"refusals": refusals, "trace": dict(hits), "cpu_run": time.process_time()}
         if step.get("check"):
             faults.arm(None)
             report["check"] = _digest(Path(step["root"]))
+            report["cpu_check"] = time.process_time() - report["cpu_run"]
     except SelfRepairError as e:
         print(f"Error: {e}", file=sys.stderr)
         code = 1
@@ -206,15 +211,44 @@ def _finish(pid: int, r: int) -> dict:
     return {"rc": os.waitstatus_to_exitcode(status), **report}
 
 
-def _job(steps: list, model_dir: str) -> tuple[int, int]:
-    """A process that runs one job's steps in order, each in its own forked child."""
+def _race(steps: list, model_dir: str) -> list:
+    """Fork every step, then release them together."""
+    gate_r, gate_w = os.pipe()
+    started = [_fork(step, model_dir, (gate_r, gate_w)) for step in steps]
+    os.close(gate_r)
+    os.close(gate_w)  # every child's read returns now: they start together
+    return [_finish(pid, r) for pid, r in started]
+
+
+def _until_done(step: dict, model_dir: str) -> list:
+    """Run `step` again and again, each run killed at the first point no earlier run was killed at,
+    until one finishes (or fails otherwise)."""
+    seen: list[str] = []
+    results = []
+    while True:
+        res = _finish(*_fork(step | {"fault": "new:" + json.dumps(seen)}, model_dir))
+        results.append(res)
+        if res["rc"] != KILLED or res.get("killed_at") in seen + [None]:
+            return results
+        seen.append(res["killed_at"])
+
+
+def _item(item: dict, model_dir: str):
+    if "race" in item:
+        return _race(item["race"], model_dir)
+    if "until_done" in item:
+        return _until_done(item["until_done"], model_dir)
+    return _finish(*_fork(item, model_dir))
+
+
+def _job(items: list, model_dir: str) -> tuple[int, int]:
+    """A process that runs one job's items in order (it never runs a command itself)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(r)
         try:
-            results = [_finish(*_fork(step, model_dir)) for step in steps]
-            os.write(w, json.dumps(results).encode())
+            os.write(w, json.dumps([_item(item, model_dir) for item in items]).encode())
         finally:
             os._exit(0)
     os.close(w)
@@ -249,14 +283,7 @@ def main(model_dir: str) -> None:
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         req = json.loads(line)
-        if "jobs" in req:
-            answer = {"results": _jobs(req["jobs"], model_dir, max(1, int(req.get("parallel", 1))))}
-        else:
-            gate_r, gate_w = os.pipe()
-            started = [_fork(step, model_dir, (gate_r, gate_w)) for step in req["race"]]
-            os.close(gate_r)
-            os.close(gate_w)  # every child's read returns now: they start together
-            answer = {"results": [_finish(pid, r) for pid, r in started]}
+        answer = {"results": _jobs(req["jobs"], model_dir, max(1, int(req.get("parallel", 1))))}
         print(json.dumps(answer), flush=True)
 
 

@@ -55,6 +55,7 @@ FINAL = {
     "compact": {},
 }
 ALL = BASE | FINAL["tokens"] | FINAL["heads"] | FINAL["draws"]  # the sequence's final configuration
+SEQUENCE = ("fresh", "tokens", "heads", "draws", "compact")
 RACE_ROUNDS = 10
 RACE_GROWTH = 15  # tokens per round: one row, so each round redoes the partial last batch
 RACE_FINAL = BASE | {"tokens": BASE["tokens"] + RACE_GROWTH * RACE_ROUNDS, "resamples": 2}
@@ -100,16 +101,13 @@ class Runner:
                                      stdout=subprocess.PIPE, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
         assert json.loads(self.proc.stdout.readline()) == {"ready": True}
 
-    def ask(self, request: dict) -> list:
-        self.proc.stdin.write(json.dumps(request) + "\n")
+    def jobs(self, jobs: list[list[dict]]) -> list[list]:
+        """Each job's items in order, PARALLEL jobs at a time (see fault_runner.py); each item's result."""
+        self.proc.stdin.write(json.dumps({"jobs": jobs, "parallel": PARALLEL}) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         assert line, "the fault runner died"
         return json.loads(line)["results"]
-
-    def jobs(self, jobs: list[list[dict]]) -> list[list[dict]]:
-        """Each job's steps in order, PARALLEL jobs at a time; each step's result."""
-        return self.ask({"jobs": jobs, "parallel": PARALLEL})
 
     def close(self) -> None:
         self.proc.stdin.close()
@@ -153,13 +151,39 @@ def start(cmd: str, root: Path, references) -> Path:
 
 
 @pytest.fixture(scope="module")
-def matrix(runner, references, scratch) -> dict[tuple[str, str], list[dict]]:
-    """Every case of the matrix, run side by side: the killed run, then the rerun with its digest."""
-    jobs = []
+def campaign(runner, references, scratch) -> dict:
+    """Everything the tests below check, run side by side in one batch (longest jobs first):
+    the sequence, the race, a trace of each command, and every case of the matrix."""
+    jobs = {"sequence": sequence_job(scratch / "sequence"), "race": race_job(start("compact", scratch / "race",
+                                                                                   references))}
+    for cmd in MATRIX:
+        jobs[("trace", cmd)] = [step(cmd, start(cmd, scratch / f"trace-{cmd}", references), fault="trace")]
     for cmd, spec in CASES:
         root = start(cmd, scratch / f"case-{cmd}-{spec}", references)
-        jobs.append([step(cmd, root, fault=spec), step(cmd, root, check=True)])
-    return dict(zip(CASES, runner.jobs(jobs)))
+        jobs[(cmd, spec)] = [step(cmd, root, fault=spec), step(cmd, root, check=True)]
+    return dict(zip(jobs, runner.jobs(list(jobs.values()))))
+
+
+def sequence_job(root: Path) -> list[dict]:
+    """A fresh ingest, the three extensions and `compact` on one store, each run until done with
+    every run killed at the next point (the first not killed yet); then the store's digest."""
+    items, config = [], dict(BASE)
+    for cmd in SEQUENCE:
+        config = config | FINAL[cmd]  # a new dict: each item keeps its own
+        items.append({"until_done": step("compact" if cmd == "compact" else "ingest", root, config)})
+    return items + [step("none", root, check=True)]
+
+
+def race_job(root: Path) -> list[dict]:
+    """RACE_ROUNDS rounds on one (BASE) store, each two ingests (one more row of tokens; one of them
+    with a second draw too) and a `compact` released together; a writer refused by the lock retries."""
+    items = []
+    for r in range(1, RACE_ROUNDS + 1):
+        tokens = BASE["tokens"] + RACE_GROWTH * r
+        items.append({"race": [step("ingest", root, BASE | {"tokens": tokens}, retry_busy=True),
+                               step("ingest", root, BASE | {"tokens": tokens, "resamples": 2}, retry_busy=True),
+                               step("compact", root, retry_busy=True)]})
+    return items + [step("none", root, check=True)]
 
 
 def tables(root: Path) -> dict[str, pl.DataFrame]:
@@ -200,8 +224,8 @@ def assert_like(root: Path, digest: dict, reference: dict) -> None:
 
 
 @pytest.mark.parametrize("cmd,spec", CASES, ids=[f"{c}-{s}" for c, s in CASES])
-def test_kill_then_rerun_equals_one_shot(matrix, references, scratch, cmd, spec):
-    killed, rerun = matrix[(cmd, spec)]
+def test_kill_then_rerun_equals_one_shot(campaign, references, scratch, cmd, spec):
+    killed, rerun = campaign[(cmd, spec)]
     assert killed["rc"] == KILLED, f"{spec} was not reached by {cmd} (exit {killed['rc']})"
     assert rerun["rc"] == 0
     assert_like(scratch / f"case-{cmd}-{spec}", rerun["check"], references[cmd])
@@ -209,62 +233,47 @@ def test_kill_then_rerun_equals_one_shot(matrix, references, scratch, cmd, spec)
         assert rerun["check"]["orphans"] == []
 
 
-def test_matrix_covers_every_point(runner, references, scratch):
+@pytest.mark.parametrize("cmd", list(MATRIX))
+def test_matrix_covers_every_point(campaign, cmd):
     """Every point a command reaches (traced, not killed) is in its row of the matrix, as often as it says."""
-    results = runner.jobs([[step(cmd, start(cmd, scratch / f"trace-{cmd}", references), fault="trace")]
-                           for cmd in MATRIX])
-    for cmd, (res,) in zip(MATRIX, results):
-        assert res["rc"] == 0, cmd
-        hits = res["trace"]
-        assert set(hits) == {s.partition(":")[0] for s in MATRIX[cmd]}, cmd
-        for spec in MATRIX[cmd]:
-            name, _, n = spec.partition(":")
-            assert hits[name] >= int(n or 1), spec
+    (res,) = campaign[("trace", cmd)]
+    assert res["rc"] == 0
+    hits = res["trace"]
+    assert set(hits) == {s.partition(":")[0] for s in MATRIX[cmd]}
+    for spec in MATRIX[cmd]:
+        name, _, n = spec.partition(":")
+        assert hits[name] >= int(n or 1), spec
 
 
-def test_every_kill_point_in_sequence_on_one_store(runner, references, scratch):
+def test_every_kill_point_in_sequence_on_one_store(campaign, references, scratch):
     """A fresh ingest, the three extensions and `compact` on one store: each run is killed at the
     first point not killed yet (so each rerun dies at the next point) until one finishes; checked once."""
-    root = scratch / "sequence"
-    config, kills = dict(BASE), {}
-    for cmd in ("fresh", "tokens", "heads", "draws", "compact"):
-        config |= FINAL[cmd]
-        name, seen = "compact" if cmd == "compact" else "ingest", []
-        while True:
-            (res,), = runner.jobs([[step(name, root, config, fault="new:" + json.dumps(seen))]])
-            if res["rc"] == 0:
-                break
-            assert res["rc"] == KILLED and res["killed_at"] not in seen, res
-            seen.append(res["killed_at"])
-        # Every point of the row, except one a rerun no longer reaches: after a kill between a
-        # checkpoint's rename and its old log's removal, no record is left to fold.
+    *stages, final = campaign["sequence"]
+    kills = {}
+    for cmd, runs in zip(SEQUENCE, stages):
+        *killed, done = runs
+        assert done["rc"] == 0, (cmd, done)
+        assert all(r["rc"] == KILLED for r in killed)
+        seen = [r["killed_at"] for r in killed]
+        # Every point of the row (a resume's cleanup too), except one a rerun no longer reaches:
+        # after a kill between a checkpoint's rename and its old log's removal, no record is left to fold.
         missing = {s.partition(":")[0] for s in MATRIX[cmd]} - set(seen)
         assert missing <= {"writer.checkpoint.done"}, (cmd, missing)
         kills[cmd] = len(seen)
-    (final,), = runner.jobs([[step("none", root, check=True)]])
-    assert_like(root, final["check"], references["all"])
+    assert_like(scratch / "sequence", final["check"], references["all"])
     print(f"\nsequence: {sum(kills.values())} kills on one store ({kills}); the final store equals the one-shot "
           "run, 0 duplicate keys, verify OK")
 
 
-def test_two_ingests_and_compact_race_for_ten_rounds(runner, references, scratch):
-    """Each round, two ingests (one more row of tokens; one of them with a second draw too) and a
-    `compact` start together on one store; a writer refused by the lock retries. Rows lost or
-    duplicated against the one-shot run are counted with SQL."""
-    root = start("compact", scratch / "race", references)  # a BASE store: `compact` needs one
-    refusals = 0
-    for r in range(1, RACE_ROUNDS + 1):
-        tokens = BASE["tokens"] + RACE_GROWTH * r
-        one = step("ingest", root, BASE | {"tokens": tokens}, retry_busy=True)
-        two = step("ingest", root, BASE | {"tokens": tokens, "resamples": 2}, retry_busy=True)
-        results = runner.ask({"race": [one, two, step("compact", root, retry_busy=True)]})
-        assert [res["rc"] for res in results] == [0, 0, 0], f"round {r}"
-        refusals += sum(res["refusals"] for res in results)
-        (check,), = runner.jobs([[step("none", root, check=True)]])
-        dups = {t: d["duplicate_keys"] for t, d in check["check"]["tables"].items() if d["duplicate_keys"]}
-        assert dups == {} and check["check"]["verify_ok"], f"round {r}: {dups} {check['check']['verify_problems']}"
+def test_two_ingests_and_compact_race_for_ten_rounds(campaign, references, scratch):
+    """Rows lost or duplicated after the race (race_job), counted with SQL against the one-shot run."""
+    *rounds, final = campaign["race"]
+    assert [[res["rc"] for res in r] for r in rounds] == [[0, 0, 0]] * RACE_ROUNDS
+    refusals = sum(res["refusals"] for r in rounds for res in r)
+    root = scratch / "race"
     bad = lost_or_duplicated(tables(root), tables(references["race"]["root"]))
     assert bad == {}, f"rows lost or duplicated: {bad}"
+    assert_like(root, final["check"], references["race"])
     assert CliRunner().invoke(main, ["verify", "--store", str(root)]).exit_code == 0
     print(f"\nrace: {RACE_ROUNDS} rounds of 2 ingests + compact on one store, {refusals} lock refusals "
           f"retried, {sum(bad.values())} rows lost or duplicated, verify OK")
@@ -277,7 +286,7 @@ def test_the_variable_kills_a_real_compact(runner, references, scratch):
     res = subprocess.run([str(cli), "compact", "--store", str(root)], capture_output=True, text=True, timeout=120,
                          env=os.environ | {faults.ENV: "compact.committed"})
     assert res.returncode == KILLED, res.stderr
-    (rerun,), = runner.jobs([[step("compact", root, check=True)]])
+    ((rerun,),) = runner.jobs([[step("compact", root, check=True)]])
     assert rerun["rc"] == 0
     assert_like(root, rerun["check"], references["compact"])
     assert CliRunner().invoke(main, ["verify", "--store", str(root)]).exit_code == 0
