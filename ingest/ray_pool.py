@@ -177,7 +177,7 @@ class RayPool:
         self.kind = f"1 GPU, {per_cpu} CPU" if gpus else f"{per_cpu} CPU"
         # A dead actor is restarted (its model loaded again); its unit is retried by the driver, not by Ray,
         # so the driver sees every failure, sends the unit to another worker and counts attempts.
-        actor = ray.remote(UnitWorker).options(max_restarts=-1, max_task_retries=0, **opts)
+        actor = ray.remote(UnitWorker).options(max_restarts=-1, max_task_retries=0, **opts, **faults.ray_options())
         worker_cfg = replace(cfg, device=device, quiet=True)
         fault = os.environ.get(FAULT_ENV)
         self.actors = [actor.remote(worker_cfg, str(self.ms.path), i, fault) for i in range(n)]

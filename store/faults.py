@@ -9,7 +9,8 @@ point costs one global lookup.
 
 `SELFREPAIR_FAULT_ONCE=<path>` (optional) makes the kill happen once across processes:
 only the process that creates `<path>` (O_EXCL) dies; the others, and a restarted Ray
-worker, run on. Without it every process that reaches the point n times dies.
+worker, run on. Without it every process that reaches the point n times dies. An ingest
+with `--executor ray` hands both variables to its workers (`ray_options`).
 
 Points (where a kill leaves the store; the phase `<p>` of a shard is `clean`, `ablation`
 or `neurons`, the derived table `<t>` is `vocab` or `head_top_tokens`):
@@ -83,6 +84,12 @@ def point(name: str) -> None:
     _hits += 1
     if _hits == n and _claim():
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def ray_options() -> dict:
+    """Ray actor options that hand this process's fault variables to the workers (on any node)."""
+    env = {k: os.environ[k] for k in (ENV, ONCE_ENV) if os.environ.get(k)}
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 def _claim() -> bool:

@@ -57,6 +57,7 @@ FINAL = {
 ALL = BASE | FINAL["tokens"] | FINAL["heads"] | FINAL["draws"]  # the sequence's final configuration
 SEQUENCE = ("fresh", "tokens", "heads", "draws", "compact")
 RACE_ROUNDS = 10
+RAY = BASE | {"sr_mlps_neurons": "none"}  # --executor ray does not keep neuron detail by sr_mlps yet
 RACE_GROWTH = 15  # tokens per round: one row, so each round redoes the partial last batch
 RACE_FINAL = BASE | {"tokens": BASE["tokens"] + RACE_GROWTH * RACE_ROUNDS, "resamples": 2}
 
@@ -133,7 +134,8 @@ def runner(scratch):
 @pytest.fixture(scope="module")
 def references(runner, scratch) -> dict[str, dict]:
     """One-shot stores, built once per final configuration (side by side): name -> {root, digest}."""
-    configs = {cmd: BASE | FINAL[cmd] for cmd in FINAL if cmd != "compact"} | {"all": ALL, "race": RACE_FINAL}
+    configs = {cmd: BASE | FINAL[cmd] for cmd in FINAL if cmd != "compact"} | {"all": ALL, "race": RACE_FINAL,
+                                                                            "ray": RAY}
     results = runner.jobs([[step("ingest", scratch / f"reference-{n}", c, check=True)] for n, c in configs.items()])
     out = {}
     for name, (res,) in zip(configs, results):
@@ -302,3 +304,31 @@ def test_a_fault_spec_parses():
     assert faults.parse(None) is None and faults.parse("") is None
     assert faults.parse("compact.written") == ("compact.written", 1)
     assert faults.parse("writer.set.appended:3") == ("writer.set.appended", 3)
+
+
+@pytest.mark.ray
+def test_a_ray_worker_killed_after_writing_a_unit(runner, references, scratch, monkeypatch):
+    """`ray.worker.written` once in the cluster (SELFREPAIR_FAULT_ONCE): the worker dies with its unit's
+    files written and its entry never returned; the driver retries the unit elsewhere and finishes.
+    A rerun then has nothing to do, and the store equals the single-process one-shot run."""
+    pytest.importorskip("ray", reason="the ray extra (pip install -e '.[test,ray]') runs this test")
+    from selfrepair.ingest.config import IngestConfig
+    from selfrepair.ingest.runner import Ingest
+
+    root, marker = scratch / "ray", scratch / "ray-killed"
+    monkeypatch.setenv(faults.ENV, "ray.worker.written")
+    monkeypatch.setenv(faults.ONCE_ENV, str(marker))
+    faults.arm(None)  # this process drives: only the workers read the variables
+    logs: list[str] = []
+    cfg = IngestConfig(**(dict(model=str(scratch / "tiny-gpt2"), store=root, corpus="embedded") | RAY
+                          | {"ablations": tuple(RAY["ablations"]), "executor": "ray", "workers": 2, "quiet": True}))
+    result = Ingest(cfg, log=logs.append).run()
+    assert marker.exists()  # a worker really was killed there
+    retries = [line for line in logs if "retrying it on another worker" in line]
+    assert len(retries) == 1 and "the worker process died" in retries[0], logs
+    monkeypatch.delenv(faults.ENV)
+    ((rerun,),) = runner.jobs([[step("ingest", root, RAY, check=True)]])
+    assert rerun["rc"] == 0
+    assert_like(root, rerun["check"], references["ray"])
+    print(f"\nray: {retries[0]}; {result.shards_written} shards committed; the rerun's store equals the "
+          "one-shot run, 0 duplicate keys, verify OK")
