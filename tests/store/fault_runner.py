@@ -11,7 +11,8 @@ SIGKILLed), "trace": {point: hits} (fault "trace": points counted, none killed),
 "killed_at": the point (fault "new:[…]": killed at the first point not listed),
 "refusals": lock refusals retried, "check": the store's digest after the step}.
 
-    {"jobs": [[item, ...], ...], "parallel": N} -> {"results": [[result, ...], ...]}
+    {"jobs": [[item, ...], ...], "parallel": N}
+        -> {"results": [{"results": [result, ...], "cpu": CPU seconds of the job's children}, ...]}
 
 runs each job's items in order, up to N jobs at once. An item is a step (its result), or
 {"race": [step, ...]}: all forked, then released together (their results), or
@@ -106,14 +107,16 @@ def _digest(root: Path) -> dict:
     from selfrepair.store.verify import verify
 
     s = Store.open(root)
+    dups = s.sql(" UNION ALL ".join(  # one query for every table's count of keys held by more than one row
+        f"SELECT '{name}' AS t, count(*) AS n FROM (SELECT {', '.join(spec.key)} FROM {name} "
+        f"GROUP BY {', '.join(spec.key)} HAVING count(*) > 1)" for name, spec in TABLES.items()))
+    dup = dict(zip(dups["t"].to_list(), dups["n"].to_list()))
     tables = {}
     for name, spec in TABLES.items():
-        key = ", ".join(spec.key)
-        rows = s.sql(f"SELECT * FROM {name} ORDER BY {key}")
-        dups = s.sql(f"SELECT count(*) AS n FROM (SELECT {key} FROM {name} GROUP BY {key} HAVING count(*) > 1)")
+        rows = s.sql(f"SELECT * FROM {name} ORDER BY {', '.join(spec.key)}")
         buf = io.BytesIO()
         rows.write_ipc(buf)
-        tables[name] = {"rows": rows.height, "duplicate_keys": int(dups["n"][0]),
+        tables[name] = {"rows": rows.height, "duplicate_keys": int(dup[name]),
                         "sha256": hashlib.sha256(buf.getvalue()).hexdigest()}
     report = verify(root)
     return {"tables": tables, "verify_ok": report.ok, "orphans": _orphans(root),
@@ -160,7 +163,7 @@ def _child(step: dict, model_dir: str, out_fd: int, gate: tuple[int, int] | None
                 if not step.get("retry_busy") or time.monotonic() - start > RACE_SECONDS:
                     raise
                 refusals += 1
-                time.sleep(0.1)
+                time.sleep(0.25)  # a waiting writer polls: each try costs a few milliseconds
         report = {"refusals": refusals, "trace": dict(hits), "cpu_run": time.process_time()}
         if step.get("check"):
             faults.arm(None)
@@ -248,7 +251,9 @@ def _job(items: list, model_dir: str) -> tuple[int, int]:
     if pid == 0:
         os.close(r)
         try:
-            os.write(w, json.dumps([_item(item, model_dir) for item in items]).encode())
+            results = [_item(item, model_dir) for item in items]
+            t = os.times()  # every step's child is reaped: their CPU time is the job's cost
+            os.write(w, json.dumps({"results": results, "cpu": t.children_user + t.children_system}).encode())
         finally:
             os._exit(0)
     os.close(w)
@@ -275,7 +280,7 @@ def _jobs(jobs: list, model_dir: str, parallel: int) -> list:
             del running[r]
             os.waitpid(pid, 0)
             results[i] = json.loads(b"".join(chunks))
-    return results
+    return results  # each {"results": [...], "cpu": seconds}
 
 
 def main(model_dir: str) -> None:

@@ -43,9 +43,10 @@ KILLED = -9  # a child's exit code when SIGKILL ended it
 PARALLEL = max(1, min(4, os.cpu_count() or 1))
 
 # The smallest useful store: 10 rows × 15 predictions in 2 batches, 2 heads, one resample
-# draw, neuron detail by sr_mlps for one head (so all three shard phases are written).
+# draw, neuron detail by sr_mlps for one head (so all three shard phases are written), one
+# activation array (each clean shard writes its Zarr chunks; more arrays only cost time).
 BASE = dict(tokens=150, seq_len=16, batch_size=5, ablations=["resample"], heads="L0H0,L1H1", top_p=0.05,
-            neurons_top_k=3, sr_mlps_neurons="L1H1")
+            neurons_top_k=3, sr_mlps_neurons="L1H1", activations=["resid_final"])
 # Each command's final configuration (an extension starts from a one-shot BASE store).
 FINAL = {
     "fresh": {},
@@ -59,7 +60,8 @@ SEQUENCE = ("fresh", "tokens", "heads", "draws", "compact")
 RACE_ROUNDS = 10
 RAY = BASE | {"sr_mlps_neurons": "none"}  # --executor ray does not keep neuron detail by sr_mlps yet
 RACE_GROWTH = 15  # tokens per round: one row, so each round redoes the partial last batch
-RACE_FINAL = BASE | {"tokens": BASE["tokens"] + RACE_GROWTH * RACE_ROUNDS, "resamples": 2}
+RACE = BASE | {"heads": "L1H1", "sr_mlps_neurons": "none"}  # ten rounds: the least work that still races
+RACE_FINAL = RACE | {"tokens": BASE["tokens"] + RACE_GROWTH * RACE_ROUNDS, "resamples": 2}
 
 # Kill points (point[:n]) per command: every point the command reaches (test_matrix_covers_every_point
 # checks this against a trace), with n > 1 where a later hit leaves the store in another state.
@@ -85,6 +87,7 @@ MATRIX = {
                 "writer.orphan.removed:12", *CKPT],  # 12 of the 24 old files deleted: mid-deletion
 }
 CASES = [(cmd, spec) for cmd, specs in MATRIX.items() for spec in specs]
+MATRIX_KEYS = set(CASES)
 
 
 def step(cmd: str, root: Path, config: dict | None = None, fault: str | None = None, **extra) -> dict:
@@ -101,6 +104,7 @@ class Runner:
         self.proc = subprocess.Popen([sys.executable, str(RUNNER), str(model_dir)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
         assert json.loads(self.proc.stdout.readline()) == {"ready": True}
+        self.cpu: list[float] = []  # CPU seconds of each job run so far
 
     def jobs(self, jobs: list[list[dict]]) -> list[list]:
         """Each job's items in order, PARALLEL jobs at a time (see fault_runner.py); each item's result."""
@@ -108,7 +112,9 @@ class Runner:
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         assert line, "the fault runner died"
-        return json.loads(line)["results"]
+        answers = json.loads(line)["results"]
+        self.cpu.extend(a["cpu"] for a in answers)
+        return [a["results"] for a in answers]
 
     def close(self) -> None:
         self.proc.stdin.close()
@@ -156,14 +162,20 @@ def start(cmd: str, root: Path, references) -> Path:
 def campaign(runner, references, scratch) -> dict:
     """Everything the tests below check, run side by side in one batch (longest jobs first):
     the sequence, the race, a trace of each command, and every case of the matrix."""
-    jobs = {"sequence": sequence_job(scratch / "sequence"), "race": race_job(start("compact", scratch / "race",
-                                                                                   references))}
+    jobs = {"sequence": sequence_job(scratch / "sequence"), "race": race_job(scratch / "race")}
     for cmd in MATRIX:
         jobs[("trace", cmd)] = [step(cmd, start(cmd, scratch / f"trace-{cmd}", references), fault="trace")]
     for cmd, spec in CASES:
         root = start(cmd, scratch / f"case-{cmd}-{spec}", references)
         jobs[(cmd, spec)] = [step(cmd, root, fault=spec), step(cmd, root, check=True)]
-    return dict(zip(jobs, runner.jobs(list(jobs.values()))))
+    done = len(runner.cpu)
+    out = dict(zip(jobs, runner.jobs(list(jobs.values()))))
+    cpu = dict(zip(jobs, runner.cpu[done:]))
+    parts = {"sequence": cpu["sequence"], "race": cpu["race"],
+             "traces": sum(v for k, v in cpu.items() if k[0] == "trace"),
+             "matrix": sum(v for k, v in cpu.items() if k in MATRIX_KEYS)}
+    print("\nCPU seconds in the runner's children: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
+    return out
 
 
 def sequence_job(root: Path) -> list[dict]:
@@ -177,13 +189,13 @@ def sequence_job(root: Path) -> list[dict]:
 
 
 def race_job(root: Path) -> list[dict]:
-    """RACE_ROUNDS rounds on one (BASE) store, each two ingests (one more row of tokens; one of them
+    """A RACE store, then RACE_ROUNDS rounds on it, each two ingests (one more row of tokens; one of them
     with a second draw too) and a `compact` released together; a writer refused by the lock retries."""
-    items = []
+    items = [step("ingest", root, RACE)]
     for r in range(1, RACE_ROUNDS + 1):
-        tokens = BASE["tokens"] + RACE_GROWTH * r
-        items.append({"race": [step("ingest", root, BASE | {"tokens": tokens}, retry_busy=True),
-                               step("ingest", root, BASE | {"tokens": tokens, "resamples": 2}, retry_busy=True),
+        tokens = RACE["tokens"] + RACE_GROWTH * r
+        items.append({"race": [step("ingest", root, RACE | {"tokens": tokens}, retry_busy=True),
+                               step("ingest", root, RACE | {"tokens": tokens, "resamples": 2}, retry_busy=True),
                                step("compact", root, retry_busy=True)]})
     return items + [step("none", root, check=True)]
 
@@ -269,7 +281,8 @@ def test_every_kill_point_in_sequence_on_one_store(campaign, references, scratch
 
 def test_two_ingests_and_compact_race_for_ten_rounds(campaign, references, scratch):
     """Rows lost or duplicated after the race (race_job), counted with SQL against the one-shot run."""
-    *rounds, final = campaign["race"]
+    first, *rounds, final = campaign["race"]
+    assert first["rc"] == 0
     assert [[res["rc"] for res in r] for r in rounds] == [[0, 0, 0]] * RACE_ROUNDS
     refusals = sum(res["refusals"] for r in rounds for res in r)
     root = scratch / "race"
@@ -321,7 +334,8 @@ def test_a_ray_worker_killed_after_writing_a_unit(runner, references, scratch, m
     faults.arm(None)  # this process drives: only the workers read the variables
     logs: list[str] = []
     cfg = IngestConfig(**(dict(model=str(scratch / "tiny-gpt2"), store=root, corpus="embedded") | RAY
-                          | {"ablations": tuple(RAY["ablations"]), "executor": "ray", "workers": 2, "quiet": True}))
+                          | {"ablations": tuple(RAY["ablations"]), "activations": tuple(RAY["activations"]),
+                             "executor": "ray", "workers": 2, "quiet": True}))
     result = Ingest(cfg, log=logs.append).run()
     assert marker.exists()  # a worker really was killed there
     retries = [line for line in logs if "retrying it on another worker" in line]
