@@ -259,6 +259,34 @@ def test_matrix_covers_every_point(campaign, cmd):
         assert hits[name] >= int(n or 1), spec
 
 
+def outcome(killed: dict, rerun: dict, reference: dict) -> str:
+    """One matrix cell: what a kill and its rerun left, in words."""
+    if killed["rc"] != KILLED:
+        return f"not killed (exit {killed['rc']})"
+    if rerun["rc"] != 0:
+        return f"rerun failed (exit {rerun['rc']})"
+    check = rerun["check"]
+    dups = sum(t["duplicate_keys"] for t in check["tables"].values())
+    differ = [t for t in TABLES if check["tables"][t] != reference["digest"]["tables"][t]]
+    return (("equal" if not differ else "DIFFERS: " + ",".join(differ)) + f", {dups} dup"
+            + (", verify OK" if check["verify_ok"] else ", verify FAILS"))
+
+
+def test_print_the_matrix(campaign, references):
+    """The fault-injection matrix, kill point by command, as a Markdown table (pytest -s shows it)."""
+    points = list(dict.fromkeys(spec for specs in MATRIX.values() for spec in specs))
+    lines = ["| kill point | " + " | ".join(MATRIX) + " |", "|---" * (len(MATRIX) + 1) + "|"]
+    results = []
+    for spec in points:
+        cells = [outcome(*campaign[(cmd, spec)], references[cmd]) if spec in MATRIX[cmd] else "—"
+                 for cmd in MATRIX]
+        results += [c for c in cells if c != "—"]
+        lines.append(f"| `{spec}` | " + " | ".join(cells) + " |")
+    print("\n" + "\n".join(lines))
+    assert len(results) == len(CASES)
+    assert set(results) == {"equal, 0 dup, verify OK"}, "\n".join(lines)
+
+
 def test_every_kill_point_in_sequence_on_one_store(campaign, references, scratch):
     """A fresh ingest, the three extensions and `compact` on one store: each run is killed at the
     first point not killed yet (so each rerun dies at the next point) until one finishes; checked once."""
