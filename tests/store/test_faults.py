@@ -363,7 +363,7 @@ def test_a_ray_worker_killed_after_writing_a_unit(runner, references, scratch, m
     logs: list[str] = []
     cfg = IngestConfig(**(dict(model=str(scratch / "tiny-gpt2"), store=root, corpus="embedded") | RAY
                           | {"ablations": tuple(RAY["ablations"]), "activations": tuple(RAY["activations"]),
-                             "executor": "ray", "workers": 2, "quiet": True}))
+                             "executor": "ray", "workers": 2}))  # not quiet: the retry is logged
     result = Ingest(cfg, log=logs.append).run()
     assert marker.exists()  # a worker really was killed there
     retries = [line for line in logs if "retrying it on another worker" in line]
