@@ -60,6 +60,7 @@ from selfrepair.store import faults  # noqa: E402
 
 KILLED = -9  # a child's exit code when SIGKILL ended it
 RACE_SECONDS = 60  # a racing writer gives up after this long of refusals
+CHILD_SECONDS = 300
 
 
 def _prepare(model_dir: str) -> None:
@@ -141,6 +142,7 @@ def _orphans(root: Path) -> list[str]:
 def _child(step: dict, model_dir: str, out_fd: int, gate: tuple[int, int] | None = None) -> None:
     """The forked child: wait for the gate, arm the fault, run, check; report and exit without cleanup."""
     code, report = 0, {}
+    signal.alarm(CHILD_SECONDS)  # a hung child (a deadlock after fork) ends with -14, not a hung test
     os.dup2(2, 1)  # stdout is the server's answer channel
     try:
         if gate is not None:
