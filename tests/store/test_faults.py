@@ -14,7 +14,8 @@ start, and independent cases run side by side. Each rerun's child computes its s
 digest (per table: rows, duplicate keys by SQL GROUP BY … HAVING count(*) > 1, SHA-256 of
 the rows sorted by key; and `verify`), compared here with the one-shot run's. Stores live
 on /dev/shm where there is one: fsync is most of a run's cost on disk, and a SIGKILL
-loses nothing the page cache holds, so the kill is the same.
+loses nothing the page cache holds, so the kill is the same. The Ray test starts a local
+cluster and loads the model in each worker (tens of seconds): `-m "not ray"` leaves it out.
 """
 
 from __future__ import annotations
