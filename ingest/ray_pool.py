@@ -27,7 +27,7 @@ from typing import Callable
 
 from selfrepair.errors import ConfigError, DeviceError, SelfRepairError, WorkerFailed
 from selfrepair.ingest.config import IngestConfig
-from selfrepair.store import shards
+from selfrepair.store import faults, shards
 from selfrepair.store.model_store import ModelStore
 
 MAX_ATTEMPTS = 3
@@ -80,6 +80,7 @@ class UnitWorker:
             raise DeviceError("out of GPU memory even with one head per pass (injected by "
                               f"{FAULT_ENV}); lower --batch-size")
         entry = self.runner.run(unit)
+        faults.point("ray.worker.written")
         self.done += 1
         if kind == "kill":
             n, _, marker = arg.partition(":")
@@ -176,7 +177,7 @@ class RayPool:
         self.kind = f"1 GPU, {per_cpu} CPU" if gpus else f"{per_cpu} CPU"
         # A dead actor is restarted (its model loaded again); its unit is retried by the driver, not by Ray,
         # so the driver sees every failure, sends the unit to another worker and counts attempts.
-        actor = ray.remote(UnitWorker).options(max_restarts=-1, max_task_retries=0, **opts)
+        actor = ray.remote(UnitWorker).options(max_restarts=-1, max_task_retries=0, **opts, **faults.ray_options())
         worker_cfg = replace(cfg, device=device, quiet=True)
         fault = os.environ.get(FAULT_ENV)
         self.actors = [actor.remote(worker_cfg, str(self.ms.path), i, fault) for i in range(n)]

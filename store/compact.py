@@ -32,7 +32,7 @@ import duckdb
 import pyarrow.parquet as pq
 
 from selfrepair.errors import StoreError
-from selfrepair.store import files
+from selfrepair.store import faults, files
 from selfrepair.store.heads import parse_heads
 from selfrepair.store.plan import NEURON_PHASE
 from selfrepair.store.manifest import Manifest, ShardEntry
@@ -87,6 +87,7 @@ def compact_with(writer: Writer) -> Result:
         return result
     ids = compactable(manifest)
     if not ids:
+        writer.clean_orphans()  # what a compaction killed before its deletions were done left behind
         return result
     old = manifest.compacted
     sources: dict[str, list[Path]] = {t: [ms.path / f.path for f in old.get(t, ())] for t in TABLES}
@@ -101,7 +102,9 @@ def compact_with(writer: Writer) -> Result:
         if paths:
             new[table] = [_write_sorted(ms, table, paths, f"compact-{tag}")]
             result.rows += new[table][0]["rows"]
+    faults.point("compact.written")
     writer.commit_compaction(new, ids)
+    faults.point("compact.committed")
     # Readers that opened the old snapshot must reopen: its files go now, not at the next ingest.
     writer.clean_orphans()
     result.shards, result.files_after = len(ids), len(new)

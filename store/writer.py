@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from selfrepair.errors import StoreError
-from selfrepair.store import arrays, files, records, shards, snapshot
+from selfrepair.store import arrays, faults, files, records, shards, snapshot
 from selfrepair.store.lock import LOCK_NAME, WriterLock
 from selfrepair.store.manifest import Manifest, parse_manifest
 from selfrepair.store.model_store import ARRAYS_DIR, ModelStore
@@ -117,14 +117,17 @@ class Writer:
         gen = self.generation + 1
         new_log = snapshot.log_path(self.ms.path, gen)
         files.atomic_write_bytes(new_log, b"")  # exists before the manifest names it
+        faults.point("writer.checkpoint.log_created")
         checkpoint = self.manifest.to_json() | {"log": {"generation": gen}, "schema_version": SCHEMA_VERSION}
         files.atomic_write_json(self.ms.manifest_path, checkpoint)
+        faults.point("writer.checkpoint.renamed")
         if self._fd is not None:
             os.close(self._fd)
         old, self.generation, self.n_records = self.generation, gen, 0
         self._fd = os.open(new_log, os.O_WRONLY | os.O_APPEND)
         if old >= 0:
             files.remove_inside(self.ms.path, snapshot.log_path(self.ms.path, old))
+        faults.point("writer.checkpoint.done")
 
     # -- commits -----------------------------------------------------------------------
     def _append(self, record: dict) -> None:
@@ -168,7 +171,9 @@ class Writer:
             from selfrepair.store.compact import without_shards
 
             record["compacted"] = without_shards(self, supersedes)
+        faults.point(f"writer.shard.{entry.get('phase')}.written")
         self._append(record)
+        faults.point(f"writer.shard.{entry.get('phase')}.appended")
 
     def commit_compaction(self, files_by_table: dict[str, list[dict]], shard_ids: list[str]) -> None:
         """Swap in compacted files: one record replaces the compacted set and empties those shards' files."""
@@ -177,11 +182,14 @@ class Writer:
     def set(self, **values) -> None:
         """Replace top-level manifest keys (n_rows, n_tokens, corpus, arrays, config, …) in one record."""
         self._append({"op": "set", "values": values})
+        faults.point("writer.set.appended")
 
     def write_derived(self, table: str, data: pa.Table, meta: dict) -> None:
         """Replace a derived table's one file (the old one is an orphan for the next start-up cleanup)."""
         entry = self.ms.write_shard_files(f"derived-{meta['n_tokens']}", {table: data})[table] | meta
+        faults.point(f"writer.derived.{table}.written")
         self._append({"op": "derived", "table": table, "entry": entry})
+        faults.point(f"writer.derived.{table}.appended")
 
     def prepare_arrays(self, shapes: dict[str, tuple[int, ...]], chunk_tokens: int, dtype: str,
                        weights: dict[str, np.ndarray]) -> None:
@@ -209,15 +217,18 @@ class Writer:
                     p = Path(folder) / name
                     if str(p.relative_to(root)) not in listed and files.remove_inside(root, p):
                         removed.append(p)
+                        faults.point("writer.orphan.removed")
         log_dir = root / snapshot.LOG_DIR
         current = snapshot.log_path(root, self.generation).name
         if log_dir.is_dir() and not log_dir.is_symlink():
             for p in log_dir.iterdir():
                 if p.name != current and files.remove_inside(root, p):
                     removed.append(p)
+                    faults.point("writer.orphan.removed")
         for p in root.glob(".*.tmp"):
             if files.remove_inside(root, p):
                 removed.append(p)
+                faults.point("writer.orphan.removed")
         return removed
 
 
