@@ -77,7 +77,7 @@ def _prepare(model_dir: str) -> None:
 
     models.load_model = cached
     cfg = IngestConfig(model=model_dir)
-    m = cached(cfg.model, cfg.device, cfg.dtype, cfg.revision)
+    m = cached(cfg.model, cfg.device, cfg.revision)
     with torch.no_grad():  # the first forward pass's one-time costs, paid once
         m.hf_model(torch.zeros(1, 4, dtype=torch.long))
     import selfrepair.ingest
@@ -131,9 +131,9 @@ def _orphans(root: Path) -> list[str]:
     out = []
     for ms in list_models(root):
         m = ms.manifest()
-        listed = {e["path"] for s in m["shards"].values() for e in s["files"].values()}
-        listed |= {e["path"] for e in (m.get("derived") or {}).values()}
-        listed |= {e["path"] for lst in (m.get("compacted") or {}).values() for e in lst}
+        listed = {e.path for s in m.shards.values() for e in s.files.values()}
+        listed |= {e.path for e in m.derived.values()}
+        listed |= {e.path for lst in m.compacted.values() for e in lst}
         out += sorted(str(p.relative_to(ms.path)) for p in (ms.path / "tables").rglob("*")
                       if p.is_file() and str(p.relative_to(ms.path)) not in listed)
     return out
