@@ -4,6 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # every benchmark, at tiny sizes, in a process of its own
+
 ROOT = Path(__file__).parents[1]
 
 

@@ -12,7 +12,6 @@ import textwrap
 import pytest
 from click.testing import CliRunner
 
-from tiny_models import ingest_tiny
 from selfrepair import Store
 from selfrepair.cli import main
 from selfrepair.errors import StoreBusy
@@ -36,8 +35,9 @@ def _holder(folder):
     return proc
 
 
-def test_second_writer_is_refused_naming_the_holder(tiny_model_dirs, tmp_path):
-    ingest_tiny(tiny_model_dirs["gpt2"], tmp_path, tokens=62, seq_len=32, batch_size=2, ablations=("zero",), heads="L1")
+def test_second_writer_is_refused_naming_the_holder(tiny_model_dirs, tiny_stores, tmp_path):
+    tiny_stores.copy("gpt2", tmp_path, tokens=62, seq_len=32, batch_size=2, ablations=("zero",), heads="L1", top_p=0.05,
+                     neurons_top_k=2)  # test_hostile's store
     folder = tmp_path / "tiny-gpt2"
     before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     proc = _holder(folder)
@@ -79,6 +79,7 @@ def _ingest(model, store, heads):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow  # three ingest processes
 def test_two_ingests_at_once_never_lose_a_shard(tiny_model_dirs, tmp_path):
     model = tiny_model_dirs["neox"]
     procs = {"L0": _ingest(model, tmp_path, "L0"), "L1": _ingest(model, tmp_path, "L1")}
