@@ -1,22 +1,23 @@
 """Shared fixtures: seeded RNGs, tiny model folders, and stores ingested from them.
 
-The suite's own machinery lives here too:
+The suite's own machinery lives here too (the classes are in tests/model_cache.py):
 - one torch thread in this process and in every subprocess it starts (the tiny models are
   fastest on one thread, and two threads spinning on a busy 2-core machine are ten times slower);
+- `model_cache`: each model folder is loaded once per session, every load gets a deep copy;
+- `tiny_stores`: each tiny configuration is ingested once per session, every test gets a copy;
 - a count of model loads, in-process and in subprocesses, printed at the end of the run
   (`ingest/models.py` appends one line per load to $SELFREPAIR_LOAD_LOG);
 - markers: `ingest` for a test that ingests or loads a tiny model (given by its fixtures),
-  `slow` and `browser` set by the test modules; all of them run by default.
+  `slow` and `browser` set by the test modules; all of them run by default;
+- with pytest-xdist (`--dist loadgroup`), tests sharing an expensive fixture run on one worker.
 """
 
 from __future__ import annotations
 
 import os
 import random
-import shutil
 import sys
 import tempfile
-from collections import Counter
 from pathlib import Path
 
 # Before torch (or numpy) is imported anywhere: subprocesses inherit the environment.
@@ -29,11 +30,12 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import tiny_models  # noqa: E402
+from model_cache import LOAD_LOG, ModelCache, TinyStores, load_counts  # noqa: E402
 from tiny_models import ingest_tiny  # noqa: E402
 
-LOAD_LOG = "SELFREPAIR_LOAD_LOG"
 # A test that asks for one of these fixtures ingests or loads a tiny model: marked `ingest`.
 INGEST_FIXTURES = {"tiny_model_dirs", "tiny_store", "tiny_query_store", "built", "report_dir", "tiny_stores"}
+SHARED_STORE_FIXTURES = {"tiny_store", "tiny_query_store", "built", "report_dir"}  # session: the report of all three
 
 
 # -- session machinery -------------------------------------------------------------------
@@ -47,24 +49,28 @@ def pytest_configure(config):
         f.write(f"{os.getpid()}\tpytest\t\n")  # this process's loads are the in-process ones
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
+    spread = config.pluginmanager.hasplugin("xdist") and config.getoption("dist", "no") == "loadgroup"
     for item in items:
-        if INGEST_FIXTURES & set(getattr(item, "fixturenames", ())):
+        names = set(getattr(item, "fixturenames", ()))
+        if INGEST_FIXTURES & names:
             item.add_marker(pytest.mark.ingest)
+        group = _worker_group(item, names) if spread else None
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
-def load_counts(path: str) -> dict:
-    """Model loads from the load log: in-process, in subprocesses, served by the cache, per model.
-
-    Lines: `pid<TAB>model` from load_model, `pid<TAB>pytest<TAB>` for each pytest process
-    (xdist workers too), `pid<TAB>cached<TAB>model` for a load the ModelCache served."""
-    rows = [line.split("\t") for line in Path(path).read_text().splitlines()]
-    pytest_pids = {r[0] for r in rows if r[1:] == ["pytest", ""]}
-    loads = [r for r in rows if len(r) == 2]
-    inproc = sum(r[0] in pytest_pids for r in loads)
-    return {"loads": len(loads), "in_process": inproc, "subprocess": len(loads) - inproc,
-            "cached": sum(len(r) == 3 and r[1] == "cached" for r in rows),
-            "per_model": Counter(Path(r[1]).name for r in loads)}
+def _worker_group(item, names: set[str]) -> str | None:
+    """With pytest-xdist, tests that share an expensive fixture run on one worker, so it is built once:
+    the tiny store and its report, and each module's module-scoped fixtures (a Ray cluster, an ingest)."""
+    if names & SHARED_STORE_FIXTURES:
+        return "tiny_store"
+    info = getattr(item, "_fixtureinfo", None)
+    defs = [d for fds in (info.name2fixturedefs.values() if info else ()) for d in fds]
+    if any(d.scope in ("module", "class", "package") for d in defs):
+        return item.nodeid.split("::")[0]
+    return None
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
@@ -79,46 +85,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     os.unlink(path)
 
 
-class ModelCache:
-    """`load_model` memoised per model folder: each folder is loaded once per session and every
-    call gets a deep copy, so no test sees another's changes (an ingest hooks its model, a test
-    may move or break it). A folder whose files changed since (a test that damages a model) is
-    loaded again; hub ids are never cached. SELFREPAIR_TEST_MODEL_CACHE=0 switches it off."""
-
-    def __init__(self, real):
-        self.real, self.models = real, {}
-
-    def key(self, name: str, device: str, dtype: str, revision):
-        from selfrepair.errors import SelfRepairError
-        from selfrepair.ingest.models import pick_device, resolve
-
-        try:
-            path = resolve(name).path
-        except SelfRepairError:
-            return None  # the real load raises it
-        if path is None or not path.exists():
-            return None
-        files = sorted(path.iterdir()) if path.is_dir() else [path]
-        stats = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.is_file())
-        return str(path.resolve()), pick_device(device), dtype, revision, stats
-
-    def __call__(self, name: str, device: str = "auto", dtype: str = "float32", revision: str | None = None):
-        import copy
-
-        key = self.key(name, device, dtype, revision)
-        if key is None:
-            return self.real(name, device, dtype, revision)
-        if key in self.models:
-            with open(os.environ[LOAD_LOG], "a") as f:
-                f.write(f"{os.getpid()}\tcached\t{name}\n")
-        else:
-            self.models[key] = self.real(name, device, dtype, revision)
-        return copy.deepcopy(self.models[key])
-
-
 @pytest.fixture(scope="session", autouse=True)
 def model_cache():
-    """Install the ModelCache wherever `load_model` was imported from ingest/models.py."""
+    """Install the ModelCache wherever `load_model` was imported from ingest/models.py (test modules too)."""
     from selfrepair.ingest import models
 
     if os.environ.get("SELFREPAIR_TEST_MODEL_CACHE", "1") == "0":
@@ -128,7 +97,7 @@ def model_cache():
     cache = ModelCache(real)
     with pytest.MonkeyPatch.context() as mp:
         for name, module in list(sys.modules.items()):
-            if name.startswith("selfrepair") and getattr(module, "load_model", None) is real:
+            if getattr(module, "__dict__", {}).get("load_model") is real:
                 mp.setattr(module, "load_model", cache)
         yield cache
 
@@ -164,28 +133,6 @@ def tiny_store(tiny_model_dirs, tmp_path_factory) -> Path:
         # sr_mlps neuron detail for the penultimate layer: the authors' neuron figures draw it
         ingest_tiny(d, store, sr_mlps_neurons="penultimate")
     return store
-
-
-class TinyStores:
-    """Stores of the tiny models, each configuration ingested once per session.
-
-    `copy(family, dest, **settings)` ingests `family` with ingest_tiny's settings and `settings`
-    the first time a configuration is asked for, and hands out a fresh copy of that pristine
-    store into `dest` (new or empty) every time: a test may damage, extend or compact its copy, and no other
-    test sees it. The copy holds the same model folder path, so resuming or extending it with
-    the same model works as on the original."""
-
-    def __init__(self, model_dirs: dict[str, Path], root: Path):
-        self.model_dirs, self.root, self.stores = model_dirs, root, {}
-
-    def copy(self, family: str, dest: Path, **settings) -> Path:
-        key = (family, tuple(sorted((k, repr(v)) for k, v in settings.items())))
-        if key not in self.stores:
-            store = self.root / f"{len(self.stores):03d}-{family}"
-            ingest_tiny(self.model_dirs[family], store, **settings)
-            self.stores[key] = store
-        shutil.copytree(self.stores[key], dest, symlinks=True, dirs_exist_ok=True)
-        return dest
 
 
 @pytest.fixture(scope="session")
