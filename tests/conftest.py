@@ -8,7 +8,7 @@ The suite's own machinery lives here too (the classes are in tests/model_cache.p
 - a count of model loads, in-process and in subprocesses, printed at the end of the run
   (`ingest/models.py` appends one line per load to $SELFREPAIR_LOAD_LOG);
 - markers: `ingest` for a test that ingests or loads a tiny model (given by its fixtures),
-  `slow` and `browser` set by the test modules; all of them run by default;
+  `slow`, `browser` and `ray` set by the test modules; all of them run by default;
 - with pytest-xdist (`--dist loadgroup`), tests sharing an expensive fixture run on one worker.
 """
 
@@ -63,7 +63,10 @@ def pytest_collection_modifyitems(config, items):
 
 def _worker_group(item, names: set[str]) -> str | None:
     """With pytest-xdist, tests that share an expensive fixture run on one worker, so it is built once:
-    the tiny store and its report, and each module's module-scoped fixtures (a Ray cluster, an ingest)."""
+    the tiny store and its report, and each module's module-scoped fixtures (a Ray cluster, an ingest).
+    Tests marked `ray` share one worker too: two local Ray clusters at once would compete for the CPUs."""
+    if item.get_closest_marker("ray"):
+        return "ray"
     if names & SHARED_STORE_FIXTURES:
         return "tiny_store"
     info = getattr(item, "_fixtureinfo", None)

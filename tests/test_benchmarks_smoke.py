@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # every benchmark, at tiny sizes, in a process of its own
+pytestmark = [pytest.mark.slow, pytest.mark.ray]  # every benchmark at tiny sizes (Ray's too), in a process of its own
 
 ROOT = Path(__file__).parents[1]
 

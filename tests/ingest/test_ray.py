@@ -21,7 +21,7 @@ from selfrepair.store.schema import TABLES
 from selfrepair.store.verify import verify
 from tiny_models import ingest_tiny
 
-pytestmark = pytest.mark.slow  # a local Ray cluster; its workers are processes of their own
+pytestmark = [pytest.mark.slow, pytest.mark.ray]  # a local Ray cluster; its workers are processes of their own
 
 ray = pytest.importorskip("ray", reason="the ray extra (pip install -e '.[test,ray]') runs these tests")
 
