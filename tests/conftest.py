@@ -8,8 +8,9 @@ The suite's own machinery lives here too (the classes are in tests/model_cache.p
 - a count of model loads, in-process and in subprocesses, printed at the end of the run
   (`ingest/models.py` appends one line per load to $SELFREPAIR_LOAD_LOG);
 - markers: `ingest` for a test that ingests or loads a tiny model (given by its fixtures),
-  `slow`, `browser` and `ray` set by the test modules; all of them run by default;
-- with pytest-xdist (`--dist loadgroup`), tests sharing an expensive fixture run on one worker.
+  `slow`, `browser`, `ray` and `embedded` set by the test modules; all of them run by default;
+- pytest-xdist runs the files on every core (pyproject: `--dist loadfile`, so a module's
+  fixtures are built once); session fixtures are built once per worker that needs them.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from tiny_models import ingest_tiny  # noqa: E402
 
 # A test that asks for one of these fixtures ingests or loads a tiny model: marked `ingest`.
 INGEST_FIXTURES = {"tiny_model_dirs", "tiny_store", "tiny_query_store", "built", "report_dir", "tiny_stores"}
-SHARED_STORE_FIXTURES = {"tiny_store", "tiny_query_store", "built", "report_dir"}  # session: the report of all three
 
 
 # -- session machinery -------------------------------------------------------------------
@@ -49,31 +49,10 @@ def pytest_configure(config):
         f.write(f"{os.getpid()}\tpytest\t\n")  # this process's loads are the in-process ones
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    spread = config.pluginmanager.hasplugin("xdist") and config.getoption("dist", "no") == "loadgroup"
     for item in items:
-        names = set(getattr(item, "fixturenames", ()))
-        if INGEST_FIXTURES & names:
+        if INGEST_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ingest)
-        group = _worker_group(item, names) if spread else None
-        if group:
-            item.add_marker(pytest.mark.xdist_group(group))
-
-
-def _worker_group(item, names: set[str]) -> str | None:
-    """With pytest-xdist, tests that share an expensive fixture run on one worker, so it is built once:
-    the tiny store and its report, and each module's module-scoped fixtures (a Ray cluster, an ingest).
-    Tests marked `ray` share one worker too: two local Ray clusters at once would compete for the CPUs."""
-    if item.get_closest_marker("ray"):
-        return "ray"
-    if names & SHARED_STORE_FIXTURES:
-        return "tiny_store"
-    info = getattr(item, "_fixtureinfo", None)
-    defs = [d for fds in (info.name2fixturedefs.values() if info else ()) for d in fds]
-    if any(d.scope in ("module", "class", "package") for d in defs):
-        return item.nodeid.split("::")[0]
-    return None
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -12,7 +12,7 @@ from selfrepair.ingest.config import IngestConfig
 from selfrepair.ingest.models import load_hf, resolve
 from selfrepair.ingest.runner import Ingest
 
-pytestmark = pytest.mark.slow  # the embedded SmolLM2-135M
+pytestmark = [pytest.mark.slow, pytest.mark.embedded]  # the embedded SmolLM2-135M
 
 TOL = 1e-4  # the float32 errors measured here are about 2e-5
 
