@@ -239,6 +239,14 @@ def pick_device(device: str) -> str:
     return device
 
 
+def _note_load(name: str) -> None:
+    """One line per load in $SELFREPAIR_LOAD_LOG, when set: the test suite counts model loads with it."""
+    log = os.environ.get("SELFREPAIR_LOAD_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\t{name}\n")
+
+
 def load_model(name: str, device: str = "auto", revision: str | None = None) -> LoadedModel:
     """Resolve and load a model in float32, and wrap a copy in a TransformerBridge with processed weights.
 
@@ -252,6 +260,8 @@ def load_model(name: str, device: str = "auto", revision: str | None = None) -> 
     import torch
     import transformers
     from transformer_lens.model_bridge import TransformerBridge
+
+    _note_load(name)
 
     # Library progress bars and prints would bury the plan and our own progress bars.
     transformers.utils.logging.disable_progress_bar()

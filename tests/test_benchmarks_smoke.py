@@ -4,6 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]  # every benchmark at tiny sizes (Ray's too), in a process of its own
+
 ROOT = Path(__file__).parents[1]
 
 

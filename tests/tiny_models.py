@@ -16,6 +16,8 @@ from selfrepair.ingest.synthetic import byte_tokenizer
 
 FAMILIES = ("gpt2", "neox", "llama")
 ABLATIONS = ("resample", "mean", "zero")
+# A small store of one tiny GPT-2 (two rows, zero ablation of layer 1): the hostile-store tests damage copies of it.
+SMALL_STORE = dict(tokens=62, seq_len=32, batch_size=2, ablations=("zero",), heads="L1", top_p=0.05, neurons_top_k=2)
 
 
 def build(family: str, n_layers: int = 2, seed: int = 0):
@@ -77,3 +79,10 @@ def ingest_tiny(model_dir: Path, store: Path, **overrides):
                     ablations=ABLATIONS, top_p=0.05, neurons_top_k=5, corpus="embedded", quiet=True)
     settings.update(overrides)
     return Ingest(IngestConfig(**settings)).run()
+
+
+def read_manifest_json(folder: Path) -> dict:
+    """A model folder's manifest.json as raw JSON (to damage it; readers parse it with store/manifest.py)."""
+    import json
+
+    return json.loads((folder / "manifest.json").read_text())

@@ -95,6 +95,7 @@ def test_head_needs_a_model_when_the_store_has_several(tiny_store):
     assert result.exit_code == 1 and "pick one with --model" in result.output
 
 
+@pytest.mark.browser
 def test_head_html_opens_in_chromium(tiny_store, tmp_path):
     page = tmp_path / "L1H2.html"
     result = invoke("head", "L1H2", "--store", str(tiny_store), "--model", MODEL, "--tokens", "4", "--html", str(page))

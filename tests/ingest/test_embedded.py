@@ -4,12 +4,15 @@ its stored numbers equal the Hugging Face model's own, and both identities hold 
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from selfrepair import Store
 from selfrepair.ingest.config import IngestConfig
 from selfrepair.ingest.models import load_hf, resolve
 from selfrepair.ingest.runner import Ingest
+
+pytestmark = [pytest.mark.slow, pytest.mark.embedded]  # the embedded SmolLM2-135M
 
 TOL = 1e-4  # the float32 errors measured here are about 2e-5
 

@@ -42,6 +42,7 @@ def test_fast_engine_equals_reference(tiny_model_dirs, tmp_path, family):
 
 
 @pytest.mark.slow
+@pytest.mark.embedded
 def test_fast_engine_equals_reference_on_embedded_model(tmp_path):
     from selfrepair.ingest.config import IngestConfig
     from selfrepair.ingest.runner import Ingest

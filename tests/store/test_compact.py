@@ -41,10 +41,9 @@ def _n_files(store: Path) -> int:
 
 
 @pytest.fixture
-def ingested(tiny_model_dirs, tmp_path) -> Path:
-    store = tmp_path / "store"
-    ingest_tiny(tiny_model_dirs["gpt2"], store, tokens=124, ablations=("resample", "zero"), **SMALL)
-    return store
+def ingested(tiny_stores, tmp_path) -> Path:
+    """A store of this test's own, copied from one ingest shared by the session (compaction rewrites it)."""
+    return tiny_stores.copy("gpt2", tmp_path / "store", tokens=124, ablations=("resample", "zero"), **SMALL)
 
 
 def test_compaction_keeps_every_row_and_sorts_each_file(ingested):

@@ -9,12 +9,16 @@ import time
 
 import polars as pl
 import pytest
+from click.testing import CliRunner
 
 from selfrepair import Store
+from selfrepair.cli import main
 from selfrepair.errors import SelfRepairError
 from selfrepair.store.model_store import ModelStore
 from selfrepair.store.schema import TABLES
 from selfrepair.store.verify import verify
+
+pytestmark = pytest.mark.slow  # six ingest processes, each killed
 
 ARGS = ["--tokens", str(31 * 24), "--seq-len", "32", "--batch-size", "2", "--corpus", "embedded",
         "--ablations", "resample,mean,zero", "--neurons-top-k", "3", "--top-p", "0.05", "--quiet"]
@@ -40,7 +44,9 @@ def _tables(store) -> dict[str, pl.DataFrame]:
 def test_sigkill_at_random_moments_then_resume(tiny_model_dirs, tmp_path):
     model = tiny_model_dirs["llama"]
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
-    subprocess.run(_cmd(model, reference), check=True, capture_output=True)
+    # The uninterrupted run needs no process of its own: the same command, in this process.
+    res = CliRunner().invoke(main, _cmd(model, reference)[3:])
+    assert res.exit_code == 0, res.output
     rng = random.Random(7)
     # Kill points: after k committed shards (+ a random few ms, to land mid-shard too),
     # three in the clean phase and three in the ablation phase.
@@ -58,8 +64,8 @@ def test_sigkill_at_random_moments_then_resume(tiny_model_dirs, tmp_path):
             kills.append(len(_shards(crashed)))
     assert len(kills) >= 5, kills
     assert any(k < N_CLEAN for k in kills) and any(k > N_CLEAN for k in kills), kills
-    done = subprocess.run(_cmd(model, crashed), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    done = CliRunner().invoke(main, _cmd(model, crashed)[3:])  # the resume: in this process
+    assert done.exit_code == 0, done.output
     assert len(_shards(crashed)) == N_SHARDS
     got, want = _tables(crashed), _tables(reference)
     for name in TABLES:

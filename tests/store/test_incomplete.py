@@ -40,8 +40,8 @@ def test_typed_failure_before_first_commit_one_line_and_no_folder(tiny_model_dir
     assert not (tmp_path / "tiny-gpt2").exists()
 
 
-def test_failure_keeps_a_folder_that_was_there_before(tiny_model_dirs, tmp_path, monkeypatch):
-    ingest_tiny(tiny_model_dirs["gpt2"], tmp_path, tokens=62, ablations=("zero",))
+def test_failure_keeps_a_folder_that_was_there_before(tiny_model_dirs, tiny_stores, tmp_path, monkeypatch):
+    tiny_stores.copy("gpt2", tmp_path, tokens=62, ablations=("zero",))
     shards = sorted(ModelStore(tmp_path / "tiny-gpt2").manifest().shards)
     monkeypatch.setattr(arrays, "write_region", _crash)
     with pytest.raises(KeyError):
@@ -66,8 +66,8 @@ def test_failure_after_a_commit_keeps_the_folder_for_resume(tiny_model_dirs, tmp
     assert sorted(ms.manifest().shards) == ["clean-00000000-00000004"]
 
 
-def test_verify_reports_folder_without_manifest(tiny_model_dirs, tmp_path):
-    ingest_tiny(tiny_model_dirs["gpt2"], tmp_path, tokens=62, ablations=("zero",))
+def test_verify_reports_folder_without_manifest(tiny_stores, tmp_path):
+    tiny_stores.copy("gpt2", tmp_path, tokens=62, ablations=("zero",))
     (tmp_path / "tiny-opt").mkdir()
     report = verify(tmp_path)
     assert not report.ok
@@ -82,8 +82,8 @@ def test_verify_reports_folder_without_manifest(tiny_model_dirs, tmp_path):
     assert res.output.splitlines()[-1] == f"Error: verify found 1 problem(s) in {tmp_path}"
 
 
-def test_verify_reports_manifest_without_clean_shard(tiny_model_dirs, tmp_path):
-    ingest_tiny(tiny_model_dirs["gpt2"], tmp_path / "good", tokens=62, ablations=("zero",))
+def test_verify_reports_manifest_without_clean_shard(tiny_stores, tmp_path):
+    tiny_stores.copy("gpt2", tmp_path / "good", tokens=62, ablations=("zero",))
     folder = tmp_path / "s" / "tiny-gpt2"
     shutil.copytree(tmp_path / "good" / "tiny-gpt2", folder)
     ms = ModelStore(folder)

@@ -38,9 +38,8 @@ def _make_legacy(store) -> None:
 
 
 @pytest.fixture
-def legacy(tiny_model_dirs, tmp_path):
-    store = tmp_path / "legacy"
-    ingest_tiny(tiny_model_dirs["gpt2"], store, **SETTINGS)
+def legacy(tiny_stores, tmp_path):
+    store = tiny_stores.copy("gpt2", tmp_path / "legacy", **SETTINGS)  # a copy of its own: made legacy here
     _make_legacy(store)
     return store
 
@@ -57,12 +56,11 @@ def test_a_legacy_store_verifies_and_compacts(legacy):
     assert "neuron_totals" not in man.compacted
 
 
-def test_ingesting_a_legacy_store_again_redoes_its_neuron_detail(legacy, tiny_model_dirs, tmp_path):
+def test_ingesting_a_legacy_store_again_redoes_its_neuron_detail(legacy, tiny_model_dirs, tiny_stores, tmp_path):
     compact(legacy)  # the redone shards' rows leave the compacted files
     again = ingest_tiny(tiny_model_dirs["gpt2"], legacy, **SETTINGS)
     assert again.shards_written == 2  # both ablation shards (one per batch)
-    fresh = tmp_path / "fresh"
-    ingest_tiny(tiny_model_dirs["gpt2"], fresh, **SETTINGS)
+    fresh = tiny_stores.copy("gpt2", tmp_path / "fresh", **SETTINGS)  # one uninterrupted run
     for store in (legacy, fresh):
         assert verify(store).ok
     compact(legacy)

@@ -12,7 +12,6 @@ import textwrap
 import pytest
 from click.testing import CliRunner
 
-from tiny_models import ingest_tiny
 from selfrepair import Store
 from selfrepair.cli import main
 from selfrepair.errors import StoreBusy
@@ -36,8 +35,9 @@ def _holder(folder):
     return proc
 
 
-def test_second_writer_is_refused_naming_the_holder(tiny_model_dirs, tmp_path):
-    ingest_tiny(tiny_model_dirs["gpt2"], tmp_path, tokens=62, seq_len=32, batch_size=2, ablations=("zero",), heads="L1")
+def test_second_writer_is_refused_naming_the_holder(tiny_model_dirs, tiny_stores, tmp_path):
+    tiny_stores.copy("gpt2", tmp_path, tokens=62, seq_len=32, batch_size=2, ablations=("zero",), heads="L1", top_p=0.05,
+                     neurons_top_k=2)  # test_hostile's store
     folder = tmp_path / "tiny-gpt2"
     before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     proc = _holder(folder)
@@ -71,14 +71,18 @@ def test_lock_of_a_killed_process_is_taken_over(tmp_path):
     assert (tmp_path / ".writer.lock").read_bytes() == b""
 
 
+def _args(model, store, heads):
+    return ["ingest", "--model", str(model), "--store", str(store), "--tokens", "62", "--seq-len", "32",
+            "--batch-size", "2", "--corpus", "embedded", "--ablations", "resample,zero", "--heads", heads,
+            "--top-p", "0.05", "--neurons-top-k", "2", "--quiet"]
+
+
 def _ingest(model, store, heads):
-    return subprocess.Popen([
-        sys.executable, "-m", "selfrepair", "ingest", "--model", str(model), "--store", str(store), "--tokens", "62",
-        "--seq-len", "32", "--batch-size", "2", "--corpus", "embedded", "--ablations", "resample,zero",
-        "--heads", heads, "--top-p", "0.05", "--neurons-top-k", "2", "--quiet"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-m", "selfrepair", *_args(model, store, heads)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow  # two ingest processes at once
 def test_two_ingests_at_once_never_lose_a_shard(tiny_model_dirs, tmp_path):
     model = tiny_model_dirs["neox"]
     procs = {"L0": _ingest(model, tmp_path, "L0"), "L1": _ingest(model, tmp_path, "L1")}
@@ -94,10 +98,11 @@ def test_two_ingests_at_once_never_lose_a_shard(tiny_model_dirs, tmp_path):
             layer = int(heads[1])
             n = store.sql(f"SELECT count(*) FROM ablation_effects WHERE layer = {layer}").item()
             assert n == 2 * 4 * 62, (heads, n)
-    # The refused one runs again afterwards: the store is then the union, with unique keys.
+    # The refused one runs again afterwards (alone: in this process): the store is then the union, with unique keys.
     for heads, (code, _) in outcome.items():
         if code != 0:
-            assert _ingest(model, tmp_path, heads).wait(timeout=300) == 0
+            res = CliRunner().invoke(main, _args(model, tmp_path, heads))
+            assert res.exit_code == 0, res.output
     store = Store.open(tmp_path)
     assert store.sql("SELECT count(*) FROM ablation_effects").item() == 2 * 8 * 62
     for name, spec in TABLES.items():

@@ -17,25 +17,22 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tiny_models import ingest_tiny
+from tiny_models import SMALL_STORE, read_manifest_json
 from selfrepair.cli import main
 from selfrepair.store import jsonread
 from selfrepair.store.bounds import FIELD_BOUNDS, MAX_LAYERS, MAX_ROWS, MAX_TOKENS
 
 MODEL = "tiny-gpt2"
-ARGS = dict(tokens=62, seq_len=32, batch_size=2, ablations=("zero",), heads="L1", top_p=0.05, neurons_top_k=2)
+ARGS = SMALL_STORE
 
 
 @pytest.fixture(scope="module")
-def good_store(tiny_model_dirs, tmp_path_factory) -> Path:
-    store = tmp_path_factory.mktemp("good")
-    ingest_tiny(tiny_model_dirs["gpt2"], store, **ARGS)
-    return store
+def good_store(tiny_stores, tmp_path_factory) -> Path:
+    return tiny_stores.copy("gpt2", tmp_path_factory.mktemp("good") / "s", **ARGS)
 
 
 # -- damage ----------------------------------------------------------------------------------
-def _manifest(m: Path) -> dict:
-    return json.loads((m / "manifest.json").read_text())
+_manifest = read_manifest_json
 
 
 def _edit(fn):

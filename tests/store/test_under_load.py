@@ -6,6 +6,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a real ingest process and eight reader processes
+
 READER = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path

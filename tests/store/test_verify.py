@@ -5,18 +5,16 @@ import shutil
 
 import pytest
 
-from tiny_models import ingest_tiny
 from selfrepair.store.model_store import ModelStore
 from selfrepair.store.verify import verify
 from selfrepair.store.writer import Writer
 
 
 @pytest.fixture(scope="module")
-def small_store(tiny_model_dirs, tmp_path_factory):
-    store = tmp_path_factory.mktemp("verify")
-    ingest_tiny(tiny_model_dirs["gpt2"], store, tokens=124, seq_len=32, batch_size=2, ablations=("zero",), heads="L1",
-                neurons_top_k=2)
-    return store
+def small_store(tiny_stores, tmp_path_factory):
+    """A copy of the session's small GPT-2 store (test_legacy_neurons' configuration); each test damages its own copy."""
+    return tiny_stores.copy("gpt2", tmp_path_factory.mktemp("verify") / "s", tokens=124, seq_len=32, batch_size=2,
+                            ablations=("zero",), heads="L1", top_p=0.05, neurons_top_k=3)
 
 
 def _damaged(small_store, tmp_path, change):

@@ -1,0 +1,77 @@
+"""The suite's own machinery (tests/conftest.py): the model cache hands out independent copies,
+a changed model folder is loaded again, shared stores are copies, and loads are counted."""
+
+import os
+
+import torch
+
+from model_cache import LOAD_LOG, load_counts
+from selfrepair.ingest import models
+
+
+def test_the_model_cache_hands_out_independent_copies(model_cache, tiny_model_dirs):
+    folder = str(tiny_model_dirs["gpt2"])
+    assert models.load_model is model_cache  # what the runner calls
+    a = models.load_model(folder, "cpu")
+    b = models.load_model(folder, "cpu")
+    assert a is not b and a.hf_model is not b.hf_model and a.bridge is not b.bridge
+    pa, pb = next(a.hf_model.parameters()), next(b.hf_model.parameters())
+    assert torch.equal(pa, pb) and pa.data_ptr() != pb.data_ptr()
+    with torch.no_grad():
+        pa.add_(1.0)  # an engine or a test that changes its model changes only its copy
+    a.hf_model.register_forward_hook(lambda *args: None)
+    c = models.load_model(folder, "cpu")
+    assert torch.equal(next(c.hf_model.parameters()), pb)
+    assert not c.hf_model._forward_hooks
+    # The copy is a working model: the bridge and the Hugging Face model agree on the logits.
+    rows = torch.tensor([[256, 1, 2, 3, 4]])
+    with torch.no_grad():
+        hf = c.hf_model(rows).logits
+        tl = c.bridge(rows)
+    hf, tl = hf - hf.mean(-1, keepdim=True), tl - tl.mean(-1, keepdim=True)  # the bridge centres the unembedding
+    assert torch.allclose(hf, tl, atol=1e-3)
+
+
+def test_a_changed_model_folder_is_loaded_again(model_cache, tmp_path):
+    import tiny_models
+
+    folder = tiny_models.save("gpt2", tmp_path / "tiny-gpt2")
+    first = models.load_model(str(folder), "cpu")
+    tiny_models.save("gpt2", folder, n_layers=3)  # the same folder, other weights
+    again = models.load_model(str(folder), "cpu")
+    assert first.hf_model.config.n_layer == 2 and again.hf_model.config.n_layer == 3
+
+
+def test_a_patched_loader_bypasses_the_cache(model_cache, tiny_model_dirs, monkeypatch):
+    import pytest
+    import transformers
+
+    from selfrepair.errors import ModelNotFound
+
+    folder = str(tiny_model_dirs["gpt2"])
+    models.load_model(folder, "cpu")  # cached now
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("size mismatch")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", broken)
+    with pytest.raises(ModelNotFound, match="size mismatch"):
+        models.load_model(folder, "cpu")
+
+
+def test_shared_stores_are_copies(tiny_stores, tmp_path):
+    settings = dict(tokens=62, ablations=("zero",), heads="L1")
+    a = tiny_stores.copy("gpt2", tmp_path / "a", **settings)
+    b = tiny_stores.copy("gpt2", tmp_path / "b", **settings)
+    (a / "tiny-gpt2" / "manifest.json").write_text("{}")  # damage one copy
+    assert (b / "tiny-gpt2" / "manifest.json").read_text() != "{}"
+    assert (tiny_stores.copy("gpt2", tmp_path / "c", **settings) / "tiny-gpt2" / "manifest.json").read_text() != "{}"
+
+
+def test_loads_are_counted_in_process_and_in_subprocesses(tmp_path):
+    log = tmp_path / "loads.log"
+    log.write_text("1\tpytest\t\n1\t/m/tiny-gpt2\n2\t/m/tiny-gpt2\n1\tcached\t/m/tiny-gpt2\n3\tsmollm2-135m\n")
+    n = load_counts(str(log))
+    assert (n["loads"], n["in_process"], n["subprocess"], n["cached"]) == (3, 1, 2, 1)
+    assert n["per_model"] == {"tiny-gpt2": 2, "smollm2-135m": 1}
+    assert os.environ[LOAD_LOG]  # set for this session and inherited by subprocesses
