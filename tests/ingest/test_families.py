@@ -207,7 +207,7 @@ def test_bridge_only_mismatch_is_warned_and_recorded(tmp_path, capsys):
     _check_correct("gemma3", _softcapped_gemma3(tmp_path), store_dir)
     assert "warning: TransformerLens's bridge disagrees with Gemma 3's own forward" in capsys.readouterr().out
     store = Store.open(store_dir)
-    check = store.manifest(store.models[0])["self_check"]
+    check = store.manifest(store.models[0]).self_check
     devs = check["deviations"]
     assert devs[BRIDGE_VS_MODEL] > TOLERANCE and BRIDGE_VS_MODEL in check["excused"]  # both deviations recorded
     engine = {k: v for k, v in devs.items() if any(m in k for m in MODEL_JUDGED)}
