@@ -93,7 +93,7 @@ def build_big(root: Path, n_tokens: int, seed: int = 0) -> Path:
     import pyarrow.parquet as pq
 
     from selfrepair.store import files
-    from selfrepair.store.compact import ROW_GROUP_ROWS
+    from selfrepair.store.compacted_files import ROW_GROUP_ROWS
     from selfrepair.store.model_store import ModelStore
     from selfrepair.store.schema import TABLES
     from selfrepair.store.writer import Writer

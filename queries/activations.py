@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from selfrepair.errors import StoreError
+from selfrepair.store import arrays
 from selfrepair.store.manifest import Manifest
 
 
@@ -39,8 +40,6 @@ def open_activations(folder: Path, manifest: Manifest, tokens=None, vocab=None):
             anything is allocated).
     """
     import xarray as xr
-
-    from selfrepair.store import arrays
 
     path = folder / "activations.zarr"
     if not os.path.lexists(path) or not manifest.arrays:

@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from selfrepair.errors import StoreError
 from selfrepair.store import arrays, faults, files, records, shards, snapshot
+from selfrepair.store.compacted_files import without_shards
 from selfrepair.store.lock import LOCK_NAME, WriterLock
 from selfrepair.store.manifest import Manifest, parse_manifest
 from selfrepair.store.model_store import ARRAYS_DIR, ModelStore
@@ -168,9 +169,7 @@ class Writer:
         if any(sid in shards and shards[sid].compacted for sid in supersedes):
             # The superseded rows share compacted files with others: the same record swaps
             # in copies of those files without them (rare: a redone batch after compaction).
-            from selfrepair.store.compact import without_shards
-
-            record["compacted"] = without_shards(self, supersedes)
+            record["compacted"] = without_shards(self.ms, self.manifest, supersedes)
         faults.point(f"writer.shard.{entry.get('phase')}.written")
         self._append(record)
         faults.point(f"writer.shard.{entry.get('phase')}.appended")

@@ -101,7 +101,7 @@ def test_more_tokens_after_compaction_redo_compacted_batches_without_duplicates(
 
 def test_a_kill_during_compaction_leaves_the_old_store_readable(ingested, monkeypatch):
     before = _tables(ingested)
-    real = compact_mod._write_sorted
+    real = compact_mod.write_sorted
     calls = []
 
     def dies_midway(*args, **kwargs):
@@ -110,13 +110,13 @@ def test_a_kill_during_compaction_leaves_the_old_store_readable(ingested, monkey
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(compact_mod, "_write_sorted", dies_midway)
+    monkeypatch.setattr(compact_mod, "write_sorted", dies_midway)
     with pytest.raises(KeyboardInterrupt):
         compact(ingested)
     _assert_same_sets(_tables(ingested), before)
     assert verify(ingested).ok
     assert not ModelStore(ingested / MODEL).manifest().compacted
-    monkeypatch.setattr(compact_mod, "_write_sorted", real)
+    monkeypatch.setattr(compact_mod, "write_sorted", real)
     (result,) = compact(ingested)  # the next compaction completes and removes the leftovers
     assert result.files_after == 10
     _assert_same_sets(_tables(ingested), before)
