@@ -53,6 +53,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if INGEST_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ingest)
+    # Files with a slow test run first (the order kept otherwise): pytest-xdist hands whole files
+    # to its workers in this order, so the long ones start early and no worker is left with one at the end.
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

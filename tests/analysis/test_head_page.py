@@ -9,7 +9,7 @@ import re
 import polars as pl
 import pytest
 from click.testing import CliRunner
-from test_analysis_browser import run_chromium
+from chromium_page import run_chromium
 
 from selfrepair.cli import main
 from selfrepair.store.model_store import ModelStore

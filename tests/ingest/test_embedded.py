@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from engine_compare import KEY, VALUES, close as _close
 from selfrepair import Store
 from selfrepair.ingest.config import IngestConfig
-from selfrepair.ingest.models import load_hf, resolve
+from selfrepair.ingest.models import load_model
 from selfrepair.ingest.runner import Ingest
 
 pytestmark = [pytest.mark.slow, pytest.mark.embedded]  # the embedded SmolLM2-135M
@@ -31,7 +32,8 @@ def test_embedded_model_predicts_real_text(tmp_path):
 
     # The Hugging Face model itself, on the stored rows: its logits centred over the
     # vocabulary are what the store calls logit, and its cross-entropy is the loss.
-    hf, _ = load_hf(resolve("smollm2-135m"), torch.float32)
+    # (the test model cache hands out a copy of the ingest's load: the Hugging Face module untouched)
+    hf = load_model("smollm2-135m", "cpu").hf_model
     ids = tokens["token_id"].to_numpy().reshape(2, 127)
     rows = torch.from_numpy(np.concatenate([ids, tokens["next_token_id"].to_numpy().reshape(2, 127)[:, -1:]], 1))
     with torch.no_grad():
@@ -45,3 +47,17 @@ def test_embedded_model_predicts_real_text(tmp_path):
     assert store.query("check_de_identity")["max_abs_error"][0] < TOL
     ln = store.query("check_ln_identity")
     assert ln.height == 1 and ln["n_rows"][0] == 254 and ln["max_abs_error"][0] < TOL
+
+
+# Here, not in test_engines.py: one pytest process loads the embedded model once for both tests.
+def test_fast_engine_equals_reference_on_embedded_model(tmp_path):
+    stores = {}
+    for engine in ("fast", "reference"):
+        stores[engine] = tmp_path / engine
+        Ingest(IngestConfig(store=stores[engine], tokens=62, seq_len=32, batch_size=1, heads="L3H1,L15H4,L29H8",
+                            engine=engine, quiet=True, neurons_top_k=0, activations=False)).run()
+    a = Store.open(stores["fast"]).sql("SELECT * FROM ablation_effects").sort(KEY)
+    b = Store.open(stores["reference"]).sql("SELECT * FROM ablation_effects").sort(KEY)
+    assert a.height == b.height == 3 * 62
+    for col in VALUES:
+        _close(a[col], b[col], col)

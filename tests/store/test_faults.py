@@ -39,6 +39,8 @@ from selfrepair.errors import ConfigError
 from selfrepair.store import faults
 from selfrepair.store.schema import TABLES
 
+pytestmark = pytest.mark.slow  # every kill point of every command, each checked against a one-shot run
+
 RUNNER = Path(__file__).with_name("fault_runner.py")
 KILLED = -9  # a child's exit code when SIGKILL ended it
 PARALLEL = max(1, min(4, os.cpu_count() or 1))
