@@ -35,7 +35,7 @@ from model_cache import LOAD_LOG, ModelCache, TinyStores, load_counts  # noqa: E
 from tiny_models import ingest_tiny  # noqa: E402
 
 # A test that asks for one of these fixtures ingests or loads a tiny model: marked `ingest`.
-INGEST_FIXTURES = {"tiny_model_dirs", "tiny_store", "tiny_query_store", "built", "report_dir", "tiny_stores"}
+INGEST_FIXTURES = {"tiny_model_dirs", "tiny_store", "tiny_query_store", "built", "report_dir", "tiny_stores", "good_store"}
 
 
 # -- session machinery -------------------------------------------------------------------
@@ -109,6 +109,12 @@ def _seed():
 def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     return {f: tiny_models.save(f, root / f"tiny-{f}") for f in tiny_models.FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def good_store(tiny_stores, tmp_path_factory) -> Path:
+    """A small tiny-GPT-2 store (tiny_models.SMALL_STORE); the hostile-store tests damage copies of it."""
+    return tiny_stores.copy("gpt2", tmp_path_factory.mktemp("good") / "s", **tiny_models.SMALL_STORE)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ an ingest to finish what an earlier one left follow the table.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 import tiny_models
-from tiny_models import ingest_tiny
+from tiny_models import ingest_tiny, tree_hashes
 from selfrepair.cli import main
 
 MODEL = "tiny-gpt2"
@@ -420,13 +419,7 @@ CASES = {
 
 
 def _snapshot(root: Path) -> dict[str, str]:
-    out = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_symlink():
-            out[str(p.relative_to(root))] = "-> " + os.readlink(p)
-        elif p.is_file() and p.name != ".writer.lock":
-            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
+    return tree_hashes(root, ignore=(".writer.lock",))  # the lock file's content is its holder
 
 
 def run_case(name: str, good: Path, model: Path, tmp: Path, monkeypatch) -> tuple[int, str, str]:

@@ -86,3 +86,33 @@ def read_manifest_json(folder: Path) -> dict:
     import json
 
     return json.loads((folder / "manifest.json").read_text())
+
+
+def small_store_ingest(model_dir: Path) -> list[str]:
+    """`selfrepair ingest` arguments for SMALL_STORE's configuration of `model_dir` (the same run from the CLI)."""
+    return ["ingest", "--model", str(model_dir), "--tokens", "62", "--seq-len", "32", "--batch-size", "2",
+            "--ablations", "zero", "--heads", "L1", "--top-p", "0.05", "--neurons-top-k", "2",
+            "--corpus", "embedded", "--quiet"]
+
+
+def tree_hashes(root: Path, ignore: tuple[str, ...] = ()) -> dict[str, str]:
+    """Every file under `root` by its sha256 (symlinks by their target and FIFOs by kind, never opened;
+    names in `ignore` left out): a tree is unchanged when this is equal."""
+    import hashlib
+    import os
+
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.name in ignore:
+            continue
+        if p.is_symlink():
+            out[str(p.relative_to(root))] = "-> " + os.readlink(p)
+        elif p.is_fifo():
+            out[str(p.relative_to(root))] = "fifo"
+        elif p.is_file():
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    h.update(chunk)
+            out[str(p.relative_to(root))] = h.hexdigest()
+    return out

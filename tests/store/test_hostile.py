@@ -5,9 +5,7 @@ Paths named by the manifest or a commit record must stay inside the model folder
 binary, of the wrong JSON type or missing keys is refused, as is an unknown schema_version.
 """
 
-import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -15,15 +13,9 @@ import pytest
 from click.testing import CliRunner
 
 from selfrepair.cli import main
-from tiny_models import SMALL_STORE, read_manifest_json
+from tiny_models import read_manifest_json, small_store_ingest, tree_hashes  # `good_store` (tests/conftest.py): a small tiny-GPT-2 store to damage copies of
 
 MODEL = "tiny-gpt2"
-ARGS = SMALL_STORE
-
-
-@pytest.fixture(scope="module")
-def good_store(tiny_stores, tmp_path_factory) -> Path:
-    return tiny_stores.copy("gpt2", tmp_path_factory.mktemp("good") / "s", **ARGS)
 
 
 _manifest = read_manifest_json
@@ -100,14 +92,7 @@ CASES = {
 }
 
 
-def _snapshot(root: Path) -> dict[str, str]:
-    out = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_symlink():
-            out[str(p.relative_to(root))] = "-> " + os.readlink(p)
-        elif p.is_file():
-            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
+_snapshot = tree_hashes
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -117,9 +102,7 @@ def test_damaged_or_hostile_store_gets_one_error_line(good_store, tiny_model_dir
     shutil.copytree(good_store, store, symlinks=True)
     damage(store / MODEL)
     before = _snapshot(tmp_path)
-    ingest = ["ingest", "--model", str(tiny_model_dirs["gpt2"]), "--tokens", "62", "--seq-len", "32",
-              "--batch-size", "2", "--ablations", "zero", "--heads", "L1", "--top-p", "0.05",
-              "--neurons-top-k", "2", "--corpus", "embedded", "--quiet"]
+    ingest = small_store_ingest(tiny_model_dirs["gpt2"])
     for command in (["sql", "SELECT count(*) FROM tokens"], ["query", "layer_summary"], ["verify"], ingest):
         res = CliRunner().invoke(main, [*command, "--store", str(store)])
         errors = [line for line in res.output.splitlines() if line.startswith("Error")]

@@ -8,7 +8,6 @@ A second table holds stores whose fields are in bounds but disagree with the sto
 `verify` reports them and fails.
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,18 +16,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tiny_models import SMALL_STORE, read_manifest_json
+from tiny_models import read_manifest_json, small_store_ingest, tree_hashes  # `good_store` (tests/conftest.py): a small tiny-GPT-2 store to damage copies of
 from selfrepair.cli import main
 from selfrepair.store import jsonread
 from selfrepair.store.bounds import FIELD_BOUNDS, MAX_LAYERS, MAX_ROWS, MAX_TOKENS
 
 MODEL = "tiny-gpt2"
-ARGS = SMALL_STORE
-
-
-@pytest.fixture(scope="module")
-def good_store(tiny_stores, tmp_path_factory) -> Path:
-    return tiny_stores.copy("gpt2", tmp_path_factory.mktemp("good") / "s", **ARGS)
 
 
 # -- damage ----------------------------------------------------------------------------------
@@ -182,27 +175,11 @@ CASES = {
 CASES["record sets n_tokens -5"] = (CASES["record sets n_tokens -5"][0], f"n_tokens is -5, outside [0, {MAX_TOKENS}]")
 
 
-def _snapshot(root: Path) -> dict[str, str]:
-    out = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_symlink():
-            out[str(p.relative_to(root))] = "-> " + os.readlink(p)
-        elif p.is_fifo():
-            out[str(p.relative_to(root))] = "fifo"
-        elif p.is_file():
-            h = hashlib.sha256()
-            with open(p, "rb") as f:
-                while chunk := f.read(1 << 24):
-                    h.update(chunk)
-            out[str(p.relative_to(root))] = h.hexdigest()
-    return out
+_snapshot = tree_hashes
 
 
 def _commands(model_dir: Path) -> list[list[str]]:
-    ingest = ["ingest", "--model", str(model_dir), "--tokens", "62", "--seq-len", "32", "--batch-size", "2",
-              "--ablations", "zero", "--heads", "L1", "--top-p", "0.05", "--neurons-top-k", "2",
-              "--corpus", "embedded", "--quiet"]
-    return [["sql", "SELECT count(*) FROM tokens"], ["info"], ["verify"], ingest]
+    return [["sql", "SELECT count(*) FROM tokens"], ["info"], ["verify"], small_store_ingest(model_dir)]
 
 
 @pytest.mark.parametrize("case", list(CASES))
