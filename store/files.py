@@ -252,7 +252,7 @@ def file_problem(path: Path) -> str | None:
     return None
 
 
-def open_regular(path: Path, flags: int, what: str = "", mode: int = 0o644) -> int:
+def open_regular(path: Path, flags: int, what: str = "", mode: int = 0o644, name: str | None = None) -> int:
     """`os.open` of a file the store owns, never through a symlink, never blocking on a FIFO.
 
     O_NOFOLLOW: a symlink in its place (dangling or not) is refused, so nothing outside is
@@ -263,13 +263,19 @@ def open_regular(path: Path, flags: int, what: str = "", mode: int = 0o644) -> i
         path: the file.
         flags: os.O_* flags (O_NOFOLLOW, O_NONBLOCK, O_NOCTTY and O_CLOEXEC are added).
         what: how the message names the file (e.g. "the writer lock"), default "file".
+        name: the whole name for messages, path included (instead of `what` and the path).
 
     Raises:
+        FileNotFoundError: no such file, when `flags` do not create it (the caller decides what that means).
         StoreError: a symlink, anything but a regular file, or an open that fails (one line).
     """
-    name = f"{what or 'file'} {path}"
+    name = name or f"{what or 'file'} {path}"
     try:
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, mode)
+    except FileNotFoundError:
+        if flags & os.O_CREAT:
+            raise StoreError(f"cannot create the {name}: its folder is missing") from None
+        raise
     except OSError as e:
         if os.path.islink(path):
             raise StoreError(f"the {name} is a symlink; it must be a regular file inside the model folder "

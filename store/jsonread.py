@@ -9,14 +9,13 @@ measured), so each case is one `StoreError` line and memory stays flat.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 from selfrepair.errors import StoreError
+from selfrepair.store import files
 
 MIB = 1 << 20
 # A shard entry is about 1.5 KB (store/estimate.py); a 1M-token store has a few thousand shards
@@ -30,8 +29,9 @@ LOG_MAX_BYTES = 2 * MANIFEST_MAX_BYTES
 # A manifest is at most 6 levels deep (manifest > shards > entry > files > table > entry).
 MAX_DEPTH = 32
 
+
 def open_regular(path: Path, what: str, limit: int):
-    """Open `path` for reading: no symlink, no FIFO or device, at most `limit` bytes.
+    """Open `path` for reading: no symlink, no FIFO or device (`files.open_regular`), at most `limit` bytes.
 
     Returns:
         A binary file object (the caller closes it).
@@ -40,23 +40,11 @@ def open_regular(path: Path, what: str, limit: int):
         FileNotFoundError: no such file (callers decide what a missing file means).
         StoreError: a symlink, not a regular file, over the limit, or unreadable.
     """
-    try:
-        # O_NONBLOCK: opening a FIFO with no writer would otherwise wait forever.
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise StoreError(f"{what} is a symlink; a model folder's metadata must lie inside it") from None
-        raise StoreError(f"cannot read {what}: {e.strerror or e}") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
+    fd = files.open_regular(path, os.O_RDONLY, name=what)
+    size = os.fstat(fd).st_size
+    if size > limit:
         os.close(fd)
-        raise StoreError(f"{what} is not a regular file (a FIFO, device or folder)")
-    if st.st_size > limit:
-        os.close(fd)
-        raise StoreError(f"{what} has {st.st_size} bytes, over the limit of {limit}")
-    os.set_blocking(fd, True)
+        raise StoreError(f"{what} has {size} bytes, over the limit of {limit}")
     return os.fdopen(fd, "rb")
 
 
