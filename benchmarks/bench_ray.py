@@ -31,7 +31,7 @@ REPEATS = 2
 
 
 def _units(ctx, w, rows: np.ndarray, tag: str) -> list:
-    from selfrepair.ingest.units import AblationUnit
+    from selfrepair.ingest.jobs import AblationJob
     from selfrepair.store.heads import heads_spec
     from selfrepair.store.plan import AblationWork
 
@@ -46,7 +46,7 @@ def _units(ctx, w, rows: np.ndarray, tag: str) -> list:
         pair = np.array([(b + 1) % N_UNITS])
         work = AblationWork("resample", 0, (b, b + 1), heads, heads_spec(heads, w.n_layers, w.n_heads),
                             f"abl-bench-{tag}-{b:04d}")
-        out.append(AblationUnit(work, rows[b:b + 1], pair, rows[pair], top, N_UNITS * preds, len(heads) * preds))
+        out.append(AblationJob(work, rows[b:b + 1], pair, rows[pair], top, N_UNITS * preds, len(heads) * preds))
     return out
 
 

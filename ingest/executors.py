@@ -1,9 +1,9 @@
-"""Executors: who computes an ingest's units. The ingest's own process always commits them.
+"""Executors: who computes an ingest's jobs. The ingest's own process always commits them.
 
-`InProcess` (the default) computes each unit on the model the ingest loaded, in plan
+`InProcess` (the default) computes each job on the model the ingest loaded, in plan
 order. `RayPool` (`ingest/ray_pool.py`, `--executor ray`) spreads them over Ray actors
-that each load the model once. Both call `commit(unit, entry)` in the ingest's process,
-one unit at a time, and `progress(n)` as work is done.
+that each load the model once. Both call `commit(job, entry)` in the ingest's process,
+one job at a time, and `progress(n)` as work is done.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Callable, Protocol
 
 from selfrepair.ingest.config import IngestConfig
-from selfrepair.ingest.units import UnitRunner
+from selfrepair.ingest.jobs import JobRunner
 from selfrepair.store.model_store import ModelStore
 
 Commit = Callable[[object, dict], None]
@@ -21,7 +21,7 @@ EXECUTORS = ("inprocess", "ray")
 class Executor(Protocol):
     def describe(self) -> str: ...
 
-    def run(self, units: list, commit: Commit, progress: Callable[[int], None]) -> None: ...
+    def run(self, jobs: list, commit: Commit, progress: Callable[[int], None]) -> None: ...
 
     def __enter__(self) -> "Executor": ...
 
@@ -29,18 +29,18 @@ class Executor(Protocol):
 
 
 class InProcess:
-    """Units computed one after another on the ingest's own model."""
+    """Jobs computed one after another on the ingest's own model."""
 
     def __init__(self, cfg: IngestConfig, model, w, ms: ModelStore, log=print):
-        self.runner = UnitRunner(cfg, model, w, ms, log)
+        self.runner = JobRunner(cfg, model, w, ms, log)
         self.device = model.device
 
     def describe(self) -> str:
         return f"executor inprocess (one process on {self.device})"
 
-    def run(self, units: list, commit: Commit, progress: Callable[[int], None]) -> None:
-        for unit in units:
-            commit(unit, self.runner.run(unit, progress))
+    def run(self, jobs: list, commit: Commit, progress: Callable[[int], None]) -> None:
+        for job in jobs:
+            commit(job, self.runner.run(job, progress))
 
     def __enter__(self) -> "InProcess":
         return self

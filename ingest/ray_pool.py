@@ -1,16 +1,16 @@
-"""`--executor ray`: a pool of Ray actors computes the units; the ingest's process commits them.
+"""`--executor ray`: a pool of Ray actors computes the jobs; the ingest's process commits them.
 
 Each actor loads the model once (one GPU each, or CPUs when the cluster has none), then
-computes units and writes their shard files into the store (`store/shards.py`), which
+computes jobs and writes their shard files into the store (`store/shards.py`), which
 must therefore be on a filesystem every node sees. It returns the shard entry; the
 driver, which holds the model folder's writer lock, commits it through the Writer, so
 readers, `verify` and resume see exactly what a single-process run leaves.
 
-Faults: a unit whose worker dies (killed, out of host memory) or raises is retried on
+Faults: a job whose worker dies (killed, out of host memory) or raises is retried on
 another worker after its temporary files are removed; a completed but uncommitted file
-is simply replaced by the retry (same shard id, rename into place). A unit that fails
-MAX_ATTEMPTS times, or a worker that fails MAX_ATTEMPTS units in a row, stops the run
-with one line naming the unit and the cause. A killed driver leaves uncommitted files
+is simply replaced by the retry (same shard id, rename into place). A job that fails
+MAX_ATTEMPTS times, or a worker that fails MAX_ATTEMPTS jobs in a row, stops the run
+with one line naming the job and the cause. A killed driver leaves uncommitted files
 only, which the next run's start-up cleanup removes; re-running the command resumes.
 """
 
@@ -33,9 +33,9 @@ from selfrepair.store.model_store import ModelStore
 MAX_ATTEMPTS = 3
 MAX_PROBES = 20  # readiness probes of a restarting worker before giving up on it
 # Fault injection for tests, read by the driver and handed to the workers:
-#   kill:N:PATH  the first worker to finish writing its N-th unit's files (and create PATH) is SIGKILLed
+#   kill:N:PATH  the first worker to finish writing its N-th job's files (and create PATH) is SIGKILLed
 #                before returning the entry (PATH makes it happen once in the whole cluster);
-#   fail:TEXT    every unit whose shard id contains TEXT raises DeviceError on every worker.
+#   fail:TEXT    every job whose shard id contains TEXT raises DeviceError on every worker.
 FAULT_ENV = "SELFREPAIR_TEST_FAULT"
 
 
@@ -50,7 +50,7 @@ def import_ray():
 
 
 class UnitWorker:
-    """One Ray actor: the model loaded once, then units computed and their files written.
+    """One Ray actor: the model loaded once, then jobs computed and their files written.
 
     Args:
         cfg: the run's configuration (device set to the worker's: cuda or cpu).
@@ -61,31 +61,31 @@ class UnitWorker:
 
     def __init__(self, cfg: IngestConfig, folder: str, index: int, fault: str | None = None):
         from selfrepair.ingest.models import load_model
-        from selfrepair.ingest.units import UnitRunner
+        from selfrepair.ingest.jobs import JobRunner
         from selfrepair.ingest.weights import read_weights
 
         model = load_model(cfg.model, cfg.device, cfg.revision)
         w = read_weights(model.hf_model, cfg.seq_len, cfg.preset)
-        self.runner = UnitRunner(cfg, model, w, ModelStore(Path(folder)), log=lambda *a, **k: None)
+        self.runner = JobRunner(cfg, model, w, ModelStore(Path(folder)), log=lambda *a, **k: None)
         self.index, self.fault, self.done = index, fault or "", 0
         self.place = f"{socket.gethostname()} pid {os.getpid()} on {model.device}"
 
     def where(self) -> str:
         return self.place
 
-    def run(self, unit) -> dict:
-        """Compute one unit and write its files; returns its shard entry (not committed)."""
+    def run(self, job) -> dict:
+        """Compute one job and write its files; returns its shard entry (not committed)."""
         kind, _, arg = self.fault.partition(":")
-        if kind == "fail" and arg in unit.shard_id:
+        if kind == "fail" and arg in job.shard_id:
             raise DeviceError("out of GPU memory even with one head per pass (injected by "
                               f"{FAULT_ENV}); lower --batch-size")
-        entry = self.runner.run(unit)
+        entry = self.runner.run(job)
         faults.point("ray.worker.written")
         self.done += 1
         if kind == "kill":
             n, _, marker = arg.partition(":")
             if self.done == int(n) and _claim(marker):
-                os.kill(os.getpid(), signal.SIGKILL)  # files written, entry never returned: mid-unit
+                os.kill(os.getpid(), signal.SIGKILL)  # files written, entry never returned: mid-job
         return entry
 
 
@@ -102,7 +102,7 @@ def _restarting(ray, e: Exception) -> bool:
 
 
 def _cause(ray, e: Exception) -> str:
-    """One line saying why a unit failed."""
+    """One line saying why a job failed."""
     if isinstance(e, ray.exceptions.RayTaskError):
         c = e.cause
         if isinstance(c, SelfRepairError):
@@ -119,7 +119,7 @@ def _cause(ray, e: Exception) -> str:
 
 
 class RayPool:
-    """The Ray executor. Connects (or starts a local Ray), starts the actors; `run` dispatches units.
+    """The Ray executor. Connects (or starts a local Ray), starts the actors; `run` dispatches jobs.
 
     Args:
         cfg: the run's configuration (`ray_address`, `workers`, `device`).
@@ -175,8 +175,8 @@ class RayPool:
             device = "cpu"
         self.n, self.opts = n, opts
         self.kind = f"1 GPU, {per_cpu} CPU" if gpus else f"{per_cpu} CPU"
-        # A dead actor is restarted (its model loaded again); its unit is retried by the driver, not by Ray,
-        # so the driver sees every failure, sends the unit to another worker and counts attempts.
+        # A dead actor is restarted (its model loaded again); its job is retried by the driver, not by Ray,
+        # so the driver sees every failure, sends the job to another worker and counts attempts.
         actor = ray.remote(UnitWorker).options(max_restarts=-1, max_task_retries=0, **opts, **faults.ray_options())
         worker_cfg = replace(cfg, device=device, quiet=True)
         fault = os.environ.get(FAULT_ENV)
@@ -187,65 +187,65 @@ class RayPool:
         return (f"executor ray: {self.n} worker(s) ({self.kind} each) on the Ray cluster at {address}; "
                 f"the store must be on a filesystem every node sees")
 
-    def run(self, units: list, commit: Callable[[object, dict], None], progress: Callable[[int], None]) -> None:
-        """Compute every unit on the pool; commit each (in this process) as it arrives."""
+    def run(self, jobs: list, commit: Callable[[object, dict], None], progress: Callable[[int], None]) -> None:
+        """Compute every job on the pool; commit each (in this process) as it arrives."""
         ray = self.ray
-        pending = deque(units)
+        pending = deque(jobs)
         failed_on: dict[str, int] = {}  # shard id -> the worker its last attempt failed on
         attempts: Counter = Counter()
         streak = [0] * self.n  # failures in a row per worker
-        probes = [0] * self.n  # failed readiness probes (and calls refused while restarting) since its last unit
+        probes = [0] * self.n  # failed readiness probes (and calls refused while restarting) since its last job
         idle = deque(range(self.n))
-        inflight: dict = {}  # ref -> (unit, worker); unit None: a readiness probe of a restarting worker
+        inflight: dict = {}  # ref -> (job, worker); job None: a readiness probe of a restarting worker
         while pending or any(u is not None for u, _ in inflight.values()):
             while idle and pending:
                 i = idle.popleft()
-                unit = _take(pending, failed_on, i)
-                inflight[self.actors[i].run.remote(unit)] = (unit, i)
+                job = _take(pending, failed_on, i)
+                inflight[self.actors[i].run.remote(job)] = (job, i)
             (ref,), _ = ray.wait(list(inflight), num_returns=1)
-            unit, i = inflight.pop(ref)
+            job, i = inflight.pop(ref)
             try:
                 entry = ray.get(ref)
             except ray.exceptions.RayError as e:
                 cause = _cause(ray, e)
-                if unit is None:  # still restarting: ask again shortly
+                if job is None:  # still restarting: ask again shortly
                     probes[i] += 1
                     if probes[i] >= MAX_PROBES:
                         raise WorkerFailed(f"worker {i} did not come back after it died: {cause}") from None
                     time.sleep(0.2 * probes[i])
                     inflight[self.actors[i].where.remote()] = (None, i)
                     continue
-                if _restarting(ray, e):  # sent to a worker Ray is still restarting: the unit never ran
+                if _restarting(ray, e):  # sent to a worker Ray is still restarting: the job never ran
                     probes[i] += 1
                     if probes[i] >= MAX_PROBES:
                         raise WorkerFailed(f"worker {i} did not come back after it died: {cause}") from None
-                    pending.appendleft(unit)
+                    pending.appendleft(job)
                     inflight[self.actors[i].where.remote()] = (None, i)
                     continue
-                attempts[unit.shard_id] += 1
+                attempts[job.shard_id] += 1
                 streak[i] += 1
-                if attempts[unit.shard_id] >= MAX_ATTEMPTS or streak[i] >= MAX_ATTEMPTS:
-                    times = attempts[unit.shard_id]
-                    raise WorkerFailed(f"unit {unit.describe()} failed ({times} attempt{'s' * (times > 1)}, "
-                                       f"worker {i} failed {streak[i]} unit(s) in a row): {cause}") from None
-                self.log(f"worker {i}: unit {unit.shard_id} failed ({cause}); retrying it on another worker")
-                shards.remove_leftovers(self.ms, unit.shard_id)
-                failed_on[unit.shard_id] = i
-                pending.appendleft(unit)
+                if attempts[job.shard_id] >= MAX_ATTEMPTS or streak[i] >= MAX_ATTEMPTS:
+                    times = attempts[job.shard_id]
+                    raise WorkerFailed(f"job {job.describe()} failed ({times} attempt{'s' * (times > 1)}, "
+                                       f"worker {i} failed {streak[i]} job(s) in a row): {cause}") from None
+                self.log(f"worker {i}: job {job.shard_id} failed ({cause}); retrying it on another worker")
+                shards.remove_leftovers(self.ms, job.shard_id)
+                failed_on[job.shard_id] = i
+                pending.appendleft(job)
                 if isinstance(e, ray.exceptions.RayActorError):
                     # Ray restarts the actor (the model loads again); calls made before it is back fail,
-                    # so it takes units again only once a probe answers.
+                    # so it takes jobs again only once a probe answers.
                     inflight[self.actors[i].where.remote()] = (None, i)
                 else:
                     idle.append(i)
                 continue
-            if unit is None:
+            if job is None:
                 idle.append(i)
                 continue
             streak[i] = probes[i] = 0
             idle.append(i)
-            commit(unit, entry)
-            progress(unit.size)
+            commit(job, entry)
+            progress(job.size)
 
     def close(self) -> None:
         """Stop the actors (and the Ray this run started)."""
@@ -267,9 +267,9 @@ class RayPool:
 
 
 def _take(pending: deque, failed_on: dict, worker: int):
-    """The first pending unit that did not last fail on `worker` (retries go elsewhere when they can)."""
-    for k, unit in enumerate(pending):
-        if failed_on.get(unit.shard_id) != worker:
+    """The first pending job that did not last fail on `worker` (retries go elsewhere when they can)."""
+    for k, job in enumerate(pending):
+        if failed_on.get(job.shard_id) != worker:
             del pending[k]
-            return unit
+            return job
     return pending.popleft()

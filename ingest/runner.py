@@ -24,7 +24,7 @@ from selfrepair.ingest.executors import make_executor
 from selfrepair.ingest.pairing import pairs_digest, rule, source_rows
 from selfrepair.ingest.presets import ROWS_RULE, preset_settings
 from selfrepair.ingest.progress import Progress
-from selfrepair.ingest.units import AblationUnit, CleanUnit, NeuronUnit, batch_top_sets
+from selfrepair.ingest.jobs import AblationJob, CleanJob, NeuronJob, batch_top_sets
 from selfrepair.store import arrays, files, plan, top_tokens
 from selfrepair.store.heads import parse_sr_heads
 from selfrepair.store.estimate import Estimate, array_shapes, human
@@ -345,8 +345,8 @@ class Ingest:
                                  {"n_tokens": writer.manifest.n_tokens})
         todo = plan.clean_work(writer.manifest, cfg.n_rows, cfg.batch_size, damaged=self._damaged)
         result.shards_skipped += len(plan.batches(cfg.n_rows, cfg.batch_size)) - len(todo)
-        units = [CleanUnit(t, rows_np[t.rows[0]:t.rows[1]], (t.rows[1] - t.rows[0]) * preds) for t in todo]
-        self._run_units(writer, units, result, "clean pass", "tok")
+        jobs = [CleanJob(t, rows_np[t.rows[0]:t.rows[1]], (t.rows[1] - t.rows[0]) * preds) for t in todo]
+        self._run_jobs(writer, jobs, result, "clean pass", "tok")
         if cfg.activations:
             info = arrays.array_info(writer.ms.arrays_path)
             if info != writer.manifest.arrays_json():
@@ -382,21 +382,21 @@ class Ingest:
                                   damaged=self._damaged)
         result.shards_skipped += len(plan.batches(cfg.n_rows, cfg.batch_size)) * len(draws) - \
             len({(t.kind, t.sample, t.rows) for t in todo if (t.kind, t.sample) in draws})
-        units = []
+        jobs = []
         for t in todo:
             (r0, r1), pair = t.rows, None
             if t.kind == "resample":
                 pair = _sources(cfg, t.sample, r0, r1)
-            units.append(AblationUnit(
+            jobs.append(AblationJob(
                 t, rows_np[r0:r1], pair, rows_np[pair] if pair is not None else None,
                 batch_top_sets(top_sets, t.heads, r0 * preds, r1 * preds), writer.manifest.n_tokens,
                 len(t.heads) * (r1 - r0) * preds))
-        self._run_units(writer, units, result, "ablation sweep", "abl")
+        self._run_jobs(writer, jobs, result, "ablation sweep", "abl")
 
 
-    def _run_units(self, writer: Writer, units: list, result, label: str, unit: str) -> None:
-        """Compute units with the executor, committing each as it finishes, under one progress bar."""
-        bar = Progress(label, total=sum(u.size for u in units), unit=unit, quiet=self.cfg.quiet)
+    def _run_jobs(self, writer: Writer, jobs: list, result, label: str, unit: str) -> None:
+        """Compute jobs with the executor, committing each as it finishes, under one progress bar."""
+        bar = Progress(label, total=sum(j.size for j in jobs), unit=unit, quiet=self.cfg.quiet)
 
         def commit(done, entry: dict) -> None:
             t = time.perf_counter()
@@ -404,7 +404,7 @@ class Ingest:
             result.seconds["commit"] = result.seconds.get("commit", 0.0) + time.perf_counter() - t
             result.shards_written += 1
 
-        self._executor.run(units, commit, bar.update)
+        self._executor.run(jobs, commit, bar.update)
         bar.close()
 
     # -- neuron detail by sr_mlps ----------------------------------------------------------
@@ -439,15 +439,15 @@ class Ingest:
             return top_tokens.batch_digest(extras.get((kind, sample), {}), hs, r0 * preds, r1 * preds)
 
         todo = plan.neuron_work(manifest, cfg.n_rows, cfg.batch_size, wanted, digest, damaged=self._damaged)
-        units = []
+        jobs = []
         for t in todo:
             (r0, r1), pair = t.rows, None
             if t.kind == "resample":
                 pair = source_rows(cfg.n_rows, cfg.batch_size, t.sample, cfg.seed, r0, r1)
             sets = batch_top_sets(extras.get((t.kind, t.sample), {}), t.heads, r0 * preds, r1 * preds)
-            units.append(NeuronUnit(t, rows_np[r0:r1], pair, rows_np[pair] if pair is not None else None, sets,
+            jobs.append(NeuronJob(t, rows_np[r0:r1], pair, rows_np[pair] if pair is not None else None, sets,
                                     sum(len(v) > 0 for v in sets.values()) * (r1 - r0) * preds))
-        self._run_units(writer, units, result, "sr_mlps neuron detail", "abl")
+        self._run_jobs(writer, jobs, result, "sr_mlps neuron detail", "abl")
         return True
 
 

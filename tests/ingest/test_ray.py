@@ -103,7 +103,7 @@ def test_unit_that_keeps_failing_stops_the_run_with_one_line(ray_cluster, tiny_m
         ingest_tiny(tiny_model_dirs["llama"], tmp_path, executor="ray", workers=2)
     msg = str(e.value)
     assert "\n" not in msg
-    assert msg.startswith("unit abl-zero-s0-00000004-00000008-h")
+    assert msg.startswith("job abl-zero-s0-00000004-00000008-h")
     assert "(zero, rows 4-8, heads all) failed (3 attempts" in msg
     assert msg.endswith("DeviceError: out of GPU memory even with one head per pass (injected by "
                         "SELFREPAIR_TEST_FAULT); lower --batch-size")
@@ -120,7 +120,7 @@ def test_cli_reports_a_failing_unit_as_one_error_line(ray_cluster, tiny_model_di
     assert res.exit_code == 1
     errors = [line for line in res.output.splitlines() if line.startswith("Error:")]
     assert errors == [res.output.strip().splitlines()[-1]]
-    assert errors[0].startswith("Error: unit clean-00000000-00000001 (clean pass, rows 0-1) failed (3 attempts")
+    assert errors[0].startswith("Error: job clean-00000000-00000001 (clean pass, rows 0-1) failed (3 attempts")
 
 
 def test_ray_options_need_the_ray_executor(tmp_path):

@@ -1,9 +1,9 @@
-"""Work units of an ingest and the code that computes one and writes its shard files.
+"""The jobs of an ingest and the code that computes one and writes its shard files.
 
-A unit is one shard of `store/plan.py` (a clean batch, or a batch × ablation draw × head
+A job is one shard of `store/plan.py` (a clean batch, or a batch × ablation draw × head
 group) with everything needed to compute it and nothing else: its token rows, the
 resample source rows, and its batch's part of each head's top-p% token set. The same
-`UnitRunner` computes units in the ingest's own process and in each Ray worker, so both
+`JobRunner` computes jobs in the ingest's own process and in each Ray worker, so both
 executors write the same rows; only the committer differs.
 """
 
@@ -25,7 +25,7 @@ from selfrepair.store.plan import NEURON_PHASE, AblationWork, CleanWork
 
 
 class _Shard:
-    """What every unit shares: its planned shard (`work`) names it."""
+    """What every job shares: its planned shard (`work`) names it."""
 
     @property
     def shard_id(self) -> str:
@@ -37,7 +37,7 @@ class _Shard:
 
 
 @dataclass
-class CleanUnit(_Shard):
+class CleanJob(_Shard):
     """One clean batch. `rows`: token ids [batch, seq_len]; `size`: its predictions (progress)."""
 
     work: CleanWork
@@ -50,7 +50,7 @@ class CleanUnit(_Shard):
 
 @dataclass
 class _BatchDraw(_Shard):
-    """A batch under one ablation draw: what ablation and neuron units both patch.
+    """A batch under one ablation draw: what ablation and neuron jobs both patch.
 
     Args:
         work: the planned shard.
@@ -66,13 +66,13 @@ class _BatchDraw(_Shard):
 
 
 @dataclass
-class AblationUnit(_BatchDraw):
+class AblationJob(_BatchDraw):
     """One ablation shard: a batch, an ablation draw and a group of heads.
 
     Args (besides `_BatchDraw`'s):
         top_sets: (layer, head) -> that head's top-p% token indices inside this batch (sorted).
         top_n_tokens: the token count the top sets were taken over (recorded in the entry).
-        size: head-token ablations in this unit (progress).
+        size: head-token ablations in this job (progress).
     """
 
     top_sets: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
@@ -85,12 +85,12 @@ class AblationUnit(_BatchDraw):
 
 
 @dataclass
-class NeuronUnit(_BatchDraw):
+class NeuronJob(_BatchDraw):
     """Extra neuron detail of one batch and ablation draw (`--sr-mlps-neurons`): re-patch only its heads.
 
     Args (besides `_BatchDraw`'s):
         detail_sets: (layer, head) -> that head's extra detail tokens inside this batch (sorted; may be empty).
-        size: head-token ablations in this unit (progress).
+        size: head-token ablations in this job (progress).
     """
 
     detail_sets: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
@@ -112,8 +112,8 @@ def batch_top_sets(top_sets: dict[tuple[int, int], np.ndarray], heads, t0: int, 
     return out
 
 
-class UnitRunner:
-    """Computes units on one loaded model and writes their shard files; returns the entries to commit.
+class JobRunner:
+    """Computes jobs on one loaded model and writes their shard files; returns the entries to commit.
 
     Args:
         cfg: the run's configuration.
@@ -131,23 +131,23 @@ class UnitRunner:
         self.cfg, self.model, self.w, self.ms, self.log = cfg, model, w, ms, log
         self.dtype = None if cfg.dtype == "float32" else getattr(torch, cfg.dtype)  # None: a float32 sweep
         self.strings = TokenStrings(model.tokenizer)
-        self.hpp: int | None = None  # heads per pass, found on the first ablation unit
+        self.hpp: int | None = None  # heads per pass, found on the first ablation job
         self._ctx_rows, self._ctx = None, None  # the last batch's clean state, reused across its draws
 
-    def run(self, unit, on_pass: Callable[[int], None] = lambda n: None) -> dict:
-        """Compute `unit`, write its files; returns its shard entry.
+    def run(self, job, on_pass: Callable[[int], None] = lambda n: None) -> dict:
+        """Compute `job`, write its files; returns its shard entry.
 
         Args:
-            unit: a CleanUnit or AblationUnit.
+            job: a CleanJob or AblationJob.
             on_pass: called with the tokens (clean) or head-token ablations done, as they are done.
         """
-        if isinstance(unit, CleanUnit):
-            entry = self.clean(unit)
-            on_pass(unit.size)
+        if isinstance(job, CleanJob):
+            entry = self.clean(job)
+            on_pass(job.size)
             return entry
-        if isinstance(unit, NeuronUnit):
-            return self.neurons(unit, on_pass)
-        return self.ablation(unit, on_pass)
+        if isinstance(job, NeuronJob):
+            return self.neurons(job, on_pass)
+        return self.ablation(job, on_pass)
 
     def _tensor(self, rows: np.ndarray):
         import torch
@@ -155,14 +155,14 @@ class UnitRunner:
         # A copy: a Ray worker receives read-only arrays, which torch will not wrap.
         return torch.tensor(rows, device=self.model.device)
 
-    def clean(self, unit: CleanUnit) -> dict:
+    def clean(self, job: CleanJob) -> dict:
         from selfrepair.ingest.clean import run_clean
 
-        cfg, (r0, r1) = self.cfg, unit.work.rows
+        cfg, (r0, r1) = self.cfg, job.work.rows
         preds = cfg.preds_per_row
-        out = run_clean(self.w, self._tensor(unit.rows), r0, self.strings, bool(cfg.activations))
+        out = run_clean(self.w, self._tensor(job.rows), r0, self.strings, bool(cfg.activations))
         values = {k: v for k, v in out.arrays.items() if k in cfg.activations}
-        return shards.write_clean_shard(self.ms, unit.shard_id, (r0, r1), (r0 * preds, r1 * preds),
+        return shards.write_clean_shard(self.ms, job.shard_id, (r0, r1), (r0 * preds, r1 * preds),
                                         out.tables, values)
 
     def heads_per_pass(self) -> int:
@@ -170,21 +170,21 @@ class UnitRunner:
             self.hpp = heads_per_pass(self.cfg, self.model.device, self.w)
         return self.hpp
 
-    def _patching(self, unit, compute) -> dict:
-        """Run `compute(ctx, src, rows, hpp)` on the unit's batch, halving the heads per pass on out-of-memory."""
+    def _patching(self, job, compute) -> dict:
+        """Run `compute(ctx, src, rows, hpp)` on the job's batch, halving the heads per pass on out-of-memory."""
         import torch
 
         from selfrepair.ingest.ablate import FastBatch, ReferenceBatch
 
-        cfg, w, work = self.cfg, self.w, unit.work
+        cfg, w, work = self.cfg, self.w, job.work
         make = (lambda r: FastBatch(w, r, self.dtype)) if cfg.engine == "fast" else (
             lambda r: ReferenceBatch(self.model.require_bridge(), r))
-        rows = self._tensor(unit.rows)
+        rows = self._tensor(job.rows)
         hpp = self.heads_per_pass()
         with torch.no_grad():
             if self._ctx_rows != work.rows:
                 self._ctx_rows, self._ctx = work.rows, make(rows)
-            src = make(self._tensor(unit.source_rows)) if work.kind == "resample" else None
+            src = make(self._tensor(job.source_rows)) if work.kind == "resample" else None
             while True:
                 try:
                     return compute(self._ctx, src, rows, hpp)
@@ -197,42 +197,42 @@ class UnitRunner:
                     torch.cuda.empty_cache() if torch.cuda.is_available() else None
                     self.log(f"out of memory: retrying with {hpp} heads per pass")
 
-    def ablation(self, unit: AblationUnit, on_pass=lambda n: None) -> dict:
+    def ablation(self, job: AblationJob, on_pass=lambda n: None) -> dict:
         from selfrepair.ingest.ablate import ablation_tables
 
-        cfg, w, work = self.cfg, self.w, unit.work
+        cfg, w, work = self.cfg, self.w, job.work
         kind, sample, (r0, r1) = work.kind, work.sample, work.rows
-        tables = self._patching(unit, lambda ctx, src, rows, hpp: ablation_tables(
-            ctx, src, kind, sample, work.heads, rows, r0, unit.top_sets, cfg.neurons_top_k, hpp, w, on_pass,
+        tables = self._patching(job, lambda ctx, src, rows, hpp: ablation_tables(
+            ctx, src, kind, sample, work.heads, rows, r0, job.top_sets, cfg.neurons_top_k, hpp, w, on_pass,
             cfg.attention_top_k))
         entry = {"phase": "ablation", "rows": [r0, r1], "ablation": kind, "sample": sample,
-                 "heads": work.heads_spec, "engine": cfg.engine, "top_n_tokens": unit.top_n_tokens,
+                 "heads": work.heads_spec, "engine": cfg.engine, "top_n_tokens": job.top_n_tokens,
                  # the top tokens its detail covers: a shard whose set changes later is redone
-                 "top_sha": top_tokens.batch_digest(unit.top_sets, work.heads, r0 * cfg.preds_per_row,
+                 "top_sha": top_tokens.batch_digest(job.top_sets, work.heads, r0 * cfg.preds_per_row,
                                                    r1 * cfg.preds_per_row)}
-        if unit.pair is not None:
-            entry["pairs_sha"] = pairs_digest(unit.pair)
+        if job.pair is not None:
+            entry["pairs_sha"] = pairs_digest(job.pair)
             if work.with_sources:  # one shard per batch and draw holds its pairs, so keys never repeat
                 tables["resample_sources"] = pa.table({
                     "sample": np.full(r1 - r0, sample, dtype=np.int16),
-                    "row": np.arange(r0, r1, dtype=np.int32), "source_row": unit.pair.astype(np.int32)})
-        return shards.write_shard(self.ms, unit.shard_id, entry, tables)
+                    "row": np.arange(r0, r1, dtype=np.int32), "source_row": job.pair.astype(np.int32)})
+        return shards.write_shard(self.ms, job.shard_id, entry, tables)
 
-    def neurons(self, unit: NeuronUnit, on_pass=lambda n: None) -> dict:
+    def neurons(self, job: NeuronJob, on_pass=lambda n: None) -> dict:
         from selfrepair.ingest.ablate import neuron_detail_tables
 
-        cfg, w, work = self.cfg, self.w, unit.work
+        cfg, w, work = self.cfg, self.w, job.work
         kind, sample, (r0, r1) = work.kind, work.sample, work.rows
-        tables = self._patching(unit, lambda ctx, src, rows, hpp: neuron_detail_tables(
-            ctx, src, kind, sample, unit.detail_sets, rows, r0, cfg.neurons_top_k, hpp, w, on_pass))
+        tables = self._patching(job, lambda ctx, src, rows, hpp: neuron_detail_tables(
+            ctx, src, kind, sample, job.detail_sets, rows, r0, cfg.neurons_top_k, hpp, w, on_pass))
         entry = {"phase": NEURON_PHASE, "rows": [r0, r1], "ablation": kind, "sample": sample,
                  "heads": work.heads_spec, "engine": cfg.engine,
                  # the extra tokens it holds detail for: a shard whose sets change later is redone
-                 "detail_sha": top_tokens.batch_digest(unit.detail_sets, work.heads, r0 * cfg.preds_per_row,
+                 "detail_sha": top_tokens.batch_digest(job.detail_sets, work.heads, r0 * cfg.preds_per_row,
                                                       r1 * cfg.preds_per_row)}
-        if unit.pair is not None:
-            entry["pairs_sha"] = pairs_digest(unit.pair)
-        return shards.write_shard(self.ms, unit.shard_id, entry, tables)
+        if job.pair is not None:
+            entry["pairs_sha"] = pairs_digest(job.pair)
+        return shards.write_shard(self.ms, job.shard_id, entry, tables)
 
 
 def heads_per_pass(cfg: IngestConfig, device: str, w) -> int:
