@@ -14,6 +14,7 @@ from pathlib import Path
 from selfrepair.errors import ConfigError, SettingConflict
 from selfrepair.ingest.presets import PRESETS, preset_settings
 from selfrepair.store.heads import HEAD_WORDS, SR_WORDS, normalize_spec, parse_heads  # noqa: F401 - parse_heads re-exported
+from selfrepair.store.labels import normalize_conditions, normalize_units, parse_unit, parse_units
 from selfrepair.store.estimate import select_arrays
 from selfrepair.store.schema import ABLATION_KINDS, ARRAY_DTYPES, ARRAYS
 from selfrepair.store.top_tokens import top_count
@@ -41,7 +42,7 @@ def parse_ablations(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]
 
 def setting(default=None, help: str | None = None, *, unset=None, choices: tuple | None = None, parse=None,
             min: int | None = None, flag: tuple[str, ...] | None = None, metavar: str | None = None,
-            cli: bool = True, show_default: bool = True):
+            cli: bool = True, show_default: bool = True, multiple: bool = False):
     """A field of IngestConfig with everything `selfrepair ingest` builds its option from.
 
     Args:
@@ -55,9 +56,10 @@ def setting(default=None, help: str | None = None, *, unset=None, choices: tuple
         metavar: the option's value name in `--help`.
         cli: whether `selfrepair ingest` has an option for it.
         show_default: whether `--help` shows the default.
+        multiple: the option may be given several times (the field holds a tuple).
     """
     meta = {"help": help, "unset": unset, "choices": choices, "parse": parse, "min": min, "flag": flag,
-            "metavar": metavar, "cli": cli, "show_default": show_default}
+            "metavar": metavar, "cli": cli, "show_default": show_default, "multiple": multiple or None}
     return field(default=default, metadata={k: v for k, v in meta.items() if v is not None})
 
 
@@ -92,8 +94,16 @@ class IngestConfig:
     ablations: tuple[str, ...] = setting(("resample",), "Comma list of resample, mean, zero.", parse=parse_ablations,
                                          metavar="KINDS")
     resamples: int = setting(1, "Resample draws; draw 0 is the paper's next-batch rule, others are seeded.", min=1)
-    heads: str = setting("all", "'all' or e.g. L9H11,L10.", parse=partial(normalize_spec, words=HEAD_WORDS),
-                         metavar="HEADS")
+    units: str | None = setting(
+        None, "Units to ablate: heads (every head), mlps, attn, blocks (one unit per layer), L9 (its heads), or "
+        "labels like L9H6, L9H6+L9H9+L10H0 (a group), ATTN9, MLP9, BLOCK9; name a group with backup=L9H6+L9H9. "
+        "Default: heads.", parse=normalize_units, metavar="UNITS", show_default=False)
+    heads: str | None = setting(None, "Heads to ablate, as --units: 'all' or e.g. L9H11,L10 (kept as an alias).",
+                                parse=partial(normalize_spec, words=HEAD_WORDS), metavar="HEADS")
+    given: tuple[str, ...] = setting(
+        (), "A condition unit (e.g. L9H9+L9H6): every unit is also ablated on top of it, same ablation and draw. "
+        "Repeat for several; the units' unconditioned rows are stored too.", parse=normalize_conditions,
+        metavar="UNIT", multiple=True, show_default=False)
     top_p: float | None = setting(help="Fraction of each head's tokens (by clean DE) with repair and neuron detail.",
                                   unset=0.02)
     neurons_top_k: int = setting(50, "Final-MLP neurons kept at each end of the signed change in DE (top k and "
@@ -207,6 +217,35 @@ class IngestConfig:
             setattr(self, f.name, theirs)
 
     @property
+    def unit_spec(self) -> str:
+        """Every unit this run ablates, as one `--units` list: `--units` and `--heads` together (default: heads)."""
+        parts = [self.units] if self.units else []
+        if self.heads:
+            parts.append("heads" if self.heads == "all" else self.heads)
+        return ",".join(parts) or "heads"
+
+    def ablated_units(self, n_layers: int, n_heads: int) -> list:
+        """The run's units (`store/labels.Unit`) for a model of these sizes; ConfigError for one outside it."""
+        given = [(self.units, "--units")] if self.units or not self.heads else []
+        if self.heads:
+            given.append(("heads" if self.heads == "all" else self.heads, "--heads"))
+        units = [u for spec, flag in given for u in parse_units(spec or "heads", n_layers, n_heads, flag=flag)]
+        return list({u.label: u for u in units}.values())
+
+    def conditions(self, n_layers: int, n_heads: int) -> list:
+        """None (the units alone) and each `--given` unit; ConfigError for a unit that overlaps its condition."""
+        units = self.ablated_units(n_layers, n_heads)
+        out = [None]
+        for text in self.given:
+            cond = parse_unit(text, n_layers, n_heads) if "=" not in text else parse_units(text, n_layers, n_heads)[0]
+            inside = [u.label for u in units if u.overlaps(cond, n_heads)]
+            if inside:
+                raise ConfigError(f"--given {cond.label}: the condition overlaps the unit {inside[0]}; "
+                                  "a unit cannot be ablated on top of itself (leave it out of --units)")
+            out.append(cond)
+        return out
+
+    @property
     def whole_batches(self) -> bool:
         """Whether a partial last batch is dropped (the paper preset) rather than kept."""
         return self.preset == "paper"
@@ -238,11 +277,11 @@ class IngestConfig:
     def identity(self) -> dict:
         """Settings that must match to append to an existing model folder.
 
-        Tokens, heads, ablation types, resample draws and the heads with sr_mlps neuron detail are
+        Tokens, units (and heads), conditions, ablation types, resample draws and the heads with sr_mlps neuron detail are
         not among them: those extend a store.
         """
         d = self.to_json()
-        for k in ("store", "tokens", "heads", "sr_mlps_neurons", "ablations", "resamples", "device", "engine", "heads_per_pass",
+        for k in ("store", "tokens", "heads", "units", "given", "sr_mlps_neurons", "ablations", "resamples", "device", "engine", "heads_per_pass",
                   "overwrite", "quiet"):
             d.pop(k)
         return d
@@ -252,6 +291,7 @@ class IngestConfig:
         d = asdict(self)
         d["store"] = str(self.store)
         d["ablations"] = list(self.ablations)
+        d["given"] = list(self.given)
         # Stores written before arrays could be chosen recorded a bool; all and none still do,
         # so they keep matching those stores' identity.
         arrays = list(self.activations)

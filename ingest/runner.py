@@ -17,10 +17,11 @@ import numpy as np
 from selfrepair.errors import ConfigError, DeviceError, StoreConflict, UnsupportedModel
 from selfrepair.ingest import corpus as C
 from selfrepair.ingest import models as M
-from selfrepair.ingest.config import IngestConfig, parse_heads
+from selfrepair.ingest.config import IngestConfig
 from selfrepair.ingest.conventions import PROCESSED
 from selfrepair.ingest.disk import check_free_disk, estimate_run, model_shape
 from selfrepair.ingest.executors import make_executor
+from selfrepair.ingest.model_sizes import model_sizes
 from selfrepair.ingest.pairing import pairs_digest, rule, source_rows
 from selfrepair.ingest.presets import ROWS_RULE, preset_settings
 from selfrepair.ingest.progress import Progress
@@ -74,6 +75,9 @@ class Ingest:
         """Lock the model folder, check it, load the model, then do the missing clean and ablation work."""
         cfg = self.cfg
         spec = M.resolve(cfg.model)
+        sizes = model_sizes(spec, cfg.revision)
+        if sizes is not None:  # units and conditions outside the model: refused before it loads
+            cfg.conditions(*sizes)
         if cfg.dry_run:
             return self._dry_run(spec)
         files.check_writable_dir(cfg.store)  # before the expensive load; created only once inputs pass
@@ -122,7 +126,7 @@ class Ingest:
                 raise UnsupportedModel(f"{w.family.name}: --engine reference (TransformerLens) does not model "
                                        "post-norm blocks or softcapped logits as DESIGN.md defines them; "
                                        "use the fast engine")
-        heads = parse_heads(cfg.heads, w.n_layers, w.n_heads)
+        heads = _ablated_heads(cfg, w)
         parse_sr_heads(cfg.sr_mlps_neurons, w.n_layers, w.n_heads)  # ranges, before any work
         estimate = check_free_disk(cfg, ms, w, heads)  # before the self-check's forward passes
         checks = None
@@ -230,7 +234,7 @@ class Ingest:
             "model": model.facts(w),
             "self_check": checks,
             "corpus": {"spec": corpus_spec, "fingerprint": C.fingerprint(rows_np), "rows": cfg.n_rows},
-            "config": cfg.to_json() | {"corpus": corpus_spec, "heads_runs": [cfg.heads],
+            "config": cfg.to_json() | {"corpus": corpus_spec, "heads_runs": [cfg.unit_spec],
                                        "sr_mlps_neurons_runs": _sr_runs([], cfg.sr_mlps_neurons)},
             "identity": identity,
             "seq_len": cfg.seq_len,
@@ -275,7 +279,7 @@ class Ingest:
         kinds = [k for k in ABLATION_KINDS if k in set(old.ablations) | set(cfg.ablations)]
         samples = max(old.resample.samples, cfg.resamples)
         config = dict(old.config.raw)
-        config["heads_runs"] = sorted(set(old.config.heads_runs) | {cfg.heads})
+        config["heads_runs"] = sorted(set(old.config.heads_runs) | {cfg.unit_spec})
         config["sr_mlps_neurons_runs"] = _sr_runs(list(old.config.sr_mlps_neurons_runs), cfg.sr_mlps_neurons)
         if cfg.executor == "ray" and config["sr_mlps_neurons_runs"]:
             raise ConfigError(f"{writer.ms.path} keeps neuron detail by sr_mlps (--sr-mlps-neurons "
@@ -301,7 +305,7 @@ class Ingest:
         model = M.load_model(cfg.model, cfg.device, cfg.revision)
         _check_context(model, cfg.seq_len)
         w = read_weights(model.hf_model, cfg.seq_len, cfg.preset)
-        heads = parse_heads(cfg.heads, w.n_layers, w.n_heads)
+        heads = _ablated_heads(cfg, w)
         parse_sr_heads(cfg.sr_mlps_neurons, w.n_layers, w.n_heads)  # ranges, before any work
         estimate = estimate_run(cfg, w, heads)
         self._print_plan(model, w, heads, corpus_spec, estimate)
@@ -449,6 +453,15 @@ class Ingest:
                                     sum(len(v) > 0 for v in sets.values()) * (r1 - r0) * preds))
         self._run_jobs(writer, jobs, result, "sr_mlps neuron detail", "abl")
         return True
+
+
+def _ablated_heads(cfg: IngestConfig, w) -> list[tuple[int, int]]:
+    """The (layer, head) pairs of the run's head units, sorted."""
+    units = cfg.ablated_units(w.n_layers, w.n_heads)
+    other = [u.label for u in units if u.kind != "head"]
+    if other:
+        raise ConfigError(f"--units {other[0]}: only head units are ingested by this version")
+    return sorted((u.layer, u.head) for u in units)
 
 
 def _sr_plan(cfg: IngestConfig, w) -> str:

@@ -19,6 +19,8 @@ class _Parsed(click.ParamType):
 
     def convert(self, value, param, ctx):
         try:
+            if param is not None and param.multiple:  # click converts each value; the parse reads a tuple
+                return self.parse((value,))[0]
             return self.parse(value)
         except ValueError as e:
             self.fail(str(e), param, ctx)
@@ -34,6 +36,8 @@ def _option(f: dataclasses.Field):
     default = meta.get("unset", f.default)
     decls = meta.get("flag", ("--" + f.name.replace("_", "-"),))
     kw: dict = {"help": meta.get("help")}
+    if meta.get("multiple"):
+        kw["multiple"] = True
     if "parse" in meta:
         kw["type"] = _Parsed(meta["parse"], meta["metavar"])
     elif isinstance(default, bool):
@@ -44,7 +48,7 @@ def _option(f: dataclasses.Field):
         kw["type"] = click.IntRange(min=meta["min"])
     elif default is not None:
         kw["type"] = type(default)
-    if default is not None and meta.get("show_default", True):
+    if default not in (None, ()) and meta.get("show_default", True):
         kw.update(default=",".join(default) if isinstance(default, tuple) else default, show_default=True)
     return click.option(*decls, f.name, **kw)
 

@@ -141,7 +141,7 @@ def parse_unit(text: str, n_layers: int | None = None, n_heads: int | None = Non
     return unit
 
 
-def parse_units(spec: str, n_layers: int | None = None, n_heads: int | None = None, flag: str = "--units"
+def parse_units(spec: str, n_layers: int | None = None, n_heads: int | None = None, flag: str | None = "--units"
                 ) -> list[Unit]:
     """A `--units` list: labels, shorthands (`heads`, `all`, `mlps`, `attn`, `blocks`, `L9`) and named groups.
 
@@ -155,7 +155,7 @@ def parse_units(spec: str, n_layers: int | None = None, n_heads: int | None = No
     names: dict[str, str] = {}
     items = [p.strip() for p in str(spec).split(",")]
     if not any(items):
-        raise ConfigError(f"{flag}: no unit given; {_LIST_ADVICE}")
+        raise ConfigError(f"{flag + ': ' if flag else ''}no unit given; {_LIST_ADVICE}")
     for item in items:
         try:
             for unit in _expand(item, n_layers, n_heads):
@@ -166,9 +166,51 @@ def parse_units(spec: str, n_layers: int | None = None, n_heads: int | None = No
                 out.setdefault(unit.label, unit)
         except ConfigError as e:
             advice = f"; {_LIST_ADVICE}" if str(e).startswith("cannot parse") else ""
-            raise ConfigError(f"{flag}: {e}{advice}") from None
+            raise ConfigError(f"{flag + ': ' if flag else ''}{e}{advice}") from None
     named = {u.canonical for u in out.values() if u.name}
     return [u for u in out.values() if u.name or u.canonical not in named or u.kind != "group"]
+
+
+def normalize_units(spec: str) -> str:
+    """A `--units` value checked without the model (ranges are checked once its sizes are known), in
+    canonical text: shorthands in lower case, layers and labels in upper case, groups in (layer, head) order.
+
+    Raises:
+        ConfigError: as `parse_units`, for anything but a range.
+    """
+    items = []
+    for item in (p.strip() for p in str(spec).split(",")):
+        word = item.lower()
+        if word in SHORTHANDS:
+            items.append(word)
+        elif _LAYER.fullmatch(item):
+            items.append(item.upper())
+        else:
+            items.append(item)
+    rest = [i for i in items if i not in SHORTHANDS and not _LAYER.fullmatch(i)]
+    units = parse_units(",".join(rest), flag=None) if rest else []
+    canon = {u.canonical: u.spec for u in units} | {u.spec: u.spec for u in units}
+    out = []
+    for item in items:
+        if item in SHORTHANDS or _LAYER.fullmatch(item):
+            out.append(item)
+            continue
+        head, _, tail = item.partition("=")
+        key = f"{head.strip()}={parse_unit(tail).canonical}" if tail else parse_unit(item).canonical
+        out.append(canon.get(key, key))
+    return ",".join(dict.fromkeys(out))
+
+
+def normalize_conditions(values) -> tuple[str, ...]:
+    """`--given` values (one unit each, a group may be named), checked and canonical, each once."""
+    values = (values,) if isinstance(values, str) else tuple(values)
+    out = []
+    for value in values:
+        units = parse_units(value, flag=None)
+        if len(units) != 1 or "," in str(value):
+            raise ConfigError(f"--given takes one unit, got {value!r}; repeat --given for several conditions")
+        out.append(units[0].spec)
+    return tuple(dict.fromkeys(out))
 
 
 def units_spec(units: list[Unit]) -> str:

@@ -97,6 +97,36 @@ def test_bad_input_gets_one_line_and_leaves_store_alone(cli_store, tiny_model_di
     assert _snapshot(cli_store) == before
 
 
+UNIT_CASES = [
+    (["--units", "MLP99"], 1, "Error: --units: MLP99 is out of range; the model has layers 0..1"),
+    (["--units", "L1H40"], 1, "Error: --units: L1H40 is out of range; the model has heads 0..3"),
+    (["--units", "L1H1+"], 2, "Error: Invalid value for '--units': group 'L1H1+' has an empty member"),
+    (["--units", "L1H1+L1H1"], 2, "Error: Invalid value for '--units': group 'L1H1+L1H1' names L1H1 twice"),
+    (["--units", "b=L0H1+L1H1,b=L0H2+L1H2"], 2, "Error: Invalid value for '--units': the name 'b' is used twice"),
+    (["--units", "mlp1=L0H1+L1H1"], 2, "Error: Invalid value for '--units': the name 'mlp1' is also a label"),
+    (["--units", "heads", "--given", "L1H1+L1H2"], 1, "Error: --given L1H1+L1H2: the condition overlaps the unit L1H1"),
+    (["--units", "BLOCK1", "--given", "MLP1"], 1, "Error: --given MLP1: the condition overlaps the unit BLOCK1"),
+    (["--given", "L1H1,L1H2"], 2, "Error: Invalid value for '--given': --given takes one unit"),
+]
+
+
+@pytest.mark.parametrize("extra,code,line", UNIT_CASES)
+def test_bad_units_get_one_line_before_the_model_loads(cli_store, tiny_model_dirs, monkeypatch, extra, code, line):
+    from selfrepair.ingest import models
+
+    def no_load(*a, **k):
+        raise AssertionError("the model loaded before the units were checked")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    before = _snapshot(cli_store)
+    args = ["ingest", "--model", str(tiny_model_dirs["gpt2"]), "--store", str(cli_store), "--tokens", "124",
+            "--seq-len", "32", "--batch-size", "2", "--corpus", "embedded"]
+    res = CliRunner().invoke(main, args + extra)
+    assert res.exit_code == code, res.output
+    assert _err(res).startswith(line), res.output
+    assert _snapshot(cli_store) == before
+
+
 def test_empty_and_short_corpus(tiny_model_dirs, tmp_path):
     empty, short = tmp_path / "empty.txt", tmp_path / "short.txt"
     empty.write_text("")

@@ -16,7 +16,10 @@ def test_every_cli_field_is_an_option_showing_the_configs_default():
     options = {p.name: p for p in ingest.params}
     cfg = IngestConfig()
     shown = [name for name, opt in options.items() if opt.show_default]
-    assert {"model", "tokens", "seq_len", "batch_size", "top_p", "ablations", "heads", "dtype", "seed"} <= set(shown)
+    assert {"model", "tokens", "seq_len", "batch_size", "top_p", "ablations", "dtype", "seed"} <= set(shown)
+    # --units and its alias --heads have no default of their own: neither given means every head.
+    assert cfg.units is None and cfg.heads is None and cfg.unit_spec == "heads"
+    assert options["units"].help.endswith("Default: heads.")
     for f in dataclasses.fields(IngestConfig):
         if not f.metadata.get("cli", True):
             assert f.name not in options or f.name == "store"
