@@ -68,6 +68,9 @@ def _hf_run(m: R.Model, rows, z_set: dict, mlp_set: dict) -> dict:
             return (o, *out[1:]) if isinstance(out, tuple) else o
         hooks.append(R._get(layer, m.spec.o_proj).register_forward_pre_hook(o_pre))
         hooks.append(R._get(layer, m.spec.mlp_out).register_forward_hook(mlp_fwd))
+        if m.spec.attn_post:  # the attention post-norm's input: its scale divides every head's write
+            hooks.append(m.attn_post[l].register_forward_pre_hook(
+                lambda mod, args, l=l: got.setdefault("post_in", {}).__setitem__(l, args[0].clone())))
 
     def h0_pre(mod, args, kwargs):
         got["h0"] = (args[0] if args else kwargs["hidden_states"]).clone()
@@ -118,8 +121,16 @@ class Recompute:
     def des(self, run: dict, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Every head's [layer, head, N] and MLP's [layer, N] DE in `run` at scale s (processed z)."""
         m, u = self.m, self.u
-        heads = torch.stack([torch.einsum("nhk,hkd,nd->hn", R._pred(run["z"][l]) - self.c[l].double(), m.W_O[l], u)
-                             for l in range(m.n_layers)]) / s
+        heads = []
+        for l in range(m.n_layers):
+            zp = R._pred(run["z"][l]) - self.c[l].double()
+            if m.spec.attn_post:  # a head writes g_post ⊙ (z W_O) / s_post, s_post of the same run
+                s_post = R._scale(R._pred(run["post_in"][l].reshape(*self.rows.shape, -1)), m.spec.post_norm,
+                                  m.post_eps[l])
+                heads.append(torch.einsum("nhk,hkd,nd->hn", zp, m.W_O[l], u * m.g_post[l]) / s_post)
+            else:
+                heads.append(torch.einsum("nhk,hkd,nd->hn", zp, m.W_O[l], u))
+        heads = torch.stack(heads) / s
         mlps = torch.stack([(R._pred(run["mlp"][l]) * u).sum(-1) for l in range(m.n_layers)]) / s
         return heads, mlps
 
@@ -454,3 +465,53 @@ def test_unit_kind_problem_names_family_and_kind():
     problem = unit_kind_problem("MixtralForCausalLM", "mlp")
     assert problem.startswith("Mixtral") and "mlp units" in problem
     assert "neuron" in unit_kind_problem("GPT-2", "neuron")
+
+
+# -- every other family: quirks of where a head and an MLP write --------------------------------------
+OTHER_FAMILIES = ("gemma2", "olmo2", "gemma3", "falcon", "bloom", "opt", "phi", "gptj", "cohere", "gptneo",
+                  "gptbigcode", "qwen2", "qwen3", "mistral", "stablelm", "gemma", "phi3", "olmo")
+OTHER_UNITS = {"": ["MLP1", "BLOCK0", "L0H1+L2H0", "ATTN2", "MLP2"], "L0H2": ["MLP1", "BLOCK2", "L1H0+L2H3"]}
+
+
+@pytest.mark.parametrize("family", OTHER_FAMILIES)
+def test_other_families_equal_plain_transformers(family):
+    """Post-norm blocks (Gemma 2/3, OLMo 2: an MLP's write is its post-norm's output, a head's write is
+    scaled by the attention post-norm of the same run), parallel blocks, in-place MLP adds (Falcon),
+    flattened MLP inputs (OPT), ALiBi (BLOOM): each unit kind and a condition, against plain transformers,
+    and the sr_ln closed form."""
+    import copy
+
+    import tiny_families
+
+    hf = tiny_families.build(family)
+    w = read_weights(copy.deepcopy(hf), SEQ)
+    rc = Recompute(hf, _rows())
+    rows = _rows()
+    ctx, src = FastBatch(w, rows), FastBatch(w, rows[PAIR])
+    u = w.target_columns(rows.roll(-1, dims=1))
+    worst: dict = {}
+    for kind in ("resample", "mean", "zero"):
+        for cond, labels in OTHER_UNITS.items():
+            condition = parse_unit(cond) if cond else None
+            units = _units(labels, w)
+            t = _tables(ctx, src, kind, units, w, condition)
+            if cond:
+                ct = t["condition_tokens"].to_pandas().sort_values("token_index")
+                lb, sb = ct["logit"].to_numpy(np.float64), ct["ln_scale"].to_numpy(np.float64)
+            else:
+                lb = ctx.clean_logit(u)[:, :SEQ - 1].reshape(-1).double().numpy()
+                sb = ctx.scale()[:, :SEQ - 1].reshape(-1).double().numpy()
+            assert _identity_errors(t, lb, sb) < TOL, (kind, cond)
+            for unit in units:
+                want, got = rc.rows_for(kind, unit, condition), _effects(t, unit.label)
+                for col in FLOATS:
+                    scale = np.abs(want[col]).min() if col == "ln_scale" else 1.0
+                    dev = np.abs(got[col] - want[col]).max() / scale
+                    assert dev < (1e-5 if col == "ln_scale" else TOL), (kind, cond, unit.label, col, dev)
+                    if col != "ln_scale":
+                        worst[unit.kind + (" | cond" if cond else "")] = max(
+                            worst.get(unit.kind + (" | cond" if cond else ""), 0.0), float(dev))
+                moved = np.abs(want["d_logit"]).max()
+                assert moved > 1e-2 or kind == "resample" and unit.last_layer() == 0, (kind, unit.label, moved)
+    print(f"\n{family}: largest |fast - plain transformers| per unit kind: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in sorted(worst.items())))
