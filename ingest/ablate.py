@@ -21,8 +21,9 @@ import torch
 
 from selfrepair.errors import ConfigError
 from selfrepair.ingest import engine as E
+from selfrepair.ingest.families import ARCHITECTURES, FAMILIES, REFUSED
 from selfrepair.ingest.weights import Weights
-from selfrepair.store.labels import UNIT_KINDS, Unit, head_label, head_unit
+from selfrepair.store.labels import UNIT_KINDS, Unit, head_label, head_unit, parse_unit
 from selfrepair.store.schema import SRC_KINDS
 
 
@@ -187,8 +188,6 @@ def unit_kind_problem(family: str, kind: str) -> str | None:
     and blocks are both. A mixture-of-experts MLP has no single write per layer selfrepair reads:
     those families are refused whole (ingest/families.py), so no unit is defined for them.
     """
-    from selfrepair.ingest.families import ARCHITECTURES, FAMILIES, REFUSED
-
     if kind not in UNIT_KINDS:
         return f"{kind!r} is not a unit kind ({', '.join(UNIT_KINDS)})"
     if family in REFUSED:
@@ -204,10 +203,7 @@ def check_units(w: Weights, units: list[Unit], condition: Unit | None = None) ->
         problem = unit_kind_problem(w.family.name, unit.kind)
         if problem:
             raise ConfigError(f"{unit.label}: {problem}")
-        layers = [l for l, _ in unit.heads(w.n_heads)] + list(unit.mlps())
-        if max(layers) >= w.n_layers or any(h >= w.n_heads for _, h in unit.heads(w.n_heads)):
-            raise ConfigError(f"{unit.label} is out of range; the model has layers 0..{w.n_layers - 1} "
-                              f"and heads 0..{w.n_heads - 1}")
+        parse_unit(unit.canonical, w.n_layers, w.n_heads)  # the labels' range rule: out of range -> ConfigError
     if condition is not None:
         for unit in units:
             if unit.overlaps(condition, w.n_heads):
