@@ -5,11 +5,12 @@ every later pass reuses: the residual entering each layer and the exact argument
 layer was called with (masks, rotary tables, ALiBi), each head's z, each MLP's write.
 
 A patched pass for units whose first layer is L (heads, head groups, whole attention
-layers, MLPs, blocks: `Patch`) calls only layers L… on the cached residual entering L,
-with every unit batched along the batch dimension, plus one unpatched copy as the
-baseline. Under a condition (`U | U0`) the baseline is the U0-ablated run (`clean_run`
-with U0's `Patch`), and every copy keeps U0's replacements at its layers. Every quantity of the ablated run is then the stored
-clean value plus (patched − baseline), computed in float32. In bfloat16 or float16 only
+layers, MLPs, blocks: a `Patch` each) calls only layers L… on the cached residual
+entering L, with every unit batched along the batch dimension, plus one unpatched copy
+as the baseline. Under a condition (`U | U0`) the baseline is the U0-ablated run
+(`clean_run` with U0's `Patch`), and every copy keeps U0's replacements at its layers.
+Every quantity of the ablated run is then the stored baseline value plus
+(patched − baseline), computed in float32. In bfloat16 or float16 only
 the matrix products run in low precision, and only on the change: each projection
 returns its clean float32 output plus a low-precision product with (input − clean
 input); norms, attention, activations, the residual stream and the attention output
@@ -80,10 +81,6 @@ class Patch:
 
     heads: dict[int, dict[int, Tensor]] = field(default_factory=dict)
     mlps: dict[int, Tensor] = field(default_factory=dict)
-
-    @property
-    def first_layer(self) -> int:
-        return min([*self.heads, *self.mlps])
 
     def from_layer(self, layer: int) -> Patch:
         """The replacements at `layer` and after: what a pass starting there must still make."""
