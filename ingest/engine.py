@@ -92,7 +92,7 @@ def _set_z(w: Weights, x: Tensor, layer: int, sets: list[tuple[slice | int, dict
            n: int, batch: int, pos: int) -> Tensor:
     """`x` (the output projection's input, [n·batch, pos, head·d_head]) with heads' processed z set:
     each (copies, {head: z}) in `sets` writes z + c (the folded value bias) into those copies."""
-    x = x.clone()
+    x = x.clone(memory_format=torch.contiguous_format)  # viewed per copy and head below
     view = x.view(n, batch, pos, w.n_heads, w.d_head)
     for copies, heads in sets:
         for h, z in heads.items():
@@ -102,7 +102,7 @@ def _set_z(w: Weights, x: Tensor, layer: int, sets: list[tuple[slice | int, dict
 
 def _set_mlp(out: Tensor, sets: list[tuple[slice | int, Tensor]], n: int, batch: int, pos: int) -> Tensor:
     """A fresh copy of an MLP write (some layers add into it in place afterwards) with `sets` written in."""
-    out = out.clone()
+    out = out.clone(memory_format=torch.contiguous_format)  # viewed per copy below
     view = out.view(n, batch, pos, -1)
     for copies, value in sets:
         view[copies] = value
