@@ -103,8 +103,8 @@ class Recompute:
         z_set, mlp_set = {}, {}
         for l, h in unit.heads(self.m.n_heads):
             z = self.clean["z"][l][:, :, h]
-            new = (z[PAIR] if kind == "resample" else
-                   z.double().mean((0, 1)).float().expand_as(z) if kind == "mean" else self.c[l][h].float().expand_as(z))
+            new = (z[PAIR] if kind == "resample" else z.double().mean((0, 1)).float().expand_as(z)
+                   if kind == "mean" else self.c[l][h].float().expand_as(z))
             z_set.setdefault(l, {})[h] = new
         for l in unit.mlps():
             w_ = self.clean["mlp"][l]
@@ -349,8 +349,9 @@ def test_low_precision_error_is_small(tables):
             for kind in KINDS:
                 for cond, _ in _cases():
                     key = ["unit", "token_index"]
-                    a.append(tables[family]["fast"][kind][cond]["ablation_effects"].to_pandas().sort_values(key)[col])
-                    b.append(tables[family]["bfloat16"][kind][cond]["ablation_effects"].to_pandas().sort_values(key)[col])
+                    for out, engine in ((a, "fast"), (b, "bfloat16")):
+                        out.append(tables[family][engine][kind][cond]["ablation_effects"].to_pandas()
+                                   .sort_values(key)[col])
             a, b = np.concatenate(a), np.concatenate(b)
             rel = np.abs(b - a).mean() / np.abs(a).mean()
             assert rel <= 0.02 and not np.array_equal(a, b), (family, col, rel)
