@@ -470,7 +470,8 @@ def test_unit_kind_problem_names_family_and_kind():
 # -- every other family: quirks of where a head and an MLP write --------------------------------------
 OTHER_FAMILIES = ("gemma2", "olmo2", "gemma3", "falcon", "bloom", "opt", "phi", "gptj", "cohere", "gptneo",
                   "gptbigcode", "qwen2", "qwen3", "mistral", "stablelm", "gemma", "phi3", "olmo")
-OTHER_UNITS = {"": ["MLP1", "BLOCK0", "L0H1+L2H0", "ATTN2", "MLP2"], "L0H2": ["MLP1", "BLOCK2", "L1H0+L2H3"]}
+OTHER_UNITS = {"": ["MLP1", "BLOCK0", "L0H1+L2H0", "ATTN2", "MLP2"], "L0H2": ["MLP1", "BLOCK2", "L1H0+L2H3"],
+               "MLP1": ["L0H0", "ATTN2"]}
 
 
 @pytest.mark.parametrize("family", OTHER_FAMILIES)
