@@ -4,10 +4,13 @@ The clean run is one float32 forward of the Hugging Face model with hooks that k
 every later pass reuses: the residual entering each layer and the exact arguments each
 layer was called with (masks, rotary tables, ALiBi), each head's z, each MLP's write.
 
-A patched pass for heads of layer L calls only layers L… on the cached residual entering
-L, with every ablated head of the layer batched along the batch dimension, plus one
-unpatched copy as the baseline. Every quantity of the ablated run is then the stored
-clean value plus (patched − baseline), computed in float32. In bfloat16 or float16 only
+A patched pass for units whose first layer is L (heads, head groups, whole attention
+layers, MLPs, blocks: a `Patch` each) calls only layers L… on the cached residual
+entering L, with every unit batched along the batch dimension, plus one unpatched copy
+as the baseline. Under a condition (`U | U0`) the baseline is the U0-ablated run
+(`clean_run` with U0's `Patch`), and every copy keeps U0's replacements at its layers.
+Every quantity of the ablated run is then the stored baseline value plus
+(patched − baseline), computed in float32. In bfloat16 or float16 only
 the matrix products run in low precision, and only on the change: each projection
 returns its clean float32 output plus a low-precision product with (input − clean
 input); norms, attention, activations, the residual stream and the attention output
@@ -17,7 +20,7 @@ full vocabulary: DEs are dot products with the target token's processed column `
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Float
@@ -68,6 +71,50 @@ class _DeltaInDtype:
 
 
 @dataclass
+class Patch:
+    """What one ablated run replaces, at every position of the row (DESIGN.md, "Units").
+
+    Args:
+        heads: layer -> head -> the head's new processed z, [batch, pos, d_head].
+        mlps: layer -> the MLP's new write to the residual (after any post-norm), [batch, pos, d_model].
+    """
+
+    heads: dict[int, dict[int, Tensor]] = field(default_factory=dict)
+    mlps: dict[int, Tensor] = field(default_factory=dict)
+
+    def from_layer(self, layer: int) -> Patch:
+        """The replacements at `layer` and after: what a pass starting there must still make."""
+        return Patch({l: v for l, v in self.heads.items() if l >= layer},
+                     {l: v for l, v in self.mlps.items() if l >= layer})
+
+
+def _set_z(w: Weights, x: Tensor, layer: int, sets: list[tuple[slice | int, dict[int, Tensor]]],
+           n: int, batch: int, pos: int) -> Tensor:
+    """`x` (the output projection's input, [n·batch, pos, head·d_head]) with heads' processed z set:
+    each (copies, {head: z}) in `sets` writes z + c (the folded value bias) into those copies."""
+    x = x.clone(memory_format=torch.contiguous_format)  # viewed per copy and head below
+    view = x.view(n, batch, pos, w.n_heads, w.d_head)
+    for copies, heads in sets:
+        for h, z in heads.items():
+            view[copies, :, :, h] = z + w.c[layer, h]
+    return x
+
+
+def _set_mlp(out: Tensor, sets: list[tuple[slice | int, Tensor]], n: int, batch: int, pos: int) -> Tensor:
+    """A fresh copy of an MLP write (some layers add into it in place afterwards) with `sets` written in."""
+    out = out.clone(memory_format=torch.contiguous_format)  # viewed per copy below
+    view = out.view(n, batch, pos, -1)
+    for copies, value in sets:
+        view[copies] = value
+    return out
+
+
+def _replacing(out, new: Tensor):
+    """A module's output with its first tensor replaced (modules may return tuples)."""
+    return (new, *out[1:]) if isinstance(out, tuple) else new
+
+
+@dataclass
 class CleanState:
     """The float32 clean run of one batch, the baseline of every patched pass (processed z)."""
 
@@ -101,21 +148,44 @@ class CleanState:
         return g * b / self.attn_post_scale[..., None]
 
 
-def clean_run(w: Weights, rows: Tensor, with_linears: bool = False) -> CleanState:
+def clean_run(w: Weights, rows: Tensor, with_linears: bool = False, replace: Patch | None = None) -> CleanState:
     """One float32 forward of the batch with everything later passes and the clean tables need.
 
     `with_linears` also keeps every projection's input and output, the baseline of a
-    low-precision sweep.
+    low-precision sweep. `replace` makes it the run of that ablation instead (a condition's
+    baseline): its heads' z and MLP writes are replaced as the forward goes, and every
+    capture sees the replaced values.
     """
     L = w.n_layers
+    batch, pos = rows.shape
+    replace = replace or Patch()
     got: dict = {}  # TransformerLens hook name -> the tensor that hook sees (ingest/hook_names.py)
     # Copies: some layers add into a module's output in place afterwards (Falcon's MLP).
     put = lambda key: (lambda m, a, o=None: got.__setitem__(key, (a[0] if o is None else o).detach().clone()))  # noqa: E731
+
+    def z_hook(i):
+        def hook(module, args):
+            x = args[0]
+            if i in replace.heads:
+                x = _set_z(w, x, i, [(0, replace.heads[i])], 1, batch, pos)
+            got[H.z(i)] = x.detach().clone()
+            return (x, *args[1:]) if i in replace.heads else None
+        return hook
+
+    def mlp_hook(i):
+        def hook(module, args, out):
+            o = out[0] if isinstance(out, tuple) else out
+            if i in replace.mlps:
+                o = _set_mlp(o, [(0, replace.mlps[i])], 1, batch, pos)
+            got[H.mlp_out(i)] = o.detach().clone()
+            return _replacing(out, o) if i in replace.mlps else None
+        return hook
+
     norm_keys = [[H.norm_in(i, role) for role in _norm_roles(w, i)] for i in range(L)]
     regs = []
     for i in range(L):
-        regs.append(lambda i=i: w.attn_out[i].register_forward_pre_hook(put(H.z(i))))
-        regs.append(lambda i=i: w.mlp_write[i].register_forward_hook(put(H.mlp_out(i))))
+        regs.append(lambda i=i: w.attn_out[i].register_forward_pre_hook(z_hook(i)))
+        regs.append(lambda i=i: w.mlp_write[i].register_forward_hook(mlp_hook(i)))
         if w.post_norm:
             regs.append(lambda i=i: w.attn_out[i].register_forward_hook(put(H.attn_out(i))))
         for (_, module, _), key in zip(w.layer_norms[i], norm_keys[i]):
@@ -130,7 +200,6 @@ def clean_run(w: Weights, rows: Tensor, with_linears: bool = False) -> CleanStat
         keep = lambda m, a, o: linears.__setitem__(m, (a[0].detach().float().clone(), o.detach().float().clone()))  # noqa: E731
         regs += [lambda m=m: m.register_forward_hook(keep) for i in range(L) for m in _linears(w, i)]
     calls, inputs, out = capture_calls(w.model, w.layers, rows, regs)
-    batch, pos = rows.shape
     f = lambda t: t.float().reshape(batch, pos, -1)  # noqa: E731 - some layers flatten [batch·pos, …] (OPT)
     z_hf = torch.stack([f(got[H.z(i)]).view(batch, pos, w.n_heads, w.d_head) for i in range(L)])
     o_out = torch.stack([f(got[H.attn_out(i)]) for i in range(L)]) if w.post_norm else None
@@ -175,92 +244,122 @@ def head_projections(w: Weights, u: Float[Tensor, "batch pos d_model"]) -> Tenso
 
 @dataclass
 class PatchResult:
-    """What one patched pass yields for each ablated head (leading dim `k` = head in the pass).
+    """What one patched pass yields for each ablated unit (leading dim `k` = unit in the pass).
 
-    Every DE uses the clean final-norm scale, as DESIGN.md asks.
+    Every DE uses the baseline's final-norm scale (the clean run's, or the condition-ablated
+    run's), as DESIGN.md asks.
     """
 
     logit: Float[Tensor, "k batch pos"]  # ablated centred logit of the correct token, minus b_U
     scale: Float[Tensor, "k batch pos"]  # ablated final-norm scale
-    de_head: Float[Tensor, "k batch pos"]  # the ablated head's own DE after patching
-    d_de_heads: Float[Tensor, "k batch pos layer head"]  # ΔDE of every other head (0 where unchanged)
-    d_de_mlps: Float[Tensor, "k batch pos layer"]  # ΔDE of every MLP layer
+    de: Float[Tensor, "k batch pos"]  # the unit's own DE after patching (sum over its components)
+    d_de_heads: Float[Tensor, "k batch pos layer head"]  # ΔDE of every head outside the unit (0 where unchanged)
+    d_de_mlps: Float[Tensor, "k batch pos layer"]  # ΔDE of every MLP layer outside the unit
     post_final: Float[Tensor, "k batch pos d_mlp"]  # ablated final-MLP activations
+
+    @property
+    def de_head(self) -> Tensor:
+        """The name of `de` when every unit was one head (the self-check reads it)."""
+        return self.de
+
+
+def head_patches(layer: int, heads: list[int], z_new: Float[Tensor, "k batch pos d_head"]) -> list[Patch]:
+    """One `Patch` per head of `layer`: head heads[j] gets z_new[j]."""
+    return [Patch({layer: {h: z_new[j]}}) for j, h in enumerate(heads)]
 
 
 def patch_layer(
     w: Weights,
     clean: CleanState,
     layer: int,
-    heads: list[int],
-    z_new: Float[Tensor, "k batch pos d_head"],
+    patches: list[Patch],
     u: Float[Tensor, "batch pos d_model"],
     ou: Float[Tensor, "layer batch pos head d_head"],
     dtype: torch.dtype | None = None,
+    base: Patch | None = None,
 ) -> PatchResult:
-    """Ablate each of `heads` (all in `layer`) by replacing its processed z with `z_new[i]`.
+    """Ablate each unit of `patches` (none replacing anything before `layer`) in one pass from `layer`.
 
-    One pass runs layers `layer`… on `k + 1` copies of the batch (copy 0 unpatched, the
-    baseline; copy j + 1 ablates heads[j]); each quantity is its clean value plus
-    (copy − baseline). The steps, in order: `_patch_hooks` (what the pass captures and
-    replaces), `_head_changes` and `_mlp_change` per layer, `_own_de` at the ablated layer,
-    `_final_state` after the last layer.
+    One pass runs layers `layer`… on `k + 1` copies of the batch (copy 0 the baseline; copy
+    j + 1 makes patches[j]'s replacements, each at its own layer); each quantity is its
+    baseline value plus (copy − baseline). With `base` (a condition's replacements; `clean`
+    is then its ablated run) every copy, the baseline too, also makes base's replacements at
+    `layer` and after. The steps, in order: `_patch_hooks` (what the pass captures and
+    replaces), `_head_changes` and `_mlp_change` per layer with `_own_heads` and `_own_mlps`
+    taking the units' own components out, `_final_state` after the last layer.
 
     Args:
         w: the model's modules and processed weights.
-        clean: the batch's clean run from `clean_run`.
-        layer: the layer of every ablated head.
-        heads: head indices, one copy of the batch each, plus an unpatched baseline copy.
-        z_new: the replacement processed z for each head.
+        clean: the batch's baseline run from `clean_run` (with `base`'s replacements, if any).
+        layer: the first layer the pass runs (no patch replaces anything before it).
+        patches: what each unit replaces, one copy of the batch each, plus a baseline copy.
         u: the correct next token's processed unembedding column at every position.
         ou: `head_projections(w, u)`.
-        dtype: run the layers' matrix products in this dtype, on the change from the clean
+        dtype: run the layers' matrix products in this dtype, on the change from the baseline
             run (`_DeltaInDtype`), or None (float32).
+        base: the condition's replacements (layers before `layer` are already in `clean`).
 
     Returns:
-        Per-head results; positions without a next token carry garbage the caller drops.
+        Per-unit results; positions without a next token carry garbage the caller drops.
     """
-    k, n = len(heads), len(heads) + 1
+    k, n = len(patches), len(patches) + 1
+    if any(l < layer for p in patches for l in (*p.heads, *p.mlps)):
+        raise ValueError(f"a patch replaces a component before the pass's first layer {layer}")
+    base = (base or Patch()).from_layer(layer)
     batch, pos = u.shape[:2]
     got: dict = {}  # TransformerLens hook name -> [copy, batch, pos, …] of this pass
     d_heads = u.new_zeros((k, batch, pos, w.n_layers, w.n_heads))
     d_mlps = u.new_zeros((k, batch, pos, w.n_layers))
-    de_head = None
+    de = u.new_zeros((k, batch, pos))
     hidden = clean.resid_pre[layer].repeat(n, 1, 1)  # [n·batch, pos, d_model], copy-major
-    with torch.no_grad(), hooks(*_patch_hooks(w, clean, layer, heads, z_new, got, n, dtype)):
+    with torch.no_grad(), hooks(*_patch_hooks(w, clean, layer, patches, base, got, n, dtype)):
         for i in range(layer, w.n_layers):
             hidden = clean.calls[i].run(w.layers[i], hidden, batch, n)
             d_heads[..., i, :], sp = _head_changes(w, clean, i, got, ou, clean.scale)
-            if i == layer:
-                de_head = _own_de(clean, layer, heads, z_new, ou, sp)
-                d_heads[torch.arange(k, device=u.device), :, :, layer, torch.tensor(heads, device=u.device)] = 0
+            de += _own_heads(patches, i, d_heads, ou, clean.scale, sp)
             d_mlps[..., i] = _mlp_change(got.pop(H.mlp_out(i)), u, clean.scale)
+            de += _own_mlps(patches, i, d_mlps, u, clean.scale)
     logit, s_abl, post = _final_state(w, clean, hidden.float().view(n, batch, pos, -1), got, u)
-    return PatchResult(logit=logit, scale=s_abl, de_head=de_head, d_de_heads=d_heads, d_de_mlps=d_mlps,
-                       post_final=post)
+    return PatchResult(logit=logit, scale=s_abl, de=de, d_de_heads=d_heads, d_de_mlps=d_mlps, post_final=post)
 
 
-def _patch_hooks(w: Weights, clean: CleanState, layer: int, heads: list[int], z_new: Tensor, got: dict, n: int,
+def _patch_hooks(w: Weights, clean: CleanState, layer: int, patches: list[Patch], base: Patch, got: dict, n: int,
                  dtype: torch.dtype | None) -> list:
-    """The pass's hook registrations: replace the ablated heads' z at `layer`, capture every later
-    layer's z, attention output and MLP write, the final MLP's activations, and (with `dtype`) run
-    each projection on the change from the clean run."""
+    """The pass's hook registrations: replace the units' (and the condition's) heads' z and MLP writes,
+    capture every layer's z, attention output and MLP write from `layer` on, the final MLP's
+    activations, and (with `dtype`) run each projection on the change from the baseline run."""
     batch, pos = clean.scale.shape
     n_heads, dh = w.n_heads, w.d_head
     last = w.n_layers - 1
+    every = slice(None)  # the condition's replacements go into every copy, the baseline too
+    z_sets = {i: [(every, base.heads[i])] if i in base.heads else [] for i in range(layer, w.n_layers)}
+    mlp_sets = {i: [(every, base.mlps[i])] if i in base.mlps else [] for i in range(layer, w.n_layers)}
+    for j, p in enumerate(patches):  # copy j + 1 makes patches[j]'s replacements
+        for i, heads in p.heads.items():
+            z_sets[i].append((j + 1, heads))
+        for i, value in p.mlps.items():
+            mlp_sets[i].append((j + 1, value))
 
     def z_hook(i):
         def hook(module, args):
             x = args[0]
-            if i == layer:  # copy 0 is the baseline; copy j + 1 ablates heads[j]
-                # Every copy gets the exact float32 clean z of this layer, so the ablated
-                # head's change is exactly z_new − z_clean whatever the sweep's precision.
-                view = (clean.z[layer] + w.c[layer]).repeat(n, 1, 1, 1).view(n, batch, pos, n_heads, dh)
-                x = view.reshape(x.shape)
-                for j, h in enumerate(heads):
-                    view[j + 1, :, :, h] = z_new[j] + w.c[layer, h]
+            if i == layer:
+                # Every copy starts from the exact float32 baseline z of this layer, so a replaced
+                # head's change is exactly z_new − z_baseline whatever the sweep's precision.
+                x = (clean.z[layer] + w.c[layer]).repeat(n, 1, 1, 1).reshape(x.shape).to(x.dtype)
+            if z_sets[i]:
+                x = _set_z(w, x, i, z_sets[i], n, batch, pos)
             got[H.z(i)] = x.detach().float().clone().view(n, batch, pos, n_heads, dh)
-            return (x, *args[1:]) if i == layer else None
+            return (x, *args[1:]) if i == layer or z_sets[i] else None
+        return hook
+
+    def mlp_hook(i):
+        def hook(module, args, out):
+            o = out[0] if isinstance(out, tuple) else out
+            if mlp_sets[i]:
+                o = _set_mlp(o, mlp_sets[i], n, batch, pos)
+            got[H.mlp_out(i)] = o.detach().float().clone().view(n, batch, pos, -1)
+            return _replacing(out, o) if mlp_sets[i] else None
         return hook
 
     put = lambda key: (lambda m, a, o=None: got.__setitem__(  # noqa: E731
@@ -268,7 +367,7 @@ def _patch_hooks(w: Weights, clean: CleanState, layer: int, heads: list[int], z_
     regs = []
     for i in range(layer, w.n_layers):
         regs.append(lambda i=i: w.attn_out[i].register_forward_pre_hook(z_hook(i)))
-        regs.append(lambda i=i: w.mlp_write[i].register_forward_hook(put(H.mlp_out(i))))
+        regs.append(lambda i=i: w.mlp_write[i].register_forward_hook(mlp_hook(i)))
         if w.post_norm:
             regs.append(lambda i=i: w.attn_out[i].register_forward_hook(put(H.attn_out(i))))
     if clean.mlp_pre_final is not None:
@@ -296,14 +395,28 @@ def _head_changes(w: Weights, clean: CleanState, i: int, got: dict, ou: Tensor, 
             - (clean.z[i] * ou[i]).sum(-1) / clean.attn_post_scale[i][..., None]) / s_h, sp
 
 
-def _own_de(clean: CleanState, layer: int, heads: list[int], z_new: Tensor, ou: Tensor, sp: Tensor | None
-            ) -> Tensor:
-    """Each ablated head's own DE after patching, [k, batch, pos]: from the replacement z itself, not a
-    difference of two low-precision runs (its change is d_de, not part of d_de_heads)."""
-    head_idx = torch.tensor(heads, device=z_new.device)
-    ou_h = ou[layer][:, :, head_idx].permute(2, 0, 1, 3)  # [k, batch, pos, d_head]
-    de_head = (z_new * ou_h).sum(-1) / clean.scale
-    return de_head if sp is None else de_head / sp[..., 0]
+def _own_heads(patches: list[Patch], i: int, d_heads: Tensor, ou: Tensor, s: Tensor, sp: Tensor | None) -> Tensor:
+    """The units' own heads of layer `i`: their DE after patching, summed per unit ([k, batch, pos]),
+    from the replacement z itself, not a difference of two low-precision runs; their change is the
+    unit's d_de, so it is taken out of `d_heads` (in place)."""
+    out = d_heads.new_zeros(d_heads.shape[:3])
+    for j, p in enumerate(patches):
+        for h, z in p.heads.get(i, {}).items():
+            de = (z * ou[i][:, :, h]).sum(-1) / s
+            out[j] += de if sp is None else de / sp[j, ..., 0]
+            d_heads[j, :, :, i, h] = 0
+    return out
+
+
+def _own_mlps(patches: list[Patch], i: int, d_mlps: Tensor, u: Tensor, s: Tensor) -> Tensor:
+    """The units' own MLP of layer `i`: its DE after patching (the replacement write's), [k, batch, pos];
+    its change is the unit's d_de, so it is taken out of `d_mlps` (in place)."""
+    out = d_mlps.new_zeros(d_mlps.shape[:3])
+    for j, p in enumerate(patches):
+        if i in p.mlps:
+            out[j] += (p.mlps[i] * u).sum(-1) / s
+            d_mlps[j, :, :, i] = 0
+    return out
 
 
 def _mlp_change(m: Tensor, u: Tensor, s: Tensor) -> Tensor:
@@ -323,3 +436,15 @@ def _final_state(w: Weights, clean: CleanState, r: Tensor, got: dict, u: Tensor)
         mp = got.pop(H.mlp_module_out(last))
         post = post / w.mlp_post[-1].scale(clean.mlp_pre_final + (mp[1:] - mp[0]))[..., None]
     return (resid * u).sum(-1) / s_abl, s_abl, post
+
+
+def component_des(clean: CleanState, u: Float[Tensor, "batch pos d_model"], ou: Tensor
+                  ) -> tuple[Float[Tensor, "batch pos layer head"], Float[Tensor, "batch pos layer"]]:
+    """Every head's and every MLP's DE in the run `clean` (the clean or a condition-ablated run), at
+    that run's own final-norm scale: what the heads and MLPs of a unit sum to in the baseline."""
+    de_h = (clean.z * ou).sum(-1)  # [layer, batch, pos, head]
+    if clean.attn_post_scale is not None:
+        de_h = de_h / clean.attn_post_scale[..., None]
+    de_h = de_h.permute(1, 2, 0, 3) / clean.scale[..., None, None]
+    de_m = torch.einsum("lbpm,bpm->bpl", clean.mlp_write, u) / clean.scale[..., None]
+    return de_h, de_m
