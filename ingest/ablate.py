@@ -279,6 +279,7 @@ class _Batch:
         y = rows.roll(-1, dims=1)  # [batch, pos]; the last position is a dummy, dropped below
         self.u = w.target_columns(y)
         self.logit = base.clean_logit(self.u)
+        self.b_u = w.b_U[y]  # the stored logits carry the unembedding bias (tokens.logit)
         self.s = s = base.scale()
         self.token_index = ((row0 + np.arange(batch)[:, None]) * preds + np.arange(preds)[None, :]).reshape(-1)
         self.n = batch * preds
@@ -320,10 +321,11 @@ class _Batch:
         return _neuron_rows(ident, self.token_index[mask], de_c, de_a, k)
 
     def condition_tokens(self) -> dict:
-        """The baseline run's logit (minus b_U) and final-norm scale per token: `condition_tokens`."""
+        """The baseline run's logit and final-norm scale per token, as `tokens` holds the clean run's:
+        `condition_tokens`."""
         cut = lambda t: t[:, :self.preds].reshape(-1)  # noqa: E731
         return {"condition": self.condition.label, "token_index": self.token_index,
-                "logit": cut(self.logit), "ln_scale": cut(self.s)}
+                "logit": cut(self.logit + self.b_u), "ln_scale": cut(self.s)}
 
 
 def _as_units(units, keyed: dict) -> tuple[list[Unit], dict, bool]:

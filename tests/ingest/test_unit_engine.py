@@ -47,6 +47,12 @@ def _rows(seed: int = 0) -> torch.Tensor:
 PAIR = torch.tensor([2, 0, 1])  # resample: row r takes row PAIR[r]'s values
 
 
+def _unembed_bias(w) -> np.ndarray:
+    """b_U of each prediction's correct token, in token_index order: condition_tokens.logit, like
+    tokens.logit, carries it."""
+    return w.b_U[_rows().roll(-1, dims=1)][:, :SEQ - 1].reshape(-1).double().numpy()
+
+
 # -- the plain-transformers recomputation --------------------------------------------------------------
 @torch.no_grad()
 def _hf_run(m: R.Model, rows, z_set: dict, mlp_set: dict) -> dict:
@@ -262,7 +268,7 @@ def test_condition_tokens_are_the_condition_ablated_run(loaded, tables, family):
             base = rc.run(kind, parse_unit(cond))
             ct = tables[family]["fast"][kind][cond]["condition_tokens"].to_pandas().sort_values("token_index")
             assert (ct["condition"] == cond).all() and (ct["ablation"] == kind).all()
-            assert np.abs(ct["logit"].to_numpy() - rc.logit(base).numpy()).max() < TOL
+            assert np.abs(ct["logit"].to_numpy() - _unembed_bias(w) - rc.logit(base).numpy()).max() < TOL
             assert np.abs(ct["ln_scale"].to_numpy() / rc.scale(base).numpy() - 1).max() < 1e-5
         assert "condition_tokens" not in tables[family]["fast"][kind][""]
 
@@ -319,7 +325,7 @@ def test_identities_hold_for_every_kind(loaded, tables, family, engine):
             t = tables[family][engine][kind][cond]
             if cond:
                 ct = t["condition_tokens"].to_pandas().sort_values("token_index")
-                lb, sb = ct["logit"].to_numpy(np.float64), ct["ln_scale"].to_numpy(np.float64)
+                lb, sb = ct["logit"].to_numpy(np.float64) - _unembed_bias(w), ct["ln_scale"].to_numpy(np.float64)
                 if engine == "fast":  # Σ DE in the baseline: tokens, head_effects, mlp_effects of that run
                     base = ctx.conditioned(unit_patch(ctx, FastBatch(w, rows[PAIR]), kind, parse_unit(cond), w.n_heads))
                     out = run_clean(w, rows, 0, lambda ids: [""] * len(ids), False, state=base.clean).tables
@@ -499,7 +505,7 @@ def test_other_families_equal_plain_transformers(family):
             t = _tables(ctx, src, kind, units, w, condition)
             if cond:
                 ct = t["condition_tokens"].to_pandas().sort_values("token_index")
-                lb, sb = ct["logit"].to_numpy(np.float64), ct["ln_scale"].to_numpy(np.float64)
+                lb, sb = ct["logit"].to_numpy(np.float64) - _unembed_bias(w), ct["ln_scale"].to_numpy(np.float64)
             else:
                 lb = ctx.clean_logit(u)[:, :SEQ - 1].reshape(-1).double().numpy()
                 sb = ctx.scale()[:, :SEQ - 1].reshape(-1).double().numpy()
