@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from selfrepair.store import faults
-from selfrepair.store.compacted_files import write_sorted
+from selfrepair.store.compacted_files import by_layout, write_sorted
 from selfrepair.store.manifest import Manifest
 from selfrepair.store.model_store import list_models
 from selfrepair.store.schema import TABLES
@@ -90,13 +90,14 @@ def compact_with(writer: Writer) -> Result:
     tag = uuid.uuid4().hex[:8]  # never the name of a listed file: old snapshots stay readable
     new: dict[str, list[dict]] = {}
     for table, paths in sources.items():
-        if paths:
-            new[table] = [write_sorted(ms, table, paths, f"compact-{tag}")]
-            result.rows += new[table][0]["rows"]
+        if paths:  # one sorted file per layout (a store written before units keeps its older files as they are)
+            new[table] = [write_sorted(ms, table, group, f"compact-{tag}" + (f"-{i}" if i else ""))
+                          for i, group in enumerate(by_layout(paths).values())]
+            result.rows += sum(f["rows"] for f in new[table])
     faults.point("compact.written")
     writer.commit_compaction(new, ids)
     faults.point("compact.committed")
     # Readers that opened the old snapshot must reopen: its files go now, not at the next ingest.
     writer.clean_orphans()
-    result.shards, result.files_after = len(ids), len(new)
+    result.shards, result.files_after = len(ids), sum(len(v) for v in new.values())
     return result
