@@ -156,6 +156,32 @@ def model_units(manifest: Manifest) -> list[Unit]:
     return sorted(out.values(), key=unit_order)
 
 
+STORED_UNITS_COLUMNS = ("model", "ablation", "sample", "condition", "unit", "unit_kind", "layer", "head", "batches")
+
+
+def stored_units_view_sql(models: list[ModelFiles]) -> str:
+    """`CREATE VIEW stored_units`: per model, draw, condition and unit with a stored ablation shard, the
+    unit's kind, layer and head and how many batches hold it (from the manifests alone)."""
+    rows = []
+    for m in models:
+        n_layers, n_heads = m.manifest.model.n_layers, m.manifest.model.n_heads
+        seen: dict[tuple, tuple[Unit, set]] = {}
+        for e in m.manifest.shards.values():
+            if e.phase != "ablation" or e.ablation is None:
+                continue
+            cond = e.condition_label(n_layers, n_heads)
+            for u in e.unit_list(n_layers, n_heads):
+                seen.setdefault((e.ablation, e.sample, cond, u.label), (u, set()))[1].add(e.rows)
+        for (kind, sample, cond, _), (u, batches) in sorted(seen.items(), key=lambda kv: (kv[0][:3], unit_order(kv[1][0]))):
+            rows.append((m.model, kind, sample, cond, u.label, u.kind, u.layer, u.head, len(batches)))
+    cols = ", ".join(STORED_UNITS_COLUMNS)
+    if not rows:
+        return f"CREATE VIEW stored_units AS SELECT * FROM (VALUES ('', '', 0, '', '', '', 0, 0, 0)) v({cols}) WHERE false"
+    values = ",\n".join("(" + ", ".join(sql_literal(v) if isinstance(v, str) else str(int(v)) for v in r) + ")"
+                        for r in rows)
+    return f"CREATE VIEW stored_units({cols}) AS VALUES\n{values}"
+
+
 def unit_members_view_sql(models: list[ModelFiles]) -> str:
     """`CREATE VIEW unit_members`: per model and stored unit (or condition), each component it replaces
     (a head, or an MLP with head -1): what a unit's clean DE sums."""
@@ -421,13 +447,14 @@ def inventory_view_sql(models: list[ModelFiles]) -> str:
     return f"CREATE VIEW inventory({cols}) AS VALUES\n{values}"
 
 
-DERIVED_VIEWS = ("models", "inventory", "unit_members", "self_repair")
+DERIVED_VIEWS = ("models", "inventory", "stored_units", "unit_members", "self_repair")
 
 
 def view_statements(models: list[ModelFiles]) -> list[str]:
     """Every DDL statement, in dependency order."""
     out = [table_view_sql(t, models) for t in TABLES]
-    out += [models_view_sql(models), inventory_view_sql(models), unit_members_view_sql(models), SELF_REPAIR_SQL,
+    out += [models_view_sql(models), inventory_view_sql(models), stored_units_view_sql(models),
+            unit_members_view_sql(models), SELF_REPAIR_SQL,
             TOP_TOKENS_SQL, UNIT_TOP_TOKENS_SQL, SELF_REPAIR_TOP_SQL, SR_MLPS_TOP_SQL, PAPER_HEAD_MEANS_SQL,
             TOKEN_CONTEXT_SQL]
     return out
