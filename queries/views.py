@@ -166,12 +166,17 @@ def stored_units_view_sql(models: list[ModelFiles]) -> str:
     for m in models:
         n_layers, n_heads = m.manifest.model.n_layers, m.manifest.model.n_heads
         seen: dict[tuple, tuple[Unit, set]] = {}
+        samples = m.manifest.resample.samples
         for e in m.manifest.shards.values():
-            if e.phase != "ablation" or e.ablation is None:
+            if e.phase != "ablation":
                 continue
+            # A shard holding several draws (written by hand, no `ablation`): the recorded configuration's.
+            draws = [e.draw] if e.ablation is not None else [
+                (k, s) for k in m.manifest.ablation_kinds for s in (range(samples) if k == "resample" else [0])]
             cond = e.condition_label(n_layers, n_heads)
-            for u in e.unit_list(n_layers, n_heads):
-                seen.setdefault((e.ablation, e.sample, cond, u.label), (u, set()))[1].add(e.rows)
+            for kind, sample in draws:
+                for u in e.unit_list(n_layers, n_heads):
+                    seen.setdefault((kind, sample, cond, u.label), (u, set()))[1].add(e.rows)
         for (kind, sample, cond, _), (u, batches) in sorted(seen.items(), key=lambda kv: (kv[0][:3], unit_order(kv[1][0]))):
             rows.append((m.model, kind, sample, cond, u.label, u.kind, u.layer, u.head, len(batches)))
     cols = ", ".join(STORED_UNITS_COLUMNS)

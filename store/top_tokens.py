@@ -126,7 +126,7 @@ def unit_clean_de(ms: ModelStore, unit: Unit, manifest: Manifest) -> pl.DataFram
         layers = sorted({la for la, _ in pairs})
         parts.append(pl.scan_parquet(ms.table_files("head_effects", manifest), glob=False)
                      .filter(pl.col("layer").is_in(layers))
-                     .filter(pl.struct("layer", "head").is_in([{"layer": la, "head": h} for la, h in pairs]))
+                     .filter(pl.any_horizontal([(pl.col("layer") == la) & (pl.col("head") == h) for la, h in pairs]))
                      .select("token_index", pl.col("de").cast(pl.Float64)))
     if unit.mlps():
         parts.append(pl.scan_parquet(ms.table_files("mlp_effects", manifest), glob=False)
