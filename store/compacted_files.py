@@ -46,7 +46,9 @@ def without_shards(ms: ModelStore, manifest: Manifest, shard_ids) -> dict[str, l
         for i, (names, paths) in enumerate(by_layout([ms.path / f.path for f in entries]).items()):
             terms = [_unit_condition(TABLES[table], names, e, preds, manifest, top) for e in drop[table]]
             where = "NOT (" + " OR ".join(terms) + ")"
-            out[table].append(write_sorted(ms, table, paths, f"compact-{tag}" + (f"-{i}" if i else ""), where))
+            entry = write_sorted(ms, table, paths, f"compact-{tag}" + (f"-{i}" if i else ""), where)
+            if entry["rows"]:  # a layout with no row left (every older row redone) leaves no file
+                out[table].append(entry)
     return out
 
 
