@@ -324,14 +324,17 @@ def condition_unit(spec: str, n_layers: int, n_heads: int) -> Unit | None:
 
 def check_heads(entry: ShardEntry, sid: str, model: ModelFacts, what: str) -> None:
     """Refuse a shard naming a unit (or a condition) the model does not have, or a unit inside its condition."""
+    size = f"the model's {model.n_layers} layers × {model.n_heads} heads"
     try:
         units = entry.unit_list(model.n_layers, model.n_heads)
+    except ConfigError as e:
+        if entry.units is None:
+            raise StoreError(f"{what}, shard {sid}: heads {show(entry.heads)} name heads outside {size}") from None
+        raise StoreError(f"{what}, shard {sid}: units {show(entry.units)} do not fit {size} ({e})") from None
+    try:
         cond = entry.condition_unit(model.n_layers, model.n_heads)
     except ConfigError as e:
-        field_ = "units" if entry.units is not None else "heads"
-        raise StoreError(f"{what}, shard {sid}: {field_} {show(entry.units or entry.heads)} / condition "
-                         f"{show(entry.condition)} do not fit the model's {model.n_layers} layers × "
-                         f"{model.n_heads} heads ({e})") from None
+        raise StoreError(f"{what}, shard {sid}: condition {show(entry.condition)} does not fit {size} ({e})") from None
     if cond is not None:
         inside = [u.label for u in units if u.overlaps(cond, model.n_heads)]
         if inside:

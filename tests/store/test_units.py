@@ -127,7 +127,7 @@ def test_entries_written_before_units_hold_head_units(tmp_path):
 
 @pytest.mark.parametrize("entry,message", [
     ({"units": "L1H0,MLP7"}, "do not fit the model"),
-    ({"units": "L1H0", "condition": "L0H1,L0H0"}, "names 2 units, not one"),
+    ({"units": "L1H0", "condition": "L0H1,L0H0"}, "condition .L0H1,L0H0. does not fit .* names 2 units, not one"),
     ({"units": "ATTN1", "condition": "L1H0"}, "unit ATTN1 shares a component with its condition L1H0"),
     ({"units": "L1H0", "condition": 3}, "has the wrong type"),
 ])
