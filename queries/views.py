@@ -115,8 +115,14 @@ def _file_list(paths: list[Path]) -> str:
     return "[" + ", ".join(sql_literal(str(p)) for p in paths) + "]"
 
 
-def table_view_sql(table: str, models: list[ModelFiles]) -> str:
-    """`CREATE VIEW <table>`: model column plus the schema's columns, union over models and file layouts."""
+def table_view_sql(table: str, models: list[ModelFiles], name: str | None = None, fill_de_base: bool = True) -> str:
+    """`CREATE VIEW <table>`: model column plus the schema's columns, union over models and file layouts.
+
+    Args:
+        name: the view's name (default: the table's).
+        fill_de_base: fill a file written before units' de_base from head_effects (a join over every
+            head and token); False: NULL, for the macros that know the head's clean DE already.
+    """
     spec = TABLES[table]
     cols = ", ".join(_derived_column(c) or c for c in view_columns(table))
     types = dict(spec.columns)
@@ -130,7 +136,7 @@ def table_view_sql(table: str, models: list[ModelFiles]) -> str:
                 for c in view_columns(table))
             source = f"read_parquet({_file_list(paths)})"
             heads = m.files.get("head_effects") or []
-            if "de_base" in missing and heads:
+            if "de_base" in missing and heads and fill_de_base:
                 source = (f"(SELECT a.*, h.de AS de_base FROM {source} a LEFT JOIN "
                           f"read_parquet({_file_list(heads)}) h USING (layer, head, token_index))")
             elif "de_base" in missing:
@@ -139,7 +145,7 @@ def table_view_sql(table: str, models: list[ModelFiles]) -> str:
     if not parts:
         typed = ", ".join(f"CAST(NULL AS {duckdb_type(t)}) AS {n}" for n, t in spec.columns)
         parts.append(f"SELECT model, {cols} FROM (SELECT CAST(NULL AS VARCHAR) AS model, {typed} WHERE false)")
-    return f"CREATE VIEW {table} AS\n" + "\nUNION ALL\n".join(parts)
+    return f"CREATE VIEW {name or table} AS\n" + "\nUNION ALL\n".join(parts)
 
 
 def model_units(manifest: Manifest) -> list[Unit]:
@@ -348,24 +354,29 @@ FROM (
 # from `ablation_top`'s source, `ablation_effects`; as in top_tokens(p), each branch's filter
 # on `models` is false for the other's models and DuckDB then skips that branch's scan.
 # A head unit's tokens are its head's top_tokens(p), any other unit's its unit_top_tokens(p).
+# The ablation tables with a legacy file's de_base left NULL (no join over head_effects): what
+# self_repair_top reads, taking that head's clean DE from its top set instead.
+UNFILLED = "unfilled_"
 _ABL_COLUMNS = "a.model, a.ablation, a.sample, a.condition, a.unit, a.unit_kind, a.layer, a.head, a.token_index, " \
                "a.de, a.de_base, a.d_logit, a.d_de_heads, a.d_de_mlps, a.ln_scale"
 SELF_REPAIR_TOP_SQL = f"""
 CREATE MACRO self_repair_top(p) AS TABLE
 WITH abl AS (
     SELECT {_ABL_COLUMNS}
-    FROM ablation_top a JOIN models m USING (model)
+    FROM {UNFILLED}ablation_top a JOIN models m USING (model)
     WHERE m.top_stored AND m.top_rows_stored AND m.top_p = p
     UNION ALL
     SELECT {_ABL_COLUMNS}
-    FROM ablation_effects a JOIN models m USING (model)
+    FROM {UNFILLED}ablation_effects a JOIN models m USING (model)
     WHERE NOT (m.top_stored AND m.top_rows_stored AND m.top_p = p)
 ), top AS (
-    SELECT model, layer, head, token_index FROM top_tokens(p)
+    SELECT model, layer, head, token_index, de FROM top_tokens(p)
 ), unit_top AS (
     SELECT model, unit, token_index FROM unit_top_tokens(p) WHERE unit_kind <> 'head'
 ), picked AS (
-    SELECT a.* FROM abl a JOIN top USING (model, layer, head, token_index) WHERE a.unit_kind = 'head'
+    -- a file written before units has no de_base: its head's clean DE is the top set's
+    SELECT a.* REPLACE (coalesce(a.de_base, top.de) AS de_base)
+    FROM abl a JOIN top USING (model, layer, head, token_index) WHERE a.unit_kind = 'head'
     UNION ALL
     SELECT a.* FROM abl a JOIN unit_top USING (model, unit, token_index) WHERE a.unit_kind <> 'head'
 ), base AS (
@@ -458,6 +469,7 @@ DERIVED_VIEWS = ("models", "inventory", "stored_units", "unit_members", "self_re
 def view_statements(models: list[ModelFiles]) -> list[str]:
     """Every DDL statement, in dependency order."""
     out = [table_view_sql(t, models) for t in TABLES]
+    out += [table_view_sql(t, models, UNFILLED + t, fill_de_base=False) for t in ("ablation_effects", "ablation_top")]
     out += [models_view_sql(models), inventory_view_sql(models), stored_units_view_sql(models),
             unit_members_view_sql(models), SELF_REPAIR_SQL,
             TOP_TOKENS_SQL, UNIT_TOP_TOKENS_SQL, SELF_REPAIR_TOP_SQL, SR_MLPS_TOP_SQL, PAPER_HEAD_MEANS_SQL,
