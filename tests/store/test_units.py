@@ -288,3 +288,62 @@ def test_compaction_keeps_both_layouts_and_every_row(tmp_path):
     pairs = {(c, u) for t in kept for c, u in zip(t["condition"].to_pylist(), t["unit"].to_pylist())}
     assert len(kept) == 1 and pairs == {("", "MLP0"), ("", "backup"), ("", "L0H1")}
     assert out["condition_tokens"] == []
+
+
+# -- a store ingested before units ------------------------------------------------------------
+def _same_rows(a: Store, b: Store, table: str) -> None:
+    """The same rows (keys first, so float noise cannot reorder them); values equal to float32 rounding:
+    an older file's de_base is head_effects.de, a newer one's the engine's own sum of the same DE."""
+    from polars.testing import assert_frame_equal
+
+    q = f"SELECT * FROM {table} ORDER BY ALL"
+    assert_frame_equal(a.sql(q), b.sql(q), check_exact=False, rel_tol=1e-6, abs_tol=1e-6)
+
+
+def _before_units(model_dir) -> None:
+    """Rewrite an ingested store as the code before units left it: every unit table in its older layout
+    (LEGACY_COLUMNS), shard entries naming their `heads`, no `units` or `condition`."""
+    import json
+
+    ms = ModelStore(model_dir)
+    man = json.loads(ms.manifest_path.read_text())  # the ingest folded its commits into it
+    for e in man["shards"].values():
+        if e["phase"] != "clean":
+            units = parse_units(e.pop("units", None) or e.get("heads", "all"), L, 4)
+            e.pop("condition", None)
+            e["heads"] = ",".join(u.label for u in units if u.kind == "head")
+        for table, entry in e["files"].items():
+            if table in LEGACY_COLUMNS:
+                path = ms.path / entry["path"]
+                t = files.read_parquet([path]).select(list(LEGACY_COLUMNS[table][0]))
+                files.write_parquet(path, t)
+                entry.update(rows=t.num_rows, bytes=path.stat().st_size, sha256=files.sha256_file(path))
+    ms.manifest_path.write_text(json.dumps(man))
+
+
+def test_a_store_ingested_before_units_reads_verifies_and_extends(tiny_stores, tiny_model_dirs, tmp_path):
+    from tiny_models import SMALL_STORE, ingest_tiny
+
+    from selfrepair.store.verify import verify
+
+    new = tiny_stores.copy("gpt2", tmp_path / "new", **SMALL_STORE)
+    old = tiny_stores.copy("gpt2", tmp_path / "old", **SMALL_STORE)
+    _before_units(old / "tiny-gpt2")
+    assert verify(old).ok, verify(old).lines()
+    tables = ("ablation_effects", "ablation_top", "repair_sources", "neuron_effects", "neuron_totals",
+              "attention_top", "self_repair")
+    with Store.open(old) as a, Store.open(new) as b:
+        for t in tables:  # the views fill condition, unit, unit_kind and de_base in
+            _same_rows(a, b, t)
+    # Its shards' units, draws and top-token digests are the new code's: the same run does nothing.
+    assert ingest_tiny(tiny_model_dirs["gpt2"], old, **SMALL_STORE).shards_written == 0
+    # More heads: new-layout shards beside the older ones, one run's keys, both layouts compacted.
+    more = SMALL_STORE | {"heads": "all"}
+    assert ingest_tiny(tiny_model_dirs["gpt2"], old, **more).shards_written > 0
+    ingest_tiny(tiny_model_dirs["gpt2"], new, **more)
+    compact(old)
+    assert verify(old).ok, verify(old).lines()
+    assert len(ModelStore(old / "tiny-gpt2").manifest().compacted["ablation_effects"]) == 2
+    with Store.open(old) as a, Store.open(new) as b:
+        for t in tables:
+            _same_rows(a, b, t)
