@@ -2,19 +2,19 @@
 
 An ingest writes one small file per table per shard (thousands at 1 M tokens), so opening
 the store and scanning a head's rows cost per file. Compaction merges every compactable
-shard's rows (and the previous compacted file) into one Parquet file per table, sorted
-by the table's key (`ablation_effects` by ablation, sample, layer, head, token_index) in
-row groups of ROW_GROUP_ROWS, so DuckDB skips row groups by their min/max on layer and
-head. DuckDB does the sort out of core, so memory stays bounded whatever the store's size.
+shard's rows (and the previous compacted file) into one Parquet file per table and file
+layout (a store written before units keeps its older files, by their own key), sorted by the
+table's key (`ablation_effects` by ablation, sample, condition, unit, token_index) in row
+groups of ROW_GROUP_ROWS, so DuckDB skips row groups by their min/max on condition and unit. DuckDB does the sort out of core, so memory stays bounded whatever the store's size.
 
 The swap is one commit record (`op: compact`, `store/schema.py`) appended under the
 writer lock after every new file is written, fsynced and checksummed: a reader's snapshot
 lists either the old shard files or the new compacted ones, never both, and a kill at any
 moment leaves either the old snapshot (plus orphan files, removed by the next cleanup) or
-the new one. The shards keep their entries — rows, ablation, draw, heads — with `files`
+the new one. The shards keep their entries — rows, ablation, draw, condition, units — with `files`
 emptied and `compacted` naming the tables moved, so `store/plan.py` still sees every
-stored (ablation, sample, head, batch) unit and `verify` still checks that no two units
-overlap. A partial batch (shorter than the ingest's batch size) is left out: an extension
+stored (ablation, sample, condition, unit, batch) and `verify` still checks that no two
+shards overlap. A partial batch (shorter than the ingest's batch size) is left out: an extension
 with more tokens redoes it. When an extension redoes a compacted shard anyway (a full
 batch whose resample pairs pointed into the grown last batch), `Writer.commit` swaps in,
 in the same record, copies of the compacted files without that shard's units
