@@ -26,7 +26,7 @@ from selfrepair.store import files
 from selfrepair.store.manifest import Manifest
 from selfrepair.store.inventory import Inventory
 from selfrepair.store.model_store import list_models
-from selfrepair.store.schema import TABLES
+from selfrepair.store.schema import LEGACY_COLUMNS, TABLES
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,9 @@ class Store:
             raise StoreNotFound(f"no selfrepair store at {root}")
         con = duckdb.connect(":memory:")
         try:
-            models = [replace(m, missing=_missing_columns(con, m.files)) for m in models]
+            models = [replace(m, lacking=(lack := _lacking_columns(con, m.files)),
+                              missing={t: set().union(*by_file.values()) for t, by_file in lack.items()})
+                      for m in models]
             for statement in views.view_statements(models):
                 con.execute(statement)
         except duckdb.Error as e:
@@ -102,7 +104,8 @@ class Store:
         temp_dir = Path(tempfile.mkdtemp(prefix="selfrepair-duckdb-"))
         safety.lock_down(con, readable, temp_dir, memory_limit or default_memory_limit())
         store = cls(root, con, {m.model: m.manifest for m in models})
-        store._lacking = {"neuron_ranks": sorted(m.model for m in models if "neuron_effects" in m.missing)}
+        store._lacking = {"neuron_ranks": sorted(m.model for m in models
+                                                 if "rank" in m.missing.get("neuron_effects", set()))}
         weakref.finalize(store, _cleanup, con, temp_dir)
         return store
 
@@ -249,23 +252,30 @@ class Store:
         self.close()
 
 
-# Columns added to a table after stores were written with it: a store without them still opens,
-# the view gives them as NULL, and the queries that need them refuse (see `requests.check_needs`).
-ADDED_COLUMNS = {"neuron_effects": ("rank",)}
+# Columns added to a table after stores were written with it (store/schema.py LEGACY_COLUMNS): a
+# store without them still opens; the view fills them in (`views.LEGACY_FILL`) or gives NULL, and
+# the queries that need them refuse (see `requests.check_needs`).
+ADDED_COLUMNS = {table: tuple(c for c in TABLES[table].column_names if any(c not in old for old in layouts))
+                 for table, layouts in LEGACY_COLUMNS.items()}
 
 
-def _missing_columns(con: duckdb.DuckDBPyConnection, table_files: dict[str, list[Path]]) -> dict[str, set[str]]:
-    """Per table of ADDED_COLUMNS, the added columns that some of its files lack (Parquet footers only)."""
+def _lacking_columns(con: duckdb.DuckDBPyConnection, table_files: dict[str, list[Path]]
+                     ) -> dict[str, dict[Path, frozenset[str]]]:
+    """Per table of ADDED_COLUMNS, each file lacking some of its added columns and which (Parquet footers only)."""
     out = {}
     for table, added in ADDED_COLUMNS.items():
-        paths = [str(p) for p in table_files.get(table) or []]
+        paths = table_files.get(table) or []
         if not paths:
             continue
-        rows = con.execute("SELECT file_name, name FROM parquet_schema($files)", {"files": paths}).fetchall()
+        rows = con.execute("SELECT file_name, name FROM parquet_schema($files)",
+                           {"files": [str(p) for p in paths]}).fetchall()
         have: dict[str, set[str]] = {}
         for file_name, name in rows:
             have.setdefault(file_name, set()).add(name)
-        lacking = {c for c in added if any(c not in cols for cols in have.values())}
+        # parquet_schema names each file by its real path; the views name it by a pattern matching only it.
+        have = {files.glob_literal(name): cols for name, cols in have.items()}
+        lacking = {p: frozenset(c for c in added if c not in have.get(str(p), set())) for p in paths}
+        lacking = {p: cols for p, cols in lacking.items() if cols}
         if lacking:
             out[table] = lacking
     return out

@@ -17,7 +17,9 @@ from selfrepair.errors import SchemaMismatch
 from selfrepair.store import top_tokens
 from selfrepair.store.inventory import INVENTORY_COLUMNS, Inventory
 from selfrepair.store.bounds import DEFAULT_BATCH_SIZE
+from selfrepair.store.labels import Unit
 from selfrepair.store.manifest import Manifest
+from selfrepair.store.plan import unit_order
 from selfrepair.store.schema import TABLES
 
 # Arrow type -> DuckDB type, for the empty view of a table with no committed file yet.
@@ -44,14 +46,24 @@ class ModelFiles:
         model: the model folder's name (the `model` column).
         manifest: its parsed manifest.
         files: table name -> committed Parquet paths, from the manifest only.
-        missing: table name -> schema columns its files lack (a store written before the
-            column existed, e.g. neuron_effects.rank); the view gives them as NULL.
+        missing: table name -> schema columns some of its files lack (a store written before the
+            column existed, e.g. neuron_effects.rank); the view fills them in (`LEGACY_FILL`) or gives NULL.
+        lacking: table name -> file -> the columns that file lacks (only files lacking some).
     """
 
     model: str
     manifest: Manifest
     files: dict[str, list[Path]]
     missing: dict[str, set[str]] = field(default_factory=dict)
+    lacking: dict[str, dict[Path, frozenset[str]]] = field(default_factory=dict)
+
+    def layouts(self, table: str) -> list[tuple[frozenset[str], list[Path]]]:
+        """The table's files grouped by the columns they lack (empty set: the schema's layout)."""
+        out: dict[frozenset[str], list[Path]] = {}
+        lacking = self.lacking.get(table, {})
+        for p in self.files.get(table) or []:
+            out.setdefault(lacking.get(p, frozenset()), []).append(p)
+        return sorted(out.items(), key=lambda kv: sorted(kv[0]))
 
 
 def sql_literal(value: str) -> str:
@@ -66,9 +78,19 @@ def duckdb_type(arrow_type: pa.DataType) -> str:
         raise SchemaMismatch(f"no DuckDB type for Arrow type {arrow_type}") from None
 
 
-HEAD_LABEL = "'L' || layer || 'H' || head AS head_label"
+# A head's label; rows of a unit that is not one head (head -1) have none.
+HEAD_LABEL = "CASE WHEN head >= 0 THEN 'L' || layer || 'H' || head END AS head_label"
 SRC_LABEL = ("CASE WHEN src_kind = 'mlp' THEN 'MLP' || src_layer "
              "ELSE 'L' || src_layer || 'H' || src_head END AS src_label")
+
+# Files written before units (store/schema.py LEGACY_COLUMNS): every row one head, unconditioned,
+# its clean DE (de_base) the head's `head_effects` row. A missing column not named here reads as NULL.
+LEGACY_FILL = {
+    "condition": "CAST('' AS VARCHAR)",
+    "unit": "'L' || layer || 'H' || head",
+    "unit_kind": "CAST('head' AS VARCHAR)",
+    "de_base": "de_base",  # joined from head_effects below
+}
 
 
 def view_columns(table: str) -> list[str]:
@@ -89,24 +111,103 @@ def _derived_column(name: str) -> str | None:
     return {"head_label": HEAD_LABEL, "src_label": SRC_LABEL}.get(name)
 
 
-def table_view_sql(table: str, models: list[ModelFiles]) -> str:
-    """`CREATE VIEW <table>`: model column plus the schema's columns, union over models."""
+def _file_list(paths: list[Path]) -> str:
+    return "[" + ", ".join(sql_literal(str(p)) for p in paths) + "]"
+
+
+def table_view_sql(table: str, models: list[ModelFiles], name: str | None = None, fill_de_base: bool = True) -> str:
+    """`CREATE VIEW <table>`: model column plus the schema's columns, union over models and file layouts.
+
+    Args:
+        name: the view's name (default: the table's).
+        fill_de_base: fill a file written before units' de_base from head_effects (a join over every
+            head and token); False: NULL, for the macros that know the head's clean DE already.
+    """
     spec = TABLES[table]
     cols = ", ".join(_derived_column(c) or c for c in view_columns(table))
     types = dict(spec.columns)
     parts = []
     for m in models:
-        paths = m.files.get(table) or []
-        if paths:
-            missing = m.missing.get(table, set())
-            own = ", ".join(f"CAST(NULL AS {duckdb_type(types[c])}) AS {c}" if c in missing else _derived_column(c) or c
-                            for c in view_columns(table))
-            file_list = "[" + ", ".join(sql_literal(str(p)) for p in paths) + "]"
-            parts.append(f"SELECT {sql_literal(m.model)} AS model, {own} FROM read_parquet({file_list})")
+        for missing, paths in m.layouts(table):
+            own = ", ".join(
+                _derived_column(c) or (f"CAST({LEGACY_FILL[c]} AS {duckdb_type(types[c])}) AS {c}"
+                                       if c in LEGACY_FILL else f"CAST(NULL AS {duckdb_type(types[c])}) AS {c}")
+                if c in missing else _derived_column(c) or c
+                for c in view_columns(table))
+            source = f"read_parquet({_file_list(paths)})"
+            heads = m.files.get("head_effects") or []
+            if "de_base" in missing and heads and fill_de_base:
+                source = (f"(SELECT a.*, h.de AS de_base FROM {source} a LEFT JOIN "
+                          f"read_parquet({_file_list(heads)}) h USING (layer, head, token_index))")
+            elif "de_base" in missing:
+                source = f"(SELECT *, CAST(NULL AS FLOAT) AS de_base FROM {source})"
+            parts.append(f"SELECT {sql_literal(m.model)} AS model, {own} FROM {source}")
     if not parts:
         typed = ", ".join(f"CAST(NULL AS {duckdb_type(t)}) AS {n}" for n, t in spec.columns)
         parts.append(f"SELECT model, {cols} FROM (SELECT CAST(NULL AS VARCHAR) AS model, {typed} WHERE false)")
-    return f"CREATE VIEW {table} AS\n" + "\nUNION ALL\n".join(parts)
+    return f"CREATE VIEW {name or table} AS\n" + "\nUNION ALL\n".join(parts)
+
+
+def model_units(manifest: Manifest) -> list[Unit]:
+    """Every unit a model's shards name, as ablated unit or as condition, in `unit_order`."""
+    n_layers, n_heads = manifest.model.n_layers, manifest.model.n_heads
+    out: dict[str, Unit] = {}
+    for e in manifest.shards.values():
+        if e.phase == "clean":
+            continue
+        out.update({u.label: u for u in e.unit_list(n_layers, n_heads)})
+        cond = e.condition_unit(n_layers, n_heads)
+        if cond is not None:
+            out[cond.label] = cond
+    return sorted(out.values(), key=unit_order)
+
+
+STORED_UNITS_COLUMNS = ("model", "ablation", "sample", "condition", "unit", "unit_kind", "layer", "head", "batches")
+
+
+def stored_units_view_sql(models: list[ModelFiles]) -> str:
+    """`CREATE VIEW stored_units`: per model, draw, condition and unit with a stored ablation shard, the
+    unit's kind, layer and head and how many batches hold it (from the manifests alone)."""
+    rows = []
+    for m in models:
+        n_layers, n_heads = m.manifest.model.n_layers, m.manifest.model.n_heads
+        seen: dict[tuple, tuple[Unit, set]] = {}
+        samples = m.manifest.resample.samples
+        for e in m.manifest.shards.values():
+            if e.phase != "ablation":
+                continue
+            # A shard holding several draws (written by hand, no `ablation`): the recorded configuration's.
+            draws = [e.draw] if e.ablation is not None else [
+                (k, s) for k in m.manifest.ablation_kinds for s in (range(samples) if k == "resample" else [0])]
+            cond = e.condition_label(n_layers, n_heads)
+            for kind, sample in draws:
+                for u in e.unit_list(n_layers, n_heads):
+                    seen.setdefault((kind, sample, cond, u.label), (u, set()))[1].add(e.rows)
+        for (kind, sample, cond, _), (u, batches) in sorted(seen.items(), key=lambda kv: (kv[0][:3], unit_order(kv[1][0]))):
+            rows.append((m.model, kind, sample, cond, u.label, u.kind, u.layer, u.head, len(batches)))
+    cols = ", ".join(STORED_UNITS_COLUMNS)
+    if not rows:
+        return f"CREATE VIEW stored_units AS SELECT * FROM (VALUES ('', '', 0, '', '', '', 0, 0, 0)) v({cols}) WHERE false"
+    values = ",\n".join("(" + ", ".join(sql_literal(v) if isinstance(v, str) else str(int(v)) for v in r) + ")"
+                        for r in rows)
+    return f"CREATE VIEW stored_units({cols}) AS VALUES\n{values}"
+
+
+def unit_members_view_sql(models: list[ModelFiles]) -> str:
+    """`CREATE VIEW unit_members`: per model and stored unit (or condition), each component it replaces
+    (a head, or an MLP with head -1): what a unit's clean DE sums."""
+    rows = []
+    for m in models:
+        n_heads = m.manifest.model.n_heads
+        for u in model_units(m.manifest):
+            rows += [(m.model, u.label, u.kind, "head", la, h) for la, h in u.heads(n_heads)]
+            rows += [(m.model, u.label, u.kind, "mlp", la, -1) for la in u.mlps()]
+    cols = "model, unit, unit_kind, component, layer, head"
+    if not rows:
+        return (f"CREATE VIEW unit_members AS SELECT * FROM (VALUES ('', '', '', '', 0, 0)) v({cols}) WHERE false")
+    values = ",\n".join(f"({sql_literal(a)}, {sql_literal(b)}, {sql_literal(c)}, {sql_literal(d)}, {la}, {h})"
+                        for a, b, c, d, la, h in rows)
+    return f"CREATE VIEW unit_members({cols}) AS VALUES\n{values}"
 
 
 def models_view_sql(models: list[ModelFiles]) -> str:
@@ -161,25 +262,35 @@ _SELF_REPAIR_COLUMNS = """
        -- DESIGN.md closed form: (s/s_abl - 1) * (logit_abl - b_U) * s_abl / s
        (ln_ratio - 1) * (logit + d_logit - unembed_bias) / ln_ratio AS sr_ln_closed"""
 
+# A conditioned row's baseline is the condition-ablated run (DESIGN.md, "Conditions"): its logit
+# and final-norm scale come from condition_tokens, its unit's DE from de_base; an unconditioned
+# row's from tokens and de_base (the unit's clean DE; a head's is its head_effects row).
 _BASE_COLUMNS = """
+           a.de_base::DOUBLE AS de_clean,
            a.de::DOUBLE AS de_ablated,
            a.d_logit::DOUBLE AS d_logit,
            a.d_de_heads::DOUBLE AS sr_heads,
            a.d_de_mlps::DOUBLE AS sr_mlps,
-           t.ln_scale::DOUBLE / a.ln_scale::DOUBLE AS ln_ratio,
-           t.logit::DOUBLE AS logit,
+           (CASE WHEN a.condition = '' THEN t.ln_scale ELSE c.ln_scale END)::DOUBLE / a.ln_scale::DOUBLE AS ln_ratio,
+           (CASE WHEN a.condition = '' THEN t.logit ELSE c.logit END)::DOUBLE AS logit,
            t.unembed_bias::DOUBLE AS unembed_bias"""
+
+_BASE_JOINS = """
+    JOIN tokens t USING (model, token_index)
+    LEFT JOIN condition_tokens c
+        ON c.model = a.model AND c.ablation = a.ablation AND c.sample = a.sample AND c.condition = a.condition
+       AND c.token_index = a.token_index"""
+
+_UNIT_KEY = "model, ablation, sample, condition, unit, unit_kind, layer, head"
 
 SELF_REPAIR_SQL = f"""
 CREATE VIEW self_repair AS
 WITH base AS (
-    SELECT a.model, a.ablation, a.sample, a.layer, a.head, a.token_index,
-           h.de::DOUBLE AS de_clean,{_BASE_COLUMNS}
-    FROM ablation_effects a
-    JOIN head_effects h USING (model, layer, head, token_index)
-    JOIN tokens t USING (model, token_index)
+    SELECT a.model, a.ablation, a.sample, a.condition, a.unit, a.unit_kind, a.layer, a.head, a.token_index,
+{_BASE_COLUMNS}
+    FROM ablation_effects a{_BASE_JOINS}
 )
-SELECT model, ablation, sample, layer, head, {HEAD_LABEL}, token_index,{_SELF_REPAIR_COLUMNS}
+SELECT {_UNIT_KEY}, {HEAD_LABEL}, token_index,{_SELF_REPAIR_COLUMNS}
 FROM base
 """
 
@@ -208,36 +319,78 @@ FROM (
 ))
 """
 
+# Top p% of every stored unit (and condition) by its clean DE, the sum of its components'
+# (unit_members), by the same rule; a head unit's set is top_tokens(p)'s. A conditioned unit
+# reads its own label's set: the unit alone's (store/top_tokens.py `unit_top_sets`, the ingest's).
+UNIT_TOP_TOKENS_SQL = """
+CREATE MACRO unit_top_tokens(p) AS TABLE
+SELECT u.model, u.unit, u.unit_kind, t.token_index, t.de::DOUBLE AS de
+FROM unit_members u JOIN top_tokens(p) t USING (model, layer, head)
+WHERE u.unit_kind = 'head'
+UNION ALL
+SELECT model, unit, unit_kind, token_index, de
+FROM (
+    SELECT d.model, d.unit, d.unit_kind,
+           unnest(max_by({'token_index': d.token_index, 'de': d.de},
+                         {'de': d.de, 'neg_index': -d.token_index},
+                         CAST(floor(p * m.n_tokens) AS BIGINT)), recursive := true)
+    FROM (
+        SELECT u.model, u.unit, u.unit_kind, c.token_index, sum(c.de::DOUBLE) AS de
+        FROM unit_members u
+        JOIN (SELECT model, 'head' AS component, layer, head, token_index, de FROM head_effects
+              UNION ALL
+              SELECT model, 'mlp' AS component, layer, -1 AS head, token_index, de FROM mlp_effects) c
+          USING (model, component, layer, head)
+        WHERE u.unit_kind <> 'head'
+        GROUP BY ALL
+    ) d JOIN models m USING (model)
+    WHERE floor(p * m.n_tokens) >= 1
+    GROUP BY d.model, d.unit, d.unit_kind, m.n_tokens
+)
+"""
+
 # Start from the small top set and join outwards, rather than filtering the full view.
 # At the ingest's own p the ablation rows come from `ablation_top` (2% of the rows), else
 # from `ablation_top`'s source, `ablation_effects`; as in top_tokens(p), each branch's filter
 # on `models` is false for the other's models and DuckDB then skips that branch's scan.
+# A head unit's tokens are its head's top_tokens(p), any other unit's its unit_top_tokens(p).
+# The ablation tables with a legacy file's de_base left NULL (no join over head_effects): what
+# self_repair_top reads, taking that head's clean DE from its top set instead.
+UNFILLED = "unfilled_"
+_ABL_COLUMNS = "a.model, a.ablation, a.sample, a.condition, a.unit, a.unit_kind, a.layer, a.head, a.token_index, " \
+               "a.de, a.de_base, a.d_logit, a.d_de_heads, a.d_de_mlps, a.ln_scale"
 SELF_REPAIR_TOP_SQL = f"""
 CREATE MACRO self_repair_top(p) AS TABLE
 WITH abl AS (
-    SELECT a.model, a.ablation, a.sample, a.layer, a.head, a.token_index,
-           a.de, a.d_logit, a.d_de_heads, a.d_de_mlps, a.ln_scale
-    FROM ablation_top a JOIN models m USING (model)
+    SELECT {_ABL_COLUMNS}
+    FROM {UNFILLED}ablation_top a JOIN models m USING (model)
     WHERE m.top_stored AND m.top_rows_stored AND m.top_p = p
     UNION ALL
-    SELECT a.model, a.ablation, a.sample, a.layer, a.head, a.token_index,
-           a.de, a.d_logit, a.d_de_heads, a.d_de_mlps, a.ln_scale
-    FROM ablation_effects a JOIN models m USING (model)
+    SELECT {_ABL_COLUMNS}
+    FROM {UNFILLED}ablation_effects a JOIN models m USING (model)
     WHERE NOT (m.top_stored AND m.top_rows_stored AND m.top_p = p)
+), top AS (
+    SELECT model, layer, head, token_index, de FROM top_tokens(p)
+), unit_top AS (
+    SELECT model, unit, token_index FROM unit_top_tokens(p) WHERE unit_kind <> 'head'
+), picked AS (
+    -- a file written before units has no de_base: its head's clean DE is the top set's
+    SELECT a.* REPLACE (coalesce(a.de_base, top.de) AS de_base)
+    FROM abl a JOIN top USING (model, layer, head, token_index) WHERE a.unit_kind = 'head'
+    UNION ALL
+    SELECT a.* FROM abl a JOIN unit_top USING (model, unit, token_index) WHERE a.unit_kind <> 'head'
 ), base AS (
-    SELECT a.model, a.ablation, a.sample, a.layer, a.head, a.token_index,
-           top.de::DOUBLE AS de_clean,{_BASE_COLUMNS}
-    FROM top_tokens(p) top
-    JOIN abl a USING (model, layer, head, token_index)
-    JOIN tokens t USING (model, token_index)
+    SELECT a.model, a.ablation, a.sample, a.condition, a.unit, a.unit_kind, a.layer, a.head, a.token_index,
+{_BASE_COLUMNS}
+    FROM picked a{_BASE_JOINS}
 )
-SELECT model, ablation, sample, layer, head, {HEAD_LABEL}, token_index,{_SELF_REPAIR_COLUMNS}
+SELECT {_UNIT_KEY}, {HEAD_LABEL}, token_index,{_SELF_REPAIR_COLUMNS}
 FROM base
 """
 
 # The authors' second token set (Rushing & Nanda's code): a head's floor(top_p * N) tokens with
 # the largest signed sr_mlps = d_de_mlps under one ablation draw, ties to the lower token_index,
-# at the ingest's own top_p (the only p with neuron rows). A selected token that neuron_totals
+# at the ingest's own top_p (the only p with neuron rows); head units, unconditioned. A selected token that neuron_totals
 # lacks (the ingest's --sr-mlps-neurons did not name the head) refuses the query with one line.
 # One layer (lyr -1: the penultimate, n_layers - 2) and one head (hd -1: all): the filter must sit
 # inside, below the refusing projection, or other heads' tokens would refuse too.
@@ -252,18 +405,18 @@ SELECT model, layer, head, head_label, sr_mlps,
 FROM (
     SELECT a.model, a.layer, a.head, {HEAD_LABEL}, a.token_index, a.d_de_mlps::DOUBLE AS sr_mlps,
            EXISTS (SELECT 1 FROM neuron_totals n
-                   WHERE n.model = a.model AND n.ablation = abl AND n.sample = smp AND n.layer = a.layer
-                     AND n.head = a.head AND n.token_index = a.token_index) AS has_neurons
+                   WHERE n.model = a.model AND n.ablation = abl AND n.sample = smp AND n.condition = ''
+                     AND n.unit = a.unit AND n.token_index = a.token_index) AS has_neurons
     FROM ablation_effects a JOIN models m USING (model)
-    WHERE a.ablation = abl AND a.sample = smp
+    WHERE a.ablation = abl AND a.sample = smp AND a.condition = '' AND a.unit_kind = 'head'
       AND a.layer = CASE WHEN lyr < 0 THEN m.n_layers - 2 ELSE lyr END AND (hd < 0 OR a.head = hd)
     QUALIFY row_number() OVER (PARTITION BY a.model, a.layer, a.head
                                ORDER BY a.d_de_mlps DESC, a.token_index) <= floor(m.top_p * m.n_tokens)
 )
 """
 
-# The authors' all-token per-head means (their scatter of DE against logit change): over the
-# tokens with |clean DE| > 0, the mean of each batch (batch_size rows), then the mean of those.
+# The authors' all-token per-head means (their scatter of DE against logit change), head units
+# unconditioned: over the tokens with |clean DE| > 0, the mean of each batch (batch_size rows), then the mean of those.
 PAPER_HEAD_MEANS_SQL = """
 CREATE MACRO paper_head_means(abl, smp) AS TABLE
 WITH batches AS (
@@ -272,7 +425,7 @@ WITH batches AS (
     FROM self_repair s
     JOIN tokens t USING (model, token_index)
     JOIN models m USING (model)
-    WHERE s.ablation = abl AND s.sample = smp AND abs(s.de_clean) > 0
+    WHERE s.ablation = abl AND s.sample = smp AND abs(s.de_clean) > 0 AND s.condition = '' AND s.unit_kind = 'head'
     GROUP BY ALL
 )
 SELECT model, layer, head, count(*) AS n_batches, sum(n_tokens) AS n_tokens,
@@ -300,7 +453,7 @@ def inventory_view_sql(models: list[ModelFiles]) -> str:
     rows = [r for m in models for r in Inventory.of(m.model, m.manifest).rows()]
     cols = ", ".join(INVENTORY_COLUMNS)
     if not rows:
-        return (f"CREATE VIEW inventory AS SELECT * FROM (VALUES ('', '', 0, '', 0, 0, 0, 0, 0, 0.0, 0, 0, '')) "
+        return (f"CREATE VIEW inventory AS SELECT * FROM (VALUES ('', '', 0, '', 0, 0, 0, 0, 0, 0.0, 0, 0, '', '', '')) "
                 f"v({cols}) WHERE false")
 
     def lit(v) -> str:
@@ -310,14 +463,17 @@ def inventory_view_sql(models: list[ModelFiles]) -> str:
     return f"CREATE VIEW inventory({cols}) AS VALUES\n{values}"
 
 
-DERIVED_VIEWS = ("models", "inventory", "self_repair")
+DERIVED_VIEWS = ("models", "inventory", "stored_units", "unit_members", "self_repair")
 
 
 def view_statements(models: list[ModelFiles]) -> list[str]:
     """Every DDL statement, in dependency order."""
     out = [table_view_sql(t, models) for t in TABLES]
-    out += [models_view_sql(models), inventory_view_sql(models), SELF_REPAIR_SQL, TOP_TOKENS_SQL,
-            SELF_REPAIR_TOP_SQL, SR_MLPS_TOP_SQL, PAPER_HEAD_MEANS_SQL, TOKEN_CONTEXT_SQL]
+    out += [table_view_sql(t, models, UNFILLED + t, fill_de_base=False) for t in ("ablation_effects", "ablation_top")]
+    out += [models_view_sql(models), inventory_view_sql(models), stored_units_view_sql(models),
+            unit_members_view_sql(models), SELF_REPAIR_SQL,
+            TOP_TOKENS_SQL, UNIT_TOP_TOKENS_SQL, SELF_REPAIR_TOP_SQL, SR_MLPS_TOP_SQL, PAPER_HEAD_MEANS_SQL,
+            TOKEN_CONTEXT_SQL]
     return out
 
 

@@ -60,7 +60,12 @@ FIELD_BOUNDS = {
     "shards.<id>.chunks": ("{path: sha256 | null}, optional", "path relative, under activations.zarr/"),
     "shards.<id>.ablation": ("str, optional", f"one of {ABLATION_KINDS}"),
     "shards.<id>.sample": ("int, default 0", f"0 ≤ n ≤ {MAX_SAMPLE} (int16 sample)"),
-    "shards.<id>.heads": ("str, default 'all'", "heads that exist in the model"),
+    "shards.<id>.heads": ("str, default 'all'", "heads that exist in the model (read when `units` is absent)"),
+    "shards.<id>.units": ("str, optional (absent: the shard's `heads`, as head units)",
+                          f"≤ {MAX_TEXT} chars; store/labels.py units (`units_spec`) that exist in the model"),
+    "shards.<id>.condition": ("str, default '' (none)",
+                              f"≤ {MAX_TEXT} chars; one store/labels.py unit in the model, sharing no component "
+                              "with the shard's units"),
     "shards.<id>.top_n_tokens": ("int, optional", f"0 ≤ n ≤ {MAX_TOKENS}"),
     "shards.<id>.compacted": ("list[str], default []", "tables of store/schema.py"),
     "shards.<id>.heads_key, engine, pairs_sha, top_sha, detail_sha": ("str, optional", f"≤ {MAX_TEXT} chars"),

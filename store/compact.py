@@ -2,19 +2,19 @@
 
 An ingest writes one small file per table per shard (thousands at 1 M tokens), so opening
 the store and scanning a head's rows cost per file. Compaction merges every compactable
-shard's rows (and the previous compacted file) into one Parquet file per table, sorted
-by the table's key (`ablation_effects` by ablation, sample, layer, head, token_index) in
-row groups of ROW_GROUP_ROWS, so DuckDB skips row groups by their min/max on layer and
-head. DuckDB does the sort out of core, so memory stays bounded whatever the store's size.
+shard's rows (and the previous compacted file) into one Parquet file per table and file
+layout (a store written before units keeps its older files, by their own key), sorted by the
+table's key (`ablation_effects` by ablation, sample, condition, unit, token_index) in row
+groups of ROW_GROUP_ROWS, so DuckDB skips row groups by their min/max on condition and unit. DuckDB does the sort out of core, so memory stays bounded whatever the store's size.
 
 The swap is one commit record (`op: compact`, `store/schema.py`) appended under the
 writer lock after every new file is written, fsynced and checksummed: a reader's snapshot
 lists either the old shard files or the new compacted ones, never both, and a kill at any
 moment leaves either the old snapshot (plus orphan files, removed by the next cleanup) or
-the new one. The shards keep their entries — rows, ablation, draw, heads — with `files`
+the new one. The shards keep their entries — rows, ablation, draw, condition, units — with `files`
 emptied and `compacted` naming the tables moved, so `store/plan.py` still sees every
-stored (ablation, sample, head, batch) unit and `verify` still checks that no two units
-overlap. A partial batch (shorter than the ingest's batch size) is left out: an extension
+stored (ablation, sample, condition, unit, batch) and `verify` still checks that no two
+shards overlap. A partial batch (shorter than the ingest's batch size) is left out: an extension
 with more tokens redoes it. When an extension redoes a compacted shard anyway (a full
 batch whose resample pairs pointed into the grown last batch), `Writer.commit` swaps in,
 in the same record, copies of the compacted files without that shard's units
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from selfrepair.store import faults
-from selfrepair.store.compacted_files import write_sorted
+from selfrepair.store.compacted_files import by_layout, write_sorted
 from selfrepair.store.manifest import Manifest
 from selfrepair.store.model_store import list_models
 from selfrepair.store.schema import TABLES
@@ -90,13 +90,14 @@ def compact_with(writer: Writer) -> Result:
     tag = uuid.uuid4().hex[:8]  # never the name of a listed file: old snapshots stay readable
     new: dict[str, list[dict]] = {}
     for table, paths in sources.items():
-        if paths:
-            new[table] = [write_sorted(ms, table, paths, f"compact-{tag}")]
-            result.rows += new[table][0]["rows"]
+        if paths:  # one sorted file per layout (a store written before units keeps its older files as they are)
+            new[table] = [write_sorted(ms, table, group, f"compact-{tag}" + (f"-{i}" if i else ""))
+                          for i, group in enumerate(by_layout(paths).values())]
+            result.rows += sum(f["rows"] for f in new[table])
     faults.point("compact.written")
     writer.commit_compaction(new, ids)
     faults.point("compact.committed")
     # Readers that opened the old snapshot must reopen: its files go now, not at the next ingest.
     writer.clean_orphans()
-    result.shards, result.files_after = len(ids), len(new)
+    result.shards, result.files_after = len(ids), sum(len(v) for v in new.values())
     return result

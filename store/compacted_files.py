@@ -1,7 +1,7 @@
 """Sorted, compacted Parquet files: writing them, and copies of them without some shards' units.
 
 `selfrepair compact` (store/compact.py) writes each table's rows into one file sorted by its
-key; when an extension redoes a compacted shard, `Writer.commit` swaps in, in the same
+key (one file per layout: files written before a schema change keep their columns and key); when an extension redoes a compacted shard, `Writer.commit` swaps in, in the same
 record, copies of the compacted files without that shard's units (`without_shards`): rows
 are unique per unit, so dropping by unit is exact. Both live here, below the writer and
 compaction, so neither imports the other to reach them.
@@ -18,11 +18,10 @@ import pyarrow.parquet as pq
 
 from selfrepair.errors import StoreError
 from selfrepair.store import files
-from selfrepair.store.heads import parse_heads
 from selfrepair.store.manifest import Manifest, ShardEntry
 from selfrepair.store.model_store import ModelStore
 from selfrepair.store.plan import NEURON_PHASE
-from selfrepair.store.schema import TABLES
+from selfrepair.store.schema import TABLES, file_key
 
 ROW_GROUP_ROWS = 131_072  # ~8 row groups per head at 1 M tokens: fine-grained min/max skipping
 MEMORY_LIMIT = "1GB"  # DuckDB spills the sort to disk beyond this
@@ -31,29 +30,43 @@ MEMORY_LIMIT = "1GB"  # DuckDB spills the sort to disk beyond this
 def without_shards(ms: ModelStore, manifest: Manifest, shard_ids) -> dict[str, list[dict]]:
     """The compacted set of `manifest` with every row of the given (compacted) shards' units dropped, as new files."""
     preds = manifest.seq_len - 1
-    n_layers, n_heads = manifest.model.n_layers, manifest.model.n_heads
-    drop: dict[str, list[str]] = {}
+    drop: dict[str, list[ShardEntry]] = {}
     shards = [manifest.shards[sid] for sid in shard_ids if sid in manifest.shards]
     top = top_sets(ms, manifest) if any(e.phase == NEURON_PHASE for e in shards) else None
     for e in shards:
         for table in e.compacted:
-            drop.setdefault(table, []).append(_unit_condition(TABLES[table], e, preds, n_layers, n_heads, top))
+            drop.setdefault(table, []).append(e)
     tag = uuid.uuid4().hex[:8]
     out = {}
     for table, entries in manifest.compacted.items():
         if table not in drop:
             out[table] = [dict(f.raw) for f in entries]
             continue
-        paths = [ms.path / f.path for f in entries]
-        where = "NOT (" + " OR ".join(drop[table]) + ")"
-        out[table] = [write_sorted(ms, table, paths, f"compact-{tag}", where)]
+        out[table] = []
+        for i, (names, paths) in enumerate(by_layout([ms.path / f.path for f in entries]).items()):
+            terms = [_unit_condition(TABLES[table], names, e, preds, manifest, top) for e in drop[table]]
+            where = "NOT (" + " OR ".join(terms) + ")"
+            entry = write_sorted(ms, table, paths, f"compact-{tag}" + (f"-{i}" if i else ""), where)
+            if entry["rows"]:  # a layout with no row left (every older row redone) leaves no file
+                out[table].append(entry)
     return out
 
 
-def _unit_condition(spec, entry: ShardEntry, preds: int, n_layers: int, n_heads: int, top: dict | None = None) -> str:
-    """SQL that is true exactly on a shard's rows of one table (from its unit: rows, draw, heads)."""
+def by_layout(paths: list[Path]) -> dict[tuple[str, ...], list[Path]]:
+    """Files by their columns (a store written before a schema change holds files of an older layout)."""
+    out: dict[tuple[str, ...], list[Path]] = {}
+    for p in paths:
+        files.check_regular(p)  # a symlink (read out of the store) or a FIFO (blocks DuckDB) is refused
+        out.setdefault(tuple(pq.read_schema(p).names), []).append(p)
+    return out
+
+
+def _unit_condition(spec, names, entry: ShardEntry, preds: int, manifest: Manifest, top: dict | None = None) -> str:
+    """SQL that is true exactly on a shard's rows of one table, in files with columns `names` (from its unit:
+    rows, draw, condition and units; a file written before units keys heads by (layer, head))."""
+    n_layers, n_heads = manifest.model.n_layers, manifest.model.n_heads
     r0, r1 = entry.rows
-    cols = set(spec.column_names)
+    cols = set(names)
     terms = []
     if "token_index" in cols:
         if preds <= 0:
@@ -66,19 +79,25 @@ def _unit_condition(spec, entry: ShardEntry, preds: int, n_layers: int, n_heads:
             terms.append(f"ablation = {_literal(entry.ablation)}")
         if "sample" in cols:
             terms.append(f"sample = {entry.sample}")
-        if "head" in cols and entry.heads != "all":
-            pairs = parse_heads(entry.heads, n_layers, n_heads)
-            terms.append("(layer, head) IN (" + ", ".join(f"({la}, {h})" for la, h in pairs) + ")")
+        units = entry.unit_list(n_layers, n_heads)
+        cond = entry.condition_label(n_layers, n_heads)
+        if "condition" in cols:
+            terms.append(f"condition = {_literal(cond)}")
+        if "unit" in cols:
+            terms.append("unit IN (" + ", ".join(_literal(u.label) for u in units) + ")")
+        elif "head" in cols:  # a file written before units holds unconditioned head units only
+            pairs = [(u.layer, u.head) for u in units if u.kind == "head" and not cond]
+            terms.append("(layer, head) IN (" + ", ".join(f"({la}, {h})" for la, h in pairs) + ")" if pairs
+                         else "false")
     if entry.phase == NEURON_PHASE and top is not None:
         # Its batch's ablation shards hold the detail of the heads' top-p% tokens in the same
         # tables, and they stay: only the other (extra) tokens are this shard's rows.
         r0t, r1t = r0 * preds, r1 * preds
-        heads = parse_heads(entry.heads, n_layers, n_heads)
         keep = []
-        for la, h in heads:
-            toks = [t for t in top.get((la, h), []) if r0t <= t < r1t]
+        for u in entry.unit_list(n_layers, n_heads):
+            toks = [t for t in top.get((u.layer, u.head), []) if r0t <= t < r1t]
             if toks:
-                keep.append(f"(layer = {la} AND head = {h} AND token_index IN ({', '.join(map(str, toks))}))")
+                keep.append(f"(layer = {u.layer} AND head = {u.head} AND token_index IN ({', '.join(map(str, toks))}))")
         if keep:
             terms.append("NOT (" + " OR ".join(keep) + ")")
     return "(" + " AND ".join(terms) + ")"
@@ -100,18 +119,15 @@ def write_sorted(ms: ModelStore, table: str, paths: list[Path], name: str, where
     """One table's rows from `paths` (those where `where` holds), sorted by its key, into `tables/<table>/<name>.parquet`."""
     spec = TABLES[table]
     path = ms.shard_file(table, name)
-    for p in paths:  # a symlink (read out of the store) or a FIFO (blocks DuckDB) is refused, not compacted
-        files.check_regular(p)
+    layouts = by_layout(paths)
+    if len(layouts) != 1:
+        raise StoreError(f"table {table}: cannot compact files of {len(layouts)} layouts into one")
+    (names,) = layouts
     listing = "[" + ", ".join(_literal(files.glob_literal(p)) for p in paths) + "]"  # literal paths, not patterns
-    layouts = {tuple(pq.read_schema(p).names) for p in paths}
     reader = f"read_parquet({listing})"
-    if layouts == {tuple(spec.column_names)} or len(layouts) > 1:
-        cols = ", ".join(spec.column_names)
-        if len(layouts) > 1:  # an older store's files beside newer ones: their missing columns read as NULL
-            reader = f"read_parquet({listing}, union_by_name = true)"
-    else:  # only files of an older layout (store/schema.py LEGACY_COLUMNS): kept as they are
-        cols = ", ".join(next(iter(layouts)))
-    order = ", ".join(spec.key)
+    # A file of an older layout (store/schema.py LEGACY_COLUMNS) stays one: rewritten as it is, by its own key.
+    cols = ", ".join(names)
+    order = ", ".join(file_key(spec, names))
 
     def write(tmp: Path) -> None:
         with tempfile.TemporaryDirectory(prefix="selfrepair-compact-") as spill:

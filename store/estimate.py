@@ -28,13 +28,15 @@ TABLE_BYTES: dict[str, tuple[float, float]] = {
     "tokens": (27.0, 3400.0),  # 6 float32 + ids + two dictionary-encoded token strings
     "head_effects": (5.5, 1200.0),  # de + token_index (layer/head are runs)
     "mlp_effects": (5.9, 1200.0),
-    "ablation_effects": (22.8, 1050.0),  # 5 float32 + token_index
-    "ablation_top": (22.8, 2700.0),  # as ablation_effects, in small files (rows not in runs)
+    # 6 float32 (de_base with units) + token_index; condition, unit, unit_kind are runs
+    "ablation_effects": (28.5, 1050.0),
+    "ablation_top": (38.0, 3430.0),  # as ablation_effects, in small files (rows not in runs; unit strings per file)
     "resample_sources": (8.0, 1000.0),
-    "repair_sources": (5.5, 2750.0),  # d_de + token_index; src columns repeat per token
+    "repair_sources": (6.6, 3300.0),  # d_de + token_index; src columns repeat per token (+ unit strings)
     "neuron_effects": (11.5, 2700.0),  # 2 float32 + neuron index + rank (repeats per token) + token_index
-    "neuron_totals": (14.0, 2450.0),  # 3 float32 + token_index
-    "attention_top": (9.0, 2500.0),  # rank, positions, weight
+    "neuron_totals": (17.6, 3090.0),  # 3 float32 + token_index (+ unit strings per file)
+    "attention_top": (10.5, 2900.0),  # rank, positions, weight (+ unit strings)
+    "condition_tokens": (12.5, 1200.0),  # 2 float32 + token_index (not calibrated: ablation_effects' floats)
     "head_top_tokens": (7.3, 1300.0),
     "vocab": (3.0, 1000.0),  # token_id + a short string (a 50k BPE vocabulary: ~11 B a row, 0.5 MB)
 }
@@ -87,6 +89,7 @@ class RunCounts:
         neurons_top_k: neurons kept per ablated head and top token.
         attention_top_k: attention sources kept per ablated head and top token.
         sr_heads: ablated heads whose top tokens by sr_mlps also get neuron detail (`--sr-mlps-neurons`).
+        conditions: conditions the units are also ablated under (each stores its run's `condition_tokens`).
         arrays: Zarr activation arrays kept.
         activation_dtype: float16 or float32.
     """
@@ -103,6 +106,7 @@ class RunCounts:
     activation_dtype: str = "float16"
     attention_top_k: int = 8
     sr_heads: int = 0
+    conditions: int = 0
 
     @property
     def n_tokens(self) -> int:
@@ -196,6 +200,7 @@ def table_rows(shape: ModelShape, run: RunCounts) -> dict[str, tuple[int, int]]:
         # over positions (top tokens fall anywhere in a row). Not exact: it depends on where they fall.
         "attention_top": (round(run.draws * len(run.heads) * top * _mean_sources(run.attention_top_k, run.preds_per_row)),
                           b * run.draws if detail and run.attention_top_k else 0),
+        "condition_tokens": (run.conditions * run.draws * n, b * run.draws * run.conditions),
         "head_top_tokens": (shape.n_layers * shape.n_heads * top, 1),
         "vocab": (shape.d_vocab, 1),
     }

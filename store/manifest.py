@@ -22,6 +22,7 @@ from selfrepair.store.bounds import (
     MAX_TEXT, MAX_TOKENS, REQUIRED, Fields, proxy, show, type_ok,
 )
 from selfrepair.store.heads import parse_heads
+from selfrepair.store.labels import Unit, head_unit, parse_units
 from selfrepair.store.schema import ABLATION_KINDS, DERIVED_TABLES, READABLE_SCHEMA_VERSIONS, SHARD_PHASES, TABLES
 
 
@@ -63,7 +64,7 @@ class ShardEntry:
     chunks: Mapping[str, str | None] = field(default_factory=dict)
     ablation: str | None = None  # None: a legacy ablation shard holding every stored kind
     sample: int = 0
-    heads: str = "all"
+    heads: str = "all"  # what a shard written before units ablated (its `units` absent)
     heads_key: str | None = None
     engine: str | None = None
     pairs_sha: str | None = None
@@ -71,11 +72,30 @@ class ShardEntry:
     top_sha: str | None = None
     detail_sha: str | None = None
     compacted: tuple[str, ...] = ()  # tables whose rows moved into the compacted files
+    units: str | None = None  # store/labels.py `units_spec` text; None: written before units (`heads`)
+    condition: str = ""  # the condition unit's spec; "": none
     raw: Mapping = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def draw(self) -> tuple[str | None, int]:
         return self.ablation, self.sample
+
+    def unit_list(self, n_layers: int, n_heads: int) -> tuple[Unit, ...]:
+        """The units this shard ablated: its `units`, or, written before units, its `heads` as head units.
+
+        Raises:
+            ConfigError: a unit outside the model (the manifest's readers refuse such a shard first).
+        """
+        return shard_units(self.units, self.heads, n_layers, n_heads)
+
+    def condition_unit(self, n_layers: int, n_heads: int) -> Unit | None:
+        """The unit ablated under every unit of this shard (None: unconditioned)."""
+        return condition_unit(self.condition, n_layers, n_heads)
+
+    def condition_label(self, n_layers: int, n_heads: int) -> str:
+        """The `condition` column of this shard's rows ("" for none)."""
+        unit = self.condition_unit(n_layers, n_heads)
+        return "" if unit is None else unit.label
 
     def holds(self, table: str) -> bool:
         """Whether this shard's rows of `table` exist (in its own file or a compacted one)."""
@@ -121,7 +141,8 @@ def parse_shard(folder: Path, shard_id, obj, what: str) -> ShardEntry:
         phase, rows, proxy(entries), _pair(f, "tokens", MAX_TOKENS, strict=False, default=None), proxy(chunks),
         ablation, f.count("sample", MAX_SAMPLE, default=0), f.text("heads", "all"), f.text("heads_key", None),
         f.text("engine", None), f.text("pairs_sha", None), f.count("top_n_tokens", MAX_TOKENS, default=None),
-        f.text("top_sha", None), f.text("detail_sha", None), f.texts("compacted", TABLES), obj)
+        f.text("top_sha", None), f.text("detail_sha", None), f.texts("compacted", TABLES), f.text("units", None),
+        f.text("condition", ""), obj)
 
 
 def parse_compacted(folder: Path, obj, what: str) -> Mapping[str, tuple[FileEntry, ...]]:
@@ -278,20 +299,47 @@ class Manifest:
         return out
 
 
-@functools.lru_cache(maxsize=1024)  # a store has few distinct head sets; specs are ≤ MAX_TEXT each
-def _heads_exist(spec: str, n_layers: int, n_heads: int) -> bool:
-    try:
-        parse_heads(spec, n_layers, n_heads)
-    except ConfigError:
-        return False
-    return True
+@functools.lru_cache(maxsize=1024)  # a store has few distinct unit sets; specs are ≤ MAX_TEXT each
+def shard_units(units: str | None, heads: str, n_layers: int, n_heads: int) -> tuple[Unit, ...]:
+    """A shard's units from its entry's text: `units`, or (None) its `heads` as head units."""
+    if units is None:
+        return tuple(head_unit(l, h) for l, h in parse_heads(heads, n_layers, n_heads))
+    return tuple(parse_units(units, n_layers, n_heads, flag="units"))
+
+
+@functools.lru_cache(maxsize=1024)
+def condition_unit(spec: str, n_layers: int, n_heads: int) -> Unit | None:
+    """A shard's condition from its entry's text ("" for none).
+
+    Raises:
+        ConfigError: not exactly one unit inside the model.
+    """
+    if not spec:
+        return None
+    units = parse_units(spec, n_layers, n_heads, flag="condition")
+    if len(units) != 1:
+        raise ConfigError(f"condition: {spec!r} names {len(units)} units, not one")
+    return units[0]
 
 
 def check_heads(entry: ShardEntry, sid: str, model: ModelFacts, what: str) -> None:
-    """Refuse a shard naming a head the model does not have."""
-    if not _heads_exist(entry.heads, model.n_layers, model.n_heads):
-        raise StoreError(f"{what}, shard {sid}: heads {show(entry.heads)} name heads outside the model's "
-                         f"{model.n_layers} layers × {model.n_heads} heads")
+    """Refuse a shard naming a unit (or a condition) the model does not have, or a unit inside its condition."""
+    size = f"the model's {model.n_layers} layers × {model.n_heads} heads"
+    try:
+        units = entry.unit_list(model.n_layers, model.n_heads)
+    except ConfigError as e:
+        if entry.units is None:
+            raise StoreError(f"{what}, shard {sid}: heads {show(entry.heads)} name heads outside {size}") from None
+        raise StoreError(f"{what}, shard {sid}: units {show(entry.units)} do not fit {size} ({e})") from None
+    try:
+        cond = entry.condition_unit(model.n_layers, model.n_heads)
+    except ConfigError as e:
+        raise StoreError(f"{what}, shard {sid}: condition {show(entry.condition)} does not fit {size} ({e})") from None
+    if cond is not None:
+        inside = [u.label for u in units if u.overlaps(cond, model.n_heads)]
+        if inside:
+            raise StoreError(f"{what}, shard {sid}: unit {inside[0]} shares a component with its condition "
+                             f"{cond.label}")
 
 
 # Array axes that hold the model's layers and heads (store/schema.py's dimension names).

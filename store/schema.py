@@ -79,30 +79,38 @@ MLP_EFFECTS = Table(
     "clean direct effect of one MLP layer (output with bias) on the correct next token",
 )
 
+# Every ablation table names what was ablated (DESIGN.md, "Beyond single heads"):
+# `condition` ("" for none, else the condition unit's label), `unit` (store/labels.py
+# `Unit.label`) and `unit_kind` (`Unit.kind`), right after `sample`; `layer` is the unit's
+# first layer and `head` its head (-1 for a unit that is not one head). A row's key holds
+# (condition, unit) where it held (layer, head) before units existed.
+UNIT_COLUMNS = (("condition", STR), ("unit", STR), ("unit_kind", STR), ("layer", I16), ("head", I16))
+_DRAW = (("ablation", STR), ("sample", I16))
+_UNIT_KEY = ("ablation", "sample", "condition", "unit")
+
 ABLATION_EFFECTS = Table(
     "ablation_effects",
-    ("ablation", "sample", "layer", "head", "token_index"),
-    (
-        ("ablation", STR),
-        ("sample", I16),
-        ("layer", I16),
-        ("head", I16),
+    _UNIT_KEY + ("token_index",),
+    _DRAW + UNIT_COLUMNS + (
         ("token_index", I32),
         ("d_logit", F32),
         ("ln_scale", F32),
         ("de", F32),
+        ("de_base", F32),
         ("d_de_heads", F32),
         ("d_de_mlps", F32),
     ),
-    "one head ablated on one token: change in logit, ablated final-norm scale and DEs",
+    "one unit ablated (under its condition, if any) on one token: change in logit against the baseline run "
+    "(clean, or condition-ablated), ablated final-norm scale, the unit's DE after (de) and in the baseline (de_base) "
+    "at the baseline's scale, and the summed change in DE of the heads and MLPs outside it",
 )
 
 ABLATION_TOP = Table(
     "ablation_top",
     ABLATION_EFFECTS.key,
     ABLATION_EFFECTS.columns,
-    "the ablation_effects rows of each ablated head's top-p% tokens (the ingest's top_p): "
-    "what per-head questions on top tokens read",
+    "the ablation_effects rows of each ablated unit's top-p% tokens (the ingest's top_p; a conditioned unit: "
+    "its unconditioned unit's set): what per-unit questions on top tokens read",
 )
 
 RESAMPLE_SOURCES = Table(
@@ -114,49 +122,37 @@ RESAMPLE_SOURCES = Table(
 
 REPAIR_SOURCES = Table(
     "repair_sources",
-    ("ablation", "sample", "layer", "head", "token_index", "src_kind", "src_layer", "src_head"),
-    (
-        ("ablation", STR),
-        ("sample", I16),
-        ("layer", I16),
-        ("head", I16),
+    _UNIT_KEY + ("token_index", "src_kind", "src_layer", "src_head"),
+    _DRAW + UNIT_COLUMNS + (
         ("token_index", I32),
         ("src_kind", STR),
         ("src_layer", I16),
         ("src_head", I16),
         ("d_de", F32),
     ),
-    "top-p% tokens only: the change in DE of each downstream head or MLP (src_head -1)",
+    "top-p% tokens only: the change in DE of each downstream head or MLP (src_head -1) outside the unit",
 )
 
 NEURON_EFFECTS = Table(
     "neuron_effects",
-    ("ablation", "sample", "layer", "head", "token_index", "neuron"),
-    (
-        ("ablation", STR),
-        ("sample", I16),
-        ("layer", I16),
-        ("head", I16),
+    _UNIT_KEY + ("token_index", "neuron"),
+    _DRAW + UNIT_COLUMNS + (
         ("token_index", I32),
         ("neuron", I32),
         ("rank", I16),
         ("de_clean", F32),
         ("de_ablated", F32),
     ),
-    "detail tokens only (each head's top-p% tokens by clean DE, and by sr_mlps for the heads "
+    "detail tokens only (each unit's top-p% tokens by clean DE, and by sr_mlps for the heads "
     "`--sr-mlps-neurons` names): the final-MLP neurons whose signed change in DE ranks in the "
     "top k or the bottom k; rank is the 1-based rank of de_ablated - de_clean, largest first, "
-    "among all d_mlp neurons (rank > d_mlp - k: the bottom k)",
+    "among all d_mlp neurons (rank > d_mlp - k: the bottom k). Units holding the final MLP have none",
 )
 
 NEURON_TOTALS = Table(
     "neuron_totals",
-    ("ablation", "sample", "layer", "head", "token_index"),
-    (
-        ("ablation", STR),
-        ("sample", I16),
-        ("layer", I16),
-        ("head", I16),
+    _UNIT_KEY + ("token_index",),
+    _DRAW + UNIT_COLUMNS + (
         ("token_index", I32),
         ("d_de_sum", F32),
         ("d_de_abs_sum", F32),
@@ -168,20 +164,24 @@ NEURON_TOTALS = Table(
 
 ATTENTION_TOP = Table(
     "attention_top",
-    ("ablation", "sample", "layer", "head", "token_index", "rank"),
-    (
-        ("ablation", STR),
-        ("sample", I16),
-        ("layer", I16),
-        ("head", I16),
+    _UNIT_KEY + ("token_index", "rank"),
+    _DRAW + UNIT_COLUMNS + (
         ("token_index", I32),
         ("rank", I16),
         ("src_pos", I16),
         ("src_token_index", I32),
         ("weight", F32),
     ),
-    "top-p% tokens only: the k source positions the head attends to most on the clean run "
+    "head units' top-p% tokens only: the k source positions the head attends to most on the clean run "
     "(rank 1 = largest weight); stored with each ablation draw's shard, the same rows in every draw",
+)
+
+CONDITION_TOKENS = Table(
+    "condition_tokens",
+    ("ablation", "sample", "condition", "token_index"),
+    _DRAW + (("condition", STR), ("token_index", I32), ("logit", F32), ("ln_scale", F32)),
+    "conditioned runs only: the condition-ablated run's centred correct-token logit minus b_U (as tokens.logit) "
+    "and its final-norm scale, the baseline of every row ablated under that condition",
 )
 
 HEAD_TOP_TOKENS = Table(
@@ -211,17 +211,43 @@ TABLES: dict[str, Table] = {
         NEURON_EFFECTS,
         NEURON_TOTALS,
         ATTENTION_TOP,
+        CONDITION_TOKENS,
         HEAD_TOP_TOKENS,
         VOCAB,
     )
 }
 
+# The columns that units added (UNIT_COLUMNS but layer and head, and de_base): files written
+# before hold every other column of their table in the same order, and key on (layer, head).
+ADDED_BY_UNITS = ("condition", "unit", "unit_kind", "de_base")
+UNIT_TABLES = ("ablation_effects", "ablation_top", "repair_sources", "neuron_effects", "neuron_totals",
+               "attention_top")
+
+
+def _before_units(name: str, drop: tuple[str, ...] = ()) -> tuple[str, ...]:
+    return tuple(c for c in TABLES[name].column_names if c not in ADDED_BY_UNITS + drop)
+
+
 # A table's columns as stores written before a change of its schema hold them: such files are
-# still read, verified and compacted, never written. neuron_effects before `rank` (neurons
-# then ranked by abs(change in DE), no neuron_totals).
+# still read, verified and compacted, never written. Before units: no condition, unit,
+# unit_kind or de_base (every row one head, unconditioned; the views fill them in).
+# neuron_effects before `rank` too (neurons then ranked by abs(change in DE), no neuron_totals).
 LEGACY_COLUMNS: dict[str, tuple[tuple[str, ...], ...]] = {
-    "neuron_effects": (("ablation", "sample", "layer", "head", "token_index", "neuron", "de_clean", "de_ablated"),),
+    name: (_before_units(name),) for name in UNIT_TABLES
 }
+LEGACY_COLUMNS["neuron_effects"] += (_before_units("neuron_effects", ("rank",)),)
+
+
+def file_key(table: Table, names) -> tuple[str, ...]:
+    """The key of a file of `table` with columns `names`: the schema's, or, for a file written
+    before units (no `unit` column), the same with (layer, head) in place of (condition, unit)."""
+    if "unit" in names or "unit" not in table.key:
+        return table.key
+    out: list[str] = []
+    for k in table.key:
+        out += ["layer", "head"] if k == "unit" else [] if k == "condition" else [k]
+    return tuple(out)
+
 
 # Tables rebuilt whole from the others (one file each, `derived` in the manifest), never sharded.
 DERIVED_TABLES = ("head_top_tokens", "vocab")

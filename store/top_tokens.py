@@ -1,8 +1,11 @@
-"""Each head's top-p% tokens by signed clean DE, computed from the stored `head_effects`.
+"""Each unit's top-p% tokens by signed clean DE, computed from the stored `head_effects` and `mlp_effects`.
 
-The rule (also the `top_tokens(p)` SQL macro's): floor(p · N) tokens per head, largest
-DE first, ties to the lower token_index. Computed one layer at a time, so a million-token
-store never holds all of `head_effects` in memory.
+The rule (also the `top_tokens(p)` and `unit_top_tokens(p)` SQL macros'): floor(p · N) tokens
+per unit, largest DE first, ties to the lower token_index. A unit's clean DE is the sum of its
+components' (DESIGN.md, "Beyond single heads"): a head's `head_effects` row, an MLP's
+`mlp_effects` row, ATTNn the sum over layer n's heads, BLOCKn that plus MLPn, a group the sum
+over its heads. Computed one layer (or one unit) at a time, so a million-token store never
+holds all of `head_effects` in memory.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from selfrepair.store.labels import Unit, head_label
 from selfrepair.store.manifest import FileEntry, Manifest
 from selfrepair.store.model_store import ModelStore
 
@@ -81,20 +85,89 @@ def sr_mlps_sets(ms: ModelStore, top_p: float, kind: str, sample: int, heads, ma
     return out
 
 
-def batch_digest(top_sets: dict[tuple[int, int], np.ndarray], heads, tok0: int, tok1: int) -> str:
-    """sha256 of the top tokens in [tok0, tok1) of each of `heads` (sorted arrays in `top_sets`).
+def unit_top_sets(ms: ModelStore, units, top_p: float, manifest: Manifest | None = None) -> dict[str, np.ndarray]:
+    """Each unit's top floor(top_p · N) tokens by its signed clean DE, largest first, ties to the lower
+    token_index, as sorted int64 arrays keyed by `Unit.label` (a conditioned unit reads its own
+    label's: the set of the unit alone).
+
+    Args:
+        ms: the model folder.
+        units: `Unit`s (store/labels.py).
+        top_p: the fraction p.
+        manifest: the snapshot to read (default: the folder's current one).
+    """
+    manifest = manifest if manifest is not None else ms.manifest()
+    keep = top_count(top_p, manifest.n_tokens)
+    units = {u.label: u for u in units}
+    heads = {(u.layer, u.head) for u in units.values() if u.kind == "head"}
+    out: dict[str, np.ndarray] = {}
+    if heads:  # one head's DE is its head_effects row: one scan per layer, as head_top_tokens
+        paths = ms.table_files("head_effects", manifest)
+        for layer in sorted({la for la, _ in heads}):
+            hs = sorted(h for la, h in heads if la == layer)
+            got = (pl.scan_parquet(paths, glob=False).filter((pl.col("layer") == layer) & pl.col("head").is_in(hs))
+                   .sort(["head", "de", "token_index"], descending=[False, True, False])
+                   .group_by("head", maintain_order=True).head(keep).select("head", "token_index").collect())
+            for h in hs:
+                out[head_label(layer, h)] = _sorted(got.filter(pl.col("head") == h)["token_index"])
+    for label, unit in units.items():
+        if unit.kind != "head":
+            de = unit_clean_de(ms, unit, manifest)
+            top = de.sort(["de", "token_index"], descending=[True, False]).head(keep)
+            out[label] = _sorted(top["token_index"])
+    return out
+
+
+def unit_clean_de(ms: ModelStore, unit: Unit, manifest: Manifest) -> pl.DataFrame:
+    """(token_index, de): the unit's clean DE on every token, the sum of its components' in float64."""
+    parts = []
+    pairs = unit.heads(manifest.model.n_heads)
+    if pairs:
+        layers = sorted({la for la, _ in pairs})
+        parts.append(pl.scan_parquet(ms.table_files("head_effects", manifest), glob=False)
+                     .filter(pl.col("layer").is_in(layers))
+                     .filter(pl.any_horizontal([(pl.col("layer") == la) & (pl.col("head") == h) for la, h in pairs]))
+                     .select("token_index", pl.col("de").cast(pl.Float64)))
+    if unit.mlps():
+        parts.append(pl.scan_parquet(ms.table_files("mlp_effects", manifest), glob=False)
+                     .filter(pl.col("layer").is_in(list(unit.mlps())))
+                     .select("token_index", pl.col("de").cast(pl.Float64)))
+    return pl.concat(parts).group_by("token_index").agg(pl.col("de").sum()).collect()
+
+
+def _sorted(col: pl.Series) -> np.ndarray:
+    return np.sort(col.to_numpy()).astype(np.int64)
+
+
+def _key(unit) -> str:
+    """A top set's key: a unit's label (a (layer, head) pair is the head unit's)."""
+    return unit.label if isinstance(unit, Unit) else head_label(*unit)
+
+
+def _order(unit) -> tuple:
+    return (unit.layer, unit.head, unit.kind != "head", unit.label) if isinstance(unit, Unit) else (*unit, False, "")
+
+
+def batch_digest(top_sets: dict, units, tok0: int, tok1: int) -> str:
+    """sha256 of the top tokens in [tok0, tok1) of each of `units` (sorted arrays in `top_sets`).
+
+    Args:
+        top_sets: label (or (layer, head)) -> sorted token indices.
+        units: `Unit`s or (layer, head) pairs.
 
     An ablation shard stores repair and neuron detail for exactly these tokens; its entry
     records this digest, so a shard whose detail no longer matches the store's top-p% sets
-    (after more tokens changed them) is found and redone.
+    (after more tokens changed them) is found and redone. A head unit hashes as its (layer,
+    head) pair did before units, so shards written then stay valid.
     """
+    sets = {_key(k): v for k, v in top_sets.items()}
     h = hashlib.sha256()
     # The rule the detail follows: shards of stores whose neuron rows were ranked by abs(ΔDE),
     # without neuron_totals, no longer match and are redone when the store is ingested again.
     h.update(b"neurons: signed rank, top and bottom k, totals;")
-    for layer, head in sorted(heads):
-        toks = top_sets.get((layer, head), np.empty(0, np.int64))
+    for unit in sorted(units, key=_order):
+        toks = sets.get(_key(unit), np.empty(0, np.int64))
         lo, hi = np.searchsorted(toks, [tok0, tok1])
-        h.update(f"L{layer}H{head}:".encode())
+        h.update(f"{_key(unit)}:".encode())
         h.update(np.asarray(toks[lo:hi], dtype=np.int64).tobytes())
     return h.hexdigest()[:16]

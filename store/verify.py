@@ -2,8 +2,10 @@
 
 Checks every committed shard's files (present, sha256, readable, row count, schema),
 the shards against the recorded configuration, keys (unique within each shard, every
-row inside its shard's declared rows, ablation, draw and heads, and no two shards
-declaring overlapping units, which together make keys unique store-wide), the Zarr
+row inside its shard's declared rows, ablation, draw, condition and units — a unit's
+kind, layer and head as its label says —, no two shards declaring the same (condition,
+unit) on overlapping rows, which together make keys unique store-wide, and each
+conditioned batch's baseline, `condition_tokens`, held by exactly one shard), the Zarr
 arrays (shape, dimension names, chunk checksums, every chunk decodable) and, on a
 sample of tokens, Σ DE = logit − b_U and the LayerNorm closed form. Everything streams
 shard by shard and chunk by chunk, so memory does not grow with the store.
@@ -23,8 +25,8 @@ from selfrepair.store import arrays, files
 from selfrepair.store.heads import parse_heads
 from selfrepair.store.manifest import Manifest, ShardEntry
 from selfrepair.store.model_store import ModelStore, list_models
-from selfrepair.store.plan import NEURON_PHASE
-from selfrepair.store.schema import ARRAYS, LEGACY_COLUMNS, TABLES
+from selfrepair.store.plan import NEURON_PHASE, batches
+from selfrepair.store.schema import ARRAYS, LEGACY_COLUMNS, TABLES, file_key
 
 IDENTITY_TOL = 1e-3  # stored float32 sums over hundreds of components
 SAMPLE_TOKENS = 2000
@@ -116,13 +118,15 @@ def _check_shards(ms: ModelStore, manifest: Manifest, good: set[Path], ok: list[
     samples = manifest.resample.samples
     every_head = set(parse_heads("all", n_layers, n_heads))
     clean_rows: list[tuple[int, int, str]] = []
+    # (phase, ablation, sample) -> (r0, r1, {(condition, unit)}, shard): one key, one shard
     units: dict[tuple[str, str, int], list[tuple[int, int, set, str]]] = {}
     detail: list[tuple[str, ShardEntry]] = []  # `neurons` shards, checked against their batch's ablation shards
     sources: dict[tuple[int, int, int], str] = {}
+    baselines: dict[tuple[str, int, str, int, int], list[str]] = {}  # conditioned batch -> shards holding it
     rows_checked = 0
     for sid, e in sorted(manifest.shards.items()):
         r0, r1 = e.rows
-        heads = None
+        heads = declared = None
         if e.phase == "clean":
             clean_rows.append((r0, r1, sid))
             heads = every_head  # the clean pass stores every head of the model, no other
@@ -132,13 +136,20 @@ def _check_shards(ms: ModelStore, manifest: Manifest, good: set[Path], ok: list[
                 bad.append(f"shard {sid}: ablation {kind} draw {sample} is not in the recorded configuration")
                 continue
             try:
-                heads = set(parse_heads(e.heads, n_layers, n_heads))
+                shard_units = e.unit_list(n_layers, n_heads)
+                cond = e.condition_label(n_layers, n_heads)
             except ConfigError as err:
-                bad.append(f"shard {sid}: heads {e.heads!r} do not fit the model ({err})")
+                bad.append(f"shard {sid}: units {e.units or e.heads!r} do not fit the model ({err})")
                 continue
-            units.setdefault((e.phase, kind, sample), []).append((r0, r1, heads, sid))
+            declared = {(cond, u.label, u.kind, u.layer, u.head) for u in shard_units}
+            heads = {(u.layer, u.head) for u in shard_units if u.kind == "head"} if not cond else set()
+            units.setdefault((e.phase, kind, sample), []).append((r0, r1, {d[:2] for d in declared}, sid))
             if e.phase == NEURON_PHASE:
                 detail.append((sid, e))
+            if cond:
+                holders = baselines.setdefault((kind, sample, cond, r0, r1), [])
+                if e.holds("condition_tokens"):
+                    holders.append(sid)
             if e.holds("resample_sources"):
                 if (sample, r0, r1) in sources:
                     bad.append(f"shard {sid}: resample_sources of rows {r0}..{r1} also in {sources[(sample, r0, r1)]}")
@@ -148,7 +159,7 @@ def _check_shards(ms: ModelStore, manifest: Manifest, good: set[Path], ok: list[
             if path in good:
                 rows_checked += f.rows
                 exact = e.phase == "clean" and table == "head_effects"
-                problem = _check_file(TABLES[table], path, e, r0, r1, preds, heads, exact)
+                problem = _check_file(TABLES[table], path, e, r0, r1, preds, heads, exact, declared)
                 if problem:
                     bad.append(f"shard {sid}: {f.path} {problem}")
     for table, f in sorted(manifest.derived.items()):
@@ -160,7 +171,7 @@ def _check_shards(ms: ModelStore, manifest: Manifest, good: set[Path], ok: list[
             path = ms.path / f.path
             if path in good:
                 rows_checked += f.rows
-                if not _strictly_sorted(path, list(TABLES[table].key)):
+                if not _strictly_sorted(path, list(file_key(TABLES[table], pq.read_schema(path).names))):
                     bad.append(f"compacted {table}: {f.path} is not strictly sorted by its key (duplicates?)")
     clean_rows.sort()
     for (a0, a1, s1), (b0, b1, s2) in zip(clean_rows, clean_rows[1:]):
@@ -188,10 +199,36 @@ def _check_shards(ms: ModelStore, manifest: Manifest, good: set[Path], ok: list[
                 if b0 >= a1:
                     break
                 if ha & hb:
-                    bad.append(f"shards {s1} and {s2} overlap ({kind} draw {sample}, {len(ha & hb)} head(s))")
+                    bad.append(f"shards {s1} and {s2} overlap ({kind} draw {sample}, {len(ha & hb)} unit(s))")
+    for (kind, sample, cond, r0, r1), holders in sorted(baselines.items()):
+        if len(holders) != 1:
+            which = "no shard holds" if not holders else f"{len(holders)} shards ({', '.join(holders)}) hold"
+            bad.append(f"{kind} draw {sample} | {cond}, rows {r0}..{r1}: {which} its condition_tokens (the baseline "
+                       "of its rows)")
     bad += _detail_overlaps(ms, manifest, detail, good)
-    ok.append(f"{rows_checked} rows: keys unique within each shard and inside its declared rows and heads; "
-              f"no two shards overlap; ablations and draws as recorded")
+    ok.append(f"{rows_checked} rows: keys unique within each shard and inside its declared rows, conditions and "
+              f"units; no two shards overlap; ablations and draws as recorded")
+    ok.append(_coverage(manifest, units))
+
+
+def _coverage(manifest: Manifest, units: dict) -> str:
+    """One line: per draw and condition, how many units cover every batch of the store's rows."""
+    full = manifest.batch_size or max((r1 - r0 for r0, r1, *_ in
+                                       (e.rows for e in manifest.shards.values())), default=0)
+    want = set(batches(manifest.n_rows, full)) if full else set()
+    per: dict[tuple, dict[str, set]] = {}
+    for (phase, kind, sample), lst in units.items():
+        if phase != "ablation":
+            continue
+        for r0, r1, pairs, _ in lst:
+            for cond, unit in pairs:
+                per.setdefault((kind, sample, cond), {}).setdefault(unit, set()).add((r0, r1))
+    parts = []
+    for (kind, sample, cond), got in sorted(per.items()):
+        complete = sum(rows >= want for rows in got.values())
+        parts.append(f"{kind} draw {sample}{' | ' + cond if cond else ''}: {complete} of {len(got)} unit(s) "
+                     f"on all {len(want)} batches")
+    return "coverage: " + ("; ".join(parts) if parts else "no ablation stored")
 
 
 def _detail_overlaps(ms: ModelStore, manifest: Manifest, detail, good: set[Path]) -> list[str]:
@@ -201,18 +238,26 @@ def _detail_overlaps(ms: ModelStore, manifest: Manifest, detail, good: set[Path]
         f = e.files.get("neuron_totals")
         if f is None or ms.path / f.path not in good:
             continue
-        mine = pl.read_parquet(ms.path / f.path, columns=["layer", "head", "token_index"], glob=False)
+        mine = _head_rows(ms.path / f.path)
         for other, o in manifest.shards.items():
             g = o.files.get("neuron_totals")
             if (o.phase != "ablation" or o.draw != e.draw
                     or not (o.rows[0] < e.rows[1] and o.rows[1] > e.rows[0]) or g is None
                     or ms.path / g.path not in good):
                 continue
-            theirs = pl.read_parquet(ms.path / g.path, columns=["layer", "head", "token_index"], glob=False)
+            theirs = _head_rows(ms.path / g.path)
             n = mine.join(theirs, on=["layer", "head", "token_index"]).height
             if n:
                 out.append(f"shards {sid} and {other} both hold neuron detail of {n} (head, token) pair(s)")
     return out
+
+
+def _head_rows(path: Path) -> pl.DataFrame:
+    """(layer, head, token_index) of a neuron_totals file's unconditioned head-unit rows (the per-head detail)."""
+    frame = pl.scan_parquet(path, glob=False)
+    if "unit" in pq.read_schema(path).names:
+        frame = frame.filter((pl.col("condition") == "") & (pl.col("unit_kind") == "head"))
+    return frame.select("layer", "head", "token_index").collect()
 
 
 def _strictly_sorted(path: Path, key: list[str], batch_rows: int = 1 << 20) -> bool:
@@ -241,9 +286,12 @@ def _duplicates(path: Path, key: list[str]) -> int:
 
 
 def _check_file(table, path: Path, entry: ShardEntry, r0: int, r1: int, preds: int, heads: set | None,
-                exact: bool = False) -> str | None:
-    """One shard file: unique keys, every row inside the shard's declared rows, draw and heads (`exact`: all heads)."""
-    key = list(table.key)
+                exact: bool = False, declared: set | None = None) -> str | None:
+    """One shard file: unique keys, every row inside the shard's declared rows, draw, condition and units
+    (`declared`: (condition, unit, unit_kind, layer, head) rows; a file written before units: its
+    (layer, head) inside `heads`; `exact`: all heads)."""
+    names = pq.read_schema(path).names
+    key = list(file_key(table, names))
     frame = pl.read_parquet(path, columns=key, glob=False)
     dup = frame.height - frame.unique().height
     if dup:
@@ -260,7 +308,15 @@ def _check_file(table, path: Path, entry: ShardEntry, r0: int, r1: int, preds: i
         return f"holds ablations other than {entry.ablation}"
     if "sample" in key and set(frame["sample"].unique()) != {entry.sample}:
         return f"holds draws other than {entry.sample}"
-    if heads is not None and "head" in key:
+    if declared is not None and "condition" in names:
+        cols = [c for c in ("condition", "unit", "unit_kind", "layer", "head") if c in names]
+        got = set(pl.read_parquet(path, columns=cols, glob=False).unique().iter_rows())
+        want = {d for d in declared} if len(cols) == 5 else {(d[0],) for d in declared}  # condition_tokens
+        if not got <= want:
+            odd = sorted(got - want)[0]
+            return (f"holds {len(got - want)} (condition, unit) row kind(s) its entry does not declare "
+                    f"(e.g. {' / '.join(map(str, odd))})")
+    elif heads is not None and "head" in key:
         got = set(frame.select("layer", "head").unique().iter_rows())
         if not got <= heads:
             return f"holds {len(got - heads)} head(s) its entry does not declare"
@@ -348,10 +404,29 @@ def _check_identities(readable: dict[str, list[Path]], ok: list[str], bad: list[
         ok.append(f"identity Σ DE = logit − b_U on {len(pick)} sampled tokens (max error {err:.1e})")
     if not readable["ablation_effects"]:
         return
-    abl = sel("ablation_effects").join(tokens.lazy(), on="token_index", suffix="_clean").join(
-        sel("head_effects").rename({"de": "de_clean"}), on=["layer", "head", "token_index"])
+    layouts: dict[bool, list[Path]] = {}
+    for p in readable["ablation_effects"]:
+        layouts.setdefault("de_base" in pq.read_schema(p).names, []).append(p)
+    frames = []
+    for with_units, paths in layouts.items():
+        abl = pl.scan_parquet(paths, glob=False).filter(pl.col("token_index").is_in(sample))
+        if not with_units:  # written before units: one head, unconditioned, its clean DE in head_effects
+            abl = abl.join(sel("head_effects").rename({"de": "de_base"}), on=["layer", "head", "token_index"]) \
+                .with_columns(condition=pl.lit(""))
+        frames.append(abl.select("ablation", "sample", "condition", "token_index", "d_logit", "ln_scale", "de",
+                                 "de_base", "d_de_heads", "d_de_mlps"))
+    abl = pl.concat(frames).join(tokens.lazy().select("token_index", "logit", "unembed_bias",
+                                                       pl.col("ln_scale").alias("ln_scale_clean")), on="token_index")
+    if readable["condition_tokens"]:  # a conditioned row's baseline is the condition-ablated run
+        base = pl.scan_parquet(readable["condition_tokens"], glob=False).filter(pl.col("token_index").is_in(sample))
+        abl = abl.join(base.rename({"logit": "logit_base", "ln_scale": "ln_scale_base"}),
+                       on=["ablation", "sample", "condition", "token_index"], how="left")
+        abl = abl.with_columns(
+            logit=pl.when(pl.col("condition") == "").then(pl.col("logit")).otherwise(pl.col("logit_base")),
+            ln_scale_clean=pl.when(pl.col("condition") == "").then(pl.col("ln_scale_clean"))
+            .otherwise(pl.col("ln_scale_base")))
     ratio = pl.col("ln_scale_clean") / pl.col("ln_scale")
-    sr = pl.col("d_logit") - (pl.col("de") - pl.col("de_clean"))
+    sr = pl.col("d_logit") - (pl.col("de") - pl.col("de_base"))
     sr_ln = sr - pl.col("d_de_heads") - pl.col("d_de_mlps")
     closed = (ratio - 1) * (pl.col("logit") + pl.col("d_logit") - pl.col("unembed_bias")) / ratio
     err = abl.select((sr_ln.cast(pl.Float64) - closed).abs().max()).collect().item()

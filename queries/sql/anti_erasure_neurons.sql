@@ -18,6 +18,7 @@ WITH ranked AS (
            row_number() OVER (PARTITION BY model ORDER BY sum(de_ablated - de_clean) DESC, neuron) AS rank
     FROM neuron_effects
     WHERE layer = $layer AND head = $head AND ablation = $ablation AND sample = $sample
+      AND condition = '' AND unit_kind = 'head'
     GROUP BY model, neuron
 )
 SELECT * FROM ranked

@@ -21,6 +21,7 @@ WITH per_component AS (
     FROM repair_sources r
     JOIN head_effects h USING (model, layer, head, token_index)
     WHERE r.layer = $layer AND r.head = $head AND r.ablation = $ablation AND r.sample = $sample
+      AND r.condition = '' AND r.unit_kind = 'head'
     GROUP BY ALL
 ),
 ranked AS (

@@ -18,6 +18,6 @@ SELECT model,
        avg(sr_mlps) / nullif(avg(de_clean), 0) AS mlps_share,
        avg(sr_ln) / nullif(avg(de_clean), 0) AS ln_share
 FROM self_repair_top($p)
-WHERE ablation = $ablation AND sample = $sample
+WHERE ablation = $ablation AND sample = $sample AND condition = '' AND unit_kind = 'head'
 GROUP BY model, layer
 ORDER BY model, layer;

@@ -16,6 +16,7 @@ SELECT n.model,
 FROM neuron_effects n
 JOIN head_effects h USING (model, layer, head, token_index)
 WHERE n.layer = $layer AND n.head = $head AND n.ablation = $ablation AND n.sample = $sample
+  AND n.condition = '' AND n.unit_kind = 'head'
 QUALIFY row_number() OVER (PARTITION BY n.model, n.token_index
                            ORDER BY n.de_ablated::DOUBLE - n.de_clean::DOUBLE DESC, n.neuron) = 1
 ORDER BY n.model, n.token_index;

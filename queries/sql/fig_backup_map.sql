@@ -17,6 +17,6 @@ SELECT r.model,
        avg(r.d_de) / nullif(avg(h.de), 0) AS share
 FROM repair_sources r
 JOIN head_effects h USING (model, layer, head, token_index)
-WHERE r.ablation = $ablation AND r.sample = $sample
+WHERE r.ablation = $ablation AND r.sample = $sample AND r.condition = '' AND r.unit_kind = 'head'
 GROUP BY r.model, r.layer, r.head, r.src_kind, r.src_layer, r.src_head
 ORDER BY r.model, r.layer, r.head, r.src_layer, r.src_kind, r.src_head;

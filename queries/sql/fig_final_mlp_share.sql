@@ -16,7 +16,7 @@ mlp AS (
     FROM repair_sources r
     JOIN target t ON r.model = t.model AND r.layer = t.layer
     WHERE r.src_kind = 'mlp' AND r.src_layer = t.final_layer
-      AND r.ablation = $ablation AND r.sample = $sample
+      AND r.ablation = $ablation AND r.sample = $sample AND r.condition = '' AND r.unit_kind = 'head'
 )
 SELECT m.model,
        m.layer,
@@ -29,6 +29,6 @@ SELECT m.model,
 FROM mlp m
 JOIN self_repair s
   ON s.model = m.model AND s.layer = m.layer AND s.head = m.head AND s.token_index = m.token_index
-WHERE s.ablation = $ablation AND s.sample = $sample
+WHERE s.ablation = $ablation AND s.sample = $sample AND s.condition = '' AND s.unit_kind = 'head'
 GROUP BY m.model, m.layer, m.head
 ORDER BY m.model, m.layer, m.head;

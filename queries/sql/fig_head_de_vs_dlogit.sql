@@ -14,6 +14,6 @@ SELECT model,
        avg(d_de) AS d_de,
        avg(sr) AS sr
 FROM self_repair
-WHERE ablation = $ablation AND sample = $sample
+WHERE ablation = $ablation AND sample = $sample AND condition = '' AND unit_kind = 'head'
 GROUP BY model, layer, head
 ORDER BY model, layer, head;

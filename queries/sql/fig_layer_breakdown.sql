@@ -16,6 +16,6 @@ SELECT model,
        avg(sr_mlps) AS sr_mlps,
        avg(sr_ln) AS sr_ln
 FROM self_repair_top($p)
-WHERE ablation = $ablation AND sample = $sample
+WHERE ablation = $ablation AND sample = $sample AND condition = '' AND unit_kind = 'head'
 GROUP BY model, layer
 ORDER BY model, layer;

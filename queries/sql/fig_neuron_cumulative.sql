@@ -15,6 +15,7 @@ WITH totals AS (
     FROM neuron_totals n
     JOIN top_tokens($p) t USING (model, layer, head, token_index)
     WHERE n.layer = $layer AND n.head = $head AND n.ablation = $ablation AND n.sample = $sample
+      AND n.condition = '' AND n.unit_kind = 'head'
 ),
 running AS (
     SELECT n.model, n.token_index, n.rank AS n_rank,
@@ -23,6 +24,7 @@ running AS (
     FROM neuron_effects n
     JOIN totals t USING (model, layer, head, token_index)
     WHERE n.ablation = $ablation AND n.sample = $sample AND n.rank <= $max_rank
+      AND n.condition = '' AND n.unit_kind = 'head'
 )
 SELECT model,
        n_rank,

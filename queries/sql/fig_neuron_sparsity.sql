@@ -21,6 +21,7 @@ repair AS (
     FROM neuron_effects n
     JOIN tokens t USING (model, layer, head, token_index)
     WHERE n.ablation = $ablation AND n.sample = $sample AND n.rank <= $max_rank
+      AND n.condition = '' AND n.unit_kind = 'head'
 ),
 token_counts AS (
     SELECT model, count(DISTINCT token_index) AS n_tokens FROM repair GROUP BY model

@@ -16,6 +16,7 @@ WITH tokens AS (
     FROM neuron_totals n
     JOIN top_tokens($p) t USING (model, layer, head, token_index)
     WHERE n.layer = $layer AND n.head = $head AND n.ablation = $ablation AND n.sample = $sample
+      AND n.condition = '' AND n.unit_kind = 'head'
 ),
 token_counts AS (
     SELECT model, count(*) AS n_tokens FROM tokens GROUP BY model
@@ -31,6 +32,7 @@ ranked AS (
     JOIN tokens t USING (model, layer, head, token_index)
     JOIN token_counts c ON c.model = n.model
     WHERE n.ablation = $ablation AND n.sample = $sample AND n.rank <= $top_n
+      AND n.condition = '' AND n.unit_kind = 'head'
     GROUP BY n.model, n.neuron, c.n_tokens
 )
 SELECT * FROM ranked

@@ -10,6 +10,6 @@ SELECT model,
        avg(de_clean) AS de_clean,
        avg(sr) AS sr
 FROM self_repair_top($p)
-WHERE ablation = 'resample'
+WHERE ablation = 'resample' AND condition = '' AND unit_kind = 'head'
 GROUP BY model, layer, head, sample
 ORDER BY model, layer, head, sample;

@@ -20,7 +20,7 @@ ranked AS (
                               ORDER BY n.de_ablated::DOUBLE - n.de_clean::DOUBLE DESC, n.neuron) AS rank
     FROM neuron_effects n
     JOIN target t ON n.model = t.model AND n.layer = t.layer
-    WHERE n.ablation = $ablation AND n.sample = $sample
+    WHERE n.ablation = $ablation AND n.sample = $sample AND n.condition = '' AND n.unit_kind = 'head'
 ),
 top AS (
     SELECT model, layer, head, token_index, sum(repair) FILTER (WHERE rank <= $top_n) AS top_neurons
@@ -32,7 +32,7 @@ mlp AS (
     FROM repair_sources r
     JOIN target t ON r.model = t.model AND r.layer = t.layer
     WHERE r.src_kind = 'mlp' AND r.src_layer = t.final_layer
-      AND r.ablation = $ablation AND r.sample = $sample
+      AND r.ablation = $ablation AND r.sample = $sample AND r.condition = '' AND r.unit_kind = 'head'
 )
 SELECT model,
        layer,

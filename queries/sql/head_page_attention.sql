@@ -17,7 +17,8 @@ SELECT s.model,
 FROM self_repair_top($p) s
 LEFT JOIN attention_top a
        ON a.model = s.model AND a.layer = s.layer AND a.head = s.head AND a.token_index = s.token_index
-      AND a.ablation = s.ablation AND a.sample = s.sample
+      AND a.ablation = s.ablation AND a.sample = s.sample AND a.condition = s.condition AND a.unit = s.unit
 LEFT JOIN tokens t ON t.model = a.model AND t.token_index = a.src_token_index
 WHERE s.layer = $layer AND s.head = $head AND s.ablation = $ablation AND s.sample = $sample
+  AND s.condition = '' AND s.unit_kind = 'head'
 ORDER BY s.model, s.token_index, a.rank;

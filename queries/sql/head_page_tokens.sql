@@ -16,6 +16,7 @@ FROM (
     FROM self_repair_top($p) s
     JOIN token_context($context) c USING (model, token_index)
     WHERE s.layer = $layer AND s.head = $head AND s.ablation = $ablation AND s.sample = $sample
+      AND s.condition = '' AND s.unit_kind = 'head'
 )
 WHERE shown <= $n
 ORDER BY model, de_clean DESC, token_index;

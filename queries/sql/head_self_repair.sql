@@ -17,6 +17,6 @@ SELECT model,
        avg(sr_ln) AS sr_ln,
        avg(ln_ratio) AS ln_ratio
 FROM self_repair
-WHERE ablation = $ablation AND sample = $sample
+WHERE ablation = $ablation AND sample = $sample AND condition = '' AND unit_kind = 'head'
 GROUP BY model, layer, head
 ORDER BY model, layer, head;

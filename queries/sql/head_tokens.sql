@@ -26,5 +26,5 @@ FROM self_repair s
 JOIN tokens t USING (model, token_index)
 LEFT JOIN top_tokens($p) top USING (model, layer, head, token_index)
 WHERE s.layer = $layer AND s.head = $head
-  AND s.ablation = $ablation AND s.sample = $sample
+  AND s.ablation = $ablation AND s.sample = $sample AND s.condition = '' AND s.unit_kind = 'head'
 ORDER BY s.model, s.de_clean DESC, s.token_index;

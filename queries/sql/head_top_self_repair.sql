@@ -20,6 +20,6 @@ SELECT s.model,
        avg(s.ln_ratio) AS ln_ratio
 FROM self_repair_top($p) s
 JOIN models m USING (model)
-WHERE s.ablation = $ablation AND s.sample = $sample
+WHERE s.ablation = $ablation AND s.sample = $sample AND s.condition = '' AND s.unit_kind = 'head'
 GROUP BY s.model, s.layer, s.head, m.n_layers
 ORDER BY s.model, s.layer, s.head;

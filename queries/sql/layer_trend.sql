@@ -15,6 +15,6 @@ SELECT s.model,
        avg(s.sr) / nullif(-avg(s.d_de), 0) AS repair_fraction
 FROM self_repair_top($p) s
 JOIN models m USING (model)
-WHERE s.ablation = $ablation AND s.sample = $sample
+WHERE s.ablation = $ablation AND s.sample = $sample AND s.condition = '' AND s.unit_kind = 'head'
 GROUP BY s.model, s.layer, m.n_layers
 ORDER BY s.model, s.layer;

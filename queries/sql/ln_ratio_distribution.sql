@@ -11,7 +11,7 @@
 WITH r AS (
     SELECT model, ln_ratio
     FROM self_repair_top($p)
-    WHERE ablation = $ablation AND sample = $sample
+    WHERE ablation = $ablation AND sample = $sample AND condition = '' AND unit_kind = 'head'
       AND ($layer < 0 OR (layer = $layer AND head = $head))
 ),
 bins AS (

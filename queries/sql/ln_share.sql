@@ -14,6 +14,6 @@ SELECT model,
        avg(sr_ln) / nullif(avg(de_clean), 0) AS ln_share,
        avg(least(greatest(sr_ln / nullif(de_clean, 0), 0), 1)) AS ln_share_clipped
 FROM self_repair_top($p)
-WHERE ablation = $ablation AND sample = $sample
+WHERE ablation = $ablation AND sample = $sample AND condition = '' AND unit_kind = 'head'
 GROUP BY GROUPING SETS ((model, layer, head), (model, layer))
 ORDER BY model, layer, head NULLS LAST;

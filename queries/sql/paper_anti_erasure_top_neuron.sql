@@ -25,5 +25,5 @@ JOIN neuron_effects n
   ON n.model = s.model AND n.layer = s.layer AND n.head = s.head AND n.token_index = s.token_index
 JOIN models m ON m.model = s.model
 JOIN mlp_effects f ON f.model = s.model AND f.token_index = s.token_index AND f.layer = m.n_layers - 1
-WHERE n.ablation = $ablation AND n.sample = $sample AND n.rank = 1
+WHERE n.ablation = $ablation AND n.sample = $sample AND n.rank = 1 AND n.condition = '' AND n.unit_kind = 'head'
 ORDER BY s.model, s.token_index;

@@ -16,7 +16,7 @@ SELECT s.model,
        avg(least(greatest(greatest(s.sr_mlps, 0) / s.sr, 0), 1)) AS mlps_share
 FROM self_repair_top($p) s
 JOIN models m USING (model)
-WHERE s.ablation = $ablation AND s.sample = $sample AND s.sr > 0
+WHERE s.ablation = $ablation AND s.sample = $sample AND s.sr > 0 AND s.condition = '' AND s.unit_kind = 'head'
   AND s.layer = CASE WHEN $layer < 0 THEN m.n_layers - 2 ELSE $layer END
 GROUP BY s.model, s.layer, s.head
 ORDER BY s.model, s.layer, s.head;

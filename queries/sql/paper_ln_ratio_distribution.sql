@@ -12,6 +12,7 @@ WITH head AS (
     SELECT model, de_clean, ln_ratio
     FROM self_repair
     WHERE layer = $layer AND head = $head AND ablation = $ablation AND sample = $sample
+      AND condition = '' AND unit_kind = 'head'
 ),
 r AS (
     SELECT h.model, h.ln_ratio

@@ -29,6 +29,7 @@ ranked AS (
       ON n.model = s.model AND n.layer = s.layer AND n.head = s.head AND n.token_index = s.token_index
     JOIN token_counts c ON c.model = s.model
     WHERE n.ablation = $ablation AND n.sample = $sample AND n.rank <= $top_n
+      AND n.condition = '' AND n.unit_kind = 'head'
     GROUP BY s.model, n.neuron, c.n_tokens
 )
 SELECT * FROM ranked

@@ -14,7 +14,7 @@ WITH ratios AS (
     SELECT model, layer, head, de_clean,
            sr_heads / de_clean AS heads, sr_mlps / de_clean AS mlps, sr_ln / de_clean AS ln, sr / de_clean AS total
     FROM self_repair_top($p)
-    WHERE ablation = $ablation AND sample = $sample
+    WHERE ablation = $ablation AND sample = $sample AND condition = '' AND unit_kind = 'head'
 ),
 per_head AS (
     SELECT model, layer, head,

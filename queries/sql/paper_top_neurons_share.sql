@@ -17,6 +17,7 @@ top AS (
            sum(de_ablated::DOUBLE - de_clean::DOUBLE) AS top_neurons
     FROM neuron_effects
     WHERE ablation = $ablation AND sample = $sample AND rank <= $top_n
+      AND condition = '' AND unit_kind = 'head'
     GROUP BY ALL
 )
 SELECT s.model,

@@ -17,6 +17,6 @@ SELECT model AS "Model",
        round(avg(sr_ln), 4) AS "LayerNorm",
        round(100 * avg(sr_ln) / nullif(avg(de_clean), 0), 1) AS "LN share (%)"
 FROM self_repair_top($p)
-WHERE ablation = $ablation AND sample = $sample
+WHERE ablation = $ablation AND sample = $sample AND condition = '' AND unit_kind = 'head'
 GROUP BY model, layer, head
 ORDER BY model, layer, head;

@@ -16,8 +16,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from selfrepair.store import files
 from selfrepair.store.model_store import ModelStore
-from selfrepair.store.schema import TABLES
+from selfrepair.store.schema import LEGACY_COLUMNS, TABLES
 from selfrepair.store.writer import commit_shard, write_manifest
 
 MODELS = {"gpt2-tiny": (2, 3, 40), "pythia-tiny": (3, 2, 30)}  # name -> layers, heads, tokens
@@ -32,12 +33,34 @@ def _seed():
     np.random.seed(0)
 
 
-def _table(name: str, cols: dict) -> pa.Table:
-    return pa.table(cols).cast(TABLES[name].arrow_schema) if cols else None
+def _table(name: str, cols: dict, legacy: bool = False) -> pa.Table:
+    """Rows as the table's schema; `legacy`: as a store written before units holds them (LEGACY_COLUMNS)."""
+    table = pa.table(cols).cast(TABLES[name].arrow_schema) if cols else None
+    if legacy and table is not None and name in LEGACY_COLUMNS:
+        table = table.select(list(LEGACY_COLUMNS[name][0]))
+    return table
 
 
-def make_model(path: Path, n_layers: int, n_heads: int, n_tokens: int, seed: int) -> ModelStore:
-    """Write one model folder with a clean shard and an ablation shard."""
+def _write_files(ms: ModelStore, shard_id: str, tables: dict) -> dict:
+    """`ModelStore.write_shard_files`, which writes the schema's layout only, and files of an older layout
+    as they are (what a store written before units holds)."""
+    old = {n: t for n, t in tables.items() if t is not None and t.column_names != TABLES[n].column_names}
+    entries = ms.write_shard_files(shard_id, {n: t for n, t in tables.items() if n not in old})
+    for name, table in old.items():
+        path = ms.shard_file(name, shard_id)
+        size, digest = files.write_parquet(path, table)
+        entries[name] = {"path": str(path.relative_to(ms.path)), "rows": table.num_rows, "bytes": size,
+                         "sha256": digest}
+    return entries
+
+
+def _unit_cols(layer: int, head: int) -> tuple:
+    """An unconditioned head unit's columns (what the views fill in for a legacy file)."""
+    return ("condition", ""), ("unit", f"L{layer}H{head}"), ("unit_kind", "head")
+
+
+def make_model(path: Path, n_layers: int, n_heads: int, n_tokens: int, seed: int, legacy: bool = False) -> ModelStore:
+    """Write one model folder with a clean shard and an ablation shard (`legacy`: in the layout before units)."""
     rng = np.random.default_rng(seed)
     ms = ModelStore(path)
     path.mkdir(parents=True)
@@ -101,8 +124,9 @@ def make_model(path: Path, n_layers: int, n_heads: int, n_tokens: int, seed: int
                 d_mlps = d_logit - d_de - d_heads - sr_ln
                 for col, v in (("d_logit", d_logit), ("ln_scale", scale / r), ("de", de_abl), ("d_de_heads", d_heads), ("d_de_mlps", d_mlps), ("token_index", t)):
                     ab[col].extend(v.tolist())
-                for col, v in (("ablation", ablation), ("sample", 0), ("layer", l), ("head", h)):
+                for col, v in (("ablation", ablation), ("sample", 0), ("layer", l), ("head", h)) + _unit_cols(l, h):
                     ab[col].extend([v] * n_tokens)
+                ab["de_base"].extend(de.tolist())
                 top = sorted(t, key=lambda i: (-de[i], i))[:k_top]
                 for i in top:
                     for src_l in range(l, n_layers):
@@ -110,7 +134,7 @@ def make_model(path: Path, n_layers: int, n_heads: int, n_tokens: int, seed: int
                             if src_l == l and src_h != -1:
                                 continue
                             for col, v in (("ablation", ablation), ("sample", 0), ("layer", l), ("head", h), ("token_index", int(i)),
-                                           ("src_kind", "mlp" if src_h < 0 else "head"), ("src_layer", src_l), ("src_head", src_h), ("d_de", float(rng.normal(0.1, 0.2)))):
+                                           ("src_kind", "mlp" if src_h < 0 else "head"), ("src_layer", src_l), ("src_head", src_h), ("d_de", float(rng.normal(0.1, 0.2)))) + _unit_cols(l, h):
                                 rep[col].append(v)
                     clean = rng.normal(-0.1, 0.3, 3)
                     change = rng.normal(0.05, 0.1, 3)
@@ -119,21 +143,21 @@ def make_model(path: Path, n_layers: int, n_heads: int, n_tokens: int, seed: int
                     for n in range(3):
                         for col, v in (("ablation", ablation), ("sample", 0), ("layer", l), ("head", h), ("token_index", int(i)),
                                        ("neuron", n), ("rank", ranks[n]), ("de_clean", float(clean[n])),
-                                       ("de_ablated", float(clean[n] + change[n]))):
+                                       ("de_ablated", float(clean[n] + change[n]))) + _unit_cols(l, h):
                             neu[col].append(v)
                     for col, v in (("ablation", ablation), ("sample", 0), ("layer", l), ("head", h), ("token_index", int(i)),
                                    ("d_de_sum", change.sum()), ("d_de_abs_sum", np.abs(change).sum()),
-                                   ("d_de_pos_sum", np.maximum(change, 0).sum())):
+                                   ("d_de_pos_sum", np.maximum(change, 0).sum())) + _unit_cols(l, h):
                         tot[col].append(float(v) if isinstance(v, np.floating) else v)
     n_rows = n_tokens // SEQ_LEN
     sources = {"sample": [0] * n_rows, "row": list(range(n_rows)), "source_row": [(i + 1) % n_rows for i in range(n_rows)]}
-    entries = ms.write_shard_files(
+    entries = _write_files(ms,
         "ablation-0000",
         {
-            "ablation_effects": _table("ablation_effects", ab),
-            "repair_sources": _table("repair_sources", rep),
-            "neuron_effects": _table("neuron_effects", neu),
-            "neuron_totals": _table("neuron_totals", tot),
+            "ablation_effects": _table("ablation_effects", ab, legacy),
+            "repair_sources": _table("repair_sources", rep, legacy),
+            "neuron_effects": _table("neuron_effects", neu, legacy),
+            "neuron_totals": _table("neuron_totals", tot, legacy),
             "resample_sources": _table("resample_sources", sources),
         },
     )
@@ -146,6 +170,15 @@ def store_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("store")
     for i, (name, (n_layers, n_heads, n_tokens)) in enumerate(MODELS.items()):
         make_model(root / name, n_layers, n_heads, n_tokens, seed=i)
+    return root
+
+
+@pytest.fixture(scope="session")
+def legacy_root(tmp_path_factory) -> Path:
+    """The same synthetic store written in the layout before units (no condition, unit, unit_kind, de_base)."""
+    root = tmp_path_factory.mktemp("legacy")
+    for i, (name, (n_layers, n_heads, n_tokens)) in enumerate(MODELS.items()):
+        make_model(root / name, n_layers, n_heads, n_tokens, seed=i, legacy=True)
     return root
 
 

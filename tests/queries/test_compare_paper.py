@@ -74,7 +74,8 @@ def write_paper_store(path: Path, paper: str = "pythia-160m", shift: dict | None
             # The other tokens' value makes the all-token mean the paper's (or one logit lower).
             mean = every[paper_col][i] if every.height else row[paper_col] - 1.0
             cols[col] = np.where(is_top, value, (N_TOKENS * mean - K * row[paper_col]) / (N_TOKENS - K))
-        heads["de"] += cols.pop("de_clean").tolist()
+        de_clean = cols.pop("de_clean")
+        heads["de"] += de_clean.tolist()
         heads["layer"] += [layer] * N_TOKENS
         heads["head"] += [head] * N_TOKENS
         heads["token_index"] += t.tolist()
@@ -82,8 +83,10 @@ def write_paper_store(path: Path, paper: str = "pythia-160m", shift: dict | None
             continue
         abl["token_index"] += t.tolist()
         abl["ln_scale"] += [1.0] * N_TOKENS
-        for key, value in (("layer", layer), ("head", head), ("ablation", ablation), ("sample", 0)):
+        for key, value in (("layer", layer), ("head", head), ("ablation", ablation), ("sample", 0), ("condition", ""),
+                           ("unit", f"L{layer}H{head}"), ("unit_kind", "head")):
             abl[key] += [value] * N_TOKENS
+        abl["de_base"] += de_clean.tolist()
         for col, values in cols.items():
             abl[col] += values.tolist()
     entries = ms.write_shard_files("clean-0000", {"tokens": _table("tokens", tokens),

@@ -71,7 +71,7 @@ def ranks(change: np.ndarray) -> np.ndarray:
 
 
 def _tab(name, cols):
-    return pa.table(cols).cast(TABLES[name].arrow_schema)
+    return pa.table(cols).select(TABLES[name].column_names).cast(TABLES[name].arrow_schema)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,9 @@ def paper_store(tmp_path_factory, raw):
     ab = {"ablation": ["resample"] * (L * H * N), "sample": np.zeros(L * H * N), "layer": gl.ravel(),
           "head": gh.ravel(), "token_index": gt.ravel(), "d_logit": r["d_logit"].ravel(),
           "ln_scale": r["abl_scale"].ravel(), "de": r["de_abl"].ravel(), "d_de_heads": r["d_heads"].ravel(),
-          "d_de_mlps": r["d_mlps"].ravel()}
+          "d_de_mlps": r["d_mlps"].ravel(), "condition": [""] * (L * H * N),
+          "unit": [f"L{a}H{b}" for a, b in zip(gl.ravel(), gh.ravel())], "unit_kind": ["head"] * (L * H * N),
+          "de_base": r["de"].ravel()}
     neu = {k: [] for k in TABLES["neuron_effects"].column_names}
     tot = {k: [] for k in TABLES["neuron_totals"].column_names}
     for l in range(L):
@@ -109,7 +111,8 @@ def paper_store(tmp_path_factory, raw):
             for i in neuron_tokens(r, l, h):
                 c = r["change"][l, h, i]
                 rk = ranks(c)
-                key = {"ablation": "resample", "sample": 0, "layer": l, "head": h, "token_index": i}
+                key = {"ablation": "resample", "sample": 0, "layer": l, "head": h, "token_index": i,
+                       "condition": "", "unit": f"L{l}H{h}", "unit_kind": "head"}
                 for n in range(D_MLP):
                     if rk[n] <= K or rk[n] > D_MLP - K:
                         for col, v in key.items():

@@ -22,7 +22,7 @@ TOL = 1e-4  # DESIGN.md's tolerance for both identities
 def test_models_and_views(store, spec):
     assert (spec.models, spec.top_p) == (MODELS, TOP_P)
     assert store.models == sorted(MODELS)
-    assert set(TABLES) | {"models", "inventory", "self_repair"} == set(store.views)
+    assert set(TABLES) | {"models", "inventory", "stored_units", "unit_members", "self_repair"} == set(store.views)
     assert store.manifest("gpt2-tiny").model.n_layers == MODELS["gpt2-tiny"][0]
 
 
@@ -77,7 +77,8 @@ def test_union_over_models(store):
 def test_self_repair_columns_and_rows(store):
     df = store.sql("SELECT * FROM self_repair")
     assert df.columns == [
-        "model", "ablation", "sample", "layer", "head", "head_label", "token_index", "de_clean", "de_ablated",
+        "model", "ablation", "sample", "condition", "unit", "unit_kind", "layer", "head", "head_label", "token_index",
+        "de_clean", "de_ablated",
         "d_de", "d_logit", "sr", "sr_heads", "sr_mlps", "sr_ln", "ln_ratio", "sr_ln_closed",
     ]
     n_abl = store.sql("SELECT count(*) AS n FROM ablation_effects")["n"][0]

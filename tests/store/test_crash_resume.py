@@ -69,6 +69,9 @@ def test_sigkill_at_random_moments_then_resume(tiny_model_dirs, tmp_path):
     assert len(_shards(crashed)) == N_SHARDS
     got, want = _tables(crashed), _tables(reference)
     for name in TABLES:
+        if name == "condition_tokens":  # a run without a condition stores no condition run
+            assert got[name].height == want[name].height == 0, name
+            continue
         assert got[name].height == want[name].height > 0, name
         assert got[name].equals(want[name]), name
         key = list(TABLES[name].key)

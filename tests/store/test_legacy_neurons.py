@@ -21,7 +21,7 @@ def _make_legacy(store) -> None:
     shard entries carrying the older rule's digest."""
     ms = ModelStore(store / "tiny-gpt2")
     man = json.loads(ms.manifest_path.read_text())  # the ingest folded its commits into it
-    (legacy,) = LEGACY_COLUMNS["neuron_effects"]
+    legacy = LEGACY_COLUMNS["neuron_effects"][-1]  # before `rank` (and before units)
     for e in man["shards"].values():
         totals = e["files"].pop("neuron_totals", None)
         if totals:

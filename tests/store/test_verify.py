@@ -33,7 +33,7 @@ def _copy_of_first_ablation(w, **changes):
 
 def test_overlapping_shards_are_found(small_store, tmp_path):
     report = _damaged(small_store, tmp_path, _copy_of_first_ablation)
-    assert any("overlap (zero draw 0, 4 head(s))" in p for p in report.problems["tiny-gpt2"]), report.lines()
+    assert any("overlap (zero draw 0, 4 unit(s))" in p for p in report.problems["tiny-gpt2"]), report.lines()
 
 
 def test_shards_outside_the_recorded_configuration_are_found(small_store, tmp_path):
