@@ -14,7 +14,7 @@ from pathlib import Path
 from selfrepair.errors import ConfigError, SettingConflict
 from selfrepair.ingest.presets import PRESETS, preset_settings
 from selfrepair.store.heads import HEAD_WORDS, SR_WORDS, normalize_spec, parse_heads  # noqa: F401 - parse_heads re-exported
-from selfrepair.store.labels import normalize_conditions, normalize_units, parse_unit, parse_units
+from selfrepair.store.labels import is_shorthand, normalize_conditions, normalize_units, parse_units
 from selfrepair.store.estimate import select_arrays
 from selfrepair.store.schema import ABLATION_KINDS, ARRAY_DTYPES, ARRAYS
 from selfrepair.store.top_tokens import top_count
@@ -233,12 +233,18 @@ class IngestConfig:
         return list({u.label: u for u in units}.values())
 
     def conditions(self, n_layers: int, n_heads: int) -> list:
-        """None (the units alone) and each `--given` unit; ConfigError for a unit that overlaps its condition."""
+        """None (the units alone) and each `--given` unit.
+
+        Under a condition, the units a shorthand names (`heads`, `L9`, …) that share a component with it
+        are left out (nothing is left to ablate on top of it); a unit named by its label is refused.
+        """
         units = self.ablated_units(n_layers, n_heads)
+        named = {u.label for item in self.unit_spec.split(",") if not is_shorthand(item)
+                 for u in parse_units(item, n_layers, n_heads)}
         out = [None]
         for text in self.given:
-            cond = parse_unit(text, n_layers, n_heads) if "=" not in text else parse_units(text, n_layers, n_heads)[0]
-            inside = [u.label for u in units if u.overlaps(cond, n_heads)]
+            cond = parse_units(text, n_layers, n_heads, flag="--given")[0]
+            inside = [u.label for u in units if u.label in named and u.overlaps(cond, n_heads)]
             if inside:
                 raise ConfigError(f"--given {cond.label}: the condition overlaps the unit {inside[0]}; "
                                   "a unit cannot be ablated on top of itself (leave it out of --units)")

@@ -67,21 +67,21 @@ class _BatchDraw(_Shard):
 
 @dataclass
 class AblationJob(_BatchDraw):
-    """One ablation shard: a batch, an ablation draw and a group of heads.
+    """One ablation shard: a batch, an ablation draw, a condition and a group of units.
 
     Args (besides `_BatchDraw`'s):
-        top_sets: (layer, head) -> that head's top-p% token indices inside this batch (sorted).
+        top_sets: unit label -> that unit's top-p% token indices inside this batch (sorted).
         top_n_tokens: the token count the top sets were taken over (recorded in the entry).
-        size: head-token ablations in this job (progress).
+        size: unit-token ablations in this job (progress).
     """
 
-    top_sets: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+    top_sets: dict[str, np.ndarray] = field(default_factory=dict)
     top_n_tokens: int = 0
     size: int = 0
 
     def describe(self) -> str:
         w = self.work
-        return f"{self.shard_id} ({self._what()}, rows {w.rows[0]}-{w.rows[1]}, heads {w.heads_spec})"
+        return f"{self.shard_id} ({self._what()}, rows {w.rows[0]}-{w.rows[1]}, units {w.heads_spec})"
 
 
 @dataclass
@@ -89,11 +89,11 @@ class NeuronJob(_BatchDraw):
     """Extra neuron detail of one batch and ablation draw (`--sr-mlps-neurons`): re-patch only its heads.
 
     Args (besides `_BatchDraw`'s):
-        detail_sets: (layer, head) -> that head's extra detail tokens inside this batch (sorted; may be empty).
+        detail_sets: head label -> that head's extra detail tokens inside this batch (sorted; may be empty).
         size: head-token ablations in this job (progress).
     """
 
-    detail_sets: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+    detail_sets: dict[str, np.ndarray] = field(default_factory=dict)
     size: int = 0
 
     def describe(self) -> str:
@@ -102,10 +102,10 @@ class NeuronJob(_BatchDraw):
                 f"heads {w.heads_spec})")
 
 
-def batch_top_sets(top_sets: dict[tuple[int, int], np.ndarray], heads, t0: int, t1: int) -> dict:
-    """Each head's top tokens that fall in the token range [t0, t1) (the sets are sorted)."""
+def batch_top_sets(top_sets: dict[str, np.ndarray], units, t0: int, t1: int) -> dict:
+    """Each unit's top tokens that fall in the token range [t0, t1) (the sets are sorted), by label."""
     out = {}
-    for key in heads:
+    for key in (u.label for u in units):
         top = top_sets.get(key)
         if top is not None:
             out[key] = top[np.searchsorted(top, t0):np.searchsorted(top, t1)]
@@ -203,12 +203,14 @@ class JobRunner:
         cfg, w, work = self.cfg, self.w, job.work
         kind, sample, (r0, r1) = work.kind, work.sample, work.rows
         tables = self._patching(job, lambda ctx, src, rows, hpp: ablation_tables(
-            ctx, src, kind, sample, work.heads, rows, r0, job.top_sets, cfg.neurons_top_k, hpp, w, on_pass,
-            cfg.attention_top_k))
+            ctx, src, kind, sample, work.units, rows, r0, job.top_sets, cfg.neurons_top_k, hpp, w, on_pass,
+            cfg.attention_top_k, condition=work.condition))
+        if not work.with_condition_tokens:  # one shard per batch, draw and condition holds its baseline
+            tables.pop("condition_tokens", None)
         entry = {"phase": "ablation", "rows": [r0, r1], "ablation": kind, "sample": sample,
-                 "heads": work.heads_spec, "engine": cfg.engine, "top_n_tokens": job.top_n_tokens,
+                 **work.entry_fields(), "engine": cfg.engine, "top_n_tokens": job.top_n_tokens,
                  # the top tokens its detail covers: a shard whose set changes later is redone
-                 "top_sha": top_tokens.batch_digest(job.top_sets, work.heads, r0 * cfg.preds_per_row,
+                 "top_sha": top_tokens.batch_digest(job.top_sets, work.units, r0 * cfg.preds_per_row,
                                                    r1 * cfg.preds_per_row)}
         if job.pair is not None:
             entry["pairs_sha"] = pairs_digest(job.pair)
@@ -223,12 +225,13 @@ class JobRunner:
 
         cfg, w, work = self.cfg, self.w, job.work
         kind, sample, (r0, r1) = work.kind, work.sample, work.rows
+        detail = {u: job.detail_sets.get(u.label, np.empty(0, np.int64)) for u in work.units}
         tables = self._patching(job, lambda ctx, src, rows, hpp: neuron_detail_tables(
-            ctx, src, kind, sample, job.detail_sets, rows, r0, cfg.neurons_top_k, hpp, w, on_pass))
+            ctx, src, kind, sample, detail, rows, r0, cfg.neurons_top_k, hpp, w, on_pass))
         entry = {"phase": NEURON_PHASE, "rows": [r0, r1], "ablation": kind, "sample": sample,
-                 "heads": work.heads_spec, "engine": cfg.engine,
+                 **work.entry_fields(), "engine": cfg.engine,
                  # the extra tokens it holds detail for: a shard whose sets change later is redone
-                 "detail_sha": top_tokens.batch_digest(job.detail_sets, work.heads, r0 * cfg.preds_per_row,
+                 "detail_sha": top_tokens.batch_digest(job.detail_sets, work.units, r0 * cfg.preds_per_row,
                                                       r1 * cfg.preds_per_row)}
         if job.pair is not None:
             entry["pairs_sha"] = pairs_digest(job.pair)

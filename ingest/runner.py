@@ -28,6 +28,7 @@ from selfrepair.ingest.progress import Progress
 from selfrepair.ingest.jobs import AblationJob, CleanJob, NeuronJob, batch_top_sets
 from selfrepair.store import arrays, files, plan, top_tokens
 from selfrepair.store.heads import parse_sr_heads
+from selfrepair.store.labels import head_label
 from selfrepair.store.estimate import Estimate, array_shapes, human
 from selfrepair.store.manifest import Manifest
 from selfrepair.store.model_store import ModelStore, model_dirname
@@ -126,9 +127,9 @@ class Ingest:
                 raise UnsupportedModel(f"{w.family.name}: --engine reference (TransformerLens) does not model "
                                        "post-norm blocks or softcapped logits as DESIGN.md defines them; "
                                        "use the fast engine")
-        heads = _ablated_heads(cfg, w)
+        units, conditions = _ablated_units(cfg, w)
         parse_sr_heads(cfg.sr_mlps_neurons, w.n_layers, w.n_heads)  # ranges, before any work
-        estimate = check_free_disk(cfg, ms, w, heads)  # before the self-check's forward passes
+        estimate = check_free_disk(cfg, ms, w, units, len(conditions) - 1)  # before the self-check's passes
         checks = None
         if self._writer is None:
             rows_np = _rows(cfg, corpus_spec, model)
@@ -152,7 +153,7 @@ class Ingest:
         self._open_store(writer, model, corpus_spec, rows_np, identity, w, checks)
         load_s = time.perf_counter() - t0
         with make_executor(cfg, model, w, ms, self.log) as self._executor:
-            self._print_plan(model, w, heads, corpus_spec, estimate)
+            self._print_plan(model, w, units, conditions, corpus_spec, estimate)
             result = IngestResult(ms, spec.name, cfg.n_tokens, estimate=estimate)
             result.seconds["load"] = load_s
             t1 = time.perf_counter()
@@ -160,9 +161,9 @@ class Ingest:
             if self._grow:  # only now: the manifest's token count never runs ahead of the stored tokens
                 writer.set(**self._grow)
             result.seconds["clean"] = time.perf_counter() - t1
-            top_sets = self._top_sets(writer)
+            top_sets = self._top_sets(writer, units)
             t2 = time.perf_counter()
-            self._ablation_phase(writer, rows_np, heads, top_sets, result)
+            self._ablation_phase(writer, rows_np, units, conditions, top_sets, result)
             result.seconds["ablation"] = time.perf_counter() - t2
             t3 = time.perf_counter()
             if self._sr_neuron_phase(writer, rows_np, top_sets, result):
@@ -305,17 +306,18 @@ class Ingest:
         model = M.load_model(cfg.model, cfg.device, cfg.revision)
         _check_context(model, cfg.seq_len)
         w = read_weights(model.hf_model, cfg.seq_len, cfg.preset)
-        heads = _ablated_heads(cfg, w)
+        units, conditions = _ablated_units(cfg, w)
         parse_sr_heads(cfg.sr_mlps_neurons, w.n_layers, w.n_heads)  # ranges, before any work
-        estimate = estimate_run(cfg, w, heads)
-        self._print_plan(model, w, heads, corpus_spec, estimate)
+        estimate = estimate_run(cfg, w, units, conditions=len(conditions) - 1)
+        self._print_plan(model, w, units, conditions, corpus_spec, estimate)
         return IngestResult(ModelStore(cfg.store / model_dirname(spec.name)), spec.name, cfg.n_tokens,
                             estimate=estimate)
 
-    def _print_plan(self, model, w, heads, corpus_spec: str, estimate: Estimate) -> None:
+    def _print_plan(self, model, w, units, conditions, corpus_spec: str, estimate: Estimate) -> None:
         cfg = self.cfg
         draws = sum(cfg.resamples if k == "resample" else 1 for k in cfg.ablations)
-        abl_rows = draws * len(heads) * cfg.n_tokens
+        pairs = sum(c is None or not u.overlaps(c, w.n_heads) for u in units for c in conditions)
+        abl_rows = draws * pairs * cfg.n_tokens
         kept = ",".join(cfg.activations) or "none"
         self.log(
             f"selfrepair ingest: {model.spec.name} ({model.spec.hf_id}, {w.family.name}) — {w.n_layers} layers × "
@@ -324,8 +326,9 @@ class Ingest:
             f"(matrix products {cfg.dtype}), engine {cfg.engine}\n"
             f"  corpus {corpus_spec}: {cfg.n_rows} rows × {cfg.seq_len} = {cfg.n_tokens} predictions, "
             f"{cfg.n_batches} batches of {cfg.batch_size} rows\n"
-            f"  ablations {','.join(cfg.ablations)} (resamples {cfg.resamples}) on {len(heads)} heads: "
-            f"{abl_rows:,} head-token ablations; top_p {cfg.top_p}, {cfg.neurons_top_k} neurons at each end"
+            f"  ablations {','.join(cfg.ablations)} (resamples {cfg.resamples}) on {_describe_units(units)}"
+            f"{_describe_conditions(conditions)}: {abl_rows:,} unit-token ablations; top_p {cfg.top_p}, "
+            f"{cfg.neurons_top_k} neurons at each end"
             f"{_sr_plan(cfg, w)}\n"
             f"  store {cfg.store}, activations {kept} ({cfg.activation_dtype}), "
             f"estimated {human(estimate.total)}"
@@ -356,8 +359,9 @@ class Ingest:
             if info != writer.manifest.arrays_json():
                 writer.set(arrays=info)
 
-    def _top_sets(self, writer: Writer) -> dict[tuple[int, int], np.ndarray]:
-        """Each head's top-p% token indices, from the stored `head_top_tokens` (rebuilt if stale)."""
+    def _top_sets(self, writer: Writer, units) -> dict[str, np.ndarray]:
+        """Each unit's top-p% token indices by label: a head's from the stored `head_top_tokens` (rebuilt
+        if stale), every other unit's from its components' clean DEs (`top_tokens.unit_top_sets`)."""
         manifest = writer.manifest
         stored = manifest.derived.get("head_top_tokens")
         if top_tokens.is_current(stored, manifest.n_tokens, self.cfg.top_p) and not writer.ms.file_problem(stored):
@@ -367,23 +371,25 @@ class Ingest:
         layer = table.column("layer").to_numpy()
         head = table.column("head").to_numpy()
         tok = table.column("token_index").to_numpy()
-        out: dict[tuple[int, int], np.ndarray] = {}
+        out: dict[str, np.ndarray] = {}
         for key in set(zip(layer.tolist(), head.tolist())):
-            out[key] = np.sort(tok[(layer == key[0]) & (head == key[1])])
+            out[head_label(*key)] = np.sort(tok[(layer == key[0]) & (head == key[1])])
+        others = [u for u in units if u.kind != "head"]
+        if others:
+            out.update(top_tokens.unit_top_sets(writer.ms, others, self.cfg.top_p, manifest))
         return out
 
     # -- ablation -----------------------------------------------------------------------
-    def _ablation_phase(self, writer: Writer, rows_np: np.ndarray, heads, top_sets, result) -> None:
+    def _ablation_phase(self, writer: Writer, rows_np: np.ndarray, units, conditions, top_sets, result) -> None:
         cfg = self.cfg
         preds = cfg.preds_per_row
         draws = [(k, s) for k in cfg.ablations for s in (range(cfg.resamples) if k == "resample" else [0])]
         digest = lambda sample, r0, r1: pairs_digest(_sources(cfg, sample, r0, r1))  # noqa: E731
-        # Only the missing (ablation, sample, head, batch) units, from what the store already holds.
-        top_digest = lambda r0, r1, hs: top_tokens.batch_digest(top_sets, hs, r0 * preds, r1 * preds)  # noqa: E731
+        # Only the missing (ablation, sample, condition, unit, batch) work, from what the store already holds.
+        top_digest = lambda r0, r1, us: top_tokens.batch_digest(top_sets, us, r0 * preds, r1 * preds)  # noqa: E731
         # …and the stored shards whose detail follows other top-p% sets (more tokens), or whose
         # files are missing or damaged, are redone.
-        todo = plan.ablation_work(writer.manifest, cfg.n_rows, cfg.batch_size, draws, heads, digest, top_digest,
-                                  damaged=self._damaged)
+        todo = _condition_work(writer.manifest, cfg, draws, units, conditions, digest, top_digest, self._damaged)
         result.shards_skipped += len(plan.batches(cfg.n_rows, cfg.batch_size)) * len(draws) - \
             len({(t.kind, t.sample, t.rows) for t in todo if (t.kind, t.sample) in draws})
         jobs = []
@@ -393,8 +399,8 @@ class Ingest:
                 pair = _sources(cfg, t.sample, r0, r1)
             jobs.append(AblationJob(
                 t, rows_np[r0:r1], pair, rows_np[pair] if pair is not None else None,
-                batch_top_sets(top_sets, t.heads, r0 * preds, r1 * preds), writer.manifest.n_tokens,
-                len(t.heads) * (r1 - r0) * preds))
+                batch_top_sets(top_sets, t.units, r0 * preds, r1 * preds), writer.manifest.n_tokens,
+                len(t.units) * (r1 - r0) * preds))
         self._run_jobs(writer, jobs, result, "ablation sweep", "abl")
 
 
@@ -433,7 +439,7 @@ class Ingest:
             complete = named & plan.complete_heads(manifest, cfg.n_rows, cfg.batch_size, kind, sample)
             sr = top_tokens.sr_mlps_sets(writer.ms, cfg.top_p, kind, sample, sorted(complete), manifest)
             # Tokens already in the head's top-p% set by clean DE have their detail in the ablation shard.
-            extras[(kind, sample)] = {k: np.setdiff1d(v, top_sets.get(k, empty)) for k, v in sr.items()}
+            extras[(kind, sample)] = {k: np.setdiff1d(v, top_sets.get(head_label(*k), empty)) for k, v in sr.items()}
 
         def wanted(kind, sample, r0, r1):
             return {k for k, v in extras.get((kind, sample), {}).items()
@@ -448,20 +454,59 @@ class Ingest:
             (r0, r1), pair = t.rows, None
             if t.kind == "resample":
                 pair = source_rows(cfg.n_rows, cfg.batch_size, t.sample, cfg.seed, r0, r1)
-            sets = batch_top_sets(extras.get((t.kind, t.sample), {}), t.heads, r0 * preds, r1 * preds)
+            extra = {head_label(*k): v for k, v in extras.get((t.kind, t.sample), {}).items()}
+            sets = batch_top_sets(extra, t.units, r0 * preds, r1 * preds)
             jobs.append(NeuronJob(t, rows_np[r0:r1], pair, rows_np[pair] if pair is not None else None, sets,
                                     sum(len(v) > 0 for v in sets.values()) * (r1 - r0) * preds))
         self._run_jobs(writer, jobs, result, "sr_mlps neuron detail", "abl")
         return True
 
 
-def _ablated_heads(cfg: IngestConfig, w) -> list[tuple[int, int]]:
-    """The (layer, head) pairs of the run's head units, sorted."""
-    units = cfg.ablated_units(w.n_layers, w.n_heads)
-    other = [u.label for u in units if u.kind != "head"]
-    if other:
-        raise ConfigError(f"--units {other[0]}: only head units are ingested by this version")
-    return sorted((u.layer, u.head) for u in units)
+def _ablated_units(cfg: IngestConfig, w) -> tuple[list, list]:
+    """The run's units and conditions (None first: the units alone), checked against the loaded model."""
+    from selfrepair.ingest.ablate import check_units
+
+    units, conditions = cfg.ablated_units(w.n_layers, w.n_heads), cfg.conditions(w.n_layers, w.n_heads)
+    for condition in conditions:  # under a condition, the units sharing a component with it are left out
+        check_units(w, [u for u in units if condition is None or not u.overlaps(condition, w.n_heads)], condition)
+    return units, conditions
+
+
+def _condition_work(manifest, cfg: IngestConfig, draws, units, conditions, digest, top_digest, damaged) -> list:
+    """The ablation work of every condition (the units alone first), each planned by `plan.ablation_work`.
+
+    Each condition's plan also redoes the invalid shards of conditions this run does not ask for; those
+    are kept from the first plan only. A batch's resample pairs go with its first shard of the draw.
+    """
+    asked = {"" if c is None else c.label for c in conditions}
+    out = []
+    for i, condition in enumerate(conditions):
+        label = "" if condition is None else condition.label
+        for work in plan.ablation_work(manifest, cfg.n_rows, cfg.batch_size, draws, units, digest, top_digest,
+                                       condition=condition, damaged=damaged):
+            mine = "" if work.condition is None else work.condition.label
+            if mine == label or (i == 0 and mine not in asked):
+                out.append(work)
+    with_sources = set()
+    for work in out:
+        key = (work.kind, work.sample, work.rows)
+        work.with_sources = work.with_sources and key not in with_sources
+        if work.with_sources:
+            with_sources.add(key)
+    return out
+
+
+def _describe_units(units) -> str:
+    """`270 heads, 30 MLP layers, 1 group` (the plan line)."""
+    names = {"head": ("head", "heads"), "group": ("group", "groups"), "attn": ("attention layer", "attention layers"),
+             "mlp": ("MLP layer", "MLP layers"), "block": ("block", "blocks")}
+    counts = {k: sum(u.kind == k for u in units) for k in names}
+    return ", ".join(f"{n} {names[k][n != 1]}" for k, n in counts.items() if n)
+
+
+def _describe_conditions(conditions) -> str:
+    given = [c.label for c in conditions if c is not None]
+    return f", alone and given {', '.join(given)}" if given else ""
 
 
 def _sr_plan(cfg: IngestConfig, w) -> str:

@@ -218,6 +218,12 @@ def units_spec(units: list[Unit]) -> str:
     return ",".join(u.spec for u in units)
 
 
+def is_shorthand(item: str) -> bool:
+    """Whether a `--units` item is a shorthand for several units (`heads`, `mlps`, `L9`, …)."""
+    item = str(item).strip()
+    return item.lower() in SHORTHANDS or bool(_LAYER.fullmatch(item))
+
+
 def is_label(text: str) -> bool:
     """Whether `text` parses as a unit label or a `--units` shorthand (a name may be neither)."""
     raw = str(text).strip()

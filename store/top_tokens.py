@@ -140,7 +140,9 @@ def _sorted(col: pl.Series) -> np.ndarray:
 
 
 def _key(unit) -> str:
-    """A top set's key: a unit's label (a (layer, head) pair is the head unit's)."""
+    """A top set's key: a unit's label (a (layer, head) pair is the head unit's; a label is itself)."""
+    if isinstance(unit, str):
+        return unit
     return unit.label if isinstance(unit, Unit) else head_label(*unit)
 
 

@@ -104,7 +104,7 @@ UNIT_CASES = [
     (["--units", "L1H1+L1H1"], 2, "Error: Invalid value for '--units': group 'L1H1+L1H1' names L1H1 twice"),
     (["--units", "b=L0H1+L1H1,b=L0H2+L1H2"], 2, "Error: Invalid value for '--units': the name 'b' is used twice"),
     (["--units", "mlp1=L0H1+L1H1"], 2, "Error: Invalid value for '--units': the name 'mlp1' is also a label"),
-    (["--units", "heads", "--given", "L1H1+L1H2"], 1, "Error: --given L1H1+L1H2: the condition overlaps the unit L1H1"),
+    (["--units", "L0H1,L1H1", "--given", "L1H1+L1H2"], 1, "Error: --given L1H1+L1H2: the condition overlaps the unit L1H1"),
     (["--units", "BLOCK1", "--given", "MLP1"], 1, "Error: --given MLP1: the condition overlaps the unit BLOCK1"),
     (["--given", "L1H1,L1H2"], 2, "Error: Invalid value for '--given': --given takes one unit"),
 ]
