@@ -195,7 +195,7 @@ class Ingest:
         """Compare engine, bridge and model on the first batch; refuse before writing on a mismatch."""
         import torch
 
-        from selfrepair.ingest.selfcheck import run_self_check
+        from selfrepair.ingest.selfcheck import run_self_check, unit_cases
 
         cfg = self.cfg
         rows = torch.from_numpy(rows_np).to(model.device)
@@ -209,7 +209,9 @@ class Ingest:
                      "own forward passes only")
         t = time.perf_counter()
         try:
-            checks, excused = run_self_check(model, w, first, src, cfg.ablations)
+            units, conditions = _ablated_units(cfg, w)
+            checks, excused = run_self_check(model, w, first, src, cfg.ablations,
+                                             unit_cases(units, conditions, w.n_heads))
         except torch.OutOfMemoryError:
             raise DeviceError("out of GPU memory even with one head per pass (in the self-check on the first "
                               "batch); lower --batch-size") from None

@@ -7,7 +7,8 @@ Three comparisons, each a largest absolute deviation over the batch's prediction
 - the bridge (TransformerLens, processed weights) against the model: centred logits,
   and the engine's final-norm scale against `ln_final.hook_scale`;
 - the fast engine against the reference engine (one hooked bridge forward per head) for
-  heads from the first, middle and last layers and every requested ablation type:
+  heads from the first, middle and last layers and every requested ablation type (and one
+  unit of each other requested kind, alone and under each condition: `unit_cases`):
   d_logit, ablated scale, ablated head DE, d_de_heads and d_de_mlps; and its d_logit
   against a plain full forward of the Hugging Face model with the head's o_proj input
   patched. With a final logit softcap the bridge's logits are neither centred nor
@@ -138,8 +139,56 @@ def judge(family: str, out: dict[str, float], judged: dict[str, float]) -> list[
     return excused
 
 
+def _merged(a, b):
+    """One Patch making both `a`'s and `b`'s replacements (a condition and a unit share no component)."""
+    from selfrepair.ingest.engine import Patch
+
+    heads = {l: dict(v) for l, v in a.heads.items()}
+    for l, v in b.heads.items():
+        heads.setdefault(l, {}).update(v)
+    return Patch(heads, {**a.mlps, **b.mlps})
+
+
+def unit_cases(units, conditions, n_heads: int) -> list:
+    """(unit, condition) pairs the self-check ablates besides its sample heads: the first unit of each
+    other kind alone, and under each condition the first unit that shares no component with it."""
+    first: dict = {}
+    for unit in units:
+        if unit.kind != "head":
+            first.setdefault(unit.kind, unit)
+    cases = [(unit, None) for unit in first.values()]
+    for cond in conditions:
+        unit = next((u for u in units if cond is not None and not u.overlaps(cond, n_heads)), None)
+        if unit is not None:
+            cases.append((unit, cond))
+    return cases
+
+
+def _unit_checks(record, w, rows, fast, fast_src, ref, ref_src, kind: str, cases, u_full, cut) -> None:
+    """Each case's ablated logit against one whole forward of the model with the unit (and its condition)
+    replaced by hooks; with a faithful bridge, its d_logit against the reference engine too."""
+    from selfrepair.ingest.ablate import FastBatch, unit_patch
+
+    for unit, cond in cases:
+        tag = f"{kind} {unit.label}" + (f" | {cond.label}" if cond is not None else "")
+        patch = unit_patch(fast, fast_src, kind, unit, w.n_heads)
+        base, whole = fast, patch
+        if cond is not None:
+            cond_patch = unit_patch(fast, fast_src, kind, cond, w.n_heads)
+            base, whole = fast.conditioned(cond_patch), _merged(cond_patch, patch)
+        rf = base.patch(unit.layer, [patch], None, u_full)
+        full = FastBatch(w, rows, base=whole)  # one forward of the model from its first layer
+        record(f"ablated logit {tag}: fast vs full model forward", cut(rf.logit[0]), cut(full.clean_logit(u_full)))
+        if ref is None or w.convention != PROCESSED or w.post_norm:
+            continue
+        rbase = ref if cond is None else ref.conditioned(unit_patch(ref, ref_src, kind, cond, w.n_heads))
+        rr = rbase.patch(unit.layer, [unit_patch(ref, ref_src, kind, unit, w.n_heads)], None, u_full)
+        record(f"d_logit {tag}: fast vs reference", cut(rf.logit[0] - base.clean_logit(u_full)),
+               cut(rr.logit[0] - rbase.clean_logit(u_full)))
+
+
 def run_self_check(model, w, rows: torch.Tensor, source_rows: torch.Tensor | None, ablations,
-                   log=print) -> tuple[dict, list[str]]:
+                   cases=(), log=print) -> tuple[dict, list[str]]:
     """Compare engine, bridge and model on one batch.
 
     Returns:
@@ -151,6 +200,7 @@ def run_self_check(model, w, rows: torch.Tensor, source_rows: torch.Tensor | Non
         rows: the first batch's token ids [batch, seq_len].
         source_rows: that batch's resample source rows (None without resample).
         ablations: the ablation types the ingest will run.
+        cases: (unit, condition) pairs to check besides the sample heads (`unit_cases`).
 
     Raises:
         SelfCheckFailed: a deviation beyond TOLERANCE, named in the message.
@@ -210,4 +260,5 @@ def run_self_check(model, w, rows: torch.Tensor, source_rows: torch.Tensor | Non
                        rr.d_de_heads[0].sum((-1, -2))[:, :preds])
                 record(f"d_de_mlps {tag}: fast vs reference", rf.d_de_mlps[0].sum(-1)[:, :preds],
                        rr.d_de_mlps[0].sum(-1)[:, :preds])
+        _unit_checks(record, w, rows, fast, fast_src, ref, ref_src, kind, cases, u_full, cut)
     return out, judge(w.family.name, out, judged)

@@ -1,0 +1,92 @@
+"""Units and conditions through the whole ingest: the self-check, extension, resume and the tables.
+
+The engine's numbers are checked against plain transformers in test_unit_engine.py; here the
+runner's part: what is planned, stored, extended and checked on every ingest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+from selfrepair.cli import main
+from selfrepair.queries.store import Store
+from tiny_models import ingest_tiny, read_manifest_json
+
+UNITS = "L1H2,mlps,attn,BLOCK1,pair=L0H3+L1H0"
+KEY = ["ablation", "sample", "condition", "unit", "token_index"]
+TABLES = ("ablation_effects", "ablation_top", "repair_sources", "neuron_effects", "neuron_totals", "attention_top",
+          "condition_tokens")
+
+
+def _table(store_dir, name: str) -> pl.DataFrame:
+    df = Store.open(store_dir).sql(f"SELECT * EXCLUDE (model) FROM {name}")
+    return df.sort(df.columns)
+
+
+@pytest.fixture(scope="module")
+def one_run(tiny_model_dirs, tmp_path_factory):
+    """The final configuration in one run: units alone and given a condition."""
+    store = tmp_path_factory.mktemp("units") / "one"
+    ingest_tiny(tiny_model_dirs["gpt2"], store, units=UNITS, given=("L0H1",), ablations=("resample", "zero"))
+    return store
+
+
+def test_self_check_covers_a_unit_of_each_kind_and_each_condition(one_run, tiny_model_dirs):
+    checks = read_manifest_json(one_run / tiny_model_dirs["gpt2"].name)["self_check"]["deviations"]
+    for kind in ("resample", "zero"):
+        for label in ("MLP0", "ATTN0", "BLOCK1", "pair", "L1H2 | L0H1"):
+            assert checks[f"ablated logit {kind} {label}: fast vs full model forward"] < 1e-5
+            assert checks[f"d_logit {kind} {label}: fast vs reference"] < 1e-5
+
+
+def test_every_unit_is_stored_alone_and_under_its_condition(one_run):
+    units = Store.open(one_run).sql(
+        "SELECT DISTINCT condition, unit, unit_kind FROM ablation_effects ORDER BY ALL").rows()
+    alone = {(u, k) for c, u, k in units if c == ""}
+    given = {(u, k) for c, u, k in units if c == "L0H1"}
+    assert alone == {("L1H2", "head"), ("MLP0", "mlp"), ("MLP1", "mlp"), ("ATTN0", "attn"), ("ATTN1", "attn"),
+                     ("BLOCK1", "block"), ("pair", "group")}
+    assert given == alone - {("ATTN0", "attn")}  # `attn`'s ATTN0 holds L0H1: nothing left to ablate on top of it
+    out = CliRunner().invoke(main, ["verify", "--store", str(one_run)])
+    assert out.exit_code == 0, out.output
+
+
+def test_extending_unit_by_unit_equals_one_run(one_run, tiny_model_dirs, tmp_path):
+    """Heads first, then more units, then the condition: the same rows as the one run, no key twice."""
+    store = tmp_path / "steps"
+    model = tiny_model_dirs["gpt2"]
+    ingest_tiny(model, store, units="L1H2,MLP0,ATTN0", ablations=("resample", "zero"))
+    ingest_tiny(model, store, units=UNITS, ablations=("resample",))
+    ingest_tiny(model, store, units=UNITS, given=("L0H1",), ablations=("resample", "zero"))
+    for name in TABLES:
+        a, b = _table(one_run, name), _table(store, name)
+        assert a.height > 0 and a.equals(b), name
+    key = Store.open(store).sql(f"SELECT {', '.join(KEY)}, count(*) AS n FROM ablation_effects GROUP BY ALL "
+                                "HAVING n > 1")
+    assert key.height == 0
+
+
+def test_a_broken_unit_pass_is_refused_by_the_self_check(tiny_model_dirs, tmp_path, monkeypatch):
+    from selfrepair.ingest import ablate
+
+    patch = ablate.FastBatch.patch
+
+    def off_for_mlps(self, layer, heads, z_new, u):
+        r = patch(self, layer, heads, z_new, u)
+        if z_new is None and any(p.mlps for p in heads):
+            r = dataclasses.replace(r, logit=r.logit * 1.01)
+        return r
+
+    monkeypatch.setattr(ablate.FastBatch, "patch", off_for_mlps)
+    store = tmp_path / "s"
+    res = CliRunner().invoke(main, ["ingest", "--model", str(tiny_model_dirs["gpt2"]), "--store", str(store),
+                                    "--tokens", "62", "--seq-len", "32", "--batch-size", "2", "--corpus", "embedded",
+                                    "--ablations", "zero", "--units", "L1H1,MLP1", "--quiet"])
+    assert res.exit_code == 1, res.output
+    assert res.output.startswith("Error: self-check failed for GPT-2: ") and " zero MLP1: fast vs " in res.output
+    assert len(res.output.strip().splitlines()) == 1, res.output
+    assert not store.exists() or not any(store.iterdir())
