@@ -111,7 +111,7 @@ class IngestConfig:
                                  min=0)
     sr_mlps_neurons: str | None = setting(
         help="Heads whose top-p% tokens by sr_mlps (d_de_mlps) also get neuron detail, as the paper's neuron figures "
-        "pick them: none, all, penultimate (every head of layer n_layers-2) or e.g. L10H3,L11. In-process executor only.",
+        "pick them: none, all, penultimate (every head of layer n_layers-2) or e.g. L10H3,L11.",
         unset="none", parse=partial(normalize_spec, words=SR_WORDS), metavar="HEADS")
     attention_top_k: int = setting(8, "Attention sources kept per head and top token (the largest clean attention "
                                    "weights).", min=0)
@@ -190,9 +190,6 @@ class IngestConfig:
                               f"{math.ceil(1 / self.top_p)}")
         if self.sr_mlps_neurons != "none" and self.neurons_top_k == 0:
             raise ConfigError("sr_mlps_neurons: needs neuron detail; --neurons-top-k is 0")
-        if self.sr_mlps_neurons != "none" and self.executor == "ray":
-            raise ConfigError("sr_mlps_neurons: not supported with --executor ray yet; run it with the in-process "
-                              "executor (it extends a store the Ray run wrote)")
         given = [k for k in ("workers", "ray_address") if getattr(self, k) is not None]
         if self.executor != "ray" and given:
             raise SettingConflict(f"{', '.join(given)}: only with executor ray",

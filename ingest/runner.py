@@ -284,10 +284,6 @@ class Ingest:
         config = dict(old.config.raw)
         config["heads_runs"] = sorted(set(old.config.heads_runs) | {cfg.unit_spec})
         config["sr_mlps_neurons_runs"] = _sr_runs(list(old.config.sr_mlps_neurons_runs), cfg.sr_mlps_neurons)
-        if cfg.executor == "ray" and config["sr_mlps_neurons_runs"]:
-            raise ConfigError(f"{writer.ms.path} keeps neuron detail by sr_mlps (--sr-mlps-neurons "
-                              f"{','.join(config['sr_mlps_neurons_runs'])}), which --executor ray does not "
-                              "maintain yet; extend it with --executor inprocess")
         config.update({"ablations": kinds, "resamples": samples})
         if config != old.config.raw:
             updates["config"] = config

@@ -132,14 +132,3 @@ def test_sr_mlps_neuron_detail_extends_like_one_run(tiny_model_dirs, tmp_path):
     compact(grown)
     _assert_same(_tables(grown), want)
     assert verify(grown).ok
-
-
-def test_a_store_with_sr_mlps_detail_refuses_the_ray_executor(tiny_model_dirs, tmp_path):
-    from selfrepair.errors import ConfigError
-
-    d = tiny_model_dirs["gpt2"]
-    with pytest.raises(ConfigError, match="executor ray"):
-        ingest_tiny(d, tmp_path, tokens=62, sr_mlps_neurons="L1", executor="ray", **SMALL)
-    ingest_tiny(d, tmp_path, tokens=62, sr_mlps_neurons="L1", ablations=("zero",), **SMALL)
-    with pytest.raises(ConfigError, match="--executor inprocess"):
-        ingest_tiny(d, tmp_path, tokens=93, executor="ray", ablations=("zero",), **SMALL)
