@@ -183,11 +183,13 @@ def stored_units_view_sql(models: list[ModelFiles]) -> str:
             for kind, sample in draws:
                 for u in e.unit_list(n_layers, n_heads):
                     seen.setdefault((kind, sample, cond, u.label), (u, set()))[1].add(e.rows)
-        for (kind, sample, cond, _), (u, batches) in sorted(seen.items(), key=lambda kv: (kv[0][:3], unit_order(kv[1][0]))):
+        order = lambda kv: (kv[0][:3], unit_order(kv[1][0]))  # noqa: E731 - draw, condition, then unit
+        for (kind, sample, cond, _), (u, batches) in sorted(seen.items(), key=order):
             rows.append((m.model, kind, sample, cond, u.label, u.kind, u.layer, u.head, len(batches)))
     cols = ", ".join(STORED_UNITS_COLUMNS)
     if not rows:
-        return f"CREATE VIEW stored_units AS SELECT * FROM (VALUES ('', '', 0, '', '', '', 0, 0, 0)) v({cols}) WHERE false"
+        return (f"CREATE VIEW stored_units AS SELECT * FROM (VALUES ('', '', 0, '', '', '', 0, 0, 0)) v({cols}) "
+                "WHERE false")
     values = ",\n".join("(" + ", ".join(sql_literal(v) if isinstance(v, str) else str(int(v)) for v in r) + ")"
                         for r in rows)
     return f"CREATE VIEW stored_units({cols}) AS VALUES\n{values}"

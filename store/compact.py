@@ -5,7 +5,8 @@ the store and scanning a head's rows cost per file. Compaction merges every comp
 shard's rows (and the previous compacted file) into one Parquet file per table and file
 layout (a store written before units keeps its older files, by their own key), sorted by the
 table's key (`ablation_effects` by ablation, sample, condition, unit, token_index) in row
-groups of ROW_GROUP_ROWS, so DuckDB skips row groups by their min/max on condition and unit. DuckDB does the sort out of core, so memory stays bounded whatever the store's size.
+groups of ROW_GROUP_ROWS, so DuckDB skips row groups by their min/max on condition and unit.
+DuckDB does the sort out of core, so memory stays bounded whatever the store's size.
 
 The swap is one commit record (`op: compact`, `store/schema.py`) appended under the
 writer lock after every new file is written, fsynced and checksummed: a reader's snapshot

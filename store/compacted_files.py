@@ -1,7 +1,8 @@
 """Sorted, compacted Parquet files: writing them, and copies of them without some shards' units.
 
 `selfrepair compact` (store/compact.py) writes each table's rows into one file sorted by its
-key (one file per layout: files written before a schema change keep their columns and key); when an extension redoes a compacted shard, `Writer.commit` swaps in, in the same
+key (one file per layout: files written before a schema change keep their columns and key);
+when an extension redoes a compacted shard, `Writer.commit` swaps in, in the same
 record, copies of the compacted files without that shard's units (`without_shards`): rows
 are unique per unit, so dropping by unit is exact. Both live here, below the writer and
 compaction, so neither imports the other to reach them.

@@ -19,6 +19,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from selfrepair.store.compacted_files import by_layout
 from selfrepair.store.labels import Unit, head_label
 from selfrepair.store.manifest import FileEntry, Manifest
 from selfrepair.store.model_store import ModelStore
@@ -69,12 +70,11 @@ def sr_mlps_sets(ms: ModelStore, top_p: float, kind: str, sample: int, heads, ma
     The heads' sweeps must be complete (every token stored), as `store/plan.complete_heads` checks.
     """
     manifest = manifest if manifest is not None else ms.manifest()
-    paths = ms.table_files("ablation_effects", manifest)
     keep = top_count(top_p, manifest.n_tokens)
     out: dict[tuple[int, int], np.ndarray] = {}
     for layer in sorted({la for la, _ in heads}):
         hs = sorted(h for la, h in heads if la == layer)
-        got = (pl.scan_parquet(paths, glob=False)
+        got = (_head_rows(ms, manifest)
                .filter((pl.col("ablation") == kind) & (pl.col("sample") == sample) & (pl.col("layer") == layer)
                        & pl.col("head").is_in(hs) & (pl.col("token_index") < manifest.n_tokens))
                .sort(["head", "d_de_mlps", "token_index"], descending=[False, True, False])
@@ -83,6 +83,22 @@ def sr_mlps_sets(ms: ModelStore, top_p: float, kind: str, sample: int, heads, ma
         for h in hs:
             out[(layer, h)] = np.sort(got.filter(pl.col("head") == h)["token_index"].to_numpy()).astype(np.int64)
     return out
+
+
+def _head_rows(ms: ModelStore, manifest: Manifest) -> pl.LazyFrame:
+    """The `ablation_effects` rows of head units without a condition (ablation, sample, layer, head,
+    token_index, d_de_mlps), over files of either layout (before units: every row is one)."""
+    cols = ["ablation", "sample", "layer", "head", "token_index", "d_de_mlps"]
+    parts = []
+    for names, paths in by_layout(ms.table_files("ablation_effects", manifest)).items():
+        frame = pl.scan_parquet(paths, glob=False)
+        if "unit" in names:
+            frame = frame.filter((pl.col("condition") == "") & (pl.col("unit_kind") == "head"))
+        parts.append(frame.select(cols))
+    if not parts:
+        return pl.LazyFrame(schema={"ablation": pl.String, "sample": pl.Int16, "layer": pl.Int16, "head": pl.Int16,
+                                    "token_index": pl.Int32, "d_de_mlps": pl.Float32})
+    return pl.concat(parts)
 
 
 def unit_top_sets(ms: ModelStore, units, top_p: float, manifest: Manifest | None = None) -> dict[str, np.ndarray]:

@@ -72,7 +72,7 @@ def test_a_request_for_what_was_not_ingested_is_refused(store, params, message):
     assert message in str(e.value)
 
 
-# This store holds no condition: conditional_growth runs on one that does (test_units.py).
+# This store holds no condition: conditional_growth runs on one that does (test_query_units.py).
 @pytest.mark.parametrize("name", sorted(set(named.all_queries()) - SR_MLPS_QUERIES - {"conditional_growth"}))
 def test_runs_on_top_tokens(store, spec, name):
     q = named.all_queries()[name]

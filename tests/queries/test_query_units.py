@@ -22,7 +22,6 @@ from polars.testing import assert_frame_equal
 
 from selfrepair.queries.store import Store
 from selfrepair.store.labels import parse_unit, parse_units
-from selfrepair.store.model_store import ModelStore
 from selfrepair.store.top_tokens import top_count, unit_top_sets
 
 MODEL = "gpt2-tiny"

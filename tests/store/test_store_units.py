@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from selfrepair.errors import StoreError
@@ -347,3 +348,19 @@ def test_a_store_ingested_before_units_reads_verifies_and_extends(tiny_stores, t
     with Store.open(old) as a, Store.open(new) as b:
         for t in tables:
             _same_rows(a, b, t)
+
+
+def test_sr_mlps_sets_read_head_units_without_a_condition_in_either_layout(tmp_path):
+    """L1H0 has rows in the layout before units and, under the condition L0H1, in the newer one:
+    its top tokens by sr_mlps are those of the head alone."""
+    from selfrepair.store.top_tokens import sr_mlps_sets
+
+    ms = build(tmp_path / "m")
+    old = files.read_parquet([ms.path / ms.manifest().shards["abl-old"].files["ablation_effects"].path])
+    keep = int(np.floor(0.25 * N))
+    for head in (0, 1):
+        rows = old.filter(pc.equal(old["head"], head))
+        d = rows["d_de_mlps"].to_numpy()
+        want = np.sort(rows["token_index"].to_numpy()[np.lexsort((rows["token_index"].to_numpy(), -d))[:keep]])
+        got = sr_mlps_sets(ms, 0.25, "zero", 0, [(1, head)])[(1, head)]
+        assert got.tolist() == want.tolist()
