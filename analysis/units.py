@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from selfrepair.errors import ConfigError, QueryError
+from selfrepair.queries import requests
 from selfrepair.store.heads import heads_spec
 from selfrepair.store.labels import Unit, parse_unit
 
@@ -98,15 +99,16 @@ class StoredUnits:
                 out[kind] = n
         return out
 
-    def summary(self, units: list[Unit]) -> str:
-        """Units abbreviated: `heads all (12), groups bk=L1H0+L2H1, ATTN0..2, MLP0..2, BLOCK0..2`."""
+    def summary(self, units: list[Unit], names: bool = False) -> str:
+        """Units abbreviated: `heads all (12), group bk=L1H0+L2H1, ATTN0..2, MLP0..2, BLOCK0..2`
+        (names: a group by its label alone, `group bk`)."""
         parts = []
         heads = [(u.layer, u.head) for u in units if u.kind == "head"]
         if heads:
             parts.append(f"heads {heads_spec(heads, self.n_layers, self.n_heads)} ({len(heads)})")
         groups = [u for u in units if u.kind == "group"]
         if groups:
-            shown = ", ".join(group_text(g) for g in groups[:GROUPS_SHOWN])
+            shown = ", ".join(g.label if names else group_text(g) for g in groups[:GROUPS_SHOWN])
             more = f" and {len(groups) - GROUPS_SHOWN} more" if len(groups) > GROUPS_SHOWN else ""
             parts.append(f"{KIND_WORDS['group'][len(groups) != 1]} {shown}{more}")
         for kind in LAYER_KINDS:
@@ -173,3 +175,79 @@ def _unit(label: str, kind: str, members: str | None) -> Unit:
         unit = parse_unit(members)
         return unit if label == unit.canonical else Unit("group", unit.layer, members=unit.members, name=label)
     return parse_unit(label)
+
+
+def info_lines(inv, stored: StoredUnits) -> list[str]:
+    """`selfrepair info`'s text for one model: the inventory's lines, each draw's units besides its heads
+    (counts per kind, then the units abbreviated) and those under each condition, the named groups with
+    their members and the conditions. A store of heads alone reads as before units.
+
+    Args:
+        inv: the model's `Inventory`.
+        stored: the model's `StoredUnits`.
+    """
+    lines = inv.lines()
+    out = [lines[0]]
+    for d in inv.draws:
+        out.append(f"  {d.ablation:<8} draw {d.sample}: heads {inv.heads_text(d)} ({len(d.heads)}), "
+                   f"{d.batches} batches")
+        others = [u for u in stored.draw_units(d.ablation, d.sample) if u.kind != "head"]
+        if others:
+            out.append(f"           other units: {_counts(others)} ({stored.summary(others, names=True)})")
+        for cond in stored.conditions(d.ablation, d.sample):
+            units = stored.draw_units(d.ablation, d.sample, cond.label)
+            out.append(f"           given {cond.label}: {_counts(units)} ({stored.summary(units, names=True)})")
+    if not inv.draws:
+        out.append("  no ablation stored yet")
+    groups = [u for u in stored.units.values() if u.kind == "group"]
+    if groups:
+        out.append("  groups: " + ", ".join(f"{u.label} = {u.canonical}" if u.name else u.canonical for u in groups))
+    conds = stored.conditions()
+    if conds:
+        out.append("  conditions: " + ", ".join(
+            f"{c.label} ({KIND_WORDS[c.kind][0]}{' ' + c.canonical if c.name else ''})"
+            for c in conds))
+    out.append(lines[-1])
+    return out
+
+
+def _counts(units: list[Unit]) -> str:
+    """`11 heads, 1 group, 3 MLPs`."""
+    kinds = [u.kind for u in units]
+    return ", ".join(describe_kind(k, kinds.count(k)) for k in KIND_WORDS if k in kinds)
+
+
+def unit_params(store, query, params: dict) -> dict:
+    """A named query's `unit` and `condition` values as the store labels them (a group's canonical label
+    becomes its name), refused with one line listing what is stored when no model holds them.
+
+    Args:
+        store: an open `Store`.
+        query: the `NamedQuery`.
+        params: the values given (strings from the command line); others pass through.
+
+    Raises:
+        QueryError: a unit or condition that no model of the store holds for the draw asked.
+    """
+    known = {p.name: p for p in query.params}
+    if "unit" not in known or "unit" not in params:
+        return params
+    bound = query.bind(params)
+    requests.check(store.inventories, bound)  # an ablation, draw or p not stored: its own message first
+    ablation, sample = bound.get("ablation"), bound.get("sample", 0)
+    given = bound.get("condition", "none")
+    given = None if str(given) in ("", "none") else str(given)
+    problems = []
+    for model in store.models:
+        stored = StoredUnits.of(store, model)
+        try:
+            unit = stored.resolve(str(params["unit"]), what="unit")
+            condition = stored.resolve(given, what="condition") if given is not None else None
+            if ablation is not None:
+                stored.check(unit, condition, ablation, sample)
+        except QueryError as e:
+            problems.append(str(e))
+            continue
+        out = dict(params) | {"unit": unit.label}
+        return out | ({"condition": condition.label} if condition is not None else {})
+    raise QueryError(problems[0] if len(problems) == 1 else "; ".join(problems))

@@ -61,19 +61,21 @@ def head(label, store, model, ablation, sample, p, n_tokens, given, html_path):
 @store_option
 @friendly_errors
 def info(store):
-    """What each model of the store holds: ablations, draws, heads, tokens, top_p, arrays.
+    """What each model of the store holds: ablations, draws, heads, other units (counts per kind),
+    named groups with their members, conditions, tokens, top_p, arrays.
 
-    The same facts are the `inventory` SQL view.
+    The same facts are the `inventory` and `stored_units` SQL views (`unit_catalog` query).
 
     Example:
 
         selfrepair info --store stores
     """
+    from selfrepair.analysis.units import StoredUnits, info_lines
     from selfrepair.queries.store import Store
 
     with Store.open(store) as s:
         for inv in s.inventories:
-            for line in inv.lines():
+            for line in info_lines(inv, StoredUnits.of(s, inv.model)):
                 click.echo(line)
 
 
