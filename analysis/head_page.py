@@ -9,7 +9,7 @@ with one line before any query runs (`queries/requests.py`).
 from __future__ import annotations
 
 import html as _html
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import polars as pl
 
@@ -126,13 +126,12 @@ def build_head_page(store, label: str, model: str | None = None, ablation: str |
     if p is None and inv is not None:
         p = inv.top_p
     params = {"p": p, "ablation": ablation, "sample": sample}
-    if _is_head_label(label):  # a head: the per-head checks and their messages, as before units
+    requests.check(invs, params, model)
+    if _is_head_label(label):
+        # A head's layer and index against the model, with the per-head messages; whether it is
+        # stored StoredUnits.check says, listing every stored unit (the inventories without draws).
         layer, head = requests.parse_head_label(label)
-        params |= {"layer": layer, "head": head}
-        requests.check(invs, params if given is None else {k: v for k, v in params.items() if k != "head"}, model)
-        del params["layer"], params["head"]
-    else:
-        requests.check(invs, params, model)
+        requests.check([replace(i, draws=[]) for i in invs], {"layer": layer, "head": head}, model)
     stored = StoredUnits.of(store, model)
     unit = stored.resolve(label)
     condition = stored.resolve(given, what="condition") if given is not None else None

@@ -189,8 +189,8 @@ def info_lines(inv, stored: StoredUnits) -> list[str]:
     lines = inv.lines()
     out = [lines[0]]
     for d in inv.draws:
-        out.append(f"  {d.ablation:<8} draw {d.sample}: heads {inv.heads_text(d)} ({len(d.heads)}), "
-                   f"{d.batches} batches")
+        heads = f"heads {inv.heads_text(d)} ({len(d.heads)})" if d.heads else "no heads"
+        out.append(f"  {d.ablation:<8} draw {d.sample}: {heads}, {d.batches} batches")
         others = [u for u in stored.draw_units(d.ablation, d.sample) if u.kind != "head"]
         if others:
             out.append(f"           other units: {_counts(others)} ({stored.summary(others, names=True)})")

@@ -172,6 +172,9 @@ ADVICE = "use a label like L26H6 (layer 26, head 6), L26H6+L26H9, ATTN26, MLP26,
     (["L1H0+L1H1"], f"L1H0+L1H1 is not stored for tiny-gpt2 (resample draw 0); stored units: {STORED}"),
     (["ATTN0", "--given", "L0H1"], "ATTN0 given L0H1 is not stored for tiny-gpt2 (resample draw 0); stored under "
                                    "L0H1: heads L0H0,L0H2,L0H3,L1 (7), group bk=L1H0+L1H3, ATTN1, MLP0..1, BLOCK1"),
+    (["L0H1", "--given", "L0H1"], "L0H1 given L0H1 is not stored for tiny-gpt2 (resample draw 0); stored under "
+                                  "L0H1: heads L0H0,L0H2,L0H3,L1 (7), group bk=L1H0+L1H3, ATTN1, MLP0..1, BLOCK1"),
+    (["L1H9"], "head 9 is not a head index of tiny-gpt2 (0..3)"),
     (["MLP1", "--given", "L1H1"], "condition L1H1 is not stored for tiny-gpt2 (resample draw 0); stored conditions: L0H1"),
     (["backup"], f"head 'backup': {ADVICE} (stored groups: bk)"),
     (["MLP1", "--given", "MLP"], f"condition 'MLP': {ADVICE} (stored groups: bk)"),
@@ -189,6 +192,21 @@ def test_a_store_of_heads_alone_names_its_heads(tiny_store):
     result = invoke("head", "MLP1", "--store", tiny_store, "--model", MODEL)
     assert result.exit_code == 1
     assert result.output == "Error: MLP1 is not stored for tiny-gpt2 (resample draw 0); stored units: heads all (8)\n"
+
+
+def test_a_store_of_mlps_alone(tiny_stores, tmp_path):
+    store = tiny_stores.copy("gpt2", tmp_path / "s", tokens=62, seq_len=32, batch_size=2, ablations=("zero",),
+                             units="mlps", top_p=0.05, neurons_top_k=2)
+    result = invoke("info", "--store", store)
+    assert result.output.splitlines()[1:3] == ["  zero     draw 0: no heads, 1 batches",
+                                               "           other units: 2 MLPs (MLP0..1)"]
+    result = invoke("head", "L1H1", "--store", store)
+    assert result.output == "Error: L1H1 is not stored for tiny-gpt2 (zero draw 0); stored units: MLP0..1\n"
+    result = invoke("head", "MLP0", "--given", "L1H1", "--store", store)
+    assert result.output == ("Error: condition L1H1 is not stored for tiny-gpt2 (zero draw 0); stored conditions: "
+                             "none (ingest with --given)\n")
+    result = invoke("head", "MLP0", "--store", store)
+    assert result.exit_code == 0 and result.output.startswith("MLP0 of tiny-gpt2: zero ablation, top 0.05 of tokens")
 
 
 def test_info_lists_units_groups_and_conditions(unit_store):
