@@ -42,7 +42,8 @@ def _top_tokens(store, canonical: str) -> list[int]:
     unit = parse_unit(canonical)
     n_heads = manifest.model.n_heads
     heads = _raw(store, "head_effects").filter(
-        (pl.col("layer").cast(pl.Int64) * n_heads + pl.col("head")).is_in([l * n_heads + h for l, h in unit.heads(n_heads)]))
+        (pl.col("layer").cast(pl.Int64) * n_heads + pl.col("head"))
+        .is_in([l * n_heads + h for l, h in unit.heads(n_heads)]))
     mlps = _raw(store, "mlp_effects").filter(pl.col("layer").is_in(list(unit.mlps())))
     de = (pl.concat([heads.select("token_index", pl.col("de").cast(pl.Float64)),
                      mlps.select("token_index", pl.col("de").cast(pl.Float64))])
@@ -60,7 +61,8 @@ def _expected(store, canonical: str, label: str, condition: str = "", ablation: 
         & (pl.col("sample") == sample) & pl.col("token_index").is_in(top)
     ).with_columns(pl.col("d_logit", "de", "de_base", "d_de_heads", "d_de_mlps").cast(pl.Float64))
     return a.select(n_tokens=pl.len(), de_clean=pl.col("de_base").mean(), de_ablated=pl.col("de").mean(),
-                    d_logit=pl.col("d_logit").mean(), sr=(pl.col("d_logit") - (pl.col("de") - pl.col("de_base"))).mean(),
+                    d_logit=pl.col("d_logit").mean(),
+                    sr=(pl.col("d_logit") - (pl.col("de") - pl.col("de_base"))).mean(),
                     sr_heads=pl.col("d_de_heads").mean(), sr_mlps=pl.col("d_de_mlps").mean()).row(0, named=True)
 
 
@@ -175,7 +177,8 @@ ADVICE = "use a label like L26H6 (layer 26, head 6), L26H6+L26H9, ATTN26, MLP26,
     (["L0H1", "--given", "L0H1"], "L0H1 given L0H1 is not stored for tiny-gpt2 (resample draw 0); stored under "
                                   "L0H1: heads L0H0,L0H2,L0H3,L1 (7), group bk=L1H0+L1H3, ATTN1, MLP0..1, BLOCK1"),
     (["L1H9"], "head 9 is not a head index of tiny-gpt2 (0..3)"),
-    (["MLP1", "--given", "L1H1"], "condition L1H1 is not stored for tiny-gpt2 (resample draw 0); stored conditions: L0H1"),
+    (["MLP1", "--given", "L1H1"],
+     "condition L1H1 is not stored for tiny-gpt2 (resample draw 0); stored conditions: L0H1"),
     (["backup"], f"head 'backup': {ADVICE} (stored groups: bk)"),
     (["MLP1", "--given", "MLP"], f"condition 'MLP': {ADVICE} (stored groups: bk)"),
     (["L1H0+L1H0"], f"head 'L1H0+L1H0': {ADVICE} (stored groups: bk)"),
@@ -243,7 +246,8 @@ def test_query_takes_a_unit_by_canonical_label_or_name(unit_store):
     assert len(rows) == 2 and rows[1].startswith("tiny-gpt2,bk,group,L0H1,1,-1,")
     result = invoke("query", "unit_repair_sources", "-p", "unit=MLP7", "--store", unit_store)
     assert result.exit_code == 1
-    assert result.output == f"Error: MLP7 is out of range; the model has layers 0..1; stored units of tiny-gpt2: {STORED}\n"
+    assert result.output == (f"Error: MLP7 is out of range; the model has layers 0..1; stored units of tiny-gpt2: "
+                             f"{STORED}\n")
 
 
 @pytest.fixture(scope="module")
