@@ -25,6 +25,8 @@ class ModelInfo:
         top_p: the p the ingest used for repair_sources and neuron_effects.
         ablations: ablation types ingested.
         resamples: resample draws ingested.
+        unit_kinds: kinds of the units stored besides heads, ablated alone in the report's draw
+            (`group`, `attn`, `mlp`, `block`); empty for a store of heads alone.
     """
 
     name: str
@@ -34,6 +36,7 @@ class ModelInfo:
     top_p: float
     ablations: tuple[str, ...]
     resamples: int
+    unit_kinds: tuple[str, ...] = ()
 
     @classmethod
     def from_manifest(cls, name: str, manifest: Manifest) -> "ModelInfo":

@@ -12,7 +12,7 @@ values of each run, so the data can be rebuilt with `selfrepair query`.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import polars as pl
@@ -23,6 +23,7 @@ from selfrepair.analysis.head_page import build_head_page
 from selfrepair.analysis.head_page import html as head_html
 from selfrepair.analysis.heads import default_heads, penultimate_head
 from selfrepair.analysis.spec import FigureSpec, TableSpec, fetch
+from selfrepair.analysis.units import StoredUnits
 from selfrepair.analysis.style import figure_bytes, rc
 from selfrepair.errors import ConfigError, QueryError, StoreError
 from selfrepair.queries import requests
@@ -123,6 +124,8 @@ def figure_entries(spec: FigureSpec, ctx: Context, per_model_heads: dict, query,
                 if spec.per_model else [ctx])
     out = []
     for c in contexts:
+        if spec.shown is not None and not spec.shown(c):
+            continue  # nothing of the kind stored for this model: no entry, no note
         note = spec.skip(c) if spec.skip else None
         runs = []
         if note is None:
@@ -187,6 +190,9 @@ def build_report(store, output: str | Path, models: list[str] | None = None,
     names = sorted(dict.fromkeys(models or store.models))
     infos = [ModelInfo.from_manifest(n, store.manifest(n)) for n in names]
     ablation = _choose_ablation(infos, ablation)
+    # The units each model holds besides heads, ablated alone in the drawn draw (the unit figures' models).
+    infos = [replace(m, unit_kinds=tuple(k for k in StoredUnits.of(store, m.name).kinds(ablation, 0) if k != "head"))
+             for m in infos]
     if heads:
         _check_heads(infos, heads)
     ctx = Context(models=tuple(infos), ablation=ablation, p=p if p is not None else infos[0].top_p)

@@ -33,6 +33,8 @@ class FigureSpec:
         skip: a reason to draw nothing for a context (e.g. one ablation type), or None.
         paper: where the authors computed this figure's statistic differently (Rushing & Nanda's
             code), the figure drawn with theirs; the report shows it beside this one.
+        shown: whether a context has anything for this figure at all (None: always); when False the
+            report leaves the figure out without a note (a figure of units a store does not hold).
     """
 
     name: str
@@ -43,6 +45,7 @@ class FigureSpec:
     per_model: bool = True
     skip: Callable[[Context], str | None] | None = None
     paper: "FigureSpec | None" = None
+    shown: Callable[[Context], bool] | None = None
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""`selfrepair head` (a page per head) and `selfrepair info` (what the store holds)."""
+"""`selfrepair head` (a page per unit: head, group, ATTN, MLP, BLOCK) and `selfrepair info` (what the store holds)."""
 
 from __future__ import annotations
 
@@ -18,17 +18,25 @@ from selfrepair.cli_common import friendly_errors, store_option
 @click.option("--p", "p", type=float, default=None, help="Top-p fraction of tokens (default: the ingest's top_p).")
 @click.option("--tokens", "n_tokens", default=10, show_default=True, type=click.IntRange(1),
               help="Top tokens shown in their text.")
+@click.option("--given", default=None, metavar="UNIT",
+              help="A condition (label or group name): the page of LABEL ablated on top of it.")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the page as one self-contained HTML file.")
 @friendly_errors
-def head(label, store, model, ablation, sample, p, n_tokens, html_path):
-    """Everything about one head: its top tokens in their text, its self-repair and the split
-    into heads, MLPs and LayerNorm, the components that repair it or work against it, its
-    anti-erasure neurons, where it attends, and the spread across resample draws.
+def head(label, store, model, ablation, sample, p, n_tokens, given, html_path):
+    """Everything about one unit: its top tokens in their text, its self-repair and the split
+    into heads, MLPs and LayerNorm, the components outside it that repair it or work against
+    it, its anti-erasure neurons, where it attends (heads), and the spread across resample draws.
+
+    LABEL is a head (L26H6), a group (L9H6+L9H9 or its name), ATTN9, MLP9 or BLOCK9.
 
     Example:
 
         selfrepair head L26H6 --html L26H6.html
+
+        selfrepair head MLP27
+
+        selfrepair head L9H6 --given L9H9
     """
     from selfrepair.analysis.head_page import build_head_page, html, text
     from selfrepair.queries.output import check_output_path
@@ -37,7 +45,8 @@ def head(label, store, model, ablation, sample, p, n_tokens, html_path):
     if html_path is not None:  # before any work: a read-only command never writes into a store, any store
         check_output_path(html_path, store)
     with Store.open(store) as s:
-        page = build_head_page(s, label, model=model, ablation=ablation, p=p, sample=sample, n_tokens=n_tokens)
+        page = build_head_page(s, label, model=model, ablation=ablation, p=p, sample=sample, n_tokens=n_tokens,
+                               given=given)
     click.echo(text(page))
     if html_path is not None:
         target = html_path.resolve()
@@ -52,19 +61,21 @@ def head(label, store, model, ablation, sample, p, n_tokens, html_path):
 @store_option
 @friendly_errors
 def info(store):
-    """What each model of the store holds: ablations, draws, heads, tokens, top_p, arrays.
+    """What each model of the store holds: ablations, draws, heads, other units (counts per kind),
+    named groups with their members, conditions, tokens, top_p, arrays.
 
-    The same facts are the `inventory` SQL view.
+    The same facts are the `inventory` and `stored_units` SQL views (`unit_catalog` query).
 
     Example:
 
         selfrepair info --store stores
     """
+    from selfrepair.analysis.units import StoredUnits, info_lines
     from selfrepair.queries.store import Store
 
     with Store.open(store) as s:
         for inv in s.inventories:
-            for line in inv.lines():
+            for line in info_lines(inv, StoredUnits.of(s, inv.model)):
                 click.echo(line)
 
 

@@ -93,7 +93,11 @@ def _run(store: Path, text: str | None, params, fmt: str, output: Path | None, m
 
     with Store.open(store) as s:
         if name is not None:
-            text, params = s.named_sql(name, Rows(limit, sort, desc), **dict(params))
+            from selfrepair.analysis.units import unit_params
+
+            # A unit's query: the stored label (a group's name), or one line naming what is stored.
+            values = unit_params(s, named.get_query(name), dict(params))
+            text, params = s.named_sql(name, Rows(limit, sort, desc), **values)
         elif params:
             params = {k: named.coerce(v) for k, v in params}
         note = write_result(s, text, params or None, fmt, output, max_rows or None)
@@ -164,8 +168,11 @@ def sql(text: str | None, file: Path | None, params, store: Path, fmt: str, outp
     bound from --param name=value.
 
     Views: tokens, head_effects, mlp_effects, ablation_effects, ablation_top,
-    resample_sources, repair_sources, neuron_effects, head_top_tokens, models, inventory,
-    self_repair; macros top_tokens(p), self_repair_top(p), token_context(n).
+    resample_sources, repair_sources, neuron_effects, neuron_totals, attention_top,
+    condition_tokens, head_top_tokens, models, inventory, stored_units, unit_members,
+    self_repair; macros top_tokens(p), unit_top_tokens(p), self_repair_top(p), token_context(n).
+    Ablation rows carry unit (L9H6, a group's label, ATTN9, MLP9, BLOCK9), unit_kind and
+    condition ('' for a unit ablated alone).
 
     Example:
 
@@ -204,6 +211,8 @@ def query(name: str | None, list_: bool, params, store: Path, fmt: str, output: 
         selfrepair query layer_summary --param p=0.02 --param ablation=resample
 
         selfrepair query backup_heads -p head=L26H6 --sort d_de --limit 5
+
+        selfrepair query unit_top_self_repair -p unit=MLP27 -p condition=L9H9
 
         selfrepair query --list
     """

@@ -35,7 +35,8 @@ from model_cache import LOAD_LOG, ModelCache, TinyStores, load_counts  # noqa: E
 from tiny_models import ingest_tiny  # noqa: E402
 
 # A test that asks for one of these fixtures ingests or loads a tiny model: marked `ingest`.
-INGEST_FIXTURES = {"tiny_model_dirs", "tiny_store", "tiny_query_store", "built", "report_dir", "tiny_stores", "good_store"}
+INGEST_FIXTURES = {"tiny_model_dirs", "tiny_store", "tiny_query_store", "built", "report_dir", "tiny_stores", "good_store",
+                   "unit_store"}
 
 
 # -- session machinery -------------------------------------------------------------------

@@ -21,7 +21,7 @@ REQUIRED = {
     "ln_ratio_distribution", "head_tokens", "anti_erasure_neurons", "backup_heads",
     "check_de_identity", "check_ln_identity",
 }
-HEAD = {"layer": 0, "head": 1}
+HEAD = {"layer": 0, "head": 1, "unit": "L0H1"}  # `unit`: the unit queries take the head as a unit
 # The authors' second token set (top sr_mlps): this store has no neuron rows for it, so they refuse.
 SR_MLPS_QUERIES = {"paper_anti_erasure_top_neuron", "paper_neuron_top_frequency", "paper_top_neurons_share"}
 
@@ -72,8 +72,10 @@ def test_a_request_for_what_was_not_ingested_is_refused(store, params, message):
     assert message in str(e.value)
 
 
-# This store holds no condition: conditional_growth runs on one that does (test_query_units.py).
-@pytest.mark.parametrize("name", sorted(set(named.all_queries()) - SR_MLPS_QUERIES - {"conditional_growth"}))
+# This store holds no condition and no unit but heads: conditional_growth runs on one that does
+# (test_query_units.py), fig_unit_breakdown on an ingested one (tests/analysis/test_unit_pages.py).
+@pytest.mark.parametrize("name", sorted(set(named.all_queries()) - SR_MLPS_QUERIES
+                                        - {"conditional_growth", "fig_unit_breakdown"}))
 def test_runs_on_top_tokens(store, spec, name):
     q = named.all_queries()[name]
     names = {p.name for p in q.params}

@@ -25,8 +25,10 @@ from selfrepair.store.labels import parse_unit, parse_units
 from selfrepair.store.top_tokens import top_count, unit_top_sets
 
 MODEL = "gpt2-tiny"
-HEAD = {"layer": 1, "head": 2}
-UNIT_QUERIES = {"conditional_growth", "check_de_identity", "check_ln_identity"}
+HEAD = {"layer": 1, "head": 2, "unit": "L1H2"}
+# Queries of every unit: their answers grow with the unit rows (the unit page's queries, asked for
+# the head L1H2 alone, keep theirs).
+UNIT_QUERIES = {"conditional_growth", "check_de_identity", "check_ln_identity", "unit_catalog", "fig_unit_breakdown"}
 
 
 @pytest.fixture(scope="module")

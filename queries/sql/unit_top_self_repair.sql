@@ -1,0 +1,33 @@
+-- Self-repair of one unit on its top tokens
+-- Per model, means over the unit's top p% tokens (by its signed clean DE, the sum of its
+-- components'; a head's as head_top_self_repair) of the baseline and ablated DE, the logit
+-- change, self-repair and its heads/MLPs/LayerNorm split (components outside the unit), and
+-- the ln_ratio. Under a condition the baseline is the condition-ablated run and the tokens
+-- are the unit alone's. `unit` is the stored label (a named group's name).
+-- param unit — the unit's label, e.g. MLP9, ATTN9, BLOCK9, L9H6, L9H6+L9H9 or a group's name
+-- param condition: none — the condition's label (none: the unit ablated alone)
+-- param p: 0.02 — fraction of each model's tokens kept per unit
+-- param ablation: resample — ablation kind (resample, mean, zero)
+-- param sample: 0 — resample draw
+SELECT s.model,
+       s.unit,
+       s.unit_kind,
+       s.condition,
+       s.layer,
+       s.head,
+       s.layer / m.n_layers AS rel_depth,
+       count(*) AS n_tokens,
+       avg(s.de_clean) AS de_clean,
+       avg(s.de_ablated) AS de_ablated,
+       avg(s.d_logit) AS d_logit,
+       avg(s.sr) AS sr,
+       avg(s.sr_heads) AS sr_heads,
+       avg(s.sr_mlps) AS sr_mlps,
+       avg(s.sr_ln) AS sr_ln,
+       avg(s.ln_ratio) AS ln_ratio
+FROM self_repair_top($p) s
+JOIN models m USING (model)
+WHERE s.unit = $unit AND s.condition = CASE WHEN $condition = 'none' THEN '' ELSE $condition END
+  AND s.ablation = $ablation AND s.sample = $sample
+GROUP BY s.model, s.unit, s.unit_kind, s.condition, s.layer, s.head, m.n_layers
+ORDER BY s.model;
