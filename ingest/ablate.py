@@ -21,7 +21,7 @@ import torch
 
 from selfrepair.errors import ConfigError
 from selfrepair.ingest import engine as E
-from selfrepair.ingest.families import ARCHITECTURES, FAMILIES, REFUSED
+from selfrepair.ingest.families import ARCHITECTURES, FAMILIES, REFUSED, moe_problem
 from selfrepair.ingest.weights import Weights
 from selfrepair.store.labels import UNIT_KINDS, Unit, head_label, head_unit, parse_unit
 from selfrepair.store.schema import SRC_KINDS
@@ -185,8 +185,8 @@ def unit_kind_problem(family: str, kind: str) -> str | None:
 
     Every supported family defines every kind: a head replaces its processed z, an MLP its write to
     the residual (a post-norm family's post-norm output, bias-free by `read_weights`), whole layers
-    and blocks are both. A mixture-of-experts MLP has no single write per layer selfrepair reads:
-    those families are refused whole (ingest/families.py), so no unit is defined for them.
+    and blocks are both. A mixture-of-experts family (ingest/families.py) defines head, group and attn
+    units only: its MLP is routed experts, not one MLP (`moe_problem`).
     """
     if kind not in UNIT_KINDS:
         return f"{kind!r} is not a unit kind ({', '.join(UNIT_KINDS)})"
@@ -194,7 +194,7 @@ def unit_kind_problem(family: str, kind: str) -> str | None:
         return f"{REFUSED[family]}, so {kind} units are not defined"
     if family not in FAMILIES and family not in ARCHITECTURES:
         return f"{family}: not a supported family, so {kind} units are not defined"
-    return None
+    return moe_problem(family, kind)
 
 
 def check_units(w: Weights, units: list[Unit], condition: Unit | None = None) -> None:

@@ -120,6 +120,7 @@ def run_clean(w: Weights, rows: torch.Tensor, row0: int, strings: TokenStrings, 
             "resid_final": tm(keep(st.resid_final)),
             "z": tm(z.permute(1, 2, 0, 3, 4)),  # [token, layer, head, d_head]
             "norm_scales": tm(keep(st.norm_scales)),  # [token, norm] in manifest.model.norm_names order
-            "mlp_post_final": tm(keep(st.post_final_raw)),
         }
+        if w.down_final is not None:  # a mixture of experts has no final-MLP neurons
+            arrays["mlp_post_final"] = tm(keep(st.post_final_raw))
     return CleanBatch({"tokens": tokens, "head_effects": heads, "mlp_effects": mlps}, arrays)

@@ -192,7 +192,8 @@ def clean_run(w: Weights, rows: Tensor, with_linears: bool = False, replace: Pat
             regs.append(lambda module=module, key=key: module.register_forward_pre_hook(put(key)))
     if w.mlp_post[-1] is not None:
         regs.append(lambda: w.mlp_out[-1].register_forward_hook(put(H.mlp_module_out(L - 1))))
-    regs.append(lambda: w.down_final.register_forward_pre_hook(put(H.mlp_post(L - 1))))
+    if w.down_final is not None:  # a mixture of experts has no final-MLP neurons
+        regs.append(lambda: w.down_final.register_forward_pre_hook(put(H.mlp_post(L - 1))))
     regs.append(lambda: module_at(w.model, w.family.final_norm).register_forward_pre_hook(put(H.resid_post(L - 1))))
     regs.append(lambda: w.model.get_output_embeddings().register_forward_hook(put(H.UNEMBED_OUT)))
     linears = {}
@@ -214,7 +215,7 @@ def clean_run(w: Weights, rows: Tensor, with_linears: bool = False, replace: Pat
         attn_post_scale=torch.stack([w.attn_post[i].scale(o_out[i]) for i in range(L)]) if w.post_norm else None,
         mlp_write=torch.stack([f(got[H.mlp_out(i)]) for i in range(L)]),
         mlp_pre_final=f(got[H.mlp_module_out(L - 1)]) if H.mlp_module_out(L - 1) in got else None,
-        post_final_raw=f(got[H.mlp_post(L - 1)]),
+        post_final_raw=f(got[H.mlp_post(L - 1)]) if w.down_final is not None else resid_final[..., :0],
         resid_final=resid_final,
         scale=scale,
         norm_scales=torch.stack(scales + [scale], -1),
@@ -372,7 +373,8 @@ def _patch_hooks(w: Weights, clean: CleanState, layer: int, patches: list[Patch]
             regs.append(lambda i=i: w.attn_out[i].register_forward_hook(put(H.attn_out(i))))
     if clean.mlp_pre_final is not None:
         regs.append(lambda: w.mlp_out[-1].register_forward_hook(put(H.mlp_module_out(last))))
-    regs.append(lambda: w.down_final.register_forward_pre_hook(put(H.mlp_post(last))))
+    if w.down_final is not None:
+        regs.append(lambda: w.down_final.register_forward_pre_hook(put(H.mlp_post(last))))
     if dtype is not None:
         cache = w.__dict__.setdefault("_low_weights", {})
         regs += [lambda m=m: _DeltaInDtype(m, *clean.linears[m], n, dtype, cache)
@@ -430,7 +432,9 @@ def _final_state(w: Weights, clean: CleanState, r: Tensor, got: dict, u: Tensor)
     last = w.n_layers - 1
     resid = clean.resid_final + (r[1:] - r[0])
     s_abl = w.final.scale(resid)
-    p = got.pop(H.mlp_post(last))
+    p = got.pop(H.mlp_post(last), None)
+    if p is None:  # a mixture of experts: no final-MLP neurons (d_mlp 0)
+        return (resid * u).sum(-1) / s_abl, s_abl, r.new_zeros((*s_abl.shape, 0))
     post = clean.post_final_raw + (p[1:] - p[0])
     if clean.mlp_pre_final is not None:
         mp = got.pop(H.mlp_module_out(last))

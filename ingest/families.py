@@ -6,6 +6,12 @@ from transformers itself. What it needs to know per family is only where to look
 decoder layers, the attention output projection (its input is `hook_z`, head-major), the
 module whose output is the MLP's write, the MLP's down projection (neurons), post-norms,
 the final norm and the unembedding. Anything not listed here is refused by name.
+
+Mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) have ordinary attention, so
+head, group and attention-layer units are defined; their sparse MLP block's output (the routed
+experts' writes, weighted by the router, plus any shared expert) is one write to the residual, so
+each layer's MLP DE is defined too. What they lack is one MLP with one set of neurons: `down` is
+None, MLP and block units are refused (`MOE_UNDEFINED`), and so is final-MLP neuron detail.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ class Family:
         layers: the decoder layers' ModuleList, from the root.
         attn_out: in a layer, the attention output projection; its input is the heads' z.
         mlp_out: in a layer, the module whose output is the MLP's contribution (bias included).
-        down: in a layer, the MLP's down projection: its input is the neurons' activations.
+        down: in a layer, the MLP's down projection: its input is the neurons' activations;
+            None for a mixture of experts (no single set of final-MLP neurons).
         final_norm: the final norm, from the root.
         attn_post: in a layer, the norm applied to the attention output before the residual add.
         mlp_post: in a layer, likewise for the MLP output.
@@ -37,16 +44,27 @@ class Family:
     layers: str
     attn_out: str
     mlp_out: str
-    down: str
+    down: str | None
     final_norm: str
     attn_post: str | None = None
     mlp_post: str | None = None
     parallel: Callable[[object], bool] = lambda cfg: False
     check: Callable[[object], str | None] = lambda cfg: None
 
+    @property
+    def moe(self) -> bool:
+        """Whether the MLP is a mixture of experts (no single final-MLP neuron layer)."""
+        return self.down is None
+
 
 def _llama_like(name: str, **kw) -> Family:
     return Family(name, "model.layers", "self_attn.o_proj", "mlp", "mlp.down_proj", "model.norm", **kw)
+
+
+def _moe(name: str, **kw) -> Family:
+    # The sparse block (`mlp`) returns the weighted sum of the routed experts (and a shared expert's
+    # gated output): the layer's whole MLP write. There is no one down projection to read neurons from.
+    return Family(name, "model.layers", "self_attn.o_proj", "mlp", None, "model.norm", **kw)
 
 
 def _opt_check(cfg) -> str | None:
@@ -97,6 +115,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("BLOOM", "transformer.h", "self_attention.dense", "mlp.dense_4h_to_h", "mlp.dense_4h_to_h",
            "transformer.ln_f", check=_bloom_check),
     Family("GPT-BigCode", "transformer.h", "attn.c_proj", "mlp", "mlp.c_proj", "transformer.ln_f"),
+    _moe("Mixtral"),
+    _moe("Qwen2-MoE"),
+    _moe("Qwen3-MoE"),
+    _moe("OLMoE"),
 )}
 
 # Hugging Face causal-LM class name -> family.
@@ -108,15 +130,31 @@ ARCHITECTURES: dict[str, str] = {
     "StableLmForCausalLM": "StableLM", "CohereForCausalLM": "Cohere", "PhiForCausalLM": "Phi",
     "OPTForCausalLM": "OPT", "GPTJForCausalLM": "GPT-J", "GPTNeoForCausalLM": "GPT-Neo",
     "FalconForCausalLM": "Falcon", "BloomForCausalLM": "BLOOM", "GPTBigCodeForCausalLM": "GPT-BigCode",
+    "MixtralForCausalLM": "Mixtral", "Qwen2MoeForCausalLM": "Qwen2-MoE", "Qwen3MoeForCausalLM": "Qwen3-MoE",
+    "OlmoeForCausalLM": "OLMoE",
 }
 
+# Unit kinds a mixture-of-experts family does not define, and why (`moe_problem`).
+MOE_UNDEFINED = ("mlp", "block")
+MOE_WHY = "its MLP is a mixture of experts, not one MLP"
+MOE_NEURONS_WHY = "final-MLP neurons are not defined for a mixture-of-experts MLP (each expert has its own)"
+
 # Families refused on purpose, with the reason a user sees.
-REFUSED: dict[str, str] = {
-    "MixtralForCausalLM": "Mixtral: mixture-of-experts MLPs are not supported "
-                          "(final-MLP neurons and their direct effects are not defined per expert)",
-    "Qwen2MoeForCausalLM": "Qwen2-MoE: mixture-of-experts MLPs are not supported",
-    "Qwen3MoeForCausalLM": "Qwen3-MoE: mixture-of-experts MLPs are not supported",
-}
+REFUSED: dict[str, str] = {}
+
+
+def family_named(name: str) -> Family | None:
+    """The family of a family name ("Mixtral") or a Hugging Face architecture ("MixtralForCausalLM"), or None."""
+    return FAMILIES.get(name) or FAMILIES.get(ARCHITECTURES.get(name, ""))
+
+
+def moe_problem(name: str, kind: str) -> str | None:
+    """Why units of `kind` are not defined for the family or architecture `name` because its MLP is a
+    mixture of experts, or None (any other family, or a kind it defines)."""
+    family = family_named(name)
+    if family is None or not family.moe or kind not in MOE_UNDEFINED:
+        return None
+    return f"{family.name}: {MOE_WHY}, so {kind} units are not defined (head, group and attn units are)"
 
 
 def family_of(hf_model) -> Family:

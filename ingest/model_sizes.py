@@ -3,7 +3,8 @@
 Unit labels are checked against the model before the expensive load (`MLP99` on a 30-layer
 model is refused at once). Hugging Face folders and cached hub models give their
 `config.json`; the embedded GGUF file gives its metadata, read here key by key without
-the `gguf` package (which parses every tensor first).
+the `gguf` package (which parses every tensor first). The config's architecture (e.g.
+`MixtralForCausalLM`) likewise lets a unit kind the family does not define be refused before the load.
 """
 
 from __future__ import annotations
@@ -17,16 +18,33 @@ _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 _HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads")
 
 
-def model_sizes(spec, revision: str | None = None) -> tuple[int, int] | None:
-    """(n_layers, n_heads) of a resolved model (`ingest/models.resolve`), or None when no config can be read offline."""
+def _hf_config(spec, revision: str | None):
+    """The Hugging Face config of a resolved model, or None when none can be read offline (or it is GGUF)."""
     if spec.gguf_file:
-        return gguf_sizes(Path(spec.path) / spec.gguf_file)
+        return None
     from transformers import AutoConfig
 
     kwargs = {"revision": revision} if revision and spec.path is None else {}
     try:
-        cfg = AutoConfig.from_pretrained(str(spec.path or spec.hf_id), local_files_only=True, **kwargs)
+        return AutoConfig.from_pretrained(str(spec.path or spec.hf_id), local_files_only=True, **kwargs)
     except Exception:  # noqa: BLE001 - not cached, not a model folder: the load says why
+        return None
+
+
+def model_architecture(spec, revision: str | None = None) -> str | None:
+    """The causal-LM class a resolved model's config names (`architectures[0]`, e.g. "MixtralForCausalLM"),
+    or None when no config can be read offline (GGUF files name no Hugging Face class)."""
+    cfg = _hf_config(spec, revision)
+    archs = getattr(cfg, "architectures", None) if cfg is not None else None
+    return archs[0] if archs and isinstance(archs[0], str) else None
+
+
+def model_sizes(spec, revision: str | None = None) -> tuple[int, int] | None:
+    """(n_layers, n_heads) of a resolved model (`ingest/models.resolve`), or None when no config can be read offline."""
+    if spec.gguf_file:
+        return gguf_sizes(Path(spec.path) / spec.gguf_file)
+    cfg = _hf_config(spec, revision)
+    if cfg is None:
         return None
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     layers = next((getattr(text, k) for k in _LAYER_KEYS if isinstance(getattr(text, k, None), int)), None)

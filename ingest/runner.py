@@ -21,7 +21,7 @@ from selfrepair.ingest.config import IngestConfig
 from selfrepair.ingest.conventions import PROCESSED
 from selfrepair.ingest.disk import check_free_disk, estimate_run, model_shape
 from selfrepair.ingest.executors import make_executor
-from selfrepair.ingest.model_sizes import model_sizes
+from selfrepair.ingest.model_sizes import model_architecture, model_sizes
 from selfrepair.ingest.pairing import pairs_digest, rule, source_rows
 from selfrepair.ingest.presets import ROWS_RULE, preset_settings
 from selfrepair.ingest.progress import Progress
@@ -79,6 +79,9 @@ class Ingest:
         sizes = model_sizes(spec, cfg.revision)
         if sizes is not None:  # units and conditions outside the model: refused before it loads
             cfg.conditions(*sizes)
+        arch = model_architecture(spec, cfg.revision)
+        if arch is not None:  # a kind the family does not define (MLP9 on Mixtral): refused before it loads
+            cfg = self.cfg = _family_settings(cfg, arch, sizes, self.log)
         if cfg.dry_run:
             return self._dry_run(spec)
         files.check_writable_dir(cfg.store)  # before the expensive load; created only once inputs pass
@@ -115,6 +118,13 @@ class Ingest:
 
         _check_context(model, cfg.seq_len)  # read_weights runs the model at seq_len
         w = read_weights(model.hf_model, cfg.seq_len, cfg.preset)
+        family_cfg = _family_settings(cfg, w.family.name, (w.n_layers, w.n_heads), self.log)
+        if family_cfg is not cfg:
+            # No config was readable before the load (e.g. a GGUF file): the identity checked then is not this run's.
+            cfg = self.cfg = family_cfg
+            identity = cfg.identity() | {"corpus": corpus_spec, "model": spec.hf_id}
+            if self._writer is not None:
+                self._check_identity(self._writer, identity)
         if model.bridge is not None and (model.cfg.n_layers, model.cfg.n_heads) != (w.n_layers, w.n_heads):
             raise UnsupportedModel(f"{w.family.name}: the bridge sees {model.cfg.n_layers} layers × "
                                    f"{model.cfg.n_heads} heads, the model {w.n_layers} × {w.n_heads}")
@@ -304,6 +314,7 @@ class Ingest:
         model = M.load_model(cfg.model, cfg.device, cfg.revision)
         _check_context(model, cfg.seq_len)
         w = read_weights(model.hf_model, cfg.seq_len, cfg.preset)
+        cfg = self.cfg = _family_settings(cfg, w.family.name, (w.n_layers, w.n_heads), self.log)
         units, conditions = _ablated_units(cfg, w)
         parse_sr_heads(cfg.sr_mlps_neurons, w.n_layers, w.n_heads)  # ranges, before any work
         estimate = estimate_run(cfg, w, units, conditions=len(conditions) - 1)
@@ -341,8 +352,8 @@ class Ingest:
             # One clean shard writes whole chunks (a chunk is one batch of tokens).
             writer.prepare_arrays(shapes, cfg.batch_size * preds, cfg.activation_dtype, {
                 "W_O": w.W_O_eff.cpu().numpy(), "W_U": w.W_U.cpu().numpy(),
-                "b_U": w.b_U.cpu().numpy(), "W_out_final": w.W_out_final.cpu().numpy(),
-            })
+                "b_U": w.b_U.cpu().numpy(),
+            } | ({"W_out_final": w.W_out_final.cpu().numpy()} if w.d_mlp else {}))  # none for a mixture of experts
         if "vocab" not in writer.manifest.derived:  # so a DE toward any token is a lookup away
             from selfrepair.ingest.clean import vocab_table
 
@@ -458,6 +469,33 @@ class Ingest:
                                     sum(len(v) > 0 for v in sets.values()) * (r1 - r0) * preds))
         self._run_jobs(writer, jobs, result, "sr_mlps neuron detail", "abl")
         return True
+
+
+def _family_settings(cfg: IngestConfig, name: str, sizes: tuple[int, int] | None, note) -> IngestConfig:
+    """`cfg` for the family or architecture `name`: a unit kind it does not define is refused (ConfigError,
+    one line); for a mixture of experts, final-MLP neuron detail (neuron_effects, neuron_totals, the
+    mlp_post_final array) is switched off with a note, and asked for by `--sr-mlps-neurons` it is refused.
+    Returns `cfg` itself when nothing changes."""
+    from selfrepair.ingest.ablate import unit_kind_problem
+    from selfrepair.ingest.families import MOE_NEURONS_WHY, family_named
+
+    family = family_named(name)
+    if family is None or not family.moe:
+        return cfg
+    if sizes is not None:
+        for unit in cfg.ablated_units(*sizes) + [c for c in cfg.conditions(*sizes) if c is not None]:
+            problem = unit_kind_problem(name, unit.kind)
+            if problem:
+                raise ConfigError(f"{unit.label}: {problem}")
+    if cfg.sr_mlps_neurons != "none":
+        by = f", set by --preset {cfg.preset}" if cfg.preset else ""
+        raise ConfigError(f"sr_mlps_neurons: {family.name}: {MOE_NEURONS_WHY}, so --sr-mlps-neurons must be none "
+                          f"(got {cfg.sr_mlps_neurons}{by})")
+    if not cfg.neurons_top_k and "mlp_post_final" not in cfg.activations:
+        return cfg
+    note(f"note: {family.name}: {MOE_NEURONS_WHY}; neuron detail (neuron_effects, neuron_totals) and the "
+         "mlp_post_final array are off (--neurons-top-k 0); heads, attention layers and each MLP block's DE are stored")
+    return replace(cfg, neurons_top_k=0, activations=tuple(a for a in cfg.activations if a != "mlp_post_final"))
 
 
 def _ablated_units(cfg: IngestConfig, w) -> tuple[list, list]:

@@ -129,7 +129,7 @@ class Weights:
     attn_out: list
     mlp_write: list  # the module whose output is added to the residual (the post-norm if any)
     mlp_out: list  # the MLP's own output (the post-norm's input)
-    down_final: torch.nn.Module
+    down_final: torch.nn.Module | None  # None for a mixture of experts: no final-MLP neurons
     layer_norms: list[list[tuple[str, torch.nn.Module, Norm]]]
     final: Norm
     attn_post: list[Norm | None]
@@ -140,7 +140,7 @@ class Weights:
     b_attn: Float[Tensor, "layer d_model"]
     W_U: Float[Tensor, "d_model d_vocab"]  # processed: gain folded, centred
     b_U: Float[Tensor, "d_vocab"]
-    W_out_final: Float[Tensor, "d_mlp d_model"]  # post-norm gain folded
+    W_out_final: Float[Tensor, "d_mlp d_model"]  # post-norm gain folded; d_mlp = 0 for a mixture of experts
     n_heads: int
     parallel: bool
     softcap: float | None
@@ -225,8 +225,11 @@ def read_weights(model, seq_len: int, preset: str | None = None) -> Weights:
         W_U, b_U = W_U - W_U.mean(1, keepdim=True), b_U - b_U.mean()
         if final.kind == "LN":
             W_U = W_U - W_U.mean(0, keepdim=True)
-    down_final = at(len(layers) - 1, family.down)
-    W_out = in_major(down_final, f"{family.name} {family.down}")
+    if family.moe:  # routed experts: no single down projection, so no neurons (d_mlp 0)
+        down_final, W_out = None, torch.zeros(0, d, device=device)
+    else:
+        down_final = at(len(layers) - 1, family.down)
+        W_out = in_major(down_final, f"{family.name} {family.down}")
     if mlp_post[-1] is not None:
         W_out = W_out * mlp_post[-1].gain
     mlp_out = [at(i, family.mlp_out) for i in range(len(layers))]

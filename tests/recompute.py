@@ -54,6 +54,12 @@ SPECS: dict[str, Spec] = {
                     notes="sliding window"),
     "mixtral": Spec("model.layers", "self_attn.o_proj", "mlp", "model.norm", "rms",
                     notes="MLP = sparse MoE block output"),
+    "qwen2moe": Spec("model.layers", "self_attn.o_proj", "mlp", "model.norm", "rms",
+                     notes="MLP = sparse MoE block output plus the gated shared expert"),
+    "qwen3moe": Spec("model.layers", "self_attn.o_proj", "mlp", "model.norm", "rms",
+                     notes="MLP = sparse MoE block output; q/k RMSNorm"),
+    "olmoe": Spec("model.layers", "self_attn.o_proj", "mlp", "model.norm", "rms",
+                  notes="MLP = sparse MoE block output; q/k RMSNorm over all heads"),
     "qwen2": Spec("model.layers", "self_attn.o_proj", "mlp.down_proj", "model.norm", "rms"),
     "qwen3": Spec("model.layers", "self_attn.o_proj", "mlp.down_proj", "model.norm", "rms", notes="q/k RMSNorm"),
     "gemma": Spec("model.layers", "self_attn.o_proj", "mlp.down_proj", "model.norm", "rms1p",
@@ -104,7 +110,8 @@ def _family(model) -> str:
              "OPTForCausalLM": "opt", "GPTJForCausalLM": "gptj", "GPTNeoForCausalLM": "gptneo",
              "OlmoForCausalLM": "olmo", "Olmo2ForCausalLM": "olmo2", "StableLmForCausalLM": "stablelm",
              "FalconForCausalLM": "falcon", "BloomForCausalLM": "bloom", "GPTBigCodeForCausalLM": "gptbigcode",
-             "CohereForCausalLM": "cohere"}
+             "CohereForCausalLM": "cohere", "Qwen2MoeForCausalLM": "qwen2moe", "Qwen3MoeForCausalLM": "qwen3moe",
+             "OlmoeForCausalLM": "olmoe"}
     return table[name]
 
 
@@ -176,7 +183,7 @@ class Model:
             self.g_post = [_gain(m, self.spec.post_norm, self.d_model) for m in self.attn_post]
             self.post_eps = [_eps(m) for m in self.attn_post]
         # The final MLP's output projection: its input is the neurons' activations.
-        # (None for a mixture-of-experts MLP, which has no single output projection: Mixtral is refused.)
+        # (None for a mixture-of-experts MLP, which has no single output projection: no neurons.)
         last = self.layers[-1]
         self.down_final = _get(last, self.spec.down or self.spec.mlp_out)
         w = getattr(self.down_final, "weight", None)
