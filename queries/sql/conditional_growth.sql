@@ -5,7 +5,9 @@
 -- both rows cover (every stored draw, matched by draw and token), and over those of them in
 -- U0's top p% tokens at the ingest's top_p (floor(top_p * N) by U0's signed clean DE, the sum
 -- of its components', ties to the lower token_index). Ranked by growth on those top tokens,
--- largest first: a dormant backup (small alone, large once U0 is gone) comes first.
+-- most negative first: ablating a unit the model relies on lowers the correct logit (d_logit < 0),
+-- so a dormant backup (d_logit near 0 alone, well below 0 once U0 is gone) has the most negative
+-- growth and comes first.
 -- NULL means: U alone is not stored, or no token is shared.
 WITH pairs AS (
     SELECT DISTINCT model, ablation, condition, unit, unit_kind
@@ -66,4 +68,4 @@ SELECT p.model,
 FROM pairs p
 LEFT JOIN matched m USING (model, ablation, condition, unit)
 GROUP BY p.model, p.ablation, p.unit, p.unit_kind, p.condition
-ORDER BY p.model, p.ablation, growth_top DESC NULLS LAST, growth DESC NULLS LAST, p.unit, p.condition;
+ORDER BY p.model, p.ablation, growth_top ASC NULLS LAST, growth ASC NULLS LAST, p.unit, p.condition;
