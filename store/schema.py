@@ -11,10 +11,13 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+# 3: ablation tables keyed by (condition, unit), shard entries naming `units` and `condition`
+# (files and entries of 2 and before are read as head units without a condition; a store they
+# are extended into becomes 3, so an older selfrepair refuses it rather than misread it).
 # 2: commits go to an append-only log (`commits/<generation>.jsonl`) folded into the
 # manifest at checkpoints. 1: every commit rewrote the manifest (read, never written).
-SCHEMA_VERSION = 2
-READABLE_SCHEMA_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 
 
 @dataclass(frozen=True)

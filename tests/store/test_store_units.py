@@ -23,7 +23,7 @@ from selfrepair.store.labels import parse_units
 from selfrepair.store.manifest import parse_manifest
 from selfrepair.store.model_store import ModelStore
 from selfrepair.store.plan import ablation_work, batches, stored_heads
-from selfrepair.store.schema import LEGACY_COLUMNS, TABLES
+from selfrepair.store.schema import LEGACY_COLUMNS, SCHEMA_VERSION, TABLES
 from selfrepair.store.writer import commit_shard, write_manifest
 
 L, H, SEQ, ROWS, BATCH = 2, 2, 5, 4, 2
@@ -319,7 +319,7 @@ def _before_units(model_dir) -> None:
                 t = files.read_parquet([path]).select(list(LEGACY_COLUMNS[table][0]))
                 files.write_parquet(path, t)
                 entry.update(rows=t.num_rows, bytes=path.stat().st_size, sha256=files.sha256_file(path))
-    ms.manifest_path.write_text(json.dumps(man))
+    ms.manifest_path.write_text(json.dumps(man | {"schema_version": 2}))
 
 
 def test_a_store_ingested_before_units_reads_verifies_and_extends(tiny_stores, tiny_model_dirs, tmp_path):
@@ -344,7 +344,8 @@ def test_a_store_ingested_before_units_reads_verifies_and_extends(tiny_stores, t
     ingest_tiny(tiny_model_dirs["gpt2"], new, **more)
     compact(old)
     assert verify(old).ok, verify(old).lines()
-    assert len(ModelStore(old / "tiny-gpt2").manifest().compacted["ablation_effects"]) == 2
+    extended = ModelStore(old / "tiny-gpt2").manifest()
+    assert len(extended.compacted["ablation_effects"]) == 2 and extended.schema_version == SCHEMA_VERSION == 3
     with Store.open(old) as a, Store.open(new) as b:
         for t in tables:
             _same_rows(a, b, t)
