@@ -2,7 +2,7 @@
 -- Per model and top p% token of the head unit (alone or under a condition): the source
 -- positions the head attends to most on the clean run (rank 1 = largest weight), how far back
 -- each lies and its token; NULL sources where the store kept none. Other unit kinds have no
--- attention rows. head_page_attention by unit label.
+-- attention rows.
 -- param unit — the head's label, e.g. L9H6
 -- param condition: none — the condition's label (none: the unit ablated alone)
 -- param p: 0.02 — fraction of each model's tokens kept per unit

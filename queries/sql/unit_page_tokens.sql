@@ -1,8 +1,8 @@
 -- One unit's top tokens in their text
 -- Per model, the `n` tokens of the ablated unit with the largest baseline DE among its top
 -- p% (ties to the lower token_index), each with the `context` tokens before and after it,
--- its baseline DE, logit change and self-repair: the unit page's token list (head_page_tokens
--- for any unit, alone or under a condition).
+-- its baseline DE, logit change and self-repair: the unit page's token list (for any
+-- unit, a head too, alone or under a condition).
 -- param unit — the unit's label, e.g. MLP9, ATTN9, BLOCK9, L9H6, L9H6+L9H9 or a group's name
 -- param condition: none — the condition's label (none: the unit ablated alone)
 -- param p: 0.02 — fraction of each model's tokens kept per unit
