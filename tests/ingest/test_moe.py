@@ -343,3 +343,16 @@ def test_without_a_readable_config_the_loaded_model_decides(mixtral_dir, tmp_pat
     again = _invoke(mixtral_dir, tmp_path / "store", "--ablations", "zero", "--top-p", "0.1", "--units", "L2H1",
                     "--quiet")
     assert again.exit_code == 0, again.output
+
+
+def test_a_stored_array_list_against_all_is_a_conflict_line(tmp_path):
+    """(Found here: a store ingested with a list of arrays, extended with the default `all`, raised a TypeError.
+    A dense family: on a mixture of experts `all` is itself a list, without mlp_post_final.)"""
+    model_dir = T.save("llama", tmp_path / "models" / "tiny-llama")
+    first = _invoke(model_dir, tmp_path / "store", "--ablations", "zero", "--units", "L1H1", "--activations", "z",
+                    "--quiet")
+    assert first.exit_code == 0, first.output
+    res = _invoke(model_dir, tmp_path / "store", "--ablations", "zero", "--units", "L1H1", "--quiet")
+    assert res.exit_code != 0 and "Traceback" not in res.output, res.output
+    assert res.output.startswith("Error: ") and "(activations: stored ['z'], asked True)" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1, res.output
