@@ -24,7 +24,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import recompute as R
 import tiny_families as T
 from selfrepair import Store
 from selfrepair.cli import main
@@ -34,7 +33,6 @@ from selfrepair.ingest.clean import TokenStrings, run_clean
 from selfrepair.ingest.weights import read_weights
 from selfrepair.store.labels import parse_unit
 from test_unit_engine import BATCH, FLOATS, PAIR, SEQ, TOL, Recompute, _rows
-from tiny_models import ingest_tiny
 
 MOE = ("mixtral", "qwen2moe", "qwen3moe", "olmoe")
 ARCHS = {"mixtral": "MixtralForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM",
