@@ -96,6 +96,10 @@ class Ingest:
                 # An existing folder is locked before anything else, so the conflict check,
                 # the start-up cleanup and every commit see one store that nobody else writes.
                 self._writer = self._lock(ms)
+                stored = self._writer.manifest.model.raw.get("family") if self._writer.manifest else None
+                if arch is None and stored:  # no config before the load: the store names its family
+                    cfg = self.cfg = _family_settings(cfg, stored, sizes, self.log)
+                    identity = cfg.identity() | {"corpus": corpus_spec, "model": spec.hf_id}
                 self._check_identity(self._writer, identity)  # before the model loads
             result = self._run(spec, ms, corpus_spec, identity)
         except BaseException:
@@ -573,7 +577,8 @@ def _identity_conflict(old: Manifest, identity: dict) -> str | None:
             continue  # a store from before the setting existed: its shards are redone or kept as they are
         a, b = prev.get(key), identity.get(key)
         if isinstance(a, list) or isinstance(b, (list, tuple)):
-            a, b = list(a or []), list(b or [])
+            # `activations` is a list, or True/False for all/none: a bool stays itself (a conflict, not a crash).
+            a, b = (x if isinstance(x, bool) else list(x or []) for x in (a, b))
         if a != b:
             return f"{key}: stored {a!r}, asked {b!r}"
     has_resample = any(e.ablation == "resample" for e in old.shards.values())

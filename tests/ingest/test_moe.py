@@ -24,7 +24,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import recompute as R
 import tiny_families as T
 from selfrepair import Store
 from selfrepair.cli import main
@@ -34,7 +33,6 @@ from selfrepair.ingest.clean import TokenStrings, run_clean
 from selfrepair.ingest.weights import read_weights
 from selfrepair.store.labels import parse_unit
 from test_unit_engine import BATCH, FLOATS, PAIR, SEQ, TOL, Recompute, _rows
-from tiny_models import ingest_tiny
 
 MOE = ("mixtral", "qwen2moe", "qwen3moe", "olmoe")
 ARCHS = {"mixtral": "MixtralForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM",
@@ -322,3 +320,37 @@ def test_model_architecture_is_read_before_the_load(mixtral_dir):
 
     spec = resolve(str(mixtral_dir))
     assert model_architecture(spec) == "MixtralForCausalLM" and model_sizes(spec) == (3, T.H)
+
+
+def test_without_a_readable_config_the_loaded_model_decides(mixtral_dir, tmp_path, monkeypatch):
+    """When no config can be read before the load (a model not yet cached, a GGUF file), the same refusals
+    and the same switch come after it: the stored configuration is the one the run used."""
+    from selfrepair.ingest import runner
+
+    monkeypatch.setattr(runner, "model_architecture", lambda spec, revision=None: None)
+    res = _invoke(mixtral_dir, tmp_path / "refused", "--units", "L0H1,MLP2", "--quiet")
+    assert res.exit_code != 0 and res.output.strip().splitlines() == [
+        "Error: MLP2: Mixtral: its MLP is a mixture of experts, not one MLP, so mlp units are not defined "
+        "(head, group and attn units are)"], res.output
+    assert not (tmp_path / "refused" / "tiny-mixtral").exists()
+    res = _invoke(mixtral_dir, tmp_path / "store", "--ablations", "zero", "--top-p", "0.1", "--units", "L1H1")
+    assert res.exit_code == 0 and "note: Mixtral: final-MLP neurons are not defined" in res.output, res.output
+    manifest = Store.open(tmp_path / "store").manifest("tiny-mixtral")
+    assert manifest.config.raw["neurons_top_k"] == 0 and "mlp_post_final" not in json.dumps(manifest.arrays_json())
+    # Extending it: before the load the store's recorded family switches neuron detail off, so the identities match.
+    again = _invoke(mixtral_dir, tmp_path / "store", "--ablations", "zero", "--top-p", "0.1", "--units", "L2H1",
+                    "--quiet")
+    assert again.exit_code == 0, again.output
+
+
+def test_a_stored_array_list_against_all_is_a_conflict_line(tmp_path):
+    """(Found here: a store ingested with a list of arrays, extended with the default `all`, raised a TypeError.
+    A dense family: on a mixture of experts `all` is itself a list, without mlp_post_final.)"""
+    model_dir = T.save("llama", tmp_path / "models" / "tiny-llama")
+    first = _invoke(model_dir, tmp_path / "store", "--ablations", "zero", "--units", "L1H1", "--activations", "z",
+                    "--quiet")
+    assert first.exit_code == 0, first.output
+    res = _invoke(model_dir, tmp_path / "store", "--ablations", "zero", "--units", "L1H1", "--quiet")
+    assert res.exit_code != 0 and "Traceback" not in res.output, res.output
+    assert res.output.startswith("Error: ") and "(activations: stored ['z'], asked True)" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1, res.output
