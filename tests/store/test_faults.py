@@ -15,8 +15,7 @@ digest (per table: rows, duplicate keys by SQL GROUP BY … HAVING count(*) > 1,
 the rows sorted by key; and `verify`), compared here with the one-shot run's. Stores live
 on /dev/shm where there is one: fsync is most of a run's cost on disk, and a SIGKILL
 loses nothing the page cache holds, so the kill is the same. The Ray test starts a local
-cluster (shared with the other tests on Ray: `ray_cluster`, tests/conftest.py) and loads the model
-in each worker (tens of seconds): `-m "not ray"` leaves it out.
+cluster and loads the model in each worker (tens of seconds): `-m "not ray"` leaves it out.
 """
 
 from __future__ import annotations
@@ -352,7 +351,7 @@ def test_a_fault_spec_parses():
 
 
 @pytest.mark.ray
-def test_a_ray_worker_killed_after_writing_a_unit(ray_cluster, runner, references, scratch, monkeypatch):
+def test_a_ray_worker_killed_after_writing_a_unit(runner, references, scratch, monkeypatch):
     """`ray.worker.written` once in the cluster (SELFREPAIR_FAULT_ONCE): the worker dies with its unit's
     files written and its entry never returned; the driver retries the unit elsewhere and finishes.
     A rerun then has nothing to do, and the store equals the single-process one-shot run."""
