@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -90,10 +91,12 @@ def _run_order(items):
 SHARED = ("ray_cluster", "forks")
 
 
-def _shared_group(path: Path, cache: dict = {}) -> str | None:  # noqa: B006 - a cache of file texts
+def _shared_group(path: Path, cache: dict = {}) -> str | None:  # noqa: B006 - a cache per file
+    """The SHARED resource a test file's functions take as an argument (the controller process sees
+    no fixtures: it reads the file)."""
     if path not in cache:
         text = path.read_text() if path.suffix == ".py" and path.is_file() else ""
-        cache[path] = next((name for name in SHARED if name in text), None)
+        cache[path] = next((name for name in SHARED if re.search(rf"def \w+\([^)]*\b{name}\b", text)), None)
     return cache[path]
 
 
