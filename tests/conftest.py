@@ -5,6 +5,8 @@ The suite's own machinery lives here too (the classes are in tests/model_cache.p
   fastest on one thread, and two threads spinning on a busy 2-core machine are ten times slower);
 - `model_cache`: each model folder is loaded once per session, every load gets a deep copy;
 - `tiny_stores`: each tiny configuration is ingested once per session, every test gets a copy;
+- `forks`: real `selfrepair` processes (to kill, to race) forked from a server that imported the
+  package once (tests/cli_fork.py), instead of a cold interpreter and torch import for each;
 - a count of model loads, in-process and in subprocesses, printed at the end of the run
   (`ingest/models.py` appends one line per load to $SELFREPAIR_LOAD_LOG);
 - markers: `ingest` for a test that ingests or loads a tiny model (given by its fixtures),
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -54,10 +57,64 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if INGEST_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ingest)
-    # Files with a slow test run first (the order kept otherwise): pytest-xdist hands whole files
-    # to its workers in this order, so the long ones start early and no worker is left with one at the end.
+    items.sort(key=_run_order(items))
+
+
+def _run_order(items):
+    """The files on the shared Ray first, then the other files with a slow test, then the rest (the
+    collection order kept otherwise): pytest-xdist hands whole files (SHARED groups, below) to its
+    workers in this order, so the long ones start early and no worker is left with one at the end
+    (pyproject: --no-loadscope-reorder). A file's tests stay together (its module fixtures are built
+    once), and the tests on the shared Ray run one after another (one Ray start serves them all:
+    `ray_cluster`): the first such file ends with them, the next ones start with them."""
+    def on_ray(item) -> bool:
+        return "ray_cluster" in getattr(item, "fixturenames", ())
+
+    files: dict[Path, list] = {}
+    for item in items:
+        files.setdefault(item.path, []).append(item)
+    ray_files = [p for p, its in files.items() if any(on_ray(i) for i in its)]
+    mixed = [p for p in ray_files if not all(on_ray(i) for i in files[p])]
+    ray_order = mixed[:1] + [p for p in ray_files if p not in mixed] + mixed[1:]
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)
+
+    def key(item):
+        if item.path in ray_order:
+            rank = ray_order.index(item.path)
+            return 0, rank, on_ray(item) == (rank == 0)  # ray tests last in the first file, first after
+        return (1 if item.path in slow_files else 2), 0, False
+
+    return key
+
+
+# Session resources that several files use: pytest-xdist sends the files that use one of them to
+# the same worker, together, so it is started once per run (not once per worker).
+SHARED = ("ray_cluster", "forks")
+
+
+def _shared_group(path: Path, cache: dict = {}) -> str | None:  # noqa: B006 - a cache per file
+    """The SHARED resource a test file's functions take as an argument (the controller process sees
+    no fixtures: it reads the file)."""
+    if path not in cache:
+        text = path.read_text() if path.suffix == ".py" and path.is_file() else ""
+        cache[path] = next((name for name in SHARED if re.search(rf"def \w+\([^)]*\b{name}\b", text)), None)
+    return cache[path]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile`, with the files that use a SHARED resource as one unit of work per resource."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            group = _shared_group(config.rootpath / path)
+            return f"shared: {group}" if group else path
+
+    return SharedTogether(config, log)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
@@ -126,6 +183,42 @@ def tiny_store(tiny_model_dirs, tmp_path_factory) -> Path:
         # sr_mlps neuron detail for the penultimate layer: the authors' neuron figures draw it
         ingest_tiny(d, store, sr_mlps_neurons="penultimate")
     return store
+
+
+# -- one local Ray per pytest process, shared by the tests that run on it -----------------------
+@pytest.fixture
+def ray_cluster() -> str | None:
+    """A local Ray of 2 CPUs (no dashboard, a small object store): started by the first test that asks,
+    kept for the tests right after it that ask too (they run one after another: the order above), and
+    stopped after the last of them. Its address (an ingest or benchmark in this process uses it);
+    None without the ray extra (a test that needs Ray skips itself then)."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20, log_to_driver=False,
+                 logging_level="WARNING")
+    return ray.get_runtime_context().gcs_address
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    yield
+    if "ray_cluster" in item.fixturenames and (nextitem is None or "ray_cluster" not in nextitem.fixturenames):
+        ray = sys.modules.get("ray")
+        if ray is not None:
+            ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def forks(tmp_path_factory):
+    """The fork server of this pytest process: `forks.cli(args)` runs `selfrepair ARGS` in a process of its own."""
+    from cli_fork import ForkServer
+
+    server = ForkServer(tmp_path_factory.mktemp("forks"))
+    yield server
+    server.close()
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """The suite's own machinery (tests/conftest.py): the model cache hands out independent copies,
-a changed model folder is loaded again, shared stores are copies, and loads are counted."""
+a changed model folder is loaded again, shared stores are copies, loads are counted, the fork
+server's children behave like subprocesses, and the run order keeps what it shares together."""
 
 import os
 
@@ -75,3 +76,33 @@ def test_loads_are_counted_in_process_and_in_subprocesses(tmp_path):
     assert (n["loads"], n["in_process"], n["subprocess"], n["cached"]) == (3, 1, 2, 1)
     assert n["per_model"] == {"tiny-gpt2": 2, "smollm2-135m": 1}
     assert os.environ[LOAD_LOG]  # set for this session and inherited by subprocesses
+
+
+def test_forked_processes_behave_like_subprocesses(forks, tmp_path):
+    """tests/cli_fork.py: a child of the fork server has its own pid, environment, output and exit code,
+    and a SIGKILL ends it alone (-9, as `subprocess` reports it)."""
+    import signal
+
+    code = "import os, sys; print(sys.argv[1], os.environ['WHO']); print('err', file=sys.stderr); sys.exit(3)"
+    done = forks.python(code, ["hello"], env={"WHO": "child"})
+    assert done.wait(timeout=60) == 3 and done.pid != os.getpid()
+    assert (done.stdout, done.stderr) == ("hello child\n", "err\n")
+    assert "WHO" not in os.environ
+    sleeper = forks.python("import time; time.sleep(600)", [])
+    assert sleeper.poll() is None
+    sleeper.send_signal(signal.SIGKILL)
+    assert sleeper.wait(timeout=60) == -9
+    refused = forks.cli(["ingest", "--store", tmp_path, "--workers", "2"])  # a usage error: click's exit code 2
+    assert refused.wait(timeout=60) == 2 and "--workers only apply with --executor ray" in refused.stderr
+
+
+def test_run_order_keeps_files_together_and_the_shared_ray_tests_in_one_run(request):
+    """The order tests/conftest.py gives (pytest-xdist keeps it): each file's tests one after another
+    (module fixtures built once), and the tests on the shared Ray (`ray_cluster`) in one run (one Ray start)."""
+    items = request.session.items
+    files = [item.path for item in items]
+    starts = [p for i, p in enumerate(files) if i == 0 or files[i - 1] != p]
+    assert len(starts) == len(set(files)), "a file's tests are split"
+    on_ray = [i for i, item in enumerate(items) if "ray_cluster" in item.fixturenames]
+    if on_ray:
+        assert on_ray == list(range(on_ray[0], on_ray[-1] + 1)), "the tests on the shared Ray are split"

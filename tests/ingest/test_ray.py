@@ -1,7 +1,8 @@
 """`--executor ray`: the same store as a single-process run, with 1 and 2 workers, and through
 faults: a worker SIGKILLed mid-unit, a unit that keeps failing, a killed driver.
 
-One local Ray cluster of 2 CPUs is shared by the whole module (Ray starts slowly).
+One local Ray cluster of 2 CPUs is shared by the whole module, and by the other tests on Ray that
+run in this pytest process (Ray starts slowly): `ray_cluster`, tests/conftest.py.
 """
 
 import signal
@@ -28,15 +29,6 @@ ray = pytest.importorskip("ray", reason="the ray extra (pip install -e '.[test,r
 FAULT_ENV = "SELFREPAIR_TEST_FAULT"
 # ingest_tiny's settings: 10 rows in 3 batches, so 3 clean units and 3 × 3 ablation units.
 N_SHARDS = 3 + 9
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """A local Ray of 2 CPUs, kept light (no dashboard, a small object store), for the whole module."""
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20, log_to_driver=False,
-             logging_level="WARNING")
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -77,16 +77,11 @@ def _args(model, store, heads):
             "--top-p", "0.05", "--neurons-top-k", "2", "--quiet"]
 
 
-def _ingest(model, store, heads):
-    return subprocess.Popen([sys.executable, "-m", "selfrepair", *_args(model, store, heads)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-@pytest.mark.slow  # two ingest processes at once
-def test_two_ingests_at_once_never_lose_a_shard(tiny_model_dirs, tmp_path):
+@pytest.mark.slow  # two ingest processes at once (forked from the session's fork server, tests/cli_fork.py)
+def test_two_ingests_at_once_never_lose_a_shard(tiny_model_dirs, forks, tmp_path):
     model = tiny_model_dirs["neox"]
-    procs = {"L0": _ingest(model, tmp_path, "L0"), "L1": _ingest(model, tmp_path, "L1")}
-    outcome = {heads: (p.wait(timeout=300), p.stderr.read()) for heads, p in procs.items()}
+    procs = {heads: forks.cli(_args(model, tmp_path, heads)) for heads in ("L0", "L1")}
+    outcome = {heads: (p.wait(timeout=300), p.stderr) for heads, p in procs.items()}
     for heads, (code, err) in outcome.items():
         # Each either ran (alone, holding the lock) or was refused with one line, changing nothing.
         assert code == 0 or (code == 1 and err.strip().splitlines()[-1].startswith(

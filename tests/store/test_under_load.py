@@ -1,9 +1,9 @@
 """Eight processes query one store while an ingest appends shards: every query succeeds and
-sees a consistent set of shards (its table row counts equal its manifest snapshot's)."""
+sees a consistent set of shards (its table row counts equal its manifest snapshot's).
+
+The nine are processes of their own, forked from the session's fork server (tests/cli_fork.py)."""
 
 import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -47,22 +47,18 @@ READER = textwrap.dedent("""
 """)
 
 
-def test_eight_readers_while_ingest_appends(tiny_model_dirs, tmp_path):
+def test_eight_readers_while_ingest_appends(tiny_model_dirs, forks, tmp_path):
     store, flag = tmp_path / "store", tmp_path / "done"
-    ingest = subprocess.Popen([
-        sys.executable, "-m", "selfrepair", "ingest", "--model", str(tiny_model_dirs["neox"]), "--store", str(store),
-        "--tokens", str(31 * 24), "--seq-len", "32", "--batch-size", "2", "--corpus", "embedded",
-        "--ablations", "resample,mean,zero", "--quiet"], stderr=subprocess.PIPE, text=True)
-    readers = [subprocess.Popen([sys.executable, "-c", READER, str(store), str(flag)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(8)]
-    _, err = ingest.communicate(timeout=300)
-    assert ingest.returncode == 0, err
+    ingest = forks.cli([
+        "ingest", "--model", tiny_model_dirs["neox"], "--store", store, "--tokens", str(31 * 24), "--seq-len", "32",
+        "--batch-size", "2", "--corpus", "embedded", "--ablations", "resample,mean,zero", "--quiet"])
+    readers = [forks.python(READER, [store, flag]) for _ in range(8)]
+    assert ingest.wait(timeout=300) == 0, ingest.stderr
     flag.touch()
     results = []
     for r in readers:
-        out, err = r.communicate(timeout=300)
-        assert r.returncode == 0, err
-        results.append(json.loads(out))
+        assert r.wait(timeout=300) == 0, r.stderr
+        results.append(json.loads(r.stdout))
     assert all(r["ok"] >= 1 for r in results)
     assert max(r["max_shards"] for r in results) == 12 * 4  # the last snapshot saw every shard
     assert sum(r["distinct_snapshots"] for r in results) > 8  # readers really overlapped the appends
