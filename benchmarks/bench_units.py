@@ -5,9 +5,14 @@ Three sweeps of one batch (`ablation_tables`, resample ablation, the ingest's de
 them on this device), timed in one run, alternated (heads, units, conditioned, heads, …)
 so each sees the same load, best of the rounds:
 
-- heads: every head (270 on SmolLM2-135M);
-- units: `heads,mlps,attn,blocks` (270 heads + 3 × 30 layer units);
-- conditioned: every head outside the condition, given the condition (a head group).
+- heads: every head of the layers measured;
+- units: `heads,mlps,attn,blocks` of those layers (their heads + ATTN, MLP and BLOCK units);
+- conditioned: those heads outside the condition, given the condition (a head group, L9H6+L9H8).
+
+The layers measured are bench_sweep's spread (0, 10, 19, 29 on SmolLM2-135M: mean depth =
+the model's, so every ratio is the whole model's under the FLOP model, at 4/30 of the time
+six sweeps of all 30 layers take on 2 shared cores); `--all-layers` (run on its own:
+`python benchmarks/bench_units.py --all-layers`) measures all 270 heads + 90 layer units.
 
 Figures are ratios of those wall times, each beside what the FLOP model predicts
 (bench_flops: a unit whose first layer is L costs the layers after L in full, plus the
@@ -20,6 +25,7 @@ copy, and layer L itself in full).
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import numpy as np
@@ -62,16 +68,38 @@ def engine_work(units, units_per_pass: int, n_layers: int) -> int:
     return work
 
 
+def _timed_batch():
+    """FastBatch that adds each patched pass's and each conditioned baseline run's wall time to `spent`."""
+    from selfrepair.ingest.ablate import FastBatch
+
+    class Timed(FastBatch):
+        spent = {"patch": 0.0, "baseline": 0.0}
+
+        def patch(self, layer, heads, z_new, u):
+            t0 = time.perf_counter()
+            out = super().patch(layer, heads, z_new, u)
+            Timed.spent["patch"] += time.perf_counter() - t0
+            return out
+
+        def conditioned(self, base):
+            t0 = time.perf_counter()
+            out = Timed(self.w, self.rows, self.dtype, base=base)
+            Timed.spent["baseline"] += time.perf_counter() - t0
+            return out
+
+    return Timed
+
+
 def _load() -> float:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
-def run(ctx) -> dict:
+def run(ctx, all_layers: bool = False) -> dict:
     """Wall-time ratios units/heads and conditioned/unconditioned, with the FLOP model's and engine's."""
     import torch
 
     import bench_flops
-    from selfrepair.ingest.ablate import FastBatch, ablation_tables
+    from selfrepair.ingest.ablate import ablation_tables
     from selfrepair.ingest.config import IngestConfig
     from selfrepair.ingest.jobs import heads_per_pass
     from selfrepair.store.labels import parse_unit, parse_units
@@ -82,34 +110,45 @@ def run(ctx) -> dict:
     both = ctx.rows(2 * N_ROWS)
     rows, src_rows = both[:N_ROWS], both[N_ROWS:]
     n = N_ROWS * (ctx.seq_len - 1)
-    heads = parse_units("heads", w.n_layers, w.n_heads)
-    units = parse_units(UNITS, w.n_layers, w.n_heads)
+    from bench_sweep import spread_layers
+
+    layers = list(range(w.n_layers)) if all_layers else spread_layers(w.n_layers)
+    heads = [u for u in parse_units("heads", w.n_layers, w.n_heads) if u.layer in layers]
+    units = [u for u in parse_units(UNITS, w.n_layers, w.n_heads) if u.layer in layers]
     condition = parse_unit(condition_spec(w.n_layers, w.n_heads), w.n_layers, w.n_heads)
     given = [u for u in heads if not u.overlaps(condition, w.n_heads)]  # a unit never sits on top of itself
     rng = np.random.default_rng(0)
     keep = max(1, int(np.floor(cfg.top_p * n)))
     top_sets = {u.label: np.sort(rng.choice(n, keep, replace=False)) for u in units}
 
-    sweeps = {"heads": (heads, None), "units": (units, None), "given": (given, condition)}
+    sweeps = {"heads": (heads, None), "units": (units, None), "given": (given, condition), "one_pass": (units, None)}
+    # The ingest caps units per pass at n_heads (ingest/jobs.py), so a layer's 12 units take 2 passes, 2 baseline
+    # copies; "one_pass" is the units sweep with room for all of a layer's units in one pass.
+    pass_size = {name: per_pass for name in sweeps}
+    pass_size["one_pass"] = max(per_pass, max(sum(u.layer == v.layer for v in units) for u in units))
     rounds = 1 if ctx.quick else ROUNDS
     times: dict[str, list[float]] = {k: [] for k in sweeps}
+    parts: dict[str, list[dict]] = {k: [] for k in sweeps}  # per round: patched passes, baseline run, the rest
     loads = [_load()]
     with torch.no_grad():
-        ctx_b, src_b = FastBatch(w, rows), FastBatch(w, src_rows)  # the batch's clean runs, shared by every sweep
+        timed = _timed_batch()
+        ctx_b, src_b = timed(w, rows), timed(w, src_rows)  # the batch's clean runs, shared by every sweep
 
         def sweep(name):
             us, cond = sweeps[name]
             return ablation_tables(ctx_b, src_b, "resample", 0, us, rows, 0, top_sets, cfg.neurons_top_k,
-                                   per_pass, w, attention_top_k=cfg.attention_top_k, condition=cond)
+                                   pass_size[name], w, attention_top_k=cfg.attention_top_k, condition=cond)
 
         last = [u for u in units if u.layer == w.n_layers - 1]  # warm-up: one layer's passes, both baselines
         ablation_tables(ctx_b, src_b, "resample", 0, last, rows, 0, top_sets, cfg.neurons_top_k, per_pass, w,
                         attention_top_k=cfg.attention_top_k, condition=condition)
         for _ in range(rounds):
             for name in sweeps:
+                timed.spent.update(patch=0.0, baseline=0.0)
                 t0 = time.perf_counter()
                 out = sweep(name)
                 times[name].append(time.perf_counter() - t0)
+                parts[name].append({**timed.spent, "rest": times[name][-1] - sum(timed.spent.values())})
                 ctx.log(f"  {name}: {times[name][-1]:.1f} s, {out['ablation_effects'].num_rows:,} rows, "
                         f"load {_load():.1f}")
             loads.append(_load())
@@ -117,17 +156,21 @@ def run(ctx) -> dict:
     a = bench_flops.Arch.of(w)
     flops = {name: sum(unit_flops(a, u, ctx.seq_len) for u in us) for name, (us, _) in sweeps.items()}
     flops["given"] += unit_flops(a, condition, ctx.seq_len)  # the condition-ablated baseline run
-    work = {name: engine_work(us, per_pass, w.n_layers) for name, (us, _) in sweeps.items()}
+    work = {name: engine_work(us, pass_size[name], w.n_layers) for name, (us, _) in sweeps.items()}
     work["given"] += w.n_layers  # the baseline run: one full forward (clean_run with the condition)
     best = {k: min(v) for k, v in times.items()}
+    part = {k: v[int(np.argmin(times[k]))] for k, v in parts.items()}  # the parts of each best run
     return {
-        "n_units": {k: len(v[0]) for k, v in sweeps.items()}, "units": UNITS, "condition": condition.label,
+        "layers": layers, "n_units": {k: len(v[0]) for k, v in sweeps.items()}, "units": UNITS, "condition": condition.label,
         "tokens": n, "units_per_pass": per_pass, "rounds": rounds, "times": times, "best_s": best,
-        "loads": loads,
+        "loads": loads, "parts": part,
         "units_ratio": best["units"] / best["heads"],
         "units_ratio_rounds": [u / h for u, h in zip(times["units"], times["heads"])],
         "units_flop_ratio": flops["units"] / flops["heads"],
         "units_work_ratio": work["units"] / work["heads"],
+        "one_pass_size": pass_size["one_pass"],
+        "one_pass_ratio": best["one_pass"] / best["heads"],
+        "one_pass_work_ratio": work["one_pass"] / work["heads"],
         "given_ratio": best["given"] / best["heads"],
         "given_ratio_rounds": [g / h for g, h in zip(times["given"], times["heads"])],
         "given_flop_ratio": flops["given"] / flops["heads"],
@@ -140,19 +183,56 @@ def rows(r: dict, verdict, quick: bool) -> list[tuple[str, str, str, str]]:
     n = r["n_units"]
     judge = (lambda v, t: "not judged (--quick)") if quick else (lambda v, t: verdict(v, t, False))
     load = f"{min(r['loads']):.1f}–{max(r['loads']):.1f}"
+    ph = {k: v["patch"] for k, v in r["parts"].items()}
     fmt = lambda k: f"{r['best_s'][k]:.1f} s (" + ", ".join(f"{t:.1f}" for t in r["times"][k]) + ")"  # noqa: E731
     return [
-        (f"units sweep: {r['tokens']} tokens, {r['units_per_pass']} units per pass, best of {r['rounds']} "
+        (f"units sweep: layers {','.join(map(str, r['layers']))}"
+         if len(r["layers"]) < 8 else f"units sweep: {len(r['layers'])} layers", "", "", ""),
+        (f"  {r['tokens']} tokens, {r['units_per_pass']} units per pass, best of {r['rounds']} "
          f"alternated rounds, load average {load}", "", "", ""),
         (f"heads ({n['heads']})", fmt("heads"), "", ""),
         (f"{r['units']} ({n['units']})", fmt("units"), "", ""),
         (f"heads given {r['condition']} ({n['given']})", fmt("given"), "", ""),
+        (f"{r['units']}, {r['one_pass_size']} units per pass", fmt("one_pass"), "", ""),
         ("units / heads wall time", f"{r['units_ratio']:.2f}×", f"≤ {TARGET_UNITS}×",
          judge(r["units_ratio"], TARGET_UNITS)),
         ("units / heads: FLOP model; engine copies × layers",
          f"{r['units_flop_ratio']:.2f}×; {r['units_work_ratio']:.2f}×", "", ""),
+        ("  patched passes alone (units / heads)", f"{ph['units'] / ph['heads']:.2f}×", "", ""),
+        (f"  units / heads with {r['one_pass_size']} units per pass (a layer's units in one pass); engine",
+         f"{r['one_pass_ratio']:.2f}×; {r['one_pass_work_ratio']:.2f}×", "", ""),
         ("conditioned / unconditioned wall time", f"{r['given_ratio']:.2f}×", f"≤ {TARGET_GIVEN}×",
          judge(r["given_ratio"], TARGET_GIVEN)),
         ("conditioned / unconditioned: FLOP model; engine copies × layers",
          f"{r['given_flop_ratio']:.2f}×; {r['given_work_ratio']:.2f}×", "", ""),
+        ("  patched passes alone (conditioned / unconditioned)", f"{ph['given'] / ph['heads']:.2f}×", "", ""),
+        ("  conditioned baseline run; rest (tables, replacements)",
+         f"{r['parts']['given']['baseline']:.2f} s; {r['parts']['given']['rest']:.2f} s "
+         f"(unconditioned {r['parts']['heads']['rest']:.2f} s)", "", ""),
     ]
+
+
+def main(argv=None) -> int:
+    import argparse
+
+
+    import torch
+
+    from common import Context, threads
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a random 4-layer Llama: the code runs")
+    parser.add_argument("--all-layers", action="store_true", help="every layer's units (270 heads + 90 layer units)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(threads())
+    ctx = Context(quick=args.quick, log=lambda *a: print(*a, file=sys.stderr, flush=True))
+    from run import print_table, verdict
+
+    r = run(ctx, all_layers=args.all_layers)
+    print_table([("figure", "measured", "target", "result")] + rows(r, verdict, args.quick))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    raise SystemExit(main())
