@@ -94,7 +94,7 @@ def _load() -> float:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
-def run(ctx, all_layers: bool = False) -> dict:
+def run(ctx, all_layers: bool = False, rounds: int = ROUNDS) -> dict:
     """Wall-time ratios units/heads and conditioned/unconditioned, with the FLOP model's and engine's."""
     import torch
 
@@ -126,7 +126,7 @@ def run(ctx, all_layers: bool = False) -> dict:
     # copies; "one_pass" is the units sweep with room for all of a layer's units in one pass.
     pass_size = {name: per_pass for name in sweeps}
     pass_size["one_pass"] = max(per_pass, max(sum(u.layer == v.layer for v in units) for u in units))
-    rounds = 1 if ctx.quick else ROUNDS
+    rounds = 1 if ctx.quick else rounds
     times: dict[str, list[float]] = {k: [] for k in sweeps}
     cpu: dict[str, list[float]] = {k: [] for k in sweeps}  # this process's CPU seconds: what the load cannot inflate
     parts: dict[str, list[dict]] = {k: [] for k in sweeps}  # per round: patched passes, baseline run, the rest
@@ -251,12 +251,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a random 4-layer Llama: the code runs")
     parser.add_argument("--all-layers", action="store_true", help="every layer's units (270 heads + 90 layer units)")
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="alternated rounds (best of them)")
     args = parser.parse_args(argv)
     torch.set_num_threads(threads())
     ctx = Context(quick=args.quick, log=lambda *a: print(*a, file=sys.stderr, flush=True))
     from run import print_table, verdict
 
-    r = run(ctx, all_layers=args.all_layers)
+    r = run(ctx, all_layers=args.all_layers, rounds=args.rounds)
     print_table([("figure", "measured", "target", "result")] + rows(r, verdict, args.quick))
     return 0
 
