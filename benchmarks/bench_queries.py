@@ -35,6 +35,7 @@ def build_store(root: Path, n_layers: int, n_heads: int, n_rows: int, batch_rows
     import pyarrow as pa
 
     from selfrepair.store import top_tokens
+    from selfrepair.store.labels import head_label
     from selfrepair.store.model_store import ModelStore
     from selfrepair.store.writer import Writer
 
@@ -84,6 +85,7 @@ def build_store(root: Path, n_layers: int, n_heads: int, n_rows: int, batch_rows
     top = top_tokens.write(writer, TOP_P)
     top_key = (top.column("layer").to_numpy().astype(np.int64) * n_heads + top.column("head").to_numpy()) \
         * n_tokens + top.column("token_index").to_numpy()
+    unit_labels = [head_label(l, h) for l, h in zip(layer_col, head_col)]
     for r0, r1, tok, de, s in batches:
         n = len(tok)
         # Ablation: the head's DE mostly vanishes; heads and MLPs repair part of it.
@@ -95,9 +97,16 @@ def build_store(root: Path, n_layers: int, n_heads: int, n_rows: int, batch_rows
         d_logit = lost + d_heads + d_mlps + _laplace(rng, 0.01, (lh, n))
         eff = pa.table({
             "ablation": pa.DictionaryArray.from_arrays(np.zeros(lh * n, np.int8), ["resample"]).cast(pa.string()),
-            "sample": np.zeros(lh * n, np.int16), "layer": np.repeat(layer_col, n), "head": np.repeat(head_col, n),
+            "sample": np.zeros(lh * n, np.int16),
+            # Head units without a condition, as the ingest writes them (store/schema.py, UNITS.md).
+            "condition": pa.DictionaryArray.from_arrays(np.zeros(lh * n, np.int8), [""]).cast(pa.string()),
+            "unit": pa.DictionaryArray.from_arrays(np.repeat(np.arange(lh, dtype=np.int32), n), unit_labels
+                                                   ).cast(pa.string()),
+            "unit_kind": pa.DictionaryArray.from_arrays(np.zeros(lh * n, np.int8), ["head"]).cast(pa.string()),
+            "layer": np.repeat(layer_col, n), "head": np.repeat(head_col, n),
             "token_index": np.tile(tok, lh), "d_logit": d_logit.reshape(-1), "ln_scale": (s / ratio).reshape(-1),
-            "de": de_abl.reshape(-1), "d_de_heads": d_heads.reshape(-1), "d_de_mlps": d_mlps.reshape(-1)})
+            "de": de_abl.reshape(-1), "de_base": de.reshape(-1), "d_de_heads": d_heads.reshape(-1),
+            "d_de_mlps": d_mlps.reshape(-1)})
         key = (np.repeat(layer_col, n).astype(np.int64) * n_heads + np.repeat(head_col, n)) * n_tokens \
             + np.tile(tok, lh)
         rows = np.arange(r0, r1, dtype=np.int32)

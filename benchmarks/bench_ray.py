@@ -32,19 +32,19 @@ REPEATS = 2
 
 def _units(ctx, w, rows: np.ndarray, tag: str) -> list:
     from selfrepair.ingest.jobs import AblationJob
-    from selfrepair.store.heads import heads_spec
+    from selfrepair.store.labels import head_unit, units_spec
     from selfrepair.store.plan import AblationWork
 
     layers = range(w.n_layers) if ctx.quick else LAYERS
-    heads = [(l, h) for l in layers for h in range(w.n_heads)]
+    heads = [head_unit(l, h) for l in layers for h in range(w.n_heads)]
     preds = ctx.seq_len - 1
     rng = np.random.default_rng(0)
     out = []
     for b in range(N_UNITS):
         t0 = b * preds
-        top = {lh: np.sort(t0 + rng.choice(preds, max(1, int(0.02 * preds)), replace=False)) for lh in heads}
+        top = {u.label: np.sort(t0 + rng.choice(preds, max(1, int(0.02 * preds)), replace=False)) for u in heads}
         pair = np.array([(b + 1) % N_UNITS])
-        work = AblationWork("resample", 0, (b, b + 1), heads, heads_spec(heads, w.n_layers, w.n_heads),
+        work = AblationWork("resample", 0, (b, b + 1), heads, units_spec(heads),
                             f"abl-bench-{tag}-{b:04d}")
         out.append(AblationJob(work, rows[b:b + 1], pair, rows[pair], top, N_UNITS * preds, len(heads) * preds))
     return out

@@ -1,7 +1,7 @@
 """Run the benchmarks and print one table: every figure, its target, PASS/MISS and margin.
 
 Usage:
-    python benchmarks/run.py [--quick] [--only sweep,flops,clean,queries,precision,cuda,ray] [--output results.json]
+    python benchmarks/run.py [--quick] [--only sweep,flops,clean,queries,precision,cuda,ray,units] [--output results.json]
 
 Every figure is a ratio or a time measured in this run (see benchmarks/README.md), so
 the table holds on a machine shared with other jobs.
@@ -25,11 +25,12 @@ import bench_precision  # noqa: E402
 import bench_queries  # noqa: E402
 import bench_ray  # noqa: E402
 import bench_sweep  # noqa: E402
+import bench_units  # noqa: E402
 from common import Context, threads  # noqa: E402
 
 BENCHES = {"sweep": bench_sweep.run, "flops": bench_flops.run, "clean": bench_clean.run,
            "queries": bench_queries.run, "precision": bench_precision.run, "cuda": bench_cuda.run,
-           "ray": bench_ray.run}
+           "ray": bench_ray.run, "units": bench_units.run}
 
 
 def verdict(value: float, target: float, at_least: bool) -> str:
@@ -101,6 +102,8 @@ def rows_for(name: str, r: dict, quick: bool) -> list[tuple[str, str, str, str]]
         return out
     if name == "ray":
         return bench_ray.rows(r, quick)
+    if name == "units":
+        return bench_units.rows(r, verdict, quick)
     raise KeyError(name)
 
 

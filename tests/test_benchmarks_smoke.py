@@ -48,5 +48,6 @@ def test_benchmarks_quick_run_prints_every_figure(ray_cluster, bench_run, capsys
     for row in ("fast / reference throughput", "arithmetic efficiency (whole sweep)",
                 "clean capture+write / bare forward", "query head_top_self_repair",
                 "on-disk bytes per ablation_effects row", "CUDA: pythia-410m shape",
+                "units / heads wall time", "conditioned / unconditioned wall time",
                 "Ray executor, 1 worker vs in-process" if _no_ray() else "Ray 1-worker overhead vs in-process"):
         assert row in out, row
