@@ -120,7 +120,8 @@ class IngestConfig:
                          "the clean pass, residual stream, norms and differences stay float32.", choices=DTYPES)
     engine: str = setting("fast", "fast: FLOP-minimal sweep; reference: one full hooked forward per head.",
                           choices=ENGINES)
-    heads_per_pass: int | None = setting(None, "Heads batched into one patched pass (default: from free memory).",
+    heads_per_pass: int | None = setting(None, "Units batched into one patched pass (default: the most units "
+                                         "sharing a first layer, as free memory allows).",
                                          min=1)
     activations: bool | str | tuple[str, ...] = setting(
         True, "Zarr arrays to keep: all (default), none, or a comma list of resid_pre, resid_final, resid, z, "

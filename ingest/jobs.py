@@ -10,6 +10,7 @@ executors write the same rows; only the committer differs.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -99,7 +100,7 @@ class NeuronJob(_BatchDraw):
     def describe(self) -> str:
         w = self.work
         return (f"{self.shard_id} (sr_mlps neuron detail, {self._what()}, rows {w.rows[0]}-{w.rows[1]}, "
-                f"heads {w.heads_spec})")
+                f"units {w.heads_spec})")
 
 
 def batch_top_sets(top_sets: dict[str, np.ndarray], units, t0: int, t1: int) -> dict:
@@ -239,7 +240,8 @@ class JobRunner:
 
 
 def heads_per_pass(cfg: IngestConfig, device: str, w) -> int:
-    """Heads batched into one patched pass: `--heads-per-pass`, or what half the free memory holds."""
+    """Units batched into one patched pass: `--heads-per-pass`, or the most units sharing a first layer,
+    as many of them as half the free memory holds."""
     if cfg.heads_per_pass:
         return cfg.heads_per_pass
     import torch
@@ -252,4 +254,6 @@ def heads_per_pass(cfg: IngestConfig, device: str, w) -> int:
         free = torch.cuda.mem_get_info()[0] * 0.5
     else:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.25
-    return max(1, min(w.n_heads, int(free // max(per_head, 1))))
+    # A pass holds the units of one first layer: every one of them, memory permitting.
+    widest = max(Counter(u.layer for u in cfg.ablated_units(w.n_layers, w.n_heads)).values(), default=1)
+    return max(1, min(max(widest, 1), int(free // max(per_head, 1))))

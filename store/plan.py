@@ -80,8 +80,10 @@ class AblationWork:
 
     @property
     def heads_spec(self) -> str:
-        """The units as text (what progress lines show)."""
-        return self.units_spec + (f" | {self.condition.label}" if self.condition is not None else "")
+        """The units as short text (what progress lines and errors show): `L0H0…L1H3 (8)` beyond four."""
+        labels = [u.label for u in self.units]
+        text = ",".join(labels) if len(labels) <= 4 else f"{labels[0]}…{labels[-1]} ({len(labels)})"
+        return text + (f" | {self.condition.label}" if self.condition is not None else "")
 
     def entry_fields(self) -> dict:
         """What the shard entry records of its units: `units` and `condition` (store/manifest.py reads them)."""

@@ -99,7 +99,7 @@ def test_unit_that_keeps_failing_stops_the_run_with_one_line(ray_cluster, tiny_m
     msg = str(e.value)
     assert "\n" not in msg
     assert msg.startswith("job abl-zero-s0-00000004-00000008-h")
-    assert "(zero, rows 4-8, heads all) failed (3 attempts" in msg
+    assert "(zero, rows 4-8, units L0H0…L1H3 (8)) failed (3 attempts" in msg
     assert msg.endswith("DeviceError: out of GPU memory even with one head per pass (injected by "
                         "SELFREPAIR_TEST_FAULT); lower --batch-size")
     # Everything else that finished is committed: re-running without the fault completes the store.
