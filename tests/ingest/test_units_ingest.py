@@ -90,3 +90,18 @@ def test_a_broken_unit_pass_is_refused_by_the_self_check(tiny_model_dirs, tmp_pa
     assert res.output.startswith("Error: self-check failed for GPT-2: ") and " zero MLP1: fast vs " in res.output
     assert len(res.output.strip().splitlines()) == 1, res.output
     assert not store.exists() or not any(store.iterdir())
+
+
+def test_both_identities_hold_through_sql_for_every_unit_kind(one_run):
+    """DESIGN.md's identities through the store's own SQL, on every unit kind, alone and given the condition."""
+    s = Store.open(one_run)
+    ln = s.query("check_ln_identity")
+    assert (ln["max_abs_error"] < 1e-4).all() and (ln["n_unit_rows"] > 0).all() and (ln["n_conditioned_rows"] > 0).all()
+    per_kind = s.sql("SELECT unit_kind, condition, max(abs(sr_ln - sr_ln_closed)) AS err, count(*) AS n "
+                     "FROM self_repair GROUP BY ALL")
+    assert per_kind.height == 10 and (per_kind["err"] < 1e-4).all()  # 5 kinds, alone and given L0H1
+    de = s.query("check_de_identity")
+    errors = [c for c in de.columns if c.startswith("max_abs_error") or c.endswith("_error")]
+    assert errors and all((de[c].drop_nulls() < 1e-4).all() for c in errors), de
+    # The condition's run is checked against L0H1's own ablation only where that is stored (not here).
+    assert de["max_abs_error"].drop_nulls().len() == de["max_abs_error_units"].drop_nulls().len() == 1, de
