@@ -31,19 +31,31 @@ def _hf_config(spec, revision: str | None):
         return None
 
 
+def pre_load_facts(spec, revision: str | None = None) -> tuple[tuple[int, int] | None, str | None]:
+    """(`model_sizes`, `model_architecture`) of a resolved model from one read of its config."""
+    if spec.gguf_file:
+        return gguf_sizes(Path(spec.path) / spec.gguf_file), None
+    cfg = _hf_config(spec, revision)
+    return _config_sizes(cfg), _config_architecture(cfg)
+
+
 def model_architecture(spec, revision: str | None = None) -> str | None:
     """The causal-LM class a resolved model's config names (`architectures[0]`, e.g. "MixtralForCausalLM"),
     or None when no config can be read offline (GGUF files name no Hugging Face class)."""
-    cfg = _hf_config(spec, revision)
-    archs = getattr(cfg, "architectures", None) if cfg is not None else None
-    return archs[0] if archs and isinstance(archs[0], str) else None
+    return pre_load_facts(spec, revision)[1]
 
 
 def model_sizes(spec, revision: str | None = None) -> tuple[int, int] | None:
     """(n_layers, n_heads) of a resolved model (`ingest/models.resolve`), or None when no config can be read offline."""
-    if spec.gguf_file:
-        return gguf_sizes(Path(spec.path) / spec.gguf_file)
-    cfg = _hf_config(spec, revision)
+    return pre_load_facts(spec, revision)[0]
+
+
+def _config_architecture(cfg) -> str | None:
+    archs = getattr(cfg, "architectures", None) if cfg is not None else None
+    return archs[0] if archs and isinstance(archs[0], str) else None
+
+
+def _config_sizes(cfg) -> tuple[int, int] | None:
     if cfg is None:
         return None
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg

@@ -21,7 +21,7 @@ from selfrepair.ingest.config import IngestConfig
 from selfrepair.ingest.conventions import PROCESSED
 from selfrepair.ingest.disk import check_free_disk, estimate_run, model_shape
 from selfrepair.ingest.executors import make_executor
-from selfrepair.ingest.model_sizes import model_architecture, model_sizes
+from selfrepair.ingest.model_sizes import pre_load_facts
 from selfrepair.ingest.pairing import pairs_digest, rule, source_rows
 from selfrepair.ingest.presets import ROWS_RULE, preset_settings
 from selfrepair.ingest.progress import Progress
@@ -76,10 +76,9 @@ class Ingest:
         """Lock the model folder, check it, load the model, then do the missing clean and ablation work."""
         cfg = self.cfg
         spec = M.resolve(cfg.model)
-        sizes = model_sizes(spec, cfg.revision)
+        sizes, arch = pre_load_facts(spec, cfg.revision)  # one read of its config.json or GGUF metadata
         if sizes is not None:  # units and conditions outside the model: refused before it loads
             cfg.conditions(*sizes)
-        arch = model_architecture(spec, cfg.revision)
         if arch is not None:  # a kind the family does not define (MLP9 on Mixtral): refused before it loads
             cfg = self.cfg = _family_settings(cfg, arch, sizes, self.log)
         if cfg.dry_run:
@@ -150,7 +149,7 @@ class Ingest:
             if "resample" in cfg.ablations:
                 _sources(cfg, 0)  # fails early with < 2 rows
             # A new folder: checked, then created and locked, only once the numbers are trusted.
-            checks = self._self_check(model, w, rows_np)
+            checks = self._self_check(model, w, rows_np, units, conditions)
             self._writer = self._lock(ms)
             self._check_identity(self._writer, identity)
         writer = self._writer
@@ -163,7 +162,7 @@ class Ingest:
         if "resample" in cfg.ablations:
             _sources(cfg, 0)  # fails early with < 2 rows
         if checks is None:
-            checks = self._self_check(model, w, rows_np)  # an existing folder: checked before any write
+            checks = self._self_check(model, w, rows_np, units, conditions)  # an existing folder: before any write
         self._open_store(writer, model, corpus_spec, rows_np, identity, w, checks)
         load_s = time.perf_counter() - t0
         with make_executor(cfg, model, w, ms, self.log) as self._executor:
@@ -205,7 +204,7 @@ class Ingest:
             )
         self._replace = bool(problem)
 
-    def _self_check(self, model, w, rows_np: np.ndarray) -> dict:
+    def _self_check(self, model, w, rows_np: np.ndarray, units, conditions) -> dict:
         """Compare engine, bridge and model on the first batch; refuse before writing on a mismatch."""
         import torch
 
@@ -223,7 +222,6 @@ class Ingest:
                      "own forward passes only")
         t = time.perf_counter()
         try:
-            units, conditions = _ablated_units(cfg, w)
             checks, excused = run_self_check(model, w, first, src, cfg.ablations,
                                              unit_cases(units, conditions, w.n_heads))
         except torch.OutOfMemoryError:

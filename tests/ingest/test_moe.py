@@ -327,7 +327,9 @@ def test_without_a_readable_config_the_loaded_model_decides(mixtral_dir, tmp_pat
     and the same switch come after it: the stored configuration is the one the run used."""
     from selfrepair.ingest import runner
 
-    monkeypatch.setattr(runner, "model_architecture", lambda spec, revision=None: None)
+    from selfrepair.ingest.model_sizes import model_sizes
+
+    monkeypatch.setattr(runner, "pre_load_facts", lambda spec, revision=None: (model_sizes(spec), None))
     res = _invoke(mixtral_dir, tmp_path / "refused", "--units", "L0H1,MLP2", "--quiet")
     assert res.exit_code != 0 and res.output.strip().splitlines() == [
         "Error: MLP2: Mixtral: its MLP is a mixture of experts, not one MLP, so mlp units are not defined "
