@@ -43,9 +43,11 @@ def sweep_tables(w, dtype, rows, src_rows, heads, top_sets):
     `dtype`: the dtype of the matrix products (None: float32), as `--dtype` gives it.
     """
     from selfrepair.ingest.ablate import FastBatch, ablation_tables
+    from selfrepair.store.labels import head_unit
 
     ctx, src = FastBatch(w, rows, dtype), FastBatch(w, src_rows, dtype)
-    return ablation_tables(ctx, src, "resample", 0, heads, rows, 0, top_sets, 50, w.n_heads, w)
+    units = [head_unit(l, h) for l, h in heads]
+    return ablation_tables(ctx, src, "resample", 0, units, rows, 0, top_sets, 50, w.n_heads, w)
 
 
 def run(ctx) -> dict:
@@ -66,6 +68,7 @@ def measure(ctx, device: str, shape: dict, batch_rows: int, n_batches: int) -> d
 
     from selfrepair.ingest.models import load_model
     from selfrepair.ingest.weights import read_weights
+    from selfrepair.store.labels import head_label
 
     # load_model boots a local folder with TransformerBridge.boot_transformers(path,
     # hf_model=..., tokenizer=...) and enable_compatibility_mode(), as the ingest does.
@@ -77,7 +80,7 @@ def measure(ctx, device: str, shape: dict, batch_rows: int, n_batches: int) -> d
     rows = torch.randint(0, shape["vocab_size"], (n_batches + 1, batch_rows, SEQ_LEN), generator=gen).to(device)
     n = batch_rows * (SEQ_LEN - 1)
     top = np.arange(max(1, int(0.02 * n)))  # the top-p% rows' cost does not depend on which tokens
-    top_sets = {lh: top for lh in heads}
+    top_sets = {head_label(*lh): top for lh in heads}
     out = {"heads": len(heads), "tokens_per_batch": n}
     with torch.no_grad():
         for name, dtype in (("float32", None), ("bfloat16", torch.bfloat16)):

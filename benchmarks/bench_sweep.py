@@ -17,6 +17,8 @@ import time
 
 import numpy as np
 
+from selfrepair.store.labels import head_label, head_unit
+
 N_ROWS = 1  # one row of 128 tokens per batch, so the reference finishes in time on 2 shared cores
 N_LAYERS_SPREAD = 4
 
@@ -37,7 +39,7 @@ def _setup(ctx):
     n = N_ROWS * (ctx.seq_len - 1)
     rng = np.random.default_rng(0)
     keep = max(1, int(np.floor(0.02 * n)))  # top_p 0.02, as the ingest default
-    top_sets = {lh: np.sort(rng.choice(n, keep, replace=False)) for lh in heads}
+    top_sets = {head_label(*lh): np.sort(rng.choice(n, keep, replace=False)) for lh in heads}
     return w, rows, src_rows, layers, heads, top_sets
 
 
@@ -124,7 +126,8 @@ def paired_sweep(ctx, with_reference: bool = True) -> dict:
         for layer in layers:
             layer_heads = [(l, h) for l, h in heads if l == layer]
             flops = bench_flops.sweep_flops(a, layer_heads, N_ROWS, ctx.seq_len)
-            step(lambda name: ablation_tables(*built[name], "resample", 0, layer_heads, rows, 0, top_sets, 50,
+            units = [head_unit(l, h) for l, h in layer_heads]
+            step(lambda name: ablation_tables(*built[name], "resample", 0, units, rows, 0, top_sets, 50,
                                               w.n_heads, w), flops)
     out = {"fast_s": total["fast"], "reference_s": total["reference"] if with_reference else None,
            "fast_ideal_s": ideal, "patch_s": patch, "heads": heads, "layers": layers, "n_rows": N_ROWS}

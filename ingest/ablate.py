@@ -23,7 +23,7 @@ from selfrepair.errors import ConfigError
 from selfrepair.ingest import engine as E
 from selfrepair.ingest.families import ARCHITECTURES, FAMILIES, REFUSED, moe_problem
 from selfrepair.ingest.weights import Weights
-from selfrepair.store.labels import UNIT_KINDS, Unit, head_label, head_unit, parse_unit
+from selfrepair.store.labels import UNIT_KINDS, Unit, parse_unit
 from selfrepair.store.schema import SRC_KINDS
 
 
@@ -175,10 +175,6 @@ class ReferenceBatch:
         return E.PatchResult(**{k: torch.stack(v) for k, v in out.items()})
 
 
-# Columns the tables gained with units (UNITS.md); a caller that still names heads gets the tables without them.
-UNIT_COLUMNS = ("condition", "unit", "unit_kind", "de_base")
-
-
 def unit_kind_problem(family: str, kind: str) -> str | None:
     """Why units of `kind` are not defined for `family` (a family's name, e.g. "Gemma 2", or its Hugging
     Face architecture, e.g. "MixtralForCausalLM"), or None. Needs no model, so a run can ask before loading.
@@ -328,19 +324,6 @@ class _Batch:
                 "logit": cut(self.logit + self.b_u), "ln_scale": cut(self.s)}
 
 
-def _as_units(units, keyed: dict) -> tuple[list[Unit], dict, bool]:
-    """Units and their token sets keyed by label; (layer, head) pairs (the runner before units) become head
-    units, and the third value says so (their tables then keep the old columns)."""
-    if not units or isinstance(units[0], Unit):
-        return list(units), keyed, False
-    units = [head_unit(l, h) for l, h in units]
-    return units, {head_label(*key): v for key, v in keyed.items()}, True
-
-
-def _old_columns(tables: dict[str, pa.Table]) -> dict[str, pa.Table]:
-    return {name: t.drop_columns([c for c in UNIT_COLUMNS if c in t.column_names]) for name, t in tables.items()}
-
-
 def ablation_tables(
     ctx, src, kind: str, sample: int, units: list[Unit], rows: torch.Tensor,
     row0: int, top_sets: dict[str, np.ndarray], neurons_top_k: int,
@@ -373,7 +356,6 @@ def ablation_tables(
     Raises:
         ConfigError: a unit the model does not define, or one that overlaps the condition.
     """
-    units, top_sets, old = _as_units(units, top_sets)
     check_units(w, units, condition)
     b = _Batch(_baseline(ctx, src, kind, condition, w.n_heads), rows, row0, w, condition)
     preds, n, token_index = b.preds, b.n, b.token_index
@@ -411,7 +393,7 @@ def ablation_tables(
         out["attention_top"] = _concat(att, kind, sample)
     if condition is not None:
         out["condition_tokens"] = _concat([b.condition_tokens()], kind, sample)
-    return _old_columns(out) if old else out
+    return out
 
 
 def neuron_detail_tables(
@@ -424,16 +406,14 @@ def neuron_detail_tables(
     Args:
         ctx, src, kind, sample, rows, row0, units_per_pass, w, on_pass, condition: as `ablation_tables`.
         detail_sets: `Unit` -> the token indices (global, sorted) to store neuron rows for; units with an
-            empty set, or that replace the final MLP, are not patched. (layer, head) keys are read as
-            head units and give the tables without the unit columns, as before units.
+            empty set, or that replace the final MLP, are not patched.
         neurons_top_k: as `ablation_tables` (positive).
 
     Returns:
         Arrow tables `neuron_effects` and `neuron_totals`; none when no unit has a token here (a shard
         that only supersedes stale detail).
     """
-    old = bool(detail_sets) and not isinstance(next(iter(detail_sets)), Unit)
-    sets = {head_unit(*k) if old else k: v for k, v in detail_sets.items()}
+    sets = detail_sets
     check_units(w, list(sets), condition)
     neu, tot = [], []
     units = [unit for unit, toks in sets.items() if len(toks)]
@@ -448,8 +428,7 @@ def neuron_detail_tables(
             on_pass(len(chunk) * b.n)
     if not neu:
         return {}
-    out = {"neuron_effects": _concat(neu, kind, sample), "neuron_totals": _concat(tot, kind, sample)}
-    return _old_columns(out) if old else out
+    return {"neuron_effects": _concat(neu, kind, sample), "neuron_totals": _concat(tot, kind, sample)}
 
 
 def attention_rows(w, rows: torch.Tensor, row0: int, heads: list[tuple[dict, np.ndarray]], token_index, k: int):

@@ -437,23 +437,6 @@ def test_neuron_detail_tables_match_the_ablation_tables(loaded, tables):
             assert a[b.columns].equals(b)
 
 
-def test_head_units_give_the_rows_of_head_pairs(loaded):
-    """The runner before units passes (layer, head) pairs: the same numbers, without the unit columns."""
-    w = loaded["neox"][0]
-    rows = _rows()
-    ctx, src = FastBatch(w, rows), FastBatch(w, rows[PAIR])
-    heads = [(0, 1), (0, 3), (1, 2)]
-    toks = TOP
-    old = ablation_tables(ctx, src, "resample", 0, heads, rows, 0, {k: toks for k in heads}, 3, 2, w,
-                         attention_top_k=2)
-    new = _tables(ctx, src, "resample", _units([f"L{l}H{h}" for l, h in heads], w), w, per_pass=2,
-                  top={f"L{l}H{h}": toks for l, h in heads})
-    assert set(old) == set(new)
-    for name, t in old.items():
-        assert not {"condition", "unit", "unit_kind", "de_base"} & set(t.column_names)
-        assert new[name].select(t.column_names).equals(t), name
-
-
 # -- refusals ------------------------------------------------------------------------------------------
 def test_a_unit_overlapping_its_condition_is_refused(loaded):
     w = loaded["gpt2"][0]
