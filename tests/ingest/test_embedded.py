@@ -61,3 +61,56 @@ def test_fast_engine_equals_reference_on_embedded_model(tmp_path):
     assert a.height == b.height == 3 * 62
     for col in VALUES:
         _close(a[col], b[col], col)
+
+
+def test_dequantised_copy_equals_the_gguf_file():
+    """The float32 copy later loads read (ingest/gguf_cache.py) holds exactly what the GGUF file's
+    quantised blocks decode to, by the `gguf` package's own decoder; the model loads from it."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from safetensors.torch import load_file
+
+    from selfrepair.ingest import gguf_cache
+    from selfrepair.ingest.models import _GGUF_FILE, embedded_model_dir
+
+    load_model("smollm2-135m", "cpu")  # the suite's first load of the embedded model writes the copy
+    gguf = embedded_model_dir() / _GGUF_FILE
+    folder = gguf_cache.cached(gguf)
+    assert folder is not None
+    saved = load_file(folder / "model.safetensors")
+    blocks = {t.name: t for t in GGUFReader(gguf).tensors}
+    for name, key in [("token_embd.weight", "model.embed_tokens.weight"),
+                      ("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight"),
+                      ("blk.29.ffn_up.weight", "model.layers.29.mlp.up_proj.weight"),
+                      ("blk.7.attn_output.weight", "model.layers.7.self_attn.o_proj.weight")]:
+        t = blocks[name]
+        expected = torch.from_numpy(dequantize(t.data, t.tensor_type).copy())
+        assert torch.equal(saved[key], expected), name
+
+
+def test_dequantised_copy_round_trip_and_unwritable_cache(tmp_path, monkeypatch):
+    """save then cached gives a folder transformers loads to the same tensors; a cache root that
+    cannot be written is no error (None: the load reads the GGUF file as before)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from selfrepair.ingest import gguf_cache
+
+    hf = load_model("smollm2-135m", "cpu")
+    source = tmp_path / "model.gguf"
+    source.write_bytes(b"stands for the GGUF file: the copy is keyed by its path, size and time")
+    monkeypatch.setenv(gguf_cache.CACHE_ENV, str(tmp_path / "cache"))
+    assert gguf_cache.cached(source) is None
+    folder = gguf_cache.save(hf.hf_model, hf.tokenizer, source)
+    assert folder == gguf_cache.cached(source) and folder.parent.parent == tmp_path / "cache"
+    again = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    before, after = hf.hf_model.state_dict(), again.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert AutoTokenizer.from_pretrained(folder)("def f(x):\n  return x").input_ids == \
+        hf.tokenizer("def f(x):\n  return x").input_ids
+    source.write_bytes(b"a changed file is a different copy")
+    assert gguf_cache.cached(source) is None
+
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache folder would be")
+    monkeypatch.setenv(gguf_cache.CACHE_ENV, str(blocked))
+    assert gguf_cache.save(hf.hf_model, hf.tokenizer, source) is None
