@@ -47,7 +47,8 @@ def _section(title: str, df: pl.DataFrame, fmt: str) -> None:
 @click.option("--tolerance", default=0.05, show_default=True, type=float,
               help="Largest agreeing difference, in logits.")
 @click.option("--reference", type=click.Path(path_type=Path), default=None,
-              help="Reference CSV (default: the paper's values shipped with selfrepair).")
+              help="Reference CSV of the documented columns, naming store models by folder, manifest name or "
+                   "Hugging Face id (default: the paper's values shipped with selfrepair).")
 @click.option("--format", "-f", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
               help="Output format; csv and json give both tables as one, with a `level` column.")
 @bad_input_exits_2
@@ -59,7 +60,8 @@ def compare_paper(store, model, ablation, sample, tolerance, reference, fmt):
     heads/MLPs/LayerNorm split, over each head's top 2% tokens (and over all tokens where
     the paper gives them), beside the paper's, with the difference; then every head that
     differs by more than the tolerance. Exact agreement needs the paper's rows and pairing
-    (`selfrepair ingest --preset paper`).
+    (`selfrepair ingest --preset paper`). With `--reference FILE.csv` (the same columns, e.g.
+    another run's numbers) the models it names are compared instead.
 
     Exit status: 0 when every head agrees, 1 when some head disagrees, 2 for bad input
     (unknown model, missing or malformed reference file, ablation not stored).
@@ -67,6 +69,8 @@ def compare_paper(store, model, ablation, sample, tolerance, reference, fmt):
     Example:
 
         selfrepair compare-paper --model pythia-160m --tolerance 0.05
+
+        selfrepair compare-paper --model gpt2-4l --reference my-run.csv
     """
     from selfrepair.queries.compare_paper import REFERENCE_CSV, compare
     from selfrepair.queries.store import Store
