@@ -128,7 +128,9 @@ def test_tables_equal_their_named_queries(report_dir, tiny_query_store, built):
         assert csv.height == want.height
         np.testing.assert_allclose(csv["DE"].to_numpy(), want["DE"].to_numpy())
         tex = (report_dir / "tables" / f"{entry.spec.name}.tex").read_text()
-        assert r"\begin{tabular}" in tex and r"\toprule" in tex and r"LN share (\%)" in tex
+        # a table (a longtable beyond 40 rows) with the spec's caption and label (issue 22)
+        assert (r"\begin{tabular}" in tex or r"\begin{longtable}" in tex) and r"\toprule" in tex and r"(\%)" in tex
+        assert rf"\label{{tab:{entry.spec.name}}}" in tex and r"\caption{" in tex
 
 
 def test_layer_table_matches_breakdown(tiny_query_store):
