@@ -146,7 +146,7 @@ def compare(a: Side, b: Side, by: str = "layer", p: float | None = None, ablatio
     keys = {"head": ["head"], "layer": ["layer"], "depth": ["depth", f"layers {label_a}", f"layers {label_b}"]}[kind]
     frame = frame.sort("position", "q_order").select(*keys, "quantity", label_a, label_b, "diff")
     notes = [_side_note(label, side, inv, params) for label, side, inv in ((label_a, a, inv_a), (label_b, b, inv_b))]
-    notes.append(f"{ablation} draw {sample}; means over each head's top {p:g} of tokens by signed clean DE "
+    notes.append(f"{ablation} draw {sample}; means over each head's top p = {p:g} of its tokens by signed clean DE "
                  f"(query {QUERY}); a layer's value is the mean of its heads'; diff = {label_b} - {label_a}")
     if kind == "depth":
         notes.append(f"shapes differ: layers compared by relative depth layer / (n_layers - 1) in {n_bins} bins, "
