@@ -19,7 +19,9 @@ from click.testing import CliRunner
 import tiny_models
 from selfrepair.analysis.context import Context, ModelInfo
 from selfrepair.analysis.fig_training_steps import FIGURE, revision_groups, step_of
+from selfrepair.analysis import registry
 from selfrepair.analysis.report import figure_entries
+from selfrepair.analysis.spec import fetch
 from selfrepair.cli import main
 from selfrepair.errors import ModelNotFound
 from selfrepair.ingest import models as M
@@ -107,15 +109,19 @@ def test_training_step_figure(revision_store):
         infos = tuple(ModelInfo.from_manifest(m, s.manifest(m)) for m in s.models)
         ctx = Context(models=infos, ablation="zero", p=infos[0].top_p)
         assert [m.revision for m in revision_groups(infos)["tiny-gpt2"]] == ["step1", "step20"]
-        (entry,) = figure_entries(FIGURE, ctx, {}, s.query)
-        want = s.query("fig_training_steps", p=ctx.p, ablation="zero", sample=0)
+        assert FIGURE.shown(ctx) and FIGURE in registry.FIGURES
         # one revision alone: no figure, no note
         assert figure_entries(FIGURE, Context(models=infos[:1], ablation="zero", p=ctx.p), {}, s.query) == []
-    assert entry.note is None and entry.png is not None
-    assert entry.data.select(want.columns).equals(want) and want["model"].to_list() == ["tiny-gpt2@step1", "tiny-gpt2@step20"]
+        df = fetch(s.query, FIGURE.query, FIGURE.runs(ctx), ctx.names)
+        want = s.query("fig_training_steps", p=ctx.p, ablation="zero", sample=0)
+    fig = FIGURE.plot(df, ctx)  # the report's figure_entries renders it as PNG and PDF too
+    assert fig.selfrepair_data.select(want.columns).equals(want)
+    assert want["model"].to_list() == ["tiny-gpt2@step1", "tiny-gpt2@step20"]
     # the same model folder twice: the two revisions' numbers are the same
     assert want["sr"][0] == pytest.approx(want["sr"][1], rel=1e-6)
-    assert "tiny-gpt2@step1, tiny-gpt2@step20" in entry.caption
+    assert "tiny-gpt2@step1, tiny-gpt2@step20" in fig.selfrepair_caption
+    (line,) = [ln for ln in fig.axes[0].get_lines() if ln.get_label() == "self-repair"]
+    assert list(line.get_xdata()) == [1, 20]
 
 
 def test_compare_two_revisions(revision_store):

@@ -29,9 +29,14 @@ def other_root(tmp_path_factory):
     return root
 
 
-def _heads(root, model: str) -> pl.DataFrame:
-    with Store.open(root) as s:
-        return s.query("head_top_self_repair", p=TOP_P, ablation="resample", sample=0).filter(pl.col("model") == model)
+@pytest.fixture(scope="module")
+def other(other_root):
+    with Store.open(other_root) as s:
+        yield s
+
+
+def _heads(s: Store, model: str) -> pl.DataFrame:
+    return s.query("head_top_self_repair", p=TOP_P, ablation="resample", sample=0).filter(pl.col("model") == model)
 
 
 def _mean(heads: pl.DataFrame, layers: list[int], q: str) -> float:
@@ -46,16 +51,15 @@ def test_depth_bins():
     assert depth_bin(0, 1, 4) == 0
 
 
-def test_different_shapes_by_relative_depth(store_root):
-    with Store.open(store_root) as s:
-        result = compare(Side(s, "gpt2-tiny"), Side(s, "pythia-tiny"), quantities=("sr", "sr_ln"))
+def test_different_shapes_by_relative_depth(store):
+    result = compare(Side(store, "gpt2-tiny"), Side(store, "pythia-tiny"), quantities=("sr", "sr_ln"))
     assert result.by == "depth" and result.labels == ("gpt2-tiny", "pythia-tiny")
     frame = result.frame
     assert frame.columns == ["depth", "layers gpt2-tiny", "layers pythia-tiny", "quantity", "gpt2-tiny", "pythia-tiny",
                              "diff"]
     assert frame["depth"].to_list() == ["0.00-0.50"] * 2 + ["0.50-1.00"] * 2
     assert frame["layers pythia-tiny"].to_list() == ["0", "0", "1-2", "1-2"]
-    a, b = _heads(store_root, "gpt2-tiny"), _heads(store_root, "pythia-tiny")
+    a, b = _heads(store, "gpt2-tiny"), _heads(store, "pythia-tiny")
     want_a = [_mean(a, [0], "sr"), _mean(a, [0], "sr_ln"), _mean(a, [1], "sr"), _mean(a, [1], "sr_ln")]
     want_b = [_mean(b, [0], "sr"), _mean(b, [0], "sr_ln"), _mean(b, [1, 2], "sr"), _mean(b, [1, 2], "sr_ln")]
     np.testing.assert_allclose(frame["gpt2-tiny"], want_a, rtol=1e-12)
@@ -64,14 +68,13 @@ def test_different_shapes_by_relative_depth(store_root):
     assert any("relative depth" in n for n in result.notes)
 
 
-def test_one_model_in_two_stores_per_head_and_layer(store_root, other_root):
-    with Store.open(store_root) as s, Store.open(other_root) as t:
-        heads = compare(Side(s, "gpt2-tiny"), Side(t, "gpt2-tiny"), by="head")
-        layers = compare(Side(s, "gpt2-tiny"), Side(t, "gpt2-tiny"), quantities=("d_logit",))
+def test_one_model_in_two_stores_per_head_and_layer(store, other, store_root, other_root):
+    heads = compare(Side(store, "gpt2-tiny"), Side(other, "gpt2-tiny"), by="head")
+    layers = compare(Side(store, "gpt2-tiny"), Side(other, "gpt2-tiny"), quantities=("d_logit",))
     la, lb = heads.labels
     assert (la, lb) == (f"gpt2-tiny ({store_root.name})", f"gpt2-tiny ({other_root.name})")
     assert heads.frame.height == 6 * len(QUANTITIES) and heads.frame["head"][0] == "L0H0"
-    a, b = _heads(store_root, "gpt2-tiny"), _heads(other_root, "gpt2-tiny")
+    a, b = _heads(store, "gpt2-tiny"), _heads(other, "gpt2-tiny")
     sr = heads.frame.filter(pl.col("quantity") == "sr")
     np.testing.assert_allclose(sr[la], a.sort("layer", "head")["sr"], rtol=1e-12)
     np.testing.assert_allclose(sr[lb], b.sort("layer", "head")["sr"], rtol=1e-12)
@@ -115,11 +118,11 @@ def test_bad_input_one_error_line(cli, store_root, args, message):
         assert r.output == message.format(root=store_root) + "\n"
 
 
-def test_bins_only_for_different_shapes(store_root, other_root):
-    with Store.open(store_root) as s, Store.open(other_root) as t, pytest.raises(ConfigError, match="bins: only"):
-        compare(Side(s, "gpt2-tiny"), Side(t, "gpt2-tiny"), bins=2)
+def test_bins_only_for_different_shapes(store, other):
+    with pytest.raises(ConfigError, match="bins: only"):
+        compare(Side(store, "gpt2-tiny"), Side(other, "gpt2-tiny"), bins=2)
     with pytest.raises(ConfigError):
         parse_quantities("sr,,nope")
     assert parse_quantities(None) == QUANTITIES and parse_quantities("sr, sr_ln,sr") == ("sr", "sr_ln")
-    with Store.open(store_root) as s, pytest.raises(QueryError, match="draw 3"):
-        compare(Side(s, "gpt2-tiny"), Side(s, "pythia-tiny"), sample=3)
+    with pytest.raises(QueryError, match="draw 3"):
+        compare(Side(store, "gpt2-tiny"), Side(store, "pythia-tiny"), sample=3)

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
+from selfrepair.errors import ConfigError
 from selfrepair.queries import compare_paper
 from selfrepair.store.manifest import ModelFacts
 from selfrepair.queries.compare_paper import QUANTITIES, REFERENCE_CSV, compare, load_reference, paper_model
@@ -291,10 +292,9 @@ def test_any_reference_csv_names_its_own_models(run, stores, tmp_path):
     assert "tiny-x (the reference's tiny-x): resample draw 0; the store has 100 tokens (10 rows of 10)" in lines
     assert not any("--preset paper" in line for line in lines)  # the paper's advice is for the paper's numbers
     # Without --model: the models the file names; the others are skipped and said so.
-    r = run(stores["mixed"], "--reference", str(mine))
-    assert r.exit_code == 0 and "skipped pythia-160m: not a model of the reference mine.csv" in r.output
-    result = _compare(stores["mixed"], model="tiny-x", reference=mine)
+    result = _compare(stores["mixed"], reference=mine)
     assert result.agrees and set(result.layers["model"]) == {"tiny-x"} and result.layers.height == 2 * 12 * 7
+    assert "skipped pythia-160m: not a model of the reference mine.csv" in result.notes
     r = run(stores["mixed"], "--model", "pythia-160m", "--reference", str(mine))
     assert (r.exit_code, r.output) == (2, "Error: model 'pythia-160m' is not in the reference mine.csv (it has tiny-x)\n")
 
@@ -311,9 +311,18 @@ def test_any_reference_csv_names_its_own_models(run, stores, tmp_path):
     (lambda df: df.with_columns(n_layers=pl.lit(3)), ": model 'tiny-x' has layers outside its n_layers"),
     (lambda df: df.clear(), " has no rows"),
 ])
-def test_bad_custom_reference(run, stores, tmp_path, edit, message):
+def test_bad_custom_reference(tmp_path, edit, message):
+    """Each malformed reference is refused by load_reference, in one line (the CLI's one Error: line, below)."""
     bad = tmp_path / "bad.csv"
     edit(load_reference().filter(pl.col("model") == "pythia-160m").with_columns(model=pl.lit("tiny-x"))).write_csv(bad)
+    with pytest.raises(ConfigError) as e:
+        load_reference(bad)
+    assert str(e.value).startswith(f"reference file {bad}{message}") and "\n" not in str(e.value)
+
+
+def test_bad_custom_reference_cli(run, stores, tmp_path):
+    bad = tmp_path / "bad.csv"
+    load_reference().with_columns(delta_logit=pl.lit("big")).write_csv(bad)
     r = run(stores["mixed"], "--reference", str(bad))
-    assert r.exit_code == 2 and r.output.startswith(f"Error: reference file {bad}{message}"), r.output
-    assert r.output.count("\n") == 1
+    assert (r.exit_code, r.output) == (2, f"Error: reference file {bad}: column 'delta_logit' has empty or "
+                                          "non-numeric values\n")
