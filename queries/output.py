@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import polars as pl
 
 from selfrepair.errors import QueryError
-from selfrepair.queries.latex import LONG_TABLE_ROWS, latex_escape, render_latex  # noqa: F401 - re-exported
+from selfrepair.queries.latex import latex_escape, render_latex  # noqa: F401 - latex_escape re-exported
 from selfrepair.store.model_store import enclosing_model_folder
 
 if TYPE_CHECKING:

@@ -23,7 +23,6 @@ from selfrepair.analysis import registry
 from selfrepair.analysis.report import figure_entries
 from selfrepair.analysis.spec import fetch
 from selfrepair.cli import main
-from selfrepair.errors import ModelNotFound
 from selfrepair.ingest import models as M
 from selfrepair.ingest import runner
 from selfrepair.queries.store import Store
