@@ -27,6 +27,7 @@ class ModelInfo:
         resamples: resample draws ingested.
         unit_kinds: kinds of the units stored besides heads, ablated alone in the report's draw
             (`group`, `attn`, `mlp`, `block`); empty for a store of heads alone.
+        revision: the Hugging Face revision (or local checkpoint label) stored, if any.
     """
 
     name: str
@@ -37,6 +38,7 @@ class ModelInfo:
     ablations: tuple[str, ...]
     resamples: int
     unit_kinds: tuple[str, ...] = ()
+    revision: str | None = None  # the training checkpoint stored (`ingest --revision`), if one was
 
     @classmethod
     def from_manifest(cls, name: str, manifest: Manifest) -> "ModelInfo":
@@ -48,6 +50,7 @@ class ModelInfo:
             top_p=manifest.config.top_p,
             ablations=manifest.config.ablations,
             resamples=manifest.config.resamples,
+            revision=manifest.model.revision,
         )
 
 

@@ -19,6 +19,7 @@ from selfrepair.analysis import (
     fig_self_repair_by_depth,
     fig_token_noise,
     fig_top_neurons_share,
+    fig_training_steps,
     fig_unit_breakdown,
     table_head_breakdown,
     table_layer_breakdown,
@@ -43,6 +44,7 @@ FIGURES: tuple[FigureSpec, ...] = (
     fig_backup_map.FIGURE,             # 15
     fig_resample_spread.FIGURE,        # 15, second part
     fig_unit_breakdown.FIGURE,         # units: the Hydra effect's figure (drawn only where stored)
+    fig_training_steps.FIGURE,         # revisions: against training step (drawn only for >= 2 revisions of a model)
 )
 
 TABLES: tuple[TableSpec, ...] = (

@@ -255,7 +255,7 @@ def build_report(store, output: str | Path, models: list[str] | None = None,
         entry = Entry(spec, ctx, runs, frame=df)
         for fmt, ext in (("csv", "csv"), ("latex", "tex")):
             path = out / "tables" / f"{spec.name}.{ext}"
-            write_output(df, fmt, path)
+            write_output(df, fmt, path, caption=spec.title, label=f"tab:{spec.name}")
             entry.files.append(f"tables/{spec.name}.{ext}")
         table_list.append(entry)
 

@@ -16,6 +16,7 @@ from selfrepair.ingest.presets import PRESETS, preset_settings
 from selfrepair.store.heads import HEAD_WORDS, SR_WORDS, normalize_spec, parse_heads  # noqa: F401 - parse_heads re-exported
 from selfrepair.store.labels import is_shorthand, normalize_conditions, normalize_units, parse_units
 from selfrepair.store.estimate import select_arrays
+from selfrepair.store.model_store import model_dirname
 from selfrepair.store.schema import ABLATION_KINDS, ARRAY_DTYPES, ARRAYS
 from selfrepair.store.top_tokens import top_count
 
@@ -38,6 +39,21 @@ def parse_ablations(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]
     if not kinds:
         raise ConfigError("no ablation type given")
     return kinds
+
+
+def _check_name(value: str, what: str) -> str:
+    """A `--model-name` that is a model folder's name already (`store/model_store.model_dirname`), with at most
+    one `@`; or a `--revision` without `@` or spaces (a branch such as `refs/pr/1` keeps its `/` on the hub and
+    becomes `--` in the folder name)."""
+    value = str(value).strip()
+    if what == "a revision":
+        if not value or "@" in value or any(c.isspace() for c in value):
+            raise ValueError(f"{value!r} is not a revision: a branch, tag or commit, without '@' or spaces")
+        return value
+    if not value or model_dirname(value) != value or value.count("@") > 1 or value.startswith("."):
+        raise ValueError(f"{value!r} cannot name a model folder: use letters, digits, '.', '_', '-' and at most "
+                         "one '@'")
+    return value
 
 
 def setting(default=None, help: str | None = None, *, unset=None, choices: tuple | None = None, parse=None,
@@ -83,7 +99,13 @@ class IngestConfig:
 
     model: str = setting("smollm2-135m", "Registry short name (pythia-410m, gpt2-small, smollm2-135m, …), "
                          "Hugging Face id or local folder.")
-    revision: str | None = setting(None, "Hugging Face revision (branch, tag or commit) of the weights.")
+    revision: str | None = setting(None, "Hugging Face revision (branch, tag or commit) of the weights, e.g. a "
+                                   "Pythia training checkpoint step1000: stored as its own model, NAME@REV.",
+                                   parse=partial(_check_name, what="a revision"), metavar="REV")
+    model_name: str | None = setting(None, "The model's folder name in the store (default: the registry name, the "
+                                     "id or the folder's name); NAME@REV labels a local checkpoint as revision REV "
+                                     "of NAME (e.g. my-model@step1000).", parse=partial(_check_name, what="a name"),
+                                     metavar="NAME")
     store: Path = setting(Path("stores"), "Store root; the model gets a folder inside it.", cli=False)
     tokens: int = setting(1016, "Predictions to store (whole rows).")
     seq_len: int | None = setting(help="Tokens per row, BOS included.", unset=128)
@@ -288,6 +310,7 @@ class IngestConfig:
         for k in ("store", "tokens", "heads", "units", "given", "sr_mlps_neurons", "ablations", "resamples", "device", "engine", "heads_per_pass",
                   "overwrite", "quiet"):
             d.pop(k)
+        d.pop("model_name")  # the folder's name: the same folder has it already
         return d
 
 

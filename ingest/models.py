@@ -15,7 +15,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfrepair.errors import DeviceError, ModelNotFound
+from selfrepair.errors import ConfigError, DeviceError, ModelNotFound
 from selfrepair.ingest import gguf_cache
 from selfrepair.ingest.conventions import CONVENTIONS, PROCESSED
 from selfrepair.ingest.families import family_of
@@ -46,12 +46,14 @@ class ModelSpec:
         hf_id: the Hugging Face id (the architecture adapter is chosen from its config).
         path: a local folder or GGUF file, when the weights are on disk.
         gguf_file: the GGUF file name inside `path`, for the embedded model.
+        revision: the Hugging Face revision (branch, tag or commit) loaded, or a local checkpoint's label.
     """
 
     name: str
     hf_id: str
     path: Path | None = None
     gguf_file: str | None = None
+    revision: str | None = None  # the hub revision loaded, or the label `--model-name NAME@REV` gives a local folder
 
 
 def embedded_model_dir() -> Path:
@@ -63,12 +65,34 @@ def embedded_model_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def resolve(name: str) -> ModelSpec:
-    """Turn `--model` into a ModelSpec without loading anything.
+def resolve(name: str, revision: str | None = None, model_name: str | None = None) -> ModelSpec:
+    """Turn `--model` (and `--revision`, `--model-name`) into a ModelSpec without loading anything.
+
+    A revision is stored as its own model: its folder is `NAME@REV` (`pythia-160m@step1000`). A local
+    folder or the embedded model has no revisions; `--model-name NAME@REV` labels a local checkpoint.
 
     Raises:
-        ModelNotFound: an unknown short name (with close suggestions).
+        ModelNotFound: an unknown short name (with close suggestions), or a revision of a local model.
+        ConfigError: a `--model-name` with `@` beside `--revision`.
     """
+    spec = _resolve(name)
+    if revision is not None:
+        if spec.path is not None:
+            what = "the embedded model" if spec.gguf_file else f"the local folder {spec.path}"
+            raise ModelNotFound(f"--revision {revision}: {what} has no revisions (a revision is a branch, tag or "
+                                "commit of a Hugging Face hub model, e.g. --model EleutherAI/pythia-160m --revision "
+                                "step1000); to store a local checkpoint as a revision, name it --model-name NAME@REV")
+        if model_name and "@" in model_name:
+            raise ConfigError(f"--model-name {model_name}: with --revision the name takes no '@' "
+                              f"(the folder is NAME@{revision})")
+    base = model_name or spec.name
+    spec.name = f"{base}@{revision}" if revision is not None else base
+    spec.revision = revision if revision is not None else (base.split("@", 1)[1] if "@" in base else None)
+    return spec
+
+
+def _resolve(name: str) -> ModelSpec:
+    """`--model` alone as a ModelSpec: a registry name, the embedded model, a local folder or a hub id."""
     if name == EMBEDDED:
         return ModelSpec(EMBEDDED, REGISTRY[EMBEDDED], embedded_model_dir(), _GGUF_FILE)
     if name in REGISTRY:
@@ -106,6 +130,46 @@ def _not_available(hf_id: str) -> ModelNotFound:
 def _first_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return lines[0] if lines else type(e).__name__
+
+
+def check_revision(spec: ModelSpec) -> None:
+    """Refuse, before any load, a hub revision that does not exist (or that is neither cached nor downloadable).
+
+    The local Hugging Face cache is asked first (`refs/<branch>` or `snapshots/<commit>`); then, when the hub
+    is reachable, the hub itself. A local folder's label (`--model-name NAME@REV`) is not checked.
+
+    Raises:
+        ModelNotFound: naming the revision and the model.
+    """
+    if spec.revision is None or spec.path is not None:
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(spec.hf_id, "config.json", revision=spec.revision), str):
+        return
+    if not _hub_reachable():
+        raise ModelNotFound(f"revision {spec.revision!r} of {spec.hf_id} is not in the local Hugging Face cache and the "
+                            f"hub cannot be reached; on a connected machine: huggingface-cli download {spec.hf_id} "
+                            f"--revision {spec.revision}")
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    api = HfApi()
+    try:
+        api.model_info(spec.hf_id, revision=spec.revision)
+    except RevisionNotFoundError:
+        try:
+            refs = api.list_repo_refs(spec.hf_id)
+            names = [b.name for b in refs.branches] + [t.name for t in refs.tags]
+            hint = f"; it has {len(names)}: {', '.join(names[:6])}{', …' if len(names) > 6 else ''}"
+        except Exception:  # noqa: BLE001 - the hint is a courtesy; the refusal stands without it
+            hint = ""
+        raise ModelNotFound(f"revision {spec.revision!r} of {spec.hf_id} does not exist on the Hugging Face hub"
+                            f"{hint}") from None
+    except RepositoryNotFoundError:
+        raise ModelNotFound(f"no model {spec.hf_id} on the Hugging Face hub") from None
+    except Exception:  # noqa: BLE001 - a network hiccup: the load itself says what is wrong
+        return
 
 
 def load_hf(spec: ModelSpec, dtype, revision: str | None = None):
@@ -200,7 +264,7 @@ class LoadedModel:
             "name": self.spec.name,
             "hf_id": self.spec.hf_id,
             "source": str(self.spec.path) if self.spec.path else self.spec.hf_id,
-            "revision": self.revision,
+            "revision": self.spec.revision or self.revision,
             "gguf_file": self.spec.gguf_file,
             "architecture": type(self.hf_model).__name__,
             "family": w.family.name,
@@ -275,7 +339,7 @@ def load_model(name: str, device: str = "auto", revision: str | None = None) -> 
     # Library progress bars and prints would bury the plan and our own progress bars.
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    spec = resolve(name)
+    spec = resolve(name, revision)
     device = pick_device(device)
     hf_model, tokenizer = load_hf(spec, torch.float32, revision)
     family_of(hf_model)  # an unsupported family is refused before anything else happens

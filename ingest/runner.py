@@ -75,7 +75,8 @@ class Ingest:
     def run(self) -> IngestResult:
         """Lock the model folder, check it, load the model, then do the missing clean and ablation work."""
         cfg = self.cfg
-        spec = M.resolve(cfg.model)
+        spec = M.resolve(cfg.model, cfg.revision, cfg.model_name)  # a revision is its own model: NAME@REV
+        M.check_revision(spec)  # a revision that does not exist: refused before the load
         sizes, arch = pre_load_facts(spec, cfg.revision)  # one read of its config.json or GGUF metadata
         if sizes is not None:  # units and conditions outside the model: refused before it loads
             cfg.conditions(*sizes)
@@ -117,6 +118,7 @@ class Ingest:
         t0 = time.perf_counter()
         # With Ray the workers hold the accelerators; the driver's copy (plan, self-check) stays on the CPU.
         model = M.load_model(cfg.model, "cpu" if cfg.executor == "ray" else cfg.device, cfg.revision)
+        model.spec = spec  # the store's name for it (--model-name, @revision) and the revision it records
         from selfrepair.ingest.weights import read_weights  # torch: loaded with the model, not on import
 
         _check_context(model, cfg.seq_len)  # read_weights runs the model at seq_len
@@ -314,6 +316,7 @@ class Ingest:
         cfg = self.cfg
         corpus_spec = cfg.corpus or C.default_corpus(spec.name, spec.path is not None and spec.gguf_file is None)
         model = M.load_model(cfg.model, cfg.device, cfg.revision)
+        model.spec = spec  # the store's name for it (--model-name, @revision)
         _check_context(model, cfg.seq_len)
         w = read_weights(model.hf_model, cfg.seq_len, cfg.preset)
         cfg = self.cfg = _family_settings(cfg, w.family.name, (w.n_layers, w.n_heads), self.log)

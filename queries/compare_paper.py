@@ -2,7 +2,9 @@
 
 The reference CSV (`queries/reference/`, see its README) holds the authors' per-head means
 over each head's top 2% tokens by signed clean DE (`top2pct`, four models) and over all
-tokens (`all_tokens`, two models). `compare` runs the store's named queries for the same
+tokens (`all_tokens`, two models). Any CSV of the same columns may stand in for it (another
+run's numbers, exported from another store): its `model` column names store models by
+folder, manifest name or Hugging Face id (or, for the paper's four, any of their aliases). `compare` runs the store's named queries for the same
 token sets, puts each head's store mean beside the paper's, and gives per-layer means of both
 with their difference; heads off by more than the tolerance are listed.
 
@@ -136,9 +138,28 @@ def load_reference(path: str | Path = REFERENCE_CSV) -> pl.DataFrame:
     if missing:
         raise ConfigError(f"reference file {path} lacks column {missing[0]!r}")
     numeric = ["layer", "head", "n_layers", *(q.paper for q in QUANTITIES)]
-    bad = [c for c in numeric if not df[c].dtype.is_numeric() or df[c].null_count()]
+    bad = [c for c in numeric if not df[c].dtype.is_numeric() or df[c].null_count()
+           or (df[c].dtype.is_float() and not df[c].is_finite().all())]
+    if df.is_empty():
+        raise ConfigError(f"reference file {path} has no rows")
     if bad:
         raise ConfigError(f"reference file {path}: column {bad[0]!r} has empty or non-numeric values")
+    if df["model"].null_count() or df["token_selection"].null_count():
+        raise ConfigError(f"reference file {path}: a row has no model or token_selection")
+    known = [s.name for s in SELECTIONS]
+    unknown = sorted(set(df["token_selection"].cast(pl.String)) - set(known))
+    if unknown:
+        raise ConfigError(f"reference file {path}: token_selection {unknown[0]!r} is not one of {', '.join(known)}")
+    df = df.with_columns(pl.col("model", "token_selection").cast(pl.String))
+    for c in ("layer", "head", "n_layers"):
+        if ((df[c] < 0) | (df[c].cast(pl.Float64) != df[c].cast(pl.Float64).round(0))).any():
+            raise ConfigError(f"reference file {path}: column {c!r} must hold whole numbers >= 0")
+    layers = df.group_by("model").agg(pl.col("n_layers").n_unique().alias("k"), pl.col("n_layers").first(),
+                                      pl.col("layer").max().alias("top"))
+    odd = layers.filter((pl.col("k") > 1) | (pl.col("top") >= pl.col("n_layers")))
+    if odd.height:
+        raise ConfigError(f"reference file {path}: model {odd['model'][0]!r} has layers outside its n_layers "
+                          "(or more than one n_layers)")
     if df.select(KEY_COLUMNS[:4]).is_duplicated().any():
         raise ConfigError(f"reference file {path} lists a (token_selection, model, layer, head) twice")
     return df
@@ -148,6 +169,16 @@ def paper_model(folder: str, model: ModelFacts) -> str | None:
     """The paper's name for a store model (by HF id, manifest name or folder), or None."""
     names = {folder, model.name, model.hf_id}
     return next((paper for paper, aliases in PAPER_MODELS.items() if names & set(aliases)), None)
+
+
+def reference_model(folder: str, model: ModelFacts, known: set[str]) -> str | None:
+    """The reference's name for a store model: its folder, manifest name or Hugging Face id when the
+    reference has that name, else the paper's name for it when the reference has that; None otherwise."""
+    for name in (folder, model.name, model.hf_id):
+        if name in known:
+            return name
+    paper = paper_model(folder, model)
+    return paper if paper in known else None
 
 
 def compare(store: Store, model: str | None = None, ablation: str = "resample", sample: int = 0,
@@ -168,11 +199,13 @@ def compare(store: Store, model: str | None = None, ablation: str = "resample", 
     if not (tolerance > 0 and math.isfinite(tolerance)):
         raise ConfigError(f"tolerance {tolerance!r} must be a positive number of logits")
     ref = load_reference(reference)
-    pairs = _models(store, model, set(ref["model"]))
+    is_paper = Path(reference).resolve() == REFERENCE_CSV.resolve()
+    whose = "the paper's reference" if is_paper else f"the reference {Path(reference).name}"
+    pairs = _models(store, model, set(ref["model"]), whose)
     notes = [f"reference: {reference}; tolerance {tolerance:g} logits"]
-    if ablation != "resample":
+    if ablation != "resample" and is_paper:
         notes.append(f"note: the paper's numbers are resample ablations; this compares {ablation}")
-    notes += [f"skipped {folder}: not a model of the paper's reference" for folder, paper in pairs if paper is None]
+    notes += [f"skipped {folder}: not a model of {whose}" for folder, paper in pairs if paper is None]
     layers, heads = [], []
     inventories = store.inventories
     for folder, paper in [(f, p) for f, p in pairs if p is not None]:
@@ -182,40 +215,42 @@ def compare(store: Store, model: str | None = None, ablation: str = "resample", 
             rows = ref.filter((pl.col("token_selection") == sel.name) & (pl.col("model") == paper))
             if rows.is_empty():
                 continue
-            _check_shape(inventory, paper, rows)
+            _check_shape(inventory, paper, rows, "the paper's" if is_paper else "the reference's")
             if sel.p is not None:
                 requests.check(inventories, {"p": sel.p}, model=folder)
             joined = _joined(_store_values(store, folder, sel, ablation, sample), rows)
             joined = joined.with_columns(model=pl.lit(folder), tokens=pl.lit(sel.name))
             layers.append(_layer_means(joined, tolerance))
             heads.append(_off_heads(joined, tolerance))
-        notes.append(_scale_note(folder, paper, inventory, ablation, sample))
-    notes.append(f"exact agreement needs the paper's rows and resample pairing (`selfrepair ingest --preset paper`, "
+        notes.append(_scale_note(folder, paper, inventory, ablation, sample) if is_paper else
+                     f"{folder} (the reference's {paper}): {ablation} draw {sample}; the store has "
+                     f"{inventory.n_tokens:,} tokens ({inventory.n_rows:,} rows of {inventory.seq_len})")
+    if is_paper:
+        notes.append(f"exact agreement needs the paper's rows and resample pairing (`selfrepair ingest --preset paper`, "
                  f"{PAPER_TOKENS} tokens of NeelNanda/pile-10k in rows of {PAPER_SEQ_LEN}); otherwise expect "
                  "per-layer means within a few hundredths of a logit")
     return Comparison(_ordered(layers, LAYER_COLUMNS), _ordered(heads, HEAD_COLUMNS), notes, tolerance)
 
 
-def _models(store: Store, model: str | None, known: set[str]) -> list[tuple[str, str | None]]:
-    """(folder, paper name or None) for the chosen model, or for every model of the store."""
+def _models(store: Store, model: str | None, known: set[str], whose: str) -> list[tuple[str, str | None]]:
+    """(folder, the reference's name or None) for the chosen model, or for every model of the store."""
     if model is not None:
-        paper = paper_model(model, store.manifest(model).model)  # an unknown folder raises StoreNotFound
-        if paper not in known:
-            raise ConfigError(f"model {model!r} is not in the paper's reference (it has "
-                              f"{', '.join(sorted(known))})")
-        return [(model, paper)]
-    pairs = [(f, p if p in known else None) for f in store.models for p in [paper_model(f, store.manifest(f).model)]]
+        name = reference_model(model, store.manifest(model).model, known)  # an unknown folder raises StoreNotFound
+        if name is None:
+            raise ConfigError(f"model {model!r} is not in {whose} (it has {', '.join(sorted(known))})")
+        return [(model, name)]
+    pairs = [(f, reference_model(f, store.manifest(f).model, known)) for f in store.models]
     if all(p is None for _, p in pairs):
-        raise ConfigError(f"no model of this store ({', '.join(store.models)}) is in the paper's reference "
+        raise ConfigError(f"no model of this store ({', '.join(store.models)}) is in {whose} "
                           f"(it has {', '.join(sorted(known))})")
     return pairs
 
 
-def _check_shape(inventory: Inventory, paper: str, rows: pl.DataFrame) -> None:
+def _check_shape(inventory: Inventory, paper: str, rows: pl.DataFrame, whose: str = "the paper's") -> None:
     n_layers, n_heads = int(rows["n_layers"].max()), int(rows["head"].max()) + 1
     if (inventory.n_layers, inventory.n_heads) != (n_layers, n_heads):
         raise QueryError(f"model {inventory.model!r} has {inventory.n_layers} layers × {inventory.n_heads} heads; "
-                         f"the paper's {paper} has {n_layers} × {n_heads}")
+                         f"{whose} {paper} has {n_layers} × {n_heads}")
 
 
 def _store_values(store: Store, folder: str, sel: Selection, ablation: str, sample: int) -> pl.DataFrame:

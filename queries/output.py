@@ -1,7 +1,8 @@
 """One output function for `sql`, `query` and `export`: a frame in a chosen format.
 
 Text formats go to a file or stdout; Parquet needs a file. Floats are shown with six
-significant digits in table, Markdown and LaTeX; CSV, JSON and Parquet keep full precision.
+significant digits in table and Markdown, at one precision per column in LaTeX
+(`queries/latex.py`); CSV, JSON and Parquet keep full precision.
 
 `write_result` runs a query straight into its output: CSV and Parquet stream batch by
 batch (a result larger than memory is fine), the other formats fetch at most `max_rows`
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 import polars as pl
 
 from selfrepair.errors import QueryError
+from selfrepair.queries.latex import latex_escape, render_latex  # noqa: F401 - latex_escape re-exported
 from selfrepair.store.model_store import enclosing_model_folder
 
 if TYPE_CHECKING:
@@ -29,18 +31,6 @@ FORMATS = ("table", "csv", "json", "markdown", "latex", "parquet")
 STREAMED_FORMATS = ("csv", "parquet")
 DEFAULT_MAX_ROWS = 10_000
 
-_LATEX_ESCAPES = {
-    "\\": r"\textbackslash{}",
-    "&": r"\&",
-    "%": r"\%",
-    "$": r"\$",
-    "#": r"\#",
-    "_": r"\_",
-    "{": r"\{",
-    "}": r"\}",
-    "~": r"\textasciitilde{}",
-    "^": r"\textasciicircum{}",
-}
 
 
 def format_value(value) -> str:
@@ -94,49 +84,6 @@ def render_markdown(df: pl.DataFrame) -> str:
     return "\n".join(out) + "\n"
 
 
-def latex_escape(text: str) -> str:
-    return "".join(_LATEX_ESCAPES.get(ch, ch) for ch in text)
-
-
-LONG_TABLE_ROWS = 40
-
-
-def _latex_number(value) -> str:
-    """Four significant digits: a paper table's columns stay narrow."""
-    if isinstance(value, float) and math.isfinite(value):
-        return f"{value:.4g}"
-    return format_value(value)
-
-
-def render_latex(df: pl.DataFrame) -> str:
-    """A booktabs table that fits a page (needs `booktabs`, `graphicx` and `longtable`), every cell escaped.
-
-    Columns with one value in every row are dropped and named in a comment above the
-    table; a table wider than the line is scaled down to it; more than
-    `LONG_TABLE_ROWS` rows become a `longtable`, which breaks across pages and repeats
-    its header.
-    """
-    constant = [c for c in df.columns if df.height > 1 and df[c].n_unique() == 1]
-    notes = ["% constant columns, dropped: " + "; ".join(
-        f"{c} = {format_value(df[c][0]).translate(_ESCAPES)}" for c in constant)] if constant else []
-    if constant and len(constant) < df.width:
-        df = df.drop(constant)
-    spec = "".join("r" if _is_numeric(t) else "l" for t in df.dtypes)
-    cells = [[_latex_number(v).translate(_ESCAPES) for v in row] for row in df.iter_rows()]
-
-    def line(row):
-        return " & ".join(latex_escape(c) for c in row) + r" \\"
-
-    head = [r"\toprule", line(df.columns), r"\midrule"]
-    if len(cells) > LONG_TABLE_ROWS:
-        out = [rf"\begin{{longtable}}{{{spec}}}", *head, r"\endhead", *map(line, cells), r"\bottomrule",
-               r"\end{longtable}"]
-    else:
-        out = [r"\resizebox{\ifdim\width>\linewidth\linewidth\else\width\fi}{!}{%",
-               rf"\begin{{tabular}}{{{spec}}}", *head, *map(line, cells), r"\bottomrule", r"\end{tabular}}"]
-    return "\n".join(notes + out) + "\n"
-
-
 def render_json(df: pl.DataFrame) -> str:
     """A JSON array of row objects."""
     return df.write_json() + "\n"
@@ -155,13 +102,15 @@ _RENDERERS = {
 }
 
 
-def write_output(df: pl.DataFrame, fmt: str = "table", output: str | Path | None = None) -> None:
+def write_output(df: pl.DataFrame, fmt: str = "table", output: str | Path | None = None,
+                 caption: str | None = None, label: str | None = None) -> None:
     """Write a frame in one format to a file, or to stdout when `output` is None.
 
     Args:
         df: the result to write.
         fmt: one of FORMATS.
         output: destination file; required for parquet.
+        caption, label: the LaTeX table's `\\caption` and `\\label` (other formats ignore them).
 
     Raises:
         QueryError: an unknown format, parquet without an output file, or the file cannot be written.
@@ -174,7 +123,7 @@ def write_output(df: pl.DataFrame, fmt: str = "table", output: str | Path | None
         _to_file(output, lambda f: df.write_parquet(f))
         return
     try:
-        text = _RENDERERS[fmt](df)
+        text = render_latex(df, caption, label) if fmt == "latex" else _RENDERERS[fmt](df)
     except pl.exceptions.PolarsError as e:
         raise QueryError(f"cannot write the result as {fmt}: {str(e).splitlines()[0]}") from None
     if output is None:
@@ -184,7 +133,8 @@ def write_output(df: pl.DataFrame, fmt: str = "table", output: str | Path | None
 
 
 def write_result(store: "Store", text: str, params: dict | None, fmt: str, output: str | Path | None,
-                 max_rows: int | None = DEFAULT_MAX_ROWS) -> str | None:
+                 max_rows: int | None = DEFAULT_MAX_ROWS, caption: str | None = None,
+                 label: str | None = None) -> str | None:
     """Run one query into its output: CSV and Parquet streamed, other formats at most `max_rows` rows.
 
     Args:
@@ -193,6 +143,7 @@ def write_result(store: "Store", text: str, params: dict | None, fmt: str, outpu
         fmt: one of FORMATS.
         output: destination file (None: stdout), never inside a store.
         max_rows: the most rows fetched for a non-streamed format (None: no cap).
+        caption, label: the LaTeX table's caption and label.
 
     Returns:
         A note for the user when the rows shown were capped, else None.
@@ -215,7 +166,7 @@ def write_result(store: "Store", text: str, params: dict | None, fmt: str, outpu
     if more and output is not None:
         raise QueryError(f"the result has more than {max_rows} rows; raise --max-rows (0: no cap), "
                          "or use --format csv or parquet, which stream any number of rows")
-    write_output(df, fmt, output)
+    write_output(df, fmt, output, caption, label)
     if more:
         return f"note: showing the first {max_rows} rows; the result has more (--max-rows 0 shows all)"
     return None

@@ -91,6 +91,7 @@ def _run(store: Path, text: str | None, params, fmt: str, output: Path | None, m
          name: str | None = None, limit: int | None = None, sort: str | None = None, desc: bool = False) -> None:
     from selfrepair.queries.store import Rows, Store
 
+    caption = label = None
     with Store.open(store) as s:
         if name is not None:
             from selfrepair.analysis.units import unit_params
@@ -98,9 +99,10 @@ def _run(store: Path, text: str | None, params, fmt: str, output: Path | None, m
             # A unit's query: the stored label (a group's name), or one line naming what is stored.
             values = unit_params(s, named.get_query(name), dict(params))
             text, params = s.named_sql(name, Rows(limit, sort, desc), **values)
+            caption, label = named.get_query(name).title, f"tab:{name}"  # a LaTeX table's caption and label
         elif params:
             params = {k: named.coerce(v) for k, v in params}
-        note = write_result(s, text, params or None, fmt, output, max_rows or None)
+        note = write_result(s, text, params or None, fmt, output, max_rows or None, caption, label)
     if note:
         click.echo(note, err=True)
 

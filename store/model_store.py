@@ -25,8 +25,9 @@ ARRAYS_DIR = "activations.zarr"
 
 
 def model_dirname(model: str) -> str:
-    """A model id as a folder name: `EleutherAI/pythia-410m` -> `EleutherAI--pythia-410m`."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "--", model.strip("/")).strip("-") or "model"
+    """A model id as a folder name: `EleutherAI/pythia-410m` -> `EleutherAI--pythia-410m`; `@` is kept, as in
+    `pythia-160m@step1000` (a revision stored as its own model)."""
+    return re.sub(r"[^A-Za-z0-9._@-]+", "--", model.strip("/")).strip("-") or "model"
 
 
 @dataclass

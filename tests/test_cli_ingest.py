@@ -203,8 +203,9 @@ def test_verify_reports_ok_and_damage(cli_store, tmp_path):
     assert out.strip().splitlines()[-1] == f"Error: verify found 4 problem(s) in {broken}"
 
 
+# A --revision is no longer a conflicting setting of the same folder (issue 22): a revision is its own
+# model (folder NAME@REV), and a local folder has none (tests/ingest/test_revisions.py).
 @pytest.mark.parametrize("extra,problem", [
-    (["--revision", "v1"], "revision: stored None, asked 'v1'"),
     (["--seed", "3"], "seed: stored 0, asked 3"),
     (["--top-p", "0.1"], "top_p: stored 0.02, asked 0.1"),
     (["--corpus", "{corpus}"], "corpus: stored 'embedded', asked '{corpus}'"),

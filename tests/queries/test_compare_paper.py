@@ -21,6 +21,7 @@ import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
+from selfrepair.errors import ConfigError
 from selfrepair.queries import compare_paper
 from selfrepair.store.manifest import ModelFacts
 from selfrepair.queries.compare_paper import QUANTITIES, REFERENCE_CSV, compare, load_reference, paper_model
@@ -277,3 +278,51 @@ def test_reference_is_shipped():
     assert "reference/*.csv" in pyproject["tool"]["setuptools"]["package-data"]["selfrepair.queries"]
     ref = load_reference()
     assert ref.group_by("token_selection", "model").len().height == 6
+
+
+def test_any_reference_csv_names_its_own_models(run, stores, tmp_path):
+    """A reference of the documented columns naming a model of the store by its folder (issue 22: it was
+    refused as "not in the paper's reference")."""
+    mine = tmp_path / "mine.csv"
+    load_reference().filter(pl.col("model") == "pythia-160m").with_columns(model=pl.lit("tiny-x")).write_csv(mine)
+    r = run(stores["mixed"], "--model", "tiny-x", "--reference", str(mine))
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0] == f"reference: {mine}; tolerance 0.05 logits"
+    assert "tiny-x (the reference's tiny-x): resample draw 0; the store has 100 tokens (10 rows of 10)" in lines
+    assert not any("--preset paper" in line for line in lines)  # the paper's advice is for the paper's numbers
+    # Without --model: the models the file names; the others are skipped and said so.
+    result = _compare(stores["mixed"], reference=mine)
+    assert result.agrees and set(result.layers["model"]) == {"tiny-x"} and result.layers.height == 2 * 12 * 7
+    assert "skipped pythia-160m: not a model of the reference mine.csv" in result.notes
+    r = run(stores["mixed"], "--model", "pythia-160m", "--reference", str(mine))
+    assert (r.exit_code, r.output) == (2, "Error: model 'pythia-160m' is not in the reference mine.csv (it has tiny-x)\n")
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda df: df.drop("SR_from_LN"), " lacks column 'SR_from_LN'"),
+    (lambda df: df.with_columns(delta_logit=pl.lit("big")), ": column 'delta_logit' has empty or non-numeric values"),
+    (lambda df: df.with_columns(DE_clean=pl.when(pl.col("head") == 3).then(None).otherwise(pl.col("DE_clean"))),
+     ": column 'DE_clean' has empty or non-numeric values"),
+    (lambda df: df.with_columns(self_repair=pl.lit(float("inf"))), ": column 'self_repair' has empty or non-numeric values"),
+    (lambda df: df.with_columns(token_selection=pl.lit("top5pct")),
+     ": token_selection 'top5pct' is not one of top2pct, all_tokens"),
+    (lambda df: df.with_columns(layer=pl.col("layer") + 0.5), ": column 'layer' must hold whole numbers >= 0"),
+    (lambda df: df.with_columns(n_layers=pl.lit(3)), ": model 'tiny-x' has layers outside its n_layers"),
+    (lambda df: df.clear(), " has no rows"),
+])
+def test_bad_custom_reference(tmp_path, edit, message):
+    """Each malformed reference is refused by load_reference, in one line (the CLI's one Error: line, below)."""
+    bad = tmp_path / "bad.csv"
+    edit(load_reference().filter(pl.col("model") == "pythia-160m").with_columns(model=pl.lit("tiny-x"))).write_csv(bad)
+    with pytest.raises(ConfigError) as e:
+        load_reference(bad)
+    assert str(e.value).startswith(f"reference file {bad}{message}") and "\n" not in str(e.value)
+
+
+def test_bad_custom_reference_cli(run, stores, tmp_path):
+    bad = tmp_path / "bad.csv"
+    load_reference().with_columns(delta_logit=pl.lit("big")).write_csv(bad)
+    r = run(stores["mixed"], "--reference", str(bad))
+    assert (r.exit_code, r.output) == (2, f"Error: reference file {bad}: column 'delta_logit' has empty or "
+                                          "non-numeric values\n")

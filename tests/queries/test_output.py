@@ -30,8 +30,9 @@ def test_markdown():
 
 def test_latex_booktabs_escaped():
     text = render_latex(DF)
-    assert r"\begin{tabular}{lrrr}" in text and r"\toprule" in text and r"\bottomrule" in text
-    assert r"gpt2\_small" in text and r"a\&b|c" in text
+    assert r"\begin{tabular}{@{}lrrr@{}}" in text and r"\toprule" in text and r"\bottomrule" in text
+    # `|` prints as an em dash in Computer Modern's text font: escaped too (issue 22)
+    assert r"gpt2\_small" in text and r"a\&b\textbar{}c" in text
     assert latex_escape(r"50% $x^2$ #1 {a} ~ \ ") == r"50\% \$x\textasciicircum{}2\$ \#1 \{a\} \textasciitilde{} \textbackslash{} "
 
 
@@ -65,15 +66,19 @@ def test_every_text_format_to_stdout_and_file(fmt, tmp_path, capsys):
 
 
 def test_latex_fits_a_page():
-    """Constant columns are dropped and named, wide tables scale to the line, long ones break across pages."""
+    """Constant columns are dropped and named, wide tables scale to the line, long ones break across pages
+    (issue 22: in a `table` with caption and label, one precision per column; tests/queries/test_latex.py
+    checks the rest)."""
     one = DF.with_columns(pl.lit("smollm2").alias("model"))
     text = render_latex(one)
-    assert text.splitlines()[0] == "% constant columns, dropped: model = smollm2"
-    assert r"\begin{tabular}{rrr}" in text and "smollm2" not in text.split("\n", 1)[1]
-    assert text.splitlines()[1].startswith(r"\resizebox{\ifdim\width>\linewidth\linewidth")
-    assert "0.1235" in text  # four significant digits
+    assert text.splitlines()[1] == "% constant columns, dropped: model = smollm2"
+    assert r"\begin{tabular}{@{}rrr@{}}" in text and "smollm2" not in text.split("\n", 2)[2]
+    assert "0.123" in text and "0.1235" not in text  # three significant digits for the column's largest
+    wide = render_latex(pl.DataFrame({f"c{i}": [float(i), i + 0.5] for i in range(9)}))
+    assert r"\resizebox{\ifdim\width>\linewidth\linewidth" in wide
     long = render_latex(pl.concat([DF] * 30))
-    assert r"\begin{longtable}{lrrr}" in long and r"\endhead" in long and long.count(r"\\") == 61
+    assert r"\begin{longtable}{@{}lrrr@{}}" in long and r"\endhead" in long
+    assert long.count(r"\\") == 60 + 2 + 1  # rows, the header twice, the caption line
 
 
 def test_empty_frame():
