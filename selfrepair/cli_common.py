@@ -38,3 +38,22 @@ def friendly_errors(f):
             raise click.ClickException("interrupted") from None
 
     return wrapper
+
+
+def strict_option(f):
+    """`--strict`, shared by every command that reads a store: a partial store is refused, not warned about."""
+    return click.option("--strict", is_flag=True,
+                        help="Refuse a partial store (an unfinished ingest; draws or units covering fewer tokens "
+                             "than the store) instead of warning on stderr.")(f)
+
+
+def open_store(path: Path, strict: bool):
+    """`Store.open` for a reading command: a partial store refused with `strict` (one `Error:` line), else
+    one `warning: partial store: …` line on stderr (the answer still covers the stored tokens)."""
+    from selfrepair.queries.store import Store
+
+    store = Store.open(path, strict=strict, warn=False)
+    text = store.partial_text()
+    if text:
+        click.echo(f"warning: {text}", err=True)
+    return store
