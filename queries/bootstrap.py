@@ -4,8 +4,8 @@ Tokens of one row share their context, so they are not independent: the unit of 
 row. Each bootstrap replicate b gives every stored row r a weight w(b, r) ~ Poisson(1) (the Poisson
 bootstrap: Hanley & MacGibbon 2006; Chamandy et al. 2012), and a replicate's mean of x over a set of
 tokens is Σ_r w·Σ_{tokens of r} x / Σ_r w·n_r, a ratio of weighted per-row sums. A named query
-therefore aggregates its tokens to per-row sums and counts once, joins them to `boot_weights` and
-takes the percentiles of the replicates' means: `*_ci_low` = quantile (1 − level) / 2 and `*_ci_high`
+therefore aggregates its tokens to per-row sums and counts once, takes their dot products with each
+replicate's weights (`boot_row_weights`) and the percentiles of the replicates' means: `*_ci_low` = quantile (1 − level) / 2 and `*_ci_high`
 = quantile (1 + level) / 2 (DuckDB's `quantile_cont`: linear interpolation, numpy's default).
 Its cost is (per-row groups) × replicates, independent of the tokens per row, so a
 million-token store (≈ 8,000 rows of 128) stays fast. Resample draws are resampled the same way
@@ -41,10 +41,15 @@ def _sql_hash(column: str) -> str:
     return f"(xor({column} >> 16, {column}) * {MIX}) % {MOD}"
 
 
+BOOT_ROWS_SQL = """
+CREATE MACRO boot_rows() AS TABLE
+SELECT DISTINCT model, row FROM tokens
+"""
+
 BOOT_WEIGHTS_SQL = f"""
 CREATE MACRO boot_weights(seed, n_boot) AS TABLE
 WITH keys AS (
-    SELECT DISTINCT model, 'row' AS kind, row AS key FROM tokens
+    SELECT model, 'row' AS kind, row AS key FROM boot_rows()
     UNION ALL
     SELECT DISTINCT model, 'draw' AS kind, sample AS key FROM inventory WHERE ablation = 'resample'
 ), k0 AS (
@@ -79,3 +84,17 @@ def check_params(bound: dict) -> None:
         n = bound["n_boot"]
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_BOOT:
             raise QueryError(f"n_boot = {n!r}: bootstrap replicates must be an integer in [1, {MAX_BOOT}]")
+
+# Every row's weights of one replicate as one list, in row order (`boot_rows()`'s rows): a query turns
+# each group's per-row sums into a list over the same rows (0 where the group has no token) and takes
+# dot products, G × B × rows multiply-adds inside DuckDB's list kernels instead of a join that
+# materialises G × B × rows tuples (five times faster on a million-token store).
+BOOT_ROW_WEIGHTS_SQL = """
+CREATE MACRO boot_row_weights(seed, n_boot) AS TABLE
+SELECT model, b, list(w::DOUBLE ORDER BY key) AS w
+FROM boot_weights(seed, n_boot)
+WHERE kind = 'row'
+GROUP BY model, b
+"""
+
+MACROS = (BOOT_ROWS_SQL, BOOT_WEIGHTS_SQL, BOOT_ROW_WEIGHTS_SQL)  # in dependency order

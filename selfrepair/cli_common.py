@@ -57,3 +57,25 @@ def open_store(path: Path, strict: bool):
     if text:
         click.echo(f"warning: {text}", err=True)
     return store
+
+
+def partial_warnings_as_lines() -> None:
+    """Print a `PartialStoreWarning` (from a command that opens its store with `Store.open` itself:
+    `compare-paper`, the ingest's closing summary) as one `warning: …` line on stderr, not Python's
+    `file:line: Category: …` form; every other warning as before."""
+    import warnings
+
+    from selfrepair.errors import PartialStoreWarning
+
+    if getattr(warnings.showwarning, "_selfrepair", False):
+        return
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, PartialStoreWarning):
+            click.echo(f"warning: {message}", err=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    show._selfrepair = True
+    warnings.showwarning = show

@@ -33,14 +33,30 @@ WITH facts AS (
     SELECT model, layer, head, sample, row, count(*) AS n, sum(sr) AS sr
     FROM kept
     GROUP BY model, layer, head, sample, row
+), dense AS (
+    -- each (head, draw)'s per-row sums over every row of its model, in row order (0 where it has no token)
+    SELECT g.model, g.layer, g.head, g.sample,
+           list(coalesce(r.n, 0)::DOUBLE ORDER BY k.row) AS n,
+           list(coalesce(r.sr, 0)::DOUBLE ORDER BY k.row) AS sr
+    FROM (SELECT DISTINCT model, layer, head, sample FROM per_row) g
+    JOIN boot_rows() k USING (model)
+    LEFT JOIN per_row r ON r.model = g.model AND r.layer = g.layer AND r.head = g.head AND r.sample = g.sample
+                       AND r.row = k.row
+    GROUP BY g.model, g.layer, g.head, g.sample
+), by_draw AS (
+    -- each replicate's row-weighted sums and counts per draw
+    SELECT d.model, d.layer, d.head, d.sample, w.b,
+           list_dot_product(w.w, d.sr) AS sr, list_dot_product(w.w, d.n) AS n
+    FROM dense d
+    JOIN boot_row_weights($seed, $n_boot) w USING (model)
 ), boot AS (
-    SELECT r.model, r.layer, r.head, wr.b,
-           sum(wr.w * wd.w * r.sr) / nullif(sum(wr.w * wd.w * r.n), 0) AS sr
-    FROM per_row r
-    JOIN boot_weights($seed, $n_boot) wr ON wr.model = r.model AND wr.kind = 'row' AND wr.key = r.row
+    -- and the draws weighted too: Σ draw weight · row-weighted sum / Σ draw weight · row-weighted count
+    SELECT r.model, r.layer, r.head, r.b,
+           sum(wd.w * r.sr) / nullif(sum(wd.w * r.n), 0) AS sr
+    FROM by_draw r
     JOIN boot_weights($seed, $n_boot) wd ON wd.model = r.model AND wd.kind = 'draw' AND wd.key = r.sample
-                                         AND wd.b = wr.b
-    GROUP BY r.model, r.layer, r.head, wr.b
+                                         AND wd.b = r.b
+    GROUP BY r.model, r.layer, r.head, r.b
 ), ci AS (
     SELECT model, layer, head,
            quantile_cont(sr, (1 - $level) / 2) AS sr_ci_low,

@@ -20,18 +20,33 @@ WITH facts AS (
     SELECT model, layer, head, row, count(*) AS n, sum(de_clean) AS de_clean, sum(de_ablated) AS de_ablated, sum(d_logit) AS d_logit, sum(sr) AS sr, sum(sr_heads) AS sr_heads, sum(sr_mlps) AS sr_mlps, sum(sr_ln) AS sr_ln
     FROM facts
     GROUP BY model, layer, head, row
+), dense AS (
+    -- each group's per-row sums over every row of its model, in row order (0 where it has no token)
+    SELECT g.model, g.layer, g.head,
+           list(coalesce(r.n, 0)::DOUBLE ORDER BY k.row) AS n,
+           list(coalesce(r.de_clean, 0)::DOUBLE ORDER BY k.row) AS de_clean,
+           list(coalesce(r.de_ablated, 0)::DOUBLE ORDER BY k.row) AS de_ablated,
+           list(coalesce(r.d_logit, 0)::DOUBLE ORDER BY k.row) AS d_logit,
+           list(coalesce(r.sr, 0)::DOUBLE ORDER BY k.row) AS sr,
+           list(coalesce(r.sr_heads, 0)::DOUBLE ORDER BY k.row) AS sr_heads,
+           list(coalesce(r.sr_mlps, 0)::DOUBLE ORDER BY k.row) AS sr_mlps,
+           list(coalesce(r.sr_ln, 0)::DOUBLE ORDER BY k.row) AS sr_ln
+    FROM (SELECT DISTINCT model, layer, head FROM per_row) g
+    JOIN boot_rows() k USING (model)
+    LEFT JOIN per_row r ON r.model = g.model AND r.layer = g.layer AND r.head = g.head AND r.row = k.row
+    GROUP BY g.model, g.layer, g.head
 ), boot AS (
-    SELECT r.model, r.layer, r.head, w.b,
-           sum(w.w * r.de_clean) / nullif(sum(w.w * r.n), 0) AS de_clean,
-           sum(w.w * r.de_ablated) / nullif(sum(w.w * r.n), 0) AS de_ablated,
-           sum(w.w * r.d_logit) / nullif(sum(w.w * r.n), 0) AS d_logit,
-           sum(w.w * r.sr) / nullif(sum(w.w * r.n), 0) AS sr,
-           sum(w.w * r.sr_heads) / nullif(sum(w.w * r.n), 0) AS sr_heads,
-           sum(w.w * r.sr_mlps) / nullif(sum(w.w * r.n), 0) AS sr_mlps,
-           sum(w.w * r.sr_ln) / nullif(sum(w.w * r.n), 0) AS sr_ln
-    FROM per_row r
-    JOIN boot_weights($seed, $n_boot) w ON w.model = r.model AND w.kind = 'row' AND w.key = r.row
-    GROUP BY r.model, r.layer, r.head, w.b
+    -- each replicate's means: row weights · per-row sums / row weights · per-row counts
+    SELECT d.model, d.layer, d.head, w.b,
+           list_dot_product(w.w, d.de_clean) / nullif(list_dot_product(w.w, d.n), 0) AS de_clean,
+           list_dot_product(w.w, d.de_ablated) / nullif(list_dot_product(w.w, d.n), 0) AS de_ablated,
+           list_dot_product(w.w, d.d_logit) / nullif(list_dot_product(w.w, d.n), 0) AS d_logit,
+           list_dot_product(w.w, d.sr) / nullif(list_dot_product(w.w, d.n), 0) AS sr,
+           list_dot_product(w.w, d.sr_heads) / nullif(list_dot_product(w.w, d.n), 0) AS sr_heads,
+           list_dot_product(w.w, d.sr_mlps) / nullif(list_dot_product(w.w, d.n), 0) AS sr_mlps,
+           list_dot_product(w.w, d.sr_ln) / nullif(list_dot_product(w.w, d.n), 0) AS sr_ln
+    FROM dense d
+    JOIN boot_row_weights($seed, $n_boot) w USING (model)
 ), ci AS (
     SELECT model, layer, head,
            quantile_cont(de_clean, (1 - $level) / 2) AS de_clean_ci_low,

@@ -20,14 +20,25 @@ WITH facts AS (
     SELECT model, layer, row, count(*) AS n, sum(de_clean) AS de_clean, sum(lost_de) AS lost_de, sum(sr) AS sr
     FROM facts
     GROUP BY model, layer, row
+), dense AS (
+    -- each group's per-row sums over every row of its model, in row order (0 where it has no token)
+    SELECT g.model, g.layer,
+           list(coalesce(r.n, 0)::DOUBLE ORDER BY k.row) AS n,
+           list(coalesce(r.de_clean, 0)::DOUBLE ORDER BY k.row) AS de_clean,
+           list(coalesce(r.lost_de, 0)::DOUBLE ORDER BY k.row) AS lost_de,
+           list(coalesce(r.sr, 0)::DOUBLE ORDER BY k.row) AS sr
+    FROM (SELECT DISTINCT model, layer FROM per_row) g
+    JOIN boot_rows() k USING (model)
+    LEFT JOIN per_row r ON r.model = g.model AND r.layer = g.layer AND r.row = k.row
+    GROUP BY g.model, g.layer
 ), boot AS (
-    SELECT r.model, r.layer, w.b,
-           sum(w.w * r.de_clean) / nullif(sum(w.w * r.n), 0) AS de_clean,
-           sum(w.w * r.lost_de) / nullif(sum(w.w * r.n), 0) AS lost_de,
-           sum(w.w * r.sr) / nullif(sum(w.w * r.n), 0) AS sr
-    FROM per_row r
-    JOIN boot_weights($seed, $n_boot) w ON w.model = r.model AND w.kind = 'row' AND w.key = r.row
-    GROUP BY r.model, r.layer, w.b
+    -- each replicate's means: row weights · per-row sums / row weights · per-row counts
+    SELECT d.model, d.layer, w.b,
+           list_dot_product(w.w, d.de_clean) / nullif(list_dot_product(w.w, d.n), 0) AS de_clean,
+           list_dot_product(w.w, d.lost_de) / nullif(list_dot_product(w.w, d.n), 0) AS lost_de,
+           list_dot_product(w.w, d.sr) / nullif(list_dot_product(w.w, d.n), 0) AS sr
+    FROM dense d
+    JOIN boot_row_weights($seed, $n_boot) w USING (model)
 ), ci AS (
     SELECT model, layer,
            quantile_cont(de_clean, (1 - $level) / 2) AS de_clean_ci_low,
