@@ -155,9 +155,11 @@ def coverage(model: str, manifest: Manifest) -> Coverage:
     n_layers, n_heads = manifest.model.n_layers, manifest.model.n_heads
     rows = planned_rows(manifest)
     clean_rows = _rows_covered([e.rows for e in manifest.shards.values() if e.phase == "clean"])
-    if manifest.seq_len > 1:
+    if manifest.n_rows and manifest.n_tokens:  # the stored count, once the clean run has ended
+        per_row = manifest.n_tokens // manifest.n_rows
+    elif manifest.seq_len > 1:  # during the first clean run: seq_len - 1 predictions per row
         per_row = manifest.seq_len - 1
-    else:  # a store that never recorded seq_len (synthetic): its tokens spread over its rows
+    else:  # a store that never recorded either (synthetic): its tokens spread over its rows
         per_row = manifest.n_tokens // rows if rows else 0
     planned = max(rows * per_row, manifest.n_tokens)
     ranges: dict[tuple[str, int, str], dict[str, list]] = {}
