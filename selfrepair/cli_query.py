@@ -172,7 +172,8 @@ def sql(text: str | None, file: Path | None, params, store: Path, fmt: str, outp
     Views: tokens, head_effects, mlp_effects, ablation_effects, ablation_top,
     resample_sources, repair_sources, neuron_effects, neuron_totals, attention_top,
     condition_tokens, head_top_tokens, models, inventory, stored_units, unit_members,
-    self_repair; macros top_tokens(p), unit_top_tokens(p), self_repair_top(p), token_context(n).
+    self_repair; macros top_tokens(p), unit_top_tokens(p), self_repair_top(p), token_context(n),
+    and the bootstrap's boot_rows(), boot_weights(seed, n_boot), boot_row_weights(seed, n_boot).
     Ablation rows carry unit (L9H6, a group's label, ATTN9, MLP9, BLOCK9), unit_kind and
     condition ('' for a unit ablated alone).
 
