@@ -24,10 +24,20 @@ def skip(ctx: Context) -> str | None:
     return None
 
 
+def common_tokens(df: pl.DataFrame, kinds: list[str]) -> tuple[pl.DataFrame, int]:
+    """The rows of the tokens every ablation type covers (a partial store's types may cover different
+    tokens), and how many rows were left out."""
+    common = df.group_by("token_index").agg(pl.col("ablation").n_unique().alias("n"))
+    keep = common.filter(pl.col("n") == len(kinds))["token_index"]
+    out = df.filter(pl.col("token_index").is_in(keep.implode()))
+    return out, df.height - out.height
+
+
 def plot(df: pl.DataFrame, ctx: Context):
     """One head_tokens panel per ablation type, on shared axes."""
     kinds = ablations(ctx)
     layer, head = ctx.focus_head
+    df, dropped = common_tokens(df, kinds)
     fig, axes = new_figure(1, len(kinds), figsize=(3.2 * len(kinds), 3.6), sharex=True, sharey=True)
     for i, kind in enumerate(kinds):
         ax = axes[0, i]
@@ -37,7 +47,10 @@ def plot(df: pl.DataFrame, ctx: Context):
     axes[0, 0].legend(fontsize=7)
     facts = ctx.facts(ablation="/".join(kinds))
     fig.suptitle(f"{head_label(layer, head)} under each ablation type\n{facts}", fontsize=9)
-    caption(fig, "One point per token; orange: the head's top p% tokens. Same head, three ways of removing it.")
+    common = f" Only the {df['token_index'].n_unique():,} tokens every type covers" + (
+        f" ({dropped:,} token-ablations of a partial store left out)." if dropped else ".")
+    caption(fig, "One point per token; orange: the head's top p% tokens. Same head, three ways of removing it."
+            + common)
     return attach(fig, df)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
+from selfrepair.analysis.errorbars import ci_err, ci_note
 from selfrepair.analysis.context import Context
 from selfrepair.analysis.spec import FigureSpec
 from selfrepair.analysis.style import LOGIT_UNIT, attach, caption, new_figure
@@ -21,6 +22,10 @@ def plot(df: pl.DataFrame, ctx: Context, means: str = ALL_TOKENS):
     points = ax.scatter(df["de_clean"], df["d_logit"], c=df["layer"], cmap="viridis", s=14,
                         vmin=0, vmax=max(ctx.model.n_layers - 1, 1))
     fig.colorbar(points, ax=ax, label="layer")
+    xerr, yerr = ci_err(df, "de_clean"), ci_err(df, "d_logit")
+    if yerr is not None:
+        ax.errorbar(df["de_clean"], df["d_logit"], xerr=xerr, yerr=yerr, fmt="none", ecolor="grey", lw=0.6,
+                    zorder=1)
     values = np.concatenate([df["de_clean"].to_numpy(), df["d_logit"].to_numpy(), [0.0]])
     lim = float(np.nanmax(np.abs(values))) * 1.1 or 1.0
     line = np.array([-lim, lim])
@@ -40,7 +45,8 @@ def plot(df: pl.DataFrame, ctx: Context, means: str = ALL_TOKENS):
     ax.legend(loc="lower left", fontsize=7)
     caption(fig, f"One point per head: {means}. Region labels read for heads with positive DE. "
                  "Under resample or mean ablation the head keeps part of its DE, so the no-repair "
-                 "line for a single head is d_logit = d_de rather than −DE.")
+                 "line for a single head is d_logit = d_de rather than −DE."
+                 + (f" {ci_note()}." if yerr is not None else ""))
     return attach(fig, df)
 
 

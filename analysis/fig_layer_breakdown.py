@@ -6,6 +6,7 @@ import numpy as np
 import polars as pl
 
 from selfrepair.analysis.context import Context
+from selfrepair.analysis.errorbars import ci_err, ci_note
 from selfrepair.analysis.spec import FigureSpec, headline_params
 from selfrepair.analysis.style import LOGIT_UNIT, attach, caption, new_figure
 
@@ -20,14 +21,16 @@ def plot(df: pl.DataFrame, ctx: Context):
     x = np.arange(df.height)
     width = 0.8 / len(BARS)
     for i, (column, label) in enumerate(BARS):
-        ax.bar(x + (i - (len(BARS) - 1) / 2) * width, df[column], width=width, label=label)
+        ax.bar(x + (i - (len(BARS) - 1) / 2) * width, df[column], width=width, label=label,
+               yerr=ci_err(df, column), error_kw={"lw": 0.7, "capsize": 1.5, "ecolor": "black"})
     ax.set_xticks(x, [str(v) for v in df["layer"]])
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xlabel("layer of the ablated head")
     ax.set_ylabel(f"mean over top p% tokens ({LOGIT_UNIT})")
     ax.set_title(f"DE, ablated DE and self-repair by component, per layer\n{ctx.facts()}")
     ax.legend(fontsize=7, ncols=5)
-    caption(fig, "Means over each layer's heads' top p% tokens. sr = sr_heads + sr_mlps + sr_ln.")
+    caption(fig, "Means over each layer's heads' top p% tokens. sr = sr_heads + sr_mlps + sr_ln. "
+                 f"{ci_note()}.")
     return attach(fig, df)
 
 

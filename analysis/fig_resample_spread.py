@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
+from matplotlib import colormaps
 
 from selfrepair.analysis.context import Context, head_label
+from selfrepair.analysis.errorbars import ci_err, ci_note
 from selfrepair.analysis.spec import FigureSpec
 from selfrepair.analysis.style import LOGIT_UNIT, attach, caption, new_figure
 
 MAX_LABELS = 40
+# One colour per draw, each dark enough to read on white (tab10 without its grey, olive and cyan); more
+# draws cycle through them with another marker.
+DRAW_COLOURS = tuple(colormaps["tab10"].colors[i] for i in (0, 1, 2, 3, 4, 5, 6))
+DRAW_MARKERS = ("o", "s", "^", "D")
 
 
 def skip(ctx: Context) -> str | None:
@@ -29,8 +35,17 @@ def plot(df: pl.DataFrame, ctx: Context):
     ax = axes[0, 0]
     spread = df.group_by("layer", "head").agg(pl.col("sr").min().alias("lo"), pl.col("sr").max().alias("hi"))
     spread = spread.sort("layer", "head")
-    ax.vlines(np.arange(heads.height), spread["lo"], spread["hi"], color="grey", lw=1)
-    ax.scatter(x, df["sr"], c=df["sample"], cmap="viridis", s=8, zorder=3)
+    ax.vlines(np.arange(heads.height), spread["lo"], spread["hi"], color="grey", lw=1, label="range of the draws")
+    for i, sample in enumerate(sorted(df["sample"].unique().to_list())):
+        rows = df["sample"] == sample
+        ax.scatter(x[rows.to_numpy()], df.filter(rows)["sr"], s=10, zorder=3, label=f"draw {sample}",
+                   color=DRAW_COLOURS[i % len(DRAW_COLOURS)],
+                   marker=DRAW_MARKERS[(i // len(DRAW_COLOURS)) % len(DRAW_MARKERS)])
+    pooled = df.unique(["layer", "head"], keep="first").sort("layer", "head")
+    if "sr_draws" in pooled.columns:
+        ax.errorbar(np.arange(heads.height) + 0.25, pooled["sr_draws"], yerr=ci_err(pooled.rename(
+            {"sr": "sr_one", "sr_draws": "sr"}), "sr"), fmt="_", color="black", ms=6, lw=0.8, capsize=1.5,
+            zorder=4, label="mean over draws, CI over rows and draws")
     step = max(1, int(np.ceil(heads.height / MAX_LABELS)))
     labels = [head_label(l, h) for l, h in heads.iter_rows()]
     ax.set_xticks(np.arange(heads.height)[::step], labels[::step], rotation=90, fontsize=6)
@@ -38,7 +53,12 @@ def plot(df: pl.DataFrame, ctx: Context):
     ax.set_xlabel("ablated head")
     ax.set_ylabel(f"self-repair, mean over top p% tokens ({LOGIT_UNIT})")
     ax.set_title(f"Self-repair across {ctx.model.resamples} resample draws\n{ctx.facts(ablation='resample')}")
-    caption(fig, "One point per head and draw (colour: draw); bars span the draws' range.")
+    ax.legend(fontsize=7, ncols=2)
+    dropped = int(df["n_dropped"].sum()) if "n_dropped" in df.columns else 0
+    common = (f" Over the tokens every draw covers ({dropped} stored token-draws of a partial store left out)."
+              if dropped else " Over the tokens every draw covers.")
+    caption(fig, "One point per head and draw (colour and marker: draw); grey bars span the draws' range; black: "
+                 f"the mean over draws. {ci_note()} and draws.{common}")
     return attach(fig, df)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import polars as pl
 
 from selfrepair.analysis.context import Context
+from selfrepair.analysis.errorbars import ci_err, ci_note
 from selfrepair.analysis.spec import FigureSpec, headline_params
 from selfrepair.analysis.style import LOGIT_UNIT, MODEL_COLOURS, attach, caption, new_figure
 
@@ -17,6 +18,8 @@ def plot(df: pl.DataFrame, ctx: Context):
         colour = MODEL_COLOURS[i % len(MODEL_COLOURS)]
         heads = df.filter(pl.col("model") == model)
         ax.scatter(heads["rel_depth"], heads["sr"], s=12, alpha=0.5, color=colour, label=f"{model} (heads)")
+        ax.errorbar(heads["rel_depth"], heads["sr"], yerr=ci_err(heads, "sr"), fmt="none", ecolor=colour,
+                    alpha=0.4, lw=0.7)
         # Mean over the layer's heads; each head has the same number of top tokens.
         layers = heads.group_by("rel_depth", maintain_order=True).agg(pl.col("sr").mean()).sort("rel_depth")
         ax.plot(layers["rel_depth"], layers["sr"], color=colour, lw=1.5, label=f"{model} (layer mean)")
@@ -26,7 +29,7 @@ def plot(df: pl.DataFrame, ctx: Context):
     ax.set_title(f"Self-repair of each head on its top {ctx.p:.2%} tokens\n{ctx.facts()}")
     ax.legend(fontsize=7)
     caption(fig, "Each point is one head: the mean over its top p% tokens (by signed clean DE) of "
-                 "sr = d_logit − d_de. Lines: the mean over the layer's heads.")
+                 f"sr = d_logit − d_de. Lines: the mean over the layer's heads. {ci_note()}.")
     return attach(fig, df)
 
 

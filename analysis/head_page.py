@@ -62,6 +62,7 @@ class HeadPage:
     draws: pl.DataFrame | None
     alone: dict | None = None
     n_layers: int = 0
+    partial: str = ""  # the model's store is partial: what it lacks (Store.partial_text), shown as a banner
 
     @property
     def layer(self) -> int:
@@ -168,7 +169,7 @@ def build_head_page(store, label: str, model: str | None = None, ablation: str |
         draws = pl.concat([means(s).select(pl.lit(s).alias("sample"), "n_tokens", "d_logit", "sr", "sr_heads",
                                             "sr_mlps", "sr_ln") for s in samples])
     return HeadPage(model, unit, condition, ablation, sample, p, summary, tokens, repair, neurons, attention, draws,
-                    alone, stored.n_layers)
+                    alone, stored.n_layers, store.partial_text([model]))
 
 
 def _share(part, whole) -> str:
@@ -231,6 +232,7 @@ def _neurons_note(page: HeadPage) -> str | None:
 def text(page: HeadPage) -> str:
     """The page for the terminal: sections of aligned tables, the token marked ⟦…⟧, ⏎ for newlines."""
     out = [_heading(page), ""]
+    out += [f"warning: {page.partial}", ""] if page.partial else []
     out += _summary_lines(page) + ["", "Top tokens in their text (⟦predicted token⟧, ⏎ newline, ⇥ tab):"]
     for r in page.tokens.iter_rows(named=True):
         out.append(f"  DE {r['de_clean']:8.3f}  Δlogit {r['d_logit']:8.3f}  sr {r['sr']:8.3f}  "
@@ -310,6 +312,7 @@ def html(page: HeadPage) -> str:
 <body data-head="{_html.escape(page.label)}" data-unit-kind="{page.unit.kind}" data-condition="{_html.escape(cond)}"
  data-model="{_html.escape(page.model)}" data-tokens="{s['n_tokens']}">
 <h1>{_html.escape(title)}</h1>
+{f'<p class="partial" id="partial"><b>Partial</b>: {_html.escape(page.partial)}.</p>' if page.partial else ''}
 <p>{_html.escape(page.ablation)} ablation{f' draw {page.sample}' if page.ablation == 'resample' else ''},
 top {page.p:g} of tokens ({s['n_tokens']} tokens).</p>
 {summary}

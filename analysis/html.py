@@ -120,8 +120,10 @@ def table_html(entry) -> str:
             f"{_sql_block(entry)}</section>")
 
 
-def render_page(ctx: Context, heads: dict, figures: list, tables: list, pages: dict | None = None) -> str:
-    """The whole page as text; `pages` maps (model, layer, head) to the head's page."""
+def render_page(ctx: Context, heads: dict, figures: list, tables: list, pages: dict | None = None,
+                partial: str = "") -> str:
+    """The whole page as text; `pages` maps (model, layer, head) to the head's page; `partial`: what a
+    partial store lacks (a banner under the title)."""
     pages = pages or {}
     models = "".join(
         f"<li>{e(m.name)}: {m.n_layers} layers × {m.n_heads} heads, {m.n_tokens:,} tokens, ablations "
@@ -141,6 +143,7 @@ def render_page(ctx: Context, heads: dict, figures: list, tables: list, pages: d
 <script>{ERROR_SCRIPT}</script><style>{STYLE}</style></head>
 <body>
 <h1>Self-repair report</h1>
+{f'<p class="partial" id="partial"><b>Partial</b>: {e(partial)}.</p>' if partial else ''}
 <p>Ablation type <b>{e(ctx.ablation)}</b>, top p = <b>{ctx.p:g}</b> of each model's tokens per head
 (by signed clean direct effect), resample draw {ctx.sample}. All logits are vocabulary-centred.
 Shares of DE are ratios of means unless a caption says otherwise (DESIGN.md). Where the paper's

@@ -260,7 +260,8 @@ def build_report(store, output: str | Path, models: list[str] | None = None,
         table_list.append(entry)
 
     page = out / "report.html"
-    _write(page, html.render_page(ctx, per_model_heads, figure_list, table_list, head_pages).encode())
+    _write(page, html.render_page(ctx, per_model_heads, figure_list, table_list, head_pages,
+                                  store.partial_text(ctx.names)).encode())
     return Report(page, figure_list, table_list, head_pages)
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import duckdb
 
 from selfrepair.errors import QueryError, UnknownQuery
+from selfrepair.queries.bootstrap import check_params
 from selfrepair.queries.requests import split_head_label
 
 SQL_DIR = Path(__file__).parent / "sql"
@@ -74,6 +75,7 @@ class NamedQuery:
             if value is None:
                 raise QueryError(f"query '{self.name}' needs parameter '{p.name}' ({p.help})")
             out[p.name] = coerce(value)
+        check_params(out)  # the confidence intervals' level, seed and replicates
         return out
 
 

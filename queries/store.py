@@ -11,6 +11,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import warnings
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -20,9 +21,10 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 
-from selfrepair.errors import QueryError, StoreNotFound
+from selfrepair.errors import PartialStore, PartialStoreWarning, QueryError, StoreNotFound
 from selfrepair.queries import interrupt, named, requests, safety, shape, views
 from selfrepair.store import files
+from selfrepair.store.coverage import Coverage, coverage
 from selfrepair.store.manifest import Manifest
 from selfrepair.store.inventory import Inventory
 from selfrepair.store.model_store import list_models
@@ -58,26 +60,39 @@ class Store:
     Use `Store.open(path)`; the constructor takes an already built connection.
     """
 
-    def __init__(self, root: Path, con: duckdb.DuckDBPyConnection, manifests: dict[str, Manifest]):
+    def __init__(self, root: Path, con: duckdb.DuckDBPyConnection, manifests: dict[str, Manifest],
+                 covered: dict[str, Coverage] | None = None):
         self.root = root
         self._con = con
         self._manifests = manifests
         self._lacking: dict[str, list[str]] = {}  # `-- needs:` name -> models whose store lacks it
+        # model -> what of its plan it holds (store/coverage.py)
+        self.coverage: dict[str, Coverage] = covered or {m: coverage(m, man) for m, man in manifests.items()}
 
     @classmethod
-    def open(cls, path: str | Path, memory_limit: str | None = None) -> "Store":
+    def open(cls, path: str | Path, memory_limit: str | None = None, *, strict: bool = False,
+             warn: bool = True) -> "Store":
         """Open a store root (or one model folder) and lock it down.
+
+        A model folder holding less than its plan (an unfinished ingest; draws or units covering
+        fewer tokens than the store: `store/coverage.py`) is partial: every answer then covers the
+        stored tokens only. Opening one warns with `PartialStoreWarning` (Python's `warnings`, so
+        `warnings.simplefilter("error", PartialStoreWarning)` or `strict=True` refuses it); the
+        facts are `Store.coverage` and `Store.partial_text()`.
 
         Args:
             path: a store root holding model folders, or one model folder.
             memory_limit: DuckDB's memory limit (default: half the machine's memory, or
                 $SELFREPAIR_MEMORY_LIMIT), so a huge query fails with one line.
+            strict: refuse a partial store (PartialStore) instead of warning.
+            warn: warn about a partial store (the CLI prints its own line instead).
 
         Returns:
             A Store whose views cover every committed shard at this moment.
 
         Raises:
             StoreNotFound: the path is missing or holds no model.
+            PartialStore: `strict` and some model folder is partial (the message says what is missing).
         """
         root = Path(path).resolve()
         models, readable = [], []
@@ -91,6 +106,12 @@ class Store:
             models.append(views.ModelFiles(ms.name, manifest, patterns))
         if not models:
             raise StoreNotFound(f"no selfrepair store at {root}")
+        covered = {m.model: coverage(m.model, m.manifest) for m in models}
+        text = partial_text(covered.values())
+        if text and strict:
+            raise PartialStore(f"{text}; refused (strict): finish the ingest, or read without strict")
+        if text and warn:
+            warnings.warn(text, PartialStoreWarning, stacklevel=2)
         con = duckdb.connect(":memory:")
         try:
             models = [replace(m, lacking=(lack := _lacking_columns(con, m.files)),
@@ -103,7 +124,7 @@ class Store:
             raise QueryError(f"cannot build views over {root}: {safety.one_line(e)}") from None
         temp_dir = Path(tempfile.mkdtemp(prefix="selfrepair-duckdb-"))
         safety.lock_down(con, readable, temp_dir, memory_limit or default_memory_limit())
-        store = cls(root, con, {m.model: m.manifest for m in models})
+        store = cls(root, con, {m.model: m.manifest for m in models}, covered)
         store._lacking = {"neuron_ranks": sorted(m.model for m in models
                                                  if "rank" in m.missing.get("neuron_effects", set()))}
         weakref.finalize(store, _cleanup, con, temp_dir)
@@ -118,6 +139,10 @@ class Store:
     def views(self) -> list[str]:
         """Every view name (the table macros are listed in `selfrepair sql --help`)."""
         return views.view_names()
+
+    def partial_text(self, models: list[str] | None = None) -> str:
+        """One line naming each partial model (of `models`, default all) and what it lacks, or ''."""
+        return partial_text(c for m, c in self.coverage.items() if models is None or m in models)
 
     def manifest(self, model: str) -> Manifest:
         """The parsed manifest of one model folder."""
@@ -250,6 +275,13 @@ class Store:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def partial_text(coverages) -> str:
+    """`partial store: tiny-gpt2 has resample: 124 of 310 tokens; zero: 62 of 310 tokens` over the partial
+    models (joined by ` | `), or ''."""
+    parts = [c.text() for c in coverages if c.partial]
+    return ("partial store: " + " | ".join(parts)) if parts else ""
 
 
 # Columns added to a table after stores were written with it (store/schema.py LEGACY_COLUMNS): a

@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from selfrepair.errors import SchemaMismatch
+from selfrepair.queries import bootstrap  # the bootstrap weights macros (queries/bootstrap.py)
 from selfrepair.store import top_tokens
 from selfrepair.store.inventory import INVENTORY_COLUMNS, Inventory
 from selfrepair.store.bounds import DEFAULT_BATCH_SIZE
@@ -475,7 +476,7 @@ def view_statements(models: list[ModelFiles]) -> list[str]:
     out += [models_view_sql(models), inventory_view_sql(models), stored_units_view_sql(models),
             unit_members_view_sql(models), SELF_REPAIR_SQL,
             TOP_TOKENS_SQL, UNIT_TOP_TOKENS_SQL, SELF_REPAIR_TOP_SQL, SR_MLPS_TOP_SQL, PAPER_HEAD_MEANS_SQL,
-            TOKEN_CONTEXT_SQL]
+            TOKEN_CONTEXT_SQL, *bootstrap.MACROS]
     return out
 
 

@@ -20,6 +20,9 @@ def main() -> None:
 
         selfrepair ingest && selfrepair query layer_summary
     """
+    from selfrepair.cli_common import partial_warnings_as_lines
+
+    partial_warnings_as_lines()
 
 
 def _register() -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from selfrepair.cli_common import friendly_errors, store_option
+from selfrepair.cli_common import friendly_errors, open_store, store_option, strict_option
 
 
 @click.command("head")
@@ -22,8 +22,9 @@ from selfrepair.cli_common import friendly_errors, store_option
               help="A condition (label or group name): the page of LABEL ablated on top of it.")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the page as one self-contained HTML file.")
+@strict_option
 @friendly_errors
-def head(label, store, model, ablation, sample, p, n_tokens, given, html_path):
+def head(label, store, model, ablation, sample, p, n_tokens, given, html_path, strict):
     """Everything about one unit: its top tokens in their text, its self-repair and the split
     into heads, MLPs and LayerNorm, the components outside it that repair it or work against
     it, its anti-erasure neurons, where it attends (heads), and the spread across resample draws.
@@ -40,11 +41,10 @@ def head(label, store, model, ablation, sample, p, n_tokens, given, html_path):
     """
     from selfrepair.analysis.head_page import build_head_page, html, text
     from selfrepair.queries.output import check_output_path
-    from selfrepair.queries.store import Store
 
     if html_path is not None:  # before any work: a read-only command never writes into a store, any store
         check_output_path(html_path, store)
-    with Store.open(store) as s:
+    with open_store(store, strict) as s:
         page = build_head_page(s, label, model=model, ablation=ablation, p=p, sample=sample, n_tokens=n_tokens,
                                given=given)
     click.echo(text(page))
@@ -59,8 +59,9 @@ def head(label, store, model, ablation, sample, p, n_tokens, given, html_path):
 
 @click.command("info")
 @store_option
+@strict_option
 @friendly_errors
-def info(store):
+def info(store, strict):
     """What each model of the store holds: ablations, draws, heads, other units (counts per kind),
     named groups with their members, conditions, tokens, top_p, arrays.
 
@@ -71,11 +72,12 @@ def info(store):
         selfrepair info --store stores
     """
     from selfrepair.analysis.units import StoredUnits, info_lines
-    from selfrepair.queries.store import Store
 
-    with Store.open(store) as s:
+    with open_store(store, strict) as s:
         for inv in s.inventories:
             for line in info_lines(inv, StoredUnits.of(s, inv.model)):
+                click.echo(line)
+            for line in s.coverage[inv.model].lines():  # "  partial: resample: 124 of 310 tokens; …"
                 click.echo(line)
 
 

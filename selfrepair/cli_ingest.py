@@ -124,7 +124,9 @@ def ingest(**opts):
         err=True,
     )
     summary = Store.open(cfg.store).query("layer_summary", p=cfg.top_p, ablation=cfg.ablations[0], sample=0)
-    summary = summary.filter(summary["model"] == result.model_store.name)
+    # The headline means, and self-repair's 95% interval (bootstrap over rows; every mean's is in the query).
+    summary = summary.filter(summary["model"] == result.model_store.name).select(
+        "model", "layer", "n_heads", "n_tokens", "de", "d_logit", "sr", "sr_ln", "sr_ci_low", "sr_ci_high")
     click.echo(f"Per-layer self-repair over each head's top {cfg.top_p:g} tokens ({cfg.ablations[0]} ablation):")
     write_output(summary, "table", None)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from selfrepair.cli_common import friendly_errors, store_option
+from selfrepair.cli_common import friendly_errors, open_store, store_option, strict_option
 from selfrepair.errors import QueryError
 from selfrepair.queries import named
 from selfrepair.queries.output import DEFAULT_MAX_ROWS, FORMATS, write_result
@@ -88,11 +88,12 @@ def _check_output(fmt: str, output: Path | None) -> None:
 
 
 def _run(store: Path, text: str | None, params, fmt: str, output: Path | None, max_rows: int,
-         name: str | None = None, limit: int | None = None, sort: str | None = None, desc: bool = False) -> None:
-    from selfrepair.queries.store import Rows, Store
+         name: str | None = None, limit: int | None = None, sort: str | None = None, desc: bool = False,
+         strict: bool = False) -> None:
+    from selfrepair.queries.store import Rows
 
     caption = label = None
-    with Store.open(store) as s:
+    with open_store(store, strict) as s:
         if name is not None:
             from selfrepair.analysis.units import unit_params
 
@@ -115,9 +116,9 @@ def shape_options(f):
 
 
 def _run_named(store: Path, name: str, params: tuple[tuple[str, str], ...], fmt: str, output: Path | None,
-               max_rows: int, **shape) -> None:
+               max_rows: int, strict: bool = False, **shape) -> None:
     named.get_query(name)  # unknown name fails before opening the store
-    _run(store, None, params, fmt, output, max_rows, name=name, **shape)
+    _run(store, None, params, fmt, output, max_rows, name=name, strict=strict, **shape)
 
 
 MAX_QUERY_BYTES = 1 << 20  # 1 MiB: far beyond any hand-written query; /dev/zero is refused, not read
@@ -161,9 +162,10 @@ def _bounded_text(f, what: str) -> str:
 @store_option
 @output_options(FORMATS, "table")
 @max_rows_option
+@strict_option
 @friendly_errors
 def sql(text: str | None, file: Path | None, params, store: Path, fmt: str, output: Path | None,
-        max_rows: int) -> None:
+        max_rows: int, strict: bool) -> None:
     """Run one read-only SELECT (or PIVOT) over the store's views.
 
     TEXT may be `-` to read the query from stdin, or use --file. `$name` placeholders are
@@ -172,7 +174,8 @@ def sql(text: str | None, file: Path | None, params, store: Path, fmt: str, outp
     Views: tokens, head_effects, mlp_effects, ablation_effects, ablation_top,
     resample_sources, repair_sources, neuron_effects, neuron_totals, attention_top,
     condition_tokens, head_top_tokens, models, inventory, stored_units, unit_members,
-    self_repair; macros top_tokens(p), unit_top_tokens(p), self_repair_top(p), token_context(n).
+    self_repair; macros top_tokens(p), unit_top_tokens(p), self_repair_top(p), token_context(n),
+    and the bootstrap's boot_rows(), boot_weights(seed, n_boot), boot_row_weights(seed, n_boot).
     Ablation rows carry unit (L9H6, a group's label, ATTN9, MLP9, BLOCK9), unit_kind and
     condition ('' for a unit ablated alone).
 
@@ -183,7 +186,7 @@ def sql(text: str | None, file: Path | None, params, store: Path, fmt: str, outp
         selfrepair sql --file queries/sql/layer_summary.sql -p p=0.02 -p ablation=resample -p sample=0
     """
     _check_output(fmt, output)
-    _run(store, _sql_text(text, file), params, fmt, output, max_rows)
+    _run(store, _sql_text(text, file), params, fmt, output, max_rows, strict=strict)
 
 
 def _list_queries() -> None:
@@ -203,9 +206,10 @@ def _list_queries() -> None:
 @output_options(FORMATS, "table")
 @max_rows_option
 @shape_options
+@strict_option
 @friendly_errors
 def query(name: str | None, list_: bool, params, store: Path, fmt: str, output: Path | None, max_rows: int,
-          limit: int | None, sort: str | None, desc: bool) -> None:
+          limit: int | None, sort: str | None, desc: bool, strict: bool) -> None:
     """Run a named query from queries/sql/, or list them.
 
     Example:
@@ -226,7 +230,7 @@ def query(name: str | None, list_: bool, params, store: Path, fmt: str, output: 
     if not name:
         raise click.UsageError("give a query NAME, or --list")
     _check_output(fmt, output)
-    _run_named(store, name, params, fmt, output, max_rows, limit=limit, sort=sort, desc=desc)
+    _run_named(store, name, params, fmt, output, max_rows, strict, limit=limit, sort=sort, desc=desc)
 
 
 @click.command("export")
@@ -236,9 +240,10 @@ def query(name: str | None, list_: bool, params, store: Path, fmt: str, output: 
 @output_options(EXPORT_FORMATS, None)
 @max_rows_option
 @shape_options
+@strict_option
 @friendly_errors
 def export(name: str, params, store: Path, fmt: str, output: Path | None, max_rows: int,
-           limit: int | None, sort: str | None, desc: bool) -> None:
+           limit: int | None, sort: str | None, desc: bool, strict: bool) -> None:
     """Write a named query's result to a file, for paper tables.
 
     Example:
@@ -247,7 +252,7 @@ def export(name: str, params, store: Path, fmt: str, output: Path | None, max_ro
     """
     if output is None:
         raise click.UsageError("export needs --output FILE")
-    _run_named(store, name, params, fmt, output, max_rows, limit=limit, sort=sort, desc=desc)
+    _run_named(store, name, params, fmt, output, max_rows, strict, limit=limit, sort=sort, desc=desc)
 
 
 COMMANDS = [sql, query, export]

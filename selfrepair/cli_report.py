@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from selfrepair.cli_common import friendly_errors, store_option
+from selfrepair.cli_common import friendly_errors, open_store, store_option, strict_option
 from selfrepair.store.labels import parse_head
 from selfrepair.store.schema import ABLATION_KINDS
 
@@ -42,8 +42,10 @@ class HeadsType(click.ParamType):
               help="Top-p fraction of tokens per head (default: the ingest's top_p).")
 @click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path), default=Path("report"),
               show_default=True, help="Folder for report.html, figures/ and tables/.")
+@strict_option
 @friendly_errors
-def report(store: Path, models: str | None, heads, ablation: str | None, p: float | None, output: Path) -> None:
+def report(store: Path, models: str | None, heads, ablation: str | None, p: float | None, output: Path,
+           strict: bool) -> None:
     """Write an HTML report with every figure and paper table.
 
     Writes OUTPUT/report.html (self-contained), every figure as PNG and PDF under
@@ -56,13 +58,12 @@ def report(store: Path, models: str | None, heads, ablation: str | None, p: floa
     """
     from selfrepair.analysis.report import build_report
     from selfrepair.queries.output import check_output_path
-    from selfrepair.queries.store import Store
 
     check_output_path(output / "report.html", store)  # a read-only command never writes into a store
     names = [m.strip() for m in models.split(",") if m.strip()] if models else None
     if models is not None and not names:
         raise click.UsageError("--models needs at least one model name")
-    with Store.open(store) as s:
+    with open_store(store, strict) as s:
         result = build_report(s, output, models=names, heads=heads, ablation=ablation, p=p)
     drawn = sum(1 for f in result.figures if f.png is not None)
     paper = [f.beside for f in result.figures if f.beside is not None]

@@ -67,3 +67,11 @@ class StoreBusy(SelfRepairError):
 
 class WorkerFailed(SelfRepairError):
     """A distributed ingest's unit kept failing on its workers (the message names the unit and the cause)."""
+
+
+class PartialStore(SelfRepairError):
+    """A reader asked for `strict` refuses a model folder that holds less than its plan (store/coverage.py)."""
+
+
+class PartialStoreWarning(UserWarning):
+    """What `Store.open` warns with (Python's `warnings`) when a model folder holds less than its plan."""

@@ -37,7 +37,8 @@ def test_ingest_prints_plan_progress_and_summary(cli_store, tiny_model_dirs):
     title = "Per-layer self-repair over each head's top 0.02 tokens (resample ablation):"
     lines = out.splitlines()
     table = lines[lines.index(title) + 1:]
-    assert table[0].split() == ["model", "layer", "n_heads", "n_tokens", "de", "d_logit", "sr", "sr_ln"]
+    assert table[0].split() == ["model", "layer", "n_heads", "n_tokens", "de", "d_logit", "sr", "sr_ln",
+                                "sr_ci_low", "sr_ci_high"]
     assert set(table[1]) == {"-", " "} and table[4] == "(2 rows)"
     printed = [line.split() for line in table[2:4]]
     # The same numbers recomputed from the raw tables: top floor(0.02·124) = 2 tokens per
@@ -57,10 +58,12 @@ def test_ingest_prints_plan_progress_and_summary(cli_store, tiny_model_dirs):
                avg(de) AS de, avg(d_logit) AS d_logit, avg(sr) AS sr, avg(sr_ln) AS sr_ln
         FROM facts GROUP BY model, layer ORDER BY layer""")
     assert [row[:4] for row in printed] == [["tiny-gpt2", str(r["layer"]), "4", "8"] for r in want.iter_rows(named=True)]
-    got = np.array([[float(x) for x in row[4:]] for row in printed])
+    got = np.array([[float(x) for x in row[4:8]] for row in printed])
     # The table prints six significant digits.
     np.testing.assert_allclose(got, want.select("de", "d_logit", "sr", "sr_ln").to_numpy(), rtol=1e-5, atol=0)
     assert np.abs(got).min() > 0
+    ci = np.array([[float(x) for x in row[8:]] for row in printed])  # sr's interval brackets sr
+    assert (ci[:, 0] <= got[:, 2] * (1 + 1e-5) + 1e-12).all() and (got[:, 2] <= ci[:, 1] + 1e-12).all()
 
 
 def _err(res) -> str:

@@ -57,13 +57,18 @@ def test_figure_one_points_are_the_query_rows(tiny_query_store, built):
 
     with rc():
         fig = spec.plot(entry.data, entry.ctx)
-    scatters = [c for c in fig.axes[0].collections]
-    assert len(scatters) == len(entry.ctx.models)
+    from matplotlib.collections import LineCollection, PathCollection
+
+    scatters = [c for c in fig.axes[0].collections if isinstance(c, PathCollection)]
+    bars = [c for c in fig.axes[0].collections if isinstance(c, LineCollection)]  # the heads' CI error bars
+    assert len(scatters) == len(bars) == len(entry.ctx.models)
     query = tiny_query_store.query("head_top_self_repair", p=entry.ctx.p, ablation=entry.ctx.ablation)
-    for model, points in zip(entry.ctx.names, scatters):
+    for model, points, bar in zip(entry.ctx.names, scatters, bars):
         rows = query.filter(pl.col("model") == model)
         np.testing.assert_allclose(points.get_offsets()[:, 0], rows["rel_depth"].to_numpy(), rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(points.get_offsets()[:, 1], rows["sr"].to_numpy(), rtol=1e-9, atol=1e-12)
+        ends = np.array([seg[:, 1] for seg in bar.get_segments()])  # [head, (low, high)]
+        np.testing.assert_allclose(ends, rows.select("sr_ci_low", "sr_ci_high").to_numpy(), rtol=1e-9, atol=1e-12)
 
 
 def test_de_vs_dlogit_points_are_the_query_rows(tiny_query_store, built):
