@@ -3,11 +3,13 @@
     >>> store = Store.open("stores")
     >>> store.sql("SELECT layer, avg(sr) FROM self_repair GROUP BY 1")
     >>> store.query("layer_summary", p=0.02)
+    >>> store.head("L26H6")          # a unit's page: Polars frames, and the page itself in a notebook
 """
 
 from __future__ import annotations
 
 import contextlib
+import html
 import os
 import shutil
 import tempfile
@@ -20,6 +22,8 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 
+from selfrepair.analysis.head_page import HeadPage, build_head_page
+from selfrepair.analysis.units import StoredUnits, info_lines
 from selfrepair.errors import QueryError, StoreNotFound
 from selfrepair.queries import interrupt, named, requests, safety, shape, views
 from selfrepair.store import files
@@ -237,6 +241,39 @@ class Store:
     def inventories(self) -> list[Inventory]:
         """What each model folder holds (ablations, draws, heads, tokens, arrays), from its manifest."""
         return [Inventory.of(m, self._manifests[m]) for m in self.models]
+
+    def head(self, label: str, model: str | None = None, ablation: str | None = None, p: float | None = None,
+             sample: int = 0, n_tokens: int = 10, given: str | None = None) -> HeadPage:
+        """One unit's page (`selfrepair head`'s data, the server's page): a `HeadPage` whose data are Polars
+        frames (`summary_frame`, `tokens`, `repair`, `neurons`, `attention`, `draws`, `text_rows`,
+        `lens.promoted`/`lens.suppressed`); a notebook shows it as the same page the server does.
+
+        Args:
+            label: a head (`L26H6`), a group (`L9H6+L9H9` or its name), `ATTN9`, `MLP9` or `BLOCK9`.
+            model: the model folder (default: the only one).
+            ablation: default resample when ingested, else the first stored kind.
+            p: top-p fraction (default: the ingest's top_p).
+            sample: the resample draw.
+            n_tokens: top tokens shown in their text.
+            given: a condition unit: the unit ablated on top of it.
+
+        Raises:
+            QueryError: a model, ablation, draw, unit, condition or p that is not stored (the message
+                lists what is).
+        """
+        return build_head_page(self, label, model=model, ablation=ablation, p=p, sample=sample,
+                               n_tokens=n_tokens, given=given)
+
+    def _repr_html_(self) -> str:
+        """The store in a notebook: each model's inventory and units (`selfrepair info`'s lines)."""
+        parts = [f"<p><b>selfrepair store</b> <code>{html.escape(str(self.root))}</code>: "
+                 f"{len(self.models)} model(s); <code>store.head(\"L1H2\", model=…)</code> shows a unit's page, "
+                 "<code>store.sql(…)</code> answers in Polars.</p>"]
+        for inv in self.inventories:
+            lines = info_lines(inv, StoredUnits.of(self, inv.model))
+            parts.append(f"<details open><summary><b>{html.escape(inv.model)}</b></summary>"
+                         f"<pre>{html.escape(chr(10).join(lines))}</pre></details>")
+        return "".join(parts)
 
     def interrupt(self) -> None:
         """Stop the running query (safe from another thread); it raises QueryError."""

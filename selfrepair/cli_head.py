@@ -21,7 +21,8 @@ from selfrepair.cli_common import friendly_errors, store_option
 @click.option("--given", default=None, metavar="UNIT",
               help="A condition (label or group name): the page of LABEL ablated on top of it.")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write the page as one self-contained HTML file.")
+              help="Also write the page as one self-contained HTML file (it links the units it names to "
+                   "LABEL.html files beside it, where they exist).")
 @friendly_errors
 def head(label, store, model, ablation, sample, p, n_tokens, given, html_path):
     """Everything about one unit: its top tokens in their text, its self-repair and the split
@@ -39,6 +40,7 @@ def head(label, store, model, ablation, sample, p, n_tokens, given, html_path):
         selfrepair head L9H6 --given L9H9
     """
     from selfrepair.analysis.head_page import build_head_page, html, text
+    from selfrepair.analysis.page_html import FileLinks
     from selfrepair.queries.output import check_output_path
     from selfrepair.queries.store import Store
 
@@ -51,7 +53,8 @@ def head(label, store, model, ablation, sample, p, n_tokens, given, html_path):
     if html_path is not None:
         target = html_path.resolve()
         try:
-            target.write_text(html(page), encoding="utf-8")
+            # Links to the pages of the units it names, where they were written beside it as LABEL.html.
+            target.write_text(html(page, FileLinks(target.parent)), encoding="utf-8")
         except OSError as e:
             raise click.ClickException(f"cannot write {html_path}: {e.strerror or e}") from None
         click.echo(f"wrote {html_path}")
