@@ -54,7 +54,7 @@ def coverage(unit: Unit, n_layers: int, n_heads: int, arrays: set[str], post_nor
         (heads read, whether the final MLP is read, why something is left out: "" when nothing is).
     """
     if post_norm:
-        return [], False, "not available for models with post-norm blocks (a head's write divides by a per-block scale)"
+        return [], False, "the model has post-norm blocks (a head's write divides by a per-block scale the lens lacks)"
     heads = list(unit.heads(n_heads)) if "z" in arrays else []
     final = n_layers - 1 in unit.mlps() and "mlp_post_final" in arrays
     missing = []
