@@ -175,12 +175,15 @@ def build_head_page(store, label: str, model: str | None = None, ablation: str |
         """The unit's means over its top-p% tokens in one draw (`unit_top_self_repair`'s row)."""
         return query("unit_top_self_repair", sample=sample, **extra)
 
-    summary = means(sample).row(0, named=True)
+    first = means(sample)
+    summary = first.row(0, named=True)
     alone = None
     if condition is not None and unit.label in {u.label for u in stored.draw_units(ablation, sample)}:
         rows = means(sample, condition="")
         alone = rows.row(0, named=True) if rows.height else None
-    tokens = query("unit_page_tokens", n=n_tokens, context=CONTEXT_TOKENS)
+    # Every top token in its text (the lens averages over all of them; the page shows the first n_tokens).
+    top = query("unit_page_tokens", n=max(n_tokens, summary["n_tokens"]), context=CONTEXT_TOKENS)
+    tokens = top.head(n_tokens)
     repair = query("unit_repair_sources", limit=limit)
     neurons = query("unit_anti_erasure_neurons", limit=limit)
     attention = None
@@ -192,18 +195,16 @@ def build_head_page(store, label: str, model: str | None = None, ablation: str |
     cond = params["condition"]
     samples = sorted({s for a, s, c, u in stored.rows if a == "resample" and c == cond and u == unit.label})
     if ablation == "resample" and len(samples) > 1:
-        draws = pl.concat([means(s).select(pl.lit(s).alias("sample"), "n_tokens", "d_logit", "sr", "sr_heads",
-                                            "sr_mlps", "sr_ln") for s in samples])
+        draws = pl.concat([(first if s == sample else means(s)).select(
+            pl.lit(s).alias("sample"), "n_tokens", "d_logit", "sr", "sr_heads", "sr_mlps", "sr_ln") for s in samples])
     text_rows = query("unit_page_text", n=n_tokens)
     manifest = store.manifest(model)
     lens, lens_note = unit_lens(open_lens_data(store, model), unit, stored.n_layers, stored.n_heads,
-                                query("unit_page_tokens", n=summary["n_tokens"], context=1)["token_index"].to_list(),
+                                top["token_index"].to_list(),
                                 post_norm=manifest.model.post_norm)
     linkable = frozenset(u.label for u in stored.draw_units(ablation, sample))
     return HeadPage(model, unit, condition, ablation, sample, p, summary, tokens, repair, neurons, attention, draws,
                     alone, stored.n_layers, text_rows, lens, lens_note, linkable, n_heads=stored.n_heads)
-
-
 
 # -- the terminal ------------------------------------------------------------------------------------
 def table_lines(df: pl.DataFrame) -> list[str]:

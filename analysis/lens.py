@@ -101,7 +101,8 @@ def unit_lens(ds, unit: Unit, n_layers: int, n_heads: int, token_index, post_nor
         write += post @ ds["W_out_final"].values.astype(np.float64)
     s = ds["norm_scales"].isel(token_index=idx, norm=-1).values.astype(np.float64)  # final norm, [token]
     mean = (write / s[:, None]).mean(0)  # [d_model]
-    lens = mean @ ds["W_U"].values.astype(np.float64)  # [d_vocab]
+    # W_U stays float32 (as stored): a float64 copy of a 50k-token unembedding would be 400 MB per page.
+    lens = (mean.astype(np.float32) @ ds["W_U"].values).astype(np.float64)  # [d_vocab]
     words = (ds["vocab_str"].values if "vocab_str" in ds.coords else np.array([str(i) for i in range(lens.size)]))
     order = np.argsort(-lens, kind="stable")
     k = min(k, lens.size)
@@ -124,6 +125,6 @@ def open_lens_data(store, model: str):
     if not store.manifest(model).arrays:
         return None
     try:
-        return store.activations(model)
+        return store.activations(model, token_coords=False)
     except SelfRepairError:
         return None

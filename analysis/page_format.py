@@ -151,6 +151,10 @@ def neurons_note(page) -> str | None:
     return None
 
 
+def lens_definition(page) -> str:
+    return (f"mean DE toward each vocabulary token over its top {page.p:g} of tokens, clean run; promoted and "
+            "suppressed")
+
+
 def lens_heading(page) -> str:
-    return (f"What it writes (logit lens: mean DE toward each vocabulary token over its top {page.p:g} of tokens, "
-            "clean run; promoted and suppressed):")
+    return f"What it writes (logit lens: {lens_definition(page)}):"

@@ -16,7 +16,7 @@ import json
 
 import polars as pl
 
-from selfrepair.analysis.page_format import (VISIBLE, Figure, heading, interval, lens_heading, neurons_note, number,
+from selfrepair.analysis.page_format import (VISIBLE, Figure, heading, interval, lens_definition, neurons_note, number,
                                              repair_heading, summary_sentences, token_text, visible)
 
 e = _html.escape
@@ -187,12 +187,12 @@ def tokens_section(page, links: Links) -> str:
             f'<p class="hint">Each token is coloured by the unit\'s effect on predicting it; the boxed token is the '
             f"one the row is about (its DE, logit change and self-repair on the left); ⏎ newline, ⇥ tab. Hover a "
             f"token for its numbers.</p><div class=\"controls\">Colour by: {radios}</div>{scale}"
-            f'<table class="data tokens"><tr><th>DE</th><th>Δlogit</th><th>self-repair</th><th>text</th></tr>'
+            f'<table class="data tokens"><tr><th>DE</th><th>Δlogit</th><th>self-repair</th><th style="text-align:left">text</th></tr>'
             f"{rows}</table></section>")
 
 
 def lens_section(page, links: Links) -> str:
-    title = f'<h2>What it writes (logit lens)</h2><p class="hint">{e(lens_heading(page))}</p>'
+    title = f'<h2>What it writes (logit lens)</h2><p class="hint">The {e(lens_definition(page))}.</p>'
     if page.lens is None:
         return f'<section id="lens">{title}<p class="note">{e(page.lens_note)}.</p></section>'
     lens = page.lens
@@ -347,4 +347,4 @@ def document(page, fragment_html: str, nav: str = "") -> str:
     title = f"{page.title} of {page.model}"
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>'
             f"<script>{ERROR_SCRIPT}</script><style>body {{ max-width: 1100px; margin: 2em auto; padding: 0 1em; }}"
-            f"</style></head>\n<body>{nav}{fragment_html}</body></html>\n")
+            f" nav a {{ margin-right: 1em; }} nav {{ border-bottom: 1px solid #ccc; padding-bottom: 0.4em; }}</style></head>\n<body>{nav}{fragment_html}</body></html>\n")
