@@ -34,7 +34,8 @@ from selfrepair.store.labels import Unit
 CONTEXT_TOKENS = 12
 ATTENTION_SHOWN = 4  # sources shown per token (ingest keeps 8)
 SUMMARY_KEYS = ("de_clean", "de_ablated", "d_logit", "sr", "sr_heads", "sr_mlps", "sr_ln", "ln_ratio")
-__all__ = ["HeadPage", "build_head_page", "text", "html", "visible", "number", "SECTIONS", "Section", "VISIBLE"]
+__all__ = ["HeadPage", "build_head_page", "text", "html", "fragment", "visible", "number", "what_it_is", "SECTIONS", "Section",
+           "VISIBLE"]
 
 
 @dataclass
@@ -263,7 +264,8 @@ def _attention_text(page: HeadPage) -> list[str]:
     for r in page.tokens.iter_rows(named=True):
         src = page.attention.filter(pl.col("token_index") == r["token_index"]).head(ATTENTION_SHOWN)
         out.append(f"  ⟦{visible(r['token'])}⟧ ← " + ", ".join(
-            f"{token_text(a['src_token'])} −{a['distance']} ({number(a['weight'])})" for a in src.iter_rows(named=True)))
+            f"{token_text(a['src_token'])} −{a['distance']} ({number(a['weight'])})"
+            for a in src.iter_rows(named=True)))
     return out
 
 

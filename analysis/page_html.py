@@ -187,7 +187,8 @@ def tokens_section(page, links: Links) -> str:
             f'<p class="hint">Each token is coloured by the unit\'s effect on predicting it; the boxed token is the '
             f"one the row is about (its DE, logit change and self-repair on the left); ⏎ newline, ⇥ tab. Hover a "
             f"token for its numbers.</p><div class=\"controls\">Colour by: {radios}</div>{scale}"
-            f'<table class="data tokens"><tr><th>DE</th><th>Δlogit</th><th>self-repair</th><th style="text-align:left">text</th></tr>'
+            f'<table class="data tokens"><tr><th>DE</th><th>Δlogit</th><th>self-repair</th>'
+            f'<th style="text-align:left">text</th></tr>'
             f"{rows}</table></section>")
 
 
@@ -201,7 +202,8 @@ def lens_section(page, links: Links) -> str:
     def side(name, df):
         rows = "".join(f'<tr><td><code class="tokstr">{e(token_text(r["token"]))}</code></td>'
                        f'<td>{_figure(Figure("lens", r["value"]))}</td></tr>' for r in df.iter_rows(named=True))
-        return f'<div><h3>{name}</h3><table class="data lens-{name}"><tr><th>token</th><th>mean DE</th></tr>{rows}</table></div>'
+        return (f'<div><h3>{name}</h3><table class="data lens-{name}"><tr><th>token</th><th>mean DE</th></tr>'
+                f"{rows}</table></div>")
 
     return (f'<section id="lens">{title}<div class="pair">{side("promoted", lens.promoted)}'
             f'{side("suppressed", lens.suppressed)}</div><p class="hint">From {e(lens.covers)} over '
@@ -347,4 +349,5 @@ def document(page, fragment_html: str, nav: str = "") -> str:
     title = f"{page.title} of {page.model}"
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>'
             f"<script>{ERROR_SCRIPT}</script><style>body {{ max-width: 1100px; margin: 2em auto; padding: 0 1em; }}"
-            f" nav a {{ margin-right: 1em; }} nav {{ border-bottom: 1px solid #ccc; padding-bottom: 0.4em; }}</style></head>\n<body>{nav}{fragment_html}</body></html>\n")
+            f" nav a {{ margin-right: 1em; }} nav {{ border-bottom: 1px solid #ccc; padding-bottom: 0.4em; }}"
+            f"</style></head>\n<body>{nav}{fragment_html}</body></html>\n")

@@ -43,7 +43,8 @@ SQL_SECONDS = 60.0  # a SQL box query is interrupted after this long (the server
 HEADERS = {
     # Nothing loads from anywhere else: the pages carry their style and script inline.
     "Content-Security-Policy": "default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; "
-                               "script-src 'unsafe-inline'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
+                               "script-src 'unsafe-inline'; form-action 'self'; base-uri 'none'; "
+                               "frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }

@@ -286,7 +286,8 @@ def test_serve_refuses_a_port_in_use_and_warns_before_exposing(unit_store):
         taken.listen()
         port = taken.getsockname()[1]
         result = CliRunner().invoke(main, ["serve", "--store", str(unit_store), "--port", str(port)])
-        assert result.exit_code == 1 and result.output == f"Error: cannot listen on 127.0.0.1:{port}: the port is in use\n"
+        assert result.exit_code == 1
+        assert result.output == f"Error: cannot listen on 127.0.0.1:{port}: the port is in use\n"
         result = CliRunner().invoke(main, ["serve", "--store", str(unit_store), "--port", str(port), "--host", "0.0.0.0"])
     assert result.exit_code == 1
     assert result.output == ("Warning: --host 0.0.0.0 exposes the store to the network: anyone who can reach this "
@@ -300,7 +301,8 @@ def test_serve_refuses_a_missing_or_unreadable_store(tmp_path):
     for store, line in [
         (tmp_path / "nope", f"no selfrepair store at {tmp_path / 'nope'}: it does not exist"),
         (tmp_path / "file", f"no selfrepair store at {tmp_path / 'file'} (no model folder with a manifest.json)"),
-        (tmp_path / "bad", f"the manifest {tmp_path / 'bad/m/manifest.json'} is not a regular file (a folder); remove it"),
+        (tmp_path / "bad",
+         f"the manifest {tmp_path / 'bad/m/manifest.json'} is not a regular file (a folder); remove it"),
     ]:
         result = CliRunner().invoke(main, ["serve", "--store", str(store), "--port", "0"])
         assert result.exit_code == 1 and result.output == f"Error: {line}\n", result.output
