@@ -255,6 +255,7 @@ def test_terminal_file_server_and_notebook_show_the_same_figures(server, tmp_pat
     params = {"tokens": 4, "given": given}
     status, served = fetch(unit_url(server, label, **params))
     assert status == 200
+    (tmp_path / "MLP1.html").write_text("")  # a page written beside it: the file links it
     result = CliRunner().invoke(main, ["head", label, "--store", str(server.store), "--tokens", "4",
                                        "--html", str(tmp_path / "p.html"), "--given", given])
     assert result.exit_code == 0, result.output
@@ -272,6 +273,11 @@ def test_terminal_file_server_and_notebook_show_the_same_figures(server, tmp_pat
         assert figures["tokens"] == terminal["tokens"], name
         assert [v for _, v in figures["lens"]] == [v for _, v in terminal["lens"]], name
     assert len(terminal["tokens"]) == 12 and len(terminal["lens"]) == 20
+    # The notebook shows the server's page itself: the same fragment, but for the links only a server has.
+    served_fragment = re.search(r'<div class="srpage".*</div>', served, re.S).group(0)
+    unlinked = re.sub(r'<a class="unit" href="[^"]*">([^<]*)</a>', r'<span class="unit">\1</span>', served_fragment)
+    assert unlinked == page._repr_html_() and served_fragment != unlinked
+    assert '<a class="unit" href="MLP1.html">MLP1</a>' in (tmp_path / "p.html").read_text()
     # Confidence intervals, where a query gives `<key>_ci_low/_ci_high`, show beside their figure in every view.
     ci = replace(page, summary=page.summary | {"sr_ci_low": -0.5, "sr_ci_high": 0.25})
     assert f"self-repair {number(page.summary['sr'])} [-0.500, 0.250] = heads " in text(ci)
