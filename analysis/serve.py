@@ -217,8 +217,10 @@ class Browser:
                 from selfrepair.analysis.report import build_report  # matplotlib: only when a report is asked
 
                 try:
+                    # The heads the report names link to this server's pages (same defaults: resample, top_p).
                     built = build_report(self.store, self._temp / "report",
-                                         figures=list(self.report_figures) if self.report_figures else None)
+                                         figures=list(self.report_figures) if self.report_figures else None,
+                                         head_links=unit_url)
                 except SelfRepairError as err:
                     return _error("No report", str(err), 500)
                 self.report_dir = built.path.parent

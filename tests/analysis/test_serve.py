@@ -218,6 +218,10 @@ def test_the_report_is_served(server, tmp_path):
     assert status == 200
     page = dom(server.url + "report/", tmp_path)
     assert 'data-errors="0"' in page and 'data-loaded="1"' in page
+    heads = re.findall(r'<a class="head" href="(/model/tiny-gpt2/unit/L\dH\d)">', page)
+    assert len(heads) >= 4  # the heads it names link to their pages on the server
+    status, body = fetch(server.url.rstrip("/") + heads[0])
+    assert status == 200 and f'data-head="{heads[0].rsplit("/", 1)[1]}"' in body
 
 
 # -- the same numbers everywhere -------------------------------------------------------------------
