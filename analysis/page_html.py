@@ -105,7 +105,7 @@ def summary_section(page, links: Links) -> str:
     sentences = "".join("<p>" + "".join(_figure(p) if isinstance(p, Figure) else e(p) for p in parts) + "</p>"
                         for parts in summary_sentences(page))
     named = []
-    if page.unit.kind != "head":
+    if page.unit.kind not in ("head", "mlp"):  # what a group, an attention layer or a block replaces
         members = [f"L{l}H{h}" for l, h in page.unit.heads(page.n_heads)] + [f"MLP{m}" for m in page.unit.mlps()]
         if page.unit.kind == "block":
             members = [f"ATTN{page.unit.layer}"] + members
