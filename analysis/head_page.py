@@ -1,35 +1,42 @@
-"""A page per head: what it does, how the model repairs its ablation, and where it looks.
+"""A page per unit: what it does, how the model repairs its ablation, where it looks, what it writes.
 
-`build_head_page` runs a handful of read-only queries for one head and returns a
-`HeadPage`; `text` renders it for the terminal and `html` as one self-contained page.
-Every request for a model, ablation, draw, head or p that was not ingested is refused
-with one line before any query runs (`queries/requests.py`).
+`build_head_page` is the page's one data function: it runs a handful of read-only named queries
+for one unit (and the logit lens from the stored weights) and returns a `HeadPage`, whose data are
+Polars frames. Every view renders that object: `text` for the terminal, `html` as one self-contained
+file (`analysis/page_html.py`), the server (`analysis/serve.py`) and notebooks (`HeadPage._repr_html_`,
+`Store.head`), so they show the same figures (`analysis/page_format.number`).
+
+The page is a list of sections (`SECTIONS`): each renders itself for the terminal and for HTML, and
+a new part of the page is one more entry. Every request for a model, ablation, draw, unit or p that
+was not ingested is refused with one line before any query runs (`queries/requests.py`).
+
+    >>> page = Store.open("stores").head("L26H6")
+    >>> page.summary_frame, page.tokens, page.repair, page.lens.promoted
 """
 
 from __future__ import annotations
 
 import html as _html
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import polars as pl
 
+from selfrepair.analysis.lens import Lens, open_lens_data, unit_lens
+from selfrepair.analysis import page_html
+from selfrepair.analysis.page_format import (VISIBLE, heading, lens_heading, neurons_note, number, repair_heading,
+                                             sentence_text, summary_sentences, token_text, visible, what_it_is)
 from selfrepair.analysis.units import StoredUnits
 from selfrepair.errors import ConfigError, QueryError
 from selfrepair.queries import named, requests
 from selfrepair.store import labels
 from selfrepair.store.labels import Unit
-from selfrepair.queries.output import format_value, render_table
 
 CONTEXT_TOKENS = 12
 ATTENTION_SHOWN = 4  # sources shown per token (ingest keeps 8)
-VISIBLE = {"\n": "⏎", "\t": "⇥", "\r": "␍"}
-
-
-def visible(text: str) -> str:
-    """Newlines, tabs and carriage returns as visible marks, so a token never breaks a line."""
-    for raw, mark in VISIBLE.items():
-        text = text.replace(raw, mark)
-    return text
+SUMMARY_KEYS = ("de_clean", "de_ablated", "d_logit", "sr", "sr_heads", "sr_mlps", "sr_ln", "ln_ratio")
+__all__ = ["HeadPage", "build_head_page", "text", "html", "fragment", "visible", "number", "what_it_is", "SECTIONS", "Section",
+           "VISIBLE"]
 
 
 @dataclass
@@ -46,6 +53,13 @@ class HeadPage:
         attention: the top attention sources of each shown token (None: not stored, or not a head).
         draws: per resample draw means, when there are several (None otherwise).
         alone: under a condition, the unit ablated alone on the same tokens (None: unconditioned or not stored).
+        n_layers: the model's layers.
+        text_rows: every prediction of the rows holding the shown tokens (`unit_page_text`): row, pos,
+            token_index, token_str, next_token_str and the unit's de_clean, d_logit, sr there.
+        lens: the logit lens of what the unit writes (`analysis/lens.py`; None: not available).
+        lens_note: what the lens leaves out, or why there is none ("" when it covers the whole unit).
+        stored: labels of the units stored alone in the page's draw (the pages a view may link to).
+        context: tokens of text shown before and after each token.
     """
 
     model: str
@@ -62,7 +76,22 @@ class HeadPage:
     draws: pl.DataFrame | None
     alone: dict | None = None
     n_layers: int = 0
+    text_rows: pl.DataFrame | None = None
+    lens: Lens | None = None
+    lens_note: str = ""
+    stored: frozenset[str] = field(default_factory=frozenset)
+    context: int = CONTEXT_TOKENS
+    n_heads: int = 0
     partial: str = ""  # the model's store is partial: what it lacks (Store.partial_text), shown as a banner
+
+    @property
+    def summary_frame(self) -> pl.DataFrame:
+        """`summary` as a one-row Polars frame."""
+        return pl.DataFrame([self.summary])
+
+    def _repr_html_(self) -> str:
+        """The page in a notebook: the server's page body, with its style and script, no server needed."""
+        return fragment(self)
 
     @property
     def layer(self) -> int:
@@ -149,12 +178,15 @@ def build_head_page(store, label: str, model: str | None = None, ablation: str |
         """The unit's means over its top-p% tokens in one draw (`unit_top_self_repair`'s row)."""
         return query("unit_top_self_repair", sample=sample, **extra)
 
-    summary = means(sample).row(0, named=True)
+    first = means(sample)
+    summary = first.row(0, named=True)
     alone = None
     if condition is not None and unit.label in {u.label for u in stored.draw_units(ablation, sample)}:
         rows = means(sample, condition="")
         alone = rows.row(0, named=True) if rows.height else None
-    tokens = query("unit_page_tokens", n=n_tokens, context=CONTEXT_TOKENS)
+    # Every top token in its text (the lens averages over all of them; the page shows the first n_tokens).
+    top = query("unit_page_tokens", n=max(n_tokens, summary["n_tokens"]), context=CONTEXT_TOKENS)
+    tokens = top.head(n_tokens)
     repair = query("unit_repair_sources", limit=limit)
     neurons = query("unit_anti_erasure_neurons", limit=limit)
     attention = None
@@ -166,163 +198,137 @@ def build_head_page(store, label: str, model: str | None = None, ablation: str |
     cond = params["condition"]
     samples = sorted({s for a, s, c, u in stored.rows if a == "resample" and c == cond and u == unit.label})
     if ablation == "resample" and len(samples) > 1:
-        draws = pl.concat([means(s).select(pl.lit(s).alias("sample"), "n_tokens", "d_logit", "sr", "sr_heads",
-                                            "sr_mlps", "sr_ln") for s in samples])
+        draws = pl.concat([(first if s == sample else means(s)).select(
+            pl.lit(s).alias("sample"), "n_tokens", "d_logit", "sr", "sr_heads", "sr_mlps", "sr_ln") for s in samples])
+    text_rows = query("unit_page_text", n=n_tokens)
+    manifest = store.manifest(model)
+    lens, lens_note = unit_lens(open_lens_data(store, model), unit, stored.n_layers, stored.n_heads,
+                                top["token_index"].to_list(),
+                                post_norm=manifest.model.post_norm)
+    linkable = frozenset(u.label for u in stored.draw_units(ablation, sample))
     return HeadPage(model, unit, condition, ablation, sample, p, summary, tokens, repair, neurons, attention, draws,
-                    alone, stored.n_layers, store.partial_text([model]))
+                    alone, stored.n_layers, text_rows, lens, lens_note, linkable, n_heads=stored.n_heads,
+                    partial=store.partial_text([model]))
+
+# -- the terminal ------------------------------------------------------------------------------------
+def table_lines(df: pl.DataFrame) -> list[str]:
+    """An aligned table, every float by `number` (numbers right-aligned), indented two spaces."""
+    cells = [[number(v) if isinstance(v, float) else visible(str(v)) if v is not None else "" for v in row]
+             for row in df.iter_rows()]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(df.columns)]
+    right = [t.is_numeric() for t in df.dtypes]
+
+    def line(row):
+        return "  " + "  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)).rstrip()
+
+    return [line(df.columns), line(["-" * w for w in widths])] + [line(r) for r in cells] + [
+        f"  ({df.height} row{'s' if df.height != 1 else ''})"]
 
 
-def _share(part, whole) -> str:
-    if part is None or not whole:
-        return ""
-    return f" ({part / whole:+.0%} of the self-repair)"
+def _summary_text(page: HeadPage) -> list[str]:
+    return [sentence_text(parts) for parts in summary_sentences(page)]
 
 
-def what_it_is(page: HeadPage) -> str:
-    """The unit in words: `the MLP of layer 1`, `a group of 2 heads: L1H0+L2H1`."""
-    u = page.unit
-    return {"head": f"head {u.head} of layer {u.layer}",
-            "group": f"a group of {len(u.members)} heads: {u.canonical}",
-            "attn": f"every head of layer {u.layer} ({u.canonical})",
-            "mlp": f"the MLP of layer {u.layer}",
-            "block": f"layer {u.layer}'s heads and MLP ({u.canonical})"}[u.kind]
+def _tokens_text(page: HeadPage) -> list[str]:
+    out = ["Top tokens in their text (⟦predicted token⟧, ⏎ newline, ⇥ tab):"]
+    for r in page.tokens.iter_rows(named=True):
+        out.append(f"  DE {number(r['de_clean']):>8}  Δlogit {number(r['d_logit']):>8}  sr {number(r['sr']):>8}  "
+                   f"…{visible(r['before'])}⟦{visible(r['token'])}⟧{visible(r['after'])}…")
+    return out
 
 
-def _heading(page: HeadPage) -> str:
-    s = page.summary
-    return (f"{page.title} of {page.model}: {page.ablation} ablation"
-            + (f" draw {page.sample}" if page.ablation == "resample" else "")
-            + f", top {page.p:g} of tokens ({s['n_tokens']} tokens)")
+def _lens_text(page: HeadPage) -> list[str]:
+    out = [lens_heading(page)]
+    if page.lens is None:
+        return out + [f"  {page.lens_note}"]
+    for name, df in (("promoted", page.lens.promoted), ("suppressed", page.lens.suppressed)):
+        out.append(f"  {name + ':':<11} " + ", ".join(f"{token_text(r['token'])} {number(r['value'])}"
+                                                     for r in df.iter_rows(named=True)))
+    out.append(f"  (from {page.lens.covers}{'; ' + page.lens_note if page.lens_note else ''})")
+    return out
 
 
-def _summary_lines(page: HeadPage) -> list[str]:
-    s = page.summary
-    f = format_value
-    lines = [f"The unit: {what_it_is(page)}."] if page.unit.kind != "head" else []
-    if page.condition is not None:
-        lines.append(f"Given {page.condition.spec}: ablated on top of it; the baseline is the run with "
-                     f"{page.condition.label} ablated (its logits, final-norm scale and the unit's DE there), "
-                     "the tokens the unit's own top tokens.")
-    base = "clean DE" if page.condition is None else f"DE given {page.condition.label}"
-    lines += [
-        f"{base} {f(s['de_clean'])}, ablated DE {f(s['de_ablated'])}, logit change {f(s['d_logit'])}",
-        f"self-repair {f(s['sr'])} = heads {f(s['sr_heads'])}{_share(s['sr_heads'], s['sr'])}"
-        f" + MLPs {f(s['sr_mlps'])}{_share(s['sr_mlps'], s['sr'])}"
-        f" + LayerNorm {f(s['sr_ln'])}{_share(s['sr_ln'], s['sr'])}; mean final-norm ratio {f(s['ln_ratio'])}",
-    ]
-    if page.alone is not None:
-        a = page.alone
-        lines.append(f"ablated alone on the same tokens: logit change {f(a['d_logit'])}, self-repair {f(a['sr'])}; "
-                     f"growth given {page.condition.label} {f(s['d_logit'] - a['d_logit'])}")
-    return lines
+def _repair_text(page: HeadPage) -> list[str]:
+    return [repair_heading(page)] + table_lines(page.repair.select(
+        "direction", "rank", "component", "n_tokens", "d_de", "share", "direction_total"))
 
 
-def _repair_heading(page: HeadPage) -> str:
-    outside = "" if page.unit.kind == "head" else " outside the unit"
-    return f"Downstream components{outside} that repair it (d_de > 0) and that work against it (d_de < 0):"
+def _neurons_text(page: HeadPage) -> list[str]:
+    note = neurons_note(page)
+    return ["Anti-erasure neurons of the final MLP:"] + ([f"  {note}"] if note else table_lines(page.neurons))
 
 
-def _neurons_note(page: HeadPage) -> str | None:
-    """Why the neuron section is empty, when it must be."""
-    if page.holds_final_mlp:
-        return f"none: {page.unit.label} holds the final MLP (MLP{page.n_layers - 1}), whose neurons it replaces"
-    return None
+def _attention_text(page: HeadPage) -> list[str]:
+    if page.unit.kind != "head":
+        return []
+    out = ["Where it attends on those tokens (clean run; source token, distance back, weight):"]
+    if page.attention is None:
+        return out + ["  not stored in this store (ingested before attention was kept: re-ingest to add it)"]
+    for r in page.tokens.iter_rows(named=True):
+        src = page.attention.filter(pl.col("token_index") == r["token_index"]).head(ATTENTION_SHOWN)
+        out.append(f"  ⟦{visible(r['token'])}⟧ ← " + ", ".join(
+            f"{token_text(a['src_token'])} −{a['distance']} ({number(a['weight'])})"
+            for a in src.iter_rows(named=True)))
+    return out
+
+
+def _draws_text(page: HeadPage) -> list[str]:
+    return [] if page.draws is None else ["Spread across resample draws:"] + table_lines(page.draws)
+
+
+@dataclass(frozen=True)
+class Section:
+    """One part of the unit page, in the terminal and in HTML (an empty render leaves it out).
+
+    Args:
+        name: the section's id (`tokens`, `lens`, …; the HTML section's id).
+        text: the page -> its terminal lines.
+        html: (the page, its links) -> its HTML (`analysis/page_html.py`).
+    """
+
+    name: str
+    text: Callable[[HeadPage], list[str]]
+    html: Callable[..., str]
+
+
+def _partial_text(page: HeadPage) -> list[str]:
+    return [f"warning: {page.partial}"] if page.partial else []
+
+
+def _partial_html(page: HeadPage, links=None) -> str:
+    return f'<p class="partial" id="partial"><b>Partial</b>: {_html.escape(page.partial)}.</p>' if page.partial else ""
+
+
+# The page, top to bottom. A new part of the page is one more entry here.
+SECTIONS: list[Section] = [
+    Section("partial", _partial_text, _partial_html),
+    Section("summary", _summary_text, page_html.summary_section),
+    Section("tokens", _tokens_text, page_html.tokens_section),
+    Section("lens", _lens_text, page_html.lens_section),
+    Section("repair", _repair_text, page_html.repair_section),
+    Section("neurons", _neurons_text, page_html.neurons_section),
+    Section("attention", _attention_text, page_html.attention_section),
+    Section("draws", _draws_text, page_html.draws_section),
+]
 
 
 def text(page: HeadPage) -> str:
     """The page for the terminal: sections of aligned tables, the token marked ⟦…⟧, ⏎ for newlines."""
-    out = [_heading(page), ""]
-    out += [f"warning: {page.partial}", ""] if page.partial else []
-    out += _summary_lines(page) + ["", "Top tokens in their text (⟦predicted token⟧, ⏎ newline, ⇥ tab):"]
-    for r in page.tokens.iter_rows(named=True):
-        out.append(f"  DE {r['de_clean']:8.3f}  Δlogit {r['d_logit']:8.3f}  sr {r['sr']:8.3f}  "
-                   f"…{visible(r['before'])}⟦{visible(r['token'])}⟧{visible(r['after'])}…")
-    out += ["", _repair_heading(page)]
-    out += ["  " + line for line in render_table(page.repair.select(
-        "direction", "rank", "component", "n_tokens", "d_de", "share", "direction_total")).splitlines()]
-    out += ["", "Anti-erasure neurons of the final MLP:"]
-    note = _neurons_note(page)
-    out += [f"  {note}"] if note else ["  " + line for line in render_table(page.neurons).splitlines()]
-    if page.unit.kind == "head":
-        out += ["", "Where it attends on those tokens (clean run; source token, distance back, weight):"]
-        if page.attention is None:
-            out.append("  not stored in this store (ingested before attention was kept: re-ingest to add it)")
-        else:
-            for r in page.tokens.iter_rows(named=True):
-                src = page.attention.filter(pl.col("token_index") == r["token_index"]).head(ATTENTION_SHOWN)
-                out.append(f"  ⟦{visible(r['token'])}⟧ ← " + ", ".join(
-                    f"{visible(a['src_token'])!r} −{a['distance']} ({a['weight']:.2f})"
-                    for a in src.iter_rows(named=True)))
-    if page.draws is not None:
-        out += ["", "Spread across resample draws:"]
-        out += ["  " + line for line in render_table(page.draws).splitlines()]
+    out = [heading(page)]
+    for section in SECTIONS:
+        lines = section.text(page)
+        if lines:
+            out += [""] + lines
     return "\n".join(out)
 
 
-PAGE_STYLE = """
-body { font-family: sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
-table.data { border-collapse: collapse; font-size: 0.85em; }
-table.data td, table.data th { border-bottom: 1px solid #ddd; padding: 2px 8px; text-align: right; }
-table.data td.ctx { font-family: monospace; white-space: pre-wrap; text-align: left; }
-.tok { background: #ffd54f; font-weight: bold; }
-.ws { color: #999; }
-"""
+def fragment(page: HeadPage, links: page_html.Links | None = None) -> str:
+    """The page's body with its style and script (a notebook cell, the server's page, the file's body)."""
+    body = "".join(section.html(page, links or page_html.NO_LINKS) for section in SECTIONS)
+    return page_html.fragment(page, body)
 
 
-def _cell(value) -> str:
-    return _html.escape(visible(format_value(value)))
-
-
-def _table(df: pl.DataFrame, cls: str = "data") -> str:
-    head = "".join(f"<th>{_html.escape(c)}</th>" for c in df.columns)
-    body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in df.iter_rows())
-    return f'<table class="{cls}"><tr>{head}</tr>{body}</table>'
-
-
-def _marked(text_: str) -> str:
-    out = _html.escape(text_)
-    for raw, mark in VISIBLE.items():
-        out = out.replace(_html.escape(raw), f'<span class="ws">{mark}</span>' + ("\n" if raw == "\n" else ""))
-    return out
-
-
-def html(page: HeadPage) -> str:
-    """The same page as one self-contained HTML file, the predicted token highlighted."""
-    s = page.summary
-    rows = "".join(
-        f"<tr><td>{r['de_clean']:.3f}</td><td>{r['d_logit']:.3f}</td><td>{r['sr']:.3f}</td>"
-        f'<td class="ctx">…{_marked(r["before"])}<span class="tok">{_marked(r["token"])}</span>'
-        f"{_marked(r['after'])}…</td></tr>" for r in page.tokens.iter_rows(named=True))
-    attention = ""
-    if page.unit.kind == "head":
-        table = ("<p>Not stored in this store.</p>" if page.attention is None else _table(
-            page.attention.filter(pl.col("rank") <= ATTENTION_SHOWN)
-            .select("token_index", "rank", "src_token", "distance", "weight")))
-        attention = f"<h2>Where it attends on its top tokens</h2>\n{table}"
-    note = _neurons_note(page)
-    neurons = f"<p>{_html.escape(note)}.</p>" if note else _table(page.neurons)
-    draws = "" if page.draws is None else f"<h2>Spread across resample draws</h2>{_table(page.draws)}"
-    title = f"{page.title} of {page.model}"
-    summary = "".join(f"<p>{_html.escape(line)}</p>" for line in _summary_lines(page))
-    cond = page.condition.label if page.condition is not None else ""
-    outside = "" if page.unit.kind == "head" else " outside the unit"
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{_html.escape(title)}</title>
-<style>{PAGE_STYLE}</style></head>
-<body data-head="{_html.escape(page.label)}" data-unit-kind="{page.unit.kind}" data-condition="{_html.escape(cond)}"
- data-model="{_html.escape(page.model)}" data-tokens="{s['n_tokens']}">
-<h1>{_html.escape(title)}</h1>
-{f'<p class="partial" id="partial"><b>Partial</b>: {_html.escape(page.partial)}.</p>' if page.partial else ''}
-<p>{_html.escape(page.ablation)} ablation{f' draw {page.sample}' if page.ablation == 'resample' else ''},
-top {page.p:g} of tokens ({s['n_tokens']} tokens).</p>
-{summary}
-<h2>Top tokens in their text</h2>
-<table class="data" id="tokens"><tr><th>DE</th><th>Δlogit</th><th>self-repair</th><th>text</th></tr>{rows}</table>
-<h2>Downstream components{outside}: repair (d_de &gt; 0) and against (d_de &lt; 0)</h2>
-{_table(page.repair)}
-<h2>Anti-erasure neurons of the final MLP</h2>
-{neurons}
-{attention}
-{draws}
-</body></html>
-"""
+def html(page: HeadPage, links: page_html.Links | None = None) -> str:
+    """The same page as one self-contained HTML file: tokens coloured, attention over the text, links to
+    the units it names (`links`: where each unit's page is; None: no links)."""
+    return page_html.document(page, fragment(page, links))

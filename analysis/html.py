@@ -85,9 +85,12 @@ def _figure_body(entry, title: str, pages: dict) -> str:
     if entry.note:
         return f'<p class="note">Not drawn: {e(entry.note)}.</p>'
     data = base64.b64encode(entry.png).decode("ascii")
+    interactive = ""
+    if entry.spec.html is not None and entry.data is not None:
+        interactive = f"<details open><summary>As HTML (hover)</summary>{entry.spec.html(entry.data, entry.ctx)}</details>"
     return (f'<figure><img alt="{e(title)}" src="data:image/png;base64,{data}">'
             f"<figcaption>{e(entry.ctx.facts())}. {e(entry.caption)}{_drawn_heads(entry, pages)} "
-            f"{_files(entry)}</figcaption></figure>")
+            f"{_files(entry)}</figcaption>{interactive}</figure>")
 
 
 def figure_html(entry, number: int, pages: dict | None = None) -> str:

@@ -12,6 +12,7 @@ values of each run, so the data can be rebuilt with `selfrepair query`.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -166,7 +167,8 @@ def figure_stem(entry: Entry) -> str:
 
 def build_report(store, output: str | Path, models: list[str] | None = None,
                  heads: tuple[tuple[int, int], ...] | None = None, ablation: str | None = None,
-                 p: float | None = None, figures: list[str] | None = None) -> Report:
+                 p: float | None = None, figures: list[str] | None = None,
+                 head_links: Callable[[str, str], str] | None = None) -> Report:
     """Write the report folder.
 
     Args:
@@ -178,6 +180,8 @@ def build_report(store, output: str | Path, models: list[str] | None = None,
         ablation: ablation type (default: resample when ingested).
         p: top-p fraction (default: the first model's ingest top_p).
         figures: only these figure names (default: all).
+        head_links: (model, head label) -> the URL of that head's page, where pages exist elsewhere
+            (`selfrepair serve`); None: the report writes a page per named head under `heads/`.
 
     Returns:
         The Report: page path and every figure and table entry.
@@ -223,6 +227,9 @@ def build_report(store, output: str | Path, models: list[str] | None = None,
     for m in infos:
         for layer, head in per_model_heads[m.name]:
             label = head_label(layer, head)
+            if head_links is not None:
+                head_pages[(m.name, layer, head)] = head_links(m.name, label)
+                continue
             try:
                 page = build_head_page(store, label, model=m.name, ablation=ablation, p=ctx.p, sample=ctx.sample)
             except QueryError:  # e.g. a head the ingest did not ablate: named without a page

@@ -35,6 +35,8 @@ class FigureSpec:
             code), the figure drawn with theirs; the report shows it beside this one.
         shown: whether a context has anything for this figure at all (None: always); when False the
             report leaves the figure out without a note (a figure of units a store does not hold).
+        html: the figure also as HTML (the drawn frame, context -> HTML), shown under the image in the
+            report, e.g. a map whose cells tell their numbers on hover (None: the image only).
     """
 
     name: str
@@ -46,6 +48,7 @@ class FigureSpec:
     skip: Callable[[Context], str | None] | None = None
     paper: "FigureSpec | None" = None
     shown: Callable[[Context], bool] | None = None
+    html: Callable[[pl.DataFrame, Context], str] | None = None
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
     >>> store = Store.open("stores")
     >>> store.sql("SELECT layer, avg(sr) FROM self_repair GROUP BY 1")
     >>> store.query("layer_summary", p=0.02)
+    >>> store.head("L26H6")          # a unit's page: Polars frames, and the page itself in a notebook
 """
 
 from __future__ import annotations
@@ -242,9 +243,11 @@ class Store:
         requests.check_needs(name, q.needs, self._lacking)
         return (rows or Rows()).wrap(q.sql), bound
 
-    def activations(self, model: str | None = None):
+    def activations(self, model: str | None = None, token_coords: bool = True):
         """A model's Zarr activations and saved weights as a lazy `xarray.Dataset` with named,
-        labelled dimensions (see `queries/activations.py`); `model` may be omitted with one model."""
+        labelled dimensions (see `queries/activations.py`); `model` may be omitted with one model.
+        `token_coords=False` leaves out the per-token coordinates (row, pos, strings: a query over
+        every token), for a reader that indexes tokens by number."""
         from selfrepair.queries.activations import open_activations
 
         if model is None:
@@ -253,7 +256,7 @@ class Store:
             model = self.models[0]
         manifest = self.manifest(model)
         tokens = self.sql("SELECT token_index, row, pos, token_str, next_token_str FROM tokens WHERE model = $m "
-                          "ORDER BY token_index", {"m": model})
+                          "ORDER BY token_index", {"m": model}) if token_coords else None
         vocab = self.sql("SELECT token_id, token_str FROM vocab WHERE model = $m ORDER BY token_id", {"m": model})
         folder = next(ms.path for ms in list_models(self.root) if ms.name == model)
         return open_activations(folder, manifest, tokens, vocab if vocab.height else None)

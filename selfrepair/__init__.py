@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 def __getattr__(name):
     # Lazy, so `import selfrepair` stays cheap and never imports torch.
     if name == "Store":
-        from selfrepair.queries.store import Store
+        from selfrepair.analysis.notebook import Store  # the query layer's Store, with unit pages
 
         return Store
     if name == "IngestConfig":

@@ -28,9 +28,9 @@ def main() -> None:
 def _register() -> None:
     # Commands live beside the layer they wrap; importing them here keeps start-up cheap
     # (torch is imported only inside `ingest` when it runs).
-    from selfrepair import cli_compare, cli_head, cli_ingest, cli_query, cli_report, cli_store
+    from selfrepair import cli_compare, cli_head, cli_ingest, cli_query, cli_report, cli_serve, cli_store
 
-    for module in (cli_ingest, cli_query, cli_store, cli_report, cli_head, cli_compare):
+    for module in (cli_ingest, cli_query, cli_store, cli_report, cli_head, cli_compare, cli_serve):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -21,7 +21,8 @@ from selfrepair.cli_common import friendly_errors, open_store, store_option, str
 @click.option("--given", default=None, metavar="UNIT",
               help="A condition (label or group name): the page of LABEL ablated on top of it.")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write the page as one self-contained HTML file.")
+              help="Also write the page as one self-contained HTML file (it links the units it names to "
+                   "LABEL.html files beside it, where they exist).")
 @strict_option
 @friendly_errors
 def head(label, store, model, ablation, sample, p, n_tokens, given, html_path, strict):
@@ -40,6 +41,7 @@ def head(label, store, model, ablation, sample, p, n_tokens, given, html_path, s
         selfrepair head L9H6 --given L9H9
     """
     from selfrepair.analysis.head_page import build_head_page, html, text
+    from selfrepair.analysis.page_html import FileLinks
     from selfrepair.queries.output import check_output_path
 
     if html_path is not None:  # before any work: a read-only command never writes into a store, any store
@@ -51,7 +53,8 @@ def head(label, store, model, ablation, sample, p, n_tokens, given, html_path, s
     if html_path is not None:
         target = html_path.resolve()
         try:
-            target.write_text(html(page), encoding="utf-8")
+            # Links to the pages of the units it names, where they were written beside it as LABEL.html.
+            target.write_text(html(page, FileLinks(target.parent)), encoding="utf-8")
         except OSError as e:
             raise click.ClickException(f"cannot write {html_path}: {e.strerror or e}") from None
         click.echo(f"wrote {html_path}")

@@ -179,13 +179,15 @@ class ModelFacts:
     norm_names: tuple[str, ...] = ()
     raw: Mapping = field(default_factory=dict, compare=False, repr=False)
     revision: str | None = None  # the Hugging Face revision (a training checkpoint) ingested, if one was asked
+    post_norm: bool = False  # post-norm blocks (Gemma 2/3, OLMo 2): a head's write divides by a per-block scale
 
 
 def parse_model(obj, what: str) -> ModelFacts:
     f = Fields(obj, f"{what}, model")
     dims = [f.count(k, MAX_COUNT, default=None) for k in ("d_model", "d_mlp", "d_head", "d_vocab")]
     return ModelFacts(f.count("n_layers", MAX_LAYERS, 1), f.count("n_heads", MAX_HEADS, 1), f.text("name", None),
-                      f.text("hf_id", None), *dims, f.texts("norm_names"), proxy(obj), revision=f.text("revision", None))
+                      f.text("hf_id", None), *dims, f.texts("norm_names"), proxy(obj), revision=f.text("revision", None),
+                      post_norm=f.get("post_norm_blocks", bool, False))
 
 
 @dataclass(frozen=True)
