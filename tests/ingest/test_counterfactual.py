@@ -171,3 +171,100 @@ def test_against_plain_hooks(families, family, frozen):
     src = tables["counterfactual_sources"].to_pandas()
     sums = src.groupby("token_index").d_de.sum()
     np.testing.assert_allclose(sums.loc[top].to_numpy(), got.d_de_heads + got.d_de_mlps, atol=ATOL)
+
+
+# -- through the store: one small ingest with both counterfactuals, units alone and under a condition --------
+CF_SETTINGS = dict(tokens=62, seq_len=32, batch_size=2, ablations=("resample", "zero"), units="L0H1,MLP0,L1H2",
+                   given=("L0H3",), top_p=0.1, neurons_top_k=0, counterfactuals=("frozen-norms", "frozen-attention"))
+
+
+@pytest.fixture(scope="module")
+def cf_store(tiny_stores, tmp_path_factory):
+    return tiny_stores.copy("gpt2", tmp_path_factory.mktemp("cf") / "s", **CF_SETTINGS)
+
+
+def test_frozen_norms_identities_through_sql(cf_store):
+    """Under frozen norms nothing rescales: sr_ln = 0 in closed form and as the remainder, so
+    d_logit = d_de + d_de_heads + d_de_mlps; for every unit, alone and given a condition."""
+    from selfrepair import Store
+
+    got = Store.open(cf_store).sql("""
+        SELECT c.condition, c.unit, count(*) AS n,
+               max(abs(c.d_logit - c.d_de - c.d_de_heads - c.d_de_mlps)) AS remainder,
+               -- the closed form with the counterfactual's final scale: (s/s_cf - 1) · Σ DE_cf
+               max(abs((b.ln_scale / c.ln_scale - 1) * (b.logit + c.d_logit - t.unembed_bias)
+                       * c.ln_scale / b.ln_scale)) AS closed
+        FROM counterfactual_effects c
+        JOIN tokens t USING (model, token_index)
+        JOIN (SELECT model, '' AS condition, '' AS ablation, -1 AS sample, token_index, logit, ln_scale FROM tokens
+              UNION ALL SELECT model, condition, ablation, sample, token_index, logit, ln_scale FROM condition_tokens) b
+          ON b.model = c.model AND b.condition = c.condition AND b.token_index = c.token_index
+         AND (c.condition = '' OR (b.ablation = c.ablation AND b.sample = c.sample))
+        WHERE c.counterfactual = 'frozen-norms'
+        GROUP BY ALL ORDER BY ALL""")
+    assert got.height == 6  # 3 units, alone and given L0H3 (none overlaps it)
+    assert (got["n"] > 0).all()
+    assert (got["remainder"] < 1e-5).all(), got
+    assert (got["closed"] < 1e-5).all(), got
+
+
+def test_channels_sum_to_self_repair_and_the_query_summarises_them(cf_store):
+    from selfrepair import Store
+
+    s = Store.open(cf_store)
+    ch = s.sql("SELECT * FROM repair_channels")
+    n_cf = s.sql("SELECT count(*) FROM counterfactual_effects WHERE counterfactual = 'frozen-norms'").item()
+    assert ch.height == n_cf  # one row per unit, draw, condition and top token
+    total = ch["ln_final"] + ch["ln_intermediate"] + ch["attention"] + ch["rest"]
+    assert np.allclose(total.to_numpy(), ch["sr"].to_numpy(), atol=1e-6)
+    assert np.allclose(ch["ln_final"].to_numpy(), ch["sr_ln"].to_numpy(), atol=1e-5)  # the closed form is sr_ln
+    assert (ch.filter(ch["unit"] == "L1H2")["attention"].abs() < 1e-6).all()  # nothing after the last layer moves
+    summary = s.query("head_repair_channels", ablation="zero")
+    assert sorted(summary["unit"].to_list()) == ["L0H1", "L1H2", "MLP0"]
+    assert summary["attention"].is_not_null().all() and summary["rest"].is_not_null().all()
+
+
+def test_the_store_verifies_and_compacts_with_counterfactuals(cf_store, tmp_path):
+    import shutil
+
+    from selfrepair import Store
+    from selfrepair.store.compact import compact
+    from selfrepair.store.verify import verify
+
+    store = tmp_path / "s"
+    shutil.copytree(cf_store, store)
+    before = Store.open(store).sql("SELECT * FROM counterfactual_sources ORDER BY ALL")
+    compact(store)
+    assert verify(store).ok
+    assert Store.open(store).sql("SELECT * FROM counterfactual_sources ORDER BY ALL").equals(before)
+
+
+def _config_only(folder, config) -> str:
+    config.architectures = [config.__class__.__name__.replace("Config", "ForCausalLM")]
+    config.save_pretrained(folder)  # no weights: a load would fail with another error
+    return str(folder)
+
+
+@pytest.mark.parametrize("name, make, why", [
+    ("frozen-attention", lambda: __import__("transformers").GPTNeoConfig(num_layers=2, attention_types=[[["global"], 2]]),
+     "Error: counterfactuals: GPT-Neo: its attention (GPTNeoSelfAttention) computes the softmax itself, not through "
+     "transformers' AttentionInterface, so frozen-attention cannot replace its patterns"),
+    ("frozen-norms", lambda: __import__("transformers").Gemma2Config(num_hidden_layers=2),
+     "Error: counterfactuals: Gemma 2: a head's DE in post-norm blocks is defined at the run's own post-norm scale "
+     "(DESIGN.md), which frozen-norms would contradict"),
+    ("frozen-gradients", None,
+     "Error: Invalid value for '--counterfactuals': unknown counterfactual 'frozen-gradients'; choose from none, "
+     "frozen-norms, frozen-attention"),
+])
+def test_bad_counterfactuals_are_one_error_line_before_the_model_loads(tmp_path, name, make, why):
+    from click.testing import CliRunner
+
+    from selfrepair.cli import main
+
+    model = _config_only(tmp_path / "m", make()) if make else "gpt2-small"
+    res = CliRunner().invoke(main, ["ingest", "--model", model, "--store", str(tmp_path / "s"),
+                                    "--counterfactuals", name, "--quiet"])
+    assert res.exit_code != 0
+    errors = [line for line in res.output.splitlines() if line.startswith("Error")]
+    assert errors == [why], res.output
+    assert not (tmp_path / "s").exists()
