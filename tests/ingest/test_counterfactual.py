@@ -268,3 +268,11 @@ def test_bad_counterfactuals_are_one_error_line_before_the_model_loads(tmp_path,
     errors = [line for line in res.output.splitlines() if line.startswith("Error")]
     assert errors == [why], res.output
     assert not (tmp_path / "s").exists()
+
+
+def test_self_check_recomputes_each_counterfactual_from_a_whole_forward(cf_store):
+    from tiny_models import read_manifest_json
+
+    checks = read_manifest_json(next(cf_store.iterdir()))["self_check"]["deviations"]
+    for name in ("frozen-norms", "frozen-attention"):
+        assert checks[f"{name} resample L0H1: cut re-run vs full model forward"] < 1e-5
