@@ -46,6 +46,8 @@ class HeadPage:
         attention: the top attention sources of each shown token (None: not stored, or not a head).
         draws: per resample draw means, when there are several (None otherwise).
         alone: under a condition, the unit ablated alone on the same tokens (None: unconditioned or not stored).
+        channels: the means of each repair channel over the tokens with counterfactual re-runs
+            (`head_repair_channels`; None: the store has none for this unit).
     """
 
     model: str
@@ -62,6 +64,7 @@ class HeadPage:
     draws: pl.DataFrame | None
     alone: dict | None = None
     n_layers: int = 0
+    channels: dict | None = None  # repair channels from counterfactual re-runs (None: none stored)
 
     @property
     def layer(self) -> int:
@@ -168,7 +171,31 @@ def build_head_page(store, label: str, model: str | None = None, ablation: str |
         draws = pl.concat([means(s).select(pl.lit(s).alias("sample"), "n_tokens", "d_logit", "sr", "sr_heads",
                                             "sr_mlps", "sr_ln") for s in samples])
     return HeadPage(model, unit, condition, ablation, sample, p, summary, tokens, repair, neurons, attention, draws,
-                    alone, stored.n_layers)
+                    alone, stored.n_layers, _channels(query, unit, params["condition"]))
+
+
+CHANNELS = (("ln_final", "final norm (closed form)"), ("ln_intermediate", "intermediate norms"),
+            ("attention", "attention moving"), ("rest", "the rest (heads' and MLPs' own response)"))
+
+
+def _channels(query, unit: Unit, condition: str) -> dict | None:
+    """The unit's row of `head_repair_channels` (means over its tokens with counterfactual re-runs), or None."""
+    rows = query("head_repair_channels", condition=condition or "none").filter(pl.col("unit") == unit.label)
+    return rows.row(0, named=True) if rows.height else None
+
+
+def _channel_lines(page: HeadPage) -> list[str]:
+    """Each repair channel's mean and its share of the self-repair, on the tokens re-run."""
+    c = page.channels
+    if c is None:
+        return ["not stored: ingest with --counterfactuals frozen-norms,frozen-attention to measure them"]
+    f = format_value
+    out = [f"over {c['n_tokens']} top tokens re-run (the ingest's top_p): self-repair {f(c['sr'])} "
+           f"(logit change {f(c['d_logit'])}, clean DE {f(c['de_clean'])})"]
+    for key, name in CHANNELS:
+        value = c[key]
+        out.append(f"{name:<42} {f(value) if value is not None else 'not stored':>12}{_share(value, c['sr'])}")
+    return out
 
 
 def _share(part, whole) -> str:
@@ -251,6 +278,8 @@ def text(page: HeadPage) -> str:
                 out.append(f"  ⟦{visible(r['token'])}⟧ ← " + ", ".join(
                     f"{visible(a['src_token'])!r} −{a['distance']} ({a['weight']:.2f})"
                     for a in src.iter_rows(named=True)))
+    out += ["", "Repair channels, from counterfactual re-runs (frozen norms, frozen attention):"]
+    out += ["  " + line for line in _channel_lines(page)]
     if page.draws is not None:
         out += ["", "Spread across resample draws:"]
         out += ["  " + line for line in render_table(page.draws).splitlines()]
@@ -300,6 +329,15 @@ def html(page: HeadPage) -> str:
     note = _neurons_note(page)
     neurons = f"<p>{_html.escape(note)}.</p>" if note else _table(page.neurons)
     draws = "" if page.draws is None else f"<h2>Spread across resample draws</h2>{_table(page.draws)}"
+    channels = "".join(f"<p>{_html.escape(line)}</p>" for line in _channel_lines(page)[:1])
+    if page.channels is not None:
+        c = page.channels
+        channels += _table(pl.DataFrame({
+            "channel": [name for _, name in CHANNELS],
+            "mean": [c[key] for key, _ in CHANNELS],
+            "share of self-repair": [c[key] / c["sr"] if c[key] is not None and c["sr"] else None
+                                     for key, _ in CHANNELS]}, strict=False)).replace(
+            '<table class="data">', '<table class="data" id="channels">', 1)
     title = f"{page.title} of {page.model}"
     summary = "".join(f"<p>{_html.escape(line)}</p>" for line in _summary_lines(page))
     cond = page.condition.label if page.condition is not None else ""
@@ -320,6 +358,8 @@ top {page.p:g} of tokens ({s['n_tokens']} tokens).</p>
 <h2>Anti-erasure neurons of the final MLP</h2>
 {neurons}
 {attention}
+<h2>Repair channels (counterfactual re-runs)</h2>
+{channels}
 {draws}
 </body></html>
 """

@@ -276,3 +276,19 @@ def test_self_check_recomputes_each_counterfactual_from_a_whole_forward(cf_store
     checks = read_manifest_json(next(cf_store.iterdir()))["self_check"]["deviations"]
     for name in ("frozen-norms", "frozen-attention"):
         assert checks[f"{name} resample L0H1: cut re-run vs full model forward"] < 1e-5
+
+
+def test_head_page_shows_the_channels(cf_store):
+    from selfrepair import Store
+    from selfrepair.analysis.head_page import build_head_page, html, text
+
+    s = Store.open(cf_store)
+    page = build_head_page(s, "L0H1", ablation="zero")
+    want = s.query("head_repair_channels", ablation="zero")
+    row = want.filter(want["unit"] == "L0H1").row(0, named=True)
+    assert page.channels["attention"] == row["attention"]
+    out = text(page)
+    assert "Repair channels, from counterfactual re-runs" in out and "attention moving" in out
+    assert 'id="channels"' in html(page)
+    alone = build_head_page(s, "L0H1", ablation="zero", given="L0H3")
+    assert alone.channels is not None and alone.channels["n_tokens"] == row["n_tokens"]
