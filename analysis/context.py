@@ -27,6 +27,7 @@ class ModelInfo:
         resamples: resample draws ingested.
         unit_kinds: kinds of the units stored besides heads, ablated alone in the report's draw
             (`group`, `attn`, `mlp`, `block`); empty for a store of heads alone.
+        counterfactuals: the counterfactual re-runs the store holds (empty: none).
     """
 
     name: str
@@ -37,6 +38,7 @@ class ModelInfo:
     ablations: tuple[str, ...]
     resamples: int
     unit_kinds: tuple[str, ...] = ()
+    counterfactuals: tuple[str, ...] = ()  # the counterfactual re-runs stored (`--counterfactuals`)
 
     @classmethod
     def from_manifest(cls, name: str, manifest: Manifest) -> "ModelInfo":
@@ -48,6 +50,7 @@ class ModelInfo:
             top_p=manifest.config.top_p,
             ablations=manifest.config.ablations,
             resamples=manifest.config.resamples,
+            counterfactuals=manifest.config.counterfactuals,
         )
 
 
