@@ -31,7 +31,7 @@ from torch import Tensor
 
 from selfrepair.errors import ConfigError, UnsupportedModel
 from selfrepair.ingest import engine as E
-from selfrepair.ingest.counterfactual_rules import FROZEN_ATTENTION, FROZEN_NORMS, Cut, cut_for, passes
+from selfrepair.ingest.counterfactual_rules import FROZEN_ATTENTION, FROZEN_NORMS, Cut, cuts_for, passes
 from selfrepair.ingest.families import module_at
 from selfrepair.ingest.layer_calls import Call, hooks
 
@@ -309,20 +309,42 @@ def batch_reruns(w, base, units, top_sets: dict, names, units_per_pass: int, mak
     patterns = None
     for chunk in passes(units, units_per_pass):
         local = [np.asarray(top_sets.get(unit.label, np.empty(0, np.int64)), np.int64) - t0 for unit in chunk]
-        cut = cut_for(local, preds)
-        if cut is None:
+        cuts = cuts_for(local, preds)
+        if not cuts:
             continue
         patches = [make_patch(unit) for unit in chunk]
         for name in names:
             if name == FROZEN_ATTENTION and patterns is None:
                 patterns = record_patterns(w, base)
-            r = rerun(w, base, name, chunk[0].layer, patches, cut, u, patterns)
+            parts = [rerun(w, base, name, chunk[0].layer, patches, cut, u, patterns) for cut in cuts]
             for j, unit in enumerate(chunk):
                 if not len(local[j]):
                     continue
-                ri = torch.as_tensor(np.searchsorted(cut.rows, local[j] // preds), device=u.device)
-                pi = torch.as_tensor(local[j] % preds, device=u.device)
-                res = r.result
-                yield UnitRerun(unit, name, local[j] + t0, r.logit[j, ri, pi], r.scale[j, ri, pi],
-                                res.de[j, ri, pi], res.d_de_heads[j, ri, pi].reshape(len(ri), -1),
-                                res.d_de_mlps[j, ri, pi])
+                yield _gather(unit, name, local[j], t0, preds, parts, j, u.device)
+
+
+def _gather(unit, name: str, local: np.ndarray, t0: int, preds: int, parts: list, j: int, device) -> UnitRerun:
+    """Unit j's values at its tokens (batch-local, sorted) from the passes over each cut of rows."""
+    rows, pos = local // preds, local % preds
+    which = np.zeros(len(local), np.int64)
+    at = np.zeros(len(local), np.int64)
+    for c, part in enumerate(parts):
+        inside = np.isin(rows, part.cut.rows)
+        which[inside], at[inside] = c, np.searchsorted(part.cut.rows, rows[inside])
+    cols = {k: [] for k in ("logit", "scale", "de", "d_heads", "d_mlps")}
+    order = []
+    for c, part in enumerate(parts):
+        sel = np.nonzero(which == c)[0]
+        if not len(sel):
+            continue
+        ri, pi = (torch.as_tensor(a[sel], device=device) for a in (at, pos))
+        res = part.result
+        cols["logit"].append(part.logit[j, ri, pi])
+        cols["scale"].append(part.scale[j, ri, pi])
+        cols["de"].append(res.de[j, ri, pi])
+        cols["d_heads"].append(res.d_de_heads[j, ri, pi].reshape(len(sel), -1))
+        cols["d_mlps"].append(res.d_de_mlps[j, ri, pi])
+        order.append(sel)
+    back = torch.as_tensor(np.argsort(np.concatenate(order), kind="stable"), device=device)
+    v = {k: torch.cat(x)[back] for k, x in cols.items()}
+    return UnitRerun(unit, name, local + t0, v["logit"], v["scale"], v["de"], v["d_heads"], v["d_mlps"])
