@@ -22,7 +22,8 @@ TOL = 1e-4  # DESIGN.md's tolerance for both identities
 def test_models_and_views(store, spec):
     assert (spec.models, spec.top_p) == (MODELS, TOP_P)
     assert store.models == sorted(MODELS)
-    assert set(TABLES) | {"models", "inventory", "stored_units", "unit_members", "self_repair"} == set(store.views)
+    assert set(TABLES) | {"models", "inventory", "stored_units", "unit_members", "self_repair",
+                          "counterfactual_effects", "repair_channels"} == set(store.views)
     assert store.manifest("gpt2-tiny").model.n_layers == MODELS["gpt2-tiny"][0]
 
 
