@@ -292,3 +292,22 @@ def test_head_page_shows_the_channels(cf_store):
     assert 'id="channels"' in html(page)
     alone = build_head_page(s, "L0H1", ablation="zero", given="L0H3")
     assert alone.channels is not None and alone.channels["n_tokens"] == row["n_tokens"]
+
+
+def test_report_figure_of_channels(cf_store):
+    from dataclasses import replace
+
+    from selfrepair import Store
+    from selfrepair.analysis import registry
+    from selfrepair.analysis.context import Context, ModelInfo
+
+    s = Store.open(cf_store)
+    name = s.models[0]
+    info = ModelInfo.from_manifest(name, s.manifest(name))
+    assert info.counterfactuals == ("frozen-norms", "frozen-attention")
+    spec = registry.figure("fig_repair_channels")
+    ctx = Context((info,), "zero", 0.1)
+    assert spec.shown(ctx) and not spec.shown(Context((replace(info, counterfactuals=()),), "zero", 0.1))
+    df = s.query(spec.query, **spec.runs(ctx)[0])
+    fig = spec.plot(df, ctx)
+    assert fig.axes and df.height == 3
