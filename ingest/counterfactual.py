@@ -258,7 +258,8 @@ def rerun(w, base, name: str, layer: int, patches: list[E.Patch], cut: Cut, u: T
     state = cut_state(base.clean, cut)
     rows = torch.as_tensor(cut.rows, device=u.device)
     u_c = u[rows, :cut.n_pos]
-    ou = E.head_projections(w, u_c)
+    # The batch's head projections (made once per batch, as the sweep's), cut like everything else.
+    ou = base._projections(u)[:, rows, :cut.n_pos] if hasattr(base, "_projections") else E.head_projections(w, u_c)
     cond = cut_patch(base.base, cut) if base.base is not None else None
     mine = [cut_patch(p, cut) for p in patches]
     if name == FROZEN_NORMS:
