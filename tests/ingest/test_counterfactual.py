@@ -60,9 +60,10 @@ def _apply_frozen(norm, x, s):
     return norm.weight * (x / s)  # LlamaRMSNorm
 
 
-def plain_reference(model, rows, src_rows, layer, head, frozen: str):
+def plain_reference(model, rows, src_rows, layer, head, frozen: str, given: tuple[int, int] | None = None):
     """Centred correct-token logit change of a resample ablation of (layer, head) with frozen norms or
-    attention, and the clean final-norm scale: plain transformers and hooks only."""
+    attention, and the clean final-norm scale: plain transformers and hooks only. With `given` (a head),
+    that head is resampled in every run, the baseline too, which then gives the frozen scales and patterns."""
     from transformers import AttentionInterface
 
     layers, final = _layers(model)
@@ -77,6 +78,23 @@ def plain_reference(model, rows, src_rows, layer, head, frozen: str):
     def rec_z(i):
         return lambda m, a: zs.__setitem__(i, a[0].detach().clone())
 
+    src_z = {}
+    with torch.no_grad():
+        hs = [_o_proj(_attn(l)).register_forward_pre_hook(lambda m, a, i=i: src_z.__setitem__(i, a[0].clone()))
+              for i, l in enumerate(layers)]
+        model(src_rows, use_cache=False)
+        for h in hs:
+            h.remove()
+
+    def resample(lh):
+        def hook(m, a):
+            x = a[0].clone()
+            sl = slice(lh[1] * d_head, (lh[1] + 1) * d_head)
+            x[..., sl] = src_z[lh[0]][..., sl]
+            return (x, *a[1:])
+        return hook
+
+    cond = [_o_proj(_attn(layers[given[0]])).register_forward_pre_hook(resample(given))] if given else []
     hs = [n.register_forward_hook(rec_scale) for n in norms]
     hs += [_o_proj(_attn(l)).register_forward_pre_hook(rec_z(i)) for i, l in enumerate(layers)]
     model.set_attn_implementation("eager")
@@ -87,20 +105,8 @@ def plain_reference(model, rows, src_rows, layer, head, frozen: str):
     clean_logits = out.logits.float()
     probs = [a.detach() for a in out.attentions]
     clean_scales = dict(scales)
-    with torch.no_grad():
-        src_z = {}
-        hs = [_o_proj(_attn(layers[layer])).register_forward_pre_hook(lambda m, a: src_z.__setitem__(0, a[0].clone()))]
-        model(src_rows, use_cache=False)
-        for h in hs:
-            h.remove()
-
-    def ablate(m, a):
-        x = a[0].clone()
-        sl = slice(head * d_head, (head + 1) * d_head)
-        x[..., sl] = src_z[0][..., sl]
-        return (x, *a[1:])
-
-    hs = [_o_proj(_attn(layers[layer])).register_forward_pre_hook(ablate)]
+    # A hook registered first runs first: the ablated head goes in on top of the condition's replacement.
+    hs = cond + [_o_proj(_attn(layers[layer])).register_forward_pre_hook(resample((layer, head)))]
     if frozen == "frozen-norms":
         for n in [n for l in layers[layer:] for n in _norms(l)] + [final]:
             hs.append(n.register_forward_hook(lambda m, a, o, n=n: _apply_frozen(n, a[0], clean_scales[n]).to(o.dtype)))
@@ -311,3 +317,27 @@ def test_report_figure_of_channels(cf_store):
     df = s.query(spec.query, **spec.runs(ctx)[0])
     fig = spec.plot(df, ctx)
     assert fig.axes and df.height == 3
+
+
+@pytest.mark.parametrize("frozen", ["frozen-norms", "frozen-attention"])
+def test_under_a_condition_the_baseline_is_the_condition_ablated_run(families, frozen):
+    """L1H2 given L0H3 on tiny Llama: the frozen scales and patterns are the L0H3-ablated run's."""
+    from selfrepair.ingest.ablate import FastBatch, ablation_tables
+    from selfrepair.ingest.weights import read_weights
+    from selfrepair.store.labels import parse_units
+
+    model = families["llama"]
+    model.set_attn_implementation("sdpa")
+    g = torch.Generator().manual_seed(2)
+    rows = torch.randint(0, 256, (BATCH, SEQ), generator=g)
+    src_rows = rows.roll(1, 0)
+    w = read_weights(model, SEQ)
+    preds = SEQ - 1
+    unit, cond = (parse_units(x, w.n_layers, w.n_heads)[0] for x in ("L0H1", "L0H3"))
+    top = np.array([0 * preds + 4, 2 * preds + 1, 3 * preds + 9])
+    tables = ablation_tables(FastBatch(w, rows), FastBatch(w, src_rows), "resample", 0, [unit], rows, 0,
+                             {unit.label: top}, 0, 4, w, condition=cond, counterfactuals=(frozen,))
+    got = tables["counterfactual_runs"].to_pandas()
+    assert set(got.condition) == {"L0H3"}
+    want, _ = plain_reference(model, rows, src_rows, 0, 1, frozen, given=(0, 3))
+    np.testing.assert_allclose(got.d_logit, want[top // preds, top % preds].numpy(), atol=ATOL, rtol=1e-4)
