@@ -28,6 +28,7 @@ class ModelInfo:
         unit_kinds: kinds of the units stored besides heads, ablated alone in the report's draw
             (`group`, `attn`, `mlp`, `block`); empty for a store of heads alone.
         revision: the Hugging Face revision (or local checkpoint label) stored, if any.
+        counterfactuals: the counterfactual re-runs the store holds (empty: none).
     """
 
     name: str
@@ -39,6 +40,7 @@ class ModelInfo:
     resamples: int
     unit_kinds: tuple[str, ...] = ()
     revision: str | None = None  # the training checkpoint stored (`ingest --revision`), if one was
+    counterfactuals: tuple[str, ...] = ()  # the counterfactual re-runs stored (`--counterfactuals`)
 
     @classmethod
     def from_manifest(cls, name: str, manifest: Manifest) -> "ModelInfo":
@@ -51,6 +53,7 @@ class ModelInfo:
             ablations=manifest.config.ablations,
             resamples=manifest.config.resamples,
             revision=manifest.model.revision,
+            counterfactuals=manifest.config.counterfactuals,
         )
 
 

@@ -24,8 +24,8 @@ import polars as pl
 
 from selfrepair.analysis.lens import Lens, open_lens_data, unit_lens
 from selfrepair.analysis import page_html
-from selfrepair.analysis.page_format import (VISIBLE, heading, lens_heading, neurons_note, number, repair_heading,
-                                             sentence_text, summary_sentences, token_text, visible, what_it_is)
+from selfrepair.analysis.page_format import (VISIBLE, heading, lens_heading, neurons_note, number, percent,
+                                             repair_heading, sentence_text, summary_sentences, token_text, visible, what_it_is)
 from selfrepair.analysis.units import StoredUnits
 from selfrepair.errors import ConfigError, QueryError
 from selfrepair.queries import named, requests
@@ -60,6 +60,8 @@ class HeadPage:
         lens_note: what the lens leaves out, or why there is none ("" when it covers the whole unit).
         stored: labels of the units stored alone in the page's draw (the pages a view may link to).
         context: tokens of text shown before and after each token.
+        channels: the means of each repair channel over the tokens with counterfactual re-runs
+            (`head_repair_channels`; None: the store has none for this unit).
     """
 
     model: str
@@ -82,6 +84,7 @@ class HeadPage:
     stored: frozenset[str] = field(default_factory=frozenset)
     context: int = CONTEXT_TOKENS
     n_heads: int = 0
+    channels: dict | None = None  # repair channels from counterfactual re-runs (None: none stored)
     partial: str = ""  # the model's store is partial: what it lacks (Store.partial_text), shown as a banner
 
     @property
@@ -208,7 +211,34 @@ def build_head_page(store, label: str, model: str | None = None, ablation: str |
     linkable = frozenset(u.label for u in stored.draw_units(ablation, sample))
     return HeadPage(model, unit, condition, ablation, sample, p, summary, tokens, repair, neurons, attention, draws,
                     alone, stored.n_layers, text_rows, lens, lens_note, linkable, n_heads=stored.n_heads,
-                    partial=store.partial_text([model]))
+                    partial=store.partial_text([model]),
+                    channels=_channels(query, unit, params["condition"]))
+
+CHANNELS = (("ln_final", "final norm (closed form)"), ("ln_intermediate", "intermediate norms"),
+            ("attention", "attention moving"), ("rest", "the rest (heads' and MLPs' own response)"))
+
+
+def _channels(query, unit: Unit, condition: str) -> dict | None:
+    """The unit's row of `head_repair_channels` (means over its tokens with counterfactual re-runs), or None."""
+    rows = query("head_repair_channels", condition=condition or "none").filter(pl.col("unit") == unit.label)
+    return rows.row(0, named=True) if rows.height else None
+
+
+def _channel_lines(page: HeadPage) -> list[str]:
+    """Each repair channel's mean and its share of the self-repair, on the tokens re-run."""
+    c = page.channels
+    if c is None:
+        return ["not stored: ingest with --counterfactuals frozen-norms,frozen-attention to measure them"]
+    f = number
+    out = [f"over {c['n_tokens']} top tokens re-run (the ingest's top_p): self-repair {f(c['sr'])} "
+           f"(logit change {f(c['d_logit'])}, clean DE {f(c['de_clean'])})"]
+    for key, name in CHANNELS:
+        value = c[key]
+        share = percent(value, c["sr"]) if value is not None else ""
+        out.append(f"{name:<42} {f(value) if value is not None else 'not stored':>12}"
+                   + (f" ({share} of the self-repair)" if share else ""))
+    return out
+
 
 # -- the terminal ------------------------------------------------------------------------------------
 def table_lines(df: pl.DataFrame) -> list[str]:
@@ -299,6 +329,24 @@ def _partial_html(page: HeadPage, links=None) -> str:
     return f'<p class="partial" id="partial"><b>Partial</b>: {_html.escape(page.partial)}.</p>' if page.partial else ""
 
 
+def _channels_text(page: HeadPage) -> list[str]:
+    return ["Repair channels, from counterfactual re-runs (frozen norms, frozen attention):"] + [
+        "  " + line for line in _channel_lines(page)]
+
+
+def _channels_html(page: HeadPage, links=None) -> str:
+    first = "".join(f"<p>{_html.escape(line)}</p>" for line in _channel_lines(page)[:1])
+    c, table = page.channels, ""
+    if c is not None:
+        table = page_html.table(pl.DataFrame({
+            "channel": [name for _, name in CHANNELS],
+            "mean": [c[key] for key, _ in CHANNELS],
+            "share of self-repair": [c[key] / c["sr"] if c[key] is not None and c["sr"] else None
+                                     for key, _ in CHANNELS]}, strict=False)).replace(
+            '<table class="data">', '<table class="data" id="channels">', 1)
+    return f'<section id="repair-channels"><h2>Repair channels (counterfactual re-runs)</h2>{first}{table}</section>'
+
+
 # The page, top to bottom. A new part of the page is one more entry here.
 SECTIONS: list[Section] = [
     Section("partial", _partial_text, _partial_html),
@@ -308,6 +356,7 @@ SECTIONS: list[Section] = [
     Section("repair", _repair_text, page_html.repair_section),
     Section("neurons", _neurons_text, page_html.neurons_section),
     Section("attention", _attention_text, page_html.attention_section),
+    Section("channels", _channels_text, _channels_html),
     Section("draws", _draws_text, page_html.draws_section),
 ]
 

@@ -15,6 +15,7 @@ from selfrepair.analysis import (
     fig_neuron_cumulative,
     fig_neuron_sparsity,
     fig_neuron_top_frequency,
+    fig_repair_channels,
     fig_resample_spread,
     fig_self_repair_by_depth,
     fig_token_noise,
@@ -45,6 +46,7 @@ FIGURES: tuple[FigureSpec, ...] = (
     fig_resample_spread.FIGURE,        # 15, second part
     fig_unit_breakdown.FIGURE,         # units: the Hydra effect's figure (drawn only where stored)
     fig_training_steps.FIGURE,         # revisions: against training step (drawn only for >= 2 revisions of a model)
+    fig_repair_channels.FIGURE,        # measured mechanisms (drawn only where counterfactuals are stored)
 )
 
 TABLES: tuple[TableSpec, ...] = (

@@ -328,7 +328,7 @@ def ablation_tables(
     ctx, src, kind: str, sample: int, units: list[Unit], rows: torch.Tensor,
     row0: int, top_sets: dict[str, np.ndarray], neurons_top_k: int,
     units_per_pass: int, w: Weights, on_pass: Callable[[int], None] = lambda n: None,
-    attention_top_k: int = 8, condition: Unit | None = None,
+    attention_top_k: int = 8, condition: Unit | None = None, counterfactuals: tuple[str, ...] = (),
 ) -> dict[str, pa.Table]:
     """Ablate every unit in `units` on one batch (on top of `condition`, if any) and build the tables' rows.
 
@@ -348,10 +348,12 @@ def ablation_tables(
         on_pass: called with the number of unit-token ablations done after each pass.
         attention_top_k: attention sources kept per head unit and top token (0: none).
         condition: the unit ablated in every run, the baseline's too (`U | U0`), or None.
+        counterfactuals: re-run each unit's top-p% tokens under these (ingest/counterfactual.py).
 
     Returns:
         Arrow tables `ablation_effects`, `ablation_top` (its rows on top-p% tokens), `repair_sources`,
-        `neuron_effects`, `neuron_totals`, `attention_top`, and `condition_tokens` under a condition.
+        `neuron_effects`, `neuron_totals`, `attention_top`, `condition_tokens` under a condition, and
+        `counterfactual_runs`, `counterfactual_sources` with counterfactuals.
 
     Raises:
         ConfigError: a unit the model does not define, or one that overlaps the condition.
@@ -393,7 +395,30 @@ def ablation_tables(
         out["attention_top"] = _concat(att, kind, sample)
     if condition is not None:
         out["condition_tokens"] = _concat([b.condition_tokens()], kind, sample)
+    if counterfactuals:
+        out.update(_counterfactual_tables(b, ctx, src, kind, sample, units, top_sets, counterfactuals,
+                                          units_per_pass, w, row0))
     return out
+
+
+def _counterfactual_tables(b, ctx, src, kind, sample, units, top_sets, names, units_per_pass, w, row0) -> dict:
+    """`counterfactual_runs` and `counterfactual_sources` of the batch (none when no unit has a top token here)."""
+    from selfrepair.ingest.counterfactual import batch_reruns
+
+    cache: dict = {}
+    runs, sources = [], []
+    for r in batch_reruns(w, b.base, units, top_sets, names, units_per_pass,
+                          lambda unit: unit_patch(ctx, src, kind, unit, w.n_heads, cache), b.u, row0, b.preds):
+        ident = {**b.ident(r.unit), "counterfactual": r.name}
+        local = torch.as_tensor(r.tokens - row0 * b.preds, device=b.u.device)
+        at = lambda t: t[:, :b.preds].reshape(-1)[local]  # noqa: E731 - [batch, pos] -> the unit's top tokens
+        runs.append({**ident, "token_index": r.tokens, "d_logit": r.logit - at(b.logit), "ln_scale": r.ln_scale,
+                     "de": r.de, "de_base": at(b.de_base(r.unit)), "d_de_heads": r.d_heads.sum(-1),
+                     "d_de_mlps": r.d_mlps.sum(-1)})
+        sources.append(_repair_rows(w, r.unit, ident, r.tokens, r.d_heads, r.d_mlps))
+    if not runs:
+        return {}
+    return {"counterfactual_runs": _concat(runs, kind, sample), "counterfactual_sources": _concat(sources, kind, sample)}
 
 
 def neuron_detail_tables(

@@ -12,6 +12,7 @@ from functools import partial
 from pathlib import Path
 
 from selfrepair.errors import ConfigError, SettingConflict
+from selfrepair.ingest.counterfactual_rules import parse_counterfactuals
 from selfrepair.ingest.presets import PRESETS, preset_settings
 from selfrepair.store.heads import HEAD_WORDS, SR_WORDS, normalize_spec, parse_heads  # noqa: F401 - parse_heads re-exported
 from selfrepair.store.labels import is_shorthand, normalize_conditions, normalize_units, parse_units
@@ -137,6 +138,10 @@ class IngestConfig:
         unset="none", parse=partial(normalize_spec, words=SR_WORDS), metavar="HEADS")
     attention_top_k: int = setting(8, "Attention sources kept per head and top token (the largest clean attention "
                                    "weights).", min=0)
+    counterfactuals: tuple[str, ...] = setting(
+        (), "Re-run each unit's ablation on its top-p% tokens with every downstream norm scale (frozen-norms) or "
+        "attention pattern (frozen-attention) taken from the baseline run: none, or a comma list of both "
+        "(fast engine only).", parse=parse_counterfactuals, metavar="NAMES", show_default=False)
     device: str = setting("auto", choices=DEVICES)
     dtype: str = setting("float32", "Precision of the sweep's matrix products (on the change from the clean run); "
                          "the clean pass, residual stream, norms and differences stay float32.", choices=DTYPES)
@@ -211,6 +216,9 @@ class IngestConfig:
             raise ConfigError(f"top_p: floor(top_p × tokens) = floor({self.top_p:g} × {self.n_tokens}) = 0 tokens per "
                               f"head; raise --top-p to at least 1/{self.n_tokens} or --tokens to at least "
                               f"{math.ceil(1 / self.top_p)}")
+        if self.counterfactuals and self.engine != "fast":
+            raise SettingConflict(f"counterfactuals: only with engine fast, got {self.engine}",
+                                  f"--counterfactuals runs on the fast engine; --engine {self.engine} cannot run it")
         if self.sr_mlps_neurons != "none" and self.neurons_top_k == 0:
             raise ConfigError("sr_mlps_neurons: needs neuron detail; --neurons-top-k is 0")
         given = [k for k in ("workers", "ray_address") if getattr(self, k) is not None]
@@ -319,6 +327,7 @@ class IngestConfig:
         d["store"] = str(self.store)
         d["ablations"] = list(self.ablations)
         d["given"] = list(self.given)
+        d["counterfactuals"] = list(self.counterfactuals)
         # Stores written before arrays could be chosen recorded a bool; all and none still do,
         # so they keep matching those stores' identity.
         arrays = list(self.activations)

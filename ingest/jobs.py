@@ -205,14 +205,14 @@ class JobRunner:
         kind, sample, (r0, r1) = work.kind, work.sample, work.rows
         tables = self._patching(job, lambda ctx, src, rows, hpp: ablation_tables(
             ctx, src, kind, sample, work.units, rows, r0, job.top_sets, cfg.neurons_top_k, hpp, w, on_pass,
-            cfg.attention_top_k, condition=work.condition))
+            cfg.attention_top_k, condition=work.condition, counterfactuals=cfg.counterfactuals))
         if not work.with_condition_tokens:  # one shard per batch, draw and condition holds its baseline
             tables.pop("condition_tokens", None)
         entry = {"phase": "ablation", "rows": [r0, r1], "ablation": kind, "sample": sample,
                  **work.entry_fields(), "engine": cfg.engine, "top_n_tokens": job.top_n_tokens,
                  # the top tokens its detail covers: a shard whose set changes later is redone
-                 "top_sha": top_tokens.batch_digest(job.top_sets, work.units, r0 * cfg.preds_per_row,
-                                                   r1 * cfg.preds_per_row)}
+                 "top_sha": top_tokens.shard_digest(job.top_sets, work.units, r0 * cfg.preds_per_row,
+                                                   r1 * cfg.preds_per_row, cfg.counterfactuals)}
         if job.pair is not None:
             entry["pairs_sha"] = pairs_digest(job.pair)
             if work.with_sources:  # one shard per batch and draw holds its pairs, so keys never repeat

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -19,6 +20,7 @@ from selfrepair.ingest import corpus as C
 from selfrepair.ingest import models as M
 from selfrepair.ingest.config import IngestConfig
 from selfrepair.ingest.conventions import PROCESSED
+from selfrepair.ingest.counterfactual_rules import check_counterfactuals, run_fraction
 from selfrepair.ingest.disk import check_free_disk, estimate_run, model_shape
 from selfrepair.ingest.executors import make_executor
 from selfrepair.ingest.model_sizes import pre_load_facts
@@ -82,6 +84,8 @@ class Ingest:
             cfg.conditions(*sizes)
         if arch is not None:  # a kind the family does not define (MLP9 on Mixtral): refused before it loads
             cfg = self.cfg = _family_settings(cfg, arch, sizes, self.log)
+        if arch is not None:  # frozen attention where attention skips AttentionInterface: refused before it loads
+            check_counterfactuals(cfg.counterfactuals, arch)
         if cfg.dry_run:
             return self._dry_run(spec)
         files.check_writable_dir(cfg.store)  # before the expensive load; created only once inputs pass
@@ -123,6 +127,7 @@ class Ingest:
 
         _check_context(model, cfg.seq_len)  # read_weights runs the model at seq_len
         w = read_weights(model.hf_model, cfg.seq_len, cfg.preset)
+        check_counterfactuals(cfg.counterfactuals, w.family.name)
         family_cfg = _family_settings(cfg, w.family.name, (w.n_layers, w.n_heads), self.log)
         if family_cfg is not cfg:
             # No config was readable before the load (e.g. a GGUF file): the identity checked then is not this run's.
@@ -225,7 +230,8 @@ class Ingest:
         t = time.perf_counter()
         try:
             checks, excused = run_self_check(model, w, first, src, cfg.ablations,
-                                             unit_cases(units, conditions, w.n_heads))
+                                             unit_cases(units, conditions, w.n_heads),
+                                             counterfactuals=cfg.counterfactuals)
         except torch.OutOfMemoryError:
             raise DeviceError("out of GPU memory even with one head per pass (in the self-check on the first "
                               "batch); lower --batch-size") from None
@@ -400,10 +406,15 @@ class Ingest:
         draws = [(k, s) for k in cfg.ablations for s in (range(cfg.resamples) if k == "resample" else [0])]
         digest = lambda sample, r0, r1: pairs_digest(_sources(cfg, sample, r0, r1))  # noqa: E731
         # Only the missing (ablation, sample, condition, unit, batch) work, from what the store already holds.
-        top_digest = lambda r0, r1, us: top_tokens.batch_digest(top_sets, us, r0 * preds, r1 * preds)  # noqa: E731
+        top_digest = lambda r0, r1, us: top_tokens.shard_digest(top_sets, us, r0 * preds, r1 * preds,  # noqa: E731
+                                                                cfg.counterfactuals)
         # …and the stored shards whose detail follows other top-p% sets (more tokens), or whose
         # files are missing or damaged, are redone.
         todo = _condition_work(writer.manifest, cfg, draws, units, conditions, digest, top_digest, self._damaged)
+        if cfg.counterfactuals:
+            per_pass = cfg.heads_per_pass or max(Counter(u.layer for u in units).values(), default=1)
+            self.log(f"  {','.join(cfg.counterfactuals)}: " + run_fraction(
+                top_sets, units, per_pass, cfg.n_rows, cfg.batch_size, cfg.seq_len).line())
         result.shards_skipped += len(plan.batches(cfg.n_rows, cfg.batch_size)) * len(draws) - \
             len({(t.kind, t.sample, t.rows) for t in todo if (t.kind, t.sample) in draws})
         jobs = []
@@ -563,7 +574,7 @@ def _sr_runs(runs: list, spec: str) -> list:
     return sorted(set(runs) | ({spec} if spec != "none" else set()))
 
 
-LATER_SETTINGS = ("attention_top_k",)  # identity settings newer than some stores
+LATER_SETTINGS = ("attention_top_k", "counterfactuals")  # identity settings newer than some stores
 
 
 def _identity_conflict(old: Manifest, identity: dict) -> str | None:

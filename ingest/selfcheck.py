@@ -108,7 +108,7 @@ def full_forward_logit(w, rows: torch.Tensor, layer: int, head: int, z_new: torc
 
 
 # The comparisons judged by the model's own forward: never excused.
-MODEL_JUDGED = ("clean logit: engine vs model", ": fast vs full model forward")
+MODEL_JUDGED = ("clean logit: engine vs model", ": fast vs full model forward", ": cut re-run vs full model forward")
 BRIDGE_VS_MODEL = "centred logits: bridge vs model"
 
 
@@ -188,7 +188,7 @@ def _unit_checks(record, w, rows, fast, fast_src, ref, ref_src, kind: str, cases
 
 
 def run_self_check(model, w, rows: torch.Tensor, source_rows: torch.Tensor | None, ablations,
-                   cases=(), log=print) -> tuple[dict, list[str]]:
+                   cases=(), log=print, counterfactuals=()) -> tuple[dict, list[str]]:
     """Compare engine, bridge and model on one batch.
 
     Returns:
@@ -201,6 +201,7 @@ def run_self_check(model, w, rows: torch.Tensor, source_rows: torch.Tensor | Non
         source_rows: that batch's resample source rows (None without resample).
         ablations: the ablation types the ingest will run.
         cases: (unit, condition) pairs to check besides the sample heads (`unit_cases`).
+        counterfactuals: re-runs to check against a whole hooked forward (ingest/counterfactual_check.py).
 
     Raises:
         SelfCheckFailed: a deviation beyond TOLERANCE, named in the message.
@@ -261,4 +262,9 @@ def run_self_check(model, w, rows: torch.Tensor, source_rows: torch.Tensor | Non
                 record(f"d_de_mlps {tag}: fast vs reference", rf.d_de_mlps[0].sum(-1)[:, :preds],
                        rr.d_de_mlps[0].sum(-1)[:, :preds])
         _unit_checks(record, w, rows, fast, fast_src, ref, ref_src, kind, cases, u_full, cut)
+    if counterfactuals:
+        from selfrepair.ingest.counterfactual_check import counterfactual_checks
+
+        counterfactual_checks(record, w, rows, fast, fast_src, ablations[0], counterfactuals,
+                              *sample_heads(w.n_layers, w.n_heads)[0], u_full)
     return out, judge(w.family.name, out, judged)

@@ -451,6 +451,46 @@ FROM tokens
 """
 
 
+# Measured mechanisms (DESIGN.md, "Beyond single heads"): each counterfactual re-run as readers see it,
+# d_de the unit's change in DE (de − de_base), head NULL for a unit that is not one head.
+COUNTERFACTUAL_EFFECTS_COLUMNS = ("model", "ablation", "sample", "unit", "layer", "head", "token_index", "condition",
+                                  "counterfactual", "d_logit", "ln_scale", "d_de", "d_de_heads", "d_de_mlps")
+COUNTERFACTUAL_EFFECTS_SQL = """
+CREATE VIEW counterfactual_effects AS
+SELECT model, ablation, sample, unit, layer, CASE WHEN head >= 0 THEN head END AS head, token_index, condition,
+       counterfactual, d_logit::DOUBLE AS d_logit, ln_scale::DOUBLE AS ln_scale,
+       de::DOUBLE - de_base::DOUBLE AS d_de, d_de_heads::DOUBLE AS d_de_heads, d_de_mlps::DOUBLE AS d_de_mlps
+FROM counterfactual_runs
+"""
+
+# Each repair channel per unit and token that has a counterfactual (its top-p% tokens):
+#   ln_final         the final norm, closed form (self_repair's sr_ln_closed, = sr_ln);
+#   ln_intermediate  d_logit − d_logit[frozen-norms] less the final norm's part (frozen-norms freezes both);
+#   attention        d_logit − d_logit[frozen-attention]: attention patterns moving;
+#   rest             sr less those three (NULL unless both counterfactuals are stored).
+# A channel whose counterfactual was not ingested is NULL.
+REPAIR_CHANNELS_SQL = """
+CREATE VIEW repair_channels AS
+WITH cf AS (
+    SELECT model, ablation, sample, condition, unit, token_index,
+           max(d_logit) FILTER (WHERE counterfactual = 'frozen-norms') AS d_logit_frozen_norms,
+           max(d_logit) FILTER (WHERE counterfactual = 'frozen-attention') AS d_logit_frozen_attention
+    FROM counterfactual_effects
+    GROUP BY ALL
+), joined AS (
+    SELECT s.model, s.ablation, s.sample, s.condition, s.unit, s.unit_kind, s.layer, s.head, s.head_label,
+           s.token_index, s.de_clean, s.d_de, s.d_logit, s.sr, s.sr_heads, s.sr_mlps, s.sr_ln,
+           s.sr_ln_closed AS ln_final,
+           s.d_logit - cf.d_logit_frozen_norms - s.sr_ln_closed AS ln_intermediate,
+           s.d_logit - cf.d_logit_frozen_attention AS attention,
+           cf.d_logit_frozen_norms, cf.d_logit_frozen_attention
+    FROM cf JOIN self_repair s USING (model, ablation, sample, condition, unit, token_index)
+)
+SELECT *, sr - ln_final - ln_intermediate - attention AS rest
+FROM joined
+"""
+
+
 def inventory_view_sql(models: list[ModelFiles]) -> str:
     """`CREATE VIEW inventory`: one row per model and stored (ablation, draw), from the manifests."""
     rows = [r for m in models for r in Inventory.of(m.model, m.manifest).rows()]
@@ -466,7 +506,8 @@ def inventory_view_sql(models: list[ModelFiles]) -> str:
     return f"CREATE VIEW inventory({cols}) AS VALUES\n{values}"
 
 
-DERIVED_VIEWS = ("models", "inventory", "stored_units", "unit_members", "self_repair")
+DERIVED_VIEWS = ("models", "inventory", "stored_units", "unit_members", "self_repair", "counterfactual_effects",
+                 "repair_channels")
 
 
 def view_statements(models: list[ModelFiles]) -> list[str]:
@@ -476,7 +517,7 @@ def view_statements(models: list[ModelFiles]) -> list[str]:
     out += [models_view_sql(models), inventory_view_sql(models), stored_units_view_sql(models),
             unit_members_view_sql(models), SELF_REPAIR_SQL,
             TOP_TOKENS_SQL, UNIT_TOP_TOKENS_SQL, SELF_REPAIR_TOP_SQL, SR_MLPS_TOP_SQL, PAPER_HEAD_MEANS_SQL,
-            TOKEN_CONTEXT_SQL, *bootstrap.MACROS]
+            TOKEN_CONTEXT_SQL, COUNTERFACTUAL_EFFECTS_SQL, REPAIR_CHANNELS_SQL, *bootstrap.MACROS]
     return out
 
 

@@ -14,7 +14,7 @@ from types import MappingProxyType
 from selfrepair.errors import StoreError
 from selfrepair.store.jsonread import LOG_MAX_BYTES, MANIFEST_MAX_BYTES, MAX_DEPTH, RECORD_MAX_BYTES
 from selfrepair.store.schema import (
-    ABLATION_KINDS, DERIVED_TABLES, READABLE_SCHEMA_VERSIONS, RECORD_OPS, SET_FORBIDDEN, SHARD_PHASES, TABLES,
+    ABLATION_KINDS, COUNTERFACTUAL_NAMES, DERIVED_TABLES, READABLE_SCHEMA_VERSIONS, RECORD_OPS, SET_FORBIDDEN, SHARD_PHASES, TABLES,
 )
 
 REQUIRED = object()
@@ -86,6 +86,7 @@ FIELD_BOUNDS = {
     "config.resamples": ("int, default 1", f"1 ≤ n ≤ {MAX_SAMPLE + 1}"),
     "config.ablations": ("list[str], default ['resample']", f"each one of {ABLATION_KINDS}"),
     "config.heads_runs, sr_mlps_neurons_runs": ("list[str], default []", f"≤ {MAX_TEXT} chars each"),
+    "config.counterfactuals": ("list[str], default []", f"each one of {COUNTERFACTUAL_NAMES}"),
     "corpus.fingerprint, spec / corpus.rows": ("str / int, optional", f"0 ≤ rows ≤ {MAX_ROWS}"),
     "log.generation": ("int, optional (schema 1: none)", f"0 ≤ n ≤ {MAX_COUNT}"),
     "identity, preset, versions, self_check, top_token_rule": ("JSON, optional", "kept as written"),

@@ -36,7 +36,10 @@ TABLE_BYTES: dict[str, tuple[float, float]] = {
     "neuron_effects": (11.5, 2700.0),  # 2 float32 + neuron index + rank (repeats per token) + token_index
     "neuron_totals": (17.6, 3090.0),  # 3 float32 + token_index (+ unit strings per file)
     "attention_top": (10.5, 2900.0),  # rank, positions, weight (+ unit strings)
-    "condition_tokens": (12.5, 1200.0),  # 2 float32 + token_index (not calibrated: ablation_effects' floats)
+    "condition_tokens": (12.5, 1200.0),
+    # Not calibrated: ablation_top's and repair_sources' measures, whose rows these repeat per counterfactual.
+    "counterfactual_runs": (38.0, 3430.0),
+    "counterfactual_sources": (6.6, 3300.0),  # 2 float32 + token_index (not calibrated: ablation_effects' floats)
     "head_top_tokens": (7.3, 1300.0),
     "vocab": (3.0, 1000.0),  # token_id + a short string (a 50k BPE vocabulary: ~11 B a row, 0.5 MB)
 }
@@ -90,6 +93,7 @@ class RunCounts:
         attention_top_k: attention sources kept per ablated head and top token.
         sr_heads: ablated heads whose top tokens by sr_mlps also get neuron detail (`--sr-mlps-neurons`).
         conditions: conditions the units are also ablated under (each stores its run's `condition_tokens`).
+        counterfactuals: counterfactual re-runs of each ablated head's top tokens (`--counterfactuals`).
         arrays: Zarr activation arrays kept.
         activation_dtype: float16 or float32.
     """
@@ -107,6 +111,7 @@ class RunCounts:
     attention_top_k: int = 8
     sr_heads: int = 0
     conditions: int = 0
+    counterfactuals: int = 0
 
     @property
     def n_tokens(self) -> int:
@@ -201,6 +206,11 @@ def table_rows(shape: ModelShape, run: RunCounts) -> dict[str, tuple[int, int]]:
         "attention_top": (round(run.draws * len(run.heads) * top * _mean_sources(run.attention_top_k, run.preds_per_row)),
                           b * run.draws if detail and run.attention_top_k else 0),
         "condition_tokens": (run.conditions * run.draws * n, b * run.draws * run.conditions),
+        "counterfactual_runs": (run.counterfactuals * run.draws * len(run.heads) * top,
+                                b * run.draws if detail and run.counterfactuals else 0),
+        "counterfactual_sources": (run.counterfactuals * run.draws * top
+                                   * sum(downstream_components(shape, l) for l, _ in run.heads),
+                                   b * run.draws if detail and run.counterfactuals else 0),
         "head_top_tokens": (shape.n_layers * shape.n_heads * top, 1),
         "vocab": (shape.d_vocab, 1),
     }

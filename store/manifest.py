@@ -23,7 +23,7 @@ from selfrepair.store.bounds import (
 )
 from selfrepair.store.heads import parse_heads
 from selfrepair.store.labels import Unit, head_unit, parse_units
-from selfrepair.store.schema import ABLATION_KINDS, DERIVED_TABLES, READABLE_SCHEMA_VERSIONS, SHARD_PHASES, TABLES
+from selfrepair.store.schema import ABLATION_KINDS, COUNTERFACTUAL_NAMES, DERIVED_TABLES, READABLE_SCHEMA_VERSIONS, SHARD_PHASES, TABLES
 
 
 # -- entries ---------------------------------------------------------------------------------
@@ -220,6 +220,7 @@ class RunConfig:
     heads_runs: tuple[str, ...] = ()
     sr_mlps_neurons_runs: tuple[str, ...] = ()
     raw: Mapping = field(default_factory=dict, compare=False, repr=False)
+    counterfactuals: tuple[str, ...] = ()  # the re-runs stored (`--counterfactuals`); none before they existed
 
 
 def parse_config(obj, what: str) -> RunConfig:
@@ -228,7 +229,8 @@ def parse_config(obj, what: str) -> RunConfig:
                      f.count("neurons_top_k", MAX_COUNT, default=DEFAULT_NEURONS_TOP_K),
                      f.count("resamples", MAX_SAMPLE + 1, 1, default=1),
                      f.texts("ablations", ABLATION_KINDS, ("resample",)), f.texts("heads_runs"),
-                     f.texts("sr_mlps_neurons_runs"), proxy(obj))
+                     f.texts("sr_mlps_neurons_runs"), proxy(obj),
+                     f.texts("counterfactuals", COUNTERFACTUAL_NAMES, ()))
 
 
 @dataclass(frozen=True)

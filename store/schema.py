@@ -187,6 +187,44 @@ CONDITION_TOKENS = Table(
     "and its final-norm scale, the baseline of every row ablated under that condition",
 )
 
+# Measured mechanisms (DESIGN.md, "Beyond single heads"): an ablation re-run on its unit's top-p% tokens
+# with every downstream norm scale (frozen-norms) or attention pattern (frozen-attention) the baseline's.
+COUNTERFACTUAL_NAMES = ("frozen-norms", "frozen-attention")
+_CF_KEY = _UNIT_KEY + ("counterfactual",)
+
+COUNTERFACTUAL_RUNS = Table(
+    "counterfactual_runs",
+    _CF_KEY + ("token_index",),
+    _DRAW + UNIT_COLUMNS + (
+        ("counterfactual", STR),
+        ("token_index", I32),
+        ("d_logit", F32),
+        ("ln_scale", F32),
+        ("de", F32),
+        ("de_base", F32),
+        ("d_de_heads", F32),
+        ("d_de_mlps", F32),
+    ),
+    "top-p% tokens only: one unit's ablation re-run under a counterfactual (--counterfactuals): change in logit "
+    "against the baseline run, the final-norm scale it divides by (the baseline's under frozen-norms), the unit's "
+    "DE after (de) and in the baseline (de_base), and the summed change in DE of the heads and MLPs outside it",
+)
+
+COUNTERFACTUAL_SOURCES = Table(
+    "counterfactual_sources",
+    _CF_KEY + ("token_index", "src_kind", "src_layer", "src_head"),
+    _DRAW + UNIT_COLUMNS + (
+        ("counterfactual", STR),
+        ("token_index", I32),
+        ("src_kind", STR),
+        ("src_layer", I16),
+        ("src_head", I16),
+        ("d_de", F32),
+    ),
+    "as repair_sources, for each counterfactual re-run: the change in DE of each downstream head or MLP "
+    "(src_head -1) outside the unit",
+)
+
 HEAD_TOP_TOKENS = Table(
     "head_top_tokens",
     ("layer", "head", "token_index"),
@@ -215,6 +253,8 @@ TABLES: dict[str, Table] = {
         NEURON_TOTALS,
         ATTENTION_TOP,
         CONDITION_TOKENS,
+        COUNTERFACTUAL_RUNS,
+        COUNTERFACTUAL_SOURCES,
         HEAD_TOP_TOKENS,
         VOCAB,
     )

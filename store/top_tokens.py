@@ -189,3 +189,15 @@ def batch_digest(top_sets: dict, units, tok0: int, tok1: int) -> str:
         h.update(f"{_key(unit)}:".encode())
         h.update(np.asarray(toks[lo:hi], dtype=np.int64).tobytes())
     return h.hexdigest()[:16]
+
+
+def shard_digest(top_sets: dict, units, tok0: int, tok1: int, counterfactuals=()) -> str:
+    """An ablation shard's `top_sha`: `batch_digest`, and the counterfactuals its top tokens were re-run under.
+
+    Without counterfactuals it is `batch_digest` itself, so shards written before them stay valid; a run
+    that asks for counterfactuals redoes the shards that lack them.
+    """
+    digest = batch_digest(top_sets, units, tok0, tok1)
+    if not counterfactuals:
+        return digest
+    return hashlib.sha256(f"{digest};counterfactuals {','.join(counterfactuals)}".encode()).hexdigest()[:16]

@@ -36,9 +36,11 @@ def drawn(built):
 def test_every_figure_is_in_the_report(built):
     names = {e.spec.name for e in built.figures}
     # The unit figure is left out of a store of heads alone (test_unit_pages.py draws it), the training-step
-    # figure out of a store without two revisions of one model (tests/ingest/test_revisions.py draws it).
-    assert names == {s.name for s in registry.FIGURES} - {"fig_unit_breakdown", "fig_training_steps"}
-    assert len(registry.FIGURES) == 18
+    # figure out of a store without two revisions of one model (tests/ingest/test_revisions.py draws it), the
+    # channels' figure out of a store without counterfactual re-runs (tests/ingest/test_counterfactual.py draws it).
+    assert names == {s.name for s in registry.FIGURES} - {"fig_unit_breakdown", "fig_training_steps",
+                                                           "fig_repair_channels"}
+    assert len(registry.FIGURES) == 19
 
 
 def test_data_drawn_equals_the_named_query(built, tiny_query_store):

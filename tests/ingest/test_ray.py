@@ -42,9 +42,10 @@ def _tables(store) -> dict[str, pl.DataFrame]:
     return {name: s.sql(f"SELECT * FROM {name}").sort(list(t.key)) for name, t in TABLES.items()}
 
 
-def _assert_same_store(got_root, want_root, empty=("condition_tokens",)) -> None:
+def _assert_same_store(got_root, want_root,
+                       empty=("condition_tokens", "counterfactual_runs", "counterfactual_sources")) -> None:
     """Every table equal, row for row, and none of them empty but those in `empty` (a run without --given
-    has no condition run)."""
+    has no condition run, one without --counterfactuals no re-run)."""
     got, want = _tables(got_root), _tables(want_root)
     for name in TABLES:
         assert got[name].height == want[name].height, name
@@ -148,9 +149,11 @@ def test_killed_driver_resumes(ray_cluster, reference, tiny_model_dirs, tmp_path
 
 
 def test_ray_runs_every_unit_kind_condition_and_sr_mlps_detail_as_in_process(ray_cluster, tiny_model_dirs, tmp_path):
-    """Units of every kind, alone and given a condition, with neuron detail by sr_mlps: the same tables."""
+    """Units of every kind, alone and given a condition, with neuron detail by sr_mlps and both counterfactual
+    re-runs: the same tables."""
     settings = dict(tokens=124, units="L1H2,mlps,attn,BLOCK1,pair=L0H3+L1H0", given=("L0H1",),
-                    sr_mlps_neurons="L1", ablations=("resample", "zero"))
+                    sr_mlps_neurons="L1", ablations=("resample", "zero"),
+                    counterfactuals=("frozen-norms", "frozen-attention"))
     ingest_tiny(tiny_model_dirs["llama"], tmp_path / "inprocess", **settings)
     ingest_tiny(tiny_model_dirs["llama"], tmp_path / "ray", executor="ray", workers=2, **settings)
     _assert_same_store(tmp_path / "ray", tmp_path / "inprocess", empty=())

@@ -73,9 +73,10 @@ def test_a_request_for_what_was_not_ingested_is_refused(store, params, message):
 
 
 # This store holds no condition and no unit but heads: conditional_growth runs on one that does
-# (test_query_units.py), fig_unit_breakdown on an ingested one (tests/analysis/test_unit_pages.py).
+# (test_query_units.py), fig_unit_breakdown on an ingested one (tests/analysis/test_unit_pages.py);
+# nor counterfactual re-runs: head_repair_channels runs on a store with them (tests/ingest/test_counterfactual.py).
 @pytest.mark.parametrize("name", sorted(set(named.all_queries()) - SR_MLPS_QUERIES
-                                        - {"conditional_growth", "fig_unit_breakdown"}))
+                                        - {"conditional_growth", "fig_unit_breakdown", "head_repair_channels"}))
 def test_runs_on_top_tokens(store, spec, name):
     q = named.all_queries()[name]
     names = {p.name for p in q.params}

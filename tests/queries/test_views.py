@@ -22,7 +22,8 @@ TOL = 1e-4  # DESIGN.md's tolerance for both identities
 def test_models_and_views(store, spec):
     assert (spec.models, spec.top_p) == (MODELS, TOP_P)
     assert store.models == sorted(MODELS)
-    assert set(TABLES) | {"models", "inventory", "stored_units", "unit_members", "self_repair"} == set(store.views)
+    assert set(TABLES) | {"models", "inventory", "stored_units", "unit_members", "self_repair",
+                          "counterfactual_effects", "repair_channels"} == set(store.views)
     assert store.manifest("gpt2-tiny").model.n_layers == MODELS["gpt2-tiny"][0]
 
 
@@ -145,4 +146,5 @@ def test_open_single_model_folder(store_root):
 def test_public_export():
     import selfrepair
 
-    assert selfrepair.Store is Store
+    # the query layer's Store with the notebook's unit pages (analysis/notebook.py): every query method is Store's
+    assert issubclass(selfrepair.Store, Store) and {"head", "_repr_html_"} <= set(vars(selfrepair.Store))

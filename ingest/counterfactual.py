@@ -1,0 +1,351 @@
+"""Measured mechanisms: each ablation re-run with frozen norms or frozen attention (DESIGN.md, "Beyond single heads").
+
+*frozen-norms*: every residual-stream norm the pass runs (each layer's norms from the unit's first
+layer on, and the final norm) divides by its scale in the baseline run instead of its own.
+*frozen-attention*: every attention pattern the pass runs is the baseline run's; queries and keys
+are ignored, values recomputed. The baseline is the clean run, or under a condition the
+condition-ablated run, as everywhere else.
+
+A re-run happens only on each unit's top-p% tokens. Attention is causal, so a pass needs only
+the rows holding one of its units' top tokens, and positions up to the last of them in the batch:
+the cached baseline (`engine.CleanState`, each layer's recorded `Call`, the replacements, `u`)
+is cut to those rows and positions (`cut_state`) and `engine.patch_layer` runs on the cut, with
+the freezing hooks of this module registered around it. Nothing in the engine changes.
+
+Frozen attention goes through transformers' `AttentionInterface`: the baseline patterns are
+recorded by one eager forward of the baseline run (eager attention returns its probabilities),
+and the frozen pass swaps the model's attention function for one that multiplies the recorded
+probabilities into the recomputed values. A family whose attention does not go through that
+interface is refused before the model loads (`counterfactual_problem`), and a layer whose
+attention skips the swapped function refuses the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from selfrepair.errors import ConfigError, UnsupportedModel
+from selfrepair.ingest import engine as E
+from selfrepair.ingest.counterfactual_rules import FROZEN_ATTENTION, FROZEN_NORMS, Cut, cuts_for, passes
+from selfrepair.ingest.families import module_at
+from selfrepair.ingest.layer_calls import Call, hooks
+
+# -- cutting the baseline to the rows and positions -------------------------------------------
+_LAYER_FIRST = ("resid_pre", "z", "o_out", "attn_post_scale", "mlp_write")  # [layer, batch, pos, …]
+
+
+def _cut_tensor(t: Tensor, rows: Tensor, n_pos: int, batch: int, pos: int) -> Tensor:
+    """A batch-major tensor of a layer call (mask, rotary table, position ids, ALiBi) cut to `rows`, `n_pos`.
+
+    The batch dim is the first when its size is the batch (or a multiple: ALiBi's [batch·head, …]); a dim
+    of size `pos` after it is cut to `n_pos`, except the last dim of a [*, pos, dim] table (rotary features).
+    """
+    if t.dim() == 0:
+        return t
+    if t.dim() == 1:
+        return t[:n_pos] if t.shape[0] == pos else t
+    if t.shape[0] == batch or (t.shape[0] % batch == 0 and t.shape[0] > batch):
+        per = t.shape[0] // batch
+        t = t.reshape(batch, per, *t.shape[1:])[rows].reshape(len(rows) * per, *t.shape[1:])
+    index = [slice(None)] * t.dim()
+    for d in range(1, t.dim()):
+        feature = d == t.dim() - 1 and d >= 2 and t.shape[d - 1] == pos and t.dim() == 3
+        if t.shape[d] == pos and not feature:
+            index[d] = slice(0, n_pos)
+    return t[tuple(index)]
+
+
+def _cut_obj(obj, rows: Tensor, n_pos: int, batch: int, pos: int):
+    if isinstance(obj, Tensor):
+        return _cut_tensor(obj, rows, n_pos, batch, pos)
+    if isinstance(obj, tuple):
+        return tuple(_cut_obj(o, rows, n_pos, batch, pos) for o in obj)
+    if isinstance(obj, list):
+        return [_cut_obj(o, rows, n_pos, batch, pos) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _cut_obj(v, rows, n_pos, batch, pos) for k, v in obj.items()}
+    return obj
+
+
+def cut_call(call: Call, rows: Tensor, n_pos: int, batch: int, pos: int) -> Call:
+    """A layer's recorded call with its masks, rotary tables and position ids cut to `rows` and `n_pos`."""
+    return Call(_cut_obj(call.args, rows, n_pos, batch, pos), _cut_obj(call.kwargs, rows, n_pos, batch, pos),
+                call.hidden_kw)
+
+
+def cut_state(clean: E.CleanState, cut: Cut) -> E.CleanState:
+    """The baseline run of the cut's rows and positions only (float32; no low-precision baseline)."""
+    batch, pos = clean.scale.shape
+    rows = torch.as_tensor(cut.rows, device=clean.scale.device)
+    p = cut.n_pos
+    out = {}
+    for f in fields(clean):
+        v = getattr(clean, f.name)
+        if f.name == "calls":
+            out[f.name] = [cut_call(c, rows, p, batch, pos) for c in v]
+        elif f.name == "linears":
+            out[f.name] = None
+        elif not isinstance(v, Tensor):
+            out[f.name] = v
+        elif f.name in _LAYER_FIRST:
+            out[f.name] = v[:, rows, :p]
+        else:
+            out[f.name] = v[rows, :p]
+    return replace(clean, **out)
+
+
+def cut_patch(patch: E.Patch, cut: Cut) -> E.Patch:
+    """A unit's (or condition's) replacements at the cut's rows and positions."""
+    rows = lambda t: t[torch.as_tensor(cut.rows, device=t.device), :cut.n_pos]  # noqa: E731
+    return E.Patch({l: {h: rows(z) for h, z in hs.items()} for l, hs in patch.heads.items()},
+                   {l: rows(v) for l, v in patch.mlps.items()})
+
+
+# -- the freezing hooks ----------------------------------------------------------------------
+def _norm_index(w) -> list[list[int]]:
+    """Each layer norm's column in `CleanState.norm_scales` (layers' norms in order, then the final norm)."""
+    out, j = [], 0
+    for norms in w.layer_norms:
+        out.append(list(range(j, j + len(norms))))
+        j += len(norms)
+    return out
+
+
+def frozen_norm_hooks(w, state: E.CleanState, layer: int) -> list:
+    """Registrations making every norm of layers `layer`… divide by its scale in `state` (cut to the pass's
+    rows and positions); the pass's copies are tiled batch-major, so the scale is repeated per copy."""
+    cols = _norm_index(w)
+    regs = []
+    for i in range(layer, w.n_layers):
+        for (_, module, norm), j in zip(w.layer_norms[i], cols[i]):
+            s = state.norm_scales[..., j]  # [rows, pos]
+
+            def hook(m, args, out, norm=norm, s=s):
+                x = args[0].float()
+                copies = x.shape[0] // s.shape[0] if x.dim() == 3 else x.shape[0] // s.numel()
+                scale = s.repeat(copies, 1).reshape(*x.shape[:-1], 1)
+                if norm.kind == "LN":
+                    x = x - x.mean(-1, keepdim=True)
+                # The baseline's scale, not this run's: the norm no longer amplifies what the ablation left.
+                y = x / scale * norm.gain + norm.bias
+                o = out[0] if isinstance(out, tuple) else out
+                y = y.to(o.dtype)
+                return (y, *out[1:]) if isinstance(out, tuple) else y
+            regs.append(lambda module=module, hook=hook: module.register_forward_hook(hook))
+    return regs
+
+
+def attention_modules(w) -> list[torch.nn.Module]:
+    """Each layer's attention module: the parent of its output projection."""
+    parent = w.family.attn_out.rsplit(".", 1)[0]
+    return [module_at(layer, parent) for layer in w.layers]
+
+
+_FROZEN_IMPL = "selfrepair_frozen"
+# transformers looks attention functions up by name in a process-wide registry; the function finds the
+# pattern of the module calling it here, filled only inside `frozen_attention`.
+_PATTERNS: dict[int, Tensor] = {}
+
+
+def _frozen_attention_fn(module, query, key, value, attention_mask, **kwargs):
+    """Attention with the recorded probabilities ([rows, head, q, k]) times the recomputed values."""
+    probs = _PATTERNS.get(id(module))
+    if probs is None:
+        raise UnsupportedModel(f"{type(module).__name__}: frozen attention has no recorded pattern for this module")
+    copies = value.shape[0] // probs.shape[0]
+    p = probs.repeat(copies, 1, 1, 1)
+    v = value.float()
+    if v.shape[1] != p.shape[1]:  # grouped or multi-query attention: each key/value head serves a group
+        v = v.repeat_interleave(p.shape[1] // v.shape[1], dim=1)
+    out = torch.matmul(p, v).to(value.dtype)  # [batch, head, q, d_head]
+    _PATTERNS[-id(module)] = p  # marks the module as served
+    return out.transpose(1, 2).contiguous(), p
+
+
+def _register_interface() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(_FROZEN_IMPL, _frozen_attention_fn)
+
+
+@contextlib.contextmanager
+def _implementation(w, name: str):
+    """Every attention module's config set to the attention implementation `name`, restored after."""
+    configs = {id(m.config): m.config for m in attention_modules(w) if hasattr(m, "config")}
+    configs[id(w.model.config)] = w.model.config
+    saved = {k: c._attn_implementation for k, c in configs.items()}
+    try:
+        for c in configs.values():
+            c._attn_implementation = name
+        yield
+    finally:
+        for k, c in configs.items():
+            c._attn_implementation = saved[k]
+
+
+def record_patterns(w, base) -> list[Tensor]:
+    """Each layer's attention probabilities in the baseline run `base` (a FastBatch: the clean run, or the
+    condition-ablated one), [layer] of [batch, head, q, k], from one eager forward of its rows."""
+    got: dict[int, Tensor] = {}
+
+    def keep(i):
+        def hook(module, args, out):
+            if isinstance(out, tuple) and len(out) > 1 and isinstance(out[1], Tensor):
+                got[i] = out[1].detach().float()
+        return hook
+
+    regs = [lambda i=i, m=m: m.register_forward_hook(keep(i)) for i, m in enumerate(attention_modules(w))]
+    with torch.no_grad(), _implementation(w, "eager"), hooks(*regs):
+        E.clean_run(w, base.rows, replace=base.base)
+    missing = [i for i in range(w.n_layers) if i not in got]
+    if missing:
+        raise UnsupportedModel(f"{w.family.name}: layer {missing[0]}'s attention returned no probabilities under eager "
+                               "attention, so frozen-attention cannot record its pattern")
+    return [got[i] for i in range(w.n_layers)]
+
+
+@contextlib.contextmanager
+def frozen_attention(w, patterns: list[Tensor], cut: Cut, layer: int):
+    """Within the block, layers `layer`… attend with the recorded patterns cut to the pass's rows and positions."""
+    _register_interface()
+    rows = torch.as_tensor(cut.rows, device=patterns[0].device)
+    mods = attention_modules(w)
+    for i in range(layer, w.n_layers):
+        _PATTERNS[id(mods[i])] = patterns[i][rows][:, :, :cut.n_pos, :cut.n_pos]
+    try:
+        with _implementation(w, _FROZEN_IMPL):
+            yield
+        skipped = [i for i in range(layer, w.n_layers) if -id(mods[i]) not in _PATTERNS]
+        if skipped:
+            raise UnsupportedModel(f"{w.family.name}: layer {skipped[0]}'s attention did not go through "
+                                   "transformers' AttentionInterface, so frozen-attention cannot replace its pattern")
+    finally:
+        for m in mods:
+            _PATTERNS.pop(id(m), None)
+            _PATTERNS.pop(-id(m), None)
+
+
+# -- the re-runs of one batch -----------------------------------------------------------------
+@dataclass
+class Rerun:
+    """One counterfactual pass's results per unit, at the pass's cut (leading dim k = unit in the pass)."""
+
+    cut: Cut
+    logit: Tensor  # [k, rows, pos] correct-token logit minus b_U, at the counterfactual's final scale
+    scale: Tensor  # [k, rows, pos] the final-norm scale the logit divides by
+    result: E.PatchResult
+
+
+def rerun(w, base, name: str, layer: int, patches: list[E.Patch], cut: Cut, u: Tensor,
+          patterns: list[Tensor] | None = None) -> Rerun:
+    """One counterfactual pass from `layer` over the cut's rows and positions.
+
+    Args:
+        w: the model's processed weights.
+        base: the baseline FastBatch (its `clean` state and condition `base` patch).
+        name: FROZEN_NORMS or FROZEN_ATTENTION.
+        layer: the units' first layer.
+        patches: each unit's replacements over the whole batch.
+        cut: the rows and positions to run.
+        u: the correct tokens' processed unembedding columns, [batch, pos, d_model].
+        patterns: the baseline's attention probabilities (`record_patterns`; frozen-attention only).
+    """
+    state = cut_state(base.clean, cut)
+    rows = torch.as_tensor(cut.rows, device=u.device)
+    u_c = u[rows, :cut.n_pos]
+    # The batch's head projections (made once per batch, as the sweep's), cut like everything else.
+    ou = base._projections(u)[:, rows, :cut.n_pos] if hasattr(base, "_projections") else E.head_projections(w, u_c)
+    cond = cut_patch(base.base, cut) if base.base is not None else None
+    mine = [cut_patch(p, cut) for p in patches]
+    if name == FROZEN_NORMS:
+        ctx = hooks(*frozen_norm_hooks(w, state, layer))
+    else:
+        ctx = frozen_attention(w, patterns, cut, layer)
+    with torch.no_grad(), ctx:
+        r = E.patch_layer(w, state, layer, mine, u_c, ou, None, cond)
+    if name == FROZEN_NORMS:
+        # logit = resid·u / s_abl; the frozen final norm divides the same residual by the baseline's scale.
+        return Rerun(cut, r.logit * r.scale / state.scale, state.scale.expand_as(r.scale), r)
+    return Rerun(cut, r.logit, r.scale, r)
+
+
+@dataclass
+class UnitRerun:
+    """One unit's counterfactual on its top tokens in one batch (tensors over those tokens, [tok, …])."""
+
+    unit: object
+    name: str
+    tokens: np.ndarray  # global token indices
+    logit: Tensor  # correct-token logit minus b_U
+    ln_scale: Tensor
+    de: Tensor  # the unit's DE after patching, at the baseline's final scale
+    d_heads: Tensor  # [tok, layer·head] ΔDE of every head outside the unit
+    d_mlps: Tensor  # [tok, layer]
+
+
+def batch_reruns(w, base, units, top_sets: dict, names, units_per_pass: int, make_patch, u: Tensor,
+                 row0: int, preds: int):
+    """Every requested counterfactual of every unit with top tokens in this batch.
+
+    Args:
+        w: processed weights.
+        base: the baseline FastBatch (clean, or condition-ablated).
+        units: the batch's units; top_sets: their top-p% token indices in this batch, by label.
+        names: the counterfactuals to run.
+        units_per_pass: units per pass (the sweep's grouping).
+        make_patch: unit -> its `Patch` over the whole batch.
+        u: [batch, pos, d_model] target columns; row0: the batch's first row; preds: predictions per row.
+
+    Yields:
+        `UnitRerun` per unit with a top token here and counterfactual.
+    """
+    if not hasattr(base, "clean"):
+        raise ConfigError("counterfactuals: run with the fast engine (--engine fast)")
+    t0 = row0 * preds
+    patterns = None
+    for chunk in passes(units, units_per_pass):
+        local = [np.asarray(top_sets.get(unit.label, np.empty(0, np.int64)), np.int64) - t0 for unit in chunk]
+        cuts = cuts_for(local, preds)
+        if not cuts:
+            continue
+        patches = [make_patch(unit) for unit in chunk]
+        for name in names:
+            if name == FROZEN_ATTENTION and patterns is None:
+                patterns = record_patterns(w, base)
+            parts = [rerun(w, base, name, chunk[0].layer, patches, cut, u, patterns) for cut in cuts]
+            for j, unit in enumerate(chunk):
+                if not len(local[j]):
+                    continue
+                yield _gather(unit, name, local[j], t0, preds, parts, j, u.device)
+
+
+def _gather(unit, name: str, local: np.ndarray, t0: int, preds: int, parts: list, j: int, device) -> UnitRerun:
+    """Unit j's values at its tokens (batch-local, sorted) from the passes over each cut of rows."""
+    rows, pos = local // preds, local % preds
+    which = np.zeros(len(local), np.int64)
+    at = np.zeros(len(local), np.int64)
+    for c, part in enumerate(parts):
+        inside = np.isin(rows, part.cut.rows)
+        which[inside], at[inside] = c, np.searchsorted(part.cut.rows, rows[inside])
+    cols = {k: [] for k in ("logit", "scale", "de", "d_heads", "d_mlps")}
+    order = []
+    for c, part in enumerate(parts):
+        sel = np.nonzero(which == c)[0]
+        if not len(sel):
+            continue
+        ri, pi = (torch.as_tensor(a[sel], device=device) for a in (at, pos))
+        res = part.result
+        cols["logit"].append(part.logit[j, ri, pi])
+        cols["scale"].append(part.scale[j, ri, pi])
+        cols["de"].append(res.de[j, ri, pi])
+        cols["d_heads"].append(res.d_de_heads[j, ri, pi].reshape(len(sel), -1))
+        cols["d_mlps"].append(res.d_de_mlps[j, ri, pi])
+        order.append(sel)
+    back = torch.as_tensor(np.argsort(np.concatenate(order), kind="stable"), device=device)
+    v = {k: torch.cat(x)[back] for k, x in cols.items()}
+    return UnitRerun(unit, name, local + t0, v["logit"], v["scale"], v["de"], v["d_heads"], v["d_mlps"])

@@ -1,0 +1,343 @@
+"""Counterfactual re-runs (frozen norms, frozen attention) against plain transformers with hooks.
+
+The reference uses no project code: forward hooks on the Hugging Face norm modules that divide by the
+clean run's scale, and an attention function registered through transformers' own AttentionInterface
+that multiplies the clean run's eager probabilities into the recomputed values. The ablation is a
+resample of one head's o_proj input slice (raw z: the processed z differs by a constant, which a
+resample keeps). Tiny GPT-2 (sequential, LayerNorm), GPT-NeoX (parallel) and Llama (RMSNorm, GQA),
+with perturbed biases and gains.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_models
+
+SEQ, BATCH = 12, 4
+ATOL = 1e-4
+
+
+def _attn(layer):
+    for name in ("attn", "attention", "self_attn"):
+        if hasattr(layer, name):
+            return getattr(layer, name)
+    raise AssertionError(type(layer))
+
+
+def _o_proj(attn):
+    for name in ("c_proj", "dense", "o_proj"):
+        if hasattr(attn, name):
+            return getattr(attn, name)
+    raise AssertionError(type(attn))
+
+
+def _layers(model):
+    base = getattr(model, "transformer", None) or getattr(model, "gpt_neox", None) or model.model
+    return list(base.h if hasattr(base, "h") else base.layers), (
+        getattr(base, "ln_f", None) or getattr(base, "final_layer_norm", None) or base.norm)
+
+
+def _norms(layer):
+    return [m for m in layer.children() if "norm" in type(m).__name__.lower()]
+
+
+def _scale(norm, x):
+    """The norm's own scale on input x, written from its class (LayerNorm: centred; RMSNorm: not)."""
+    x = x.float()
+    eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon")
+    if isinstance(norm, torch.nn.LayerNorm):
+        x = x - x.mean(-1, keepdim=True)
+    return (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+
+
+def _apply_frozen(norm, x, s):
+    x = x.float()
+    if isinstance(norm, torch.nn.LayerNorm):
+        return (x - x.mean(-1, keepdim=True)) / s * norm.weight + norm.bias
+    return norm.weight * (x / s)  # LlamaRMSNorm
+
+
+def plain_reference(model, rows, src_rows, layer, head, frozen: str, given: tuple[int, int] | None = None):
+    """Centred correct-token logit change of a resample ablation of (layer, head) with frozen norms or
+    attention, and the clean final-norm scale: plain transformers and hooks only. With `given` (a head),
+    that head is resampled in every run, the baseline too, which then gives the frozen scales and patterns."""
+    from transformers import AttentionInterface
+
+    layers, final = _layers(model)
+    n_heads = model.config.num_attention_heads
+    d_head = model.config.hidden_size // n_heads
+    norms = [n for l in layers for n in _norms(l)] + [final]
+    scales, zs, probs = {}, {}, {}
+
+    def rec_scale(m, a, o):
+        scales[m] = _scale(m, a[0]).detach()
+
+    def rec_z(i):
+        return lambda m, a: zs.__setitem__(i, a[0].detach().clone())
+
+    src_z = {}
+    with torch.no_grad():
+        hs = [_o_proj(_attn(l)).register_forward_pre_hook(lambda m, a, i=i: src_z.__setitem__(i, a[0].clone()))
+              for i, l in enumerate(layers)]
+        model(src_rows, use_cache=False)
+        for h in hs:
+            h.remove()
+
+    def resample(lh):
+        def hook(m, a):
+            x = a[0].clone()
+            sl = slice(lh[1] * d_head, (lh[1] + 1) * d_head)
+            x[..., sl] = src_z[lh[0]][..., sl]
+            return (x, *a[1:])
+        return hook
+
+    cond = [_o_proj(_attn(layers[given[0]])).register_forward_pre_hook(resample(given))] if given else []
+    hs = [n.register_forward_hook(rec_scale) for n in norms]
+    hs += [_o_proj(_attn(l)).register_forward_pre_hook(rec_z(i)) for i, l in enumerate(layers)]
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = model(rows, output_attentions=True, use_cache=False)
+    for h in hs:
+        h.remove()
+    clean_logits = out.logits.float()
+    probs = [a.detach() for a in out.attentions]
+    clean_scales = dict(scales)
+    # A hook registered first runs first: the ablated head goes in on top of the condition's replacement.
+    hs = cond + [_o_proj(_attn(layers[layer])).register_forward_pre_hook(resample((layer, head)))]
+    if frozen == "frozen-norms":
+        for n in [n for l in layers[layer:] for n in _norms(l)] + [final]:
+            hs.append(n.register_forward_hook(lambda m, a, o, n=n: _apply_frozen(n, a[0], clean_scales[n]).to(o.dtype)))
+    else:
+        index = {id(_attn(l)): i for i, l in enumerate(layers)}
+
+        def frozen_fn(module, query, key, value, attention_mask, **kw):
+            i = index[id(module)]
+            p = probs[i] if i >= layer else None
+            if p is None:  # upstream of the ablated layer: the clean pattern is the run's own anyway
+                p = probs[i]
+            v = value.repeat_interleave(p.shape[1] // value.shape[1], dim=1)
+            return (p @ v).transpose(1, 2).contiguous(), p
+
+        AttentionInterface.register("test_frozen", frozen_fn)
+        model.set_attn_implementation("test_frozen")
+    try:
+        with torch.no_grad():
+            logits = model(rows, use_cache=False).logits.float()
+    finally:
+        for h in hs:
+            h.remove()
+        model.set_attn_implementation("sdpa")
+    y = rows.roll(-1, 1)
+    centred = lambda lg: lg.gather(-1, y[..., None])[..., 0] - lg.mean(-1)  # noqa: E731
+    return centred(logits) - centred(clean_logits), clean_scales[final][..., 0]
+
+
+@pytest.fixture(scope="module")
+def families():
+    out = {}
+    for fam in tiny_models.FAMILIES:
+        out[fam] = tiny_models.build(fam)
+    return out
+
+
+@pytest.mark.parametrize("frozen", ["frozen-norms", "frozen-attention"])
+@pytest.mark.parametrize("family", tiny_models.FAMILIES)
+def test_against_plain_hooks(families, family, frozen):
+    from selfrepair.ingest.ablate import FastBatch, ablation_tables
+    from selfrepair.ingest.weights import read_weights
+    from selfrepair.store.labels import parse_units
+
+    model = families[family]
+    model.set_attn_implementation("sdpa")
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randint(0, 256, (BATCH, SEQ), generator=g)
+    src_rows = rows.roll(1, 0)
+    w = read_weights(model, SEQ)
+    preds = SEQ - 1
+    layer, head = 0, 1
+    unit = parse_units(f"L{layer}H{head}", w.n_layers, w.n_heads)[0]
+    # Top tokens in rows 1 and 2 only, the last at position 7: the re-run cuts rows and positions.
+    top = np.array([1 * preds + 2, 1 * preds + 5, 2 * preds + 7])
+    tables = ablation_tables(FastBatch(w, rows), FastBatch(w, src_rows), "resample", 0, [unit], rows, 0,
+                             {unit.label: top}, 0, 4, w, counterfactuals=(frozen,))
+    got = tables["counterfactual_runs"].to_pandas()
+    assert set(got.counterfactual) == {frozen} and list(got.token_index) == list(top)
+    want, s_clean = plain_reference(model, rows, src_rows, layer, head, frozen)
+    r, p = top // preds, top % preds
+    np.testing.assert_allclose(got.d_logit, want[r, p].numpy(), atol=ATOL, rtol=1e-4)
+    plain = tables["ablation_effects"].to_pandas().set_index("token_index").d_logit.loc[top].to_numpy()
+    assert np.abs(got.d_logit.to_numpy() - plain).max() > 1e-3  # the freezing changed something
+    if frozen == "frozen-norms":  # the final norm divides by the clean scale
+        np.testing.assert_allclose(got.ln_scale, s_clean[r, p].numpy(), rtol=1e-5)
+        # Nothing rescales: the change in logit is exactly the sum of the changes in DE.
+        np.testing.assert_allclose(got.d_logit, got.de - got.de_base + got.d_de_heads + got.d_de_mlps, atol=ATOL)
+    src = tables["counterfactual_sources"].to_pandas()
+    sums = src.groupby("token_index").d_de.sum()
+    np.testing.assert_allclose(sums.loc[top].to_numpy(), got.d_de_heads + got.d_de_mlps, atol=ATOL)
+
+
+# -- through the store: one small ingest with both counterfactuals, units alone and under a condition --------
+CF_SETTINGS = dict(tokens=62, seq_len=32, batch_size=2, ablations=("resample", "zero"), units="L0H1,MLP0,L1H2",
+                   given=("L0H3",), top_p=0.1, neurons_top_k=0, counterfactuals=("frozen-norms", "frozen-attention"))
+
+
+@pytest.fixture(scope="module")
+def cf_store(tiny_stores, tmp_path_factory):
+    return tiny_stores.copy("gpt2", tmp_path_factory.mktemp("cf") / "s", **CF_SETTINGS)
+
+
+def test_frozen_norms_identities_through_sql(cf_store):
+    """Under frozen norms nothing rescales: sr_ln = 0 in closed form and as the remainder, so
+    d_logit = d_de + d_de_heads + d_de_mlps; for every unit, alone and given a condition."""
+    from selfrepair import Store
+
+    got = Store.open(cf_store).sql("""
+        SELECT c.condition, c.unit, count(*) AS n,
+               max(abs(c.d_logit - c.d_de - c.d_de_heads - c.d_de_mlps)) AS remainder,
+               -- the closed form with the counterfactual's final scale: (s/s_cf - 1) · Σ DE_cf
+               max(abs((b.ln_scale / c.ln_scale - 1) * (b.logit + c.d_logit - t.unembed_bias)
+                       * c.ln_scale / b.ln_scale)) AS closed
+        FROM counterfactual_effects c
+        JOIN tokens t USING (model, token_index)
+        JOIN (SELECT model, '' AS condition, '' AS ablation, -1 AS sample, token_index, logit, ln_scale FROM tokens
+              UNION ALL SELECT model, condition, ablation, sample, token_index, logit, ln_scale FROM condition_tokens) b
+          ON b.model = c.model AND b.condition = c.condition AND b.token_index = c.token_index
+         AND (c.condition = '' OR (b.ablation = c.ablation AND b.sample = c.sample))
+        WHERE c.counterfactual = 'frozen-norms'
+        GROUP BY ALL ORDER BY ALL""")
+    assert got.height == 6  # 3 units, alone and given L0H3 (none overlaps it)
+    assert (got["n"] > 0).all()
+    assert (got["remainder"] < 1e-5).all(), got
+    assert (got["closed"] < 1e-5).all(), got
+
+
+def test_channels_sum_to_self_repair_and_the_query_summarises_them(cf_store):
+    from selfrepair import Store
+
+    s = Store.open(cf_store)
+    ch = s.sql("SELECT * FROM repair_channels")
+    n_cf = s.sql("SELECT count(*) FROM counterfactual_effects WHERE counterfactual = 'frozen-norms'").item()
+    assert ch.height == n_cf  # one row per unit, draw, condition and top token
+    total = ch["ln_final"] + ch["ln_intermediate"] + ch["attention"] + ch["rest"]
+    assert np.allclose(total.to_numpy(), ch["sr"].to_numpy(), atol=1e-6)
+    assert np.allclose(ch["ln_final"].to_numpy(), ch["sr_ln"].to_numpy(), atol=1e-5)  # the closed form is sr_ln
+    assert (ch.filter(ch["unit"] == "L1H2")["attention"].abs() < 1e-6).all()  # nothing after the last layer moves
+    summary = s.query("head_repair_channels", ablation="zero")
+    assert sorted(summary["unit"].to_list()) == ["L0H1", "L1H2", "MLP0"]
+    assert summary["attention"].is_not_null().all() and summary["rest"].is_not_null().all()
+
+
+def test_the_store_verifies_and_compacts_with_counterfactuals(cf_store, tmp_path):
+    import shutil
+
+    from selfrepair import Store
+    from selfrepair.store.compact import compact
+    from selfrepair.store.verify import verify
+
+    store = tmp_path / "s"
+    shutil.copytree(cf_store, store)
+    before = Store.open(store).sql("SELECT * FROM counterfactual_sources ORDER BY ALL")
+    compact(store)
+    assert verify(store).ok
+    assert Store.open(store).sql("SELECT * FROM counterfactual_sources ORDER BY ALL").equals(before)
+
+
+def _config_only(folder, config) -> str:
+    config.architectures = [config.__class__.__name__.replace("Config", "ForCausalLM")]
+    config.save_pretrained(folder)  # no weights: a load would fail with another error
+    return str(folder)
+
+
+@pytest.mark.parametrize("name, make, why", [
+    ("frozen-attention", lambda: __import__("transformers").GPTNeoConfig(num_layers=2, attention_types=[[["global"], 2]]),
+     "Error: counterfactuals: GPT-Neo: its attention (GPTNeoSelfAttention) computes the softmax itself, not through "
+     "transformers' AttentionInterface, so frozen-attention cannot replace its patterns"),
+    ("frozen-norms", lambda: __import__("transformers").Gemma2Config(num_hidden_layers=2),
+     "Error: counterfactuals: Gemma 2: a head's DE in post-norm blocks is defined at the run's own post-norm scale "
+     "(DESIGN.md), which frozen-norms would contradict"),
+    ("frozen-gradients", None,
+     "Error: Invalid value for '--counterfactuals': unknown counterfactual 'frozen-gradients'; choose from none, "
+     "frozen-norms, frozen-attention"),
+])
+def test_bad_counterfactuals_are_one_error_line_before_the_model_loads(tmp_path, name, make, why):
+    from click.testing import CliRunner
+
+    from selfrepair.cli import main
+
+    model = _config_only(tmp_path / "m", make()) if make else "gpt2-small"
+    res = CliRunner().invoke(main, ["ingest", "--model", model, "--store", str(tmp_path / "s"),
+                                    "--counterfactuals", name, "--quiet"])
+    assert res.exit_code != 0
+    errors = [line for line in res.output.splitlines() if line.startswith("Error")]
+    assert errors == [why], res.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_self_check_recomputes_each_counterfactual_from_a_whole_forward(cf_store):
+    from tiny_models import read_manifest_json
+
+    checks = read_manifest_json(next(cf_store.iterdir()))["self_check"]["deviations"]
+    for name in ("frozen-norms", "frozen-attention"):
+        assert checks[f"{name} resample L0H1: cut re-run vs full model forward"] < 1e-5
+
+
+def test_head_page_shows_the_channels(cf_store):
+    from selfrepair import Store
+    from selfrepair.analysis.head_page import build_head_page, html, text
+
+    s = Store.open(cf_store)
+    page = build_head_page(s, "L0H1", ablation="zero")
+    want = s.query("head_repair_channels", ablation="zero")
+    row = want.filter(want["unit"] == "L0H1").row(0, named=True)
+    assert page.channels["attention"] == row["attention"]
+    out = text(page)
+    assert "Repair channels, from counterfactual re-runs" in out and "attention moving" in out
+    assert 'id="channels"' in html(page)
+    alone = build_head_page(s, "L0H1", ablation="zero", given="L0H3")
+    assert alone.channels is not None and alone.channels["n_tokens"] == row["n_tokens"]
+
+
+def test_report_figure_of_channels(cf_store):
+    from dataclasses import replace
+
+    from selfrepair import Store
+    from selfrepair.analysis import registry
+    from selfrepair.analysis.context import Context, ModelInfo
+
+    s = Store.open(cf_store)
+    name = s.models[0]
+    info = ModelInfo.from_manifest(name, s.manifest(name))
+    assert info.counterfactuals == ("frozen-norms", "frozen-attention")
+    spec = registry.figure("fig_repair_channels")
+    ctx = Context((info,), "zero", 0.1)
+    assert spec.shown(ctx) and not spec.shown(Context((replace(info, counterfactuals=()),), "zero", 0.1))
+    df = s.query(spec.query, **spec.runs(ctx)[0])
+    fig = spec.plot(df, ctx)
+    assert fig.axes and df.height == 3
+
+
+@pytest.mark.parametrize("frozen", ["frozen-norms", "frozen-attention"])
+def test_under_a_condition_the_baseline_is_the_condition_ablated_run(families, frozen):
+    """L1H2 given L0H3 on tiny Llama: the frozen scales and patterns are the L0H3-ablated run's."""
+    from selfrepair.ingest.ablate import FastBatch, ablation_tables
+    from selfrepair.ingest.weights import read_weights
+    from selfrepair.store.labels import parse_units
+
+    model = families["llama"]
+    model.set_attn_implementation("sdpa")
+    g = torch.Generator().manual_seed(2)
+    rows = torch.randint(0, 256, (BATCH, SEQ), generator=g)
+    src_rows = rows.roll(1, 0)
+    w = read_weights(model, SEQ)
+    preds = SEQ - 1
+    unit, cond = (parse_units(x, w.n_layers, w.n_heads)[0] for x in ("L0H1", "L0H3"))
+    top = np.array([0 * preds + 4, 2 * preds + 1, 3 * preds + 9])
+    tables = ablation_tables(FastBatch(w, rows), FastBatch(w, src_rows), "resample", 0, [unit], rows, 0,
+                             {unit.label: top}, 0, 4, w, condition=cond, counterfactuals=(frozen,))
+    got = tables["counterfactual_runs"].to_pandas()
+    assert set(got.condition) == {"L0H3"}
+    want, _ = plain_reference(model, rows, src_rows, 0, 1, frozen, given=(0, 3))
+    np.testing.assert_allclose(got.d_logit, want[top // preds, top % preds].numpy(), atol=ATOL, rtol=1e-4)
