@@ -393,7 +393,7 @@ def ablation_tables(
                 tot.append(totals)
         on_pass(len(chunk) * n)
     out = _assemble(kind, sample, token_index, eff, rep, neu, tot, top_masks)
-    att = attention_rows(w, rows, row0, attention, token_index, attention_top_k)
+    att = attention_rows(w, rows, row0, attention, token_index, attention_top_k, getattr(ctx, "clean", None))
     if att is not None:
         out["attention_top"] = _concat(att, kind, sample)
     if condition is not None:
@@ -440,16 +440,19 @@ class _Stop(Exception):
     """Ends a forward pass from a hook once everything it is run for has been captured."""
 
 
-def attention_rows(w, rows: torch.Tensor, row0: int, heads: list[tuple[dict, np.ndarray]], token_index, k: int):
+def attention_rows(w, rows: torch.Tensor, row0: int, heads: list[tuple[dict, np.ndarray]], token_index, k: int,
+                   clean: E.CleanState | None = None):
     """Per ablated head and top token, the k source positions with the largest clean attention weight.
 
     Args:
         heads: (row identity with `layer` and `head`, top-token mask) of each head unit.
+        clean: the batch's clean run (the fast engine's), if there is one: see below.
 
     One forward of the model with eager attention (whose attention modules return their
     probabilities) per batch that holds top tokens, on only the rows that hold one and only up
     to the deepest layer asked (rows are independent; no unembedding); None when none of
-    `heads` has a top token here.
+    `heads` has a top token here. With `clean`, only the layers asked run, each on its stored
+    clean input (`_from_clean`); the model still builds the eager masks and positions.
     """
     if not k or not any(m.any() for _, m in heads):
         return None
@@ -471,9 +474,10 @@ def attention_rows(w, rows: torch.Tensor, row0: int, heads: list[tuple[dict, np.
     previous = getattr(model.config, "_attn_implementation", None)
     try:
         model.set_attn_implementation("eager")
-        with torch.no_grad(), hooks(*[lambda l=l: E.attn_module(w, l).register_forward_hook(keep(l))
-                                        for l in layers]):
-            model(rows[torch.from_numpy(held).to(rows.device)], use_cache=False)
+        sel = torch.from_numpy(held).to(rows.device)
+        regs = [lambda l=l: E.attn_module(w, l).register_forward_hook(keep(l)) for l in layers]
+        with torch.no_grad(), hooks(*regs, *(_from_clean(w, clean, sel, layers) if clean is not None else ())):
+            model(rows[sel], use_cache=False)
     except _Stop:
         pass
     finally:
@@ -495,6 +499,28 @@ def attention_rows(w, rows: torch.Tensor, row0: int, heads: list[tuple[dict, np.
                       "src_token_index": ((row0 + b[:, None]) * preds + src)[keep_].astype(np.int32),
                       "weight": weight[keep_]})
     return parts
+
+
+def _from_clean(w, clean: E.CleanState, sel: torch.Tensor, layers: list[int]) -> list:
+    """Hook registrations that make a forward of rows `sel` run only `layers` (to the deepest), each on
+    its stored clean input: a layer before it that is not asked returns the clean output (the next
+    layer's stored input) without running."""
+    regs = []
+    for i in range(layers[-1] + 1):
+        if i in layers:
+            def start(module, args, kwargs, i=i):
+                x = clean.resid_pre[i][sel]
+                if clean.calls[i].hidden_kw:
+                    return args, {**kwargs, "hidden_states": x}
+                return (x, *args[1:]), kwargs
+            regs.append(lambda i=i, start=start: w.layers[i].register_forward_pre_hook(start, with_kwargs=True))
+        else:
+            out = clean.resid_pre[i + 1][sel]
+
+            def skip(*args, out=out, tuple_out=clean.calls[i].tuple_out, **kwargs):
+                return (out,) if tuple_out else out
+            regs.append(lambda i=i, skip=skip: E.ForwardOverride(w.layers[i], skip))
+    return regs
 
 
 def repair_components(w: Weights, unit: Unit) -> tuple[list[tuple[int, int]], list[int]]:

@@ -219,7 +219,7 @@ def clean_run(w: Weights, rows: Tensor, with_linears: bool = False, replace: Pat
     regs.append(lambda: w.model.get_output_embeddings().register_forward_hook(put(H.UNEMBED_OUT)))
     if not logits:  # the full-vocabulary product is the costliest single step of a small model's forward
         lm_head = w.model.get_output_embeddings()
-        regs.append(lambda: _Forward(lm_head, lambda x: x.new_zeros((*x.shape[:-1], 0))))
+        regs.append(lambda: ForwardOverride(lm_head, lambda x: x.new_zeros((*x.shape[:-1], 0))))
     linears = {}
     if with_linears:
         keep = lambda m, a, o: linears.__setitem__(m, (a[0].detach().float().clone(), o.detach().float().clone()))  # noqa: E731
@@ -310,7 +310,7 @@ def _whole_mlp(w: Weights, layer: int):
     return w.mlp_out[layer]
 
 
-class _Forward:
+class ForwardOverride:
     """Replace a module's forward with `forward` until `remove()`; its hooks still run around it."""
 
     def __init__(self, module, forward):
@@ -415,7 +415,7 @@ def _first_layer_hooks(w: Weights, clean: CleanState, layer: int, patches: list[
         first = (out.unsqueeze(0) + delta.view(k, *out.shape)).view(k * out.shape[0], *out.shape[1:])
         return first if rest is None else (first, *rest)
 
-    regs = [lambda: _Forward(attn_module(w, layer), attn_forward)]
+    regs = [lambda: ForwardOverride(attn_module(w, layer), attn_forward)]
     mlp = _whole_mlp(w, layer)
     replaced = all(layer in p.mlps for p in patches) or layer in base.mlps
     unchanged = w.parallel and w.mlp_post[layer] is None
@@ -427,7 +427,7 @@ def _first_layer_hooks(w: Weights, clean: CleanState, layer: int, patches: list[
             value = write if unchanged else torch.zeros_like(write)
             return value.repeat(k, 1, 1).view(*x.shape[:-1], w.d_model).to(x.dtype)
 
-        regs.append(lambda: _Forward(mlp, mlp_forward))
+        regs.append(lambda: ForwardOverride(mlp, mlp_forward))
     return regs
 
 
