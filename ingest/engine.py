@@ -2,15 +2,21 @@
 
 The clean run is one float32 forward of the Hugging Face model with hooks that keep what
 every later pass reuses: the residual entering each layer and the exact arguments each
-layer was called with (masks, rotary tables, ALiBi), each head's z, each MLP's write.
+layer was called with (masks, rotary tables, ALiBi), each head's z, each attention module's
+output, each MLP's write.
 
 A patched pass for units whose first layer is L (heads, head groups, whole attention
 layers, MLPs, blocks: a `Patch` each) calls only layers L… on the cached residual
-entering L, with every unit batched along the batch dimension, plus one unpatched copy
-as the baseline. Under a condition (`U | U0`) the baseline is the U0-ablated run
-(`clean_run` with U0's `Patch`), and every copy keeps U0's replacements at its layers.
-Every quantity of the ablated run is then the stored baseline value plus
-(patched − baseline), computed in float32. In bfloat16 or float16 only
+entering L, with every unit batched along the batch dimension, one copy of the batch each
+and no baseline copy. Layer L's input is the baseline's in every copy, so it computes only
+what the ablation changes: its attention module returns the stored output plus the units'
+heads' change, Σ (z_new − z) @ W_O[h] (a post-norm after it is still the layer's own), and
+its MLP does not run in a parallel block (its input is unchanged) nor where every copy
+replaces its write. A last-layer unit so costs the final norm and the target column, plus
+one MLP in a sequential block. Under a condition (`U | U0`) the baseline is the U0-ablated
+run (`clean_run` with U0's `Patch`), and every copy keeps U0's replacements at its layers.
+Every change is the copy's value minus the stored baseline value, in float32 (patching in the
+baseline's own values changes nothing, to float32 rounding). In bfloat16 or float16 only
 the matrix products run in low precision, and only on the change: each projection
 returns its clean float32 output plus a low-precision product with (input − clean
 input); norms, attention, activations, the residual stream and the attention output
