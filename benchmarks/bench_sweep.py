@@ -92,7 +92,7 @@ def paired_sweep(ctx, with_reference: bool = True) -> dict:
     engines = {"fast": _timed(FastBatch)}
     if with_reference:
         bridge = ctx.model().bridge
-        engines["reference"] = lambda w_, r: ReferenceBatch(bridge, r)
+        engines["reference"] = lambda w_, r, source=False: ReferenceBatch(bridge, r)
     order = ["fast", "reference", "fast"] if with_reference else ["fast", "fast"]
     total = {"fast": 0.0, "reference": 0.0}
     ideal = 0.0
@@ -120,7 +120,8 @@ def paired_sweep(ctx, with_reference: bool = True) -> dict:
         built = {}
 
         def baselines(name):
-            built[name] = (engines[name](w, rows), engines[name](w, src_rows))
+            # As the runner makes them (ingest/jobs.py): the source rows only give replacement values.
+            built[name] = (engines[name](w, rows), engines[name](w, src_rows, source=True))
 
         step(baselines, 0.0)
         for layer in layers:

@@ -18,8 +18,8 @@ Figures are ratios of those wall times, each beside what the FLOP model predicts
 (bench_flops: a unit whose first layer is L costs the layers after L in full, plus the
 layer-L MLP when it reads the patched residual; the conditioned baseline costs one
 more such pass from the condition's first layer) and beside the engine's own work
-measure: copies × layers run by the patched passes (each pass also runs one baseline
-copy, and layer L itself in full).
+measure: copies × layers run by the patched passes (one copy per unit, from the layer after
+its first; the first layer's attention is the clean output plus the heads' change).
 """
 
 from __future__ import annotations
@@ -56,16 +56,11 @@ def unit_flops(a, unit, seq_len: int) -> float:
 
 
 def engine_work(units, units_per_pass: int, n_layers: int) -> int:
-    """Copies × layers the fast engine's passes run: per first layer, ceil(units / per pass) passes of
-    (units in the pass + 1 baseline copy) copies, each from that layer to the last."""
-    by_layer: dict[int, int] = {}
-    for unit in units:
-        by_layer[unit.layer] = by_layer.get(unit.layer, 0) + 1
-    work = 0
-    for layer, count in by_layer.items():
-        passes = -(-count // units_per_pass)
-        work += (count + passes) * (n_layers - layer)
-    return work
+    """Copies × layers the fast engine's passes run: one copy per unit (no baseline copy), from the
+    layer after its first to the last (the first layer's attention is not recomputed; its MLP, in a
+    sequential block, is about one layer's worth shared by every copy and left out here). The number
+    of passes does not change it: `units_per_pass` is kept for the callers."""
+    return sum(n_layers - 1 - unit.layer for unit in units)
 
 
 def _timed_batch():

@@ -22,6 +22,7 @@ import torch
 from selfrepair.errors import ConfigError
 from selfrepair.ingest import engine as E
 from selfrepair.ingest.families import ARCHITECTURES, FAMILIES, REFUSED, moe_problem
+from selfrepair.ingest.layer_calls import hooks
 from selfrepair.ingest.weights import Weights
 from selfrepair.store.labels import UNIT_KINDS, Unit, parse_unit
 from selfrepair.store.schema import SRC_KINDS
@@ -36,13 +37,15 @@ class FastBatch:
         dtype: the sweep's matrix products (None: float32), `IngestConfig.dtype`.
         clean: the batch's clean run, if already made.
         base: a condition's replacements: the baseline is then that ablated run (`conditioned`).
+        source: the batch is only a resample source (its replacement values are all that is read):
+            its clean run skips the unembedding and, in low precision, the projections' baselines.
     """
 
     def __init__(self, w: Weights, rows: torch.Tensor, dtype: torch.dtype | None = None,
-                 clean: E.CleanState | None = None, base: E.Patch | None = None):
+                 clean: E.CleanState | None = None, base: E.Patch | None = None, source: bool = False):
         self.w, self.rows, self.dtype, self.base = w, rows, dtype, base
-        self.clean = clean if clean is not None else E.clean_run(w, rows, with_linears=dtype is not None,
-                                                                 replace=base)
+        self.clean = clean if clean is not None else E.clean_run(
+            w, rows, with_linears=dtype is not None and not source, replace=base, logits=not source)
         self._ou = None  # head projections, made on first use
 
     def conditioned(self, base: E.Patch) -> FastBatch:
@@ -311,9 +314,11 @@ class _Batch:
 
     def neurons(self, r: E.PatchResult, i: int, ident: dict, mask: np.ndarray, k: int):
         """Neuron rows and totals of unit `i` of a pass on the tokens in `mask` (float32 DEs, as stored)."""
-        sel = torch.from_numpy(np.nonzero(mask)[0]).to(self.u.device)
-        de_c = (self.post_clean * self.wu).reshape(self.n, -1)[sel]  # [tok, d_mlp]
-        de_a = (r.post_final[i, :, :self.preds].float() * self.wu).reshape(self.n, -1)[sel]
+        idx = np.nonzero(mask)[0]
+        b, p = (torch.from_numpy(x).to(self.u.device) for x in (idx // self.preds, idx % self.preds))
+        wu = self.wu[b, p]  # [tok, d_mlp]: only the tokens asked, never the whole batch per unit
+        de_c = self.post_clean[b, p] * wu
+        de_a = r.post_final[i, b, p].float() * wu
         return _neuron_rows(ident, self.token_index[mask], de_c, de_a, k)
 
     def condition_tokens(self) -> dict:
@@ -390,7 +395,7 @@ def ablation_tables(
                 tot.append(totals)
         on_pass(len(chunk) * n)
     out = _assemble(kind, sample, token_index, eff, rep, neu, tot, top_masks)
-    att = attention_rows(w, rows, row0, attention, token_index, attention_top_k)
+    att = attention_rows(w, rows, row0, attention, token_index, attention_top_k, getattr(ctx, "clean", None))
     if att is not None:
         out["attention_top"] = _concat(att, kind, sample)
     if condition is not None:
@@ -456,46 +461,91 @@ def neuron_detail_tables(
     return {"neuron_effects": _concat(neu, kind, sample), "neuron_totals": _concat(tot, kind, sample)}
 
 
-def attention_rows(w, rows: torch.Tensor, row0: int, heads: list[tuple[dict, np.ndarray]], token_index, k: int):
+class _Stop(Exception):
+    """Ends a forward pass from a hook once everything it is run for has been captured."""
+
+
+def attention_rows(w, rows: torch.Tensor, row0: int, heads: list[tuple[dict, np.ndarray]], token_index, k: int,
+                   clean: E.CleanState | None = None):
     """Per ablated head and top token, the k source positions with the largest clean attention weight.
 
     Args:
         heads: (row identity with `layer` and `head`, top-token mask) of each head unit.
+        clean: the batch's clean run (the fast engine's), if there is one: see below.
 
-    One forward of the model with eager attention (which returns its probabilities) per
-    batch that holds top tokens; None when none of `heads` has a top token here.
+    One forward of the model with eager attention (whose attention modules return their
+    probabilities) per batch that holds top tokens, on only the rows that hold one and only up
+    to the deepest layer asked (rows are independent; no unembedding); None when none of
+    `heads` has a top token here. With `clean`, only the layers asked run, each on its stored
+    clean input (`_from_clean`); the model still builds the eager masks and positions.
     """
     if not k or not any(m.any() for _, m in heads):
         return None
     batch, seq = rows.shape
     preds = seq - 1
+    wanted = [(ident, np.nonzero(mask)[0]) for ident, mask in heads if mask.any()]
+    held = np.unique(np.concatenate([idx // preds for _, idx in wanted]))  # the rows that hold a top token
+    layers = sorted({ident["layer"] for ident, _ in wanted})
+    patterns: dict[int, torch.Tensor] = {}  # layer -> [held row, head, query, key]
+
+    def keep(layer):
+        def hook(module, args, out):
+            patterns[layer] = out[1]
+            if layer == layers[-1]:
+                raise _Stop  # nothing after the deepest layer asked is needed
+        return hook
+
     model = w.model
     previous = getattr(model.config, "_attn_implementation", None)
     try:
         model.set_attn_implementation("eager")
-        with torch.no_grad():
-            patterns = model(rows, output_attentions=True, use_cache=False).attentions  # [layer] [b, h, q, k]
+        sel = torch.from_numpy(held).to(rows.device)
+        regs = [lambda l=l: E.attn_module(w, l).register_forward_hook(keep(l)) for l in layers]
+        with torch.no_grad(), hooks(*regs, *(_from_clean(w, clean, sel, layers) if clean is not None else ())):
+            model(rows[sel], use_cache=False)
+    except _Stop:
+        pass
     finally:
         if previous and previous != "eager":
             model.set_attn_implementation(previous)
     parts = []
-    for ident, mask in heads:
-        if not mask.any():
-            continue
+    for ident, idx in wanted:
         layer, head = ident["layer"], ident["head"]
-        idx = np.nonzero(mask)[0]
         b, q = idx // preds, idx % preds
-        p = patterns[layer][torch.from_numpy(b), head, torch.from_numpy(q)].float()  # [n, seq] over keys
+        at = torch.from_numpy(np.searchsorted(held, b))  # each token's row among the rows run
+        p = patterns[layer][at, head, torch.from_numpy(q)].float()  # [n, seq] over keys
         kk = min(k, seq)
         weight, src = p.topk(kk, dim=-1)
         weight, src = weight.cpu().numpy(), src.cpu().numpy()
         rank = np.tile(np.arange(1, kk + 1, dtype=np.int16), (len(idx), 1))
-        keep = src <= q[:, None]  # causal: a query sees positions up to its own
-        parts.append({**ident, "token_index": np.repeat(token_index[idx], kk)[keep.reshape(-1)],
-                      "rank": rank[keep], "src_pos": src[keep].astype(np.int16),
-                      "src_token_index": ((row0 + b[:, None]) * preds + src)[keep].astype(np.int32),
-                      "weight": weight[keep]})
+        keep_ = src <= q[:, None]  # causal: a query sees positions up to its own
+        parts.append({**ident, "token_index": np.repeat(token_index[idx], kk)[keep_.reshape(-1)],
+                      "rank": rank[keep_], "src_pos": src[keep_].astype(np.int16),
+                      "src_token_index": ((row0 + b[:, None]) * preds + src)[keep_].astype(np.int32),
+                      "weight": weight[keep_]})
     return parts
+
+
+def _from_clean(w, clean: E.CleanState, sel: torch.Tensor, layers: list[int]) -> list:
+    """Hook registrations that make a forward of rows `sel` run only `layers` (to the deepest), each on
+    its stored clean input: a layer before it that is not asked returns the clean output (the next
+    layer's stored input) without running."""
+    regs = []
+    for i in range(layers[-1] + 1):
+        if i in layers:
+            def start(module, args, kwargs, i=i):
+                x = clean.resid_pre[i][sel]
+                if clean.calls[i].hidden_kw:
+                    return args, {**kwargs, "hidden_states": x}
+                return (x, *args[1:]), kwargs
+            regs.append(lambda i=i, start=start: w.layers[i].register_forward_pre_hook(start, with_kwargs=True))
+        else:
+            out = clean.resid_pre[i + 1][sel]
+
+            def skip(*args, out=out, tuple_out=clean.calls[i].tuple_out, **kwargs):
+                return (out,) if tuple_out else out
+            regs.append(lambda i=i, skip=skip: E.ForwardOverride(w.layers[i], skip))
+    return regs
 
 
 def repair_components(w: Weights, unit: Unit) -> tuple[list[tuple[int, int]], list[int]]:

@@ -2,15 +2,21 @@
 
 The clean run is one float32 forward of the Hugging Face model with hooks that keep what
 every later pass reuses: the residual entering each layer and the exact arguments each
-layer was called with (masks, rotary tables, ALiBi), each head's z, each MLP's write.
+layer was called with (masks, rotary tables, ALiBi), each head's z, each attention module's
+output, each MLP's write.
 
 A patched pass for units whose first layer is L (heads, head groups, whole attention
 layers, MLPs, blocks: a `Patch` each) calls only layers L… on the cached residual
-entering L, with every unit batched along the batch dimension, plus one unpatched copy
-as the baseline. Under a condition (`U | U0`) the baseline is the U0-ablated run
-(`clean_run` with U0's `Patch`), and every copy keeps U0's replacements at its layers.
-Every quantity of the ablated run is then the stored baseline value plus
-(patched − baseline), computed in float32. In bfloat16 or float16 only
+entering L, with every unit batched along the batch dimension, one copy of the batch each
+and no baseline copy. Layer L's input is the baseline's in every copy, so it computes only
+what the ablation changes: its attention module returns the stored output plus the units'
+heads' change, Σ (z_new − z) @ W_O[h] (a post-norm after it is still the layer's own), and
+its MLP does not run in a parallel block (its input is unchanged) nor where every copy
+replaces its write. A last-layer unit so costs the final norm and the target column, plus
+one MLP in a sequential block. Under a condition (`U | U0`) the baseline is the U0-ablated
+run (`clean_run` with U0's `Patch`), and every copy keeps U0's replacements at its layers.
+Every change is the copy's value minus the stored baseline value, in float32 (patching in the
+baseline's own values changes nothing, to float32 rounding). In bfloat16 or float16 only
 the matrix products run in low precision, and only on the change: each projection
 returns its clean float32 output plus a low-precision product with (input − clean
 input); norms, attention, activations, the residual stream and the attention output
@@ -49,7 +55,7 @@ class _DeltaInDtype:
     fraction of the change itself, while every product still runs in low precision.
     """
 
-    def __init__(self, module, clean_x: Tensor, clean_y: Tensor, copies: int, dtype: torch.dtype, cache: dict):
+    def __init__(self, module, clean_x: Tensor, clean_y: Tensor, dtype: torch.dtype, cache: dict):
         from transformers.pytorch_utils import Conv1D
 
         self.module = module
@@ -57,12 +63,14 @@ class _DeltaInDtype:
         if key not in cache:  # the module's weight in low precision, made once per model
             cache[key] = module.weight.detach().to(dtype)
         weight, conv = cache[key], isinstance(module, Conv1D)
-        tile = lambda t: t.repeat(copies, *[1] * (t.dim() - 1))  # noqa: E731 - copy-major, like the hidden state
-        x0, y0 = tile(clean_x), tile(clean_y)
+        x0, y0 = clean_x, clean_y
 
         def forward(x):
-            d = (x.float() - x0).to(dtype)
-            return y0 + (d @ weight if conv else torch.nn.functional.linear(d, weight)).float()
+            # [copies·batch, …] viewed copy-major against the clean batch: broadcasting, not tiling,
+            # so any number of copies (or none of the clean tensors' copies) costs no extra memory.
+            d = (x.float().view(-1, *x0.shape) - x0).to(dtype)
+            y = (d @ weight if conv else torch.nn.functional.linear(d, weight)).float() + y0
+            return y.view(*x.shape[:-1], y.shape[-1])
 
         module.forward = forward
 
@@ -133,6 +141,11 @@ class CleanState:
     raw_logits: Float[Tensor, "batch pos d_vocab"]  # unembedding output before any softcap
     mlp_post_scale: Float[Tensor, "batch pos 1"] | None = None  # final MLP's post-norm scale
     linears: dict | None = None  # module -> (input, output) of every low-precision projection
+    # Per layer, the attention module's output as the layer received it (`attn_module`): its first
+    # tensor (float32, the module's own shape) and the rest of its tuple (None for a bare tensor).
+    # A pass's first layer returns it plus the heads' change instead of recomputing attention.
+    attn_module_out: list[Tensor] | None = None
+    attn_module_rest: list[tuple | None] | None = None
 
     @property
     def post_final(self) -> Tensor:
@@ -148,13 +161,16 @@ class CleanState:
         return g * b / self.attn_post_scale[..., None]
 
 
-def clean_run(w: Weights, rows: Tensor, with_linears: bool = False, replace: Patch | None = None) -> CleanState:
+def clean_run(w: Weights, rows: Tensor, with_linears: bool = False, replace: Patch | None = None,
+              logits: bool = True) -> CleanState:
     """One float32 forward of the batch with everything later passes and the clean tables need.
 
     `with_linears` also keeps every projection's input and output, the baseline of a
     low-precision sweep. `replace` makes it the run of that ablation instead (a condition's
     baseline): its heads' z and MLP writes are replaced as the forward goes, and every
-    capture sees the replaced values.
+    capture sees the replaced values. Without `logits` the unembedding does not run (`logits`
+    and `raw_logits` are then empty, [batch, pos, 0]): a resample source batch is read only for
+    its replacement values.
     """
     L = w.n_layers
     batch, pos = rows.shape
@@ -181,9 +197,20 @@ def clean_run(w: Weights, rows: Tensor, with_linears: bool = False, replace: Pat
             return _replacing(out, o) if i in replace.mlps else None
         return hook
 
+    attn_first: list[Tensor | None] = [None] * L
+    attn_rest: list[tuple | None] = [None] * L
+
+    def attn_hook(i):
+        def hook(module, args, out):
+            first = out[0] if isinstance(out, tuple) else out
+            attn_first[i] = first.detach().float().clone()
+            attn_rest[i] = tuple(out[1:]) if isinstance(out, tuple) else None
+        return hook
+
     norm_keys = [[H.norm_in(i, role) for role in _norm_roles(w, i)] for i in range(L)]
     regs = []
     for i in range(L):
+        regs.append(lambda i=i: attn_module(w, i).register_forward_hook(attn_hook(i)))
         regs.append(lambda i=i: w.attn_out[i].register_forward_pre_hook(z_hook(i)))
         regs.append(lambda i=i: w.mlp_write[i].register_forward_hook(mlp_hook(i)))
         if w.post_norm:
@@ -196,6 +223,9 @@ def clean_run(w: Weights, rows: Tensor, with_linears: bool = False, replace: Pat
         regs.append(lambda: w.down_final.register_forward_pre_hook(put(H.mlp_post(L - 1))))
     regs.append(lambda: module_at(w.model, w.family.final_norm).register_forward_pre_hook(put(H.resid_post(L - 1))))
     regs.append(lambda: w.model.get_output_embeddings().register_forward_hook(put(H.UNEMBED_OUT)))
+    if not logits:  # the full-vocabulary product is the costliest single step of a small model's forward
+        lm_head = w.model.get_output_embeddings()
+        regs.append(lambda: ForwardOverride(lm_head, lambda x: x.new_zeros((*x.shape[:-1], 0))))
     linears = {}
     if with_linears:
         keep = lambda m, a, o: linears.__setitem__(m, (a[0].detach().float().clone(), o.detach().float().clone()))  # noqa: E731
@@ -219,9 +249,11 @@ def clean_run(w: Weights, rows: Tensor, with_linears: bool = False, replace: Pat
         resid_final=resid_final,
         scale=scale,
         norm_scales=torch.stack(scales + [scale], -1),
-        logits=f(out.logits),
-        raw_logits=f(got[H.UNEMBED_OUT]) * w.logit_scale,
+        logits=out.logits.float().reshape(batch, pos, out.logits.shape[-1]),
+        raw_logits=got[H.UNEMBED_OUT].float().reshape(batch, pos, out.logits.shape[-1]) * w.logit_scale,
         linears=linears if with_linears else None,
+        attn_module_out=attn_first,
+        attn_module_rest=attn_rest,
     )
     if state.mlp_pre_final is not None:
         state.mlp_post_scale = w.mlp_post[-1].scale(state.mlp_pre_final)[..., None]
@@ -269,6 +301,47 @@ def head_patches(layer: int, heads: list[int], z_new: Float[Tensor, "k batch pos
     return [Patch({layer: {h: z_new[j]}}) for j, h in enumerate(heads)]
 
 
+def attn_module(w: Weights, layer: int):
+    """The decoder layer's attention module: its child that holds the attention output projection."""
+    return module_at(w.layers[layer], w.family.attn_out.split(".", 1)[0])
+
+
+def _whole_mlp(w: Weights, layer: int):
+    """The layer's MLP module when that one module computes the whole MLP (it holds the down
+    projection), else None (OPT and BLOOM call their MLP's pieces from the layer; a mixture of
+    experts may return a tuple with its router's logits)."""
+    f = w.family
+    if f.moe or not f.down.startswith(f.mlp_out + "."):
+        return None
+    return w.mlp_out[layer]
+
+
+class ForwardOverride:
+    """Replace a module's forward with `forward` until `remove()`; its hooks still run around it."""
+
+    def __init__(self, module, forward):
+        self.module = module
+        module.forward = forward
+
+    def remove(self) -> None:
+        del self.module.forward  # the class's forward shows through again
+
+
+def _first_layer_change(w: Weights, clean: CleanState, layer: int, patches: list[Patch]
+                        ) -> Float[Tensor, "k batch pos d_model"]:
+    """Each unit's change to the attention output of the pass's first layer: Σ over its heads there of
+    (z_new − z) @ W_O[h]. That layer's input is the baseline's in every copy, so its attention output
+    is exactly the baseline's plus this (the projection is linear; the value bias cancels)."""
+    batch, pos = clean.scale.shape
+    delta = clean.scale.new_zeros((len(patches), batch, pos, w.d_model))
+    for j, p in enumerate(patches):
+        heads = list(p.heads.get(layer, {}))
+        if heads:
+            dz = torch.stack([p.heads[layer][h] - clean.z[layer][:, :, h] for h in heads], -2)  # [batch, pos, h, d_head]
+            delta[j] = dz.flatten(-2) @ w.W_O[layer, heads].flatten(0, 1)
+    return delta
+
+
 def patch_layer(
     w: Weights,
     clean: CleanState,
@@ -281,19 +354,21 @@ def patch_layer(
 ) -> PatchResult:
     """Ablate each unit of `patches` (none replacing anything before `layer`) in one pass from `layer`.
 
-    One pass runs layers `layer`… on `k + 1` copies of the batch (copy 0 the baseline; copy
-    j + 1 makes patches[j]'s replacements, each at its own layer); each quantity is its
-    baseline value plus (copy − baseline). With `base` (a condition's replacements; `clean`
-    is then its ablated run) every copy, the baseline too, also makes base's replacements at
-    `layer` and after. The steps, in order: `_patch_hooks` (what the pass captures and
-    replaces), `_head_changes` and `_mlp_change` per layer with `_own_heads` and `_own_mlps`
-    taking the units' own components out, `_final_state` after the last layer.
+    One pass runs layers `layer`… on `k` copies of the batch (copy j makes patches[j]'s
+    replacements, each at its own layer); each quantity's change is the copy's value minus the
+    baseline's stored one. With `base` (a condition's replacements; `clean` is then its ablated
+    run) every copy also makes base's replacements at `layer` and after. The first layer computes
+    only what the ablation changes (`_first_layer_hooks`): its attention output is the baseline's
+    plus the units' heads' change, and its MLP runs only where its input or write can differ.
+    The steps, in order: `_patch_hooks` (what the pass captures and replaces), `_head_changes`
+    (`_first_head_changes` at the first layer) and `_mlp_change` per layer with `_own_heads` and
+    `_own_mlps` taking the units' own components out, `_final_state` after the last layer.
 
     Args:
         w: the model's modules and processed weights.
         clean: the batch's baseline run from `clean_run` (with `base`'s replacements, if any).
         layer: the first layer the pass runs (no patch replaces anything before it).
-        patches: what each unit replaces, one copy of the batch each, plus a baseline copy.
+        patches: what each unit replaces, one copy of the batch each.
         u: the correct next token's processed unembedding column at every position.
         ou: `head_projections(w, u)`.
         dtype: run the layers' matrix products in this dtype, on the change from the baseline
@@ -303,7 +378,7 @@ def patch_layer(
     Returns:
         Per-unit results; positions without a next token carry garbage the caller drops.
     """
-    k, n = len(patches), len(patches) + 1
+    k = len(patches)
     if any(l < layer for p in patches for l in (*p.heads, *p.mlps)):
         raise ValueError(f"a patch replaces a component before the pass's first layer {layer}")
     base = (base or Patch()).from_layer(layer)
@@ -312,46 +387,81 @@ def patch_layer(
     d_heads = u.new_zeros((k, batch, pos, w.n_layers, w.n_heads))
     d_mlps = u.new_zeros((k, batch, pos, w.n_layers))
     de = u.new_zeros((k, batch, pos))
-    hidden = clean.resid_pre[layer].repeat(n, 1, 1)  # [n·batch, pos, d_model], copy-major
-    with torch.no_grad(), hooks(*_patch_hooks(w, clean, layer, patches, base, got, n, dtype)):
+    delta = _first_layer_change(w, clean, layer, patches)
+    hidden = clean.resid_pre[layer].repeat(k, 1, 1)  # [k·batch, pos, d_model], copy-major
+    with torch.no_grad(), hooks(*_patch_hooks(w, clean, layer, patches, base, got, k, dtype),
+                                *_first_layer_hooks(w, clean, layer, patches, base, delta)):
         for i in range(layer, w.n_layers):
-            hidden = clean.calls[i].run(w.layers[i], hidden, batch, n)
-            d_heads[..., i, :], sp = _head_changes(w, clean, i, got, ou, clean.scale)
+            hidden = clean.calls[i].run(w.layers[i], hidden, batch, k)
+            if i == layer:
+                d_heads[..., i, :], sp = _first_head_changes(w, clean, i, delta, ou, clean.scale)
+            else:
+                d_heads[..., i, :], sp = _head_changes(w, clean, i, got, ou, clean.scale)
             de += _own_heads(patches, i, d_heads, ou, clean.scale, sp)
-            d_mlps[..., i] = _mlp_change(got.pop(H.mlp_out(i)), u, clean.scale)
+            d_mlps[..., i] = _mlp_change(got.pop(H.mlp_out(i)), clean.mlp_write[i], u, clean.scale)
             de += _own_mlps(patches, i, d_mlps, u, clean.scale)
-    logit, s_abl, post = _final_state(w, clean, hidden.float().view(n, batch, pos, -1), got, u)
+    logit, s_abl, post = _final_state(w, clean, hidden.float().view(k, batch, pos, -1), got, u)
     return PatchResult(logit=logit, scale=s_abl, de=de, d_de_heads=d_heads, d_de_mlps=d_mlps, post_final=post)
+
+
+def _first_layer_hooks(w: Weights, clean: CleanState, layer: int, patches: list[Patch], base: Patch,
+                       delta: Tensor) -> list:
+    """The first layer's shortcuts (exact: its input is the baseline's in every copy).
+
+    Its attention module returns the baseline's output plus `delta` (the units' heads' change)
+    without running. Its MLP (when one module computes it) does not run where no copy needs it:
+    in a parallel block its input is the baseline's (it returns the baseline's write), and where
+    every copy replaces its write (MLP and block units) anything it returns is replaced anyway.
+    """
+    k = len(patches)
+    out, rest = clean.attn_module_out[layer], clean.attn_module_rest[layer]
+
+    def attn_forward(*args, **kwargs):
+        # [k·batch, …] in the module's own layout ([batch, pos, d_model], or flattened tokens)
+        first = (out.unsqueeze(0) + delta.view(k, *out.shape)).view(k * out.shape[0], *out.shape[1:])
+        return first if rest is None else (first, *rest)
+
+    regs = [lambda: ForwardOverride(attn_module(w, layer), attn_forward)]
+    mlp = _whole_mlp(w, layer)
+    replaced = all(layer in p.mlps for p in patches) or layer in base.mlps
+    unchanged = w.parallel and w.mlp_post[layer] is None
+    if mlp is not None and (replaced or unchanged):
+        write = clean.mlp_write[layer]  # [batch, pos, d_model]: the MLP module's output without a post-norm
+
+        def mlp_forward(x, *args, **kwargs):
+            # A fresh tensor: some layers add into the MLP's output in place (Falcon).
+            value = write if unchanged else torch.zeros_like(write)
+            return value.repeat(k, 1, 1).view(*x.shape[:-1], w.d_model).to(x.dtype)
+
+        regs.append(lambda: ForwardOverride(mlp, mlp_forward))
+    return regs
 
 
 def _patch_hooks(w: Weights, clean: CleanState, layer: int, patches: list[Patch], base: Patch, got: dict, n: int,
                  dtype: torch.dtype | None) -> list:
     """The pass's hook registrations: replace the units' (and the condition's) heads' z and MLP writes,
-    capture every layer's z, attention output and MLP write from `layer` on, the final MLP's
-    activations, and (with `dtype`) run each projection on the change from the baseline run."""
+    capture every layer's z and attention output after `layer`, every MLP write from `layer` on, the
+    final MLP's activations, and (with `dtype`) run each projection on the change from the baseline run."""
     batch, pos = clean.scale.shape
     n_heads, dh = w.n_heads, w.d_head
     last = w.n_layers - 1
-    every = slice(None)  # the condition's replacements go into every copy, the baseline too
+    every = slice(None)  # the condition's replacements go into every copy
     z_sets = {i: [(every, base.heads[i])] if i in base.heads else [] for i in range(layer, w.n_layers)}
     mlp_sets = {i: [(every, base.mlps[i])] if i in base.mlps else [] for i in range(layer, w.n_layers)}
-    for j, p in enumerate(patches):  # copy j + 1 makes patches[j]'s replacements
+    for j, p in enumerate(patches):  # copy j makes patches[j]'s replacements
         for i, heads in p.heads.items():
-            z_sets[i].append((j + 1, heads))
+            z_sets[i].append((j, heads))
         for i, value in p.mlps.items():
-            mlp_sets[i].append((j + 1, value))
+            mlp_sets[i].append((j, value))
 
     def z_hook(i):
         def hook(module, args):
             x = args[0]
-            if i == layer:
-                # Every copy starts from the exact float32 baseline z of this layer, so a replaced
-                # head's change is exactly z_new − z_baseline whatever the sweep's precision.
-                x = (clean.z[layer] + w.c[layer]).repeat(n, 1, 1, 1).reshape(x.shape).to(x.dtype)
             if z_sets[i]:
                 x = _set_z(w, x, i, z_sets[i], n, batch, pos)
-            got[H.z(i)] = x.detach().float().clone().view(n, batch, pos, n_heads, dh)
-            return (x, *args[1:]) if i == layer or z_sets[i] else None
+            # No copy: the projection only reads it, and the pass reads it before the next layer.
+            got[H.z(i)] = x.detach().float().view(n, batch, pos, n_heads, dh)
+            return (x, *args[1:]) if z_sets[i] else None
         return hook
 
     def mlp_hook(i):
@@ -367,33 +477,45 @@ def _patch_hooks(w: Weights, clean: CleanState, layer: int, patches: list[Patch]
         key, (a[0] if o is None else o).detach().float().clone().view(n, batch, pos, -1)))
     regs = []
     for i in range(layer, w.n_layers):
-        regs.append(lambda i=i: w.attn_out[i].register_forward_pre_hook(z_hook(i)))
+        if i > layer:  # the first layer's attention does not run (`_first_layer_hooks`)
+            regs.append(lambda i=i: w.attn_out[i].register_forward_pre_hook(z_hook(i)))
+            if w.post_norm:
+                regs.append(lambda i=i: w.attn_out[i].register_forward_hook(put(H.attn_out(i))))
         regs.append(lambda i=i: w.mlp_write[i].register_forward_hook(mlp_hook(i)))
-        if w.post_norm:
-            regs.append(lambda i=i: w.attn_out[i].register_forward_hook(put(H.attn_out(i))))
     if clean.mlp_pre_final is not None:
         regs.append(lambda: w.mlp_out[-1].register_forward_hook(put(H.mlp_module_out(last))))
     if w.down_final is not None:
         regs.append(lambda: w.down_final.register_forward_pre_hook(put(H.mlp_post(last))))
     if dtype is not None:
         cache = w.__dict__.setdefault("_low_weights", {})
-        regs += [lambda m=m: _DeltaInDtype(m, *clean.linears[m], n, dtype, cache)
+        regs += [lambda m=m: _DeltaInDtype(m, *clean.linears[m], dtype, cache)
                  for i in range(layer, w.n_layers) for m in _linears(w, i)]
     return regs
+
+
+def _first_head_changes(w: Weights, clean: CleanState, i: int, delta: Tensor, ou: Tensor, s: Tensor
+                        ) -> tuple[Tensor, Tensor | None]:
+    """As `_head_changes` at the pass's first layer, whose heads keep their baseline z (the units' own
+    heads are taken out by `_own_heads`): no change without post-norms; with them, every head's DE
+    moves with the attention post-norm's scale, of the baseline output plus `delta`."""
+    k = delta.shape[0]
+    if not w.post_norm:
+        return ou.new_zeros((k, *s.shape, w.n_heads)), None
+    sp = w.attn_post[i].scale(clean.o_out[i] + delta)[..., None]  # ablated post-norm scale
+    de = (clean.z[i] * ou[i]).sum(-1)  # [batch, pos, head], before either scale
+    return (de / sp - de / clean.attn_post_scale[i][..., None]) / s[..., None], sp
 
 
 def _head_changes(w: Weights, clean: CleanState, i: int, got: dict, ou: Tensor, s: Tensor
                   ) -> tuple[Tensor, Tensor | None]:
     """ΔDE of every head of layer `i` in each ablated copy, [k, batch, pos, head]; with post-norm
     blocks also the ablated attention post-norm scale (None without)."""
-    z = got.pop(H.z(i))
+    z = got.pop(H.z(i)) - w.c[i]  # [k, batch, pos, head, d_head], processed
     s_h = s[..., None]
     if not w.post_norm:
-        return ((z[1:] - z[0]) * ou[i]).sum(-1) / s_h, None
-    o = got.pop(H.attn_out(i))
-    sp = w.attn_post[i].scale(clean.o_out[i] + (o[1:] - o[0]))[..., None]  # ablated post-norm scale
-    z_abl = clean.z[i] + (z[1:] - z[0])  # [k, batch, pos, head, d_head], processed
-    return ((z_abl * ou[i]).sum(-1) / sp
+        return ((z - clean.z[i]) * ou[i]).sum(-1) / s_h, None
+    sp = w.attn_post[i].scale(got.pop(H.attn_out(i)))[..., None]  # ablated post-norm scale
+    return ((z * ou[i]).sum(-1) / sp
             - (clean.z[i] * ou[i]).sum(-1) / clean.attn_post_scale[i][..., None]) / s_h, sp
 
 
@@ -421,25 +543,27 @@ def _own_mlps(patches: list[Patch], i: int, d_mlps: Tensor, u: Tensor, s: Tensor
     return out
 
 
-def _mlp_change(m: Tensor, u: Tensor, s: Tensor) -> Tensor:
-    """ΔDE of one MLP layer's write in each ablated copy, [k, batch, pos]."""
-    return ((m[1:] - m[0]) * u).sum(-1) / s
+def _mlp_change(m: Tensor, clean_m: Tensor, u: Tensor, s: Tensor) -> Tensor:
+    """ΔDE of one MLP layer's write `m` ([k, batch, pos, d_model]) against the baseline's, [k, batch, pos]."""
+    return ((m - clean_m) * u).sum(-1) / s
 
 
 def _final_state(w: Weights, clean: CleanState, r: Tensor, got: dict, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """From the last layer's output `r` ([copy, batch, pos, d_model]): each ablated copy's logit of the
     correct token (minus b_U), its final-norm scale and its final-MLP activations (post-norm scaled)."""
     last = w.n_layers - 1
-    resid = clean.resid_final + (r[1:] - r[0])
-    s_abl = w.final.scale(resid)
+    s_abl = w.final.scale(r)
+    logit = (r * u).sum(-1) / s_abl
     p = got.pop(H.mlp_post(last), None)
-    if p is None:  # a mixture of experts: no final-MLP neurons (d_mlp 0)
-        return (resid * u).sum(-1) / s_abl, s_abl, r.new_zeros((*s_abl.shape, 0))
-    post = clean.post_final_raw + (p[1:] - p[0])
+    if w.down_final is None:  # a mixture of experts: no final-MLP neurons (d_mlp 0)
+        return logit, s_abl, r.new_zeros((*s_abl.shape, 0))
+    if p is None:  # the last MLP did not run (`_first_layer_hooks`): the baseline's activations
+        got.pop(H.mlp_module_out(last), None)
+        return logit, s_abl, clean.post_final.expand(r.shape[0], *clean.post_final.shape)
+    post = p
     if clean.mlp_pre_final is not None:
-        mp = got.pop(H.mlp_module_out(last))
-        post = post / w.mlp_post[-1].scale(clean.mlp_pre_final + (mp[1:] - mp[0]))[..., None]
-    return (resid * u).sum(-1) / s_abl, s_abl, post
+        post = post / w.mlp_post[-1].scale(got.pop(H.mlp_module_out(last)))[..., None]
+    return logit, s_abl, post
 
 
 def component_des(clean: CleanState, u: Float[Tensor, "batch pos d_model"], ou: Tensor

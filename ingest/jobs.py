@@ -178,14 +178,14 @@ class JobRunner:
         from selfrepair.ingest.ablate import FastBatch, ReferenceBatch
 
         cfg, w, work = self.cfg, self.w, job.work
-        make = (lambda r: FastBatch(w, r, self.dtype)) if cfg.engine == "fast" else (
-            lambda r: ReferenceBatch(self.model.require_bridge(), r))
+        make = (lambda r, source=False: FastBatch(w, r, self.dtype, source=source)) if cfg.engine == "fast" else (
+            lambda r, source=False: ReferenceBatch(self.model.require_bridge(), r))
         rows = self._tensor(job.rows)
         hpp = self.heads_per_pass()
         with torch.no_grad():
             if self._ctx_rows != work.rows:
                 self._ctx_rows, self._ctx = work.rows, make(rows)
-            src = make(self._tensor(job.source_rows)) if work.kind == "resample" else None
+            src = make(self._tensor(job.source_rows), source=True) if work.kind == "resample" else None
             while True:
                 try:
                     return compute(self._ctx, src, rows, hpp)

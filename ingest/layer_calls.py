@@ -20,6 +20,7 @@ class Call:
     args: tuple
     kwargs: dict
     hidden_kw: bool  # the hidden state came as `hidden_states=` rather than first positional
+    tuple_out: bool = False  # the layer returned a tuple (hidden state first) rather than a tensor
 
     def run(self, layer, hidden: Tensor, batch: int, copies: int) -> Tensor:
         """Call `layer` on `hidden` ([copies·batch, pos, d_model]), tiling batch-shaped arguments."""
@@ -76,8 +77,14 @@ def capture_calls(model, layers, rows: Tensor, extra=()) -> tuple[list[Call], li
                 calls[i] = Call(tuple(args[1:]), kwargs, False)
         return hook
 
+    def post(i):
+        def hook(module, args, out):
+            calls[i].tuple_out = isinstance(out, (tuple, list))
+        return hook
+
     regs = [lambda i=i, layer=layer: layer.register_forward_pre_hook(pre(i), with_kwargs=True)
             for i, layer in enumerate(layers)]
+    regs += [lambda i=i, layer=layer: layer.register_forward_hook(post(i)) for i, layer in enumerate(layers)]
     with torch.no_grad(), hooks(*regs, *extra):
         out = model(rows, use_cache=False)
     return calls, inputs, out
