@@ -60,6 +60,12 @@ def _cut_tensor(t: Tensor, rows: Tensor, n_pos: int, batch: int, pos: int) -> Te
     return t[tuple(index)]
 
 
+def _cut_tokens(t: Tensor, rows: Tensor, n_pos: int, batch: int, pos: int) -> Tensor:
+    """A module output laid out [batch, pos, d] or as flattened tokens [batch·pos, d], cut alike."""
+    cut = t.reshape(batch, pos, t.shape[-1])[rows, :n_pos]
+    return cut.reshape(-1, t.shape[-1]) if t.dim() == 2 else cut
+
+
 def _cut_obj(obj, rows: Tensor, n_pos: int, batch: int, pos: int):
     if isinstance(obj, Tensor):
         return _cut_tensor(obj, rows, n_pos, batch, pos)
@@ -90,6 +96,10 @@ def cut_state(clean: E.CleanState, cut: Cut) -> E.CleanState:
             out[f.name] = [cut_call(c, rows, p, batch, pos) for c in v]
         elif f.name == "linears":
             out[f.name] = None
+        elif f.name == "attn_module_out" and v is not None:  # per layer, [batch, pos, …] or flattened tokens
+            out[f.name] = [None if t is None else _cut_tokens(t, rows, p, batch, pos) for t in v]
+        elif f.name == "attn_module_rest" and v is not None:
+            out[f.name] = [_cut_obj(r, rows, p, batch, pos) for r in v]
         elif not isinstance(v, Tensor):
             out[f.name] = v
         elif f.name in _LAYER_FIRST:
@@ -215,12 +225,15 @@ def frozen_attention(w, patterns: list[Tensor], cut: Cut, layer: int):
     _register_interface()
     rows = torch.as_tensor(cut.rows, device=patterns[0].device)
     mods = attention_modules(w)
-    for i in range(layer, w.n_layers):
+    # The first layer's attention does not run (ingest/engine.py returns its stored output plus the units'
+    # change: its input, hence its pattern, is the baseline's already); every later layer's does.
+    later = range(layer + 1, w.n_layers)
+    for i in later:
         _PATTERNS[id(mods[i])] = patterns[i][rows][:, :, :cut.n_pos, :cut.n_pos]
     try:
         with _implementation(w, _FROZEN_IMPL):
             yield
-        skipped = [i for i in range(layer, w.n_layers) if -id(mods[i]) not in _PATTERNS]
+        skipped = [i for i in later if -id(mods[i]) not in _PATTERNS]
         if skipped:
             raise UnsupportedModel(f"{w.family.name}: layer {skipped[0]}'s attention did not go through "
                                    "transformers' AttentionInterface, so frozen-attention cannot replace its pattern")
