@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from selfrepair.store.heads import parse_sr_heads
 from selfrepair.store.labels import head_label  # noqa: F401 - the figures import it from here
 from selfrepair.store.manifest import Manifest
 
@@ -27,6 +28,8 @@ class ModelInfo:
         resamples: resample draws ingested.
         unit_kinds: kinds of the units stored besides heads, ablated alone in the report's draw
             (`group`, `attn`, `mlp`, `block`); empty for a store of heads alone.
+        sr_heads: the heads the ingest's --sr-mlps-neurons named (neuron detail by sr_mlps where ablated).
+        head_layers: the layers with a head ablated alone in the report's draw (set by the report).
     """
 
     name: str
@@ -37,6 +40,8 @@ class ModelInfo:
     ablations: tuple[str, ...]
     resamples: int
     unit_kinds: tuple[str, ...] = ()
+    sr_heads: tuple[tuple[int, int], ...] = ()
+    head_layers: tuple[int, ...] = ()
 
     @classmethod
     def from_manifest(cls, name: str, manifest: Manifest) -> "ModelInfo":
@@ -48,6 +53,8 @@ class ModelInfo:
             top_p=manifest.config.top_p,
             ablations=manifest.config.ablations,
             resamples=manifest.config.resamples,
+            sr_heads=tuple(sorted({h for spec in manifest.config.sr_mlps_neurons_runs
+                                   for h in parse_sr_heads(spec, manifest.model.n_layers, manifest.model.n_heads)})),
         )
 
 

@@ -45,6 +45,11 @@ def _count(n: float) -> str:
     return f"{n:,.0f}"
 
 
+def _rate(per_s: float, unit: str) -> str:
+    """`812.5 abl/s`, or `1 per 96 s` below one a second (a slow self-check step)."""
+    return f"{per_s:,.1f} {unit}/s" if per_s >= 1 else f"1 per {1 / per_s:,.0f} s"
+
+
 class _Lines:
     """Progress as whole lines: `label: n/total unit (p%), rate unit/s, elapsed m:ss, ETA m:ss`.
 
@@ -75,7 +80,7 @@ class _Lines:
         if self.n and elapsed > 0:
             rate = self.n / elapsed  # the whole run's mean: steady over uneven steps
             eta = _duration((self.total - self.n) / rate) if self.total >= self.n else "?"
-            speed = f"{rate:,.1f} {self.unit}/s"
+            speed = _rate(rate, self.unit)
         else:
             eta, speed = "?", f"? {self.unit}/s"
         return (f"{self.label}: {_count(self.n)}/{_count(self.total)} {self.unit}{pct}, {speed}, "
@@ -102,7 +107,7 @@ class _Lines:
         if self.thread is not None:
             self.thread.join()
         elapsed = self.clock() - self.start
-        rate = f", {self.n / elapsed:,.1f} {self.unit}/s" if self.n and elapsed > 0 else ""
+        rate = f", {_rate(self.n / elapsed, self.unit)}" if self.n and elapsed > 0 else ""
         self.write(f"{self.label}: done, {_count(self.n)} {self.unit} in {_duration(elapsed)}{rate}")
 
 
