@@ -85,10 +85,8 @@ class Ingest:
             cfg = self.cfg = _family_settings(cfg, arch, sizes, self.log)
         # Family, shape and context from the config alone, so the plan prints before the load (None: unknown).
         self._facts = facts = pre_load_model_facts(spec, cfg.revision)
-        if facts is not None:
-            if arch is None:  # a GGUF file: its family is known only now
-                cfg = self.cfg = _family_settings(cfg, facts.family.name, (facts.n_layers, facts.n_heads), self.log)
-            _check_context(facts.n_ctx, cfg.seq_len)
+        if facts is not None and arch is None:  # a GGUF file: its family is known only now
+            cfg = self.cfg = _family_settings(cfg, facts.family.name, (facts.n_layers, facts.n_heads), self.log)
         if cfg.dry_run:
             return self._dry_run(spec, facts)
         files.check_writable_dir(cfg.store)  # before the expensive load; created only once inputs pass
@@ -344,6 +342,7 @@ class Ingest:
             w = read_weights(model.hf_model, cfg.seq_len, cfg.preset)
             cfg = self.cfg = _family_settings(cfg, w.family.name, (w.n_layers, w.n_heads), self.log)
             facts, device = weights_facts(w), model.device
+        _check_context(facts.n_ctx, cfg.seq_len)
         units, conditions = _ablated_units(cfg, facts)
         self._check_sr_heads(units, facts.n_layers, facts.n_heads)
         estimate = estimate_run(cfg, facts, units, conditions=len(conditions) - 1)
@@ -354,6 +353,7 @@ class Ingest:
     def _plan(self, spec, facts: ModelFacts, device: str, corpus_spec: str, ms: ModelStore) -> ModelFacts:
         """Before the load: check the units, `--sr-mlps-neurons` and the free disk against the config's
         facts and print the plan. Returns the facts printed."""
+        _check_context(facts.n_ctx, self.cfg.seq_len)
         units, conditions = _ablated_units(self.cfg, facts)
         self._check_sr_heads(units, facts.n_layers, facts.n_heads)
         estimate = check_free_disk(self.cfg, ms, facts, units, len(conditions) - 1)
