@@ -154,7 +154,8 @@ class Ingest:
                                        "post-norm blocks or softcapped logits as DESIGN.md defines them; "
                                        "use the fast engine")
         units, conditions = _ablated_units(cfg, w)
-        self._check_sr_heads(units, w.n_layers, w.n_heads)  # ranges, and a named head that is ablated
+        if planned is None:  # checked before the load otherwise
+            self._check_sr_heads(units, w.n_layers, w.n_heads)  # ranges, and a named head that is ablated
         estimate = check_free_disk(cfg, ms, w, units, len(conditions) - 1)  # before the self-check's passes
         if planned is None or planned != weights_facts(w):  # no plan yet, or the config told another shape
             self._print_plan(spec, weights_facts(w), model.device, units, conditions, corpus_spec, estimate)
@@ -608,7 +609,8 @@ def _sr_plan(cfg: IngestConfig, w, units) -> str:
     if cfg.sr_mlps_neurons == "none":
         return ""
     n = count_sr_heads(cfg, w, units)
-    return (f", and on each of {n} ablated head{'s' if n != 1 else ''}' top {cfg.top_tokens} tokens by sr_mlps "
+    whose = "heads'" if n != 1 else "head's"
+    return (f", and on each of {n} ablated {whose} top {cfg.top_tokens} tokens by sr_mlps "
             f"(--sr-mlps-neurons {cfg.sr_mlps_neurons})")
 
 
