@@ -28,3 +28,29 @@ def test_each_case_once_with_every_ablation_type_at_least_once():
     assert check_plan([], [], ["zero"]) == []
     assert check_steps(heads, [], ["resample"]) == 4  # the clean comparisons, then each ablated one
     assert CHECK_ROWS == 2
+
+
+def test_a_broken_resample_head_pass_is_still_refused(tiny_model_dirs, tmp_path, monkeypatch):
+    # The checked rows are each other's resample sources: an engine off by 1% on a head's ablation fails.
+    import dataclasses
+
+    from click.testing import CliRunner
+
+    from selfrepair.cli import main
+    from selfrepair.ingest import ablate
+
+    patch = ablate.FastBatch.patch
+
+    def off_for_heads(self, layer, heads, z_new, u):
+        r = patch(self, layer, heads, z_new, u)
+        return dataclasses.replace(r, logit=r.logit * 1.01) if z_new is not None else r
+
+    monkeypatch.setattr(ablate.FastBatch, "patch", off_for_heads)
+    store = tmp_path / "s"
+    res = CliRunner().invoke(main, ["ingest", "--model", str(tiny_model_dirs["gpt2"]), "--store", str(store),
+                                    "--tokens", "124", "--seq-len", "32", "--batch-size", "2", "--corpus", "embedded",
+                                    "--ablations", "resample", "--heads", "L1", "--quiet"])
+    assert res.exit_code == 1, res.output
+    assert res.output.startswith("Error: self-check failed for GPT-2: ") and " resample L1H" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1, res.output
+    assert not store.exists() or not any(store.iterdir())
