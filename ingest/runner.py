@@ -248,7 +248,8 @@ class Ingest:
                               "batch); lower --batch-size") from None
         finally:
             bar.close()
-        self.log(f"self-check on {min(len(first), CHECK_ROWS)} rows of the first batch: {len(checks)} comparisons, "
+        n = min(len(first), CHECK_ROWS)
+        self.log(f"self-check on {n} row{'s' if n != 1 else ''} of the first batch: {len(checks)} comparisons, "
                  f"largest deviation {max(checks.values()):.2e} ({time.perf_counter() - t:.1f} s)")
         record = {"tolerance": "1e-3 of max(1, |value|)", "bridge": model.bridge_error or "TransformerBridge",
                   "deviations": checks}

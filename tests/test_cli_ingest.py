@@ -284,7 +284,7 @@ def test_the_plan_prints_before_the_load_and_the_self_check_shows_progress(cli_s
     lines = res.output.splitlines()
     order = [next(i for i, line in enumerate(lines) if line.startswith(start)) for start in (
         "selfrepair ingest: tiny-gpt2", "loading tiny-gpt2", "loaded tiny-gpt2 in ", "self-check: 3 steps to do",
-        "self-check: done, 3 steps in ", "self-check on 2 rows of the first batch: ", "clean pass: ", "ablation sweep: ")]
+        "self-check: done, 3 steps in ", "self-check on 1 row of the first batch: ", "clean pass: ", "ablation sweep: ")]
     assert order == sorted(order), lines
     assert sum(line.startswith("selfrepair ingest: ") for line in lines) == 1  # the config told the loaded shape
     assert "\r" not in res.output  # lines, not a bar redrawn in place
