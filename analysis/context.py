@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from selfrepair.store.heads import parse_sr_heads
 from selfrepair.store.labels import head_label  # noqa: F401 - the figures import it from here
 from selfrepair.store.manifest import Manifest
 
@@ -29,6 +30,8 @@ class ModelInfo:
             (`group`, `attn`, `mlp`, `block`); empty for a store of heads alone.
         revision: the Hugging Face revision (or local checkpoint label) stored, if any.
         counterfactuals: the counterfactual re-runs the store holds (empty: none).
+        sr_heads: the heads the ingest's --sr-mlps-neurons named (neuron detail by sr_mlps where ablated).
+        head_layers: the layers with a head ablated alone in the report's draw (set by the report).
     """
 
     name: str
@@ -41,6 +44,8 @@ class ModelInfo:
     unit_kinds: tuple[str, ...] = ()
     revision: str | None = None  # the training checkpoint stored (`ingest --revision`), if one was
     counterfactuals: tuple[str, ...] = ()  # the counterfactual re-runs stored (`--counterfactuals`)
+    sr_heads: tuple[tuple[int, int], ...] = ()
+    head_layers: tuple[int, ...] = ()
 
     @classmethod
     def from_manifest(cls, name: str, manifest: Manifest) -> "ModelInfo":
@@ -54,6 +59,8 @@ class ModelInfo:
             resamples=manifest.config.resamples,
             revision=manifest.model.revision,
             counterfactuals=manifest.config.counterfactuals,
+            sr_heads=tuple(sorted({h for spec in manifest.config.sr_mlps_neurons_runs
+                                   for h in parse_sr_heads(spec, manifest.model.n_layers, manifest.model.n_heads)})),
         )
 
 

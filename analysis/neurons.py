@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from selfrepair.analysis.context import Context, head_label
+from selfrepair.analysis.penultimate import layer_text
 
 
 def head_params(ctx: Context) -> dict:
@@ -24,13 +25,20 @@ def paper_params(ctx: Context) -> dict:
 
 def paper_title(ctx: Context, what: str) -> str:
     layer, head = ctx.paper_head
-    return (f"{what} — ablated head {head_label(layer, head)}, its top {ctx.p:.2%} tokens by sr_mlps "
-            f"(authors' token set)\n{ctx.facts()}")
+    return (f"{what} — ablated head {head_label(layer, head)} ({_paper_layer(ctx)}), its top {ctx.p:.2%} tokens "
+            f"by sr_mlps (authors' token set)\n{ctx.facts()}")
+
+
+def _paper_layer(ctx: Context) -> str:
+    """Which layer the paper head is in and why (the authors drew the penultimate layer's heads)."""
+    has_detail = ctx.paper_head in set(ctx.model.sr_heads)
+    return layer_text(ctx, ctx.paper_head[0], "ablated heads with neuron detail by sr_mlps" if has_detail
+                      else "ablated heads")
 
 
 def paper_skip(ctx: Context) -> str | None:
     if ctx.paper_head is None:
-        return f"{ctx.model.name} has no ablated head in its penultimate layer (the authors' neuron figures' heads)"
+        return f"{ctx.model.name} has no head ablated alone in this draw (the authors' neuron figures' heads)"
     return None
 
 

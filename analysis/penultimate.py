@@ -1,4 +1,9 @@
-"""Shared parts of the two penultimate-layer figures (final MLP and its top neurons)."""
+"""Shared parts of the penultimate-layer figures (final MLP and its top neurons).
+
+The authors ablated heads of the penultimate layer (n_layers − 2). A store whose ingest ablated
+none there is drawn at the latest layer that has ablated heads (`heads.latest_layer`), and the
+title says which layer and why, instead of leaving the figure undrawn.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +11,35 @@ import numpy as np
 import polars as pl
 
 from selfrepair.analysis.context import Context, head_label
+from selfrepair.analysis.heads import latest_layer
 from selfrepair.analysis.style import LOGIT_UNIT, new_figure
 
 
 def skip(ctx: Context) -> str | None:
     if ctx.model.n_layers < 2:
         return f"{ctx.model.name} has one layer, so no penultimate layer"
+    if layer(ctx) is None:
+        return f"{ctx.model.name} has no head ablated alone in this draw"
     return None
+
+
+def layer(ctx: Context) -> int | None:
+    """The layer of ablated heads drawn: the penultimate one, else the latest with ablated heads."""
+    return latest_layer(ctx.model.head_layers, ctx.model.n_layers)
+
+
+def runs(ctx: Context, **params) -> list[dict]:
+    """The query's one run: the drawn layer and `params`."""
+    return [{"layer": layer(ctx)} | params]
+
+
+def layer_text(ctx: Context, drawn: int | None = None, why: str = "ablated heads") -> str:
+    """`penultimate layer 28`, or `layer 27, the latest with ablated heads (none in the penultimate layer 28)`."""
+    drawn = layer(ctx) if drawn is None else drawn
+    penultimate = ctx.model.n_layers - 2
+    if drawn == penultimate:
+        return f"penultimate layer {drawn}"
+    return f"layer {drawn}, the latest with {why} (none in the penultimate layer {penultimate})"
 
 
 def paired_bars(df: pl.DataFrame, bars: tuple[tuple[str, str], ...], share: str, share_label: str, title: str):

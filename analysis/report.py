@@ -210,10 +210,12 @@ def build_report(store, output: str | Path, models: list[str] | None = None,
     query = QueryCache(store)
     per_model_heads, paper_heads = {}, {}
     top = query("head_top_self_repair", p=ctx.p, ablation=ablation, sample=ctx.sample)
-    for m in infos:
+    for i, m in enumerate(infos):
         mine = top.filter(pl.col("model") == m.name)
+        infos[i] = m = replace(m, head_layers=tuple(sorted(set(mine["layer"].to_list()))))
         per_model_heads[m.name] = tuple(heads) if heads else default_heads(mine, m.n_layers)
-        paper_heads[m.name] = penultimate_head(mine, m.n_layers, per_model_heads[m.name])
+        paper_heads[m.name] = penultimate_head(mine, m.n_layers, per_model_heads[m.name], m.sr_heads)
+    ctx = replace(ctx, models=tuple(infos))  # with each model's ablated layers (the penultimate-layer figures')
 
     out = Path(output)
     try:

@@ -221,10 +221,22 @@ class IngestConfig:
                                   f"--counterfactuals runs on the fast engine; --engine {self.engine} cannot run it")
         if self.sr_mlps_neurons != "none" and self.neurons_top_k == 0:
             raise ConfigError("sr_mlps_neurons: needs neuron detail; --neurons-top-k is 0")
+        self._refuse_no_ops()
         given = [k for k in ("workers", "ray_address") if getattr(self, k) is not None]
         if self.executor != "ray" and given:
             raise SettingConflict(f"{', '.join(given)}: only with executor ray",
                                   f"{' and '.join(map(flag_of, given))} only apply with --executor ray")
+
+    def _refuse_no_ops(self) -> None:
+        """Refuse a setting that would change nothing for this run (issue 22: no silent no-op)."""
+        if self.resamples > 1 and "resample" not in self.ablations:
+            raise ConfigError(f"resamples: {self.resamples} draws asked, but resample is not among the ablations "
+                              f"({','.join(self.ablations)}): the draws would do nothing; add resample to --ablations "
+                              "or leave --resamples out")
+        if self.engine == "reference" and self.dtype != "float32":
+            raise SettingConflict(f"dtype: {self.dtype} does nothing with engine reference",
+                                  f"--dtype {self.dtype} does nothing with --engine reference (its hooked forwards "
+                                  "run in float32); use --engine fast or leave --dtype out")
 
     def _apply_preset(self) -> None:
         """Give each preset field (one with an `unset` value) the preset's value, or its `unset` value
@@ -276,6 +288,9 @@ class IngestConfig:
             if inside:
                 raise ConfigError(f"--given {cond.label}: the condition overlaps the unit {inside[0]}; "
                                   "a unit cannot be ablated on top of itself (leave it out of --units)")
+            if all(u.overlaps(cond, n_heads) for u in units):  # no unit left to ablate on top of it: a no-op
+                raise ConfigError(f"--given {cond.label}: every unit ({self.unit_spec}) overlaps the "
+                                  "condition, so nothing would be ablated on top of it; name units outside it")
             out.append(cond)
         return out
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from selfrepair.errors import StoreError
 from selfrepair.ingest.config import IngestConfig
+from selfrepair.ingest.preload import ModelFacts
 from selfrepair.store import estimate as E
 from selfrepair.store import files
 from selfrepair.store.heads import parse_sr_heads
@@ -15,7 +16,10 @@ from selfrepair.store.model_store import ModelStore
 
 
 def model_shape(w) -> E.ModelShape:
-    """The dimensions of a loaded model (`ingest/weights.py::Weights`)."""
+    """The dimensions of a loaded model (`ingest/weights.py::Weights`), or of its config before the load
+    (`ingest/preload.py::ModelFacts`)."""
+    if isinstance(w, ModelFacts):
+        return w.shape
     return E.ModelShape(n_layers=w.n_layers, n_heads=w.n_heads, d_model=w.d_model, d_head=w.d_head,
                         d_mlp=w.d_mlp, d_vocab=int(w.W_U.shape[1]), n_norms=len(w.norm_names),
                         parallel=bool(w.parallel))

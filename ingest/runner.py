@@ -21,12 +21,13 @@ from selfrepair.ingest import models as M
 from selfrepair.ingest.config import IngestConfig
 from selfrepair.ingest.conventions import PROCESSED
 from selfrepair.ingest.counterfactual_rules import check_counterfactuals, run_fraction
-from selfrepair.ingest.disk import check_free_disk, estimate_run, model_shape
+from selfrepair.ingest.disk import check_free_disk, count_sr_heads, estimate_run, model_shape
 from selfrepair.ingest.executors import make_executor
 from selfrepair.ingest.model_sizes import pre_load_facts
 from selfrepair.ingest.pairing import pairs_digest, rule, source_rows
 from selfrepair.ingest.presets import ROWS_RULE, preset_settings
-from selfrepair.ingest.progress import Progress
+from selfrepair.ingest.preload import ModelFacts, pre_load_model_facts, weights_facts
+from selfrepair.ingest.progress import Progress, library_bars
 from selfrepair.ingest.jobs import AblationJob, CleanJob, NeuronJob, batch_top_sets
 from selfrepair.store import arrays, files, plan, top_tokens
 from selfrepair.store.heads import parse_sr_heads
@@ -34,7 +35,7 @@ from selfrepair.store.labels import head_label
 from selfrepair.store.estimate import Estimate, array_shapes, human
 from selfrepair.store.manifest import Manifest
 from selfrepair.store.model_store import ModelStore, model_dirname
-from selfrepair.store.schema import ABLATION_KINDS
+from selfrepair.store.schema import ABLATION_KINDS, SHARD_PHASES
 from selfrepair.store.writer import Writer
 
 _VERSIONED = ("selfrepair", "torch", "transformer-lens", "transformers", "duckdb", "pyarrow", "polars", "zarr", "numpy")
@@ -73,6 +74,7 @@ class Ingest:
         self._replace = False  # the stored configuration conflicts and --overwrite was given
         self._grow: dict = {}  # corpus, n_rows, n_tokens: set once this run's clean shards are all committed
         self._damaged: dict[str, str] = {}  # committed shards whose files are missing or damaged: redone
+        self._facts: ModelFacts | None = None  # the model's facts from its config, before the load
 
     def run(self) -> IngestResult:
         """Lock the model folder, check it, load the model, then do the missing clean and ablation work."""
@@ -86,8 +88,14 @@ class Ingest:
             cfg = self.cfg = _family_settings(cfg, arch, sizes, self.log)
         if arch is not None:  # frozen attention where attention skips AttentionInterface: refused before it loads
             check_counterfactuals(cfg.counterfactuals, arch)
+        # Family, shape and context from the config alone, so the plan prints before the load (None: unknown).
+        self._facts = facts = pre_load_model_facts(spec, cfg.revision)
+        if facts is not None and arch is None:  # a GGUF file: its family is known only now
+            cfg = self.cfg = _family_settings(cfg, facts.family.name, (facts.n_layers, facts.n_heads), self.log)
+        if facts is not None and arch is None:  # frozen attention where attention skips AttentionInterface
+            check_counterfactuals(cfg.counterfactuals, facts.family.name)
         if cfg.dry_run:
-            return self._dry_run(spec)
+            return self._dry_run(spec, facts)
         files.check_writable_dir(cfg.store)  # before the expensive load; created only once inputs pass
         corpus_spec = cfg.corpus or C.default_corpus(spec.name, spec.path is not None and spec.gguf_file is None)
         _precheck_corpus(corpus_spec)
@@ -121,13 +129,20 @@ class Ingest:
         cfg = self.cfg
         t0 = time.perf_counter()
         # With Ray the workers hold the accelerators; the driver's copy (plan, self-check) stays on the CPU.
-        model = M.load_model(cfg.model, "cpu" if cfg.executor == "ray" else cfg.device, cfg.revision)
+        device = "cpu" if cfg.executor == "ray" else cfg.device
+        planned = None
+        if self._facts is not None:  # the plan, the disk check and the sr_mlps check before the load
+            planned = self._plan(spec, self._facts, M.pick_device(device), corpus_spec, ms)
+        self.log(f"loading {spec.name} ({spec.hf_id}) …")
+        with library_bars(f"loading {spec.name}: de-quantising GGUF tensors", self.cfg.quiet):
+            model = M.load_model(cfg.model, device, cfg.revision)
         model.spec = spec  # the store's name for it (--model-name, @revision) and the revision it records
         from selfrepair.ingest.weights import read_weights  # torch: loaded with the model, not on import
 
-        _check_context(model, cfg.seq_len)  # read_weights runs the model at seq_len
+        _check_context(M.context_length(model.hf_model.config), cfg.seq_len)  # read_weights runs the model at seq_len
         w = read_weights(model.hf_model, cfg.seq_len, cfg.preset)
         check_counterfactuals(cfg.counterfactuals, w.family.name)
+        self.log(f"loaded {spec.name} in {time.perf_counter() - t0:.1f} s")
         family_cfg = _family_settings(cfg, w.family.name, (w.n_layers, w.n_heads), self.log)
         if family_cfg is not cfg:
             # No config was readable before the load (e.g. a GGUF file): the identity checked then is not this run's.
@@ -148,8 +163,11 @@ class Ingest:
                                        "post-norm blocks or softcapped logits as DESIGN.md defines them; "
                                        "use the fast engine")
         units, conditions = _ablated_units(cfg, w)
-        parse_sr_heads(cfg.sr_mlps_neurons, w.n_layers, w.n_heads)  # ranges, before any work
+        if planned is None:  # checked before the load otherwise
+            self._check_sr_heads(units, w.n_layers, w.n_heads)  # ranges, and a named head that is ablated
         estimate = check_free_disk(cfg, ms, w, units, len(conditions) - 1)  # before the self-check's passes
+        if planned is None or planned != weights_facts(w):  # no plan yet, or the config told another shape
+            self._print_plan(spec, weights_facts(w), model.device, units, conditions, corpus_spec, estimate)
         checks = None
         if self._writer is None:
             rows_np = _rows(cfg, corpus_spec, model)
@@ -173,7 +191,6 @@ class Ingest:
         self._open_store(writer, model, corpus_spec, rows_np, identity, w, checks)
         load_s = time.perf_counter() - t0
         with make_executor(cfg, model, w, ms, self.log) as self._executor:
-            self._print_plan(model, w, units, conditions, corpus_spec, estimate)
             result = IngestResult(ms, spec.name, cfg.n_tokens, estimate=estimate)
             result.seconds["load"] = load_s
             t1 = time.perf_counter()
@@ -215,7 +232,7 @@ class Ingest:
         """Compare engine, bridge and model on the first batch; refuse before writing on a mismatch."""
         import torch
 
-        from selfrepair.ingest.selfcheck import run_self_check, unit_cases
+        from selfrepair.ingest.selfcheck import CHECK_ROWS, check_steps, run_self_check, sample_heads, unit_cases
 
         cfg = self.cfg
         rows = torch.from_numpy(rows_np).to(model.device)
@@ -228,15 +245,21 @@ class Ingest:
             self.log(f"warning: {model.bridge_error}; the self-check compares the engine with the model's "
                      "own forward passes only")
         t = time.perf_counter()
+        # Only what the run ablates: heads of its first, middle and last ablated layers, one unit of each other kind.
+        heads = sample_heads(w.n_layers, w.n_heads, [(u.layer, u.head) for u in units if u.kind == "head"])
+        cases = unit_cases(units, conditions, w.n_heads)
+        bar = Progress("self-check", total=check_steps(heads, cases, cfg.ablations), unit="steps", quiet=cfg.quiet)
         try:
-            checks, excused = run_self_check(model, w, first, src, cfg.ablations,
-                                             unit_cases(units, conditions, w.n_heads),
-                                             counterfactuals=cfg.counterfactuals)
+            checks, excused = run_self_check(model, w, first, src, cfg.ablations, cases, heads=heads,
+                                             progress=bar.update, counterfactuals=cfg.counterfactuals)
         except torch.OutOfMemoryError:
             raise DeviceError("out of GPU memory even with one head per pass (in the self-check on the first "
                               "batch); lower --batch-size") from None
-        self.log(f"self-check on the first batch: {len(checks)} comparisons, largest deviation "
-                 f"{max(checks.values()):.2e} ({time.perf_counter() - t:.1f} s)")
+        finally:
+            bar.close()
+        n = min(len(first), CHECK_ROWS)
+        self.log(f"self-check on {n} row{'s' if n != 1 else ''} of the first batch: {len(checks)} comparisons, "
+                 f"largest deviation {max(checks.values()):.2e} ({time.perf_counter() - t:.1f} s)")
         record = {"tolerance": "1e-3 of max(1, |value|)", "bridge": model.bridge_error or "TransformerBridge",
                   "deviations": checks}
         if excused:
@@ -315,41 +338,77 @@ class Ingest:
             writer.set(**updates)
 
     # -- plan ---------------------------------------------------------------------------
-    def _dry_run(self, spec) -> IngestResult:
-        """Load the model for its shapes, print the plan and the estimate; no lock, no folder, no forward pass."""
-        from selfrepair.ingest.weights import read_weights  # torch: loaded with the model, not on import
-
+    def _dry_run(self, spec, facts: ModelFacts | None) -> IngestResult:
+        """Print the plan and the estimate; no lock, no folder, no forward pass. The model loads only when its
+        config cannot be read without it (`pre_load_model_facts` is None)."""
         cfg = self.cfg
         corpus_spec = cfg.corpus or C.default_corpus(spec.name, spec.path is not None and spec.gguf_file is None)
-        model = M.load_model(cfg.model, cfg.device, cfg.revision)
-        model.spec = spec  # the store's name for it (--model-name, @revision)
-        _check_context(model, cfg.seq_len)
-        w = read_weights(model.hf_model, cfg.seq_len, cfg.preset)
-        cfg = self.cfg = _family_settings(cfg, w.family.name, (w.n_layers, w.n_heads), self.log)
-        units, conditions = _ablated_units(cfg, w)
-        parse_sr_heads(cfg.sr_mlps_neurons, w.n_layers, w.n_heads)  # ranges, before any work
-        estimate = estimate_run(cfg, w, units, conditions=len(conditions) - 1)
-        self._print_plan(model, w, units, conditions, corpus_spec, estimate)
+        device = "cpu" if cfg.executor == "ray" else M.pick_device(cfg.device)
+        if facts is None:
+            from selfrepair.ingest.weights import read_weights  # torch: loaded with the model, not on import
+
+            with library_bars(f"loading {spec.name}: de-quantising GGUF tensors", cfg.quiet):
+                model = M.load_model(cfg.model, cfg.device, cfg.revision)
+            model.spec = spec  # the store's name for it (--model-name, @revision)
+            _check_context(M.context_length(model.hf_model.config), cfg.seq_len)
+            w = read_weights(model.hf_model, cfg.seq_len, cfg.preset)
+            cfg = self.cfg = _family_settings(cfg, w.family.name, (w.n_layers, w.n_heads), self.log)
+            facts, device = weights_facts(w), model.device
+        _check_context(facts.n_ctx, cfg.seq_len)
+        units, conditions = _ablated_units(cfg, facts)
+        self._check_sr_heads(units, facts.n_layers, facts.n_heads)
+        estimate = estimate_run(cfg, facts, units, conditions=len(conditions) - 1)
+        self._print_plan(spec, facts, device, units, conditions, corpus_spec, estimate)
         return IngestResult(ModelStore(cfg.store / model_dirname(spec.name)), spec.name, cfg.n_tokens,
                             estimate=estimate)
 
-    def _print_plan(self, model, w, units, conditions, corpus_spec: str, estimate: Estimate) -> None:
+    def _plan(self, spec, facts: ModelFacts, device: str, corpus_spec: str, ms: ModelStore) -> ModelFacts:
+        """Before the load: check the units, `--sr-mlps-neurons` and the free disk against the config's
+        facts and print the plan. Returns the facts printed."""
+        _check_context(facts.n_ctx, self.cfg.seq_len)
+        units, conditions = _ablated_units(self.cfg, facts)
+        self._check_sr_heads(units, facts.n_layers, facts.n_heads)
+        estimate = check_free_disk(self.cfg, ms, facts, units, len(conditions) - 1)
+        self._print_plan(spec, facts, device, units, conditions, corpus_spec, estimate)
+        return facts
+
+    def _check_sr_heads(self, units, n_layers: int, n_heads: int) -> None:
+        """Refuse `--sr-mlps-neurons` naming no head that is ablated (in this run or stored): its phase would
+        do nothing. Name the named heads left without detail when some are ablated and some not."""
+        cfg = self.cfg
+        if cfg.sr_mlps_neurons == "none":
+            return
+        named = set(parse_sr_heads(cfg.sr_mlps_neurons, n_layers, n_heads))  # ranges, before any work
+        manifest = self._writer.manifest if getattr(self, "_writer", None) is not None else None
+        ablated = _head_units(units) | (_stored_head_units(manifest) if manifest is not None else set())
+        problem = sr_heads_problem(cfg.sr_mlps_neurons, named, ablated, n_layers)
+        if problem:
+            raise ConfigError(problem)
+        missing = named - ablated
+        if missing:
+            self.log(f"note: --sr-mlps-neurons {cfg.sr_mlps_neurons}: {len(missing)} of its {len(named)} heads are not "
+                     f"ablated ({_heads_text(missing)}), so only the other {len(named & ablated)} get neuron detail "
+                     "by sr_mlps")
+
+    def _print_plan(self, spec, facts: ModelFacts, device: str, units, conditions, corpus_spec: str,
+                    estimate: Estimate) -> None:
         cfg = self.cfg
         draws = sum(cfg.resamples if k == "resample" else 1 for k in cfg.ablations)
-        pairs = sum(c is None or not u.overlaps(c, w.n_heads) for u in units for c in conditions)
+        pairs = sum(c is None or not u.overlaps(c, facts.n_heads) for u in units for c in conditions)
         abl_rows = draws * pairs * cfg.n_tokens
         kept = ",".join(cfg.activations) or "none"
+        shape = facts.shape
         self.log(
-            f"selfrepair ingest: {model.spec.name} ({model.spec.hf_id}, {w.family.name}) — {w.n_layers} layers × "
-            f"{w.n_heads} heads, d_model {w.d_model}, {'parallel' if w.parallel else 'sequential'}, "
-            f"{w.final.kind}{', post-norm blocks' if w.post_norm else ''} — on {model.device} "
+            f"selfrepair ingest: {spec.name} ({spec.hf_id}, {facts.family.name}) — {shape.n_layers} layers × "
+            f"{shape.n_heads} heads, d_model {shape.d_model}, {'parallel' if shape.parallel else 'sequential'}, "
+            f"{facts.norm}{', post-norm blocks' if facts.post_norm else ''} — on {device} "
             f"(matrix products {cfg.dtype}), engine {cfg.engine}\n"
             f"  corpus {corpus_spec}: {cfg.n_rows} rows × {cfg.seq_len} = {cfg.n_tokens} predictions, "
             f"{cfg.n_batches} batches of {cfg.batch_size} rows\n"
             f"  ablations {','.join(cfg.ablations)} (resamples {cfg.resamples}) on {_describe_units(units)}"
             f"{_describe_conditions(conditions)}: {abl_rows:,} unit-token ablations; top_p {cfg.top_p}, "
             f"{cfg.neurons_top_k} neurons at each end"
-            f"{_sr_plan(cfg, w)}\n"
+            f"{_sr_plan(cfg, facts, units)}\n"
             f"  store {cfg.store}, activations {kept} ({cfg.activation_dtype}), "
             f"estimated {human(estimate.total)}"
         )
@@ -561,12 +620,54 @@ def _describe_conditions(conditions) -> str:
     return f", alone and given {', '.join(given)}" if given else ""
 
 
-def _sr_plan(cfg: IngestConfig, w) -> str:
-    """The plan line's part on neuron detail by sr_mlps."""
+def _sr_plan(cfg: IngestConfig, w, units) -> str:
+    """The plan line's part on neuron detail by sr_mlps: the named heads this run ablates."""
     if cfg.sr_mlps_neurons == "none":
         return ""
-    n = len(parse_sr_heads(cfg.sr_mlps_neurons, w.n_layers, w.n_heads))
-    return f", and on each of {n} heads' top {cfg.top_tokens} tokens by sr_mlps (--sr-mlps-neurons {cfg.sr_mlps_neurons})"
+    n = count_sr_heads(cfg, w, units)
+    whose = "heads'" if n != 1 else "head's"
+    return (f", and on each of {n} ablated {whose} top {cfg.top_tokens} tokens by sr_mlps "
+            f"(--sr-mlps-neurons {cfg.sr_mlps_neurons})")
+
+
+def _head_units(units) -> set[tuple[int, int]]:
+    return {(u.layer, u.head) for u in units if u.kind == "head"}
+
+
+def _stored_head_units(manifest: Manifest) -> set[tuple[int, int]]:
+    """The heads ablated alone in some stored ablation shard (an earlier run's)."""
+    return {h for e in manifest.shards.values() if e.phase == SHARD_PHASES[1] for h in plan.stored_heads(manifest, e)}
+
+
+def _heads_text(heads) -> str:
+    """`L28H0, L28H1, … (9)`: at most four labels."""
+    labels = [head_label(*h) for h in sorted(heads)]
+    return ", ".join(labels) if len(labels) <= 4 else f"{', '.join(labels[:3])}, … ({len(labels)})"
+
+
+def sr_heads_problem(spec: str, named: set, ablated: set, n_layers: int) -> str | None:
+    """Why `--sr-mlps-neurons spec` would do nothing: none of the heads it names (`named`) is ablated, in this
+    run or in the store (`ablated`); None when some are. The message says how to get what was asked."""
+    if named & ablated:
+        return None
+    what = (f"names layer {n_layers - 2}'s heads (n_layers − 2)" if spec == "penultimate"
+            else f"names {_heads_text(named)}")
+    if not ablated:
+        return (f"sr_mlps_neurons: --sr-mlps-neurons {spec} {what}, but no head is ablated (--units names none), so "
+                "it would add no neuron detail; ablate those heads (e.g. --units heads) or leave the option out")
+    layers = sorted({layer for layer, _ in ablated})
+    return (f"sr_mlps_neurons: --sr-mlps-neurons {spec} {what}, but none of them is ablated (the ablated heads are "
+            f"in layers {_layers_text(layers)}), so it would add no neuron detail; add them to --units/--heads "
+            f"(e.g. --heads {_suggest(spec, named)}) or name ablated heads")
+
+
+def _layers_text(layers: list[int]) -> str:
+    return ", ".join(map(str, layers)) if len(layers) <= 6 else f"{layers[0]}..{layers[-1]} ({len(layers)} layers)"
+
+
+def _suggest(spec: str, named: set) -> str:
+    layers = sorted({layer for layer, _ in named})
+    return ",".join(f"L{layer}" for layer in layers[:4])
 
 
 def _sr_runs(runs: list, spec: str) -> list:
@@ -625,7 +726,7 @@ def _precheck_corpus(spec: str) -> None:
         next(iter(C.documents(spec)), None)
 
 
-def _check_context(model, seq_len: int) -> None:
-    n_ctx = M.context_length(model.hf_model.config)
+def _check_context(n_ctx: int | None, seq_len: int) -> None:
+    """Refuse rows longer than the model's context (`n_ctx`, None: its config does not say)."""
     if n_ctx is not None and seq_len > n_ctx:
         raise ConfigError(f"seq_len: {seq_len} is above the model's context of {n_ctx} tokens")

@@ -1,14 +1,16 @@
 """Every ingest checks its own numbers on the first batch before anything is written.
 
-Three comparisons, each a largest absolute deviation over the batch's predictions:
+Three comparisons, each a largest absolute deviation over the predictions of the batch's first
+`CHECK_ROWS` rows:
 
 - the engine's clean logit (from the residual, `u` and the final-norm scale) against the
   model's own unembedding output, centred over the vocabulary;
 - the bridge (TransformerLens, processed weights) against the model: centred logits,
   and the engine's final-norm scale against `ln_final.hook_scale`;
 - the fast engine against the reference engine (one hooked bridge forward per head) for
-  heads from the first, middle and last layers and every requested ablation type (and one
-  unit of each other requested kind, alone and under each condition: `unit_cases`):
+  ablated heads from the first, middle and last of their layers (and one unit of each other
+  requested kind, alone and under each condition: `unit_cases`), each under one of the
+  requested ablation types in turn, every type at least once (`check_plan`):
   d_logit, ablated scale, ablated head DE, d_de_heads and d_de_mlps; and its d_logit
   against a plain full forward of the Hugging Face model with the head's o_proj input
   patched. With a final logit softcap the bridge's logits are neither centred nor
@@ -50,10 +52,39 @@ def _dev(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return float((a - b).abs().max()), max(1.0, float(b.abs().max()))
 
 
-def sample_heads(n_layers: int, n_heads: int) -> list[tuple[int, int]]:
-    """One head each from the first, middle and last layers."""
-    layers = sorted({0, n_layers // 2, n_layers - 1})
-    return [(layer, (layer * 5 + 1) % n_heads) for layer in layers]
+# Rows of the first batch the engines are compared on (with their resample source rows). One row is a
+# real check (every position of a corpus row, its real resample source) at a fraction of a batch's cost:
+# the self-check stays a small part of the run (issue 22: at most 10% of `make run`).
+CHECK_ROWS = 1
+
+
+def sample_heads(n_layers: int, n_heads: int, ablated=None) -> list[tuple[int, int]]:
+    """One head each from the first, middle and last layers: of the model, or of `ablated` heads
+    ((layer, head) pairs) when given, choosing among that layer's ablated heads (none: no head)."""
+    if ablated is None:
+        layers = sorted({0, n_layers // 2, n_layers - 1})
+        return [(layer, (layer * 5 + 1) % n_heads) for layer in layers]
+    ablated = sorted(set(ablated))
+    layers = sorted({layer for layer, _ in ablated})
+    if not layers:
+        return []
+    out = []
+    for layer in sorted({layers[0], layers[len(layers) // 2], layers[-1]}):
+        heads = [h for l, h in ablated if l == layer]
+        preferred = (layer * 5 + 1) % n_heads
+        out.append((layer, preferred if preferred in heads else heads[0]))
+    return out
+
+
+def check_plan(heads, cases, ablations) -> list[tuple[str, tuple]]:
+    """The ablated comparisons to run, as (ablation type, item): each sample head ("head", (layer, head))
+    and each unit case ("unit", (unit, condition)) once, with the ablation types in turn so that each
+    type is checked at least once. A type only changes the replacement the engines are given, so
+    checking every item under every type would repeat the same engine paths."""
+    items = [("head", h) for h in heads] + [("unit", c) for c in cases]
+    if not items:
+        return []
+    return [(ablations[i % len(ablations)], items[i % len(items)]) for i in range(max(len(items), len(ablations)))]
 
 
 @contextlib.contextmanager
@@ -188,7 +219,7 @@ def _unit_checks(record, w, rows, fast, fast_src, ref, ref_src, kind: str, cases
 
 
 def run_self_check(model, w, rows: torch.Tensor, source_rows: torch.Tensor | None, ablations,
-                   cases=(), log=print, counterfactuals=()) -> tuple[dict, list[str]]:
+                   cases=(), log=print, heads=None, progress=None, counterfactuals=()) -> tuple[dict, list[str]]:
     """Compare engine, bridge and model on one batch.
 
     Returns:
@@ -197,10 +228,12 @@ def run_self_check(model, w, rows: torch.Tensor, source_rows: torch.Tensor | Non
     Args:
         model: the LoadedModel (bridge and Hugging Face model).
         w: the fast engine's processed weights.
-        rows: the first batch's token ids [batch, seq_len].
-        source_rows: that batch's resample source rows (None without resample).
+        rows: the first batch's token ids [batch, seq_len]; its first CHECK_ROWS rows are checked.
+        source_rows: that batch's resample source rows (None without resample); those of the checked rows are used.
         ablations: the ablation types the ingest will run.
         cases: (unit, condition) pairs to check besides the sample heads (`unit_cases`).
+        heads: the sample heads (default: `sample_heads` of the whole model).
+        progress: called with 1 after each step (`check_steps` of them).
         counterfactuals: re-runs to check against a whole hooked forward (ingest/counterfactual_check.py).
 
     Raises:
@@ -208,6 +241,9 @@ def run_self_check(model, w, rows: torch.Tensor, source_rows: torch.Tensor | Non
     """
     from selfrepair.ingest.ablate import FastBatch, ReferenceBatch, replacement_z
 
+    step = progress or (lambda n: None)
+    heads = sample_heads(w.n_layers, w.n_heads) if heads is None else heads
+    rows = rows[:CHECK_ROWS]
     preds = rows.shape[1] - 1
     cut = lambda t: t[..., :preds]  # noqa: E731
     y = rows[:, 1:]
@@ -228,28 +264,36 @@ def run_self_check(model, w, rows: torch.Tensor, source_rows: torch.Tensor | Non
             raw = w.model(rows, use_cache=False).logits.float()[:, :preds]
     record("clean logit: engine vs model", engine_logit, model_logit(w, raw, y))
     bridge = model.bridge  # None when TransformerLens cannot wrap the model: the model's own forward judges
+    use_ref = bridge is not None and not w.softcap
+    ref = ReferenceBatch(bridge, rows) if use_ref else None
     if bridge is not None:
-        with torch.no_grad():
-            b_logits, cache = bridge.run_with_cache(rows, names_filter=lambda n: n == "ln_final.hook_scale")
+        if ref is not None:  # its clean forward already holds the logits and the final-norm scale
+            b_logits, b_scale = ref.logits, ref.scale()
+        else:
+            with torch.no_grad():
+                b_logits, cache = bridge.run_with_cache(rows, names_filter=lambda n: n == "ln_final.hook_scale")
+            b_scale = cache["ln_final.hook_scale"][..., 0]
         hf = st.logits
         record("centred logits: bridge vs model", b_logits.float() - b_logits.float().mean(-1, keepdim=True),
                hf - hf.mean(-1, keepdim=True))
-        record("final-norm scale: engine vs bridge", st.scale, cache["ln_final.hook_scale"][..., 0].float())
-    use_ref = bridge is not None and not w.softcap
-    ref = ReferenceBatch(bridge, rows) if use_ref else None
-    fast_src = FastBatch(w, source_rows) if source_rows is not None else None
-    ref_src = ReferenceBatch(bridge, source_rows) if use_ref and source_rows is not None else None
+        record("final-norm scale: engine vs bridge", st.scale, b_scale.float())
+    fast_src = FastBatch(w, source_rows[:CHECK_ROWS]) if source_rows is not None else None
+    ref_src = ReferenceBatch(bridge, source_rows[:CHECK_ROWS]) if use_ref and source_rows is not None else None
     cf = fast.clean_logit(u_full)
     cr = ref.clean_logit(u_full) if use_ref else None
-    for kind in ablations:
-        for layer, head in sample_heads(w.n_layers, w.n_heads):
-            tag = f"{kind} L{layer}H{head}"
-            z = replacement_z(kind, fast.clean_z(layer), fast_src.clean_z(layer) if fast_src is not None else None)
-            rf = fast.patch(layer, [head], z[:, :, [head]].permute(2, 0, 1, 3), u_full)
-            record(f"ablated logit {tag}: fast vs full model forward", cut(rf.logit[0]),
-                   cut(full_forward_logit(w, rows, layer, head, z[:, :, head])))
-            if not use_ref:
-                continue
+    step(1)
+    for kind, (what, item) in check_plan(heads, cases, list(ablations)):
+        if what == "unit":
+            _unit_checks(record, w, rows, fast, fast_src, ref, ref_src, kind, [item], u_full, cut)
+            step(1)
+            continue
+        layer, head = item
+        tag = f"{kind} L{layer}H{head}"
+        z = replacement_z(kind, fast.clean_z(layer), fast_src.clean_z(layer) if fast_src is not None else None)
+        rf = fast.patch(layer, [head], z[:, :, [head]].permute(2, 0, 1, 3), u_full)
+        record(f"ablated logit {tag}: fast vs full model forward", cut(rf.logit[0]),
+               cut(full_forward_logit(w, rows, layer, head, z[:, :, head])))
+        if use_ref:
             zr = replacement_z(kind, ref.clean_z(layer), ref_src.clean_z(layer) if ref_src is not None else None)
             rr = ref.patch(layer, [head], zr[:, :, [head]].permute(2, 0, 1, 3), u_full)
             if w.convention == PROCESSED:  # the bridge's logits are processed (gained, centred) ones
@@ -261,10 +305,14 @@ def run_self_check(model, w, rows: torch.Tensor, source_rows: torch.Tensor | Non
                        rr.d_de_heads[0].sum((-1, -2))[:, :preds])
                 record(f"d_de_mlps {tag}: fast vs reference", rf.d_de_mlps[0].sum(-1)[:, :preds],
                        rr.d_de_mlps[0].sum(-1)[:, :preds])
-        _unit_checks(record, w, rows, fast, fast_src, ref, ref_src, kind, cases, u_full, cut)
-    if counterfactuals:
+        step(1)
+    if counterfactuals and heads:
         from selfrepair.ingest.counterfactual_check import counterfactual_checks
 
-        counterfactual_checks(record, w, rows, fast, fast_src, ablations[0], counterfactuals,
-                              *sample_heads(w.n_layers, w.n_heads)[0], u_full)
+        counterfactual_checks(record, w, rows, fast, fast_src, ablations[0], counterfactuals, *heads[0], u_full)
     return out, judge(w.family.name, out, judged)
+
+
+def check_steps(heads, cases, ablations) -> int:
+    """The steps `run_self_check` reports to `progress`: the clean comparisons, then each planned ablation."""
+    return 1 + len(check_plan(heads, cases, list(ablations)))

@@ -176,6 +176,11 @@ class Weights:
         return self.W_U.T[next_tokens]
 
 
+def norm_children(layer) -> list[tuple[str, torch.nn.Module]]:
+    """A decoder layer's own norms (name, module), in order: the norm scales stored per layer."""
+    return [(name, child) for name, child in layer.named_children() if "norm" in type(child).__name__.lower()]
+
+
 def read_weights(model, seq_len: int, preset: str | None = None) -> Weights:
     """Resolve a loaded causal LM's modules and read its processed weights.
 
@@ -237,9 +242,8 @@ def read_weights(model, seq_len: int, preset: str | None = None) -> Weights:
     layer_norms = []
     for i, layer in enumerate(layers):
         norms = []
-        for name, child in layer.named_children():
-            if "norm" in type(child).__name__.lower():
-                norms.append((f"{family.layers}.{i}.{name}", child, probe_norm(child, d, f"{family.name} {name}")))
+        for name, child in norm_children(layer):
+            norms.append((f"{family.layers}.{i}.{name}", child, probe_norm(child, d, f"{family.name} {name}")))
         layer_norms.append(norms)
     w = Weights(
         family=family, model=model, layers=layers, attn_out=attn_out, mlp_write=mlp_write, mlp_out=mlp_out,

@@ -224,3 +224,71 @@ def test_other_conflicting_settings(cli_store, tiny_model_dirs, tmp_path, extra,
     assert res.exit_code == 1
     assert f"({problem.format(corpus=corpus)})" in _err(res)
     assert _snapshot(cli_store) == before
+
+
+# -- issue 22: no silent no-op, the plan before the load, a dry run without the weights ---------------
+NO_OP_CASES = [
+    (["--heads", "L1", "--sr-mlps-neurons", "penultimate"], 1,
+     "Error: sr_mlps_neurons: --sr-mlps-neurons penultimate names layer 0's heads (n_layers − 2), but none of them "
+     "is ablated (the ablated heads are in layers 1), so it would add no neuron detail; add them to --units/--heads "
+     "(e.g. --heads L0) or name ablated heads"),
+    (["--units", "mlps", "--sr-mlps-neurons", "all"], 1,
+     "Error: sr_mlps_neurons: --sr-mlps-neurons all names L0H0, L0H1, L0H2, … (8), but no head is ablated"),
+    (["--ablations", "zero", "--resamples", "2"], 1,
+     "Error: resamples: 2 draws asked, but resample is not among the ablations (zero): the draws would do nothing"),
+    (["--engine", "reference", "--dtype", "bfloat16"], 2,
+     "Error: --dtype bfloat16 does nothing with --engine reference (its hooked forwards run in float32)"),
+    (["--heads", "L1", "--given", "ATTN1"], 1,
+     "Error: --given ATTN1: every unit (L1) overlaps the condition, so nothing would be ablated on top of it"),
+]
+
+
+def _no_load(monkeypatch):
+    from selfrepair.ingest import models
+
+    def no_load(*a, **k):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+
+
+@pytest.mark.parametrize("extra,code,line", NO_OP_CASES)
+def test_an_option_that_would_do_nothing_is_refused_before_the_model_loads(tiny_model_dirs, tmp_path, monkeypatch,
+                                                                           extra, code, line):
+    _no_load(monkeypatch)
+    args = ["ingest", "--model", str(tiny_model_dirs["gpt2"]), "--store", str(tmp_path / "s"), "--tokens", "124",
+            "--seq-len", "32", "--batch-size", "2", "--corpus", "embedded"]
+    res = CliRunner().invoke(main, args + extra)
+    assert res.exit_code == code, res.output
+    assert _err(res).startswith(line), res.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_dry_run_reads_the_config_not_the_weights(tiny_model_dirs, tmp_path, monkeypatch):
+    # The plan, a note on named heads left without detail, and the estimate: all before any load.
+    _no_load(monkeypatch)
+    res = CliRunner().invoke(main, ["ingest", "--model", str(tiny_model_dirs["llama"]), "--store", str(tmp_path / "s"),
+                                    "--tokens", "124", "--seq-len", "32", "--batch-size", "2", "--corpus", "embedded",
+                                    "--heads", "L1", "--sr-mlps-neurons", "all", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert lines[0] == ("note: --sr-mlps-neurons all: 4 of its 8 heads are not ablated (L0H0, L0H1, L0H2, L0H3), "
+                        "so only the other 4 get neuron detail by sr_mlps")
+    assert lines[1].startswith("selfrepair ingest: tiny-llama (") and ", Llama) — 2 layers × 4 heads, d_model 32" in lines[1]
+    assert "on 4 heads: 496 unit-token ablations" in res.output
+    assert "and on each of 4 ablated heads' top 2 tokens by sr_mlps (--sr-mlps-neurons all)" in res.output
+    assert lines[-1].split()[0] == "total" and not (tmp_path / "s").exists()
+
+
+def test_the_plan_prints_before_the_load_and_the_self_check_shows_progress(cli_store, tiny_model_dirs):
+    res = CliRunner().invoke(main, ["ingest", "--model", str(tiny_model_dirs["gpt2"]), "--store", str(cli_store),
+                                    "--tokens", "124", "--seq-len", "32", "--batch-size", "2",
+                                    "--corpus", "embedded", "--ablations", "resample,zero"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    order = [next(i for i, line in enumerate(lines) if line.startswith(start)) for start in (
+        "selfrepair ingest: tiny-gpt2", "loading tiny-gpt2", "loaded tiny-gpt2 in ", "self-check: 3 steps to do",
+        "self-check: done, 3 steps in ", "self-check on 1 row of the first batch: ", "clean pass: ", "ablation sweep: ")]
+    assert order == sorted(order), lines
+    assert sum(line.startswith("selfrepair ingest: ") for line in lines) == 1  # the config told the loaded shape
+    assert "\r" not in res.output  # lines, not a bar redrawn in place
