@@ -560,7 +560,7 @@ def _sr_runs(runs: list, spec: str) -> list:
     return sorted(set(runs) | ({spec} if spec != "none" else set()))
 
 
-LATER_SETTINGS = ("attention_top_k",)  # identity settings newer than some stores
+LATER_SETTINGS = ("attention_top_k", "output_metrics")  # identity settings newer than some stores
 
 
 def _identity_conflict(old: Manifest, identity: dict) -> str | None:
