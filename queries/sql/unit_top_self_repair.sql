@@ -1,9 +1,10 @@
 -- Self-repair of one unit on its top tokens
 -- Per model, means over the unit's top p% tokens (by its signed clean DE, the sum of its
 -- components'; a head's as head_top_self_repair) of the baseline and ablated DE, the logit
--- change, self-repair and its heads/MLPs/LayerNorm split (components outside the unit), and
--- the ln_ratio. Under a condition the baseline is the condition-ablated run and the tokens
--- are the unit alone's. `unit` is the stored label (a named group's name).
+-- change, self-repair and its heads/MLPs/LayerNorm split (components outside the unit), the
+-- ln_ratio, and the output metrics (d_loss, kl, d_entropy, the fraction of tokens whose top-1
+-- prediction flips; NULL where the store holds none). Under a condition the baseline is the
+-- condition-ablated run and the tokens are the unit alone's. `unit` is the stored label (a named group's name).
 -- param unit — the unit's label, e.g. MLP9, ATTN9, BLOCK9, L9H6, L9H6+L9H9 or a group's name
 -- param condition: none — the condition's label (none: the unit ablated alone)
 -- param p: 0.02 — fraction of each model's tokens kept per unit
@@ -24,7 +25,11 @@ SELECT s.model,
        avg(s.sr_heads) AS sr_heads,
        avg(s.sr_mlps) AS sr_mlps,
        avg(s.sr_ln) AS sr_ln,
-       avg(s.ln_ratio) AS ln_ratio
+       avg(s.ln_ratio) AS ln_ratio,
+       avg(s.d_loss) AS d_loss,
+       avg(s.kl) AS kl,
+       avg(s.d_entropy) AS d_entropy,
+       avg(s.top1_changed::DOUBLE) AS top1_changed
 FROM self_repair_top($p) s
 JOIN models m USING (model)
 WHERE s.unit = $unit AND s.condition = CASE WHEN $condition = 'none' THEN '' ELSE $condition END

@@ -23,7 +23,7 @@ from selfrepair.store.labels import parse_units
 from selfrepair.store.manifest import parse_manifest
 from selfrepair.store.model_store import ModelStore
 from selfrepair.store.plan import ablation_work, batches, stored_heads
-from selfrepair.store.schema import LEGACY_COLUMNS, SCHEMA_VERSION, TABLES
+from selfrepair.store.schema import LEGACY_COLUMNS, METRIC_COLUMNS, SCHEMA_VERSION, TABLES, validate_table, without_metrics
 from selfrepair.store.writer import commit_shard, write_manifest
 
 L, H, SEQ, ROWS, BATCH = 2, 2, 5, 4, 2
@@ -140,7 +140,8 @@ def test_a_shard_naming_impossible_units_is_refused(tmp_path, entry, message):
 
 # -- verify and compaction, on a hand-built store ---------------------------------------------
 def _cast(name: str, cols: dict) -> pa.Table:
-    return pa.table({c: cols[c] for c in TABLES[name].column_names}).cast(TABLES[name].arrow_schema)
+    names = without_metrics(name) if name in METRIC_COLUMNS else TABLES[name].column_names  # no output metrics
+    return validate_table(TABLES[name], pa.table({c: cols[c] for c in names}))
 
 
 def _effects(rng, unit, cond: str, logit, scale, bias, de_base, tokens) -> dict:
