@@ -223,7 +223,8 @@ class Ingest:
         t = time.perf_counter()
         try:
             checks, excused = run_self_check(model, w, first, src, cfg.ablations,
-                                             unit_cases(units, conditions, w.n_heads))
+                                             unit_cases(units, conditions, w.n_heads),
+                                             metrics=cfg.output_metrics != "none")
         except torch.OutOfMemoryError:
             raise DeviceError("out of GPU memory even with one head per pass (in the self-check on the first "
                               "batch); lower --batch-size") from None

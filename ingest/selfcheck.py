@@ -11,7 +11,8 @@ Three comparisons, each a largest absolute deviation over the batch's prediction
   unit of each other requested kind, alone and under each condition: `unit_cases`):
   d_logit, ablated scale, ablated head DE, d_de_heads and d_de_mlps; and its d_logit
   against a plain full forward of the Hugging Face model with the head's o_proj input
-  patched. With a final logit softcap the bridge's logits are neither centred nor
+  patched; and (unless `--output-metrics none`) its d_loss, kl, d_entropy and top1_changed
+  against full-vocabulary softmaxes of that forward's final logits and the baseline's. With a final logit softcap the bridge's logits are neither centred nor
   pre-softcap (TransformerLens disables center_unembed), so only the plain forward
   judges d_logit there.
 
@@ -164,6 +165,22 @@ def unit_cases(units, conditions, n_heads: int) -> list:
     return cases
 
 
+def record_metrics(record, tag: str, rf, clean_logits: torch.Tensor, abl_logits: torch.Tensor, rows: torch.Tensor,
+                   cut) -> None:
+    """The fast engine's output metrics of one ablation (`rf`, the first unit of its pass) against full-vocabulary
+    softmaxes of the model's own final logits, baseline and ablated (a whole forward with the ablation hooked in);
+    top1_changed as the fraction of tokens that flip. Nothing when the run computes no metrics."""
+    from selfrepair.ingest.output_metrics import full_metrics
+
+    if rf.kl is None:
+        return
+    want = full_metrics(clean_logits, abl_logits, rows.roll(-1, dims=1))
+    for name in ("d_loss", "kl", "d_entropy"):
+        record(f"{name} {tag}: fast vs full model forward", cut(getattr(rf, name)[0]), cut(want[name]))
+    flips = (cut(rf.top1_changed[0]) != cut(want["top1_changed"])).float().mean()
+    record(f"top1_changed {tag}: fast vs full model forward", flips[None], torch.zeros(1))
+
+
 def _unit_checks(record, w, rows, fast, fast_src, ref, ref_src, kind: str, cases, u_full, cut) -> None:
     """Each case's ablated logit against one whole forward of the model with the unit (and its condition)
     replaced by hooks; with a faithful bridge, its d_logit against the reference engine too."""
@@ -179,6 +196,7 @@ def _unit_checks(record, w, rows, fast, fast_src, ref, ref_src, kind: str, cases
         rf = base.patch(unit.layer, [patch], None, u_full)
         full = FastBatch(w, rows, base=whole)  # one forward of the model from its first layer
         record(f"ablated logit {tag}: fast vs full model forward", cut(rf.logit[0]), cut(full.clean_logit(u_full)))
+        record_metrics(record, tag, rf, base.clean.logits, full.clean.logits, rows, cut)
         if ref is None or w.convention != PROCESSED or w.post_norm:
             continue
         rbase = ref if cond is None else ref.conditioned(unit_patch(ref, ref_src, kind, cond, w.n_heads))
@@ -188,7 +206,7 @@ def _unit_checks(record, w, rows, fast, fast_src, ref, ref_src, kind: str, cases
 
 
 def run_self_check(model, w, rows: torch.Tensor, source_rows: torch.Tensor | None, ablations,
-                   cases=(), log=print) -> tuple[dict, list[str]]:
+                   cases=(), log=print, metrics: bool = True) -> tuple[dict, list[str]]:
     """Compare engine, bridge and model on one batch.
 
     Returns:
@@ -201,11 +219,13 @@ def run_self_check(model, w, rows: torch.Tensor, source_rows: torch.Tensor | Non
         source_rows: that batch's resample source rows (None without resample).
         ablations: the ablation types the ingest will run.
         cases: (unit, condition) pairs to check besides the sample heads (`unit_cases`).
+        metrics: whether the run computes the output metrics (then checked against full softmaxes too).
 
     Raises:
         SelfCheckFailed: a deviation beyond TOLERANCE, named in the message.
     """
     from selfrepair.ingest.ablate import FastBatch, ReferenceBatch, replacement_z
+    from selfrepair.ingest.engine import Patch
 
     preds = rows.shape[1] - 1
     cut = lambda t: t[..., :preds]  # noqa: E731
@@ -216,7 +236,7 @@ def run_self_check(model, w, rows: torch.Tensor, source_rows: torch.Tensor | Non
     def record(name, a, b):
         out[name], judged[name] = _dev(a, b)
 
-    fast = FastBatch(w, rows)
+    fast = FastBatch(w, rows, metrics=metrics)
     st = fast.clean
     u_full = w.target_columns(rows.roll(-1, dims=1))
     engine_logit = cut(fast.clean_logit(u_full)) + w.b_U[y]
@@ -247,6 +267,9 @@ def run_self_check(model, w, rows: torch.Tensor, source_rows: torch.Tensor | Non
             rf = fast.patch(layer, [head], z[:, :, [head]].permute(2, 0, 1, 3), u_full)
             record(f"ablated logit {tag}: fast vs full model forward", cut(rf.logit[0]),
                    cut(full_forward_logit(w, rows, layer, head, z[:, :, head])))
+            if rf.kl is not None:  # the ablated run's final logits: the model's own forward, the head's z hooked
+                whole = FastBatch(w, rows, base=Patch({layer: {head: z[:, :, head]}}), metrics=False)
+                record_metrics(record, tag, rf, st.logits, whole.clean.logits, rows, cut)
             if not use_ref:
                 continue
             zr = replacement_z(kind, ref.clean_z(layer), ref_src.clean_z(layer) if ref_src is not None else None)

@@ -239,7 +239,7 @@ def test_bridge_only_mismatch_is_warned_and_recorded(tmp_path, capsys):
     assert not set(engine) & set(check["excused"])
 
 
-@pytest.mark.parametrize("where", ["clean logit", "ablated logit"])
+@pytest.mark.parametrize("where", ["clean logit", "ablated logit", "kl"])
 def test_engine_disagreeing_with_the_model_is_refused(where, tmp_path, monkeypatch):
     # Even where the bridge's own mismatches are excused, a deviation of the engine from the model is not.
     import dataclasses
@@ -254,6 +254,8 @@ def test_engine_disagreeing_with_the_model_is_refused(where, tmp_path, monkeypat
 
         def off_by_one_percent(self, *a, **k):
             r = patch(self, *a, **k)
+            if where == "kl":  # the output metrics are judged by the model's own forward too
+                return dataclasses.replace(r, kl=r.kl + 0.01)
             return dataclasses.replace(r, logit=r.logit * 1.01)
 
         monkeypatch.setattr(ablate.FastBatch, "patch", off_by_one_percent)
