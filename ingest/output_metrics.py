@@ -27,40 +27,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from selfrepair.store.schema import OUTPUT_METRICS  # noqa: F401 - the metric names, ablation_effects' column order
 
 VOCAB_CHUNK = 4096  # vocabulary entries per step: the working set is copies × tokens × VOCAB_CHUNK floats
 # Where every |Δ| is below this, lse' − lse comes from E_p[expm1(Δ)] (exact for small changes, no overflow);
 # beyond it from the two log-sum-exps.
 _DIRECT_MAX = 30.0
-
-
-def metric_problem(metrics: str, architecture: str | None, config: dict | None) -> str | None:
-    """Why the requested output metrics cannot be computed for a model (one line), or None.
-
-    Needs only the model's config (before it loads). The metrics read the output head as
-    `softcap(logit_scale · (norm(x) @ W + b))`; a config asking the model class for any other
-    final-logit transform is refused by name rather than measured wrongly.
-    """
-    if metrics == "none" or not config:
-        return None
-    for key, what in _UNMODELLED.items():
-        value = config.get(key)
-        if value not in (None, False, 1, 1.0):
-            return (f"output metrics (d_loss, kl, d_entropy, top1_changed) need the model's true output "
-                    f"distribution, but {architecture or 'its config'} sets {key}={value!r} ({what}), which "
-                    "selfrepair's unembedding does not model; use --output-metrics none")
-    return None
-
-
-# Config keys of Hugging Face causal LMs that change the final logits beyond a linear head, a logit
-# scale (Cohere's `logit_scale`, read in ingest/weights.py) and a final softcap.
-_UNMODELLED = {
-    "logits_scaling": "Granite divides its logits by it",
-    "output_logits_scaling": "a scale on the output logits",
-    "mup_width_multiplier": "muP divides the logits by the width multiplier",
-    "logit_soft_cap": "a softcap other than final_logit_softcapping",
-}
 
 
 @dataclass

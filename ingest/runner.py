@@ -20,6 +20,7 @@ from selfrepair.ingest import models as M
 from selfrepair.ingest.config import IngestConfig
 from selfrepair.ingest.conventions import PROCESSED
 from selfrepair.ingest.disk import check_free_disk, estimate_run, model_shape
+from selfrepair.ingest.metric_support import check_output_metrics
 from selfrepair.ingest.executors import make_executor
 from selfrepair.ingest.model_sizes import pre_load_facts
 from selfrepair.ingest.pairing import pairs_digest, rule, source_rows
@@ -79,6 +80,7 @@ class Ingest:
         sizes, arch = pre_load_facts(spec, cfg.revision)  # one read of its config.json or GGUF metadata
         if sizes is not None:  # units and conditions outside the model: refused before it loads
             cfg.conditions(*sizes)
+        check_output_metrics(cfg.output_metrics, spec, cfg.revision, arch)  # a head they cannot read: before the load
         if arch is not None:  # a kind the family does not define (MLP9 on Mixtral): refused before it loads
             cfg = self.cfg = _family_settings(cfg, arch, sizes, self.log)
         if cfg.dry_run:
@@ -343,7 +345,8 @@ class Ingest:
             f"{cfg.neurons_top_k} neurons at each end"
             f"{_sr_plan(cfg, w)}\n"
             f"  store {cfg.store}, activations {kept} ({cfg.activation_dtype}), "
-            f"estimated {human(estimate.total)}"
+            f"estimated {human(estimate.total)}\n"
+            f"  {_metrics_plan(cfg, w, units)}"
         )
 
     # -- clean --------------------------------------------------------------------------
@@ -546,6 +549,20 @@ def _describe_units(units) -> str:
 def _describe_conditions(conditions) -> str:
     given = [c.label for c in conditions if c is not None]
     return f", alone and given {', '.join(given)}" if given else ""
+
+
+def _metrics_plan(cfg: IngestConfig, w, units) -> str:
+    """The plan line on the output metrics: what they cost, as the FLOP model counts it (store/flops.py)."""
+    if cfg.output_metrics == "none":
+        return ("output metrics none: no d_loss, kl, d_entropy or top1_changed (those columns absent, read as NULL), "
+                "no entropy in tokens")
+    from selfrepair.store.flops import Arch, human_flops, output_metrics_share
+
+    d_vocab = w.W_U.shape[1]
+    share = output_metrics_share(Arch.of(w), d_vocab, cfg.seq_len, [u.layer for u in units], cfg.heads_per_pass)
+    return (f"output metrics all (d_loss, kl, d_entropy, top1_changed): the full unembedding, 2·d_model·d_vocab = "
+            f"{human_flops(2 * w.d_model * d_vocab)} per token per copy (each unit's and each pass's baseline), "
+            f"+{share:.0%} of the sweep's FLOPs (--output-metrics none leaves them out)")
 
 
 def _sr_plan(cfg: IngestConfig, w) -> str:
