@@ -27,6 +27,7 @@ class ModelInfo:
         resamples: resample draws ingested.
         unit_kinds: kinds of the units stored besides heads, ablated alone in the report's draw
             (`group`, `attn`, `mlp`, `block`); empty for a store of heads alone.
+        output_metrics: whether the store holds the output metrics (d_loss, kl, …) in every ablation file.
     """
 
     name: str
@@ -37,6 +38,7 @@ class ModelInfo:
     ablations: tuple[str, ...]
     resamples: int
     unit_kinds: tuple[str, ...] = ()
+    output_metrics: bool = False
 
     @classmethod
     def from_manifest(cls, name: str, manifest: Manifest) -> "ModelInfo":

@@ -111,6 +111,10 @@ class Store:
         weakref.finalize(store, _cleanup, con, temp_dir)
         return store
 
+    def lacking(self, need: str) -> list[str]:
+        """The models whose store lacks a named query's `-- needs:` data (e.g. `output_metrics`), sorted."""
+        return list(self._lacking.get(need, []))
+
     @property
     def models(self) -> list[str]:
         """Model folder names, sorted (the `model` column's values)."""
