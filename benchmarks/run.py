@@ -1,7 +1,7 @@
 """Run the benchmarks and print one table: every figure, its target, PASS/MISS and margin.
 
 Usage:
-    python benchmarks/run.py [--quick] [--only sweep,flops,clean,queries,precision,cuda,ray,units] [--output results.json]
+    python benchmarks/run.py [--quick] [--only sweep,flops,clean,queries,precision,cuda,ray,units,metrics] [--output results.json]
 
 Every figure is a ratio or a time measured in this run (see benchmarks/README.md), so
 the table holds on a machine shared with other jobs.
@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # the bench modules import each 
 import bench_clean  # noqa: E402
 import bench_cuda  # noqa: E402
 import bench_flops  # noqa: E402
+import bench_metrics  # noqa: E402
 import bench_precision  # noqa: E402
 import bench_queries  # noqa: E402
 import bench_ray  # noqa: E402
@@ -30,7 +31,7 @@ from common import Context, threads  # noqa: E402
 
 BENCHES = {"sweep": bench_sweep.run, "flops": bench_flops.run, "clean": bench_clean.run,
            "queries": bench_queries.run, "precision": bench_precision.run, "cuda": bench_cuda.run,
-           "ray": bench_ray.run, "units": bench_units.run}
+           "ray": bench_ray.run, "units": bench_units.run, "metrics": bench_metrics.run}
 
 
 def verdict(value: float, target: float, at_least: bool) -> str:
@@ -104,6 +105,8 @@ def rows_for(name: str, r: dict, quick: bool) -> list[tuple[str, str, str, str]]
         return bench_ray.rows(r, quick)
     if name == "units":
         return bench_units.rows(r, verdict, quick)
+    if name == "metrics":
+        return bench_metrics.rows(r, verdict, quick)
     raise KeyError(name)
 
 

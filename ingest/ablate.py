@@ -42,7 +42,7 @@ class FastBatch:
     """
 
     def __init__(self, w: Weights, rows: torch.Tensor, dtype: torch.dtype | None = None,
-                 clean: E.CleanState | None = None, base: E.Patch | None = None, metrics: bool = True,
+                 clean: E.CleanState | None = None, base: E.Patch | None = None, metrics: bool = False,
                  vocab_chunk: int = VOCAB_CHUNK):
         self.w, self.rows, self.dtype, self.base = w, rows, dtype, base
         self.metrics, self.vocab_chunk = metrics, vocab_chunk
@@ -102,7 +102,7 @@ class ReferenceBatch:
     (`base`) are hooked into every forward, the baseline's too.
     """
 
-    def __init__(self, bridge, rows: torch.Tensor, base: E.Patch | None = None, metrics: bool = True):
+    def __init__(self, bridge, rows: torch.Tensor, base: E.Patch | None = None, metrics: bool = False):
         self.bridge, self.rows, self.base, self.metrics = bridge, rows, base or E.Patch(), metrics
         self.n_layers = n = bridge.cfg.n_layers
         self.W_O = bridge.W_O.detach().float()

@@ -34,7 +34,8 @@ def run_counts(cfg: IngestConfig, units, arrays: tuple[str, ...] | None = None, 
                        draws=draws, resample_draws=resample, heads=tuple(heads) * (conditions + 1), top_p=cfg.top_p,
                        neurons_top_k=cfg.neurons_top_k, attention_top_k=cfg.attention_top_k,
                        arrays=cfg.activations if arrays is None else arrays,
-                       activation_dtype=cfg.activation_dtype, conditions=conditions)
+                       activation_dtype=cfg.activation_dtype, conditions=conditions,
+                       output_metrics=cfg.output_metrics != "none")
 
 
 def count_sr_heads(cfg: IngestConfig, w, units) -> int:

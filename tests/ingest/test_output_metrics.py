@@ -55,7 +55,7 @@ def test_chunked_metrics_equal_full_softmaxes_at_any_chunk_size(family, rows):
         ab = recompute.ablate(cl, kind, layer, head, batch_size=ROWS)
         got = {}
         for chunk in (16, 100, 257):
-            fast = FastBatch(w, rows, vocab_chunk=chunk)
+            fast = FastBatch(w, rows, metrics=True, vocab_chunk=chunk)
             z = replacement(kind, fast.clean_z(layer), None)[:, :, [head]].permute(2, 0, 1, 3)
             r = fast.patch(layer, [head], z, w.target_columns(rows.roll(-1, dims=1)))
             got[chunk] = {m: getattr(r, m)[0, :, :-1].reshape(-1).double().numpy() for m in (*METRICS, "top1_changed")}
@@ -81,7 +81,7 @@ def test_an_identity_patch_changes_no_metric(rows):
 
     model = tiny_families.build("llama")
     w = read_weights(model, SEQ)
-    fast = FastBatch(w, rows, vocab_chunk=64)
+    fast = FastBatch(w, rows, metrics=True, vocab_chunk=64)
     z = fast.clean_z(1)[:, :, [2]].permute(2, 0, 1, 3)
     r = fast.patch(1, [2], z, w.target_columns(rows.roll(-1, dims=1)))
     for m in METRICS:

@@ -1,0 +1,159 @@
+"""Output metrics' cost: the sweep with them over the sweep without, against the FLOP model; memory flat.
+
+The sweep is bench_sweep's (the ingest's own `ablation_tables`, resample ablation of every head
+of a few layers spread over the depth, one row of the embedded corpus), run with and without
+`--output-metrics`, interleaved layer by layer (without, with, without, with) so both see the
+same load; each variant's time per layer is the best of its two runs. The FLOP model
+(store/flops.py) predicts the ratio: (sweep lower bound + unembedding) / sweep lower bound, the
+unembedding being 2·d_model·d_vocab per token per copy of a pass (each head's copy and the
+pass's baseline copy). Target: measured ratio / predicted ratio ≤ 1.1.
+
+Memory: the working set of one pass's metrics (`Baseline.ablated`) over a synthetic output head
+(the embedded model's d_model, vocabularies of 49k, 131k and 262k, vocabulary chunks of 1k to
+16k), as the growth of the process's peak resident memory during the call (Linux: reset through
+/proc/self/clear_refs, read from VmHWM), beside what one unchunked [copy, token, vocabulary] float32
+logits tensor alone would take.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from selfrepair.store.labels import head_unit
+
+VOCABS = (49_152, 131_072, 262_144)
+CHUNKS = (1024, 4096, 16_384)
+MEM_COPIES, MEM_TOKENS = 4, 32  # one pass of 3 heads + its baseline copy, on 32 tokens
+
+
+def _sweep(ctx) -> dict:
+    import torch
+
+    import bench_flops
+    import bench_sweep
+    from selfrepair.ingest.ablate import FastBatch, ablation_tables
+    from selfrepair.store.flops import output_metric_flops
+
+    w, rows, src_rows, layers, heads, top_sets = bench_sweep._setup(ctx)
+    a = bench_flops.Arch.of(w)
+    d_vocab = w.W_U.shape[1]
+    tokens = bench_sweep.N_ROWS * (ctx.seq_len - 1)
+    best = {False: {}, True: {}}
+    with torch.no_grad():
+        src = FastBatch(w, src_rows)
+        for layer in layers:
+            units = [head_unit(l, h) for l, h in heads if l == layer]
+            for metrics in (False, True, False, True):
+                ctx_ = FastBatch(w, rows, metrics=metrics)  # a fresh baseline: its unembedding is part of the cost
+                t0 = time.perf_counter()
+                ablation_tables(ctx_, src, "resample", 0, units, rows, 0, top_sets, 50, w.n_heads, w)
+                t = time.perf_counter() - t0
+                best[metrics][layer] = min(t, best[metrics].get(layer, t))
+    sweep = bench_flops.sweep_flops(a, heads, bench_sweep.N_ROWS, ctx.seq_len)
+    added = len(heads) * tokens * output_metric_flops(w.d_model, d_vocab, w.n_heads)
+    without, with_ = sum(best[False].values()), sum(best[True].values())
+    rate = _unembed_rate(w.d_model, (w.n_heads + 1) * bench_sweep.N_ROWS * ctx.seq_len)
+    return {"layers": layers, "n_heads": len(heads), "tokens": tokens, "d_vocab": d_vocab,
+            "without_s": without, "with_s": with_, "measured": with_ / without, "predicted": (sweep + added) / sweep,
+            "sweep_gflop": sweep / 1e9, "added_gflop": added / 1e9,
+            "added_s": with_ - without, "added_at_rate_s": added / rate, "unembed_gflops": rate / 1e9}
+
+
+def _unembed_rate(d_model: int, m: int, chunk: int = 4096) -> float:
+    """The float32 GEMM rate (FLOP/s) of one vocabulary chunk of a pass: [copies·tokens, d_model] @ [d_model, chunk]."""
+    import torch
+
+    from common import best
+
+    x, W = torch.randn(m, d_model), torch.randn(chunk, d_model)
+    torch.nn.functional.linear(x, W)
+    return 2 * m * d_model * chunk / best(lambda: torch.nn.functional.linear(x, W), 5)
+
+
+def _rss() -> tuple[int, int]:
+    """(VmRSS, VmHWM) of this process in bytes."""
+    got = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            got[key] = int(value.split()[0]) * 1024
+    return got["VmRSS"], got["VmHWM"]
+
+
+def _memory(ctx) -> dict:
+    """Peak memory growth of one pass's metrics, per (vocabulary, chunk)."""
+    import torch
+
+    from selfrepair.ingest.output_metrics import Baseline, OutputHead
+    from selfrepair.ingest.weights import Norm
+
+    import ctypes
+
+    # Every allocation above 64 KiB mapped and unmapped at once (glibc's threshold otherwise rises
+    # and keeps freed chunks in the heap): the peak resident memory is then the live tensors' peak.
+    ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+    d = ctx.weights().d_model
+    g = torch.Generator().manual_seed(0)
+    vocabs, chunks = (VOCABS, CHUNKS) if not ctx.quick else (tuple(v // 16 for v in VOCABS), tuple(c // 16 for c in CHUNKS))
+    out = {}
+    for vocab in vocabs:
+        W = torch.randn(vocab, d, generator=g) * d ** -0.5
+        norm = Norm("RMS", 1e-5, torch.ones(d), torch.zeros(d))
+        resid = torch.randn(1, MEM_TOKENS, d, generator=g)
+        abl = resid + 0.1 * torch.randn(MEM_COPIES, 1, MEM_TOKENS, d, generator=g)
+        y = torch.randint(0, vocab, (1, MEM_TOKENS), generator=g)
+        for chunk in chunks:
+            head = OutputHead(norm, W, torch.zeros(vocab), chunk=chunk)
+            base = Baseline.of(head, resid, y)
+            with torch.no_grad():
+                Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+                before, _ = _rss()
+                t0 = time.perf_counter()
+                base.ablated(abl)
+                seconds = time.perf_counter() - t0
+                _, peak = _rss()
+            out[(vocab, chunk)] = {"peak_mib": (peak - before) / 2**20, "seconds": seconds}
+        del W
+    full = {v: MEM_COPIES * MEM_TOKENS * v * 4 / 2**20 for v in vocabs}
+    return {"cells": out, "unchunked_mib": full, "vocabs": vocabs, "chunks": chunks}
+
+
+def run(ctx) -> dict:
+    """The sweep ratio against the FLOP model, and the metrics' working memory by vocabulary and chunk."""
+    r = _sweep(ctx)
+    try:
+        r["memory"] = _memory(ctx)
+    except (OSError, AttributeError) as e:  # not Linux with glibc: the memory table is left out
+        r["memory"] = {"error": str(e)}
+    return r
+
+
+def rows(r: dict, verdict, quick: bool) -> list[tuple[str, str, str, str]]:
+    ratio = r["measured"] / r["predicted"]
+    out = [
+        (f"metrics sweep: heads of layers {','.join(map(str, r['layers']))} ({r['n_heads']}) × {r['tokens']} "
+         f"tokens, d_vocab {r['d_vocab']:,}", "", "", ""),
+        ("sweep without / with output metrics (best of 2 per layer)",
+         f"{r['without_s']:.2f} s / {r['with_s']:.2f} s", "", ""),
+        ("FLOP model: sweep lower bound + added unembedding",
+         f"{r['sweep_gflop']:,.1f} + {r['added_gflop']:,.1f} GFLOP", "", ""),
+        ("with / without: measured (predicted by the FLOP model)", f"{r['measured']:.3f}× ({r['predicted']:.3f}×)",
+         "", ""),
+        ("measured ratio / predicted ratio", f"{ratio:.3f}", "≤ 1.1", verdict(ratio, 1.1, False)),
+        ("added time / added FLOPs at the unembedding GEMM rate",
+         f"{r['added_s'] / r['added_at_rate_s']:.2f} ({r['added_s']:.2f} s / {r['added_at_rate_s']:.2f} s at "
+         f"{r['unembed_gflops']:.1f} GFLOP/s)", "", ""),
+    ]
+    mem = r.get("memory", {})
+    if "error" in mem:
+        return out + [("metrics working memory", f"not measured ({mem['error']})", "", "")]
+    out.append((f"metrics working memory, one pass ({MEM_COPIES} copies × {MEM_TOKENS} tokens): peak RSS growth",
+                "", "", ""))
+    for vocab in mem["vocabs"]:
+        cells = ", ".join(f"chunk {c:,}: {mem['cells'][(vocab, c)]['peak_mib']:.1f} MiB" for c in mem["chunks"])
+        out.append((f"  d_vocab {vocab:,} (unchunked logits alone: {mem['unchunked_mib'][vocab]:.0f} MiB)",
+                    cells, "", ""))
+    return out
