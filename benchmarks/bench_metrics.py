@@ -1,7 +1,7 @@
 """Output metrics' cost: the sweep with them over the sweep without, against the FLOP model; memory flat.
 
 The sweep is bench_sweep's (the ingest's own `ablation_tables`, resample ablation of every head
-of a few layers spread over the depth, one row of the embedded corpus), run with and without
+of the first and the last layer, whose mean depth is the model's; one row of the embedded corpus), run with and without
 `--output-metrics`, interleaved layer by layer (without, with, without, with) so both see the
 same load; each variant's time per layer is the best of its two runs. The FLOP model
 (store/flops.py) predicts the ratio: (sweep lower bound + unembedding) / sweep lower bound, the
@@ -24,9 +24,10 @@ import numpy as np
 
 from selfrepair.store.labels import head_unit
 
+SWEEP_LAYERS = 2
 VOCABS = (49_152, 131_072, 262_144)
 CHUNKS = (1024, 4096, 16_384)
-MEM_COPIES, MEM_TOKENS = 4, 32  # one pass of 3 heads + its baseline copy, on 32 tokens
+MEM_COPIES, MEM_TOKENS = 4, 8  # one pass of 3 heads + its baseline copy, on 8 tokens
 
 
 def _sweep(ctx) -> dict:
@@ -37,7 +38,10 @@ def _sweep(ctx) -> dict:
     from selfrepair.ingest.ablate import FastBatch, ablation_tables
     from selfrepair.store.flops import output_metric_flops
 
-    w, rows, src_rows, layers, heads, top_sets = bench_sweep._setup(ctx)
+    w, rows, src_rows, _, _, top_sets = bench_sweep._setup(ctx)
+    # The first and the last layer (their mean depth is the model's): the deepest pass and the shallowest.
+    layers = bench_sweep.spread_layers(w.n_layers, SWEEP_LAYERS)
+    heads = [(l, h) for l in layers for h in range(w.n_heads)]
     a = bench_flops.Arch.of(w)
     d_vocab = w.W_U.shape[1]
     tokens = bench_sweep.N_ROWS * (ctx.seq_len - 1)
@@ -52,6 +56,7 @@ def _sweep(ctx) -> dict:
                 ablation_tables(ctx_, src, "resample", 0, units, rows, 0, top_sets, 50, w.n_heads, w)
                 t = time.perf_counter() - t0
                 best[metrics][layer] = min(t, best[metrics].get(layer, t))
+                ctx.log(f"  layer {layer} heads, output metrics {'on' if metrics else 'off'}: {t:.2f} s")
     sweep = bench_flops.sweep_flops(a, heads, bench_sweep.N_ROWS, ctx.seq_len)
     added = len(heads) * tokens * output_metric_flops(w.d_model, d_vocab, w.n_heads)
     without, with_ = sum(best[False].values()), sum(best[True].values())
@@ -116,6 +121,7 @@ def _memory(ctx) -> dict:
                 seconds = time.perf_counter() - t0
                 _, peak = _rss()
             out[(vocab, chunk)] = {"peak_mib": (peak - before) / 2**20, "seconds": seconds}
+            ctx.log(f"  d_vocab {vocab}, chunk {chunk}: peak +{(peak - before) / 2**20:.1f} MiB ({seconds:.2f} s)")
         del W
     full = {v: MEM_COPIES * MEM_TOKENS * v * 4 / 2**20 for v in vocabs}
     return {"cells": out, "unchunked_mib": full, "vocabs": vocabs, "chunks": chunks}
