@@ -10,8 +10,8 @@ pass's baseline copy). Target: measured ratio / predicted ratio ≤ 1.1.
 
 Memory: the working set of one pass's metrics (`Baseline.ablated`) over a synthetic output head
 (the embedded model's d_model, vocabularies of 49k, 131k and 262k, vocabulary chunks of 1k to
-16k), as the growth of the process's peak resident memory during the call (Linux: reset through
-/proc/self/clear_refs, read from VmHWM), beside what one unchunked [copy, token, vocabulary] float32
+16k), as the growth of the process's resident memory during the call (Linux: a thread polls
+/proc/self/statm, with every allocation above 64 KiB mapped and unmapped at once), beside what one unchunked [copy, token, vocabulary] float32
 logits tensor alone would take.
 """
 
@@ -27,7 +27,7 @@ from selfrepair.store.labels import head_unit
 SWEEP_LAYERS = 2
 VOCABS = (49_152, 131_072, 262_144)
 CHUNKS = (1024, 4096, 16_384)
-MEM_COPIES, MEM_TOKENS = 4, 8  # one pass of 3 heads + its baseline copy, on 8 tokens
+MEM_COPIES, MEM_TOKENS = 4, 32  # one pass of 3 heads + its baseline copy, on 32 tokens
 
 
 def _sweep(ctx) -> dict:
@@ -78,14 +78,34 @@ def _unembed_rate(d_model: int, m: int, chunk: int = 4096) -> float:
     return 2 * m * d_model * chunk / best(lambda: torch.nn.functional.linear(x, W), 5)
 
 
-def _rss() -> tuple[int, int]:
-    """(VmRSS, VmHWM) of this process in bytes."""
-    got = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            got[key] = int(value.split()[0]) * 1024
-    return got["VmRSS"], got["VmHWM"]
+def _resident() -> int:
+    """This process's resident memory in bytes (/proc/self/statm)."""
+    import os
+
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _PeakSampler:
+    """The largest resident memory seen by a thread polling /proc/self/statm while the block runs."""
+
+    def __enter__(self):
+        import threading
+
+        self.peak, self._stop = _resident(), threading.Event()
+
+        def poll():
+            while not self._stop.is_set():
+                self.peak = max(self.peak, _resident())
+                self._stop.wait(0.0005)
+
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _resident())
 
 
 def _memory(ctx) -> dict:
@@ -114,12 +134,12 @@ def _memory(ctx) -> dict:
             head = OutputHead(norm, W, torch.zeros(vocab), chunk=chunk)
             base = Baseline.of(head, resid, y)
             with torch.no_grad():
-                Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-                before, _ = _rss()
-                t0 = time.perf_counter()
-                base.ablated(abl)
-                seconds = time.perf_counter() - t0
-                _, peak = _rss()
+                before = _resident()
+                with _PeakSampler() as sampler:
+                    t0 = time.perf_counter()
+                    base.ablated(abl)
+                    seconds = time.perf_counter() - t0
+                peak = sampler.peak
             out[(vocab, chunk)] = {"peak_mib": (peak - before) / 2**20, "seconds": seconds}
             ctx.log(f"  d_vocab {vocab}, chunk {chunk}: peak +{(peak - before) / 2**20:.1f} MiB ({seconds:.2f} s)")
         del W

@@ -9,11 +9,13 @@ condition-ablated run's) and the ablated one p':
 The logits are the model's own: its final norm, the real unembedding with its bias, Cohere's
 logit scale and any final softcap, all float32. The vocabulary is walked in chunks with an
 online log-sum-exp (running max), so memory does not grow with d_vocab. The baseline's
-log-partition `lse` is known before a pass, so its probabilities come out exact per chunk;
-with Δ = x' − x each metric is written in terms of Δ, which keeps the float32 rounding a
-fraction of the change rather than of the logits themselves:
+log-partition `lse` and mean logit E_p[x] are known before a pass, so its probabilities come
+out exact per chunk, and
 
-    lse' − lse = log E_p[e^Δ],   kl = (lse' − lse) − E_p[Δ],   d_loss = (lse' − lse) − Δ_y.
+    kl = (lse' − lse) − (E_p[x'] − E_p[x]),   d_loss = (lse' − lse) − Δ_y,   H = lse − E[x].
+
+Float32 rounding leaves about 1e-6 (nats) in each; the passes over the [copy, token, chunk]
+logits are kept to five, so the cost stays near the products' (benchmarks/bench_metrics.py).
 
 Cost: 2·d_model·d_vocab FLOPs per token per copy (the baseline copy included), as
 `store/estimate.py` models it.
@@ -29,9 +31,6 @@ from torch import Tensor
 
 
 VOCAB_CHUNK = 4096  # vocabulary entries per step: the working set is copies × tokens × VOCAB_CHUNK floats
-# Where every |Δ| is below this, lse' − lse comes from E_p[expm1(Δ)] (exact for small changes, no overflow);
-# beyond it from the two log-sum-exps.
-_DIRECT_MAX = 30.0
 
 
 @dataclass
@@ -64,7 +63,9 @@ class OutputHead:
         W = weight.T if isinstance(lm, Conv1D) else weight  # Conv1D stores [in, out]
         b = getattr(lm, "bias", None)
         b = b.detach().float() if isinstance(b, Tensor) else W.new_zeros(W.shape[0])
-        return cls(w.final, W.contiguous(), b, float(w.logit_scale), w.softcap, chunk)
+        scale = float(w.logit_scale)  # folded into W and b: no extra pass over the logits
+        return cls(w.final, (W * scale).contiguous() if scale != 1 else W.contiguous(), b * scale, 1.0, w.softcap,
+                   chunk)
 
     @property
     def d_vocab(self) -> int:
@@ -75,7 +76,8 @@ class OutputHead:
 
     def raw(self, normed: Tensor, c0: int, c1: int) -> Tensor:
         """Pre-softcap logits of vocabulary entries [c0, c1): [..., c1 − c0]."""
-        return torch.nn.functional.linear(normed, self.W[c0:c1], self.b[c0:c1]) * self.scale
+        out = torch.nn.functional.linear(normed, self.W[c0:c1], self.b[c0:c1])
+        return out if self.scale == 1 else out * self.scale
 
     def delta_raw(self, d_normed: Tensor, c0: int, c1: int) -> Tensor:
         """The change of the pre-softcap logits for a change `d_normed` of the normed residual (no bias)."""
@@ -111,6 +113,7 @@ class Baseline:
     entropy: Float[Tensor, "batch pos"]
     loss: Float[Tensor, "batch pos"]
     top1: Int[Tensor, "batch pos"]
+    mean_x: Float[Tensor, "batch pos"]  # E_p[x], the mean logit under the baseline's own distribution
 
     @classmethod
     def of(cls, head: OutputHead, resid_final: Tensor, y: Tensor) -> Baseline:
@@ -119,62 +122,62 @@ class Baseline:
         m = s = t = best = top1 = None
         for c0 in range(0, head.d_vocab, head.chunk):
             x = head.cap(head.raw(normed, c0, min(c0 + head.chunk, head.d_vocab)))
-            m, s, t = _online(m, s, t, x)
-            best, top1 = _argmax(best, top1, x, c0)
+            cm, ci = x.max(-1)
+            m, s, t = _online(m, s, t, x, cm)
+            best, top1 = _argmax(best, top1, cm, ci, c0)
         lse = m + s.log()
         raw_y = head.target(normed, y)
-        return cls(head, y, normed, raw_y, lse, s.log() - t / s, lse - head.cap(raw_y), top1)
+        return cls(head, y, normed, raw_y, lse, _entropy(m, s, t), lse - head.cap(raw_y), top1, t / s)
 
     def ablated(self, resid: Float[Tensor, "k batch pos d_model"]) -> dict[str, Tensor]:
-        """d_loss, kl, d_entropy ([k, batch, pos] float32) and top1_changed (bool) of each ablated copy."""
+        """d_loss, kl, d_entropy ([k, batch, pos] float32) and top1_changed (bool) of each ablated copy.
+
+        Per chunk: one product for the baseline copy and one for the copies, then five passes over the
+        [k, batch, pos, chunk] logits (max, shift, exp, sum, and a fused multiply-sum).
+        """
         head = self.head
-        d_normed = head.normed(resid) - self.normed  # [k, batch, pos, d_model]
-        m = s = t = best = top1 = None
-        e_delta = e_expm1 = big = None
+        normed = head.normed(resid)  # [k, batch, pos, d_model]
+        m = s = t = best = top1 = e_x = None
         for c0 in range(0, head.d_vocab, head.chunk):
             c1 = min(c0 + head.chunk, head.d_vocab)
-            raw = head.raw(self.normed, c0, c1)  # [batch, pos, chunk], the baseline copy
-            x = head.cap(raw)
-            delta = head.cap_delta(raw, head.delta_raw(d_normed, c0, c1))  # [k, batch, pos, chunk]
-            p = torch.exp(x - self.lse[..., None])
-            e_delta = _add(e_delta, (p * delta).sum(-1))
-            e_expm1 = _add(e_expm1, (p * torch.expm1(delta.clamp(max=_DIRECT_MAX))).sum(-1))
-            big = _max(big, delta.abs().amax(-1))
-            x_abl = x + delta
-            m, s, t = _online(m, s, t, x_abl)
-            best, top1 = _argmax(best, top1, x_abl, c0)
-        lse_abl = m + s.log()
-        d_lse = torch.where(big < _DIRECT_MAX, torch.log1p(e_expm1), lse_abl - self.lse)
-        r_y = (d_normed * head.W[self.y]).sum(-1) * head.scale  # the change of the target's pre-softcap logit
+            p = torch.exp(head.cap(head.raw(self.normed, c0, c1)) - self.lse[..., None])  # the baseline's, exact
+            x_abl = head.cap(head.raw(normed, c0, c1))  # [k, batch, pos, chunk]
+            e_x = _add(e_x, torch.einsum("bpc,kbpc->kbp", p, x_abl))  # E_p[x']
+            cm, ci = x_abl.max(-1)
+            m, s, t = _online(m, s, t, x_abl, cm)
+            best, top1 = _argmax(best, top1, cm, ci, c0)
+        d_lse = m + s.log() - self.lse  # log-partition change
+        r_y = ((normed - self.normed) * head.W[self.y]).sum(-1) * head.scale  # the target's pre-softcap change
         d_y = head.cap_delta(self.raw_y, r_y)
-        return {"d_loss": d_lse - d_y, "kl": d_lse - e_delta,
-                "d_entropy": (s.log() - t / s) - self.entropy, "top1_changed": top1 != self.top1}
+        # KL(p ‖ p') = E_p[x − x'] + lse' − lse
+        return {"d_loss": d_lse - d_y, "kl": d_lse - (e_x - self.mean_x),
+                "d_entropy": _entropy(m, s, t) - self.entropy, "top1_changed": top1 != self.top1}
 
 
 def _add(acc: Tensor | None, x: Tensor) -> Tensor:
     return x if acc is None else acc + x
 
 
-def _max(acc: Tensor | None, x: Tensor) -> Tensor:
-    return x if acc is None else torch.maximum(acc, x)
-
-
-def _online(m: Tensor | None, s: Tensor | None, t: Tensor | None, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """One chunk `x` [..., chunk] into the running max m, Σ e^(x−m) and Σ e^(x−m)(x−m) (entropy = log s − t/s)."""
-    cm = x.amax(-1)
-    if m is None:
-        e = torch.exp(x - cm[..., None])
-        return cm, e.sum(-1), (e * (x - cm[..., None])).sum(-1)
-    new = torch.maximum(m, cm)
-    shift = m - new  # <= 0: rescale the old sums to the new max
-    r = torch.exp(shift)
+def _online(m: Tensor | None, s: Tensor | None, t: Tensor | None, x: Tensor, cm: Tensor
+            ) -> tuple[Tensor, Tensor, Tensor]:
+    """One chunk `x` [..., chunk] (its max `cm`) into the running max m, s = Σ e^(x−m) and t = Σ e^(x−m)·x."""
+    new = cm if m is None else torch.maximum(m, cm)
     e = torch.exp(x - new[..., None])
-    return new, s * r + e.sum(-1), r * (t + s * shift) + (e * (x - new[..., None])).sum(-1)
+    cs, ct = e.sum(-1), torch.einsum("...c,...c->...", e, x)  # einsum: one fused pass
+    if m is None:
+        return new, cs, ct
+    r = torch.exp(m - new)  # <= 1: the old sums rescaled to the new max
+    return new, s * r + cs, t * r + ct
 
 
-def _argmax(best: Tensor | None, idx: Tensor | None, x: Tensor, c0: int) -> tuple[Tensor, Tensor]:
-    """Running top-1 value and index; ties go to the lower index, as `torch.argmax` over the whole vocabulary."""
-    v, i = x.max(-1)
+def _entropy(m: Tensor, s: Tensor, t: Tensor) -> Tensor:
+    """H = lse − E[x] = m + log s − t / s."""
+    return m + s.log() - t / s
+
+
+def _argmax(best: Tensor | None, idx: Tensor | None, v: Tensor, i: Tensor, c0: int) -> tuple[Tensor, Tensor]:
+    """Running top-1 value and index from a chunk's max `v` at `i`; ties go to the lower index, as
+    `torch.argmax` over the whole vocabulary."""
     i = i + c0
     if best is None:
         return v, i
