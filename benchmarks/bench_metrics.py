@@ -108,8 +108,8 @@ class _PeakSampler:
         self.peak = max(self.peak, _resident())
 
 
-def _memory(ctx) -> dict:
-    """Peak memory growth of one pass's metrics, per (vocabulary, chunk)."""
+def _memory(ctx, d_model: int | None = None) -> dict:
+    """Peak memory growth of one pass's metrics, per (vocabulary, chunk) (d_model: the model's by default)."""
     import torch
 
     from selfrepair.ingest.output_metrics import Baseline, OutputHead
@@ -120,7 +120,7 @@ def _memory(ctx) -> dict:
     # Every allocation above 64 KiB mapped and unmapped at once (glibc's threshold otherwise rises
     # and keeps freed chunks in the heap): the peak resident memory is then the live tensors' peak.
     ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
-    d = ctx.weights().d_model
+    d = d_model or ctx.weights().d_model
     g = torch.Generator().manual_seed(0)
     vocabs, chunks = (VOCABS, CHUNKS) if not ctx.quick else (tuple(v // 16 for v in VOCABS), tuple(c // 16 for c in CHUNKS))
     out = {}
@@ -132,10 +132,11 @@ def _memory(ctx) -> dict:
         y = torch.randint(0, vocab, (1, MEM_TOKENS), generator=g)
         for chunk in chunks:
             head = OutputHead(norm, W, torch.zeros(vocab), chunk=chunk)
-            base = Baseline.of(head, resid, y)
             with torch.no_grad():
+                # From before the baseline's walk: an allocator that keeps freed blocks shows its peak too.
                 before = _resident()
                 with _PeakSampler() as sampler:
+                    base = Baseline.of(head, resid, y)
                     t0 = time.perf_counter()
                     base.ablated(abl)
                     seconds = time.perf_counter() - t0
