@@ -79,10 +79,6 @@ class OutputHead:
         out = torch.nn.functional.linear(normed, self.W[c0:c1], self.b[c0:c1])
         return out if self.scale == 1 else out * self.scale
 
-    def delta_raw(self, d_normed: Tensor, c0: int, c1: int) -> Tensor:
-        """The change of the pre-softcap logits for a change `d_normed` of the normed residual (no bias)."""
-        return torch.nn.functional.linear(d_normed, self.W[c0:c1]) * self.scale
-
     def cap(self, raw: Tensor) -> Tensor:
         return raw if self.softcap is None else self.softcap * torch.tanh(raw / self.softcap)
 
@@ -199,9 +195,3 @@ def full_metrics(clean_logits: Tensor, abl_logits: Tensor, y: Tensor) -> dict[st
     return {"d_loss": loss(lq) - loss(lp), "kl": (p * (lp - lq)).sum(-1),
             "d_entropy": -(q * lq).sum(-1) + (p * lp).sum(-1),
             "top1_changed": clean_logits.argmax(-1) != abl_logits.argmax(-1)}
-
-
-def entropy(logits: Tensor) -> Tensor:
-    """H of the softmax of whole logits, float32, natural log: [...]."""
-    lp = torch.log_softmax(logits.float(), -1)
-    return -(lp.exp() * lp).sum(-1)
