@@ -128,20 +128,25 @@ class Baseline:
     def ablated(self, resid: Float[Tensor, "k batch pos d_model"]) -> dict[str, Tensor]:
         """d_loss, kl, d_entropy ([k, batch, pos] float32) and top1_changed (bool) of each ablated copy.
 
-        Per chunk: one product for the baseline copy and one for the copies, then five passes over the
-        [k, batch, pos, chunk] logits (max, shift, exp, sum, and a fused multiply-sum).
+        Per chunk: one product for the baseline copy and one per copy, then five passes over each
+        copy's [batch, pos, chunk] logits (max, shift, exp, sum, and a fused multiply-sum). Each copy
+        runs alone, so its numbers do not depend on how many units share its pass (a store extended
+        unit by unit equals one run, bit for bit).
         """
         head = self.head
         normed = head.normed(resid)  # [k, batch, pos, d_model]
-        m = s = t = best = top1 = e_x = None
+        k = normed.shape[0]
+        m, s, t, best, top1, e_x = ([None] * k for _ in range(6))
         for c0 in range(0, head.d_vocab, head.chunk):
             c1 = min(c0 + head.chunk, head.d_vocab)
             p = torch.exp(head.cap(head.raw(self.normed, c0, c1)) - self.lse[..., None])  # the baseline's, exact
-            x_abl = head.cap(head.raw(normed, c0, c1))  # [k, batch, pos, chunk]
-            e_x = _add(e_x, torch.einsum("bpc,kbpc->kbp", p, x_abl))  # E_p[x']
-            cm, ci = x_abl.max(-1)
-            m, s, t = _online(m, s, t, x_abl, cm)
-            best, top1 = _argmax(best, top1, cm, ci, c0)
+            for j in range(k):
+                x_abl = head.cap(head.raw(normed[j], c0, c1))  # [batch, pos, chunk]
+                e_x[j] = _add(e_x[j], torch.einsum("bpc,bpc->bp", p, x_abl))  # E_p[x']
+                cm, ci = x_abl.max(-1)
+                m[j], s[j], t[j] = _online(m[j], s[j], t[j], x_abl, cm)
+                best[j], top1[j] = _argmax(best[j], top1[j], cm, ci, c0)
+        m, s, t, top1, e_x = (torch.stack(v) for v in (m, s, t, top1, e_x))
         d_lse = m + s.log() - self.lse  # log-partition change
         r_y = ((normed - self.normed) * head.W[self.y]).sum(-1) * head.scale  # the target's pre-softcap change
         d_y = head.cap_delta(self.raw_y, r_y)
