@@ -150,11 +150,12 @@ def _memory(ctx, d_model: int | None = None) -> dict:
 
 def run(ctx) -> dict:
     """The sweep ratio against the FLOP model, and the metrics' working memory by vocabulary and chunk."""
-    r = _sweep(ctx)
-    try:
-        r["memory"] = _memory(ctx)
+    try:  # first: after the sweep the allocator holds freed blocks that hide a later peak
+        memory = _memory(ctx)
     except (OSError, AttributeError) as e:  # not Linux with glibc: the memory table is left out
-        r["memory"] = {"error": str(e)}
+        memory = {"error": str(e)}
+    r = _sweep(ctx)
+    r["memory"] = memory
     return r
 
 
