@@ -32,6 +32,7 @@ class ModelInfo:
         counterfactuals: the counterfactual re-runs the store holds (empty: none).
         sr_heads: the heads the ingest's --sr-mlps-neurons named (neuron detail by sr_mlps where ablated).
         head_layers: the layers with a head ablated alone in the report's draw (set by the report).
+        output_metrics: whether the store holds the output metrics (d_loss, kl, …) in every ablation file.
     """
 
     name: str
@@ -46,6 +47,7 @@ class ModelInfo:
     counterfactuals: tuple[str, ...] = ()  # the counterfactual re-runs stored (`--counterfactuals`)
     sr_heads: tuple[tuple[int, int], ...] = ()
     head_layers: tuple[int, ...] = ()
+    output_metrics: bool = False
 
     @classmethod
     def from_manifest(cls, name: str, manifest: Manifest) -> "ModelInfo":

@@ -7,6 +7,7 @@ from selfrepair.analysis import (
     fig_anti_erasure,
     fig_backup_map,
     fig_de_vs_dlogit,
+    fig_dlogit_vs_output,
     fig_final_mlp_share,
     fig_layer_breakdown,
     fig_ln_ratio_histogram,
@@ -47,6 +48,7 @@ FIGURES: tuple[FigureSpec, ...] = (
     fig_unit_breakdown.FIGURE,         # units: the Hydra effect's figure (drawn only where stored)
     fig_training_steps.FIGURE,         # revisions: against training step (drawn only for >= 2 revisions of a model)
     fig_repair_channels.FIGURE,        # measured mechanisms (drawn only where counterfactuals are stored)
+    fig_dlogit_vs_output.FIGURE,       # output metrics: logit change against loss change and KL (where stored)
 )
 
 TABLES: tuple[TableSpec, ...] = (

@@ -197,6 +197,9 @@ def build_report(store, output: str | Path, models: list[str] | None = None,
     # The units each model holds besides heads, ablated alone in the drawn draw (the unit figures' models).
     infos = [replace(m, unit_kinds=tuple(k for k in StoredUnits.of(store, m.name).kinds(ablation, 0) if k != "head"))
              for m in infos]
+    # The output metrics' figure draws the models whose store holds them (not --output-metrics none, not older).
+    without = set(store.lacking("output_metrics"))
+    infos = [replace(m, output_metrics=m.name not in without) for m in infos]
     if heads:
         _check_heads(infos, heads)
     ctx = Context(models=tuple(infos), ablation=ablation, p=p if p is not None else infos[0].top_p)

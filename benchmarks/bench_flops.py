@@ -8,62 +8,9 @@ layer batched), so the ratio holds on a machine shared with other jobs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-
-@dataclass(frozen=True)
-class Arch:
-    """The shape facts the FLOP count needs."""
-
-    n_layers: int
-    n_heads: int
-    n_kv: int
-    d_head: int
-    d_model: int
-    d_mlp: int
-    gated: bool
-    parallel: bool
-
-    @classmethod
-    def of(cls, w) -> "Arch":
-        """From the engine's `Weights` (the key/value head count and gating from the HF modules)."""
-        n_kv = getattr(w.model.config, "num_key_value_heads", None) or w.n_heads
-        mlp = w.mlp_out[0]
-        gated = any(hasattr(mlp, a) for a in ("gate_proj", "gate_up_proj"))
-        return cls(w.n_layers, w.n_heads, n_kv, w.d_head, w.d_model, w.d_mlp, gated, w.parallel)
-
-
-def layer_flops(a: Arch, seq_len: int) -> tuple[float, float]:
-    """FLOPs per token of one full block (2 per multiply-add), split (attention, MLP).
-
-    Attention: Q and O projections (n_heads·d_head wide), K and V (n_kv·d_head wide, GQA),
-    then scores and the weighted sum over the causal prefix: a query at position p reads
-    p + 1 keys, (seq_len + 1) / 2 on average. MLP: in and out, plus the gate if gated.
-    Norms, activations, rotary and biases are O(d_model) and left out.
-    """
-    proj = 2 * a.d_model * a.d_head * (2 * a.n_heads + 2 * a.n_kv)
-    mix = 2 * 2 * a.n_heads * a.d_head * (seq_len + 1) / 2
-    mlp = 2 * a.d_model * a.d_mlp * (3 if a.gated else 2)
-    return proj + mix, mlp
-
-
-def head_ablation_flops(a: Arch, layer: int, seq_len: int) -> float:
-    """Lower bound of FLOPs per token to ablate one head of `layer` and read the logit.
-
-    Layers after `layer` run in full; in a sequential block the layer's own MLP reads the
-    patched residual and runs too (in a parallel block it read the clean one); the logit
-    needs only the correct token's unembedding column (2·d_model), never the full vocab.
-    Upstream layers and the other heads of `layer` are cached from the clean run: 0.
-    """
-    attn, mlp = layer_flops(a, seq_len)
-    later = (a.n_layers - 1 - layer) * (attn + mlp)
-    return later + (0 if a.parallel else mlp) + 2 * a.d_model
-
-
-def sweep_flops(a: Arch, heads: list[tuple[int, int]], n_rows: int, seq_len: int) -> float:
-    """Lower bound for ablating every (layer, head) on `n_rows` rows (predictions only)."""
-    tokens = n_rows * (seq_len - 1)
-    return sum(head_ablation_flops(a, layer, seq_len) for layer, _ in heads) * tokens
+# The FLOP model itself lives in store/flops.py (the ingest's plan states the output metrics' cost with it).
+from selfrepair.store.flops import (Arch, head_ablation_flops, layer_flops, output_metric_flops,  # noqa: E402,F401
+                                    sweep_flops)
 
 
 def gemm_shapes(a: Arch, m: int) -> list[tuple[int, int, int, float]]:

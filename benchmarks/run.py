@@ -1,7 +1,7 @@
 """Run the benchmarks and print one table: every figure, its target, PASS/MISS and margin.
 
 Usage:
-    python benchmarks/run.py [--quick] [--only sweep,flops,clean,queries,precision,cuda,ray,units,counterfactuals] [--output results.json]
+    python benchmarks/run.py [--quick] [--only sweep,flops,clean,queries,precision,cuda,ray,units,counterfactuals,metrics] [--output results.json]
 
 Every figure is a ratio or a time measured in this run (see benchmarks/README.md), so
 the table holds on a machine shared with other jobs.
@@ -22,6 +22,7 @@ import bench_clean  # noqa: E402
 import bench_counterfactuals  # noqa: E402
 import bench_cuda  # noqa: E402
 import bench_flops  # noqa: E402
+import bench_metrics  # noqa: E402
 import bench_precision  # noqa: E402
 import bench_queries  # noqa: E402
 import bench_ray  # noqa: E402
@@ -31,7 +32,8 @@ from common import Context, threads  # noqa: E402
 
 BENCHES = {"sweep": bench_sweep.run, "flops": bench_flops.run, "clean": bench_clean.run,
            "queries": bench_queries.run, "precision": bench_precision.run, "cuda": bench_cuda.run,
-           "ray": bench_ray.run, "units": bench_units.run, "counterfactuals": bench_counterfactuals.run}
+           "ray": bench_ray.run, "units": bench_units.run, "counterfactuals": bench_counterfactuals.run,
+           "metrics": bench_metrics.run}
 
 
 def verdict(value: float, target: float, at_least: bool) -> str:
@@ -107,6 +109,8 @@ def rows_for(name: str, r: dict, quick: bool) -> list[tuple[str, str, str, str]]
         return bench_units.rows(r, verdict, quick)
     if name == "counterfactuals":
         return bench_counterfactuals.rows(r, verdict, quick)
+    if name == "metrics":
+        return bench_metrics.rows(r, verdict, quick)
     raise KeyError(name)
 
 

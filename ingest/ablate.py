@@ -23,6 +23,7 @@ from selfrepair.errors import ConfigError
 from selfrepair.ingest import engine as E
 from selfrepair.ingest.families import ARCHITECTURES, FAMILIES, REFUSED, moe_problem
 from selfrepair.ingest.layer_calls import hooks
+from selfrepair.ingest.output_metrics import VOCAB_CHUNK, Baseline, OutputHead, full_metrics
 from selfrepair.ingest.weights import Weights
 from selfrepair.store.labels import UNIT_KINDS, Unit, parse_unit
 from selfrepair.store.schema import SRC_KINDS
@@ -39,18 +40,30 @@ class FastBatch:
         base: a condition's replacements: the baseline is then that ablated run (`conditioned`).
         source: the batch is only a resample source (its replacement values are all that is read):
             its clean run skips the unembedding and, in low precision, the projections' baselines.
+        metrics: compute the output metrics (`IngestConfig.output_metrics`), walking the vocabulary
+            `vocab_chunk` entries at a time.
     """
 
     def __init__(self, w: Weights, rows: torch.Tensor, dtype: torch.dtype | None = None,
-                 clean: E.CleanState | None = None, base: E.Patch | None = None, source: bool = False):
+                 clean: E.CleanState | None = None, base: E.Patch | None = None, source: bool = False,
+                 metrics: bool = False, vocab_chunk: int = VOCAB_CHUNK):
         self.w, self.rows, self.dtype, self.base = w, rows, dtype, base
+        self.metrics, self.vocab_chunk = metrics, vocab_chunk
         self.clean = clean if clean is not None else E.clean_run(
             w, rows, with_linears=dtype is not None and not source, replace=base, logits=not source)
         self._ou = None  # head projections, made on first use
+        self._output = None  # the baseline's output distribution, made on first use
 
     def conditioned(self, base: E.Patch) -> FastBatch:
         """The same batch with the baseline ablated by `base` (one more forward of the batch)."""
-        return FastBatch(self.w, self.rows, self.dtype, base=base)
+        return FastBatch(self.w, self.rows, self.dtype, base=base, metrics=self.metrics, vocab_chunk=self.vocab_chunk)
+
+    def output(self) -> Baseline | None:
+        """The baseline run's output distribution (loss, entropy per token), or None with metrics off."""
+        if self.metrics and self._output is None:
+            head = OutputHead.of(self.w, self.vocab_chunk)
+            self._output = Baseline.of(head, self.clean.resid_final, self.rows.roll(-1, dims=1))
+        return self._output
 
     def clean_z(self, layer: int) -> torch.Tensor:
         return self.clean.z[layer]  # [batch, pos, head, d_head]
@@ -80,7 +93,8 @@ class FastBatch:
         """One pass from `layer`: `heads` are head indices of `layer` with their new z in `z_new`
         ([k, batch, pos, d_head]), or `Patch`es (one unit each) with `z_new` None."""
         patches = E.head_patches(layer, heads, z_new) if z_new is not None else heads
-        return E.patch_layer(self.w, self.clean, layer, patches, u, self._projections(u), self.dtype, self.base)
+        return E.patch_layer(self.w, self.clean, layer, patches, u, self._projections(u), self.dtype, self.base,
+                             self.output())
 
 
 class ReferenceBatch:
@@ -91,8 +105,8 @@ class ReferenceBatch:
     (`base`) are hooked into every forward, the baseline's too.
     """
 
-    def __init__(self, bridge, rows: torch.Tensor, base: E.Patch | None = None):
-        self.bridge, self.rows, self.base = bridge, rows, base or E.Patch()
+    def __init__(self, bridge, rows: torch.Tensor, base: E.Patch | None = None, metrics: bool = False):
+        self.bridge, self.rows, self.base, self.metrics = bridge, rows, base or E.Patch(), metrics
         self.n_layers = n = bridge.cfg.n_layers
         self.W_O = bridge.W_O.detach().float()
         self.b_U = bridge.b_U.detach().float()
@@ -102,7 +116,15 @@ class ReferenceBatch:
         self.logits, self.cache = self._run(self.base)
 
     def conditioned(self, base: E.Patch) -> ReferenceBatch:
-        return ReferenceBatch(self.bridge, self.rows, base)
+        return ReferenceBatch(self.bridge, self.rows, base, self.metrics)
+
+    def output(self):
+        """The baseline's loss and entropy per token from its whole logits (None with metrics off)."""
+        if not self.metrics:
+            return None
+        y = self.rows.roll(-1, dims=1)
+        lp = torch.log_softmax(self.logits.float(), -1)
+        return _WholeBaseline(-lp.gather(-1, y[..., None])[..., 0], -(lp.exp() * lp).sum(-1))
 
     def _run(self, patch: E.Patch):
         """A full forward with `patch`'s heads' `hook_z` and MLPs' `hook_mlp_out` replaced."""
@@ -154,6 +176,7 @@ class ReferenceBatch:
         s, n = self.scale(), self.n_layers
         base_h, base_m = self._des(self.cache, u, s)
         out = {k: [] for k in ("logit", "scale", "de", "d_de_heads", "d_de_mlps", "post_final")}
+        out |= {k: [] for k in (("d_loss", "kl", "d_entropy", "top1_changed") if self.metrics else ())}
         for p in patches:
             both = E.Patch({l: {**self.base.heads.get(l, {}), **p.heads.get(l, {})}
                             for l in {*self.base.heads, *p.heads}}, {**self.base.mlps, **p.mlps})
@@ -175,7 +198,17 @@ class ReferenceBatch:
             out["d_de_heads"].append(d_heads)
             out["d_de_mlps"].append(d_mlps)
             out["post_final"].append(cache[f"blocks.{n - 1}.mlp.hook_post"])
+            if self.metrics:  # from the bridge's whole logits: full-vocabulary softmaxes
+                for key, value in full_metrics(self.logits, logits, self.rows.roll(-1, dims=1)).items():
+                    out[key].append(value)
         return E.PatchResult(**{k: torch.stack(v) for k, v in out.items()})
+
+
+class _WholeBaseline:
+    """The baseline's loss and entropy per token ([batch, pos]), as `output_metrics.Baseline` has them."""
+
+    def __init__(self, loss: torch.Tensor, entropy: torch.Tensor):
+        self.loss, self.entropy = loss, entropy
 
 
 def unit_kind_problem(family: str, kind: str) -> str | None:
@@ -325,8 +358,12 @@ class _Batch:
         """The baseline run's logit and final-norm scale per token, as `tokens` holds the clean run's:
         `condition_tokens`."""
         cut = lambda t: t[:, :self.preds].reshape(-1)  # noqa: E731
-        return {"condition": self.condition.label, "token_index": self.token_index,
-                "logit": cut(self.logit + self.b_u), "ln_scale": cut(self.s)}
+        out = {"condition": self.condition.label, "token_index": self.token_index,
+               "logit": cut(self.logit + self.b_u), "ln_scale": cut(self.s)}
+        output = self.base.output()
+        if output is not None:  # the condition run's own loss and entropy, as `tokens` holds the clean run's
+            out |= {"loss": cut(output.loss), "entropy": cut(output.entropy)}
+        return out
 
 
 def ablation_tables(
@@ -379,6 +416,7 @@ def ablation_tables(
                 "de_base": b.de_base(unit)[:, :preds].reshape(-1),
                 "d_de_heads": cut(r.d_de_heads).sum((-1, -2)).reshape(-1),
                 "d_de_mlps": cut(r.d_de_mlps).sum(-1).reshape(-1),
+                **_metric_columns(r, cut),
             })
             mask = b.mask(top_sets.get(unit.label))
             top_masks.append(mask)
@@ -625,6 +663,15 @@ def _concat(parts: list[dict], kind: str, sample: int) -> pa.Table:
     data["ablation"] = np.full(n, kind, dtype=object)
     data["sample"] = np.full(n, sample, dtype=np.int16)
     return pa.table(data)
+
+
+def _metric_columns(r: E.PatchResult, cut) -> dict:
+    """The output-metric columns of one unit's rows (none when the run computes no metrics)."""
+    if r.kl is None:
+        return {}
+    return {"d_loss": cut(r.d_loss).reshape(-1), "kl": cut(r.kl).reshape(-1),
+            "d_entropy": cut(r.d_entropy).reshape(-1),
+            "top1_changed": cut(r.top1_changed).reshape(-1).cpu().numpy().astype(bool)}
 
 
 def _assemble(kind, sample, token_index, eff, rep, neu, tot, top_masks) -> dict[str, pa.Table]:

@@ -51,8 +51,10 @@ class CleanBatch:
 
 
 def run_clean(w: Weights, rows: torch.Tensor, row0: int, strings: TokenStrings, with_arrays: bool,
-              state: CleanState | None = None) -> CleanBatch:
+              state: CleanState | None = None, metrics: bool = True) -> CleanBatch:
     """Run and decompose the clean forward for `rows` [batch, seq_len] starting at row `row0`.
+
+    `metrics`: also the output distribution's entropy (`tokens.entropy`, `--output-metrics`).
 
     Returns:
         Tables `tokens`, `head_effects`, `mlp_effects` and, when asked, the Zarr arrays,
@@ -69,7 +71,7 @@ def run_clean(w: Weights, rows: torch.Tensor, row0: int, strings: TokenStrings, 
     b_u = w.b_U[y]
     logit = (keep(st.resid_final) * u).sum(-1) / s + b_u
     logp = torch.log_softmax(keep(st.logits), dim=-1)
-    loss = -logp.gather(-1, y[..., None])[..., 0]
+    loss = -logp.gather(-1, y[..., None])[..., 0]  # the model's own logits (softcap included), float32
     # Embeddings and every attention bias (b_O with the folded value biases) are neither a head nor an MLP.
     other = st.resid_pre[0][:, :preds] + st.attn_bias_write(w)[:, :, :preds].sum(0)
     de_other = (other * u).sum(-1) / s
@@ -100,7 +102,7 @@ def run_clean(w: Weights, rows: torch.Tensor, row0: int, strings: TokenStrings, 
         "unembed_bias": flat(b_u),
         "loss": flat(loss),
         "de_other": flat(de_other),
-    })
+    } | ({"entropy": flat(-(logp.exp() * logp).sum(-1))} if metrics else {}))
     heads = pa.table({
         "layer": np.repeat(np.arange(n_layers, dtype=np.int16), n_heads * n),
         "head": np.tile(np.repeat(np.arange(n_heads, dtype=np.int16), n), n_layers),

@@ -18,7 +18,7 @@ from selfrepair.store.heads import HEAD_WORDS, SR_WORDS, normalize_spec, parse_h
 from selfrepair.store.labels import is_shorthand, normalize_conditions, normalize_units, parse_units
 from selfrepair.store.estimate import select_arrays
 from selfrepair.store.model_store import model_dirname
-from selfrepair.store.schema import ABLATION_KINDS, ARRAY_DTYPES, ARRAYS
+from selfrepair.store.schema import ABLATION_KINDS, ARRAY_DTYPES, ARRAYS, OUTPUT_METRICS
 from selfrepair.store.top_tokens import top_count
 
 ENGINES = ("fast", "reference")
@@ -55,6 +55,23 @@ def _check_name(value: str, what: str) -> str:
         raise ValueError(f"{value!r} cannot name a model folder: use letters, digits, '.', '_', '-' and at most "
                          "one '@'")
     return value
+
+
+def parse_output_metrics(value: str) -> str:
+    """`all`, `none`, or a comma list of the output metrics (all four: they share one unembedding pass,
+    so they are computed and stored together)."""
+    text = str(value).strip()
+    if text in ("all", "none"):
+        return text
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for name in names:
+        if name not in OUTPUT_METRICS:
+            raise ValueError(f"unknown output metric {name!r}; choose all, none, or {', '.join(OUTPUT_METRICS)}")
+    if set(names) != set(OUTPUT_METRICS):
+        missing = [n for n in OUTPUT_METRICS if n not in names]
+        raise ValueError(f"the output metrics share one pass over the vocabulary and are stored together; "
+                         f"name all four (missing {', '.join(missing)}), all or none")
+    return "all"
 
 
 def setting(default=None, help: str | None = None, *, unset=None, choices: tuple | None = None, parse=None,
@@ -155,6 +172,11 @@ class IngestConfig:
         "norm_scales, mlp_post_final.", parse=select_arrays, metavar="ARRAYS", show_default=False)
     activation_dtype: str = setting("float16", "float16 or float32 for the Zarr arrays.", choices=ARRAY_DTYPES,
                                     cli=False)
+    output_metrics: str = setting(
+        "all", "Output metrics of every ablation row (d_loss, kl, d_entropy, top1_changed; clean and condition "
+        "loss and entropy) from the model's full output distribution: all, or none for a cheaper run (the columns "
+        "are then absent and read as NULL). The plan states their cost.", parse=parse_output_metrics,
+        metavar="all|none")
     dry_run: bool = setting(False, "Load the model, print the plan and the estimated bytes of every table and array; "
                             "write nothing.")
     seed: int = setting(0, "Seed of the extra resample draws.")

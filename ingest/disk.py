@@ -39,7 +39,8 @@ def run_counts(cfg: IngestConfig, units, arrays: tuple[str, ...] | None = None, 
                        neurons_top_k=cfg.neurons_top_k, attention_top_k=cfg.attention_top_k,
                        arrays=cfg.activations if arrays is None else arrays,
                        activation_dtype=cfg.activation_dtype, conditions=conditions,
-                       counterfactuals=len(cfg.counterfactuals))
+                       counterfactuals=len(cfg.counterfactuals),
+                       output_metrics=cfg.output_metrics != "none")
 
 
 def count_sr_heads(cfg: IngestConfig, w, units) -> int:

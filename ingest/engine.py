@@ -289,6 +289,11 @@ class PatchResult:
     d_de_heads: Float[Tensor, "k batch pos layer head"]  # ΔDE of every head outside the unit (0 where unchanged)
     d_de_mlps: Float[Tensor, "k batch pos layer"]  # ΔDE of every MLP layer outside the unit
     post_final: Float[Tensor, "k batch pos d_mlp"]  # ablated final-MLP activations
+    # Output metrics against the baseline's distribution (ingest/output_metrics.py), [k, batch, pos]; None when off.
+    d_loss: Tensor | None = None
+    kl: Tensor | None = None
+    d_entropy: Tensor | None = None
+    top1_changed: Tensor | None = None  # bool
 
     @property
     def de_head(self) -> Tensor:
@@ -351,6 +356,7 @@ def patch_layer(
     ou: Float[Tensor, "layer batch pos head d_head"],
     dtype: torch.dtype | None = None,
     base: Patch | None = None,
+    output=None,
 ) -> PatchResult:
     """Ablate each unit of `patches` (none replacing anything before `layer`) in one pass from `layer`.
 
@@ -374,6 +380,8 @@ def patch_layer(
         dtype: run the layers' matrix products in this dtype, on the change from the baseline
             run (`_DeltaInDtype`), or None (float32).
         base: the condition's replacements (layers before `layer` are already in `clean`).
+        output: the baseline's output distribution (`output_metrics.Baseline` of `clean`), or None: no
+            output metrics.
 
     Returns:
         Per-unit results; positions without a next token carry garbage the caller drops.
@@ -400,8 +408,11 @@ def patch_layer(
             de += _own_heads(patches, i, d_heads, ou, clean.scale, sp)
             d_mlps[..., i] = _mlp_change(got.pop(H.mlp_out(i)), clean.mlp_write[i], u, clean.scale)
             de += _own_mlps(patches, i, d_mlps, u, clean.scale)
-    logit, s_abl, post = _final_state(w, clean, hidden.float().view(k, batch, pos, -1), got, u)
-    return PatchResult(logit=logit, scale=s_abl, de=de, d_de_heads=d_heads, d_de_mlps=d_mlps, post_final=post)
+    r = hidden.float().view(k, batch, pos, -1)  # each copy's ablated residual (no baseline copy)
+    logit, s_abl, post = _final_state(w, clean, r, got, u)
+    metrics = output.ablated(r) if output is not None else {}
+    return PatchResult(logit=logit, scale=s_abl, de=de, d_de_heads=d_heads, d_de_mlps=d_mlps, post_final=post,
+                       **metrics)
 
 
 def _first_layer_hooks(w: Weights, clean: CleanState, layer: int, patches: list[Patch], base: Patch,

@@ -161,7 +161,8 @@ class JobRunner:
 
         cfg, (r0, r1) = self.cfg, job.work.rows
         preds = cfg.preds_per_row
-        out = run_clean(self.w, self._tensor(job.rows), r0, self.strings, bool(cfg.activations))
+        out = run_clean(self.w, self._tensor(job.rows), r0, self.strings, bool(cfg.activations),
+                        metrics=cfg.output_metrics != "none")
         values = {k: v for k, v in out.arrays.items() if k in cfg.activations}
         return shards.write_clean_shard(self.ms, job.shard_id, (r0, r1), (r0 * preds, r1 * preds),
                                         out.tables, values)
@@ -178,8 +179,10 @@ class JobRunner:
         from selfrepair.ingest.ablate import FastBatch, ReferenceBatch
 
         cfg, w, work = self.cfg, self.w, job.work
-        make = (lambda r, source=False: FastBatch(w, r, self.dtype, source=source)) if cfg.engine == "fast" else (
-            lambda r, source=False: ReferenceBatch(self.model.require_bridge(), r))
+        metrics = cfg.output_metrics != "none"  # a resample source batch needs none (nor its unembedding)
+        make = (lambda r, source=False: FastBatch(w, r, self.dtype, source=source, metrics=metrics and not source)
+                ) if cfg.engine == "fast" else (
+            lambda r, source=False: ReferenceBatch(self.model.require_bridge(), r, metrics=metrics and not source))
         rows = self._tensor(job.rows)
         hpp = self.heads_per_pass()
         with torch.no_grad():
@@ -246,9 +249,13 @@ def heads_per_pass(cfg: IngestConfig, device: str, w) -> int:
         return cfg.heads_per_pass
     import torch
 
+    from selfrepair.ingest.output_metrics import VOCAB_CHUNK
+
     # Live floats per head copy in one patched pass: a few residual-sized tensors, the
     # MLP hidden layer, the attention pattern, and the per-component ΔDE kept per token.
     per_tok = 6 * w.d_model + 3 * w.d_mlp + w.n_heads * cfg.seq_len + w.n_layers * (w.n_heads + 1)
+    if cfg.output_metrics != "none":  # a few [copy, token, vocabulary chunk] temporaries (ingest/output_metrics.py)
+        per_tok += 4 * min(VOCAB_CHUNK, w.W_U.shape[1])
     per_head = cfg.batch_size * cfg.seq_len * per_tok * 4
     if device == "cuda":
         free = torch.cuda.mem_get_info()[0] * 0.5

@@ -17,6 +17,7 @@ from selfrepair.errors import UnsupportedModel
 from selfrepair.ingest.families import Family, family_of, module_at
 from selfrepair.ingest.model_sizes import _gguf_metadata, _hf_config
 from selfrepair.store.estimate import ModelShape
+from selfrepair.store.flops import GATES, Arch
 
 # GGUF `general.architecture` values that transformers reads as another model type (its own renames).
 _GGUF_MODEL_TYPES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gemma3": "gemma3_text"}
@@ -32,6 +33,7 @@ class ModelFacts:
         norm: the final norm's module class (e.g. `LlamaRMSNorm`).
         post_norm: whether blocks normalise their attention and MLP outputs.
         n_ctx: the longest row the model takes (None: its config does not say).
+        arch: the shape facts the FLOP model counts with (store/flops.py: key/value heads, gating).
     """
 
     family: Family
@@ -39,6 +41,7 @@ class ModelFacts:
     norm: str
     post_norm: bool
     n_ctx: int | None
+    arch: Arch | None = None
 
     @property
     def n_layers(self) -> int:
@@ -63,7 +66,10 @@ def facts_of(model, config, n_heads: int, d_model: int) -> ModelFacts:
         d_vocab=int(in_major(model.get_output_embeddings(), "unembedding").shape[1]),
         n_norms=sum(len(norm_children(layer)) for layer in layers) + 1, parallel=bool(family.parallel(config)))
     norm = type(module_at(model, family.final_norm)).__name__
-    return ModelFacts(family, shape, norm, bool(family.attn_post), context_length(config))
+    mlp = module_at(layers[0], family.mlp_out)
+    arch = Arch(shape.n_layers, n_heads, getattr(config, "num_key_value_heads", None) or n_heads, shape.d_head,
+                d_model, d_mlp, any(hasattr(mlp, a) for a in GATES), shape.parallel)
+    return ModelFacts(family, shape, norm, bool(family.attn_post), context_length(config), arch)
 
 
 def weights_facts(w) -> ModelFacts:
@@ -72,7 +78,7 @@ def weights_facts(w) -> ModelFacts:
     from selfrepair.ingest.models import context_length
 
     return ModelFacts(w.family, model_shape(w), type(module_at(w.model, w.family.final_norm)).__name__,
-                      w.post_norm, context_length(w.model.config))
+                      w.post_norm, context_length(w.model.config), Arch.of(w))
 
 
 def gguf_config(path: Path):

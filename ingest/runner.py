@@ -22,6 +22,7 @@ from selfrepair.ingest.config import IngestConfig
 from selfrepair.ingest.conventions import PROCESSED
 from selfrepair.ingest.counterfactual_rules import check_counterfactuals, run_fraction
 from selfrepair.ingest.disk import check_free_disk, count_sr_heads, estimate_run, model_shape
+from selfrepair.ingest.metric_support import check_output_metrics
 from selfrepair.ingest.executors import make_executor
 from selfrepair.ingest.model_sizes import pre_load_facts
 from selfrepair.ingest.pairing import pairs_digest, rule, source_rows
@@ -84,6 +85,7 @@ class Ingest:
         sizes, arch = pre_load_facts(spec, cfg.revision)  # one read of its config.json or GGUF metadata
         if sizes is not None:  # units and conditions outside the model: refused before it loads
             cfg.conditions(*sizes)
+        check_output_metrics(cfg.output_metrics, spec, cfg.revision, arch)  # a head they cannot read: before the load
         if arch is not None:  # a kind the family does not define (MLP9 on Mixtral): refused before it loads
             cfg = self.cfg = _family_settings(cfg, arch, sizes, self.log)
         if arch is not None:  # frozen attention where attention skips AttentionInterface: refused before it loads
@@ -251,7 +253,8 @@ class Ingest:
         bar = Progress("self-check", total=check_steps(heads, cases, cfg.ablations), unit="steps", quiet=cfg.quiet)
         try:
             checks, excused = run_self_check(model, w, first, src, cfg.ablations, cases, heads=heads,
-                                             progress=bar.update, counterfactuals=cfg.counterfactuals)
+                                             progress=bar.update, counterfactuals=cfg.counterfactuals,
+                                             metrics=cfg.output_metrics != "none")
         except torch.OutOfMemoryError:
             raise DeviceError("out of GPU memory even with one head per pass (in the self-check on the first "
                               "batch); lower --batch-size") from None
@@ -410,7 +413,8 @@ class Ingest:
             f"{cfg.neurons_top_k} neurons at each end"
             f"{_sr_plan(cfg, facts, units)}\n"
             f"  store {cfg.store}, activations {kept} ({cfg.activation_dtype}), "
-            f"estimated {human(estimate.total)}"
+            f"estimated {human(estimate.total)}\n"
+            f"  {_metrics_plan(cfg, facts, units)}"
         )
 
     # -- clean --------------------------------------------------------------------------
@@ -620,6 +624,20 @@ def _describe_conditions(conditions) -> str:
     return f", alone and given {', '.join(given)}" if given else ""
 
 
+def _metrics_plan(cfg: IngestConfig, facts: ModelFacts, units) -> str:
+    """The plan line on the output metrics: what they cost, as the FLOP model counts it (store/flops.py)."""
+    if cfg.output_metrics == "none":
+        return ("output metrics none: no d_loss, kl, d_entropy or top1_changed (those columns absent, read as NULL), "
+                "no entropy in tokens")
+    from selfrepair.store.flops import human_flops, output_metrics_share
+
+    d_vocab, d_model = facts.shape.d_vocab, facts.shape.d_model
+    share = output_metrics_share(facts.arch, d_vocab, cfg.seq_len, [u.layer for u in units], cfg.heads_per_pass)
+    return (f"output metrics all (d_loss, kl, d_entropy, top1_changed): the full unembedding, 2·d_model·d_vocab = "
+            f"{human_flops(2 * d_model * d_vocab)} per token per copy (each unit's), "
+            f"+{share:.0%} of the sweep's FLOPs (--output-metrics none leaves them out)")
+
+
 def _sr_plan(cfg: IngestConfig, w, units) -> str:
     """The plan line's part on neuron detail by sr_mlps: the named heads this run ablates."""
     if cfg.sr_mlps_neurons == "none":
@@ -675,7 +693,7 @@ def _sr_runs(runs: list, spec: str) -> list:
     return sorted(set(runs) | ({spec} if spec != "none" else set()))
 
 
-LATER_SETTINGS = ("attention_top_k", "counterfactuals")  # identity settings newer than some stores
+LATER_SETTINGS = ("attention_top_k", "counterfactuals", "output_metrics")  # identity settings newer than some stores
 
 
 def _identity_conflict(old: Manifest, identity: dict) -> str | None:

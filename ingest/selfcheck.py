@@ -13,7 +13,8 @@ Three comparisons, each a largest absolute deviation over the predictions of the
   requested ablation types in turn, every type at least once (`check_plan`):
   d_logit, ablated scale, ablated head DE, d_de_heads and d_de_mlps; and its d_logit
   against a plain full forward of the Hugging Face model with the head's o_proj input
-  patched. With a final logit softcap the bridge's logits are neither centred nor
+  patched; and (unless `--output-metrics none`) its d_loss, kl, d_entropy and top1_changed
+  against full-vocabulary softmaxes of that forward's final logits and the baseline's. With a final logit softcap the bridge's logits are neither centred nor
   pre-softcap (TransformerLens disables center_unembed), so only the plain forward
   judges d_logit there.
 
@@ -195,6 +196,22 @@ def unit_cases(units, conditions, n_heads: int) -> list:
     return cases
 
 
+def record_metrics(record, tag: str, rf, clean_logits: torch.Tensor, abl_logits: torch.Tensor, rows: torch.Tensor,
+                   cut) -> None:
+    """The fast engine's output metrics of one ablation (`rf`, the first unit of its pass) against full-vocabulary
+    softmaxes of the model's own final logits, baseline and ablated (a whole forward with the ablation hooked in);
+    top1_changed as the fraction of tokens that flip. Nothing when the run computes no metrics."""
+    from selfrepair.ingest.output_metrics import full_metrics
+
+    if rf.kl is None:
+        return
+    want = full_metrics(clean_logits, abl_logits, rows.roll(-1, dims=1))
+    for name in ("d_loss", "kl", "d_entropy"):
+        record(f"{name} {tag}: fast vs full model forward", cut(getattr(rf, name)[0]), cut(want[name]))
+    flips = (cut(rf.top1_changed[0]) != cut(want["top1_changed"])).float().mean()
+    record(f"top1_changed {tag}: fast vs full model forward", flips[None], torch.zeros(1))
+
+
 def _unit_checks(record, w, rows, fast, fast_src, ref, ref_src, kind: str, cases, u_full, cut) -> None:
     """Each case's ablated logit against one whole forward of the model with the unit (and its condition)
     replaced by hooks; with a faithful bridge, its d_logit against the reference engine too."""
@@ -210,6 +227,7 @@ def _unit_checks(record, w, rows, fast, fast_src, ref, ref_src, kind: str, cases
         rf = base.patch(unit.layer, [patch], None, u_full)
         full = FastBatch(w, rows, base=whole)  # one forward of the model from its first layer
         record(f"ablated logit {tag}: fast vs full model forward", cut(rf.logit[0]), cut(full.clean_logit(u_full)))
+        record_metrics(record, tag, rf, base.clean.logits, full.clean.logits, rows, cut)
         if ref is None or w.convention != PROCESSED or w.post_norm:
             continue
         rbase = ref if cond is None else ref.conditioned(unit_patch(ref, ref_src, kind, cond, w.n_heads))
@@ -219,7 +237,8 @@ def _unit_checks(record, w, rows, fast, fast_src, ref, ref_src, kind: str, cases
 
 
 def run_self_check(model, w, rows: torch.Tensor, source_rows: torch.Tensor | None, ablations,
-                   cases=(), log=print, heads=None, progress=None, counterfactuals=()) -> tuple[dict, list[str]]:
+                   cases=(), log=print, heads=None, progress=None, counterfactuals=(),
+                   metrics: bool = True) -> tuple[dict, list[str]]:
     """Compare engine, bridge and model on one batch.
 
     Returns:
@@ -235,11 +254,13 @@ def run_self_check(model, w, rows: torch.Tensor, source_rows: torch.Tensor | Non
         heads: the sample heads (default: `sample_heads` of the whole model).
         progress: called with 1 after each step (`check_steps` of them).
         counterfactuals: re-runs to check against a whole hooked forward (ingest/counterfactual_check.py).
+        metrics: whether the run computes the output metrics (then checked against full softmaxes too).
 
     Raises:
         SelfCheckFailed: a deviation beyond TOLERANCE, named in the message.
     """
     from selfrepair.ingest.ablate import FastBatch, ReferenceBatch, replacement_z
+    from selfrepair.ingest.engine import Patch
 
     step = progress or (lambda n: None)
     heads = sample_heads(w.n_layers, w.n_heads) if heads is None else heads
@@ -253,7 +274,7 @@ def run_self_check(model, w, rows: torch.Tensor, source_rows: torch.Tensor | Non
     def record(name, a, b):
         out[name], judged[name] = _dev(a, b)
 
-    fast = FastBatch(w, rows)
+    fast = FastBatch(w, rows, metrics=metrics)
     st = fast.clean
     u_full = w.target_columns(rows.roll(-1, dims=1))
     engine_logit = cut(fast.clean_logit(u_full)) + w.b_U[y]
@@ -293,6 +314,9 @@ def run_self_check(model, w, rows: torch.Tensor, source_rows: torch.Tensor | Non
         rf = fast.patch(layer, [head], z[:, :, [head]].permute(2, 0, 1, 3), u_full)
         record(f"ablated logit {tag}: fast vs full model forward", cut(rf.logit[0]),
                cut(full_forward_logit(w, rows, layer, head, z[:, :, head])))
+        if rf.kl is not None:  # the ablated run's final logits: the model's own forward, the head's z hooked
+            whole = FastBatch(w, rows, base=Patch({layer: {head: z[:, :, head]}}), metrics=False)
+            record_metrics(record, tag, rf, st.logits, whole.clean.logits, rows, cut)
         if use_ref:
             zr = replacement_z(kind, ref.clean_z(layer), ref_src.clean_z(layer) if ref_src is not None else None)
             rr = ref.patch(layer, [head], zr[:, :, [head]].permute(2, 0, 1, 3), u_full)

@@ -95,6 +95,12 @@ def check(inventories: list[Inventory], params: dict, model: str | None = None) 
 # What a `-- needs:` header line may name, and what stores lack it (see `Store.named_sql`).
 NEEDS = {
     "neuron_ranks": "final-MLP neuron ranks by signed change in DE (neuron_effects.rank and neuron_totals)",
+    "output_metrics": "the output metrics (d_loss, kl, d_entropy, top1_changed of ablation_effects)",
+}
+# Why a model's store can lack a need, where that is not only its age.
+LACKS = {
+    "output_metrics": "was ingested without (--output-metrics none, or a selfrepair before them); ingest that "
+                      "model again with --output-metrics all",
 }
 
 
@@ -109,5 +115,5 @@ def check_needs(query: str, needs: tuple[str, ...], lacking: dict[str, list[str]
     for need in needs:
         models = lacking.get(need) or []
         if models:
-            raise QueryError(f"query '{query}' needs {NEEDS[need]}, which the store of {', '.join(models)} "
-                             "predates; ingest that model again with this selfrepair version")
+            why = LACKS.get(need, "predates; ingest that model again with this selfrepair version")
+            raise QueryError(f"query '{query}' needs {NEEDS[need]}, which the store of {', '.join(models)} {why}")

@@ -127,9 +127,15 @@ class Store:
         safety.lock_down(con, readable, temp_dir, memory_limit or default_memory_limit())
         store = cls(root, con, {m.model: m.manifest for m in models}, covered)
         store._lacking = {"neuron_ranks": sorted(m.model for m in models
-                                                 if "rank" in m.missing.get("neuron_effects", set()))}
+                                                 if "rank" in m.missing.get("neuron_effects", set())),
+                          "output_metrics": sorted(m.model for m in models
+                                                   if "kl" in m.missing.get("ablation_effects", set()))}
         weakref.finalize(store, _cleanup, con, temp_dir)
         return store
+
+    def lacking(self, need: str) -> list[str]:
+        """The models whose store lacks a named query's `-- needs:` data (e.g. `output_metrics`), sorted."""
+        return list(self._lacking.get(need, []))
 
     @property
     def models(self) -> list[str]:

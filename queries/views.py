@@ -263,7 +263,9 @@ _SELF_REPAIR_COLUMNS = """
        d_logit - (de_ablated - de_clean) - sr_heads - sr_mlps AS sr_ln,
        ln_ratio,
        -- DESIGN.md closed form: (s/s_abl - 1) * (logit_abl - b_U) * s_abl / s
-       (ln_ratio - 1) * (logit + d_logit - unembed_bias) / ln_ratio AS sr_ln_closed"""
+       (ln_ratio - 1) * (logit + d_logit - unembed_bias) / ln_ratio AS sr_ln_closed,
+       -- output metrics against the baseline's distribution (NULL where the store holds none)
+       d_loss, kl, d_entropy, top1_changed"""
 
 # A conditioned row's baseline is the condition-ablated run (DESIGN.md, "Conditions"): its logit
 # and final-norm scale come from condition_tokens, its unit's DE from de_base; an unconditioned
@@ -276,7 +278,11 @@ _BASE_COLUMNS = """
            a.d_de_mlps::DOUBLE AS sr_mlps,
            (CASE WHEN a.condition = '' THEN t.ln_scale ELSE c.ln_scale END)::DOUBLE / a.ln_scale::DOUBLE AS ln_ratio,
            (CASE WHEN a.condition = '' THEN t.logit ELSE c.logit END)::DOUBLE AS logit,
-           t.unembed_bias::DOUBLE AS unembed_bias"""
+           t.unembed_bias::DOUBLE AS unembed_bias,
+           a.d_loss::DOUBLE AS d_loss,
+           a.kl::DOUBLE AS kl,
+           a.d_entropy::DOUBLE AS d_entropy,
+           a.top1_changed"""
 
 _BASE_JOINS = """
     JOIN tokens t USING (model, token_index)
@@ -361,7 +367,8 @@ FROM (
 # self_repair_top reads, taking that head's clean DE from its top set instead.
 UNFILLED = "unfilled_"
 _ABL_COLUMNS = "a.model, a.ablation, a.sample, a.condition, a.unit, a.unit_kind, a.layer, a.head, a.token_index, " \
-               "a.de, a.de_base, a.d_logit, a.d_de_heads, a.d_de_mlps, a.ln_scale"
+               "a.de, a.de_base, a.d_logit, a.d_de_heads, a.d_de_mlps, a.ln_scale, " \
+               "a.d_loss, a.kl, a.d_entropy, a.top1_changed"
 SELF_REPAIR_TOP_SQL = f"""
 CREATE MACRO self_repair_top(p) AS TABLE
 WITH abl AS (

@@ -44,6 +44,10 @@ TABLE_BYTES: dict[str, tuple[float, float]] = {
     "vocab": (3.0, 1000.0),  # token_id + a short string (a 50k BPE vocabulary: ~11 B a row, 0.5 MB)
 }
 
+# Bytes per row the output metrics add (ingest/output_metrics.py; absent with --output-metrics none): float32
+# columns barely compress (about 4 bytes each), top1_changed is a mostly-false boolean (a fraction of a byte).
+METRIC_BYTES: dict[str, float] = {"tokens": 4.0, "ablation_effects": 12.5, "ablation_top": 12.5, "condition_tokens": 8.0}
+
 # Compressed size / raw size of the activations (float16 or float32). Random and real
 # activations keep most of their mantissa entropy; only the exponent bits shuffle well.
 ARRAY_RATIO = {"resid_pre": 0.88, "resid_final": 0.90, "z": 0.88, "norm_scales": 0.66, "mlp_post_final": 0.90}
@@ -94,6 +98,7 @@ class RunCounts:
         sr_heads: ablated heads whose top tokens by sr_mlps also get neuron detail (`--sr-mlps-neurons`).
         conditions: conditions the units are also ablated under (each stores its run's `condition_tokens`).
         counterfactuals: counterfactual re-runs of each ablated head's top tokens (`--counterfactuals`).
+        output_metrics: whether the tables hold the output metrics' columns (`--output-metrics`).
         arrays: Zarr activation arrays kept.
         activation_dtype: float16 or float32.
     """
@@ -112,6 +117,7 @@ class RunCounts:
     sr_heads: int = 0
     conditions: int = 0
     counterfactuals: int = 0
+    output_metrics: bool = True
 
     @property
     def n_tokens(self) -> int:
@@ -249,6 +255,7 @@ def estimate(shape: ModelShape, run: RunCounts) -> Estimate:
         if rows <= 0:
             continue
         per_row, per_file = TABLE_BYTES[name]
+        per_row += METRIC_BYTES.get(name, 0.0) if run.output_metrics else 0.0
         est.items.append(Item("table", name, rows, round(rows * per_row + n_files * per_file)))
     if run.arrays:
         itemsize = DTYPE_BYTES[run.activation_dtype]

@@ -16,8 +16,11 @@ import pyarrow as pa
 # are extended into becomes 3, so an older selfrepair refuses it rather than misread it).
 # 2: commits go to an append-only log (`commits/<generation>.jsonl`) folded into the
 # manifest at checkpoints. 1: every commit rewrote the manifest (read, never written).
-SCHEMA_VERSION = 3
-READABLE_SCHEMA_VERSIONS = (1, 2, 3)
+# 4: output metrics (d_loss, kl, d_entropy, top1_changed in the ablation tables, entropy in `tokens`,
+# loss and entropy in `condition_tokens`; files of 3 and before, and of runs with `--output-metrics
+# none`, lack them and read as NULL).
+SCHEMA_VERSION = 4
+READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4)
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,13 @@ class Table:
 
 I32, I16, F32 = pa.int32(), pa.int16(), pa.float32()
 STR = pa.string()
+BOOL = pa.bool_()
+
+# Output metrics of every ablation row (DESIGN.md, "Beyond single heads"), from the model's true output
+# distribution p against the baseline's: d_loss = loss' − loss, kl = KL(p ‖ p'), d_entropy = H(p') − H(p),
+# top1_changed = argmax p' ≠ argmax p (natural log, float32).
+OUTPUT_METRICS = ("d_loss", "kl", "d_entropy", "top1_changed")
+_METRICS = (("d_loss", F32), ("kl", F32), ("d_entropy", F32), ("top1_changed", BOOL))
 
 TOKENS = Table(
     "tokens",
@@ -64,8 +74,10 @@ TOKENS = Table(
         ("unembed_bias", F32),
         ("loss", F32),
         ("de_other", F32),
+        ("entropy", F32),
     ),
-    "one prediction: the token at (row, pos) predicting next_token_id, on the clean run",
+    "one prediction: the token at (row, pos) predicting next_token_id, on the clean run (loss: cross-entropy of "
+    "next_token_id, entropy: of the output distribution, natural log)",
 )
 
 HEAD_EFFECTS = Table(
@@ -102,10 +114,11 @@ ABLATION_EFFECTS = Table(
         ("de_base", F32),
         ("d_de_heads", F32),
         ("d_de_mlps", F32),
-    ),
+    ) + _METRICS,
     "one unit ablated (under its condition, if any) on one token: change in logit against the baseline run "
     "(clean, or condition-ablated), ablated final-norm scale, the unit's DE after (de) and in the baseline (de_base) "
-    "at the baseline's scale, and the summed change in DE of the heads and MLPs outside it",
+    "at the baseline's scale, the summed change in DE of the heads and MLPs outside it, and the output metrics "
+    "against the baseline's distribution (d_loss, kl = KL(baseline ‖ ablated), d_entropy, top1_changed)",
 )
 
 ABLATION_TOP = Table(
@@ -182,9 +195,10 @@ ATTENTION_TOP = Table(
 CONDITION_TOKENS = Table(
     "condition_tokens",
     ("ablation", "sample", "condition", "token_index"),
-    _DRAW + (("condition", STR), ("token_index", I32), ("logit", F32), ("ln_scale", F32)),
-    "conditioned runs only: the condition-ablated run's centred correct-token logit minus b_U (as tokens.logit) "
-    "and its final-norm scale, the baseline of every row ablated under that condition",
+    _DRAW + (("condition", STR), ("token_index", I32), ("logit", F32), ("ln_scale", F32), ("loss", F32),
+             ("entropy", F32)),
+    "conditioned runs only: the condition-ablated run's centred correct-token logit minus b_U (as tokens.logit), "
+    "its final-norm scale, loss and entropy, the baseline of every row ablated under that condition",
 )
 
 # Measured mechanisms (DESIGN.md, "Beyond single heads"): an ablation re-run on its unit's top-p% tokens
@@ -267,8 +281,23 @@ UNIT_TABLES = ("ablation_effects", "ablation_top", "repair_sources", "neuron_eff
                "attention_top")
 
 
+# The output-metric columns of each table: absent from files of schema 3 and before, and from a run
+# with `--output-metrics none` (readers see NULL).
+METRIC_COLUMNS: dict[str, tuple[str, ...]] = {
+    "tokens": ("entropy",),
+    "ablation_effects": OUTPUT_METRICS,
+    "ablation_top": OUTPUT_METRICS,
+    "condition_tokens": ("loss", "entropy"),
+}
+
+
+def without_metrics(name: str) -> tuple[str, ...]:
+    """A table's columns in a file without output metrics."""
+    return tuple(c for c in TABLES[name].column_names if c not in METRIC_COLUMNS.get(name, ()))
+
+
 def _before_units(name: str, drop: tuple[str, ...] = ()) -> tuple[str, ...]:
-    return tuple(c for c in TABLES[name].column_names if c not in ADDED_BY_UNITS + drop)
+    return tuple(c for c in without_metrics(name) if c not in ADDED_BY_UNITS + drop)
 
 
 # A table's columns as stores written before a change of its schema hold them: such files are
@@ -279,6 +308,8 @@ LEGACY_COLUMNS: dict[str, tuple[tuple[str, ...], ...]] = {
     name: (_before_units(name),) for name in UNIT_TABLES
 }
 LEGACY_COLUMNS["neuron_effects"] += (_before_units("neuron_effects", ("rank",)),)
+for _name in METRIC_COLUMNS:  # before output metrics, or written with --output-metrics none
+    LEGACY_COLUMNS[_name] = LEGACY_COLUMNS.get(_name, ()) + (without_metrics(_name),)
 
 
 def file_key(table: Table, names) -> tuple[str, ...]:
@@ -359,12 +390,16 @@ def validate_table(table: Table, batch: pa.Table) -> pa.Table:
     from selfrepair.errors import SchemaMismatch
 
     got, want = set(batch.column_names), set(table.column_names)
-    if got != want:
+    names = table.column_names
+    if got != want and table.name in METRIC_COLUMNS and got == set(without_metrics(table.name)):
+        names = list(without_metrics(table.name))  # a run without output metrics: those columns are absent
+    elif got != want:
         raise SchemaMismatch(
             f"table {table.name}: missing {sorted(want - got)}, unexpected {sorted(got - want)}"
         )
+    schema = pa.schema([table.arrow_schema.field(n) for n in names])
     try:
-        return batch.select(table.column_names).cast(table.arrow_schema)
+        return batch.select(names).cast(schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise SchemaMismatch(f"table {table.name}: {e}") from None
 

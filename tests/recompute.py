@@ -17,6 +17,9 @@ coordinates, and the DESIGN.md definitions are applied on top (float64 arithmeti
 - Ablation patches the head's slice of the output projection's input in every position of
   every row; everything downstream is recomputed by the model itself; every DE of the
   ablated run uses the clean scale s.
+- Output metrics (`output_metrics`): full-vocabulary float64 softmaxes of the model's own final
+  logits (softcap and logit scale included), clean and ablated: d_loss, KL(clean ‖ ablated),
+  d_entropy, top1_changed, and the clean loss and entropy.
 """
 
 from __future__ import annotations
@@ -380,6 +383,7 @@ def clean(model, rows: torch.Tensor, family: str | None = None) -> Clean:
                 de_heads.numpy(), de_mlps.numpy(), de_bias.numpy(), de_other.numpy())
     out.extra["model"] = m
     out.extra["s_t"] = s
+    out.extra["output"] = distribution(r.logits, y)  # the clean loss and entropy
     if m.W_out_final is not None:  # no single final-MLP neuron layer in a mixture of experts
         out.extra["neuron_de"] = neuron_des(m, r, u, s)
     return out
@@ -395,6 +399,25 @@ class Ablation:
     d_de_bias: np.ndarray  # Σ over layers of Δ(bias write DE); nonzero only with v/o biases in post-norm blocks
     logit_abl: np.ndarray
     neuron_de: np.ndarray | None = None  # [N, d_mlp] each final-MLP neuron's DE on the ablated run (clean scale)
+    metrics: dict = field(default_factory=dict)  # d_loss, kl, d_entropy, top1_changed [N] (`output_metrics`)
+
+
+def distribution(logits: torch.Tensor, y: torch.Tensor) -> dict:
+    """Loss of the correct tokens, entropy, log-probabilities and top-1 of final logits [row, seq, vocab]
+    at the prediction positions (float64, natural log)."""
+    logp = torch.log_softmax(_pred(logits), -1)
+    return {"logp": logp, "loss": (-logp.gather(-1, y[:, None])[:, 0]).numpy(),
+            "entropy": (-(logp.exp() * logp).sum(-1)).numpy(), "top1": logp.argmax(-1).numpy(),
+            "gap": (lambda t: (t[:, 0] - t[:, 1]).numpy())(logp.topk(2, -1).values)}
+
+
+def output_metrics(clean: dict, ablated: dict) -> dict:
+    """DESIGN.md's output metrics of an ablation from two `distribution`s: d_loss, kl = KL(clean ‖ ablated),
+    d_entropy, top1_changed (and `near_tie`: where either run's top two log-probabilities are within 1e-5)."""
+    lp, lq = clean["logp"], ablated["logp"]
+    return {"d_loss": ablated["loss"] - clean["loss"], "kl": (lp.exp() * (lp - lq)).sum(-1).numpy(),
+            "d_entropy": ablated["entropy"] - clean["entropy"], "top1_changed": ablated["top1"] != clean["top1"],
+            "near_tie": (clean["gap"] < 1e-5) | (ablated["gap"] < 1e-5)}
 
 
 def replacement_z(cl: Clean, kind: str, layer: int, head: int, source_rows=None, batch_size=None) -> torch.Tensor:
@@ -439,7 +462,8 @@ def ablate(cl: Clean, kind: str, layer: int, head: int, source_rows=None, batch_
     d_mlps = sum(_dot(_pred(r.mlp[l]), u, s) - torch.from_numpy(cl.de_mlps[l]) for l in range(m.n_layers))
     return Ablation((logit_abl - torch.from_numpy(cl.logit)).numpy(), s_abl.numpy(), de.numpy(),
                     d_heads.numpy(), d_mlps.numpy(), d_bias.numpy(), logit_abl.numpy(),
-                    neuron_des(m, r, u, s) if m.W_out_final is not None else None)
+                    neuron_des(m, r, u, s) if m.W_out_final is not None else None,
+                    output_metrics(cl.extra["output"], distribution(r.logits, cl.y)))
 
 
 def identity_errors(cl: Clean, ab: Ablation, layer: int, head: int, with_bias: bool = False) -> tuple[float, float]:

@@ -7,20 +7,24 @@
 -- of its components', ties to the lower token_index). Ranked by growth on those top tokens,
 -- most negative first: ablating a unit the model relies on lowers the correct logit (d_logit < 0),
 -- so a dormant backup (d_logit near 0 alone, well below 0 once U0 is gone) has the most negative
--- growth and comes first.
--- NULL means: U alone is not stored, or no token is shared.
+-- growth and comes first. The same for the output metrics d_loss and kl (DESIGN.md): a dormant
+-- backup's loss change and KL grow once U0 is gone (positive growth).
+-- NULL means: U alone is not stored, or no token is shared (or, for d_loss and kl, the store
+-- holds no output metrics: --output-metrics none, or a selfrepair before them).
 WITH pairs AS (
     SELECT DISTINCT model, ablation, condition, unit, unit_kind
     FROM stored_units
     WHERE condition <> ''
 ),
 given AS (
-    SELECT a.model, a.ablation, a.sample, a.condition, a.unit, a.token_index, a.d_logit::DOUBLE AS d_logit
+    SELECT a.model, a.ablation, a.sample, a.condition, a.unit, a.token_index, a.d_logit::DOUBLE AS d_logit,
+           a.d_loss::DOUBLE AS d_loss, a.kl::DOUBLE AS kl
     FROM ablation_effects a
     JOIN pairs p USING (model, ablation, condition, unit)
 ),
 alone AS (
-    SELECT a.model, a.ablation, a.sample, p.condition, a.unit, a.token_index, a.d_logit::DOUBLE AS d_logit
+    SELECT a.model, a.ablation, a.sample, p.condition, a.unit, a.token_index, a.d_logit::DOUBLE AS d_logit,
+           a.d_loss::DOUBLE AS d_loss, a.kl::DOUBLE AS kl
     FROM ablation_effects a
     JOIN pairs p ON p.model = a.model AND p.ablation = a.ablation AND p.unit = a.unit
     WHERE a.condition = ''
@@ -46,8 +50,8 @@ condition_top AS (
 matched AS (
     SELECT g.model, g.ablation, g.condition, g.unit, g.token_index,
            a.d_logit AS alone, g.d_logit AS given,
-           t.token_index IS NOT NULL AS is_top
-           -- d_loss and kl join here (the same rows' output metrics) when the tables hold them
+           t.token_index IS NOT NULL AS is_top,
+           a.d_loss AS d_loss_alone, g.d_loss AS d_loss_given, a.kl AS kl_alone, g.kl AS kl_given
     FROM given g
     JOIN alone a USING (model, ablation, sample, condition, unit, token_index)
     LEFT JOIN condition_top t USING (model, condition, token_index)
@@ -64,7 +68,15 @@ SELECT p.model,
        count(m.token_index) AS n_all,
        avg(m.alone) AS d_logit_alone,
        avg(m.given) AS d_logit_given,
-       avg(m.given) - avg(m.alone) AS growth
+       avg(m.given) - avg(m.alone) AS growth,
+       avg(m.d_loss_given) FILTER (WHERE m.is_top) - avg(m.d_loss_alone) FILTER (WHERE m.is_top) AS d_loss_growth_top,
+       avg(m.kl_given) FILTER (WHERE m.is_top) - avg(m.kl_alone) FILTER (WHERE m.is_top) AS kl_growth_top,
+       avg(m.d_loss_alone) AS d_loss_alone,
+       avg(m.d_loss_given) AS d_loss_given,
+       avg(m.d_loss_given) - avg(m.d_loss_alone) AS d_loss_growth,
+       avg(m.kl_alone) AS kl_alone,
+       avg(m.kl_given) AS kl_given,
+       avg(m.kl_given) - avg(m.kl_alone) AS kl_growth
 FROM pairs p
 LEFT JOIN matched m USING (model, ablation, condition, unit)
 GROUP BY p.model, p.ablation, p.unit, p.unit_kind, p.condition

@@ -1,7 +1,8 @@
 -- Self-repair of each head on its top tokens
 -- Per head, means over its top p% tokens (by signed clean DE) of the clean and ablated
--- DE, the logit change, self-repair and its heads/MLPs/LayerNorm split, and the ln_ratio;
--- rel_depth = layer / n_layers. The data of the paper's Figure 1.
+-- DE, the logit change, self-repair and its heads/MLPs/LayerNorm split, the ln_ratio and
+-- the output metrics (d_loss, kl, d_entropy, the fraction of tokens whose top-1 prediction
+-- flips; NULL where the store holds none); rel_depth = layer / n_layers. The data of the paper's Figure 1.
 -- Each mean has a confidence interval (*_ci_low, *_ci_high) at the given level: a seeded
 -- Poisson bootstrap over rows (tokens of one row are correlated), n_boot replicates
 -- (queries/bootstrap.py).
@@ -12,7 +13,8 @@
 -- param seed: 0 — seed of the bootstrap over rows
 -- param n_boot: 200 — bootstrap replicates
 WITH facts AS (
-    SELECT s.model, s.layer, s.head, t.row, s.de_clean, s.de_ablated, s.d_logit, s.sr, s.sr_heads, s.sr_mlps, s.sr_ln, s.ln_ratio
+    SELECT s.model, s.layer, s.head, t.row, s.de_clean, s.de_ablated, s.d_logit, s.sr, s.sr_heads, s.sr_mlps, s.sr_ln, s.ln_ratio,
+           s.d_loss, s.kl, s.d_entropy, s.top1_changed
     FROM self_repair_top($p) s
     JOIN tokens t USING (model, token_index)
     WHERE s.ablation = $ablation AND s.sample = $sample AND s.condition = '' AND s.unit_kind = 'head'
@@ -78,7 +80,11 @@ WITH facts AS (
            avg(s.sr_heads) AS sr_heads,
            avg(s.sr_mlps) AS sr_mlps,
            avg(s.sr_ln) AS sr_ln,
-           avg(s.ln_ratio) AS ln_ratio
+           avg(s.ln_ratio) AS ln_ratio,
+           avg(s.d_loss) AS d_loss,
+           avg(s.kl) AS kl,
+           avg(s.d_entropy) AS d_entropy,
+           avg(s.top1_changed::DOUBLE) AS top1_changed
     FROM facts s
     JOIN models m USING (model)
     GROUP BY s.model, s.layer, s.head, m.n_layers

@@ -1,9 +1,10 @@
 -- Self-repair of one unit on its top tokens
 -- Per model, means over the unit's top p% tokens (by its signed clean DE, the sum of its
 -- components'; a head's as head_top_self_repair) of the baseline and ablated DE, the logit
--- change, self-repair and its heads/MLPs/LayerNorm split (components outside the unit), and
--- the ln_ratio. Under a condition the baseline is the condition-ablated run and the tokens
--- are the unit alone's. `unit` is the stored label (a named group's name).
+-- change, self-repair and its heads/MLPs/LayerNorm split (components outside the unit), the
+-- ln_ratio, and the output metrics (d_loss, kl, d_entropy, the fraction of tokens whose top-1
+-- prediction flips; NULL where the store holds none). Under a condition the baseline is the
+-- condition-ablated run and the tokens are the unit alone's. `unit` is the stored label (a named group's name).
 -- Each mean has a confidence interval (*_ci_low, *_ci_high) at the given level: a seeded
 -- Poisson bootstrap over rows (tokens of one row are correlated), n_boot replicates
 -- (queries/bootstrap.py).
@@ -17,7 +18,7 @@
 -- param n_boot: 200 — bootstrap replicates
 WITH facts AS (
     SELECT s.model, s.unit, s.unit_kind, s.condition, s.layer, s.head, t.row, s.de_clean, s.de_ablated, s.d_logit,
-           s.sr, s.sr_heads, s.sr_mlps, s.sr_ln, s.ln_ratio
+           s.sr, s.sr_heads, s.sr_mlps, s.sr_ln, s.ln_ratio, s.d_loss, s.kl, s.d_entropy, s.top1_changed
     FROM self_repair_top($p) s
     JOIN tokens t USING (model, token_index)
     WHERE s.unit = $unit AND s.condition = CASE WHEN $condition = 'none' THEN '' ELSE $condition END
@@ -87,7 +88,11 @@ WITH facts AS (
            avg(s.sr_heads) AS sr_heads,
            avg(s.sr_mlps) AS sr_mlps,
            avg(s.sr_ln) AS sr_ln,
-           avg(s.ln_ratio) AS ln_ratio
+           avg(s.ln_ratio) AS ln_ratio,
+           avg(s.d_loss) AS d_loss,
+           avg(s.kl) AS kl,
+           avg(s.d_entropy) AS d_entropy,
+           avg(s.top1_changed::DOUBLE) AS top1_changed
     FROM facts s
     JOIN models m USING (model)
     GROUP BY s.model, s.unit, s.unit_kind, s.condition, s.layer, s.head, m.n_layers

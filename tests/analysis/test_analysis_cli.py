@@ -33,7 +33,7 @@ def test_heads_and_model_options(tiny_store, tmp_path):
     result = invoke("--store", str(tiny_store), "--models", "tiny-llama", "--heads", "L0H1,L1H3",
                     "--ablation", "zero", "--output", str(tmp_path))
     assert result.exit_code == 0, result.output
-    assert result.output == (f"wrote {tmp_path / 'report.html'} (15 figures, 1 not drawn; beside them 9 with the "
+    assert result.output == (f"wrote {tmp_path / 'report.html'} (16 figures, 1 not drawn; beside them 9 with the "
                              "authors' statistic, 0 not drawn; 2 tables)\n")
     page = (tmp_path / "report.html").read_text()
     # Each selected head links to its own page, which the report wrote.

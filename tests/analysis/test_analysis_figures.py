@@ -40,7 +40,7 @@ def test_every_figure_is_in_the_report(built):
     # channels' figure out of a store without counterfactual re-runs (tests/ingest/test_counterfactual.py draws it).
     assert names == {s.name for s in registry.FIGURES} - {"fig_unit_breakdown", "fig_training_steps",
                                                            "fig_repair_channels"}
-    assert len(registry.FIGURES) == 19
+    assert len(registry.FIGURES) == 20
 
 
 def test_data_drawn_equals_the_named_query(built, tiny_query_store):
@@ -86,6 +86,22 @@ def test_de_vs_dlogit_points_are_the_query_rows(tiny_query_store, built):
     np.testing.assert_allclose(offsets[:, 1], rows["d_logit"].to_numpy(), rtol=1e-9, atol=1e-12)
 
 
+def test_dlogit_vs_output_points_are_the_query_rows(tiny_query_store, built):
+    """Both panels: one point per head, d_logit against d_loss and against kl (fig_dlogit_vs_output)."""
+    entry = next(e for e in built.figures if e.spec.name == "fig_dlogit_vs_output")
+    from selfrepair.analysis.style import rc
+
+    with rc():
+        fig = registry.figure("fig_dlogit_vs_output").plot(entry.data, entry.ctx)
+    rows = tiny_query_store.query("fig_dlogit_vs_output", ablation=entry.ctx.ablation).filter(
+        pl.col("model") == entry.ctx.model.name)
+    assert rows.height > 0 and rows["kl"].null_count() == 0
+    for ax, col in zip(fig.axes[:2], ("d_loss", "kl")):
+        offsets = ax.collections[0].get_offsets()
+        np.testing.assert_allclose(offsets[:, 0], rows["d_logit"].to_numpy(), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(offsets[:, 1], rows[col].to_numpy(), rtol=1e-9, atol=1e-12)
+
+
 def test_titles_state_model_tokens_ablation_and_p(built):
     for entry in drawn(built):
         facts = entry.ctx.facts()
@@ -99,7 +115,7 @@ def test_png_and_pdf_files_are_valid(report_dir):
     pdfs = sorted((report_dir / "figures").glob("*.pdf"))
     # all-model figures (and the authors' versions of 3); per-model ones but the skipped spread (and
     # the authors' versions of 6)
-    assert len(pngs) == len(pdfs) == 3 + 3 + (12 + 6) * 3
+    assert len(pngs) == len(pdfs) == 3 + 3 + (13 + 6) * 3
     for path in pngs:
         data = path.read_bytes()
         assert data.startswith(PNG_SIGNATURE), path

@@ -118,6 +118,9 @@ def _check_correct(family, model_dir, store_dir):
     _close("ln_scale", tok["ln_scale"], cl.s)
     _close("unembed_bias", tok["unembed_bias"], cl.b_eff)
     _close("de_other", tok["de_other"], cl.de_other)
+    out = store.sql("SELECT loss, entropy FROM tokens WHERE model = $m ORDER BY token_index", {"m": name})
+    _close("clean loss", out["loss"], cl.extra["output"]["loss"])  # the true loss, from full softmaxes
+    _close("clean entropy", out["entropy"], cl.extra["output"]["entropy"])
     he = store.sql("SELECT layer, head, de FROM head_effects WHERE model = $m ORDER BY layer, head, token_index",
                    {"m": name})
     assert len(he) == L * H * n
@@ -144,6 +147,7 @@ def _check_correct(family, model_dir, store_dir):
             _close(f"{where} de", got["de"], ab.de)
             _close(f"{where} d_de_heads", got["d_de_heads"], ab.d_de_heads)
             _close(f"{where} d_de_mlps", got["d_de_mlps"], ab.d_de_mlps)
+            _check_output_metrics(store, name, ab, kind, layer, head, where)
             if moe:  # neuron detail is switched off: no rows
                 assert store.sql("SELECT count(*) AS n FROM neuron_totals WHERE model = $m", {"m": name})["n"][0] == 0
             else:
@@ -158,6 +162,19 @@ def _check_correct(family, model_dir, store_dir):
     ln_id = store.query("check_ln_identity").filter(model=name)
     assert sorted(ln_id["ablation"].to_list()) == sorted(KINDS)
     assert ln_id["max_abs_error"].max() < TOL
+
+
+def _check_output_metrics(store, name, ab, kind, layer, head, where):
+    """d_loss, kl, d_entropy and top1_changed of one ablated head against full-vocabulary softmaxes of the
+    model's own logits (softcap included); top1 may differ only where two logits tie to float32 precision."""
+    got = store.sql("SELECT d_loss, kl, d_entropy, top1_changed FROM ablation_effects WHERE model = $m "
+                    "AND ablation = $k AND sample = 0 AND layer = $l AND head = $h ORDER BY token_index",
+                    {"m": name, "k": kind, "l": layer, "h": head})
+    want = ab.metrics
+    for metric in ("d_loss", "kl", "d_entropy"):
+        _close(f"{where} {metric}", got[metric], want[metric])
+    flips = got["top1_changed"].to_numpy() != want["top1_changed"]
+    assert not (flips & ~want["near_tie"]).any(), f"{where}: top1_changed differs on {flips.sum()} tokens"
 
 
 def _check_neurons(store, name, cl, ab, kind, layer, head, n, where):
@@ -222,7 +239,7 @@ def test_bridge_only_mismatch_is_warned_and_recorded(tmp_path, capsys):
     assert not set(engine) & set(check["excused"])
 
 
-@pytest.mark.parametrize("where", ["clean logit", "ablated logit"])
+@pytest.mark.parametrize("where", ["clean logit", "ablated logit", "kl"])
 def test_engine_disagreeing_with_the_model_is_refused(where, tmp_path, monkeypatch):
     # Even where the bridge's own mismatches are excused, a deviation of the engine from the model is not.
     import dataclasses
@@ -237,6 +254,8 @@ def test_engine_disagreeing_with_the_model_is_refused(where, tmp_path, monkeypat
 
         def off_by_one_percent(self, *a, **k):
             r = patch(self, *a, **k)
+            if where == "kl":  # the output metrics are judged by the model's own forward too
+                return dataclasses.replace(r, kl=r.kl + 0.01)
             return dataclasses.replace(r, logit=r.logit * 1.01)
 
         monkeypatch.setattr(ablate.FastBatch, "patch", off_by_one_percent)

@@ -68,6 +68,9 @@ def test_ray_equals_single_process(ray_cluster, reference, tiny_model_dirs, tmp_
     result = ingest_tiny(tiny_model_dirs["llama"], tmp_path, executor="ray", workers=workers)
     assert result.shards_written == N_SHARDS
     _assert_same_store(tmp_path, reference)
+    # The workers computed the output metrics too (the equality above covers their values).
+    n = Store.open(tmp_path).sql("SELECT count(*) AS n, count(kl) AS kl, count(top1_changed) AS t FROM ablation_effects")
+    assert n["n"][0] > 0 and n["kl"][0] == n["t"][0] == n["n"][0]
 
 
 def test_worker_killed_mid_unit_is_retried(ray_cluster, reference, tiny_model_dirs, tmp_path, monkeypatch, capsys):

@@ -18,8 +18,9 @@ import pytest
 
 from selfrepair.store import files
 from selfrepair.store.model_store import ModelStore
-from selfrepair.store.schema import LEGACY_COLUMNS, TABLES
+from selfrepair.store.schema import LEGACY_COLUMNS, METRIC_COLUMNS, TABLES, without_metrics
 from selfrepair.store.writer import commit_shard, write_manifest
+from units_store import metrics
 
 MODELS = {"gpt2-tiny": (2, 3, 40), "pythia-tiny": (3, 2, 30)}  # name -> layers, heads, tokens
 SEQ_LEN = 10
@@ -38,6 +39,8 @@ def _table(name: str, cols: dict, legacy: bool = False) -> pa.Table:
     table = pa.table(cols).cast(TABLES[name].arrow_schema) if cols else None
     if legacy and table is not None and name in LEGACY_COLUMNS:
         table = table.select(list(LEGACY_COLUMNS[name][0]))
+    elif legacy and table is not None and name in METRIC_COLUMNS:  # before output metrics too
+        table = table.select(list(without_metrics(name)))
     return table
 
 
@@ -93,6 +96,7 @@ def make_model(path: Path, n_layers: int, n_heads: int, n_tokens: int, seed: int
         "unembed_bias": bias,
         "loss": rng.uniform(0, 5, n_tokens),
         "de_other": de_other,
+        "entropy": np.random.default_rng(100 + seed).uniform(0, 5, n_tokens),  # its own generator: the rest keep theirs
     }
     L, H, T = np.meshgrid(np.arange(n_layers), np.arange(n_heads), t, indexing="ij")
     heads = {"layer": L.ravel(), "head": H.ravel(), "token_index": T.ravel(), "de": head_de.ravel()}
@@ -100,7 +104,7 @@ def make_model(path: Path, n_layers: int, n_heads: int, n_tokens: int, seed: int
     mlps = {"layer": mL.ravel(), "token_index": mT.ravel(), "de": mlp_de.ravel()}
     entries = ms.write_shard_files(
         "clean-0000",
-        {"tokens": _table("tokens", tokens), "head_effects": _table("head_effects", heads), "mlp_effects": _table("mlp_effects", mlps)},
+        {"tokens": _table("tokens", tokens, legacy), "head_effects": _table("head_effects", heads), "mlp_effects": _table("mlp_effects", mlps)},
     )
     commit_shard(ms, "clean-0000", {"phase": "clean", "rows": [0, n_tokens // SEQ_LEN], "files": entries})
 
@@ -127,6 +131,8 @@ def make_model(path: Path, n_layers: int, n_heads: int, n_tokens: int, seed: int
                 for col, v in (("ablation", ablation), ("sample", 0), ("layer", l), ("head", h)) + _unit_cols(l, h):
                     ab[col].extend([v] * n_tokens)
                 ab["de_base"].extend(de.tolist())
+                for col, v in metrics(n_tokens, seed * 1000 + l * 100 + h * 10 + (ablation == "zero")).items():
+                    ab[col].extend(v.tolist())
                 top = sorted(t, key=lambda i: (-de[i], i))[:k_top]
                 for i in top:
                     for src_l in range(l, n_layers):

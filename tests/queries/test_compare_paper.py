@@ -26,7 +26,7 @@ from selfrepair.queries import compare_paper
 from selfrepair.store.manifest import ModelFacts
 from selfrepair.queries.compare_paper import QUANTITIES, REFERENCE_CSV, compare, load_reference, paper_model
 from selfrepair.store.model_store import ModelStore
-from selfrepair.store.schema import TABLES
+from selfrepair.store.schema import METRIC_COLUMNS, TABLES, validate_table
 from selfrepair.store.writer import commit_shard, write_manifest
 
 N_TOKENS, SEQ_LEN, TOP_P = 100, 10, 0.02
@@ -38,7 +38,8 @@ BUILT_FROM = {"de_clean": "DE_clean", "de": "DE_ablated", "d_logit": "delta_logi
 
 
 def _table(name: str, cols: dict) -> pa.Table:
-    return pa.table(cols).cast(TABLES[name].arrow_schema)
+    """The rows as a store without output metrics holds them (the paper's numbers have none)."""
+    return validate_table(TABLES[name], pa.table({k: v for k, v in cols.items() if k not in METRIC_COLUMNS.get(name, ())}))
 
 
 def write_paper_store(path: Path, paper: str = "pythia-160m", shift: dict | None = None,

@@ -215,6 +215,7 @@ def _facts(raw, top: bool) -> pl.DataFrame:
         (pl.col("d_logit").cast(F64) - (de_abl - de_cl) - pl.col("d_de_heads").cast(F64)
          - pl.col("d_de_mlps").cast(F64)).alias("sr_ln"),
         (pl.col("s").cast(F64) / pl.col("ln_scale").cast(F64)).alias("ln_ratio"),
+        *[pl.col(c).cast(F64) for c in METRICS],
     )
 
 
@@ -243,15 +244,16 @@ def _sel(raw, ablation="zero", top=True):
 
 
 ALL = ["de_clean", "de_ablated", "d_logit", "sr", "sr_heads", "sr_mlps", "sr_ln"]
+METRICS = ["d_loss", "kl", "d_entropy", "top1_changed"]  # output metrics (top1_changed: the fraction that flips)
 
 
 def test_head_top_self_repair(store, raw):
     got = store.query("head_top_self_repair", p=P, ablation="zero")
     f = _sel(raw)
-    want = _means(f, ["model", "layer", "head"], ALL + ["ln_ratio"]).join(
+    want = _means(f, ["model", "layer", "head"], ALL + ["ln_ratio"] + METRICS).join(
         pl.DataFrame({"model": list(MODELS), "nl": [l for l, _, _ in MODELS.values()]}), on="model")
     want = want.with_columns((pl.col("layer") / pl.col("nl")).alias("rel_depth")).sort("model", "layer", "head")
-    assert_same(got, want.select("model", "layer", "head", "rel_depth", "n_tokens", *ALL, "ln_ratio"))
+    assert_same(got, want.select("model", "layer", "head", "rel_depth", "n_tokens", *ALL, "ln_ratio", *METRICS))
     assert got.height == sum(l * h for l, h, _ in MODELS.values())
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from selfrepair.errors import QueryError
 from selfrepair.store.model_store import ModelStore
-from selfrepair.store.schema import TABLES
+from selfrepair.store.schema import METRIC_COLUMNS, TABLES, validate_table, without_metrics
 from selfrepair.store.writer import commit_shard, write_manifest
 
 L, H, N, SEQ, BATCH, D_MLP, K, P = 3, 2, 50, 5, 2, 6, 2, 0.1
@@ -71,7 +71,8 @@ def ranks(change: np.ndarray) -> np.ndarray:
 
 
 def _tab(name, cols):
-    return pa.table(cols).select(TABLES[name].column_names).cast(TABLES[name].arrow_schema)
+    names = without_metrics(name) if name in METRIC_COLUMNS else TABLES[name].column_names  # no output metrics
+    return validate_table(TABLES[name], pa.table(cols).select(list(names)))
 
 
 @pytest.fixture(scope="module")

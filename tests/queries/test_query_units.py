@@ -22,6 +22,7 @@ from polars.testing import assert_frame_equal
 
 from selfrepair.queries.store import Store
 from selfrepair.store.labels import parse_unit, parse_units
+from selfrepair.store.schema import METRIC_COLUMNS
 from selfrepair.store.top_tokens import top_count, unit_top_sets
 
 MODEL = "gpt2-tiny"
@@ -81,16 +82,39 @@ def legacy(legacy_root):
         yield s
 
 
+# Columns of the output metrics (and the means over them) in the named queries' answers.
+METRIC_ANSWERS = re.compile(r"^(d_loss|kl|d_entropy|top1_changed)(_|$)|_growth")
+
+
 @pytest.mark.parametrize("name", sorted(named.all_queries()))
 def test_a_store_written_before_units_answers_alike(store, legacy, name):
-    """Files without condition, unit, unit_kind and de_base read as unconditioned head units."""
-    _same(_answer(legacy, name), _answer(store, name))
+    """Files without condition, unit, unit_kind and de_base read as unconditioned head units. They predate
+    the output metrics too: a query that needs them refuses with one line, the others answer alike with
+    those columns NULL."""
+    got, want = _answer(legacy, name), _answer(store, name)
+    if "output_metrics" in named.all_queries()[name].needs:
+        assert got == (f"query '{name}' needs the output metrics (d_loss, kl, d_entropy, top1_changed of "
+                       "ablation_effects), which the store of gpt2-tiny, pythia-tiny was ingested without "
+                       "(--output-metrics none, or a selfrepair before them); ingest that model again with "
+                       "--output-metrics all")
+        return
+    if isinstance(got, pl.DataFrame):
+        metric = [c for c in got.columns if METRIC_ANSWERS.search(c) and not c.startswith("d_logit")]
+        assert all(got[c].null_count() == got.height for c in metric), name
+        got, want = got.drop(metric), want.drop(metric)
+    _same(got, want)
 
 
 def test_legacy_views_fill_the_unit_columns(store, legacy):
     for table in ("ablation_effects", "repair_sources", "neuron_effects", "neuron_totals"):
-        q = f"SELECT * FROM {table} ORDER BY ALL"
+        q = f"SELECT * EXCLUDE ({', '.join(METRIC_COLUMNS.get(table, ('model',)))}) FROM {table} ORDER BY ALL"
+        if table not in METRIC_COLUMNS:
+            q = f"SELECT * FROM {table} ORDER BY ALL"
         assert legacy.sql(q).equals(store.sql(q)), table
+    # before output metrics: those columns read as NULL
+    nulls = legacy.sql("SELECT count(d_loss) + count(kl) + count(d_entropy) + count(top1_changed) AS n, "
+                       "count(*) AS rows FROM ablation_effects")
+    assert nulls["n"][0] == 0 and nulls["rows"][0] > 0
     row = legacy.sql("SELECT condition, unit, unit_kind, layer, head, de_base FROM ablation_effects "
                      "WHERE layer = 1 AND head = 2 AND token_index = 5 AND ablation = 'zero' AND model = 'gpt2-tiny'")
     de = legacy.sql("SELECT de FROM head_effects WHERE layer = 1 AND head = 2 AND token_index = 5 "
@@ -104,7 +128,7 @@ def test_every_ablation_view_names_its_unit_and_condition(units):
                  "neuron_totals", "attention_top"):
         assert {"condition", "unit", "unit_kind", "layer", "head"} <= set(s.sql(f"SELECT * FROM {view} LIMIT 0").columns)
     assert s.sql("SELECT * FROM condition_tokens LIMIT 0").columns == [
-        "model", "ablation", "sample", "condition", "token_index", "logit", "ln_scale"]
+        "model", "ablation", "sample", "condition", "token_index", "logit", "ln_scale", "loss", "entropy"]
     kinds = s.sql("SELECT DISTINCT unit, unit_kind, layer, head FROM ablation_effects WHERE condition = '' "
                   "AND ablation = 'zero' ORDER BY ALL")
     want = {("ATTN1", "attn", 1, -1), ("BLOCK1", "block", 1, -1), ("MLP0", "mlp", 0, -1),
@@ -181,6 +205,49 @@ def test_conditional_growth_against_independent_numbers(units):
     ranked = [w for w in want if w[5] is not None]
     # Most negative growth first: the unit whose ablation costs the most more logit once the condition is gone.
     assert got["unit"].to_list()[:len(ranked)] == [w[0] for w in sorted(ranked, key=lambda w: w[5])]
+
+
+def test_conditional_growth_of_the_output_metrics(units):
+    """d_loss and kl growth (given − alone), over all shared tokens and over the condition's top tokens."""
+    s, raw, _ = units
+    c = raw["clean"]
+    f32 = lambda x: np.asarray(x, dtype=np.float32).astype(np.float64)  # noqa: E731
+    pick = np.array(sorted(_top(f32(c["head"][0, 1]), top_count(TOP_P, c["n"]))))
+    by_unit = {r["unit"]: r for r in s.query("conditional_growth").iter_rows(named=True)}
+    checked = 0
+    for key, rows in raw.items():
+        if not isinstance(key, tuple) or not key[0] or ("", key[1]) not in raw:
+            continue
+        r, alone = by_unit[key[1]], raw[("", key[1])]
+        for metric in ("d_loss", "kl"):
+            g, a = f32(rows[metric]), f32(alone[metric])
+            assert r[f"{metric}_alone"] == pytest.approx(a.mean(), abs=1e-9)
+            assert r[f"{metric}_given"] == pytest.approx(g.mean(), abs=1e-9)
+            assert r[f"{metric}_growth"] == pytest.approx(g.mean() - a.mean(), abs=1e-9)
+            assert r[f"{metric}_growth_top"] == pytest.approx(g[pick].mean() - a[pick].mean(), abs=1e-9)
+        checked += 1
+    assert checked >= 3
+
+
+@pytest.mark.parametrize("metric", ["d_logit", "d_loss", "kl", "d_entropy", "top1_changed"])
+def test_units_by_metric_ranks_every_unit(units, metric):
+    """Each unit's means over every token, ranked by the metric (d_logit most negative first, others largest)."""
+    s, raw, _ = units
+    got = s.query("units_by_metric", metric=metric, ablation=ABLATION).filter(pl.col("model") == MODEL)
+    want = {label: np.asarray(rows[metric], dtype=np.float32).astype(np.float64).mean()
+            for (cond, label), rows in ((k, v) for k, v in raw.items() if isinstance(k, tuple)) if cond == ""}
+    assert sorted(got["unit"].to_list()) == sorted(want)
+    for r in got.iter_rows(named=True):
+        assert r["value"] == pytest.approx(want[r["unit"]], abs=1e-9) and r["metric"] == metric
+        assert r[metric] == pytest.approx(r["value"], abs=0)
+    order = sorted(want, key=lambda u: (want[u] if metric == "d_logit" else -want[u], u))
+    assert got.sort("rank")["unit"].to_list() == order
+    assert got["rank"].to_list() == list(range(1, len(want) + 1))
+
+
+def test_units_by_metric_refuses_an_unknown_metric(units):
+    with pytest.raises(QueryError, match="metric loss is not one of d_logit, d_loss, kl, d_entropy, top1_changed"):
+        units[0].query("units_by_metric", metric="loss", ablation=ABLATION)
 
 
 def test_unit_top_sets_follow_the_unit_de(units):

@@ -81,6 +81,7 @@ def test_self_repair_columns_and_rows(store):
         "model", "ablation", "sample", "condition", "unit", "unit_kind", "layer", "head", "head_label", "token_index",
         "de_clean", "de_ablated",
         "d_de", "d_logit", "sr", "sr_heads", "sr_mlps", "sr_ln", "ln_ratio", "sr_ln_closed",
+        "d_loss", "kl", "d_entropy", "top1_changed",
     ]
     n_abl = store.sql("SELECT count(*) AS n FROM ablation_effects")["n"][0]
     assert df.height == n_abl

@@ -12,6 +12,8 @@ the condition run is L0H1's own unconditioned ablation, so condition_tokens equa
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pyarrow as pa
 
@@ -64,7 +66,15 @@ def _rows(rng, unit: Unit, cond: str, logit: np.ndarray, scale: np.ndarray, bias
     return {"ablation": [ABLATION] * n, "sample": [0] * n, "condition": [cond] * n, "unit": [unit.label] * n,
             "unit_kind": [unit.kind] * n, "layer": [unit.layer] * n, "head": [unit.head] * n,
             "token_index": np.arange(n), "d_logit": d_logit, "ln_scale": scale / r, "de": de_abl,
-            "de_base": de_base, "d_de_heads": d_heads, "d_de_mlps": d_mlps}
+            "de_base": de_base, "d_de_heads": d_heads, "d_de_mlps": d_mlps,
+            **metrics(n, zlib.crc32(f"{cond}|{unit.label}".encode()))}
+
+
+def metrics(n: int, seed: int) -> dict:
+    """Synthetic output metrics of n rows (kl >= 0), from their own generator so the other columns keep theirs."""
+    g = np.random.default_rng(1000 + seed)
+    return {"d_loss": g.normal(0.1, 0.3, n), "kl": np.abs(g.normal(0, 0.2, n)), "d_entropy": g.normal(0, 0.2, n),
+            "top1_changed": g.random(n) < 0.2}
 
 
 def _concat(parts: list[dict]) -> pa.Table:
@@ -87,7 +97,8 @@ def add_units(ms: ModelStore, seed: int = 7) -> dict:
     heads = ms.read_table("ablation_effects").to_pandas()  # make_model's head rows (float32, as stored)
     heads = heads[heads["ablation"] == ABLATION].sort_values("token_index")
     for (la, h), rows in heads.groupby(["layer", "head"]):
-        out[("", f"L{la}H{h}")] = {k: rows[k].to_numpy() for k in ("d_logit", "ln_scale")}
+        out[("", f"L{la}H{h}")] = {k: rows[k].to_numpy() for k in ("d_logit", "ln_scale", "d_loss", "kl", "d_entropy",
+                                                                  "top1_changed")}
     files = ms.write_shard_files("abl-units", {"ablation_effects": _concat(alone)})
     commit_shard(ms, "abl-units", {"phase": "ablation", "rows": [0, n_rows], "ablation": ABLATION, "sample": 0,
                                    "units": units_spec(units), "condition": "", "files": files})
@@ -101,7 +112,8 @@ def add_units(ms: ModelStore, seed: int = 7) -> dict:
         given.append(_rows(rng, u, CONDITION, logit_c, scale_c, c["bias"], de_c))
     out.update({(CONDITION, u.label): g for u, g in zip(cond_units, given)})
     cond_tokens = pa.table({"ablation": [ABLATION] * n, "sample": [0] * n, "condition": [CONDITION] * n,
-                            "token_index": np.arange(n), "logit": logit_c, "ln_scale": scale_c}
+                            "token_index": np.arange(n), "logit": logit_c, "ln_scale": scale_c,
+                            "loss": np.abs(logit_c), "entropy": scale_c}
                            ).cast(TABLES["condition_tokens"].arrow_schema)
     files = ms.write_shard_files("abl-cond", {"ablation_effects": _concat(given), "condition_tokens": cond_tokens})
     commit_shard(ms, "abl-cond", {"phase": "ablation", "rows": [0, n_rows], "ablation": ABLATION, "sample": 0,

@@ -1,0 +1,176 @@
+"""Output metrics (DESIGN.md, "Beyond single heads"): the chunked computation against full-vocabulary
+softmaxes of the model's own forward (tests/recompute.py, no selfrepair code), `--output-metrics none`,
+and the bad inputs.
+
+The stored metrics of every family, through SQL, are checked in test_families.py (each family's own
+ingest) and test_crosscheck.py's store; the Ray executor's in test_ray.py (tables equal to in-process).
+"""
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import recompute
+import tiny_families
+from selfrepair import Store
+from selfrepair.cli import main
+from selfrepair.errors import QueryError
+from selfrepair.store.schema import METRIC_COLUMNS, TABLES, without_metrics
+from selfrepair.store.verify import verify
+from tiny_models import SMALL_STORE
+
+SEQ, ROWS = 24, 3
+METRICS = ("d_loss", "kl", "d_entropy")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def rows():
+    g = torch.Generator().manual_seed(1)
+    r = torch.randint(1, 256, (ROWS, SEQ), generator=g)
+    r[:, 0] = tiny_families.BOS
+    return r
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma2", "cohere"])  # plain; final softcap; logit scale
+def test_chunked_metrics_equal_full_softmaxes_at_any_chunk_size(family, rows):
+    """The engine's metrics at vocabulary chunks of 16, 100 and all 257 equal float64 softmaxes of the
+    model's own logits (softcap and logit scale included), for a zero and a mean ablation."""
+    from selfrepair.ingest.ablate import FastBatch, replacement
+    from selfrepair.ingest.weights import read_weights
+
+    model = tiny_families.build(family)
+    cl = recompute.clean(model, rows, family)
+    w = read_weights(model, SEQ)
+    layer, head = 0, 1
+    for kind in ("zero", "mean"):
+        ab = recompute.ablate(cl, kind, layer, head, batch_size=ROWS)
+        got = {}
+        for chunk in (16, 100, 257):
+            fast = FastBatch(w, rows, metrics=True, vocab_chunk=chunk)
+            z = replacement(kind, fast.clean_z(layer), None)[:, :, [head]].permute(2, 0, 1, 3)
+            r = fast.patch(layer, [head], z, w.target_columns(rows.roll(-1, dims=1)))
+            got[chunk] = {m: getattr(r, m)[0, :, :-1].reshape(-1).double().numpy() for m in (*METRICS, "top1_changed")}
+            for m in METRICS:
+                np.testing.assert_allclose(got[chunk][m], ab.metrics[m], rtol=0, atol=2e-5, err_msg=f"{kind} {m} {chunk}")
+            flips = got[chunk]["top1_changed"] != ab.metrics["top1_changed"]
+            assert not (flips & ~ab.metrics["near_tie"]).any()
+        for m in METRICS:  # the chunking changes only the order of float32 sums (entropies of ~5.5 nats)
+            np.testing.assert_allclose(got[16][m], got[257][m], rtol=0, atol=4e-6)
+        assert np.abs(ab.metrics["kl"]).max() > 1e-3  # the ablation moves the distribution: not vacuous
+        assert (ab.metrics["kl"] >= 0).all()
+        baseline = fast.output()
+        np.testing.assert_allclose(baseline.loss[:, :-1].reshape(-1).double().numpy(), cl.extra["output"]["loss"],
+                                   rtol=0, atol=2e-5)
+        np.testing.assert_allclose(baseline.entropy[:, :-1].reshape(-1).double().numpy(),
+                                   cl.extra["output"]["entropy"], rtol=0, atol=2e-5)
+
+
+def test_an_identity_patch_changes_no_metric(rows):
+    """A head patched with its own clean z: every metric exactly 0, no top-1 flips."""
+    from selfrepair.ingest.ablate import FastBatch
+    from selfrepair.ingest.weights import read_weights
+
+    model = tiny_families.build("llama")
+    w = read_weights(model, SEQ)
+    fast = FastBatch(w, rows, metrics=True, vocab_chunk=64)
+    z = fast.clean_z(1)[:, :, [2]].permute(2, 0, 1, 3)
+    r = fast.patch(1, [2], z, w.target_columns(rows.roll(-1, dims=1)))
+    for m in METRICS:
+        assert getattr(r, m).abs().max() < 1e-6, m
+    assert not r.top1_changed.any()
+
+
+# -- --output-metrics none, through the store ----------------------------------------------------
+@pytest.fixture(scope="module")
+def stores(tiny_stores, tmp_path_factory):
+    """SMALL_STORE of tiny GPT-2 with the metrics (the session's) and without them (`--output-metrics none`)."""
+    base = tmp_path_factory.mktemp("metrics")
+    return (tiny_stores.copy("gpt2", base / "all", **SMALL_STORE),
+            tiny_stores.copy("gpt2", base / "none", **SMALL_STORE, output_metrics="none"))
+
+
+def test_output_metrics_none_leaves_the_columns_out_and_nothing_else(stores):
+    import pyarrow.parquet as pq
+
+    with_, without = (Store.open(s) for s in stores)
+    for table, cols in METRIC_COLUMNS.items():
+        keep = ", ".join(without_metrics(table))
+        order = ", ".join(TABLES[table].key)
+        q = f"SELECT {keep} FROM {table} ORDER BY {order}"
+        assert without.sql(q).equals(with_.sql(q)), table  # every other column identical
+        n = without.sql(f"SELECT count(*) AS n, {', '.join(f'count({c}) AS {c}' for c in cols)} FROM {table}")
+        assert all(n[c][0] == 0 for c in cols), table  # read as NULL
+        if table != "condition_tokens":
+            assert with_.sql(f"SELECT count(*) AS n FROM {table}")["n"][0] > 0
+            assert with_.sql(f"SELECT count({cols[0]}) AS n FROM {table}")["n"][0] == n["n"][0]  # all there
+    folder = stores[1] / "tiny-gpt2"
+    files = list((folder / "tables" / "ablation_effects").glob("*.parquet"))
+    assert files and all(set(METRIC_COLUMNS["ablation_effects"]).isdisjoint(pq.read_schema(f).names) for f in files)
+    assert verify(stores[1]).ok
+    with pytest.raises(QueryError, match="was ingested without \\(--output-metrics none"):
+        without.query("units_by_metric", ablation="zero")
+    got = with_.query("units_by_metric", ablation="zero", metric="d_loss")
+    assert got.height == 4 and got["d_loss"].null_count() == 0
+
+
+def test_the_plan_states_the_metrics_cost(tiny_model_dirs, tmp_path):
+    args = ["ingest", "--model", str(tiny_model_dirs["gpt2"]), "--store", str(tmp_path), "--tokens", "62",
+            "--seq-len", "32", "--batch-size", "2", "--corpus", "embedded", "--dry-run"]
+    out = CliRunner().invoke(main, args).output
+    line = next(l for l in out.splitlines() if "output metrics" in l).strip()
+    # 2 · d_model 32 · d_vocab 257; heads of a layer share a pass: 4 copies + 1 baseline per 4 units.
+    assert line.startswith("output metrics all (d_loss, kl, d_entropy, top1_changed): the full unembedding, "
+                           "2·d_model·d_vocab = 16.4 kFLOP per token per copy"), line
+    from selfrepair.store.flops import Arch, head_ablation_flops, output_metric_flops
+
+    a = Arch(2, 4, 4, 8, 32, 128, False, False)
+    share = output_metric_flops(32, 257, 4) * 8 / sum(4 * head_ablation_flops(a, l, 32) for l in range(2))
+    assert f"+{share:.0%} of the sweep's FLOPs" in line
+    out = CliRunner().invoke(main, args + ["--output-metrics", "none"]).output
+    assert "output metrics none: no d_loss, kl, d_entropy or top1_changed" in out
+
+
+# -- bad input: one line, before the model loads --------------------------------------------------
+@pytest.mark.parametrize("value,line", [
+    ("loss", "Error: Invalid value for '--output-metrics': unknown output metric 'loss'; choose all, none, or "
+             "d_loss, kl, d_entropy, top1_changed"),
+    ("kl,d_loss", "Error: Invalid value for '--output-metrics': the output metrics share one pass over the "
+                  "vocabulary and are stored together; name all four (missing d_entropy, top1_changed), all or none"),
+])
+def test_a_bad_metric_name_gets_one_line(tiny_model_dirs, tmp_path, value, line):
+    res = CliRunner().invoke(main, ["ingest", "--model", str(tiny_model_dirs["gpt2"]), "--store", str(tmp_path),
+                                    "--output-metrics", value])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert [l for l in res.output.splitlines() if l.startswith("Error")] == [line]
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_model_whose_logits_the_metrics_cannot_read_is_refused_before_it_loads(tmp_path, monkeypatch):
+    from transformers import GraniteConfig
+
+    from selfrepair.ingest import models
+
+    def no_load(*a, **k):
+        raise AssertionError("the model loaded before the output metrics were checked")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    cfg = GraniteConfig(vocab_size=257, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, logits_scaling=8.0)
+    cfg.architectures = ["GraniteForCausalLM"]
+    cfg.save_pretrained(tmp_path / "granite")
+    res = CliRunner().invoke(main, ["ingest", "--model", str(tmp_path / "granite"), "--store", str(tmp_path / "s")])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    errors = [l for l in res.output.splitlines() if l.startswith("Error")]
+    assert errors == ["Error: output metrics (d_loss, kl, d_entropy, top1_changed) need the model's true output "
+                      "distribution, but GraniteForCausalLM divides its logits by a scale (logits_scaling=8.0), "
+                      "which selfrepair's unembedding does not model; use --output-metrics none"]
+    assert not (tmp_path / "s").exists()
