@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True)
 GATES = ("gate_proj", "gate_up_proj")  # an MLP module with one of these is gated (three matrices, not two)
 
 
+@dataclass(frozen=True)
 class Arch:
     """The shape facts the FLOP count needs."""
 
