@@ -201,8 +201,7 @@ def build_head_page(store, label: str, model: str | None = None, ablation: str |
     cond = params["condition"]
     samples = sorted({s for a, s, c, u in stored.rows if a == "resample" and c == cond and u == unit.label})
     if ablation == "resample" and len(samples) > 1:
-        draws = pl.concat([(first if s == sample else means(s)).select(
-            pl.lit(s).alias("sample"), "n_tokens", "d_logit", "sr", "sr_heads", "sr_mlps", "sr_ln") for s in samples])
+        draws = query("unit_draws")  # on the tokens every draw covers (a partial store's draws may hold fewer)
     text_rows = query("unit_page_text", n=n_tokens)
     manifest = store.manifest(model)
     lens, lens_note = unit_lens(open_lens_data(store, model), unit, stored.n_layers, stored.n_heads,
@@ -303,7 +302,8 @@ def _attention_text(page: HeadPage) -> list[str]:
 
 
 def _draws_text(page: HeadPage) -> list[str]:
-    return [] if page.draws is None else ["Spread across resample draws:"] + table_lines(page.draws)
+    return [] if page.draws is None else [
+        "Spread across resample draws (on the top tokens every draw covers):"] + table_lines(page.draws)
 
 
 @dataclass(frozen=True)

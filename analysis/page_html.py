@@ -246,7 +246,7 @@ def attention_section(page, links: Links) -> str:
 def draws_section(page, links: Links) -> str:
     if page.draws is None:
         return ""
-    return f'<section id="draws"><h2>Spread across resample draws</h2>{table(page.draws)}</section>'
+    return f'<section id="draws"><h2>Spread across resample draws</h2><p>On the top tokens every draw covers.</p>{table(page.draws)}</section>'
 
 
 # -- the page ----------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ pre-log way (the whole manifest rewritten per commit) in the same run, as the ba
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time

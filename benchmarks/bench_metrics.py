@@ -20,8 +20,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
-
 from selfrepair.store.labels import head_unit
 
 SWEEP_LAYERS = 2

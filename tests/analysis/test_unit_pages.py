@@ -5,6 +5,7 @@ recomputation from the raw Parquet files, and one-line refusals that name what i
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -276,3 +277,38 @@ def test_the_report_draws_each_layer_unit_against_depth(unit_store, unit_report)
 def test_a_report_of_heads_alone_has_no_unit_figure(built):
     assert all(f.spec.name != "fig_unit_breakdown" for f in built.figures)
     assert "fig_unit_breakdown" not in built.path.read_text()
+
+
+def test_draws_of_a_partial_store_use_the_tokens_every_draw_covers(tiny_stores, tmp_path):
+    """A unit's spread across draws compares the draws on the same tokens: a draw the ingest left short
+    (a partial store) takes the other draws down to its tokens, and n_dropped says how many went."""
+    import sys
+    import warnings
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "store"))
+    from partial_store import partial_copy
+
+    from selfrepair.analysis.head_page import build_head_page
+    from selfrepair.errors import PartialStoreWarning
+    from selfrepair.queries.store import Store
+
+    full = tiny_stores.copy("gpt2", tmp_path / "full", tokens=124, seq_len=32, batch_size=2, resamples=2,
+                            units="MLP0", top_p=0.2, neurons_top_k=0, activations=())
+    folder = next(p for p in full.iterdir() if (p / "manifest.json").exists())
+    # the second draw keeps its first batch (rows 0-1) only
+    root = partial_copy(folder, tmp_path / "partial", lambda e: not (e.ablation == "resample" and e.sample == 1
+                                                                     and e.rows[0] > 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PartialStoreWarning)
+        with Store.open(root) as s:
+            page = build_head_page(s, "MLP0")
+            rows = s.sql("SELECT sample, token_index, sr FROM self_repair_top(0.2) "
+                         "WHERE unit = 'MLP0' AND condition = '' AND ablation = 'resample'")
+    per = rows.group_by("token_index").agg(pl.col("sample").n_unique().alias("n"))
+    common = per.filter(pl.col("n") == 2)["token_index"]
+    assert 0 < len(common) < per.height
+    assert page.draws["sample"].to_list() == [0, 1]
+    for sample, n, sr, dropped in page.draws.select("sample", "n_tokens", "sr", "n_dropped").iter_rows():
+        want = rows.filter((pl.col("sample") == sample) & pl.col("token_index").is_in(common.implode()))["sr"]
+        assert n == len(common) and dropped == per.height - len(common)
+        assert sr == pytest.approx(want.mean(), rel=1e-6, abs=1e-9)
