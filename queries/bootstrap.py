@@ -97,4 +97,34 @@ WHERE kind = 'row'
 GROUP BY model, b
 """
 
-MACROS = (BOOT_ROWS_SQL, BOOT_WEIGHTS_SQL, BOOT_ROW_WEIGHTS_SQL)  # in dependency order
+# The confidence intervals of a query's means, from its facts in long form (one value per token and
+# quantity): `facts` names a table or CTE with columns model, g (the group: any value, e.g. a struct of
+# layer and head), row, metric (the quantity's name) and value. Per group and quantity: the per-row sums
+# and counts over every row of the model (0 where the group has no token), each replicate's mean
+# (row weights · sums / row weights · counts), and the percentiles at `level`. A query pivots the
+# (model, g, metric, ci_low, ci_high) rows into its `<metric>_ci_low`/`_ci_high` columns.
+BOOT_CI_SQL = """
+CREATE MACRO boot_ci(facts, seed, n_boot, level) AS TABLE
+WITH per_row AS (
+    SELECT model, g, metric, row, count(*) AS n, sum(value) AS s
+    FROM query_table(facts)
+    GROUP BY model, g, metric, row
+), dense AS (
+    SELECT gm.model, gm.g, gm.metric,
+           list(coalesce(r.n, 0)::DOUBLE ORDER BY k.row) AS n,
+           list(coalesce(r.s, 0)::DOUBLE ORDER BY k.row) AS s
+    FROM (SELECT DISTINCT model, g, metric FROM per_row) gm
+    JOIN boot_rows() k USING (model)
+    LEFT JOIN per_row r ON r.model = gm.model AND r.g = gm.g AND r.metric = gm.metric AND r.row = k.row
+    GROUP BY gm.model, gm.g, gm.metric
+), boot AS (
+    SELECT d.model, d.g, d.metric, list_dot_product(w.w, d.s) / nullif(list_dot_product(w.w, d.n), 0) AS v
+    FROM dense d
+    JOIN boot_row_weights(seed, n_boot) w USING (model)
+)
+SELECT model, g, metric, quantile_cont(v, (1 - level) / 2) AS ci_low, quantile_cont(v, (1 + level) / 2) AS ci_high
+FROM boot
+GROUP BY model, g, metric
+"""
+
+MACROS = (BOOT_ROWS_SQL, BOOT_WEIGHTS_SQL, BOOT_ROW_WEIGHTS_SQL, BOOT_CI_SQL)  # in dependency order

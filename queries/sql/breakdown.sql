@@ -16,47 +16,15 @@ WITH facts AS (
     FROM self_repair_top($p) s
     JOIN tokens t USING (model, token_index)
     WHERE s.ablation = $ablation AND s.sample = $sample AND s.condition = '' AND s.unit_kind = 'head'
-), per_row AS (
-    SELECT model, layer, row, count(*) AS n, sum(de_clean) AS de_clean, sum(sr) AS sr, sum(sr_heads) AS sr_heads, sum(sr_mlps) AS sr_mlps, sum(sr_ln) AS sr_ln
-    FROM facts
-    GROUP BY model, layer, row
-), dense AS (
-    -- each group's per-row sums over every row of its model, in row order (0 where it has no token)
-    SELECT g.model, g.layer,
-           list(coalesce(r.n, 0)::DOUBLE ORDER BY k.row) AS n,
-           list(coalesce(r.de_clean, 0)::DOUBLE ORDER BY k.row) AS de_clean,
-           list(coalesce(r.sr, 0)::DOUBLE ORDER BY k.row) AS sr,
-           list(coalesce(r.sr_heads, 0)::DOUBLE ORDER BY k.row) AS sr_heads,
-           list(coalesce(r.sr_mlps, 0)::DOUBLE ORDER BY k.row) AS sr_mlps,
-           list(coalesce(r.sr_ln, 0)::DOUBLE ORDER BY k.row) AS sr_ln
-    FROM (SELECT DISTINCT model, layer FROM per_row) g
-    JOIN boot_rows() k USING (model)
-    LEFT JOIN per_row r ON r.model = g.model AND r.layer = g.layer AND r.row = k.row
-    GROUP BY g.model, g.layer
-), boot AS (
-    -- each replicate's means: row weights · per-row sums / row weights · per-row counts
-    SELECT d.model, d.layer, w.b,
-           list_dot_product(w.w, d.de_clean) / nullif(list_dot_product(w.w, d.n), 0) AS de_clean,
-           list_dot_product(w.w, d.sr) / nullif(list_dot_product(w.w, d.n), 0) AS sr,
-           list_dot_product(w.w, d.sr_heads) / nullif(list_dot_product(w.w, d.n), 0) AS sr_heads,
-           list_dot_product(w.w, d.sr_mlps) / nullif(list_dot_product(w.w, d.n), 0) AS sr_mlps,
-           list_dot_product(w.w, d.sr_ln) / nullif(list_dot_product(w.w, d.n), 0) AS sr_ln
-    FROM dense d
-    JOIN boot_row_weights($seed, $n_boot) w USING (model)
+), long AS (
+    -- one value per token and quantity, for the bootstrap (queries/bootstrap.py `boot_ci`)
+    UNPIVOT (SELECT model, layer AS g, row, de_clean, sr, sr_heads, sr_mlps, sr_ln FROM facts)
+    ON de_clean, sr, sr_heads, sr_mlps, sr_ln INTO NAME metric VALUE value
 ), ci AS (
-    SELECT model, layer,
-           quantile_cont(de_clean, (1 - $level) / 2) AS de_clean_ci_low,
-           quantile_cont(de_clean, (1 + $level) / 2) AS de_clean_ci_high,
-           quantile_cont(sr, (1 - $level) / 2) AS sr_ci_low,
-           quantile_cont(sr, (1 + $level) / 2) AS sr_ci_high,
-           quantile_cont(sr_heads, (1 - $level) / 2) AS sr_heads_ci_low,
-           quantile_cont(sr_heads, (1 + $level) / 2) AS sr_heads_ci_high,
-           quantile_cont(sr_mlps, (1 - $level) / 2) AS sr_mlps_ci_low,
-           quantile_cont(sr_mlps, (1 + $level) / 2) AS sr_mlps_ci_high,
-           quantile_cont(sr_ln, (1 - $level) / 2) AS sr_ln_ci_low,
-           quantile_cont(sr_ln, (1 + $level) / 2) AS sr_ln_ci_high
-    FROM boot
-    GROUP BY model, layer
+    SELECT model, g AS layer, * EXCLUDE (model, g)
+    FROM (PIVOT (SELECT * FROM boot_ci(long, $seed, $n_boot, $level))
+          ON metric IN ('de_clean', 'sr', 'sr_heads', 'sr_mlps', 'sr_ln') USING first(ci_low) AS ci_low, first(ci_high) AS ci_high
+          GROUP BY model, g)
 ), means AS (
     SELECT model,
            layer,
