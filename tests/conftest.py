@@ -148,6 +148,8 @@ def model_cache():
 
 @pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread():
+    """Torch on one thread in every test (tiny models: fastest, and immune to a busy machine); the benchmark
+    smoke test, which times with more, sets it back to one after its run."""
     import torch
 
     torch.set_num_threads(1)

@@ -20,14 +20,6 @@ SEQ, BATCH = 12, 2
 UNITS = ["L1H0", "L1H1+L2H2", "ATTN1", "MLP1", "BLOCK1", "L2H3", "MLP2"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _rows() -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     rows = torch.randint(1, 256, (BATCH, SEQ), generator=g)

@@ -35,14 +35,6 @@ TOP_P, K = 0.05, 5  # neuron detail: top and bottom K neurons on each head's top
 SR_HEADS = [(l, h) for l, h in HEADS if l == N_LAYERS - 2]  # --sr-mlps-neurons penultimate, ∩ ablated heads
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 _rows = rows_from_store
 
 

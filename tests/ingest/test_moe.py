@@ -43,14 +43,6 @@ CONDITIONED = {"L0H2": ["L1H0", "ATTN1", "L0H0+L2H3"], "ATTN1": ["L0H3", "L2H1"]
 TOP = np.array([t for t in range(1, BATCH * (SEQ - 1), 4) if t % (SEQ - 1)])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def build(family: str, n_layers: int = 3):
     """A tiny random MoE model: 4 experts, 2 routed per token (Qwen2-MoE: a gated shared expert too)."""
     import transformers as tr

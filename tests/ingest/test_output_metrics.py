@@ -24,14 +24,6 @@ SEQ, ROWS = 24, 3
 METRICS = ("d_loss", "kl", "d_entropy")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def rows():
     g = torch.Generator().manual_seed(1)

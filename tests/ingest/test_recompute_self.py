@@ -15,15 +15,6 @@ import tiny_families
 SEQ, ROWS, BATCH = 32, 6, 4  # the last batch is short on purpose (mean ablation per batch)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest, and immune to a busy shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def rows():
     g = torch.Generator().manual_seed(0)
