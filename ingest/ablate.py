@@ -42,21 +42,26 @@ class FastBatch:
             its clean run skips the unembedding and, in low precision, the projections' baselines.
         metrics: compute the output metrics (`IngestConfig.output_metrics`), walking the vocabulary
             `vocab_chunk` entries at a time.
+        logits: keep the model's whole logits in `clean` (`CleanState.logits`, as the self-check reads
+            them). The sweep never reads them (its logits are dot products with the target columns, its
+            output metrics walk the vocabulary from `resid_final`), so the runner leaves the
+            full-vocabulary product out.
     """
 
     def __init__(self, w: Weights, rows: torch.Tensor, dtype: torch.dtype | None = None,
                  clean: E.CleanState | None = None, base: E.Patch | None = None, source: bool = False,
-                 metrics: bool = False, vocab_chunk: int = VOCAB_CHUNK):
+                 metrics: bool = False, vocab_chunk: int = VOCAB_CHUNK, logits: bool = True):
         self.w, self.rows, self.dtype, self.base = w, rows, dtype, base
-        self.metrics, self.vocab_chunk = metrics, vocab_chunk
+        self.metrics, self.vocab_chunk, self.logits = metrics, vocab_chunk, logits and not source
         self.clean = clean if clean is not None else E.clean_run(
-            w, rows, with_linears=dtype is not None and not source, replace=base, logits=not source)
+            w, rows, with_linears=dtype is not None and not source, replace=base, logits=self.logits)
         self._ou = None  # head projections, made on first use
         self._output = None  # the baseline's output distribution, made on first use
 
     def conditioned(self, base: E.Patch) -> FastBatch:
         """The same batch with the baseline ablated by `base` (one more forward of the batch)."""
-        return FastBatch(self.w, self.rows, self.dtype, base=base, metrics=self.metrics, vocab_chunk=self.vocab_chunk)
+        return FastBatch(self.w, self.rows, self.dtype, base=base, metrics=self.metrics, vocab_chunk=self.vocab_chunk,
+                         logits=self.logits)
 
     def output(self) -> Baseline | None:
         """The baseline run's output distribution (loss, entropy per token), or None with metrics off."""

@@ -272,7 +272,9 @@ def head_projections(w: Weights, u: Float[Tensor, "batch pos d_model"]) -> Tenso
     A head's DE is then one dot product with its z per token (divided by its post-norm
     scale where there is one); shared by every patched pass of the batch.
     """
-    return torch.einsum("lhdm,bpm->lbphd", w.W_O_eff, u)
+    # Contiguous: einsum returns a permuted view, and every pass multiplies each layer's slice of it
+    # into [copy, batch, pos, head, d_head] (a strided operand made that product several times slower).
+    return torch.einsum("lhdm,bpm->lbphd", w.W_O_eff, u).contiguous()
 
 
 @dataclass
@@ -397,16 +399,17 @@ def patch_layer(
     de = u.new_zeros((k, batch, pos))
     delta = _first_layer_change(w, clean, layer, patches)
     hidden = clean.resid_pre[layer].repeat(k, 1, 1)  # [k·batch, pos, d_model], copy-major
-    with torch.no_grad(), hooks(*_patch_hooks(w, clean, layer, patches, base, got, k, dtype),
+    with torch.no_grad(), hooks(*_patch_hooks(w, clean, layer, patches, base, got, k, dtype, u),
                                 *_first_layer_hooks(w, clean, layer, patches, base, delta)):
+        tiled: dict = {}  # the layers' batch-shaped arguments, tiled once for the pass
         for i in range(layer, w.n_layers):
-            hidden = clean.calls[i].run(w.layers[i], hidden, batch, k)
+            hidden = clean.calls[i].run(w.layers[i], hidden, batch, k, tiled)
             if i == layer:
                 d_heads[..., i, :], sp = _first_head_changes(w, clean, i, delta, ou, clean.scale)
             else:
                 d_heads[..., i, :], sp = _head_changes(w, clean, i, got, ou, clean.scale)
             de += _own_heads(patches, i, d_heads, ou, clean.scale, sp)
-            d_mlps[..., i] = _mlp_change(got.pop(H.mlp_out(i)), clean.mlp_write[i], u, clean.scale)
+            d_mlps[..., i] = got.pop(H.mlp_out(i))  # ΔDE, made in the hook (`_patch_hooks`)
             de += _own_mlps(patches, i, d_mlps, u, clean.scale)
     r = hidden.float().view(k, batch, pos, -1)  # each copy's ablated residual (no baseline copy)
     logit, s_abl, post = _final_state(w, clean, r, got, u)
@@ -449,10 +452,11 @@ def _first_layer_hooks(w: Weights, clean: CleanState, layer: int, patches: list[
 
 
 def _patch_hooks(w: Weights, clean: CleanState, layer: int, patches: list[Patch], base: Patch, got: dict, n: int,
-                 dtype: torch.dtype | None) -> list:
+                 dtype: torch.dtype | None, u: Tensor) -> list:
     """The pass's hook registrations: replace the units' (and the condition's) heads' z and MLP writes,
-    capture every layer's z and attention output after `layer`, every MLP write from `layer` on, the
-    final MLP's activations, and (with `dtype`) run each projection on the change from the baseline run."""
+    capture every layer's z and attention output after `layer`, every MLP write's ΔDE (target columns
+    `u`) from `layer` on, the final MLP's activations, and (with `dtype`) run each projection on the
+    change from the baseline run."""
     batch, pos = clean.scale.shape
     n_heads, dh = w.n_heads, w.d_head
     last = w.n_layers - 1
@@ -480,7 +484,11 @@ def _patch_hooks(w: Weights, clean: CleanState, layer: int, patches: list[Patch]
             o = out[0] if isinstance(out, tuple) else out
             if mlp_sets[i]:
                 o = _set_mlp(o, mlp_sets[i], n, batch, pos)
-            got[H.mlp_out(i)] = o.detach().float().clone().view(n, batch, pos, -1)
+            # The write's ΔDE right away (the layer may add into it in place afterwards, as Falcon does),
+            # so the write itself is never copied; a non-contiguous one is, to be viewed per copy.
+            m = o.detach().float()
+            m = m if m.is_contiguous() else m.clone()
+            got[H.mlp_out(i)] = _mlp_change(m.view(n, batch, pos, -1), clean.mlp_write[i], u, clean.scale)
             return _replacing(out, o) if mlp_sets[i] else None
         return hook
 

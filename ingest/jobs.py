@@ -180,7 +180,8 @@ class JobRunner:
 
         cfg, w, work = self.cfg, self.w, job.work
         metrics = cfg.output_metrics != "none"  # a resample source batch needs none (nor its unembedding)
-        make = (lambda r, source=False: FastBatch(w, r, self.dtype, source=source, metrics=metrics and not source)
+        make = (lambda r, source=False: FastBatch(w, r, self.dtype, source=source, metrics=metrics and not source,
+                                                  logits=False)  # the sweep reads no whole logits
                 ) if cfg.engine == "fast" else (
             lambda r, source=False: ReferenceBatch(self.model.require_bridge(), r, metrics=metrics and not source))
         rows = self._tensor(job.rows)

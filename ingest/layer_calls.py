@@ -22,27 +22,37 @@ class Call:
     hidden_kw: bool  # the hidden state came as `hidden_states=` rather than first positional
     tuple_out: bool = False  # the layer returned a tuple (hidden state first) rather than a tensor
 
-    def run(self, layer, hidden: Tensor, batch: int, copies: int) -> Tensor:
-        """Call `layer` on `hidden` ([copies·batch, pos, d_model]), tiling batch-shaped arguments."""
-        args = _tile(self.args, batch, copies)
-        kwargs = _tile(self.kwargs, batch, copies)
+    def run(self, layer, hidden: Tensor, batch: int, copies: int, tiled: dict | None = None) -> Tensor:
+        """Call `layer` on `hidden` ([copies·batch, pos, d_model]), tiling batch-shaped arguments.
+
+        `tiled` keeps each tiled tensor across the layers of one pass (they share the model's masks and
+        rotary tables): each is copied once per pass, not once per layer.
+        """
+        tiled = {} if tiled is None else tiled
+        args = _tile(self.args, batch, copies, tiled)
+        kwargs = _tile(self.kwargs, batch, copies, tiled)
         out = layer(*args, hidden_states=hidden, **kwargs) if self.hidden_kw else layer(hidden, *args, **kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _tile(obj, batch: int, copies: int):
-    """Repeat every batch-major tensor (masks, ALiBi [batch·head, …], per-row positions) `copies` times."""
+def _tile(obj, batch: int, copies: int, tiled: dict):
+    """Repeat every batch-major tensor (masks, ALiBi [batch·head, …], per-row positions) `copies` times;
+    `tiled` maps a tensor's id to its tiled copy (the caller keeps the tensors alive meanwhile)."""
     if copies == 1:
         return obj
     if isinstance(obj, Tensor):
         batchlike = obj.dim() >= 2 and obj.shape[0] % batch == 0 and not (obj.shape[0] == 1 and batch > 1)
-        return torch.cat([obj] * copies) if batchlike else obj
+        if not batchlike:
+            return obj
+        if id(obj) not in tiled:
+            tiled[id(obj)] = torch.cat([obj] * copies)
+        return tiled[id(obj)]
     if isinstance(obj, tuple):
-        return tuple(_tile(o, batch, copies) for o in obj)
+        return tuple(_tile(o, batch, copies, tiled) for o in obj)
     if isinstance(obj, list):
-        return [_tile(o, batch, copies) for o in obj]
+        return [_tile(o, batch, copies, tiled) for o in obj]
     if isinstance(obj, dict):
-        return {k: _tile(v, batch, copies) for k, v in obj.items()}
+        return {k: _tile(v, batch, copies, tiled) for k, v in obj.items()}
     return obj
 
 
