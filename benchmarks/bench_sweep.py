@@ -89,10 +89,12 @@ def paired_sweep(ctx, with_reference: bool = True) -> dict:
 
     w, rows, src_rows, layers, heads, top_sets = _setup(ctx)
     a = bench_flops.Arch.of(w)
-    engines = {"fast": _timed(FastBatch)}
+    fast = _timed(FastBatch)
+    # Each engine's batches as the runner makes them (ingest/jobs.py `_patching`), output metrics off.
+    engines = {"fast": lambda r, source=False: fast(w, r, source=source, logits=False)}
     if with_reference:
         bridge = ctx.model().bridge
-        engines["reference"] = lambda w_, r, source=False: ReferenceBatch(bridge, r)
+        engines["reference"] = lambda r, source=False: ReferenceBatch(bridge, r)
     order = ["fast", "reference", "fast"] if with_reference else ["fast", "fast"]
     total = {"fast": 0.0, "reference": 0.0}
     ideal = 0.0
@@ -104,13 +106,13 @@ def paired_sweep(ctx, with_reference: bool = True) -> dict:
         before = bench_flops.calibrate(ctx)
         for name in order:
             if name == "fast":
-                engines["fast"].patch_s = {}
+                fast.patch_s = {}
             t, _ = _timed_call(lambda: work(name))
             after = bench_flops.calibrate(ctx)
             if name == "fast":
                 total["fast"] += t / 2
                 ideal += flops / ((before + after) / 2) / 2
-                for l, tl in engines["fast"].patch_s.items():
+                for l, tl in fast.patch_s.items():
                     patch[l] = min(tl, patch.get(l, tl))
             else:
                 total[name] += t
@@ -121,7 +123,7 @@ def paired_sweep(ctx, with_reference: bool = True) -> dict:
 
         def baselines(name):
             # As the runner makes them (ingest/jobs.py): the source rows only give replacement values.
-            built[name] = (engines[name](w, rows), engines[name](w, src_rows, source=True))
+            built[name] = (engines[name](rows), engines[name](src_rows, source=True))
 
         step(baselines, 0.0)
         for layer in layers:
