@@ -529,10 +529,10 @@ def _head_changes(w: Weights, clean: CleanState, i: int, got: dict, ou: Tensor, 
                   ) -> tuple[Tensor, Tensor | None]:
     """ΔDE of every head of layer `i` in each ablated copy, [k, batch, pos, head]; with post-norm
     blocks also the ablated attention post-norm scale (None without)."""
-    z = got.pop(H.z(i)) - w.c[i]  # [k, batch, pos, head, d_head], processed
+    z = got.pop(H.z(i)) - w.c[i]  # [k, batch, pos, head, d_head], processed (a fresh tensor)
     s_h = s[..., None]
-    if not w.post_norm:
-        return ((z - clean.z[i]) * ou[i]).sum(-1) / s_h, None
+    if not w.post_norm:  # in place: the same values as ((z − z_clean) · ou), without two more tensors
+        return z.sub_(clean.z[i]).mul_(ou[i]).sum(-1) / s_h, None
     sp = w.attn_post[i].scale(got.pop(H.attn_out(i)))[..., None]  # ablated post-norm scale
     return ((z * ou[i]).sum(-1) / sp
             - (clean.z[i] * ou[i]).sum(-1) / clean.attn_post_scale[i][..., None]) / s_h, sp
@@ -564,7 +564,7 @@ def _own_mlps(patches: list[Patch], i: int, d_mlps: Tensor, u: Tensor, s: Tensor
 
 def _mlp_change(m: Tensor, clean_m: Tensor, u: Tensor, s: Tensor) -> Tensor:
     """ΔDE of one MLP layer's write `m` ([k, batch, pos, d_model]) against the baseline's, [k, batch, pos]."""
-    return ((m - clean_m) * u).sum(-1) / s
+    return (m - clean_m).mul_(u).sum(-1) / s  # in place on the fresh difference (the same values)
 
 
 def _final_state(w: Weights, clean: CleanState, r: Tensor, got: dict, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
