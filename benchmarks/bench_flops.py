@@ -74,4 +74,5 @@ def run(ctx) -> dict:
         "matmul_gflops": flops / r["fast_ideal_s"] / 1e9,  # the adjacent rates, time-weighted
         "efficiency": r["fast_ideal_s"] / r["fast_s"],
         "engine_efficiency": r["fast_ideal_s"] / patch,
+        "clean_s": r["fast_clean_s"],  # outside the passes: the clean baselines, and the rest (tables)
     }

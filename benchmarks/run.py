@@ -64,6 +64,8 @@ def rows_for(name: str, r: dict, quick: bool) -> list[tuple[str, str, str, str]]
             ("matmul rate, same shapes, adjacent to each piece", f"{r['matmul_gflops']:.1f} GFLOP/s", "", ""),
             ("arithmetic efficiency (whole sweep)", f"{r['efficiency']:.0%}", "≥ 75%", verdict(r["efficiency"], 0.75, True)),
             ("arithmetic efficiency (patched passes only)", f"{r['engine_efficiency']:.0%}", "", ""),
+            ("outside the passes: clean baselines; rest (tables, mean − best)",
+             f"{r['clean_s']:.2f} s; {r['fast_sweep_s'] - r['patch_s'] - r['clean_s']:.2f} s", "", ""),
         ]
     if name == "clean":
         return [
