@@ -90,9 +90,11 @@ def _run_order(items):
     return key
 
 
-# Session resources that several files use: pytest-xdist sends the files that use one of them to
-# the same worker, together, so it is started once per run (not once per worker).
-SHARED = ("ray_cluster", "forks")
+# Session resources that several files use, by the fixture names that reach them: pytest-xdist sends
+# the files that use one of them to the same worker, together, so it is started once per run (not
+# once per worker). `built` is the whole report of tiny_store (tests/analysis/conftest.py: tens of CPU
+# seconds, and an object in memory, so it cannot be shared across workers as the stores are).
+SHARED = {"ray_cluster": "ray_cluster", "forks": "forks", "built": "report", "report_dir": "report"}
 
 
 def _shared_group(path: Path, cache: dict = {}) -> str | None:  # noqa: B006 - a cache per file
@@ -100,7 +102,8 @@ def _shared_group(path: Path, cache: dict = {}) -> str | None:  # noqa: B006 - a
     no fixtures: it reads the file)."""
     if path not in cache:
         text = path.read_text() if path.suffix == ".py" and path.is_file() else ""
-        cache[path] = next((name for name in SHARED if re.search(rf"def \w+\([^)]*\b{name}\b", text)), None)
+        cache[path] = next((group for name, group in SHARED.items()
+                            if re.search(rf"def \w+\([^)]*\b{name}\b", text)), None)
     return cache[path]
 
 
