@@ -4,7 +4,9 @@ The suite's own machinery lives here too (the classes are in tests/model_cache.p
 - one torch thread in this process and in every subprocess it starts (the tiny models are
   fastest on one thread, and two threads spinning on a busy 2-core machine are ten times slower);
 - `model_cache`: each model folder is loaded once per session, every load gets a deep copy;
-- `tiny_stores`: each tiny configuration is ingested once per session, every test gets a copy;
+- `tiny_stores`: each tiny configuration is ingested once per run, every test gets a copy; the tiny
+  models, `tiny_store` and these stores are built once per run by whichever pytest-xdist worker
+  asks first, in a folder all workers see (the others wait for it on a file lock);
 - `forks`: real `selfrepair` processes (to kill, to race) forked from a server that imported the
   package once (tests/cli_fork.py), instead of a cold interpreter and torch import for each;
 - a count of model loads, in-process and in subprocesses, printed at the end of the run
@@ -20,6 +22,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -34,7 +37,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import tiny_models  # noqa: E402
-from model_cache import LOAD_LOG, ModelCache, TinyStores, load_counts  # noqa: E402
+from model_cache import LOAD_LOG, ModelCache, TinyStores, built_once, load_counts, shared_root  # noqa: E402
 from tiny_models import ingest_tiny  # noqa: E402
 
 # A test that asks for one of these fixtures ingests or loads a tiny model: marked `ingest`.
@@ -87,9 +90,11 @@ def _run_order(items):
     return key
 
 
-# Session resources that several files use: pytest-xdist sends the files that use one of them to
-# the same worker, together, so it is started once per run (not once per worker).
-SHARED = ("ray_cluster", "forks")
+# Session resources that several files use, by the fixture names that reach them: pytest-xdist sends
+# the files that use one of them to the same worker, together, so it is started once per run (not
+# once per worker). `built` is the whole report of tiny_store (tests/analysis/conftest.py: tens of CPU
+# seconds, and an object in memory, so it cannot be shared across workers as the stores are).
+SHARED = {"ray_cluster": "ray_cluster", "forks": "forks", "built": "report", "report_dir": "report"}
 
 
 def _shared_group(path: Path, cache: dict = {}) -> str | None:  # noqa: B006 - a cache per file
@@ -97,7 +102,8 @@ def _shared_group(path: Path, cache: dict = {}) -> str | None:  # noqa: B006 - a
     no fixtures: it reads the file)."""
     if path not in cache:
         text = path.read_text() if path.suffix == ".py" and path.is_file() else ""
-        cache[path] = next((name for name in SHARED if re.search(rf"def \w+\([^)]*\b{name}\b", text)), None)
+        cache[path] = next((group for name, group in SHARED.items()
+                            if re.search(rf"def \w+\([^)]*\b{name}\b", text)), None)
     return cache[path]
 
 
@@ -167,8 +173,10 @@ def _seed():
 # -- tiny models and stores ----------------------------------------------------------------
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("models")
-    return {f: tiny_models.save(f, root / f"tiny-{f}") for f in tiny_models.FAMILIES}
+    """The tiny models' folders, saved once per run for every worker (never to be changed)."""
+    root = shared_root(tmp_path_factory) / "models"
+    root.mkdir(exist_ok=True)
+    return {f: built_once(root / f"tiny-{f}", lambda d, f=f: tiny_models.save(f, d)) for f in tiny_models.FAMILIES}
 
 
 @pytest.fixture(scope="session")
@@ -180,10 +188,15 @@ def good_store(tiny_stores, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_store(tiny_model_dirs, tmp_path_factory) -> Path:
     """One store root holding all three tiny families, every ablation type, sr_mlps neuron detail."""
+    def build(store: Path) -> None:
+        for d in tiny_model_dirs.values():
+            # sr_mlps neuron detail for the penultimate layer: the authors' neuron figures draw it
+            ingest_tiny(d, store, sr_mlps_neurons="penultimate")
+
+    # Ingested once per run; each worker reads its own copy (a test that writes into it stays in its worker).
+    pristine = built_once(shared_root(tmp_path_factory) / "tiny-store", build)
     store = tmp_path_factory.mktemp("store")
-    for d in tiny_model_dirs.values():
-        # sr_mlps neuron detail for the penultimate layer: the authors' neuron figures draw it
-        ingest_tiny(d, store, sr_mlps_neurons="penultimate")
+    shutil.copytree(pristine, store, symlinks=True, dirs_exist_ok=True)
     return store
 
 
@@ -225,4 +238,4 @@ def forks(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_stores(tiny_model_dirs, tmp_path_factory) -> TinyStores:
-    return TinyStores(tiny_model_dirs, tmp_path_factory.mktemp("pristine"))
+    return TinyStores(tiny_model_dirs, shared_root(tmp_path_factory) / "pristine")

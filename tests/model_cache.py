@@ -1,13 +1,16 @@
 """The test suite's sharing machinery (used by tests/conftest.py): a model cache per model folder,
-tiny stores ingested once per configuration and handed out as copies, and the model-load count."""
+tiny stores ingested once per configuration and handed out as copies, what is built once per run
+for every pytest-xdist worker, and the model-load count."""
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import shutil
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 from tiny_models import ingest_tiny
 
@@ -26,6 +29,28 @@ def load_counts(path: str) -> dict:
     return {"loads": len(loads), "in_process": inproc, "subprocess": len(loads) - inproc,
             "cached": sum(len(r) == 3 and r[1] == "cached" for r in rows),
             "per_model": Counter(Path(r[1]).name for r in loads)}
+
+
+def shared_root(tmp_path_factory) -> Path:
+    """A folder of this run that every pytest-xdist worker sees: the run's base temporary folder (a
+    worker's own is a folder in it, named after the worker); this process's own without xdist."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def built_once(folder: Path, build: Callable[[Path], object]) -> Path:
+    """`folder`, built by `build(folder)` by the first process of the run that asks (the others wait for it
+    on a file lock, then find it built): each tiny model or store is made once per run, not once per
+    worker. Something half built (its build failed) is built again by the next process that asks."""
+    from filelock import FileLock
+
+    done = folder.with_name(folder.name + ".built")
+    with FileLock(str(folder.with_name(folder.name + ".lock"))):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            build(folder)
+            done.touch()
+    return folder
 
 
 class ModelCache:
@@ -79,22 +104,25 @@ class ModelCache:
 
 
 class TinyStores:
-    """Stores of the tiny models, each configuration ingested once per session.
+    """Stores of the tiny models, each configuration ingested once per run.
 
     `copy(family, dest, **settings)` ingests `family` with ingest_tiny's settings and `settings`
-    the first time a configuration is asked for, and hands out a fresh copy of that pristine
-    store into `dest` (new or empty) every time: a test may damage, extend or compact its copy,
-    and no other test sees it. The copy holds the same model folder path, so resuming or extending it with
-    the same model works as on the original."""
+    the first time a configuration is asked for in the run (by any pytest-xdist worker: `root` is
+    a folder they all see, `built_once`), and hands out a fresh copy of that pristine store into
+    `dest` (new or empty) every time: a test may damage, extend or compact its copy, and no other
+    test sees it. The copy holds the same model folder path, so resuming or extending it with the
+    same model works as on the original."""
 
     def __init__(self, model_dirs: dict[str, Path], root: Path):
-        self.model_dirs, self.root, self.stores = model_dirs, root, {}
+        self.model_dirs, self.root = model_dirs, root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def pristine(self, family: str, **settings) -> Path:
+        """The run's one store of this configuration (never to be changed: tests get copies)."""
+        key = repr((family, tuple(sorted((k, repr(v)) for k, v in settings.items()))))
+        folder = self.root / f"{family}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+        return built_once(folder, lambda f: ingest_tiny(self.model_dirs[family], f, **settings))
 
     def copy(self, family: str, dest: Path, **settings) -> Path:
-        key = (family, tuple(sorted((k, repr(v)) for k, v in settings.items())))
-        if key not in self.stores:
-            store = self.root / f"{len(self.stores):03d}-{family}"
-            ingest_tiny(self.model_dirs[family], store, **settings)
-            self.stores[key] = store
-        shutil.copytree(self.stores[key], dest, symlinks=True, dirs_exist_ok=True)
+        shutil.copytree(self.pristine(family, **settings), dest, symlinks=True, dirs_exist_ok=True)
         return dest

@@ -106,3 +106,41 @@ def test_run_order_keeps_files_together_and_the_shared_ray_tests_in_one_run(requ
     on_ray = [i for i, item in enumerate(items) if "ray_cluster" in item.fixturenames]
     if on_ray:
         assert on_ray == list(range(on_ray[0], on_ray[-1] + 1)), "the tests on the shared Ray are split"
+
+
+def test_built_once_builds_once_and_again_after_a_failed_build(tmp_path):
+    """model_cache.built_once: the first caller builds (the others find it built); a build that failed
+    leaves no marker, so the next caller builds again from scratch."""
+    import pytest
+
+    from model_cache import built_once
+
+    calls = []
+
+    def build(folder):
+        calls.append(folder)
+        folder.mkdir()
+        (folder / "x").write_text(str(len(calls)))
+
+    assert built_once(tmp_path / "a", build) == tmp_path / "a"
+    assert built_once(tmp_path / "a", build) == tmp_path / "a"
+    assert len(calls) == 1 and (tmp_path / "a" / "x").read_text() == "1"
+
+    def broken(folder):
+        folder.mkdir()
+        (folder / "half").write_text("")
+        raise RuntimeError("ingest failed")
+
+    with pytest.raises(RuntimeError):
+        built_once(tmp_path / "b", broken)
+    built_once(tmp_path / "b", build)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["x"]  # the half-built folder went
+
+
+def test_tiny_stores_are_built_in_the_runs_shared_folder(tiny_stores, tiny_model_dirs, tmp_path_factory):
+    """Every pytest-xdist worker of the run finds the same tiny models and pristine stores (model_cache.shared_root)."""
+    from model_cache import shared_root
+
+    root = shared_root(tmp_path_factory)
+    assert all(d.parent == root / "models" for d in tiny_model_dirs.values())
+    assert tiny_stores.root == root / "pristine"

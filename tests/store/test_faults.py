@@ -5,8 +5,8 @@ draws, `compact` — is SIGKILLed at each commit point it reaches (SELFREPAIR_FA
 without the fault, and its store must then hold exactly the rows of a one-shot run of the
 final configuration (every table, sorted by its key), with no duplicate key, and pass
 `verify`. Then every kill point in sequence on one store, ten rounds of two ingests and a
-`compact` racing on one store, the variable on a real `selfrepair compact` process, and a
-Ray worker killed after writing a unit.
+`compact` racing on one store, and the variable on a real `selfrepair compact` process (a Ray
+worker killed after writing a unit: test_faults_ray.py, on the Ray the suite's Ray tests share).
 
 Commands run in children forked from `fault_runner.py`, a process that has loaded torch
 and the tiny model once, so a run costs a fraction of a second instead of an interpreter
@@ -14,8 +14,7 @@ start, and independent cases run side by side. Each rerun's child computes its s
 digest (per table: rows, duplicate keys by SQL GROUP BY … HAVING count(*) > 1, SHA-256 of
 the rows sorted by key; and `verify`), compared here with the one-shot run's. Stores live
 on /dev/shm where there is one: fsync is most of a run's cost on disk, and a SIGKILL
-loses nothing the page cache holds, so the kill is the same. The Ray test starts a local
-cluster and loads the model in each worker (tens of seconds): `-m "not ray"` leaves it out.
+loses nothing the page cache holds, so the kill is the same.
 """
 
 from __future__ import annotations
@@ -61,7 +60,6 @@ FINAL = {
 ALL = BASE | FINAL["tokens"] | FINAL["heads"] | FINAL["draws"]  # the sequence's final configuration
 SEQUENCE = ("fresh", "tokens", "heads", "draws", "compact")
 RACE_ROUNDS = 10
-RAY = BASE | {"sr_mlps_neurons": "none"}  # the Ray fault run without the sr_mlps phase: one phase fewer to kill in
 RACE_GROWTH = 15  # tokens per round: one row, so each round redoes the partial last batch
 RACE = BASE | {"heads": "L1H1", "sr_mlps_neurons": "none"}  # ten rounds: the least work that still races
 RACE_FINAL = RACE | {"tokens": BASE["tokens"] + RACE_GROWTH * RACE_ROUNDS, "resamples": 2}
@@ -143,8 +141,7 @@ def runner(scratch):
 @pytest.fixture(scope="module")
 def references(runner, scratch) -> dict[str, dict]:
     """One-shot stores, built once per final configuration (side by side): name -> {root, digest}."""
-    configs = {cmd: BASE | FINAL[cmd] for cmd in FINAL if cmd != "compact"} | {"all": ALL, "race": RACE_FINAL,
-                                                                            "ray": RAY}
+    configs = {cmd: BASE | FINAL[cmd] for cmd in FINAL if cmd != "compact"} | {"all": ALL, "race": RACE_FINAL}
     results = runner.jobs([[step("ingest", scratch / f"reference-{n}", c, check=True)] for n, c in configs.items()])
     out = {}
     for name, (res,) in zip(configs, results):
@@ -348,32 +345,3 @@ def test_a_fault_spec_parses():
     assert faults.parse(None) is None and faults.parse("") is None
     assert faults.parse("compact.written") == ("compact.written", 1)
     assert faults.parse("writer.set.appended:3") == ("writer.set.appended", 3)
-
-
-@pytest.mark.ray
-def test_a_ray_worker_killed_after_writing_a_unit(runner, references, scratch, monkeypatch):
-    """`ray.worker.written` once in the cluster (SELFREPAIR_FAULT_ONCE): the worker dies with its unit's
-    files written and its entry never returned; the driver retries the unit elsewhere and finishes.
-    A rerun then has nothing to do, and the store equals the single-process one-shot run."""
-    pytest.importorskip("ray", reason="the ray extra (pip install -e '.[test,ray]') runs this test")
-    from selfrepair.ingest.config import IngestConfig
-    from selfrepair.ingest.runner import Ingest
-
-    root, marker = scratch / "ray", scratch / "ray-killed"
-    monkeypatch.setenv(faults.ENV, "ray.worker.written")
-    monkeypatch.setenv(faults.ONCE_ENV, str(marker))
-    faults.arm(None)  # this process drives: only the workers read the variables
-    logs: list[str] = []
-    cfg = IngestConfig(**(dict(model=str(scratch / "tiny-gpt2"), store=root, corpus="embedded") | RAY
-                          | {"ablations": tuple(RAY["ablations"]), "activations": tuple(RAY["activations"]),
-                             "executor": "ray", "workers": 2}))  # not quiet: the retry is logged
-    result = Ingest(cfg, log=logs.append).run()
-    assert marker.exists()  # a worker really was killed there
-    retries = [line for line in logs if "retrying it on another worker" in line]
-    assert len(retries) == 1 and "the worker process died" in retries[0], logs
-    monkeypatch.delenv(faults.ENV)
-    ((rerun,),) = runner.jobs([[step("ingest", root, RAY, check=True)]])
-    assert rerun["rc"] == 0
-    assert_like(root, rerun["check"], references["ray"])
-    print(f"\nray: {retries[0]}; {result.shards_written} shards committed; the rerun's store equals the "
-          "one-shot run, 0 duplicate keys, verify OK")
