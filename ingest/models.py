@@ -320,11 +320,13 @@ def _note_load(name: str) -> None:
             f.write(f"{os.getpid()}\t{name}\n")
 
 
-def load_model(name: str, device: str = "auto", revision: str | None = None) -> LoadedModel:
+def load_model(name: str, device: str = "auto", revision: str | None = None, bridge: bool = True) -> LoadedModel:
     """Resolve and load a model in float32, and wrap a copy in a TransformerBridge with processed weights.
 
     The weights stay float32 whatever the run's `dtype`: the clean pass is a float32 run, and a
     bfloat16 or float16 sweep runs only its matrix products in `dtype` (ingest/engine.py).
+    Without `bridge` (a Ray worker of the fast engine) TransformerLens is neither imported nor
+    booted: no second copy of the weights, seconds less per worker.
     """
     import contextlib
     import copy
@@ -332,7 +334,6 @@ def load_model(name: str, device: str = "auto", revision: str | None = None) -> 
 
     import torch
     import transformers
-    from transformer_lens.model_bridge import TransformerBridge
 
     _note_load(name)
 
@@ -343,20 +344,25 @@ def load_model(name: str, device: str = "auto", revision: str | None = None) -> 
     device = pick_device(device)
     hf_model, tokenizer = load_hf(spec, torch.float32, revision)
     family_of(hf_model)  # an unsupported family is refused before anything else happens
+    hf_model.to(device)
+    if not bridge:
+        return LoadedModel(spec, None, tokenizer, device, revision, hf_model,
+                           f"{spec.hf_id} was loaded without its TransformerBridge (the fast engine's workers)")
+    from transformer_lens.model_bridge import TransformerBridge
+
     # The bridge replaces the model's modules with its own wrappers: give it a copy.
     bridge_model = copy.deepcopy(hf_model)
-    hf_model.to(device)
-    bridge, bridge_error = None, None
+    wrapped, bridge_error = None, None
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            bridge = TransformerBridge.boot_transformers(spec.hf_id, hf_model=bridge_model, tokenizer=tokenizer)
-            bridge.enable_compatibility_mode()
-            bridge.to(device)
+            wrapped = TransformerBridge.boot_transformers(spec.hf_id, hf_model=bridge_model, tokenizer=tokenizer)
+            wrapped.enable_compatibility_mode()
+            wrapped.to(device)
     except Exception as e:  # noqa: BLE001 - adapters raise many kinds; the user needs one line
         # The fast engine drives the model's own modules and does not need the bridge; the
         # reference engine and the bridge's part of the self-check do.
-        bridge, bridge_error = None, f"TransformerLens cannot wrap {spec.hf_id}: {_first_line(e)}"
-    return LoadedModel(spec, bridge, tokenizer, device, revision, hf_model, bridge_error)
+        wrapped, bridge_error = None, f"TransformerLens cannot wrap {spec.hf_id}: {_first_line(e)}"
+    return LoadedModel(spec, wrapped, tokenizer, device, revision, hf_model, bridge_error)
 
 
 def context_length(hf_config) -> int | None:

@@ -64,7 +64,8 @@ class UnitWorker:
         from selfrepair.ingest.jobs import JobRunner
         from selfrepair.ingest.weights import read_weights
 
-        model = load_model(cfg.model, cfg.device, cfg.revision)
+        # Only the reference engine drives the TransformerBridge; the fast engine's workers skip it.
+        model = load_model(cfg.model, cfg.device, cfg.revision, bridge=cfg.engine == "reference")
         w = read_weights(model.hf_model, cfg.seq_len, cfg.preset)
         self.runner = JobRunner(cfg, model, w, ModelStore(Path(folder)), log=lambda *a, **k: None)
         self.index, self.fault, self.done = index, fault or "", 0
