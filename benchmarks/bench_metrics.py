@@ -5,8 +5,9 @@ of the first and the last layer, whose mean depth is the model's; one row of the
 `--output-metrics`, interleaved layer by layer (without, with, without, with) so both see the
 same load; each variant's time per layer is the best of its two runs. The FLOP model
 (store/flops.py) predicts the ratio: (sweep lower bound + unembedding) / sweep lower bound, the
-unembedding being 2·d_model·d_vocab per token per copy of a pass (each head's copy and the
-pass's baseline copy). Target: measured ratio / predicted ratio ≤ 1.1.
+unembedding being 2·d_model·d_vocab per token of each head's copy (a pass needs no baseline copy
+unless the model softcaps its logits; the baseline's own walk, once per batch, is left out by the
+model but timed here, in each layer's fresh batch). Target: measured ratio / predicted ratio ≤ 1.1.
 
 Memory: the working set of one pass's metrics (`Baseline.ablated`) over a synthetic output head
 (the embedded model's d_model, vocabularies of 49k, 131k and 262k, vocabulary chunks of 1k to
@@ -56,7 +57,7 @@ def _sweep(ctx) -> dict:
                 best[metrics][layer] = min(t, best[metrics].get(layer, t))
                 ctx.log(f"  layer {layer} heads, output metrics {'on' if metrics else 'off'}: {t:.2f} s")
     sweep = bench_flops.sweep_flops(a, heads, bench_sweep.N_ROWS, ctx.seq_len)
-    added = len(heads) * tokens * output_metric_flops(w.d_model, d_vocab, w.n_heads)
+    added = len(heads) * tokens * output_metric_flops(w.d_model, d_vocab, w.n_heads, w.softcap is not None)
     without, with_ = sum(best[False].values()), sum(best[True].values())
     rate = _unembed_rate(w.d_model, (w.n_heads + 1) * bench_sweep.N_ROWS * ctx.seq_len)
     return {"layers": layers, "n_heads": len(heads), "tokens": tokens, "d_vocab": d_vocab,

@@ -67,18 +67,21 @@ def sweep_flops(a: Arch, heads: list[tuple[int, int]], n_rows: int, seq_len: int
     return sum(head_ablation_flops(a, layer, seq_len) for layer, _ in heads) * tokens
 
 
-def output_metric_flops(d_model: int, d_vocab: int, units_per_pass: int) -> float:
+def output_metric_flops(d_model: int, d_vocab: int, units_per_pass: int, softcapped: bool = False) -> float:
     """FLOPs per unit-token of the output metrics (ingest/output_metrics.py).
 
     The full-vocabulary unembedding, 2·d_model·d_vocab per token of each unit's copy. The baseline's
-    distribution is computed once per batch (ingest/ablate.py `FastBatch.output`) and shared by every
-    pass of the batch (a pass has no baseline copy), so, like the O(d_vocab) work per token, it is left
-    out; `units_per_pass` no longer changes the count.
+    distribution, with E_p[W] (one more product), is computed once per batch (ingest/ablate.py
+    `FastBatch.output`) and shared by every pass of the batch, so, like the O(d_vocab) work per token,
+    it is left out. Without a softcap a pass needs nothing more of the baseline (the KL's E_p[x' − x]
+    is E_p[W]·Δnormed); with one (`softcapped`), each pass recomputes the baseline's logits, one copy
+    more per `units_per_pass` units.
     """
-    return 2 * d_model * d_vocab
+    return 2 * d_model * d_vocab * (1 + 1 / units_per_pass if softcapped else 1)
 
 
-def output_metrics_share(a: Arch, d_vocab: int, seq_len: int, layers: list[int], per_pass: int | None = None) -> float:
+def output_metrics_share(a: Arch, d_vocab: int, seq_len: int, layers: list[int], per_pass: int | None = None,
+                         softcapped: bool = False) -> float:
     """The output metrics' FLOPs as a fraction of the sweep's lower bound, for units with these first layers.
 
     Args:
@@ -87,12 +90,14 @@ def output_metrics_share(a: Arch, d_vocab: int, seq_len: int, layers: list[int],
         seq_len: tokens per row.
         layers: each ablated unit's first layer (a unit's pass runs from it, as a head's).
         per_pass: units per patched pass (`--heads-per-pass`), or None: every unit of a first layer.
+        softcapped: the model's final logits are softcapped (`output_metric_flops`).
     """
     by_layer: dict[int, int] = {}
     for layer in layers:
         by_layer[layer] = by_layer.get(layer, 0) + 1
     sweep = sum(n * head_ablation_flops(a, layer, seq_len) for layer, n in by_layer.items())
-    metrics = sum(n * output_metric_flops(a.d_model, d_vocab, min(n, per_pass or n)) for n in by_layer.values())
+    metrics = sum(n * output_metric_flops(a.d_model, d_vocab, min(n, per_pass or n), softcapped)
+                  for n in by_layer.values())
     return metrics / sweep if sweep else 0.0
 
 

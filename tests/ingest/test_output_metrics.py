@@ -81,6 +81,84 @@ def test_an_identity_patch_changes_no_metric(rows):
     assert not r.top1_changed.any()
 
 
+class _Identity:
+    """A final norm that passes the residual through: integer residuals and unembeddings then give exact logits."""
+
+    @staticmethod
+    def apply(x):
+        return x.float()
+
+
+def _synthetic_head(softcap=None, bias=False, chunk=96, vocab=1000, d=8, seed=0):
+    """An output head with small-integer weights and many duplicated rows (exact ties between logits)."""
+    from selfrepair.ingest.output_metrics import OutputHead
+
+    g = torch.Generator().manual_seed(seed)
+    distinct = torch.randint(-3, 4, (vocab // 4, d), generator=g).float()
+    W = distinct[torch.randint(0, vocab // 4, (vocab,), generator=g)]  # each row ~4 times over
+    b = torch.randint(-2, 3, (vocab,), generator=g).float() if bias else torch.zeros(vocab)
+    return OutputHead(_Identity(), W, b, softcap=softcap, chunk=chunk)
+
+
+def _reference_metrics(head, resid, abl, y):
+    """The metrics from whole float64 logits, computed here without selfrepair code."""
+    def logits(r):
+        x = r.double() @ head.W.double().T + head.b.double()
+        return x if head.softcap is None else head.softcap * torch.tanh(x / head.softcap)
+
+    lp, lq = torch.log_softmax(logits(resid), -1), torch.log_softmax(logits(abl), -1)
+    nll = lambda l: -l.gather(-1, y.expand(l.shape[:-1])[..., None])[..., 0]  # noqa: E731
+    return {"d_loss": nll(lq) - nll(lp), "kl": (lp.exp() * (lp - lq)).sum(-1),
+            "d_entropy": -(lq.exp() * lq).sum(-1) + (lp.exp() * lp).sum(-1),
+            "top1_changed": logits(abl).argmax(-1) != logits(resid).argmax(-1)}
+
+
+@pytest.mark.parametrize("softcap,bias", [(None, False), (None, True), (30.0, True)])
+def test_chunked_metrics_of_exact_logits_with_ties(softcap, bias):
+    """Logits with exact ties (duplicated unembedding rows, integer inputs) across and within chunks, a
+    last chunk shorter than the others: every metric equals the float64 full-vocabulary one, and
+    top1_changed is exactly `argmax p' != argmax p` with ties going to the lower index."""
+    from selfrepair.ingest.output_metrics import Baseline
+
+    head = _synthetic_head(softcap, bias)
+    g = torch.Generator().manual_seed(1)
+    resid = torch.randint(-2, 3, (3, 7, 8), generator=g).float()
+    abl = resid + torch.randint(-1, 2, (6, 3, 7, 8), generator=g).float() * (torch.rand(6, 1, 1, 1, generator=g) < .8)
+    y = torch.randint(0, head.d_vocab, (3, 7), generator=g)
+    got = Baseline.of(head, resid, y).ablated(abl)
+    want = _reference_metrics(head, resid, abl, y)
+    for m in METRICS:
+        np.testing.assert_allclose(got[m].double().numpy(), want[m].numpy(), rtol=0, atol=1e-5, err_msg=m)
+    assert torch.equal(got["top1_changed"], want["top1_changed"])
+    assert want["top1_changed"].any() and not want["top1_changed"].all()  # not vacuous
+    ties = (lambda x: (x == x.amax(-1, keepdim=True)).sum(-1) > 1)(resid.double() @ head.W.double().T + head.b.double())
+    assert ties.any()  # the baseline's top-1 is tied somewhere
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_a_copys_metrics_do_not_depend_on_the_other_copies_of_its_pass(softcap):
+    """Each copy's numbers, bit for bit, whether it runs alone, first, last or among others, on one
+    thread or two (a store extended unit by unit equals one run)."""
+    from selfrepair.ingest.output_metrics import Baseline
+
+    head = _synthetic_head(softcap, bias=True, chunk=100, vocab=1003, d=24)
+    g = torch.Generator().manual_seed(2)
+    resid = torch.randn(2, 9, 24, generator=g)
+    abl = resid + 0.5 * torch.randn(7, 2, 9, 24, generator=g)
+    base = Baseline.of(head, resid, torch.randint(0, head.d_vocab, (2, 9), generator=g))
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            everyone = base.ablated(abl)
+            for picks in ([3], [6, 0], [2, 5, 1, 4]):
+                some = base.ablated(abl[picks])
+                for m, v in some.items():
+                    assert torch.equal(v, everyone[m][picks]), (n, picks, m)
+    finally:
+        torch.set_num_threads(threads)
+
+
 # -- --output-metrics none, through the store ----------------------------------------------------
 @pytest.fixture(scope="module")
 def stores(tiny_stores, tmp_path_factory):
