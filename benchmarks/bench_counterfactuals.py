@@ -66,8 +66,8 @@ def run(ctx) -> dict:
     units = parse_units(",".join(f"L{l}" for l in layers), w.n_layers, w.n_heads)
     sets = top_sets(w, rows, units, batch, TOP_P)
     preds = rows.shape[1] - 1
-    per_pass = w.n_heads  # a pass holds every unit of one first layer, as the ingest picks on the CPU
-    frac = run_fraction(sets, units, per_pass, n_rows, batch, rows.shape[1])
+    per_pass = w.n_heads  # the sweep's pass holds every unit of one first layer, as the ingest picks on the CPU
+    frac = run_fraction(sets, units, n_rows, batch, rows.shape[1])
     spent = {"sweep": 0.0, **{name: 0.0 for name in COUNTERFACTUALS}}
     with torch.no_grad():
         for r0 in range(0, n_rows, batch):
@@ -83,7 +83,7 @@ def run(ctx) -> dict:
             for name in COUNTERFACTUALS:
                 cache: dict = {}
                 t0 = time.perf_counter()
-                for _ in batch_reruns(w, ctx_b, units, local, (name,), per_pass,
+                for _ in batch_reruns(w, ctx_b, units, local, (name,),
                                       lambda unit: unit_patch(ctx_b, src_b, "resample", unit, w.n_heads, cache),
                                       u, r0, preds):
                     pass
