@@ -91,13 +91,14 @@ def cut_state(clean: E.CleanState, cut: Cut, layer: int) -> E.CleanState:
     low-precision baseline).
 
     A pass reads its layers' entries of the per-layer fields (`patch_layer` indexes them by layer), so
-    those are lists with None before `layer`, and the output logits none (no output metrics here): a pass
-    per unit would otherwise copy, each time, the whole depth and [rows, pos, vocab] twice.
+    those are lists with None before `layer` (the attention module's output: but at `layer`), and the
+    output logits none (no output metrics here): a pass per unit would otherwise copy, each time, the
+    whole depth and [rows, pos, vocab] twice.
     """
     batch, pos = clean.scale.shape
     rows = torch.as_tensor(cut.rows, device=clean.scale.device)
     p = cut.n_pos
-    before = [None] * layer
+    before, after = [None] * layer, [None] * (len(clean.calls) - layer - 1)
     out = {}
     for f in fields(clean):
         v = getattr(clean, f.name)
@@ -105,10 +106,11 @@ def cut_state(clean: E.CleanState, cut: Cut, layer: int) -> E.CleanState:
             out[f.name] = before + [cut_call(c, rows, p, batch, pos) for c in v[layer:]]
         elif f.name in ("linears", "logits", "raw_logits"):
             out[f.name] = None
-        elif f.name == "attn_module_out" and v is not None:  # per layer, [batch, pos, …] or flattened tokens
-            out[f.name] = before + [None if t is None else _cut_tokens(t, rows, p, batch, pos) for t in v[layer:]]
+        elif f.name == "attn_module_out" and v is not None:  # [batch, pos, …] or flattened tokens; the first
+            t = v[layer]  # layer's only: the pass's later layers run their attention
+            out[f.name] = before + [None if t is None else _cut_tokens(t, rows, p, batch, pos)] + after
         elif f.name == "attn_module_rest" and v is not None:
-            out[f.name] = before + [_cut_obj(r, rows, p, batch, pos) for r in v[layer:]]
+            out[f.name] = before + [_cut_obj(v[layer], rows, p, batch, pos)] + after
         elif not isinstance(v, Tensor):
             out[f.name] = v
         elif f.name in _LAYER_FIRST:
@@ -137,25 +139,21 @@ def _norm_index(w) -> list[list[int]]:
 
 def frozen_norm_hooks(w, state: E.CleanState, layer: int) -> list:
     """Registrations making every norm of layers `layer`… divide by its scale in `state` (cut to the pass's
-    rows and positions); the pass's copies are tiled batch-major, so the scale is repeated per copy."""
+    rows and positions, one copy): each norm's forward is replaced, so its own scale is never computed."""
     cols = _norm_index(w)
     regs = []
     for i in range(layer, w.n_layers):
         for (_, module, norm), j in zip(w.layer_norms[i], cols[i]):
             s = state.norm_scales[..., j]  # [rows, pos]
 
-            def hook(m, args, out, norm=norm, s=s):
-                x = args[0].float()
-                copies = x.shape[0] // s.shape[0] if x.dim() == 3 else x.shape[0] // s.numel()
-                scale = s.repeat(copies, 1).reshape(*x.shape[:-1], 1)
+            def forward(x, *args, norm=norm, s=s, **kwargs):
+                y = x.float()
                 if norm.kind == "LN":
-                    x = x - x.mean(-1, keepdim=True)
+                    y = y - y.mean(-1, keepdim=True)
                 # The baseline's scale, not this run's: the norm no longer amplifies what the ablation left.
-                y = x / scale * norm.gain + norm.bias
-                o = out[0] if isinstance(out, tuple) else out
-                y = y.to(o.dtype)
-                return (y, *out[1:]) if isinstance(out, tuple) else y
-            regs.append(lambda module=module, hook=hook: module.register_forward_hook(hook))
+                y = y / s.reshape(*y.shape[:-1], 1) * norm.gain + norm.bias
+                return y.to(x.dtype)
+            regs.append(lambda module=module, forward=forward: E.ForwardOverride(module, forward))
     return regs
 
 
