@@ -4,10 +4,12 @@ On the embedded model (SmolLM2-135M) and the ingest's defaults (batches of 4 row
 resample ablation, top_p 0.02 of the tokens, units of one layer per pass), for every head of the
 layers bench_sweep spreads over the depth (0, 10, 19, 29: the model's mean depth): the sweep
 (`ablation_tables` without counterfactuals: every pass, repair, neuron and attention rows) and each
-counterfactual's re-runs alone (`counterfactual.batch_reruns` on the same batches, top sets and
-passes), timed in one run. The top sets follow the store's rule (floor(p · N) tokens per head by
-signed clean DE over all the benchmark's tokens). Beside the ratio, the share of rows and token
-positions the re-runs compute (`counterfactual_rules.run_fraction`): what the cut saves.
+counterfactual's re-runs alone (`counterfactual.batch_reruns` on the same batches and top sets: each
+unit in passes of its own, over the rows holding its top tokens up to their last positions), timed
+in one run. The top sets follow the store's rule (floor(p · N) tokens per head by signed clean DE
+over all the benchmark's tokens). Beside the ratio, the share of rows and token positions the
+re-runs compute against the sweep's (every unit a copy of every row;
+`counterfactual_rules.run_fraction`): what the cut saves.
 """
 
 from __future__ import annotations
