@@ -395,3 +395,28 @@ def test_run_fraction_counts_each_units_own_rows_and_positions():
     assert (frac.rows, frac.rows_full) == (1 + 2 + 1, 2 * 2 * 2)
     assert (frac.cells, frac.cells_full) == (2 + 1 + 5 + 3, 2 * 2 * 2 * seq)
     assert "50.0% of the rows" in frac.line()
+
+
+def test_no_pattern_is_recorded_for_a_batch_without_top_tokens(families, monkeypatch):
+    """Frozen attention records the baseline's patterns (one eager forward) only for a batch where some unit
+    has a top token."""
+    from selfrepair.ingest import counterfactual
+    from selfrepair.ingest.ablate import FastBatch, unit_patch
+    from selfrepair.ingest.weights import read_weights
+    from selfrepair.store.labels import parse_units
+
+    model = families["llama"]
+    model.set_attn_implementation("sdpa")
+    rows = torch.randint(0, 256, (BATCH, SEQ), generator=torch.Generator().manual_seed(4))
+    w = read_weights(model, SEQ)
+    fast = FastBatch(w, rows)
+    units = parse_units("L0H1,L1H0", w.n_layers, w.n_heads)
+    recorded = []
+    real = counterfactual.record_patterns
+    monkeypatch.setattr(counterfactual, "record_patterns", lambda *a: recorded.append(1) or real(*a))
+    run = lambda tops: list(counterfactual.batch_reruns(  # noqa: E731
+        w, fast, units, tops, ("frozen-attention",), lambda unit: unit_patch(fast, fast, "zero", unit, w.n_heads),
+        w.target_columns(rows.roll(-1, dims=1)), 0, SEQ - 1))
+    assert run({}) == [] and not recorded
+    got = run({"L0H1": np.array([3]), "L1H0": np.array([SEQ + 2])})
+    assert len(got) == 2 and len(recorded) == 1  # once per batch, whatever the units
