@@ -84,35 +84,26 @@ def cut_call(call: Call, rows: Tensor, n_pos: int, batch: int, pos: int) -> Call
                 call.hidden_kw)
 
 
-def cut_state(clean: E.CleanState, cut: Cut, layer: int) -> E.CleanState:
-    """The baseline run of the cut's rows and positions only, as a pass from `layer` reads it (float32; no
-    low-precision baseline).
-
-    A pass reads its layers' entries of the per-layer fields (`patch_layer` indexes them by layer), so
-    those are lists with None before `layer` (the attention module's output: but at `layer`), and the
-    output logits none (no output metrics here): each pass would otherwise copy the whole depth and
-    [rows, pos, vocab] twice.
-    """
+def cut_state(clean: E.CleanState, cut: Cut) -> E.CleanState:
+    """The baseline run of the cut's rows and positions only (float32; no low-precision baseline)."""
     batch, pos = clean.scale.shape
     rows = torch.as_tensor(cut.rows, device=clean.scale.device)
     p = cut.n_pos
-    before, after = [None] * layer, [None] * (len(clean.calls) - layer - 1)
     out = {}
     for f in fields(clean):
         v = getattr(clean, f.name)
         if f.name == "calls":
-            out[f.name] = before + [cut_call(c, rows, p, batch, pos) for c in v[layer:]]
-        elif f.name in ("linears", "logits", "raw_logits"):
+            out[f.name] = [cut_call(c, rows, p, batch, pos) for c in v]
+        elif f.name == "linears":
             out[f.name] = None
-        elif f.name == "attn_module_out" and v is not None:  # [batch, pos, …] or flattened tokens; the first
-            t = v[layer]  # layer's only: the pass's later layers run their attention
-            out[f.name] = before + [None if t is None else _cut_tokens(t, rows, p, batch, pos)] + after
+        elif f.name == "attn_module_out" and v is not None:  # per layer, [batch, pos, …] or flattened tokens
+            out[f.name] = [None if t is None else _cut_tokens(t, rows, p, batch, pos) for t in v]
         elif f.name == "attn_module_rest" and v is not None:
-            out[f.name] = before + [_cut_obj(v[layer], rows, p, batch, pos)] + after
+            out[f.name] = [_cut_obj(r, rows, p, batch, pos) for r in v]
         elif not isinstance(v, Tensor):
             out[f.name] = v
         elif f.name in _LAYER_FIRST:
-            out[f.name] = before + list(v[layer:, rows, :p].unbind(0))
+            out[f.name] = v[:, rows, :p]
         else:
             out[f.name] = v[rows, :p]
     return replace(clean, **out)
@@ -137,24 +128,25 @@ def _norm_index(w) -> list[list[int]]:
 
 def frozen_norm_hooks(w, state: E.CleanState, layer: int) -> list:
     """Registrations making every norm of layers `layer`… divide by its scale in `state` (cut to the pass's
-    rows and positions): each norm's forward is replaced, so its own scale is never computed; the pass's
-    copies are tiled batch-major, so the scale is repeated per copy."""
+    rows and positions); the pass's copies are tiled batch-major, so the scale is repeated per copy."""
     cols = _norm_index(w)
     regs = []
     for i in range(layer, w.n_layers):
         for (_, module, norm), j in zip(w.layer_norms[i], cols[i]):
             s = state.norm_scales[..., j]  # [rows, pos]
 
-            def forward(x, *args, norm=norm, s=s, **kwargs):
-                y = x.float()
-                copies = y.shape[0] // s.shape[0] if y.dim() == 3 else y.shape[0] // s.numel()
-                scale = (s if copies == 1 else s.repeat(copies, 1)).reshape(*y.shape[:-1], 1)
+            def hook(m, args, out, norm=norm, s=s):
+                x = args[0].float()
+                copies = x.shape[0] // s.shape[0] if x.dim() == 3 else x.shape[0] // s.numel()
+                scale = s.repeat(copies, 1).reshape(*x.shape[:-1], 1)
                 if norm.kind == "LN":
-                    y = y - y.mean(-1, keepdim=True)
+                    x = x - x.mean(-1, keepdim=True)
                 # The baseline's scale, not this run's: the norm no longer amplifies what the ablation left.
-                y = y / scale * norm.gain + norm.bias
-                return y.to(x.dtype)
-            regs.append(lambda module=module, forward=forward: E.ForwardOverride(module, forward))
+                y = x / scale * norm.gain + norm.bias
+                o = out[0] if isinstance(out, tuple) else out
+                y = y.to(o.dtype)
+                return (y, *out[1:]) if isinstance(out, tuple) else y
+            regs.append(lambda module=module, hook=hook: module.register_forward_hook(hook))
     return regs
 
 
@@ -276,7 +268,7 @@ def rerun(w, base, name: str, layer: int, patches: list[E.Patch], cut: Cut, u: T
         u: the correct tokens' processed unembedding columns, [batch, pos, d_model].
         patterns: the baseline's attention probabilities (`record_patterns`; frozen-attention only).
     """
-    state = cut_state(base.clean, cut, layer)
+    state = cut_state(base.clean, cut)
     rows = torch.as_tensor(cut.rows, device=u.device)
     u_c = u[rows, :cut.n_pos]
     # The batch's head projections (made once per batch, as the sweep's), cut like everything else.
