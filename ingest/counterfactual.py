@@ -6,11 +6,13 @@ layer on, and the final norm) divides by its scale in the baseline run instead o
 are ignored, values recomputed. The baseline is the clean run, or under a condition the
 condition-ablated run, as everywhere else.
 
-A re-run happens only on each unit's top-p% tokens. Attention is causal, so a pass needs only
-the rows holding one of its units' top tokens, and positions up to the last of them in the batch:
-the cached baseline (`engine.CleanState`, each layer's recorded `Call`, the replacements, `u`)
-is cut to those rows and positions (`cut_state`) and `engine.patch_layer` runs on the cut, with
-the freezing hooks of this module registered around it. Nothing in the engine changes.
+A re-run happens only on each unit's top-p% tokens, each unit in passes of its own. Attention is
+causal, so a unit's pass needs only the rows holding one of its top tokens, and positions up to the
+last of them (`counterfactual_rules.cuts_for` groups the rows by that last position): the cached
+baseline (`engine.CleanState` from the unit's layer on, each layer's recorded `Call`, the
+replacements, `u`) is cut to those rows and positions (`cut_state`) and `engine.patch_layer` runs
+on the cut, with the freezing hooks of this module registered around it. Nothing in the engine
+changes.
 
 Frozen attention goes through transformers' `AttentionInterface`: the baseline patterns are
 recorded by one eager forward of the baseline run (eager attention returns its probabilities),
@@ -31,7 +33,7 @@ from torch import Tensor
 
 from selfrepair.errors import ConfigError, UnsupportedModel
 from selfrepair.ingest import engine as E
-from selfrepair.ingest.counterfactual_rules import FROZEN_ATTENTION, FROZEN_NORMS, Cut, cuts_for, passes
+from selfrepair.ingest.counterfactual_rules import FROZEN_ATTENTION, FROZEN_NORMS, Cut, cuts_for
 from selfrepair.ingest.families import module_at
 from selfrepair.ingest.layer_calls import Call, hooks
 
@@ -84,26 +86,35 @@ def cut_call(call: Call, rows: Tensor, n_pos: int, batch: int, pos: int) -> Call
                 call.hidden_kw)
 
 
-def cut_state(clean: E.CleanState, cut: Cut) -> E.CleanState:
-    """The baseline run of the cut's rows and positions only (float32; no low-precision baseline)."""
+def cut_state(clean: E.CleanState, cut: Cut, layer: int) -> E.CleanState:
+    """The baseline run of the cut's rows and positions only, as a pass from `layer` reads it (float32; no
+    low-precision baseline).
+
+    A pass reads its layers' entries of the per-layer fields (`patch_layer` indexes them by layer), so
+    those are lists with None before `layer` (the attention module's output: but at `layer`), and the
+    output logits none (no output metrics here): a pass per unit would otherwise copy, each time, the
+    whole depth and [rows, pos, vocab] twice.
+    """
     batch, pos = clean.scale.shape
     rows = torch.as_tensor(cut.rows, device=clean.scale.device)
     p = cut.n_pos
+    before, after = [None] * layer, [None] * (len(clean.calls) - layer - 1)
     out = {}
     for f in fields(clean):
         v = getattr(clean, f.name)
         if f.name == "calls":
-            out[f.name] = [cut_call(c, rows, p, batch, pos) for c in v]
-        elif f.name == "linears":
+            out[f.name] = before + [cut_call(c, rows, p, batch, pos) for c in v[layer:]]
+        elif f.name in ("linears", "logits", "raw_logits"):
             out[f.name] = None
-        elif f.name == "attn_module_out" and v is not None:  # per layer, [batch, pos, …] or flattened tokens
-            out[f.name] = [None if t is None else _cut_tokens(t, rows, p, batch, pos) for t in v]
+        elif f.name == "attn_module_out" and v is not None:  # [batch, pos, …] or flattened tokens; the first
+            t = v[layer]  # layer's only: the pass's later layers run their attention
+            out[f.name] = before + [None if t is None else _cut_tokens(t, rows, p, batch, pos)] + after
         elif f.name == "attn_module_rest" and v is not None:
-            out[f.name] = [_cut_obj(r, rows, p, batch, pos) for r in v]
+            out[f.name] = before + [_cut_obj(v[layer], rows, p, batch, pos)] + after
         elif not isinstance(v, Tensor):
             out[f.name] = v
         elif f.name in _LAYER_FIRST:
-            out[f.name] = v[:, rows, :p]
+            out[f.name] = before + list(v[layer:, rows, :p].unbind(0))
         else:
             out[f.name] = v[rows, :p]
     return replace(clean, **out)
@@ -128,25 +139,21 @@ def _norm_index(w) -> list[list[int]]:
 
 def frozen_norm_hooks(w, state: E.CleanState, layer: int) -> list:
     """Registrations making every norm of layers `layer`… divide by its scale in `state` (cut to the pass's
-    rows and positions); the pass's copies are tiled batch-major, so the scale is repeated per copy."""
+    rows and positions, one copy): each norm's forward is replaced, so its own scale is never computed."""
     cols = _norm_index(w)
     regs = []
     for i in range(layer, w.n_layers):
         for (_, module, norm), j in zip(w.layer_norms[i], cols[i]):
             s = state.norm_scales[..., j]  # [rows, pos]
 
-            def hook(m, args, out, norm=norm, s=s):
-                x = args[0].float()
-                copies = x.shape[0] // s.shape[0] if x.dim() == 3 else x.shape[0] // s.numel()
-                scale = s.repeat(copies, 1).reshape(*x.shape[:-1], 1)
+            def forward(x, *args, norm=norm, s=s, **kwargs):
+                y = x.float()
                 if norm.kind == "LN":
-                    x = x - x.mean(-1, keepdim=True)
+                    y = y - y.mean(-1, keepdim=True)
                 # The baseline's scale, not this run's: the norm no longer amplifies what the ablation left.
-                y = x / scale * norm.gain + norm.bias
-                o = out[0] if isinstance(out, tuple) else out
-                y = y.to(o.dtype)
-                return (y, *out[1:]) if isinstance(out, tuple) else y
-            regs.append(lambda module=module, hook=hook: module.register_forward_hook(hook))
+                y = y / s.reshape(*y.shape[:-1], 1) * norm.gain + norm.bias
+                return y.to(x.dtype)
+            regs.append(lambda module=module, forward=forward: E.ForwardOverride(module, forward))
     return regs
 
 
@@ -246,45 +253,44 @@ def frozen_attention(w, patterns: list[Tensor], cut: Cut, layer: int):
 # -- the re-runs of one batch -----------------------------------------------------------------
 @dataclass
 class Rerun:
-    """One counterfactual pass's results per unit, at the pass's cut (leading dim k = unit in the pass)."""
+    """One unit's counterfactual pass, at the pass's cut (`result`'s leading dim: the one copy)."""
 
     cut: Cut
-    logit: Tensor  # [k, rows, pos] correct-token logit minus b_U, at the counterfactual's final scale
-    scale: Tensor  # [k, rows, pos] the final-norm scale the logit divides by
+    logit: Tensor  # [rows, pos] correct-token logit minus b_U, at the counterfactual's final scale
+    scale: Tensor  # [rows, pos] the final-norm scale the logit divides by
     result: E.PatchResult
 
 
-def rerun(w, base, name: str, layer: int, patches: list[E.Patch], cut: Cut, u: Tensor,
+def rerun(w, base, name: str, layer: int, patch: E.Patch, cut: Cut, u: Tensor,
           patterns: list[Tensor] | None = None) -> Rerun:
-    """One counterfactual pass from `layer` over the cut's rows and positions.
+    """One unit's counterfactual pass from `layer` over the cut's rows and positions.
 
     Args:
         w: the model's processed weights.
         base: the baseline FastBatch (its `clean` state and condition `base` patch).
         name: FROZEN_NORMS or FROZEN_ATTENTION.
-        layer: the units' first layer.
-        patches: each unit's replacements over the whole batch.
+        layer: the unit's first layer.
+        patch: the unit's replacements over the whole batch.
         cut: the rows and positions to run.
         u: the correct tokens' processed unembedding columns, [batch, pos, d_model].
         patterns: the baseline's attention probabilities (`record_patterns`; frozen-attention only).
     """
-    state = cut_state(base.clean, cut)
+    state = cut_state(base.clean, cut, layer)
     rows = torch.as_tensor(cut.rows, device=u.device)
     u_c = u[rows, :cut.n_pos]
     # The batch's head projections (made once per batch, as the sweep's), cut like everything else.
     ou = base._projections(u)[:, rows, :cut.n_pos] if hasattr(base, "_projections") else E.head_projections(w, u_c)
     cond = cut_patch(base.base, cut) if base.base is not None else None
-    mine = [cut_patch(p, cut) for p in patches]
     if name == FROZEN_NORMS:
         ctx = hooks(*frozen_norm_hooks(w, state, layer))
     else:
         ctx = frozen_attention(w, patterns, cut, layer)
     with torch.no_grad(), ctx:
-        r = E.patch_layer(w, state, layer, mine, u_c, ou, None, cond)
+        r = E.patch_layer(w, state, layer, [cut_patch(patch, cut)], u_c, ou, None, cond)
     if name == FROZEN_NORMS:
         # logit = resid·u / s_abl; the frozen final norm divides the same residual by the baseline's scale.
-        return Rerun(cut, r.logit * r.scale / state.scale, state.scale.expand_as(r.scale), r)
-    return Rerun(cut, r.logit, r.scale, r)
+        return Rerun(cut, r.logit[0] * r.scale[0] / state.scale, state.scale, r)
+    return Rerun(cut, r.logit[0], r.scale[0], r)
 
 
 @dataclass
@@ -301,16 +307,19 @@ class UnitRerun:
     d_mlps: Tensor  # [tok, layer]
 
 
-def batch_reruns(w, base, units, top_sets: dict, names, units_per_pass: int, make_patch, u: Tensor,
-                 row0: int, preds: int):
+def batch_reruns(w, base, units, top_sets: dict, names, make_patch, u: Tensor, row0: int, preds: int):
     """Every requested counterfactual of every unit with top tokens in this batch.
+
+    Each unit runs alone: its own passes (`cuts_for` of its own top tokens) over the rows holding one of
+    them, each group of rows up to its own last top position. The sweep's passes share copies of the whole
+    batch among a layer's units; here a unit sharing a pass would run every row any of them needs. A unit's
+    values so depend on nothing but the unit, its top tokens and the batch.
 
     Args:
         w: processed weights.
         base: the baseline FastBatch (clean, or condition-ablated).
         units: the batch's units; top_sets: their top-p% token indices in this batch, by label.
         names: the counterfactuals to run.
-        units_per_pass: units per pass (the sweep's grouping).
         make_patch: unit -> its `Patch` over the whole batch.
         u: [batch, pos, d_model] target columns; row0: the batch's first row; preds: predictions per row.
 
@@ -320,25 +329,22 @@ def batch_reruns(w, base, units, top_sets: dict, names, units_per_pass: int, mak
     if not hasattr(base, "clean"):
         raise ConfigError("counterfactuals: run with the fast engine (--engine fast)")
     t0 = row0 * preds
-    patterns = None
-    for chunk in passes(units, units_per_pass):
-        local = [np.asarray(top_sets.get(unit.label, np.empty(0, np.int64)), np.int64) - t0 for unit in chunk]
-        cuts = cuts_for(local, preds)
+    patterns = None  # recorded once per batch, and only when some unit has a top token in it
+    for unit in units:
+        local = np.asarray(top_sets.get(unit.label, np.empty(0, np.int64)), np.int64) - t0
+        cuts = cuts_for([local], preds)
         if not cuts:
             continue
-        patches = [make_patch(unit) for unit in chunk]
+        patch = make_patch(unit)
         for name in names:
             if name == FROZEN_ATTENTION and patterns is None:
                 patterns = record_patterns(w, base)
-            parts = [rerun(w, base, name, chunk[0].layer, patches, cut, u, patterns) for cut in cuts]
-            for j, unit in enumerate(chunk):
-                if not len(local[j]):
-                    continue
-                yield _gather(unit, name, local[j], t0, preds, parts, j, u.device)
+            parts = [rerun(w, base, name, unit.layer, patch, cut, u, patterns) for cut in cuts]
+            yield _gather(unit, name, local, t0, preds, parts, u.device)
 
 
-def _gather(unit, name: str, local: np.ndarray, t0: int, preds: int, parts: list, j: int, device) -> UnitRerun:
-    """Unit j's values at its tokens (batch-local, sorted) from the passes over each cut of rows."""
+def _gather(unit, name: str, local: np.ndarray, t0: int, preds: int, parts: list, device) -> UnitRerun:
+    """The unit's values at its tokens (batch-local, sorted) from its passes over each cut of rows."""
     rows, pos = local // preds, local % preds
     which = np.zeros(len(local), np.int64)
     at = np.zeros(len(local), np.int64)
@@ -353,11 +359,11 @@ def _gather(unit, name: str, local: np.ndarray, t0: int, preds: int, parts: list
             continue
         ri, pi = (torch.as_tensor(a[sel], device=device) for a in (at, pos))
         res = part.result
-        cols["logit"].append(part.logit[j, ri, pi])
-        cols["scale"].append(part.scale[j, ri, pi])
-        cols["de"].append(res.de[j, ri, pi])
-        cols["d_heads"].append(res.d_de_heads[j, ri, pi].reshape(len(sel), -1))
-        cols["d_mlps"].append(res.d_de_mlps[j, ri, pi])
+        cols["logit"].append(part.logit[ri, pi])
+        cols["scale"].append(part.scale[ri, pi])
+        cols["de"].append(res.de[0, ri, pi])
+        cols["d_heads"].append(res.d_de_heads[0, ri, pi].reshape(len(sel), -1))
+        cols["d_mlps"].append(res.d_de_mlps[0, ri, pi])
         order.append(sel)
     back = torch.as_tensor(np.argsort(np.concatenate(order), kind="stable"), device=device)
     v = {k: torch.cat(x)[back] for k, x in cols.items()}

@@ -129,7 +129,7 @@ def counterfactual_checks(record, w, rows, fast, fast_src, kind: str, names, lay
     preds = seq - 1
     unit = parse_units(f"L{layer}H{head}", w.n_layers, w.n_heads)[0]
     toks = check_tokens(batch, preds)
-    for r in batch_reruns(w, fast, [unit], {unit.label: toks}, names, 1,
+    for r in batch_reruns(w, fast, [unit], {unit.label: toks}, names,
                           lambda u: unit_patch(fast, fast_src, kind, u, w.n_heads), u_full, 0, preds):
         z = unit_patch(fast, fast_src, kind, unit, w.n_heads).heads[layer][head]
         want = whole_forward_counterfactual(w, rows, layer, head, z, r.name)[:, :preds].reshape(-1)[toks]

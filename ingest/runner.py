@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.metadata
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -475,9 +474,8 @@ class Ingest:
         # files are missing or damaged, are redone.
         todo = _condition_work(writer.manifest, cfg, draws, units, conditions, digest, top_digest, self._damaged)
         if cfg.counterfactuals:
-            per_pass = cfg.heads_per_pass or max(Counter(u.layer for u in units).values(), default=1)
             self.log(f"  {','.join(cfg.counterfactuals)}: " + run_fraction(
-                top_sets, units, per_pass, cfg.n_rows, cfg.batch_size, cfg.seq_len).line())
+                top_sets, units, cfg.n_rows, cfg.batch_size, cfg.seq_len).line())
         result.shards_skipped += len(plan.batches(cfg.n_rows, cfg.batch_size)) * len(draws) - \
             len({(t.kind, t.sample, t.rows) for t in todo if (t.kind, t.sample) in draws})
         jobs = []

@@ -341,3 +341,82 @@ def test_under_a_condition_the_baseline_is_the_condition_ablated_run(families, f
     assert set(got.condition) == {"L0H3"}
     want, _ = plain_reference(model, rows, src_rows, 0, 1, frozen, given=(0, 3))
     np.testing.assert_allclose(got.d_logit, want[top // preds, top % preds].numpy(), atol=ATOL, rtol=1e-4)
+
+
+def test_a_unit_re_runs_alone_whatever_other_units_the_batch_has(families):
+    """Each unit re-runs in passes of its own: its values with other units in the batch (other heads of its
+    layer, a later layer's, an MLP) are bit-identical to its values alone."""
+    from selfrepair.ingest.ablate import FastBatch, unit_patch
+    from selfrepair.ingest.counterfactual import batch_reruns
+    from selfrepair.ingest.weights import read_weights
+    from selfrepair.store.labels import parse_units
+
+    model = families["gpt2"]
+    model.set_attn_implementation("sdpa")
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randint(0, 256, (BATCH, SEQ), generator=g)
+    w = read_weights(model, SEQ)
+    preds = SEQ - 1
+    fast, src = FastBatch(w, rows), FastBatch(w, rows.roll(1, 0))
+    u = w.target_columns(rows.roll(-1, dims=1))
+    units = parse_units("L0H1,L0H2,L1H0,MLP0", w.n_layers, w.n_heads)
+    tops = {"L0H1": np.array([1 * preds + 3]), "L0H2": np.array([0 * preds + 9, 3 * preds + 10]),
+            "L1H0": np.array([2 * preds + 1, 2 * preds + 6]), "MLP0": np.array([3 * preds + 2])}
+
+    def run(us):
+        cache: dict = {}
+        got = batch_reruns(w, fast, us, tops, ("frozen-norms", "frozen-attention"),
+                           lambda unit: unit_patch(fast, src, "resample", unit, w.n_heads, cache), u, 0, preds)
+        return {(r.unit.label, r.name): r for r in got}
+
+    together = run(units)
+    assert len(together) == 2 * len(units)
+    for unit in units:
+        for key, alone in run([unit]).items():
+            both = together[key]
+            assert list(alone.tokens) == list(both.tokens) == list(tops[unit.label])
+            for f in ("logit", "ln_scale", "de", "d_heads", "d_mlps"):
+                assert torch.equal(getattr(alone, f), getattr(both, f)), (key, f)
+
+
+def test_run_fraction_counts_each_units_own_rows_and_positions():
+    """Per batch and unit: the rows holding one of its top tokens, each group up to its last top position,
+    against every unit running every row at every position."""
+    from selfrepair.ingest.counterfactual_rules import cuts_for, run_fraction
+    from selfrepair.store.labels import parse_units
+
+    seq, preds = 6, 5
+    a, b = parse_units("L0H0,L0H1", 1, 2)
+    # Batch 0 (rows 0-1): a at row 0 pos 1; b at row 1 pos 4 and row 0 pos 0. Batch 1 (rows 2-3): b at row 3 pos 2.
+    tops = {a.label: np.array([0 * preds + 1]), b.label: np.array([0 * preds + 0, 1 * preds + 4, 3 * preds + 2])}
+    frac = run_fraction(tops, [a, b], n_rows=4, batch_size=2, seq_len=seq)
+    # a: 1 row × 2 positions; b in batch 0: rows 0 (1 position) and 1 (5 positions), apart; b in batch 1: 1 × 3.
+    assert [(list(c.rows), c.n_pos) for c in cuts_for([tops[b.label][:2]], preds)] == [([0], 1), ([1], 5)]
+    assert (frac.rows, frac.rows_full) == (1 + 2 + 1, 2 * 2 * 2)
+    assert (frac.cells, frac.cells_full) == (2 + 1 + 5 + 3, 2 * 2 * 2 * seq)
+    assert "50.0% of the rows" in frac.line()
+
+
+def test_no_pattern_is_recorded_for_a_batch_without_top_tokens(families, monkeypatch):
+    """Frozen attention records the baseline's patterns (one eager forward) only for a batch where some unit
+    has a top token."""
+    from selfrepair.ingest import counterfactual
+    from selfrepair.ingest.ablate import FastBatch, unit_patch
+    from selfrepair.ingest.weights import read_weights
+    from selfrepair.store.labels import parse_units
+
+    model = families["llama"]
+    model.set_attn_implementation("sdpa")
+    rows = torch.randint(0, 256, (BATCH, SEQ), generator=torch.Generator().manual_seed(4))
+    w = read_weights(model, SEQ)
+    fast = FastBatch(w, rows)
+    units = parse_units("L0H1,L1H0", w.n_layers, w.n_heads)
+    recorded = []
+    real = counterfactual.record_patterns
+    monkeypatch.setattr(counterfactual, "record_patterns", lambda *a: recorded.append(1) or real(*a))
+    run = lambda tops: list(counterfactual.batch_reruns(  # noqa: E731
+        w, fast, units, tops, ("frozen-attention",), lambda unit: unit_patch(fast, fast, "zero", unit, w.n_heads),
+        w.target_columns(rows.roll(-1, dims=1)), 0, SEQ - 1))
+    assert run({}) == [] and not recorded
+    got = run({"L0H1": np.array([3]), "L1H0": np.array([SEQ + 2])})
+    assert len(got) == 2 and len(recorded) == 1  # once per batch, whatever the units
