@@ -1,7 +1,8 @@
 """Measured mechanisms: each ablation re-run with frozen norms or frozen attention (DESIGN.md, "Beyond single heads").
 
 *frozen-norms*: every residual-stream norm the pass runs (each layer's norms from the unit's first
-layer on, and the final norm) divides by its scale in the baseline run instead of its own.
+layer on, and the final norm) divides by its scale in the baseline run instead of its own, and so
+does every query/key norm inside attention where the family has them (`ingest/qk_norms.py`).
 *frozen-attention*: every attention pattern the pass runs is the baseline run's; queries and keys
 are ignored, values recomputed. The baseline is the clean run, or under a condition the
 condition-ablated run, as everywhere else.
@@ -34,8 +35,9 @@ from torch import Tensor
 from selfrepair.errors import ConfigError, UnsupportedModel
 from selfrepair.ingest import engine as E
 from selfrepair.ingest.counterfactual_rules import FROZEN_ATTENTION, FROZEN_NORMS, Cut, cuts_for
-from selfrepair.ingest.families import module_at
+from selfrepair.ingest.families import attention_modules
 from selfrepair.ingest.layer_calls import Call, hooks
+from selfrepair.ingest.qk_norms import QKScales, frozen_qk_hooks, record_qk_scales
 
 # -- cutting the baseline to the rows and positions -------------------------------------------
 _LAYER_FIRST = ("resid_pre", "z", "o_out", "attn_post_scale", "mlp_write")  # [layer, batch, pos, …]
@@ -157,12 +159,6 @@ def frozen_norm_hooks(w, state: E.CleanState, layer: int) -> list:
     return regs
 
 
-def attention_modules(w) -> list[torch.nn.Module]:
-    """Each layer's attention module: the parent of its output projection."""
-    parent = w.family.attn_out.rsplit(".", 1)[0]
-    return [module_at(layer, parent) for layer in w.layers]
-
-
 _FROZEN_IMPL = "selfrepair_frozen"
 # transformers looks attention functions up by name in a process-wide registry; the function finds the
 # pattern of the module calling it here, filled only inside `frozen_attention`.
@@ -262,7 +258,7 @@ class Rerun:
 
 
 def rerun(w, base, name: str, layer: int, patch: E.Patch, cut: Cut, u: Tensor,
-          patterns: list[Tensor] | None = None) -> Rerun:
+          patterns: list[Tensor] | None = None, qk: QKScales | None = None) -> Rerun:
     """One unit's counterfactual pass from `layer` over the cut's rows and positions.
 
     Args:
@@ -274,6 +270,7 @@ def rerun(w, base, name: str, layer: int, patch: E.Patch, cut: Cut, u: Tensor,
         cut: the rows and positions to run.
         u: the correct tokens' processed unembedding columns, [batch, pos, d_model].
         patterns: the baseline's attention probabilities (`record_patterns`; frozen-attention only).
+        qk: the baseline's query/key norm scales (`qk_norms.record_qk_scales`; frozen-norms, families with them).
     """
     state = cut_state(base.clean, cut, layer)
     rows = torch.as_tensor(cut.rows, device=u.device)
@@ -282,7 +279,7 @@ def rerun(w, base, name: str, layer: int, patch: E.Patch, cut: Cut, u: Tensor,
     ou = base._projections(u)[:, rows, :cut.n_pos] if hasattr(base, "_projections") else E.head_projections(w, u_c)
     cond = cut_patch(base.base, cut) if base.base is not None else None
     if name == FROZEN_NORMS:
-        ctx = hooks(*frozen_norm_hooks(w, state, layer))
+        ctx = hooks(*frozen_norm_hooks(w, state, layer), *frozen_qk_hooks(qk, layer, rows, cut.n_pos))
     else:
         ctx = frozen_attention(w, patterns, cut, layer)
     with torch.no_grad(), ctx:
@@ -329,7 +326,8 @@ def batch_reruns(w, base, units, top_sets: dict, names, make_patch, u: Tensor, r
     if not hasattr(base, "clean"):
         raise ConfigError("counterfactuals: run with the fast engine (--engine fast)")
     t0 = row0 * preds
-    patterns = None  # recorded once per batch, and only when some unit has a top token in it
+    # Recorded once per batch, and only when some unit has a top token in it.
+    patterns, qk, qk_recorded = None, None, False
     for unit in units:
         local = np.asarray(top_sets.get(unit.label, np.empty(0, np.int64)), np.int64) - t0
         cuts = cuts_for([local], preds)
@@ -339,7 +337,9 @@ def batch_reruns(w, base, units, top_sets: dict, names, make_patch, u: Tensor, r
         for name in names:
             if name == FROZEN_ATTENTION and patterns is None:
                 patterns = record_patterns(w, base)
-            parts = [rerun(w, base, name, unit.layer, patch, cut, u, patterns) for cut in cuts]
+            if name == FROZEN_NORMS and not qk_recorded:
+                qk, qk_recorded = record_qk_scales(w, base), True
+            parts = [rerun(w, base, name, unit.layer, patch, cut, u, patterns, qk) for cut in cuts]
             yield _gather(unit, name, local, t0, preds, parts, u.device)
 
 

@@ -3,8 +3,8 @@
 For one sample head and the first ablation type, a few tokens in the second half of the batch's rows
 (so the re-run cuts rows and positions, as on real top tokens) are re-run by `counterfactual.batch_reruns`
 and compared with a plain forward of the Hugging Face model with hooks: the head's o_proj input
-patched; for frozen-norms every norm module downstream (and the final norm) dividing by the scale it
-had in a clean hooked forward; for frozen-attention every attention module fed the probabilities an
+patched; for frozen-norms every norm module downstream (and the final norm, and the query/key norms
+inside attention) dividing by the scale it had in a clean hooked forward; for frozen-attention every attention module fed the probabilities an
 eager clean forward returned (`output_attentions`), through an attention function of this module's own.
 """
 
@@ -18,6 +18,7 @@ import torch
 from selfrepair.ingest.conventions import PROCESSED
 from selfrepair.ingest.counterfactual_rules import FROZEN_NORMS
 from selfrepair.ingest.families import module_at
+from selfrepair.ingest.qk_norms import frozen_output, norm_scale, qk_norm_modules
 
 _CHECK_IMPL = "selfrepair_check_frozen"
 
@@ -82,8 +83,14 @@ def whole_forward_counterfactual(w, rows, layer: int, head: int, z_new, name: st
         scales = {}
         rec = [lambda m=m, n=n: m.register_forward_pre_hook(
             lambda mod, a, n=n, m=m: scales.__setitem__(id(m), n.scale(a[0]).detach())) for m, n in zip(norms, params)]
+        # The norms inside attention (queries', keys'), where the family has them: recorded and frozen alike.
+        qk = [m for ms in qk_norm_modules(w)[layer:] for m in ms]
+        rec += [lambda m=m: m.register_forward_pre_hook(
+            lambda mod, a: scales.__setitem__(id(mod), norm_scale(mod, a[0]).detach())) for m in qk]
         with torch.no_grad(), _hooked(rec):
             w.model(rows, use_cache=False)
+        regs += [lambda m=m: m.register_forward_hook(lambda mod, a, o: frozen_output(mod, a[0], o, scales[id(mod)]))
+                 for m in qk]
         downstream = {id(m) for norms_ in w.layer_norms[layer:] for _, m, _ in norms_} | {id(norms[-1])}
         final = id(norms[-1])
 

@@ -187,3 +187,9 @@ def module_at(root, path: str):
         raise UnsupportedModel(f"{type(root).__name__} has no module at {path!r} ({type(obj).__name__} there): "
                                "this configuration of the architecture is not supported")
     return obj
+
+
+def attention_modules(w) -> list:
+    """Each layer's attention module of a read model (`ingest/weights.Weights`): the parent of its output projection."""
+    parent = w.family.attn_out.rsplit(".", 1)[0]
+    return [module_at(layer, parent) for layer in w.layers]

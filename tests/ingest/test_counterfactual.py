@@ -36,8 +36,14 @@ def _o_proj(attn):
 
 def _layers(model):
     base = getattr(model, "transformer", None) or getattr(model, "gpt_neox", None) or model.model
-    return list(base.h if hasattr(base, "h") else base.layers), (
-        getattr(base, "ln_f", None) or getattr(base, "final_layer_norm", None) or base.norm)
+    final = next(getattr(base, n) for n in ("ln_f", "final_layer_norm", "final_layernorm", "norm") if hasattr(base, n))
+    return list(base.h if hasattr(base, "h") else base.layers), final
+
+
+def _qk_norms(layer):
+    """The query/key norms inside a layer's attention (Qwen3: q_norm, k_norm; Phi: q_layernorm, k_layernorm)."""
+    attn = _attn(layer)
+    return [getattr(attn, n) for n in ("q_norm", "k_norm", "q_layernorm", "k_layernorm") if hasattr(attn, n)]
 
 
 def _norms(layer):
@@ -60,16 +66,18 @@ def _apply_frozen(norm, x, s):
     return norm.weight * (x / s)  # LlamaRMSNorm
 
 
-def plain_reference(model, rows, src_rows, layer, head, frozen: str, given: tuple[int, int] | None = None):
+def plain_reference(model, rows, src_rows, layer, head, frozen: str, given: tuple[int, int] | None = None,
+                    freeze_qk: bool = True):
     """Centred correct-token logit change of a resample ablation of (layer, head) with frozen norms or
     attention, and the clean final-norm scale: plain transformers and hooks only. With `given` (a head),
-    that head is resampled in every run, the baseline too, which then gives the frozen scales and patterns."""
+    that head is resampled in every run, the baseline too, which then gives the frozen scales and patterns.
+    Frozen norms include the query/key norms inside attention unless `freeze_qk` is False."""
     from transformers import AttentionInterface
 
     layers, final = _layers(model)
     n_heads = model.config.num_attention_heads
-    d_head = model.config.hidden_size // n_heads
-    norms = [n for l in layers for n in _norms(l)] + [final]
+    d_head = getattr(model.config, "head_dim", None) or model.config.hidden_size // n_heads
+    norms = [n for l in layers for n in _norms(l) + (_qk_norms(l) if freeze_qk else [])] + [final]
     scales, zs, probs = {}, {}, {}
 
     def rec_scale(m, a, o):
@@ -108,7 +116,7 @@ def plain_reference(model, rows, src_rows, layer, head, frozen: str, given: tupl
     # A hook registered first runs first: the ablated head goes in on top of the condition's replacement.
     hs = cond + [_o_proj(_attn(layers[layer])).register_forward_pre_hook(resample((layer, head)))]
     if frozen == "frozen-norms":
-        for n in [n for l in layers[layer:] for n in _norms(l)] + [final]:
+        for n in [n for l in layers[layer:] for n in _norms(l) + (_qk_norms(l) if freeze_qk else [])] + [final]:
             hs.append(n.register_forward_hook(lambda m, a, o, n=n: _apply_frozen(n, a[0], clean_scales[n]).to(o.dtype)))
     else:
         index = {id(_attn(l)): i for i, l in enumerate(layers)}
@@ -146,11 +154,43 @@ def families():
 @pytest.mark.parametrize("frozen", ["frozen-norms", "frozen-attention"])
 @pytest.mark.parametrize("family", tiny_models.FAMILIES)
 def test_against_plain_hooks(families, family, frozen):
+    _check_against_plain(families[family], frozen)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "phi"])
+def test_frozen_norms_freeze_the_query_and_key_norms(family):
+    """Qwen3 normalises each head's queries and keys (RMS, input [batch, pos, head, d_head]); Phi with
+    qk_layernorm does it with LayerNorms on [batch, head, pos, d_head]. Frozen norms freeze those too: the
+    re-run equals plain hooks that freeze them, and differs from plain hooks that leave them live."""
+    import tiny_families
+
+    model = tiny_families.build(family, n_layers=2)
+    got, (r, p) = _check_against_plain(model, "frozen-norms")
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randint(0, 256, (BATCH, SEQ), generator=g)
+    live, _ = plain_reference(model, rows, rows.roll(1, 0), 0, 1, "frozen-norms", freeze_qk=False)
+    assert np.abs(got.d_logit.to_numpy() - live[r, p].numpy()).max() > 1e-3
+    # The ingest's self-check freezes them too: its whole forward agrees with the cut re-run.
+    from selfrepair.ingest.ablate import FastBatch
+    from selfrepair.ingest.counterfactual_check import counterfactual_checks
+    from selfrepair.ingest.weights import read_weights
+
+    w = read_weights(model, SEQ)
+    devs = {}
+    counterfactual_checks(lambda name, a, b: devs.__setitem__(name, float((a - b).abs().max())), w, rows,
+                          FastBatch(w, rows), FastBatch(w, rows.roll(1, 0), source=True), "resample",
+                          ("frozen-norms",), 0, 1, w.target_columns(rows.roll(-1, dims=1)))
+    assert list(devs) == ["frozen-norms resample L0H1: cut re-run vs full model forward"]
+    assert max(devs.values()) < 1e-5
+
+
+def _check_against_plain(model, frozen):
+    """One head's counterfactual through `ablation_tables` against `plain_reference`; the stored rows and
+    the top tokens' (row, pos)."""
     from selfrepair.ingest.ablate import FastBatch, ablation_tables
     from selfrepair.ingest.weights import read_weights
     from selfrepair.store.labels import parse_units
 
-    model = families[family]
     model.set_attn_implementation("sdpa")
     g = torch.Generator().manual_seed(1)
     rows = torch.randint(0, 256, (BATCH, SEQ), generator=g)
@@ -177,6 +217,7 @@ def test_against_plain_hooks(families, family, frozen):
     src = tables["counterfactual_sources"].to_pandas()
     sums = src.groupby("token_index").d_de.sum()
     np.testing.assert_allclose(sums.loc[top].to_numpy(), got.d_de_heads + got.d_de_mlps, atol=ATOL)
+    return got, (r, p)
 
 
 # -- through the store: one small ingest with both counterfactuals, units alone and under a condition --------
