@@ -34,6 +34,7 @@ class ModelFacts:
         post_norm: whether blocks normalise their attention and MLP outputs.
         n_ctx: the longest row the model takes (None: its config does not say).
         arch: the shape facts the FLOP model counts with (store/flops.py: key/value heads, gating).
+        softcapped: whether the final logits are softcapped (the output metrics then cost more per pass).
     """
 
     family: Family
@@ -42,6 +43,7 @@ class ModelFacts:
     post_norm: bool
     n_ctx: int | None
     arch: Arch | None = None
+    softcapped: bool = False
 
     @property
     def n_layers(self) -> int:
@@ -69,7 +71,8 @@ def facts_of(model, config, n_heads: int, d_model: int) -> ModelFacts:
     mlp = module_at(layers[0], family.mlp_out)
     arch = Arch(shape.n_layers, n_heads, getattr(config, "num_key_value_heads", None) or n_heads, shape.d_head,
                 d_model, d_mlp, any(hasattr(mlp, a) for a in GATES), shape.parallel)
-    return ModelFacts(family, shape, norm, bool(family.attn_post), context_length(config), arch)
+    return ModelFacts(family, shape, norm, bool(family.attn_post), context_length(config), arch,
+                      bool(getattr(config, "final_logit_softcapping", None)))
 
 
 def weights_facts(w) -> ModelFacts:
@@ -78,7 +81,7 @@ def weights_facts(w) -> ModelFacts:
     from selfrepair.ingest.models import context_length
 
     return ModelFacts(w.family, model_shape(w), type(module_at(w.model, w.family.final_norm)).__name__,
-                      w.post_norm, context_length(w.model.config), Arch.of(w))
+                      w.post_norm, context_length(w.model.config), Arch.of(w), bool(w.softcap))
 
 
 def gguf_config(path: Path):

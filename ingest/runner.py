@@ -630,7 +630,8 @@ def _metrics_plan(cfg: IngestConfig, facts: ModelFacts, units) -> str:
     from selfrepair.store.flops import human_flops, output_metrics_share
 
     d_vocab, d_model = facts.shape.d_vocab, facts.shape.d_model
-    share = output_metrics_share(facts.arch, d_vocab, cfg.seq_len, [u.layer for u in units], cfg.heads_per_pass)
+    share = output_metrics_share(facts.arch, d_vocab, cfg.seq_len, [u.layer for u in units], cfg.heads_per_pass,
+                                 facts.softcapped)
     return (f"output metrics all (d_loss, kl, d_entropy, top1_changed): the full unembedding, 2·d_model·d_vocab = "
             f"{human_flops(2 * d_model * d_vocab)} per token per copy (each unit's), "
             f"+{share:.0%} of the sweep's FLOPs (--output-metrics none leaves them out)")

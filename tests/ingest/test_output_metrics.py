@@ -244,3 +244,26 @@ def test_a_model_whose_logits_the_metrics_cannot_read_is_refused_before_it_loads
                       "distribution, but GraniteForCausalLM divides its logits by a scale (logits_scaling=8.0), "
                       "which selfrepair's unembedding does not model; use --output-metrics none"]
     assert not (tmp_path / "s").exists()
+
+
+def test_the_plan_counts_a_softcapped_models_baseline_per_pass(tmp_path):
+    """With a final softcap each pass recomputes the baseline's logits (store/flops.py): the plan, read from the
+    config before any load, states a larger share than for the same model without the softcap."""
+    import json
+    import re
+
+    import tiny_families
+
+    def share(folder):
+        out = CliRunner().invoke(main, ["ingest", "--model", str(folder), "--store", str(tmp_path / "s"), "--tokens",
+                                        "62", "--seq-len", "32", "--corpus", "embedded", "--dry-run"]).output
+        line = next(l for l in out.splitlines() if "output metrics all" in l)
+        return int(re.search(r"\+(\d+)% of the sweep's FLOPs", line).group(1))
+
+    capped = tiny_families.save("gemma2", tmp_path / "capped")
+    plain = tiny_families.save("gemma2", tmp_path / "plain")
+    cfg = json.loads((plain / "config.json").read_text())
+    assert cfg["final_logit_softcapping"]
+    cfg["final_logit_softcapping"] = None  # absent, Gemma2Config would default it to 30
+    (plain / "config.json").write_text(json.dumps(cfg))
+    assert share(capped) > share(plain) > 0
