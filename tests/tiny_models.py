@@ -98,7 +98,6 @@ def small_store_ingest(model_dir: Path) -> list[str]:
 def tree_hashes(root: Path, ignore: tuple[str, ...] = ()) -> dict[str, str]:
     """Every file under `root` by its sha256 (symlinks by their target and FIFOs by kind, never opened;
     names in `ignore` left out): a tree is unchanged when this is equal."""
-    import hashlib
     import os
 
     out = {}
