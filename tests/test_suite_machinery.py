@@ -144,3 +144,29 @@ def test_tiny_stores_are_built_in_the_runs_shared_folder(tiny_stores, tiny_model
     root = shared_root(tmp_path_factory)
     assert all(d.parent == root / "models" for d in tiny_model_dirs.values())
     assert tiny_stores.root == root / "pristine"
+
+
+def test_tree_hashes_see_every_change_to_a_sparse_file(tmp_path):
+    """tree_hashes skips a sparse file's holes, yet a write into a hole, an edited byte, a truncation and an
+    extension each change the hash, and the same content hashes the same."""
+    from tiny_models import tree_hashes
+
+    f = tmp_path / "t" / "sparse"
+    f.parent.mkdir()
+
+    def write(edit=None):
+        with open(f, "wb") as out:
+            out.write(b"head")
+            out.seek(50 << 20)  # a 50 MB hole
+            out.write(b"tail")
+            if edit:
+                edit(out)
+        return tree_hashes(f.parent)
+
+    base = write()
+    assert write() == base
+    changed = [write(lambda o: (o.seek(20 << 20), o.write(b"x"))),  # into the hole
+               write(lambda o: (o.seek(1), o.write(b"E"))),  # an edited byte
+               write(lambda o: o.truncate((50 << 20) + 2)),  # truncated
+               write(lambda o: o.truncate(60 << 20))]  # extended by a hole
+    assert all(h != base for h in changed) and len({h["sparse"] for h in changed}) == 4
