@@ -72,15 +72,6 @@ class Cut:
     n_pos: int
 
 
-def cut_for(local_tokens: list[np.ndarray], preds: int) -> Cut | None:
-    """The rows holding one of the tokens (batch-local flat indices row · preds + pos), and positions up to
-    the last of them; None without a token."""
-    flat = np.concatenate(local_tokens) if local_tokens else np.empty(0, np.int64)
-    if not len(flat):
-        return None
-    return Cut(np.unique(flat // preds), int((flat % preds).max()) + 1)
-
-
 # Passes a unit's rows may be split into by their last position. Measured on the benchmark's top sets
 # (bench_counterfactuals: 36 heads, batches of 4 rows): a third pass saves 2.5% of the positions for
 # 43% more passes, each with its fixed cost per layer; one pass runs 25% more positions than two.
@@ -88,11 +79,12 @@ MAX_CUTS = 2
 
 
 def cuts_for(local_tokens: list[np.ndarray], preds: int, max_cuts: int = MAX_CUTS) -> list[Cut]:
-    """`cut_for`'s rows split into at most `max_cuts` groups of rows, each run up to its own last position.
+    """The rows holding one of the tokens (batch-local flat indices row · preds + pos), in at most `max_cuts`
+    groups of rows, each run up to its own last position; [] without a token.
 
     Attention is causal, so a row needs positions up to its own last top token only; rows sorted by that
     position are split where the split saves the most rows × positions (exact, by dynamic programming),
-    each group a pass of its own. One group is `cut_for`.
+    each group a pass of its own.
     """
     flat = np.concatenate(local_tokens) if local_tokens else np.empty(0, np.int64)
     if not len(flat):

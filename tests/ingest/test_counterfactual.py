@@ -165,9 +165,7 @@ def test_frozen_norms_freeze_the_query_and_key_norms(family):
     import tiny_families
 
     model = tiny_families.build(family, n_layers=2)
-    got, (r, p) = _check_against_plain(model, "frozen-norms")
-    g = torch.Generator().manual_seed(1)
-    rows = torch.randint(0, 256, (BATCH, SEQ), generator=g)
+    got, (r, p), rows = _check_against_plain(model, "frozen-norms")
     live, _ = plain_reference(model, rows, rows.roll(1, 0), 0, 1, "frozen-norms", freeze_qk=False)
     assert np.abs(got.d_logit.to_numpy() - live[r, p].numpy()).max() > 1e-3
     # The ingest's self-check freezes them too: its whole forward agrees with the cut re-run.
@@ -185,8 +183,8 @@ def test_frozen_norms_freeze_the_query_and_key_norms(family):
 
 
 def _check_against_plain(model, frozen):
-    """One head's counterfactual through `ablation_tables` against `plain_reference`; the stored rows and
-    the top tokens' (row, pos)."""
+    """One head's counterfactual through `ablation_tables` against `plain_reference`; the stored rows, the
+    top tokens' (row, pos) and the token rows run."""
     from selfrepair.ingest.ablate import FastBatch, ablation_tables
     from selfrepair.ingest.weights import read_weights
     from selfrepair.store.labels import parse_units
@@ -217,7 +215,7 @@ def _check_against_plain(model, frozen):
     src = tables["counterfactual_sources"].to_pandas()
     sums = src.groupby("token_index").d_de.sum()
     np.testing.assert_allclose(sums.loc[top].to_numpy(), got.d_de_heads + got.d_de_mlps, atol=ATOL)
-    return got, (r, p)
+    return got, (r, p), rows
 
 
 # -- through the store: one small ingest with both counterfactuals, units alone and under a condition --------
