@@ -5,7 +5,7 @@ resample ablation, top_p 0.02 of the tokens, units of one layer per pass), for e
 layers bench_sweep spreads over the depth (0, 10, 19, 29: the model's mean depth): the sweep
 (`ablation_tables` without counterfactuals: every pass, repair, neuron and attention rows) and each
 counterfactual's re-runs alone (`counterfactual.batch_reruns` on the same batches and top sets: each
-unit in passes of its own, over the rows holding its top tokens up to their last positions), timed
+unit over the rows holding its top tokens up to their last positions, units of one layer sharing passes), timed
 in one run. The top sets follow the store's rule (floor(p · N) tokens per head by signed clean DE
 over all the benchmark's tokens). Beside the ratio, the share of rows and token positions the
 re-runs compute against the sweep's (every unit a copy of every row;
@@ -69,7 +69,7 @@ def run(ctx) -> dict:
     sets = top_sets(w, rows, units, batch, TOP_P)
     preds = rows.shape[1] - 1
     per_pass = w.n_heads  # the sweep's pass holds every unit of one first layer, as the ingest picks on the CPU
-    frac = run_fraction(sets, units, n_rows, batch, rows.shape[1])
+    frac = run_fraction(sets, units, n_rows, batch, rows.shape[1], w.n_heads, per_pass, w.post_norm)
     spent = {"sweep": 0.0, **{name: 0.0 for name in COUNTERFACTUALS}}
     with torch.no_grad():
         for r0 in range(0, n_rows, batch):
@@ -87,7 +87,7 @@ def run(ctx) -> dict:
                 t0 = time.perf_counter()
                 for _ in batch_reruns(w, ctx_b, units, local, (name,),
                                       lambda unit: unit_patch(ctx_b, src_b, "resample", unit, w.n_heads, cache),
-                                      u, r0, preds):
+                                      u, r0, preds, per_pass):
                     pass
                 spent[name] += time.perf_counter() - t0
     out = {"layers": layers, "n_units": len(units), "tokens": n_rows * preds, "batch": batch, "top_p": TOP_P,

@@ -444,19 +444,22 @@ def ablation_tables(
     if condition is not None:
         out["condition_tokens"] = _concat([b.condition_tokens()], kind, sample)
     if counterfactuals:
-        out.update(_counterfactual_tables(b, ctx, src, kind, sample, units, top_sets, counterfactuals, w, row0))
+        out.update(_counterfactual_tables(b, ctx, src, kind, sample, units, top_sets, counterfactuals, w, row0,
+                                          units_per_pass))
     return out
 
 
-def _counterfactual_tables(b, ctx, src, kind, sample, units, top_sets, names, w, row0) -> dict:
+def _counterfactual_tables(b, ctx, src, kind, sample, units, top_sets, names, w, row0, units_per_pass) -> dict:
     """`counterfactual_runs` and `counterfactual_sources` of the batch (none when no unit has a top token here);
-    each unit re-runs alone (`counterfactual.batch_reruns`), whatever the sweep's passes."""
+    units of one first layer share passes, `units_per_pass` at a time, each on its own rows
+    (`counterfactual.batch_reruns`)."""
     from selfrepair.ingest.counterfactual import batch_reruns
 
     cache: dict = {}
     runs, sources = [], []
     for r in batch_reruns(w, b.base, units, top_sets, names,
-                          lambda unit: unit_patch(ctx, src, kind, unit, w.n_heads, cache), b.u, row0, b.preds):
+                          lambda unit: unit_patch(ctx, src, kind, unit, w.n_heads, cache), b.u, row0, b.preds,
+                          units_per_pass):
         ident = {**b.ident(r.unit), "counterfactual": r.name}
         local = torch.as_tensor(r.tokens - row0 * b.preds, device=b.u.device)
         at = lambda t: t[:, :b.preds].reshape(-1)[local]  # noqa: E731 - [batch, pos] -> the unit's top tokens

@@ -7,13 +7,15 @@ does every query/key norm inside attention where the family has them (`ingest/qk
 are ignored, values recomputed. The baseline is the clean run, or under a condition the
 condition-ablated run, as everywhere else.
 
-A re-run happens only on each unit's top-p% tokens, each unit in passes of its own. Attention is
-causal, so a unit's pass needs only the rows holding one of its top tokens, and positions up to the
-last of them (`counterfactual_rules.cuts_for` groups the rows by that last position): the cached
-baseline (`engine.CleanState` from the unit's layer on, each layer's recorded `Call`, the
-replacements, `u`) is cut to those rows and positions (`cut_state`) and `engine.patch_layer` runs
-on the cut, with the freezing hooks of this module registered around it. Nothing in the engine
-changes.
+A re-run happens only on each unit's top-p% tokens. Attention is causal, so a unit needs only the
+rows holding one of its top tokens, and positions up to the last of them there. Units of one first
+layer share passes (`counterfactual_rules.pass_groups`), each on its own rows: a pass holds, unit by
+unit, those rows (a row once per unit needing it), and `counterfactual_rules.cuts_for` splits the
+(unit, row) pairs into passes by their last position. The cached baseline (`engine.CleanState` from
+the units' layer on, each layer's recorded `Call`, `u`) is cut to the pass's rows and positions
+(`cut_state`), the replacements too (`shared_patch`: each unit's own on its rows, the baseline's
+elsewhere), and `engine.patch_layer` runs on the cut, with the freezing hooks of this module
+registered around it. Nothing in the engine changes.
 
 Frozen attention goes through transformers' `AttentionInterface`: the baseline patterns are
 recorded by one eager forward of the baseline run (eager attention returns its probabilities),
@@ -34,7 +36,7 @@ from torch import Tensor
 
 from selfrepair.errors import ConfigError, UnsupportedModel
 from selfrepair.ingest import engine as E
-from selfrepair.ingest.counterfactual_rules import FROZEN_ATTENTION, FROZEN_NORMS, Cut, cuts_for
+from selfrepair.ingest.counterfactual_rules import FROZEN_ATTENTION, FROZEN_NORMS, Cut, batch_groups, cuts_for
 from selfrepair.ingest.families import attention_modules
 from selfrepair.ingest.layer_calls import Call, hooks
 from selfrepair.ingest.qk_norms import QKScales, frozen_qk_hooks, record_qk_scales
@@ -115,6 +117,8 @@ def cut_state(clean: E.CleanState, cut: Cut, layer: int) -> E.CleanState:
             out[f.name] = before + [_cut_obj(v[layer], rows, p, batch, pos)] + after
         elif not isinstance(v, Tensor):
             out[f.name] = v
+        elif f.name == "resid_pre":  # a pass starts from its first layer's input and reads no later one
+            out[f.name] = before + [v[layer, rows, :p]] + after
         elif f.name in _LAYER_FIRST:
             out[f.name] = before + list(v[layer:, rows, :p].unbind(0))
         else:
@@ -171,11 +175,11 @@ def _frozen_attention_fn(module, query, key, value, attention_mask, **kwargs):
     if probs is None:
         raise UnsupportedModel(f"{type(module).__name__}: frozen attention has no recorded pattern for this module")
     copies = value.shape[0] // probs.shape[0]
-    p = probs.repeat(copies, 1, 1, 1)
+    p = probs if copies == 1 else probs.repeat(copies, 1, 1, 1)
     v = value.float()
-    if v.shape[1] != p.shape[1]:  # grouped or multi-query attention: each key/value head serves a group
-        v = v.repeat_interleave(p.shape[1] // v.shape[1], dim=1)
-    out = torch.matmul(p, v).to(value.dtype)  # [batch, head, q, d_head]
+    b, kv, n, d = v.shape
+    # Grouped or multi-query attention: each key/value head serves a group of query heads (broadcast, not copied).
+    out = torch.matmul(p.view(b, kv, -1, *p.shape[2:]), v[:, :, None]).view(b, -1, n, d).to(value.dtype)
     _PATTERNS[-id(module)] = p  # marks the module as served
     return out.transpose(1, 2).contiguous(), p
 
@@ -232,7 +236,7 @@ def frozen_attention(w, patterns: list[Tensor], cut: Cut, layer: int):
     # change: its input, hence its pattern, is the baseline's already); every later layer's does.
     later = range(layer + 1, w.n_layers)
     for i in later:
-        _PATTERNS[id(mods[i])] = patterns[i][rows][:, :, :cut.n_pos, :cut.n_pos]
+        _PATTERNS[id(mods[i])] = patterns[i][:, :, :cut.n_pos, :cut.n_pos][rows]  # copies the cut only
     try:
         with _implementation(w, _FROZEN_IMPL):
             yield
@@ -247,9 +251,32 @@ def frozen_attention(w, patterns: list[Tensor], cut: Cut, layer: int):
 
 
 # -- the re-runs of one batch -----------------------------------------------------------------
+def _segments(cut: Cut) -> list[tuple[int, np.ndarray]]:
+    """Each owner of a shared pass with its row positions in the pass (contiguous: `cuts_for` puts the rows
+    unit by unit)."""
+    owners = cut.owners()
+    return [(int(j), np.nonzero(owners == j)[0]) for j in np.unique(owners)]
+
+
+def shared_patch(clean: E.CleanState, layer: int, patches: list[E.Patch], cut: Cut) -> E.Patch:
+    """One pass's replacements for a group of units of first layer `layer` (`pass_groups`): on each unit's
+    rows its own values, and for the other units' components the baseline's, which change nothing there
+    (the engine takes the first layer's change against the baseline's z; an MLP write is replaced by
+    every unit of the group or by none)."""
+    rows = lambda idx: torch.as_tensor(cut.rows[idx], device=clean.z.device)  # noqa: E731
+    segments = [(patches[j], rows(idx)) for j, idx in _segments(cut)]
+    heads = sorted({h for p in patches for h in p.heads.get(layer, {})})
+    z = {h: torch.cat([p.heads[layer][h][r, :cut.n_pos] if h in p.heads.get(layer, {})
+                       else clean.z[layer][r, :cut.n_pos, h] for p, r in segments]) for h in heads}
+    mlps = {}
+    if any(layer in p.mlps for p in patches):
+        mlps[layer] = torch.cat([p.mlps[layer][r, :cut.n_pos] for p, r in segments])
+    return E.Patch({layer: z} if z else {}, mlps)
+
+
 @dataclass
 class Rerun:
-    """One unit's counterfactual pass, at the pass's cut (`result`'s leading dim: the one copy)."""
+    """One counterfactual pass over a cut (`result`'s leading dim: the one copy), for one unit or a group."""
 
     cut: Cut
     logit: Tensor  # [rows, pos] correct-token logit minus b_U, at the counterfactual's final scale
@@ -257,16 +284,17 @@ class Rerun:
     result: E.PatchResult
 
 
-def rerun(w, base, name: str, layer: int, patch: E.Patch, cut: Cut, u: Tensor,
+def rerun(w, base, name: str, layer: int, patches: list[E.Patch], cut: Cut, u: Tensor,
           patterns: list[Tensor] | None = None, qk: QKScales | None = None) -> Rerun:
-    """One unit's counterfactual pass from `layer` over the cut's rows and positions.
+    """One counterfactual pass from `layer` over the cut's rows and positions.
 
     Args:
         w: the model's processed weights.
         base: the baseline FastBatch (its `clean` state and condition `base` patch).
         name: FROZEN_NORMS or FROZEN_ATTENTION.
-        layer: the unit's first layer.
-        patch: the unit's replacements over the whole batch.
+        layer: the units' first layer.
+        patches: the replacements of the units the cut serves (one, or a `pass_groups` group), over the
+            whole batch.
         cut: the rows and positions to run.
         u: the correct tokens' processed unembedding columns, [batch, pos, d_model].
         patterns: the baseline's attention probabilities (`record_patterns`; frozen-attention only).
@@ -278,12 +306,13 @@ def rerun(w, base, name: str, layer: int, patch: E.Patch, cut: Cut, u: Tensor,
     # The batch's head projections (made once per batch, as the sweep's), cut like everything else.
     ou = base._projections(u)[:, rows, :cut.n_pos] if hasattr(base, "_projections") else E.head_projections(w, u_c)
     cond = cut_patch(base.base, cut) if base.base is not None else None
+    patch = cut_patch(patches[0], cut) if cut.owner is None else shared_patch(base.clean, layer, patches, cut)
     if name == FROZEN_NORMS:
         ctx = hooks(*frozen_norm_hooks(w, state, layer), *frozen_qk_hooks(qk, layer, rows, cut.n_pos))
     else:
         ctx = frozen_attention(w, patterns, cut, layer)
     with torch.no_grad(), ctx:
-        r = E.patch_layer(w, state, layer, [cut_patch(patch, cut)], u_c, ou, None, cond)
+        r = E.patch_layer(w, state, layer, [patch], u_c, ou, None, cond)
     if name == FROZEN_NORMS:
         # logit = resid·u / s_abl; the frozen final norm divides the same residual by the baseline's scale.
         return Rerun(cut, r.logit[0] * r.scale[0] / state.scale, state.scale, r)
@@ -304,13 +333,15 @@ class UnitRerun:
     d_mlps: Tensor  # [tok, layer]
 
 
-def batch_reruns(w, base, units, top_sets: dict, names, make_patch, u: Tensor, row0: int, preds: int):
+def batch_reruns(w, base, units, top_sets: dict, names, make_patch, u: Tensor, row0: int, preds: int,
+                 per_pass: int | None = None):
     """Every requested counterfactual of every unit with top tokens in this batch.
 
-    Each unit runs alone: its own passes (`cuts_for` of its own top tokens) over the rows holding one of
-    them, each group of rows up to its own last top position. The sweep's passes share copies of the whole
-    batch among a layer's units; here a unit sharing a pass would run every row any of them needs. A unit's
-    values so depend on nothing but the unit, its top tokens and the batch.
+    Units of one first layer share passes as the sweep's do (`pass_groups`, `per_pass` at a time), but
+    each runs only its own rows: a pass holds, unit by unit, the rows holding one of that unit's top
+    tokens, and the (unit, row) pairs are split into passes by their last top position (`cuts_for`). A
+    unit's values so depend on its group's units only through the shapes of the pass's products (float32
+    rounding), as the sweep's values do; a unit of another layer changes nothing.
 
     Args:
         w: processed weights.
@@ -319,6 +350,7 @@ def batch_reruns(w, base, units, top_sets: dict, names, make_patch, u: Tensor, r
         names: the counterfactuals to run.
         make_patch: unit -> its `Patch` over the whole batch.
         u: [batch, pos, d_model] target columns; row0: the batch's first row; preds: predictions per row.
+        per_pass: units sharing a pass at most (the sweep's units per pass; None: every unit of a layer).
 
     Yields:
         `UnitRerun` per unit with a top token here and counterfactual.
@@ -326,31 +358,51 @@ def batch_reruns(w, base, units, top_sets: dict, names, make_patch, u: Tensor, r
     if not hasattr(base, "clean"):
         raise ConfigError("counterfactuals: run with the fast engine (--engine fast)")
     t0 = row0 * preds
+    batch = u.shape[0]
+    groups = batch_groups(top_sets, units, t0, t0 + batch * preds, w.n_heads, per_pass or max(len(units), 1),
+                          w.post_norm)
     # Recorded once per batch, and only when some unit has a top token in it.
     patterns, qk, qk_recorded = None, None, False
-    for unit in units:
-        local = np.asarray(top_sets.get(unit.label, np.empty(0, np.int64)), np.int64) - t0
-        cuts = cuts_for([local], preds)
-        if not cuts:
-            continue
-        patch = make_patch(unit)
+    for group, local in groups:
+        cuts = cuts_for(local, preds)
+        patches = [make_patch(unit) for unit in group]
+        layer = group[0].layer
         for name in names:
             if name == FROZEN_ATTENTION and patterns is None:
                 patterns = record_patterns(w, base)
             if name == FROZEN_NORMS and not qk_recorded:
                 qk, qk_recorded = record_qk_scales(w, base), True
-            parts = [rerun(w, base, name, unit.layer, patch, cut, u, patterns, qk) for cut in cuts]
-            yield _gather(unit, name, local, t0, preds, parts, u.device)
+            parts = [rerun(w, base, name, layer, patches, cut, u, patterns, qk) for cut in cuts]
+            for j, unit in enumerate(group):
+                own = None if len(group) == 1 else (w, patches[j], layer, u, base)
+                yield _gather(unit, j, name, local[j], t0, preds, parts, u.device, own)
 
 
-def _gather(unit, name: str, local: np.ndarray, t0: int, preds: int, parts: list, device) -> UnitRerun:
-    """The unit's values at its tokens (batch-local, sorted) from its passes over each cut of rows."""
+def _own_de(w, patch: E.Patch, layer: int, rows: Tensor, pos: Tensor, u: Tensor, base) -> Tensor:
+    """A unit's DE after patching at the given tokens, at the baseline's final scale, from its own
+    replacements (as the engine's `_own_heads`, `_own_mlps` do): a shared pass's `de` sums the group."""
+    s = base.clean.scale[rows, pos]
+    out = torch.zeros_like(s)
+    if patch.heads.get(layer):
+        ou = base._projections(u)[layer] if hasattr(base, "_projections") else E.head_projections(w, u)[layer]
+        for h, z in patch.heads[layer].items():
+            out += (z[rows, pos] * ou[rows, pos, h]).sum(-1) / s
+    if layer in patch.mlps:
+        out += (patch.mlps[layer][rows, pos] * u[rows, pos]).sum(-1) / s
+    return out
+
+
+def _gather(unit, j: int, name: str, local: np.ndarray, t0: int, preds: int, parts: list, device,
+            own=None) -> UnitRerun:
+    """Unit j's values at its tokens (batch-local, sorted) from the passes over each cut; `own` (`_own_de`'s
+    arguments but the tokens) when the passes were shared: its DE is then its own part."""
     rows, pos = local // preds, local % preds
-    which = np.zeros(len(local), np.int64)
+    which = np.full(len(local), -1, np.int64)
     at = np.zeros(len(local), np.int64)
     for c, part in enumerate(parts):
-        inside = np.isin(rows, part.cut.rows)
-        which[inside], at[inside] = c, np.searchsorted(part.cut.rows, rows[inside])
+        mine = np.nonzero(part.cut.owners() == j)[0]  # its rows in this pass, in row order
+        inside = np.isin(rows, part.cut.rows[mine])
+        which[inside], at[inside] = c, mine[np.searchsorted(part.cut.rows[mine], rows[inside])]
     cols = {k: [] for k in ("logit", "scale", "de", "d_heads", "d_mlps")}
     order = []
     for c, part in enumerate(parts):
@@ -361,7 +413,8 @@ def _gather(unit, name: str, local: np.ndarray, t0: int, preds: int, parts: list
         res = part.result
         cols["logit"].append(part.logit[ri, pi])
         cols["scale"].append(part.scale[ri, pi])
-        cols["de"].append(res.de[0, ri, pi])
+        cols["de"].append(res.de[0, ri, pi] if own is None else
+                          _own_de(*own[:3], torch.as_tensor(rows[sel], device=device), pi, *own[3:]))
         cols["d_heads"].append(res.d_de_heads[0, ri, pi].reshape(len(sel), -1))
         cols["d_mlps"].append(res.d_de_mlps[0, ri, pi])
         order.append(sel)

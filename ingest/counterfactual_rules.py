@@ -63,57 +63,105 @@ def check_counterfactuals(names, family: str) -> None:
             raise ConfigError(f"counterfactuals: {problem}")
 
 
-# -- which rows and positions a unit's re-run runs ---------------------------------------------
+# -- which rows and positions a re-run runs ---------------------------------------------------
 @dataclass(frozen=True)
 class Cut:
-    """The rows of a batch a pass keeps (sorted local indices) and its positions `0..n_pos-1`."""
+    """The rows of a batch one pass runs and its positions `0..n_pos-1`.
+
+    A pass may serve several units of one first layer (`pass_groups`): `rows` then holds, unit by unit,
+    each unit's rows (a row once per unit that needs it), and `owner[i]` says whose row i is (the unit's
+    place in its group). Without `owner` every row is the one unit's.
+    """
 
     rows: np.ndarray
     n_pos: int
+    owner: np.ndarray | None = None
+
+    def owners(self) -> np.ndarray:
+        return np.zeros(len(self.rows), np.int64) if self.owner is None else self.owner
 
 
-# Passes a unit's rows may be split into by their last position. Measured on the benchmark's top sets
-# (bench_counterfactuals: 36 heads, batches of 4 rows): a third pass saves 2.5% of the positions for
-# 43% more passes, each with its fixed cost per layer; one pass runs 25% more positions than two.
-MAX_CUTS = 2
+# Passes a group's rows may be split into by their last position. Measured on the benchmark's top sets
+# (bench_counterfactuals: 36 heads, 9 per first layer, batches of 4 rows): 1, 2, 3, 4 and 6 passes run
+# 84%, 62%, 56%, 53% and 51% of a full sweep's depth-weighted positions; each pass has its fixed cost
+# per layer, and past 4 the positions saved no longer pay for it.
+MAX_CUTS = 4
+
+
+def _split(last: np.ndarray, max_cuts: int) -> list[tuple[int, int]]:
+    """Ranges [j, i) splitting `last` (sorted ascending) into at most `max_cuts` groups with the fewest
+    cells, a group costing its size × its largest value (exact, by dynamic programming)."""
+    n = len(last)
+    best = np.full((max_cuts + 1, n + 1), np.inf)
+    back = np.zeros((max_cuts + 1, n + 1), np.int64)
+    best[0, 0] = 0
+    j = np.arange(n + 1)
+    for g in range(1, max_cuts + 1):
+        for i in range(1, n + 1):
+            c = best[g - 1, :i] + (i - j[:i]) * float(last[i - 1])
+            back[g, i] = int(np.argmin(c))  # the first minimum: the same split on every run
+            best[g, i] = c[back[g, i]]
+    g = min(range(1, max_cuts + 1), key=lambda k: (best[k, n], k))
+    out, i = [], n
+    while i > 0:
+        out.append((int(back[g, i]), i))
+        i, g = int(back[g, i]), g - 1
+    return out[::-1]
 
 
 def cuts_for(local_tokens: list[np.ndarray], preds: int, max_cuts: int = MAX_CUTS) -> list[Cut]:
-    """The rows holding one of the tokens (batch-local flat indices row · preds + pos), in at most `max_cuts`
-    groups of rows, each run up to its own last position; [] without a token.
+    """The passes that re-run a group of units (each unit's batch-local top tokens, flat indices
+    row · preds + pos): every row holding one of a unit's tokens, once per such unit, in at most `max_cuts`
+    passes, each run up to its own rows' last position; [] without a token.
 
-    Attention is causal, so a row needs positions up to its own last top token only; rows sorted by that
-    position are split where the split saves the most rows × positions (exact, by dynamic programming),
-    each group a pass of its own.
+    Attention is causal, so a unit's row needs positions up to the unit's last top token in it only; the
+    (unit, row) pairs sorted by that position are split where the split saves the most rows × positions.
+    Within a pass the rows go unit by unit, each unit's in row order.
     """
-    flat = np.concatenate(local_tokens) if local_tokens else np.empty(0, np.int64)
-    if not len(flat):
+    owner, row, last = [], [], []
+    for j, flat in enumerate(local_tokens):
+        flat = np.asarray(flat, np.int64)
+        if not len(flat):
+            continue
+        rows = flat // preds
+        for r in np.unique(rows):
+            owner.append(j)
+            row.append(int(r))
+            last.append(int((flat[rows == r] % preds).max()) + 1)
+    if not owner:
         return []
-    rows = flat // preds
-    uniq = np.unique(rows)
-    last = np.array([int((flat[rows == r] % preds).max()) + 1 for r in uniq])
-    order = np.argsort(last, kind="stable")
-    uniq, last = uniq[order], last[order]
-    n = len(uniq)
-    # best[g][i]: fewest cells covering the first i rows (by last position) with g groups; a group
-    # of rows j..i-1 costs (i - j) × last[i - 1], the largest position in it.
-    inf = float("inf")
-    best = [[inf] * (n + 1) for _ in range(max_cuts + 1)]
-    back = [[0] * (n + 1) for _ in range(max_cuts + 1)]
-    best[0][0] = 0
-    for g in range(1, max_cuts + 1):
-        for i in range(1, n + 1):
-            for j in range(i):
-                c = best[g - 1][j] + (i - j) * int(last[i - 1])
-                if c < best[g][i]:
-                    best[g][i], back[g][i] = c, j
-    g = min(range(1, max_cuts + 1), key=lambda k: (best[k][n], k))
-    out, i = [], n
-    while i > 0:
-        j = back[g][i]
-        out.append(Cut(np.sort(uniq[j:i]), int(last[i - 1])))
-        i, g = j, g - 1
-    return out[::-1]
+    owner, row, last = np.array(owner), np.array(row), np.array(last)
+    order = np.lexsort((row, owner, last))  # by last position; ties in (unit, row) order
+    owner, row, last = owner[order], row[order], last[order]
+    out = []
+    for j, i in _split(last, max_cuts):
+        keep = np.lexsort((row[j:i], owner[j:i]))
+        o = owner[j:i][keep]
+        out.append(Cut(row[j:i][keep], int(last[i - 1]), o if len(local_tokens) > 1 else None))
+    return out
+
+
+def pass_groups(units, n_heads: int, per_pass: int, post_norm: bool) -> list[list]:
+    """The units whose re-runs share passes: units of one first layer, `per_pass` at a time, that replace
+    nothing after that layer and either all or none of them its MLP write; every other unit alone.
+
+    Sharing a pass is exact only so: rows of a pass are independent, and a unit's row there gets the
+    baseline's values for the other units' components, which at the first layer change nothing (its
+    input is the baseline's, and the engine takes only the change of its attention output). A component
+    after the first layer, or an MLP the pass runs for some rows and replaces for others, would need the
+    pass to treat rows apart; and with an attention post-norm every head of the first layer changes its
+    DE with the norm's scale, which the pass does not give per unit. Groups keep the units' order.
+    """
+    alone, shared = [], {}
+    for unit in units:
+        layers = {layer for layer, _ in unit.heads(n_heads)} | set(unit.mlps())
+        if post_norm or layers != {unit.layer}:
+            alone.append([unit])
+        else:
+            shared.setdefault((unit.layer, unit.layer in unit.mlps()), []).append(unit)
+    groups = [members[i:i + per_pass] for _, members in sorted(shared.items())
+              for i in range(0, len(members), max(per_pass, 1))]
+    return sorted(groups + alone, key=lambda g: g[0].layer)
 
 
 @dataclass
@@ -126,10 +174,10 @@ class RunFraction:
     cells: int = 0  # rows × positions run
     cells_full: int = 0
 
-    def add(self, cuts: list[Cut], batch: int, seq: int) -> None:
-        """One unit's passes in one batch of `batch` rows of `seq` positions."""
-        self.rows_full += batch
-        self.cells_full += batch * seq
+    def add(self, cuts: list[Cut], batch: int, seq: int, n_units: int = 1) -> None:
+        """The passes of `n_units` units in one batch of `batch` rows of `seq` positions."""
+        self.rows_full += batch * n_units
+        self.cells_full += batch * seq * n_units
         for cut in cuts:
             self.rows += len(cut.rows)
             self.cells += len(cut.rows) * cut.n_pos
@@ -144,26 +192,42 @@ class RunFraction:
 
     def line(self) -> str:
         return (f"counterfactual re-runs: {self.row_fraction:.1%} of the rows and {self.cell_fraction:.1%} of the "
-                f"token positions of a full sweep (each unit alone: the rows holding one of its top tokens, each "
-                f"group of them up to its last top position)")
+                f"token positions of a full sweep (each unit on the rows holding one of its top tokens, up to its "
+                f"last top position there; units of one first layer share passes)")
 
 
-def run_fraction(top_sets: dict[str, np.ndarray], units, n_rows: int, batch_size: int, seq_len: int) -> RunFraction:
+def batch_groups(top_sets: dict[str, np.ndarray], units, t0: int, t1: int, n_heads: int, per_pass: int,
+                 post_norm: bool) -> list[tuple[list, list[np.ndarray]]]:
+    """The pass groups of one batch (tokens t0..t1-1) with each member's batch-local top tokens: only the
+    units with a top token in the batch (`pass_groups`)."""
+    local = {}
+    for unit in units:
+        top = np.asarray(top_sets.get(unit.label, np.empty(0, np.int64)), np.int64)
+        here = top[np.searchsorted(top, t0):np.searchsorted(top, t1)] - t0
+        if len(here):
+            local[unit.label] = here
+    active = [unit for unit in units if unit.label in local]
+    return [(g, [local[u.label] for u in g]) for g in pass_groups(active, n_heads, per_pass, post_norm)]
+
+
+def run_fraction(top_sets: dict[str, np.ndarray], units, n_rows: int, batch_size: int, seq_len: int,
+                 n_heads: int, per_pass: int, post_norm: bool) -> RunFraction:
     """What share of a sweep's rows and positions one counterfactual re-runs, from the top sets alone: per
-    batch and unit, the cuts `counterfactual.batch_reruns` runs (`cuts_for` of the unit's own top tokens).
+    batch, the passes `counterfactual.batch_reruns` runs (`batch_groups`, then `cuts_for` per group).
 
     Args:
         top_sets: each unit's top-p% token indices (global, sorted), by label.
         units: the sweep's units.
         n_rows, batch_size, seq_len: the run's rows, batches and row length (BOS included).
+        n_heads, per_pass, post_norm: the model's heads per layer, the units per pass, whether its
+            attention has a post-norm (`pass_groups`).
     """
     preds = seq_len - 1
     out = RunFraction()
     for r0 in range(0, n_rows, batch_size):
         r1 = min(n_rows, r0 + batch_size)
-        t0, t1 = r0 * preds, r1 * preds
-        for unit in units:
-            top = top_sets.get(unit.label, np.empty(0, np.int64))
-            local = top[np.searchsorted(top, t0):np.searchsorted(top, t1)] - t0
-            out.add(cuts_for([local], preds), r1 - r0, seq_len)
+        groups = batch_groups(top_sets, units, r0 * preds, r1 * preds, n_heads, per_pass, post_norm)
+        for group, local in groups:
+            out.add(cuts_for(local, preds), r1 - r0, seq_len, len(group))
+        out.add([], r1 - r0, seq_len, len(units) - sum(len(g) for g, _ in groups))
     return out

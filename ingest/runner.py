@@ -28,7 +28,7 @@ from selfrepair.ingest.pairing import pairs_digest, rule, source_rows
 from selfrepair.ingest.presets import ROWS_RULE, preset_settings
 from selfrepair.ingest.preload import ModelFacts, pre_load_model_facts, weights_facts
 from selfrepair.ingest.progress import Progress, library_bars
-from selfrepair.ingest.jobs import AblationJob, CleanJob, NeuronJob, batch_top_sets
+from selfrepair.ingest.jobs import AblationJob, CleanJob, NeuronJob, batch_top_sets, heads_per_pass
 from selfrepair.store import arrays, files, plan, top_tokens
 from selfrepair.store.heads import parse_sr_heads
 from selfrepair.store.labels import head_label
@@ -201,7 +201,7 @@ class Ingest:
             result.seconds["clean"] = time.perf_counter() - t1
             top_sets = self._top_sets(writer, units)
             t2 = time.perf_counter()
-            self._ablation_phase(writer, rows_np, units, conditions, top_sets, result)
+            self._ablation_phase(writer, rows_np, units, conditions, top_sets, result, model.device, w)
             result.seconds["ablation"] = time.perf_counter() - t2
             t3 = time.perf_counter()
             if self._sr_neuron_phase(writer, rows_np, top_sets, result):
@@ -462,7 +462,8 @@ class Ingest:
         return out
 
     # -- ablation -----------------------------------------------------------------------
-    def _ablation_phase(self, writer: Writer, rows_np: np.ndarray, units, conditions, top_sets, result) -> None:
+    def _ablation_phase(self, writer: Writer, rows_np: np.ndarray, units, conditions, top_sets, result, device: str,
+                        w) -> None:
         cfg = self.cfg
         preds = cfg.preds_per_row
         draws = [(k, s) for k in cfg.ablations for s in (range(cfg.resamples) if k == "resample" else [0])]
@@ -475,7 +476,8 @@ class Ingest:
         todo = _condition_work(writer.manifest, cfg, draws, units, conditions, digest, top_digest, self._damaged)
         if cfg.counterfactuals:
             self.log(f"  {','.join(cfg.counterfactuals)}: " + run_fraction(
-                top_sets, units, cfg.n_rows, cfg.batch_size, cfg.seq_len).line())
+                top_sets, units, cfg.n_rows, cfg.batch_size, cfg.seq_len, w.n_heads, heads_per_pass(cfg, device, w),
+                w.post_norm).line())
         result.shards_skipped += len(plan.batches(cfg.n_rows, cfg.batch_size)) * len(draws) - \
             len({(t.kind, t.sample, t.rows) for t in todo if (t.kind, t.sample) in draws})
         jobs = []

@@ -183,9 +183,10 @@ def test_frozen_norms_freeze_the_query_and_key_norms(family):
 
 
 def _check_against_plain(model, frozen):
-    """One head's counterfactual through `ablation_tables` against `plain_reference`; the stored rows, the
-    top tokens' (row, pos) and the token rows run."""
+    """Two heads of one layer (sharing passes, each on its own rows) through `ablation_tables` against
+    `plain_reference`, each; L0H1's stored rows, its top tokens' (row, pos) and the token rows run."""
     from selfrepair.ingest.ablate import FastBatch, ablation_tables
+    from selfrepair.ingest.counterfactual_rules import cuts_for
     from selfrepair.ingest.weights import read_weights
     from selfrepair.store.labels import parse_units
 
@@ -195,27 +196,43 @@ def _check_against_plain(model, frozen):
     src_rows = rows.roll(1, 0)
     w = read_weights(model, SEQ)
     preds = SEQ - 1
-    layer, head = 0, 1
-    unit = parse_units(f"L{layer}H{head}", w.n_layers, w.n_heads)[0]
-    # Top tokens in rows 1 and 2 only, the last at position 7: the re-run cuts rows and positions.
-    top = np.array([1 * preds + 2, 1 * preds + 5, 2 * preds + 7])
-    tables = ablation_tables(FastBatch(w, rows), FastBatch(w, src_rows), "resample", 0, [unit], rows, 0,
-                             {unit.label: top}, 0, 4, w, counterfactuals=(frozen,))
-    got = tables["counterfactual_runs"].to_pandas()
-    assert set(got.counterfactual) == {frozen} and list(got.token_index) == list(top)
-    want, s_clean = plain_reference(model, rows, src_rows, layer, head, frozen)
-    r, p = top // preds, top % preds
-    np.testing.assert_allclose(got.d_logit, want[r, p].numpy(), atol=ATOL, rtol=1e-4)
-    plain = tables["ablation_effects"].to_pandas().set_index("token_index").d_logit.loc[top].to_numpy()
-    assert np.abs(got.d_logit.to_numpy() - plain).max() > 1e-3  # the freezing changed something
-    if frozen == "frozen-norms":  # the final norm divides by the clean scale
-        np.testing.assert_allclose(got.ln_scale, s_clean[r, p].numpy(), rtol=1e-5)
-        # Nothing rescales: the change in logit is exactly the sum of the changes in DE.
-        np.testing.assert_allclose(got.d_logit, got.de - got.de_base + got.d_de_heads + got.d_de_mlps, atol=ATOL)
-    src = tables["counterfactual_sources"].to_pandas()
-    sums = src.groupby("token_index").d_de.sum()
-    np.testing.assert_allclose(sums.loc[top].to_numpy(), got.d_de_heads + got.d_de_mlps, atol=ATOL)
-    return got, (r, p), rows
+    units = parse_units("L0H1,L0H2", w.n_layers, w.n_heads)
+    # Top tokens in rows 1 and 2 only for L0H1, the last at position 7; L0H2's in rows 0, 1 and 2, one of them
+    # past L0H1's last: the re-runs cut rows and positions, and row 1 of both units shares a pass.
+    tops = {"L0H1": np.array([1 * preds + 2, 1 * preds + 5, 2 * preds + 7]),
+            "L0H2": np.array([0 * preds + 6, 1 * preds + 5, 2 * preds + 3, 2 * preds + 9])}
+    cuts = cuts_for([tops["L0H1"], tops["L0H2"]], preds)
+    assert any(len(set(c.owners())) == 2 for c in cuts) and len(cuts) > 1
+    tables = ablation_tables(FastBatch(w, rows), FastBatch(w, src_rows), "resample", 0, units, rows, 0,
+                             tops, 0, 4, w, counterfactuals=(frozen,))
+    runs = tables["counterfactual_runs"].to_pandas()
+    effects = tables["ablation_effects"].to_pandas()
+    sources = tables["counterfactual_sources"].to_pandas()
+    out = None
+    for unit in units:
+        top = tops[unit.label]
+        got = runs[runs.unit == unit.label]
+        assert set(got.counterfactual) == {frozen} and list(got.token_index) == list(top)
+        want, s_clean = plain_reference(model, rows, src_rows, unit.layer, unit.head, frozen)
+        r, p = top // preds, top % preds
+        np.testing.assert_allclose(got.d_logit, want[r, p].numpy(), atol=ATOL, rtol=1e-4)
+        plain = effects[effects.unit == unit.label].set_index("token_index").d_logit.loc[top].to_numpy()
+        assert np.abs(got.d_logit.to_numpy() - plain).max() > 1e-3  # the freezing changed something
+        # The unit's own DE after patching, and its baseline DE, from the sweep's rows at the same tokens
+        # (the replacement is the same whatever the re-run freezes).
+        sweep = effects[effects.unit == unit.label].set_index("token_index").loc[top]
+        np.testing.assert_allclose(got.de, sweep.de, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got.de_base, sweep.de_base, rtol=1e-5, atol=1e-6)
+        if frozen == "frozen-norms":  # the final norm divides by the clean scale
+            np.testing.assert_allclose(got.ln_scale, s_clean[r, p].numpy(), rtol=1e-5)
+            # Nothing rescales: the change in logit is exactly the sum of the changes in DE.
+            np.testing.assert_allclose(got.d_logit, got.de - got.de_base + got.d_de_heads + got.d_de_mlps, atol=ATOL)
+        src = sources[sources.unit == unit.label]
+        sums = src.groupby("token_index").d_de.sum()
+        np.testing.assert_allclose(sums.loc[top].to_numpy(), got.d_de_heads + got.d_de_mlps, atol=ATOL)
+        if out is None:
+            out = got, (r, p), rows
+    return out
 
 
 # -- through the store: one small ingest with both counterfactuals, units alone and under a condition --------
@@ -382,15 +399,17 @@ def test_under_a_condition_the_baseline_is_the_condition_ablated_run(families, f
     np.testing.assert_allclose(got.d_logit, want[top // preds, top % preds].numpy(), atol=ATOL, rtol=1e-4)
 
 
-def test_a_unit_re_runs_alone_whatever_other_units_the_batch_has(families):
-    """Each unit re-runs in passes of its own: its values with other units in the batch (other heads of its
-    layer, a later layer's, an MLP) are bit-identical to its values alone."""
+def test_units_of_one_layer_share_passes_and_equal_their_runs_alone(families, monkeypatch):
+    """Units of one first layer share passes (heads and a whole attention layer; an MLP and a block, which
+    replace the MLP write, apart from those), each on its own rows: their values equal each unit's run alone
+    to float32 rounding (the pass's products have other shapes), in fewer passes. A unit of another layer,
+    or one replacing a later layer too, changes nothing, bit for bit."""
+    from selfrepair.ingest import counterfactual as C
     from selfrepair.ingest.ablate import FastBatch, unit_patch
-    from selfrepair.ingest.counterfactual import batch_reruns
     from selfrepair.ingest.weights import read_weights
     from selfrepair.store.labels import parse_units
 
-    model = families["gpt2"]
+    model = families["llama"]
     model.set_attn_implementation("sdpa")
     g = torch.Generator().manual_seed(3)
     rows = torch.randint(0, 256, (BATCH, SEQ), generator=g)
@@ -398,29 +417,55 @@ def test_a_unit_re_runs_alone_whatever_other_units_the_batch_has(families):
     preds = SEQ - 1
     fast, src = FastBatch(w, rows), FastBatch(w, rows.roll(1, 0))
     u = w.target_columns(rows.roll(-1, dims=1))
-    units = parse_units("L0H1,L0H2,L1H0,MLP0", w.n_layers, w.n_heads)
-    tops = {"L0H1": np.array([1 * preds + 3]), "L0H2": np.array([0 * preds + 9, 3 * preds + 10]),
-            "L1H0": np.array([2 * preds + 1, 2 * preds + 6]), "MLP0": np.array([3 * preds + 2])}
+    units = parse_units("L0H1,L0H2,ATTN0,MLP0,BLOCK0,L1H0,pair=L0H3+L1H1", w.n_layers, w.n_heads)
+    tops = {"L0H1": [1 * preds + 3], "L0H2": [0 * preds + 9, 3 * preds + 10], "ATTN0": [1 * preds + 3, 2 * preds + 2],
+            "MLP0": [3 * preds + 2], "BLOCK0": [0 * preds + 1, 3 * preds + 5], "L1H0": [2 * preds + 1, 2 * preds + 6],
+            "pair": [1 * preds + 4]}
+    tops = {k: np.array(v) for k, v in tops.items()}
+    passes = []
+    real = C.rerun
+    monkeypatch.setattr(C, "rerun", lambda *a, **k: passes.append(a[5]) or real(*a, **k))
 
     def run(us):
         cache: dict = {}
-        got = batch_reruns(w, fast, us, tops, ("frozen-norms", "frozen-attention"),
-                           lambda unit: unit_patch(fast, src, "resample", unit, w.n_heads, cache), u, 0, preds)
+        got = C.batch_reruns(w, fast, us, tops, ("frozen-norms", "frozen-attention"),
+                             lambda unit: unit_patch(fast, src, "resample", unit, w.n_heads, cache), u, 0, preds)
         return {(r.unit.label, r.name): r for r in got}
 
     together = run(units)
+    assert any(c.owner is not None and len(np.unique(c.owner)) > 1 for c in passes)  # a pass serves 2 units
     assert len(together) == 2 * len(units)
+    n_together = len(passes)
+    passes.clear()
     for unit in units:
         for key, alone in run([unit]).items():
             both = together[key]
             assert list(alone.tokens) == list(both.tokens) == list(tops[unit.label])
             for f in ("logit", "ln_scale", "de", "d_heads", "d_mlps"):
-                assert torch.equal(getattr(alone, f), getattr(both, f)), (key, f)
+                if unit.label in ("L1H0", "pair"):  # alone in its passes either way
+                    assert torch.equal(getattr(alone, f), getattr(both, f)), (key, f)
+                torch.testing.assert_close(getattr(alone, f), getattr(both, f), rtol=1e-5, atol=1e-6, msg=str((key, f)))
+    assert n_together < len(passes)
+
+
+def test_pass_groups_share_only_what_is_exact():
+    """Heads and attention layers of one first layer together, MLP and block units (which replace its MLP
+    write) together apart from them, `per_pass` at a time; a unit reaching past its first layer, and every
+    unit of a model with attention post-norms, alone."""
+    from selfrepair.ingest.counterfactual_rules import pass_groups
+    from selfrepair.store.labels import parse_units
+
+    units = parse_units("L0H0,MLP0,L0H1,ATTN0,BLOCK0,L1H0,pair=L0H2+L1H1,L0H3", 2, 4)
+    labels = lambda gs: [[u.label for u in g] for g in gs]  # noqa: E731
+    assert labels(pass_groups(units, 4, 8, False)) == [["L0H0", "L0H1", "ATTN0", "L0H3"], ["MLP0", "BLOCK0"],
+                                                       ["pair"], ["L1H0"]]
+    assert labels(pass_groups(units, 4, 3, False))[:2] == [["L0H0", "L0H1", "ATTN0"], ["L0H3"]]
+    assert all(len(g) == 1 for g in pass_groups(units, 4, 8, True))
 
 
 def test_run_fraction_counts_each_units_own_rows_and_positions():
-    """Per batch and unit: the rows holding one of its top tokens, each group up to its last top position,
-    against every unit running every row at every position."""
+    """Per batch and unit: the rows holding one of its top tokens, up to its last top position there, split
+    into passes by that position, against every unit running every row at every position."""
     from selfrepair.ingest.counterfactual_rules import cuts_for, run_fraction
     from selfrepair.store.labels import parse_units
 
@@ -428,9 +473,14 @@ def test_run_fraction_counts_each_units_own_rows_and_positions():
     a, b = parse_units("L0H0,L0H1", 1, 2)
     # Batch 0 (rows 0-1): a at row 0 pos 1; b at row 1 pos 4 and row 0 pos 0. Batch 1 (rows 2-3): b at row 3 pos 2.
     tops = {a.label: np.array([0 * preds + 1]), b.label: np.array([0 * preds + 0, 1 * preds + 4, 3 * preds + 2])}
-    frac = run_fraction(tops, [a, b], n_rows=4, batch_size=2, seq_len=seq)
+    frac = run_fraction(tops, [a, b], n_rows=4, batch_size=2, seq_len=seq, n_heads=2, per_pass=2, post_norm=False)
     # a: 1 row × 2 positions; b in batch 0: rows 0 (1 position) and 1 (5 positions), apart; b in batch 1: 1 × 3.
     assert [(list(c.rows), c.n_pos) for c in cuts_for([tops[b.label][:2]], preds)] == [([0], 1), ([1], 5)]
+    # Sharing passes, a's row 0 goes with b's row 0 (positions 2 and 1), b's row 1 apart; in one pass, all three.
+    shared = cuts_for([tops[a.label], tops[b.label][:2]], preds, max_cuts=2)
+    assert [(list(c.rows), list(c.owners()), c.n_pos) for c in shared] == [([0, 0], [0, 1], 2), ([1], [1], 5)]
+    one = cuts_for([tops[a.label], tops[b.label][:2]], preds, max_cuts=1)
+    assert [(list(c.rows), list(c.owners()), c.n_pos) for c in one] == [([0, 0, 1], [0, 1, 1], 5)]
     assert (frac.rows, frac.rows_full) == (1 + 2 + 1, 2 * 2 * 2)
     assert (frac.cells, frac.cells_full) == (2 + 1 + 5 + 3, 2 * 2 * 2 * seq)
     assert "50.0% of the rows" in frac.line()
