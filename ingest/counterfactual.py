@@ -38,7 +38,7 @@ from selfrepair.errors import ConfigError, UnsupportedModel
 from selfrepair.ingest import engine as E
 from selfrepair.ingest.counterfactual_rules import FROZEN_ATTENTION, FROZEN_NORMS, Cut, batch_groups, cuts_for
 from selfrepair.ingest.families import attention_modules
-from selfrepair.ingest.layer_calls import Call, hooks
+from selfrepair.ingest.layer_calls import Call, capture_calls, hooks
 from selfrepair.ingest.qk_norms import QKScales, frozen_qk_hooks, record_qk_scales
 
 # -- cutting the baseline to the rows and positions -------------------------------------------
@@ -205,37 +205,72 @@ def _implementation(w, name: str):
             c._attn_implementation = saved[k]
 
 
-def record_patterns(w, base) -> list[Tensor]:
+class _Recorded(Exception):
+    """Raised by the attention module's hook once its pattern is kept: the rest of the layer is not needed."""
+
+
+def _eager_calls(w, base) -> list[Call]:
+    """Each decoder layer's call (masks, rotary tables) as the model makes it under eager attention, from a
+    forward whose layers return their input untouched: only the embedding, masks and tables are computed.
+    (A call recorded under SDPA may carry no mask at all, SDPA being told it is causal instead.)"""
+    def skip(i):
+        def forward(*args, **kwargs):
+            h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            return (h,) if base.clean.calls[i].tuple_out else h
+        return forward
+
+    lm_head = w.model.get_output_embeddings()
+    regs = [lambda i=i, m=m: E.ForwardOverride(m, skip(i)) for i, m in enumerate(w.layers)]
+    regs.append(lambda: E.ForwardOverride(lm_head, lambda x: x.new_zeros((*x.shape[:-1], 0))))
+    with torch.no_grad(), _implementation(w, "eager"):
+        calls, _, _ = capture_calls(w.model, w.layers, base.rows, regs)
+    return calls
+
+
+def record_patterns(w, base, first: int = 0) -> list[Tensor | None]:
     """Each layer's attention probabilities in the baseline run `base` (a FastBatch: the clean run, or the
-    condition-ablated one), [layer] of [batch, head, q, k], from one eager forward of its rows."""
+    condition-ablated one), [layer] of [batch, head, q, k] (None before layer `first`).
+
+    A layer's pattern depends only on its input, which the baseline stores (`CleanState.resid_pre`), so
+    each layer from `first` on runs alone on it under eager attention (which returns its probabilities),
+    and only up to its attention module.
+    """
+    calls = _eager_calls(w, base)
+    batch = base.clean.scale.shape[0]
     got: dict[int, Tensor] = {}
 
     def keep(i):
         def hook(module, args, out):
             if isinstance(out, tuple) and len(out) > 1 and isinstance(out[1], Tensor):
                 got[i] = out[1].detach().float()
+                raise _Recorded
         return hook
 
-    regs = [lambda i=i, m=m: m.register_forward_hook(keep(i)) for i, m in enumerate(attention_modules(w))]
-    with torch.no_grad(), _implementation(w, "eager"), hooks(*regs):
-        E.clean_run(w, base.rows, replace=base.base)
-    missing = [i for i in range(w.n_layers) if i not in got]
+    mods = attention_modules(w)
+    with torch.no_grad(), _implementation(w, "eager"):
+        for i in range(first, w.n_layers):
+            with hooks(lambda: mods[i].register_forward_hook(keep(i))):
+                try:
+                    calls[i].run(w.layers[i], base.clean.resid_pre[i], batch, 1)
+                except _Recorded:
+                    pass
+    missing = [i for i in range(first, w.n_layers) if i not in got]
     if missing:
         raise UnsupportedModel(f"{w.family.name}: layer {missing[0]}'s attention returned no probabilities under eager "
                                "attention, so frozen-attention cannot record its pattern")
-    return [got[i] for i in range(w.n_layers)]
+    return [got.get(i) for i in range(w.n_layers)]
 
 
 @contextlib.contextmanager
 def frozen_attention(w, patterns: list[Tensor], cut: Cut, layer: int):
     """Within the block, layers `layer`… attend with the recorded patterns cut to the pass's rows and positions."""
     _register_interface()
-    rows = torch.as_tensor(cut.rows, device=patterns[0].device)
     mods = attention_modules(w)
     # The first layer's attention does not run (ingest/engine.py returns its stored output plus the units'
     # change: its input, hence its pattern, is the baseline's already); every later layer's does.
     later = range(layer + 1, w.n_layers)
     for i in later:
+        rows = torch.as_tensor(cut.rows, device=patterns[i].device)
         _PATTERNS[id(mods[i])] = patterns[i][:, :, :cut.n_pos, :cut.n_pos][rows]  # copies the cut only
     try:
         with _implementation(w, _FROZEN_IMPL):
@@ -368,8 +403,8 @@ def batch_reruns(w, base, units, top_sets: dict, names, make_patch, u: Tensor, r
         patches = [make_patch(unit) for unit in group]
         layer = group[0].layer
         for name in names:
-            if name == FROZEN_ATTENTION and patterns is None:
-                patterns = record_patterns(w, base)
+            if name == FROZEN_ATTENTION and patterns is None:  # the earliest first layer's attention does not run
+                patterns = record_patterns(w, base, min(g[0].layer for g, _ in groups) + 1)
             if name == FROZEN_NORMS and not qk_recorded:
                 qk, qk_recorded = record_qk_scales(w, base), True
             parts = [rerun(w, base, name, layer, patches, cut, u, patterns, qk) for cut in cuts]

@@ -509,3 +509,27 @@ def test_no_pattern_is_recorded_for_a_batch_without_top_tokens(families, monkeyp
     assert run({}) == [] and not recorded
     got = run({"L0H1": np.array([3]), "L1H0": np.array([SEQ + 2])})
     assert len(got) == 2 and len(recorded) == 1  # once per batch, whatever the units
+
+
+@pytest.mark.parametrize("family", [f for f in __import__("tiny_families").FAMILIES if f not in ("gptneo", "bloom")])
+def test_recorded_patterns_equal_an_eager_forward(family):
+    """Frozen attention's baseline patterns, each layer's attention run alone on the stored input under
+    eager attention, equal the attentions plain transformers returns from one eager forward, on every family
+    that can run it (sliding windows, ALiBi, grouped heads, parallel blocks included)."""
+    import tiny_families
+
+    from selfrepair.ingest.ablate import FastBatch
+    from selfrepair.ingest.counterfactual import record_patterns
+    from selfrepair.ingest.weights import read_weights
+
+    model = tiny_families.build(family)
+    seq = 2 * tiny_families.WINDOW  # past the sliding window
+    rows = torch.randint(1, 200, (2, seq), generator=torch.Generator().manual_seed(5))
+    w = read_weights(model, seq)
+    got = record_patterns(w, FastBatch(w, rows), 1)  # under the model's own implementation (SDPA where it has it)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        want = model(rows, output_attentions=True, use_cache=False).attentions
+    assert got[0] is None and len(got) == len(want)
+    for i in range(1, len(want)):
+        torch.testing.assert_close(got[i], want[i].float(), rtol=1e-4, atol=1e-5, msg=f"layer {i}")
