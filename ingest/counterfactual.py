@@ -166,22 +166,31 @@ def frozen_norm_hooks(w, state: E.CleanState, layer: int) -> list:
 _FROZEN_IMPL = "selfrepair_frozen"
 # transformers looks attention functions up by name in a process-wide registry; the function finds the
 # pattern of the module calling it here, filled only inside `frozen_attention`.
-_PATTERNS: dict[int, Tensor] = {}
+_PATTERNS: dict[int, tuple[Tensor, Tensor]] = {}
 
 
 def _frozen_attention_fn(module, query, key, value, attention_mask, **kwargs):
-    """Attention with the recorded probabilities ([rows, head, q, k]) times the recomputed values."""
-    probs = _PATTERNS.get(id(module))
-    if probs is None:
+    """Attention with the recorded probabilities times the recomputed values.
+
+    The module's entry holds the baseline's probabilities cut to the pass's positions ([batch, head, q, k],
+    a view) and the batch row of each pass row: each batch row's pattern multiplies, broadcast, the values
+    of the pass rows that hold it (a pass may hold a row once per unit), so no pattern is copied per row.
+    """
+    got = _PATTERNS.get(id(module))
+    if got is None:
         raise UnsupportedModel(f"{type(module).__name__}: frozen attention has no recorded pattern for this module")
-    copies = value.shape[0] // probs.shape[0]
-    p = probs if copies == 1 else probs.repeat(copies, 1, 1, 1)
+    probs, rows = got
+    rows = rows.repeat(value.shape[0] // len(rows))  # copies of the pass are batch-major
     v = value.float()
     b, kv, n, d = v.shape
-    # Grouped or multi-query attention: each key/value head serves a group of query heads (broadcast, not copied).
-    out = torch.matmul(p.view(b, kv, -1, *p.shape[2:]), v[:, :, None]).view(b, -1, n, d).to(value.dtype)
-    _PATTERNS[-id(module)] = p  # marks the module as served
-    return out.transpose(1, 2).contiguous(), p
+    out = v.new_empty((b, probs.shape[1], n, d))
+    for r in torch.unique(rows).tolist():
+        at = torch.nonzero(rows == r)[:, 0]
+        # Grouped or multi-query attention: each key/value head serves a group of query heads (broadcast).
+        p = probs[r].view(kv, -1, n, n)  # [kv, group, q, k]
+        out[at] = torch.matmul(p, v[at][:, :, None]).view(len(at), -1, n, d)
+    _PATTERNS[-id(module)] = got  # marks the module as served
+    return out.to(value.dtype).transpose(1, 2).contiguous(), None
 
 
 def _register_interface() -> None:
@@ -271,7 +280,7 @@ def frozen_attention(w, patterns: list[Tensor], cut: Cut, layer: int):
     later = range(layer + 1, w.n_layers)
     for i in later:
         rows = torch.as_tensor(cut.rows, device=patterns[i].device)
-        _PATTERNS[id(mods[i])] = patterns[i][:, :, :cut.n_pos, :cut.n_pos][rows]  # copies the cut only
+        _PATTERNS[id(mods[i])] = (patterns[i][:, :, :cut.n_pos, :cut.n_pos], rows)
     try:
         with _implementation(w, _FROZEN_IMPL):
             yield
