@@ -460,6 +460,9 @@ def _counterfactual_tables(b, ctx, src, kind, sample, units, top_sets, names, w,
     for r in batch_reruns(w, b.base, units, top_sets, names,
                           lambda unit: unit_patch(ctx, src, kind, unit, w.n_heads, cache), b.u, row0, b.preds,
                           units_per_pass):
+        r = r.finite()  # a token whose re-run overflowed float32 has no values to store (`UnitRerun.finite`)
+        if not len(r.tokens):
+            continue
         ident = {**b.ident(r.unit), "counterfactual": r.name}
         local = torch.as_tensor(r.tokens - row0 * b.preds, device=b.u.device)
         at = lambda t: t[:, :b.preds].reshape(-1)[local]  # noqa: E731 - [batch, pos] -> the unit's top tokens

@@ -376,6 +376,18 @@ class UnitRerun:
     d_heads: Tensor  # [tok, layer·head] ΔDE of every head outside the unit
     d_mlps: Tensor  # [tok, layer]
 
+    def finite(self) -> UnitRerun:
+        """Its tokens whose re-run stayed within float32. Under frozen norms nothing rescales the residual: on
+        some models (SmolLM2's early heads) it grows layer by layer past float32's range, and a token's
+        values are then no numbers at all; they are left out, never stored."""
+        ok = (torch.isfinite(self.logit) & torch.isfinite(self.ln_scale) & torch.isfinite(self.de)
+              & torch.isfinite(self.d_heads).all(-1) & torch.isfinite(self.d_mlps).all(-1))
+        if bool(ok.all()):
+            return self
+        keep = ok.cpu().numpy()
+        return replace(self, tokens=self.tokens[keep], logit=self.logit[ok], ln_scale=self.ln_scale[ok], de=self.de[ok],
+                       d_heads=self.d_heads[ok], d_mlps=self.d_mlps[ok])
+
 
 def batch_reruns(w, base, units, top_sets: dict, names, make_patch, u: Tensor, row0: int, preds: int,
                  per_pass: int | None = None):

@@ -96,11 +96,14 @@ def check(inventories: list[Inventory], params: dict, model: str | None = None) 
 NEEDS = {
     "neuron_ranks": "final-MLP neuron ranks by signed change in DE (neuron_effects.rank and neuron_totals)",
     "output_metrics": "the output metrics (d_loss, kl, d_entropy, top1_changed of ablation_effects)",
+    "counterfactuals": "counterfactual re-runs (counterfactual_runs)",
 }
 # Why a model's store can lack a need, where that is not only its age.
 LACKS = {
     "output_metrics": "was ingested without (--output-metrics none, or a selfrepair before them); ingest that "
                       "model again with --output-metrics all",
+    "counterfactuals": "was ingested without them; ingest that model again with --counterfactuals "
+                       "frozen-norms,frozen-attention",
 }
 
 

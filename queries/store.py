@@ -129,7 +129,8 @@ class Store:
         store._lacking = {"neuron_ranks": sorted(m.model for m in models
                                                  if "rank" in m.missing.get("neuron_effects", set())),
                           "output_metrics": sorted(m.model for m in models
-                                                   if "kl" in m.missing.get("ablation_effects", set()))}
+                                                   if "kl" in m.missing.get("ablation_effects", set())),
+                          "counterfactuals": sorted(m.model for m in models if not m.manifest.config.counterfactuals)}
         weakref.finalize(store, _cleanup, con, temp_dir)
         return store
 

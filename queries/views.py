@@ -475,7 +475,9 @@ FROM counterfactual_runs
 #   ln_intermediate  d_logit − d_logit[frozen-norms] less the final norm's part (frozen-norms freezes both);
 #   attention        d_logit − d_logit[frozen-attention]: attention patterns moving;
 #   rest             sr less those three (NULL unless both counterfactuals are stored).
-# A channel whose counterfactual was not ingested is NULL.
+# A channel whose counterfactual was not ingested is NULL. A token whose re-run under a stored
+# counterfactual overflowed float32 (never stored: query counterfactual_coverage) has no row, so every
+# channel is averaged over the same tokens.
 REPAIR_CHANNELS_SQL = """
 CREATE VIEW repair_channels AS
 WITH cf AS (
@@ -484,6 +486,15 @@ WITH cf AS (
            max(d_logit) FILTER (WHERE counterfactual = 'frozen-attention') AS d_logit_frozen_attention
     FROM counterfactual_effects
     GROUP BY ALL
+), stored AS (
+    SELECT model, bool_or(counterfactual = 'frozen-norms') AS norms,
+           bool_or(counterfactual = 'frozen-attention') AS attention
+    FROM counterfactual_effects
+    GROUP BY model
+), complete AS (
+    SELECT cf.* FROM cf JOIN stored USING (model)
+    WHERE (NOT stored.norms OR d_logit_frozen_norms IS NOT NULL)
+      AND (NOT stored.attention OR d_logit_frozen_attention IS NOT NULL)
 ), joined AS (
     SELECT s.model, s.ablation, s.sample, s.condition, s.unit, s.unit_kind, s.layer, s.head, s.head_label,
            s.token_index, s.de_clean, s.d_de, s.d_logit, s.sr, s.sr_heads, s.sr_mlps, s.sr_ln,
@@ -491,7 +502,7 @@ WITH cf AS (
            s.d_logit - cf.d_logit_frozen_norms - s.sr_ln_closed AS ln_intermediate,
            s.d_logit - cf.d_logit_frozen_attention AS attention,
            cf.d_logit_frozen_norms, cf.d_logit_frozen_attention
-    FROM cf JOIN self_repair s USING (model, ablation, sample, condition, unit, token_index)
+    FROM complete cf JOIN self_repair s USING (model, ablation, sample, condition, unit, token_index)
 )
 SELECT *, sr - ln_final - ln_intermediate - attention AS rest
 FROM joined

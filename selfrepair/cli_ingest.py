@@ -123,12 +123,30 @@ def ingest(**opts):
         f"{', sr_mlps neurons ' + format(secs['sr_neurons'], '.1f') if 'sr_neurons' in secs else ''})",
         err=True,
     )
-    summary = Store.open(cfg.store).query("layer_summary", p=cfg.top_p, ablation=cfg.ablations[0], sample=0)
+    store = Store.open(cfg.store)
+    if cfg.counterfactuals:
+        _overflow_lines(store, result.model_store.name)
+    summary = store.query("layer_summary", p=cfg.top_p, ablation=cfg.ablations[0], sample=0)
     # The headline means, and self-repair's 95% interval (bootstrap over rows; every mean's is in the query).
     summary = summary.filter(summary["model"] == result.model_store.name).select(
         "model", "layer", "n_heads", "n_tokens", "de", "d_logit", "sr", "sr_ln", "sr_ci_low", "sr_ci_high")
     click.echo(f"Per-layer self-repair over each head's top {cfg.top_p:g} tokens ({cfg.ablations[0]} ablation):")
     write_output(summary, "table", None)
+
+
+def _overflow_lines(store, model: str) -> None:
+    """One line per counterfactual with re-runs that overflowed float32 (left out, never stored)."""
+    import polars as pl
+
+    from selfrepair.queries import named
+
+    # The query's SQL itself: another model of the store may have no re-runs (the named query refuses that).
+    cov = store.sql(named.get_query("counterfactual_coverage").sql).filter(pl.col("model") == model)
+    cov = cov.group_by("counterfactual").agg(pl.col("n_top").sum(), pl.col("n_missing").sum()).sort("counterfactual")
+    for name, top, missing in cov.select("counterfactual", "n_top", "n_missing").iter_rows():
+        if missing:
+            click.echo(f"{name}: {missing:,} of {top:,} top-token re-runs overflowed float32 and are not stored "
+                       "(query counterfactual_coverage; repair_channels leaves those tokens out)", err=True)
 
 
 COMMANDS = [ingest]

@@ -533,3 +533,55 @@ def test_recorded_patterns_equal_an_eager_forward(family):
     assert got[0] is None and len(got) == len(want)
     for i in range(1, len(want)):
         torch.testing.assert_close(got[i], want[i].float(), rtol=1e-4, atol=1e-5, msg=f"layer {i}")
+
+
+def test_a_re_run_that_overflows_is_never_stored(tiny_model_dirs, tmp_path, monkeypatch):
+    """Under frozen norms nothing rescales the residual, and on some models (SmolLM2's early heads) it grows
+    past float32's range: such a token's re-run is left out, never stored. Here every frozen-norms re-run of
+    each batch's first row overflows (its logit made infinite, in the re-run and in the self-check's whole
+    forward alike): counterfactual_coverage counts those tokens, repair_channels leaves them out, the ingest
+    says how many, and frozen-attention keeps every token."""
+    from click.testing import CliRunner
+
+    from selfrepair import Store
+    from selfrepair.cli import main
+    from selfrepair.ingest import counterfactual as C
+    from selfrepair.ingest import counterfactual_check
+
+    real_rerun, real_whole = C.rerun, counterfactual_check.whole_forward_counterfactual
+
+    def rerun(w, base, name, layer, patches, cut, *a, **k):
+        r = real_rerun(w, base, name, layer, patches, cut, *a, **k)
+        if name == "frozen-norms":
+            r.logit[torch.as_tensor(cut.rows) == 0] = float("inf")
+        return r
+
+    def whole(w, rows, layer, head, z, name):
+        out = real_whole(w, rows, layer, head, z, name)
+        if name == "frozen-norms":
+            out[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(C, "rerun", rerun)
+    monkeypatch.setattr(counterfactual_check, "whole_forward_counterfactual", whole)
+    store = tmp_path / "s"
+    seq, batch = 32, 2
+    res = CliRunner().invoke(main, [
+        "ingest", "--model", str(tiny_model_dirs["gpt2"]), "--store", str(store), "--tokens", "124", "--seq-len",
+        str(seq), "--batch-size", str(batch), "--ablations", "zero", "--units", "L0H1,L1H2", "--top-p", "0.1",
+        "--neurons-top-k", "0", "--corpus", "embedded", "--counterfactuals", "frozen-norms,frozen-attention"])
+    assert res.exit_code == 0, res.output
+    s = Store.open(store)
+    first = f"(token_index // {seq - 1}) % {batch} = 0"  # the tokens of each batch's first row
+    top = s.sql(f"SELECT count(*) AS n, count(*) FILTER (WHERE {first}) AS first FROM ablation_top").row(0, named=True)
+    assert 0 < top["first"] < top["n"]
+    got = s.sql(f"""SELECT counterfactual, count(*) AS n, count(*) FILTER (WHERE {first}) AS first
+                    FROM counterfactual_effects GROUP BY ALL ORDER BY ALL""")
+    assert got.rows() == [("frozen-attention", top["n"], top["first"]), ("frozen-norms", top["n"] - top["first"], 0)]
+    cov = s.query("counterfactual_coverage").sort("counterfactual")
+    assert cov["n_missing"].to_list() == [0, top["first"]] and (cov["n_top"] == top["n"]).all()
+    channels = s.sql(f"SELECT count(*) AS n, count(*) FILTER (WHERE {first}) AS first FROM repair_channels").row(0)
+    assert channels == (top["n"] - top["first"], 0)
+    assert (f"frozen-norms: {top['first']:,} of {top['n']:,} top-token re-runs overflowed float32 and are not stored"
+            in res.output)
+    assert "frozen-attention:" not in res.output.replace("frozen-norms,frozen-attention", "")

@@ -48,6 +48,8 @@ def test_runs_with_defaults(store, name):
         with pytest.raises(QueryError, match="no neuron rows; ingest them with `selfrepair ingest --sr-mlps-neurons"):
             store.query(name, **args)
         return
+    if name == "counterfactual_coverage":  # this store has no re-runs (test_a_query_on_counterfactuals_…)
+        return
     df = store.query(name, **args)
     assert "model" in [c.lower() for c in df.columns]
 
@@ -74,9 +76,11 @@ def test_a_request_for_what_was_not_ingested_is_refused(store, params, message):
 
 # This store holds no condition and no unit but heads: conditional_growth runs on one that does
 # (test_query_units.py), fig_unit_breakdown on an ingested one (tests/analysis/test_unit_pages.py);
-# nor counterfactual re-runs: head_repair_channels runs on a store with them (tests/ingest/test_counterfactual.py).
+# nor counterfactual re-runs: head_repair_channels and counterfactual_coverage run on a store with them
+# (tests/ingest/test_counterfactual.py); here counterfactual_coverage is refused.
 @pytest.mark.parametrize("name", sorted(set(named.all_queries()) - SR_MLPS_QUERIES
-                                        - {"conditional_growth", "fig_unit_breakdown", "head_repair_channels"}))
+                                        - {"conditional_growth", "fig_unit_breakdown", "head_repair_channels",
+                                           "counterfactual_coverage"}))
 def test_runs_on_top_tokens(store, spec, name):
     q = named.all_queries()[name]
     names = {p.name for p in q.params}
@@ -84,6 +88,13 @@ def test_runs_on_top_tokens(store, spec, name):
     if "p" in names:
         args["p"] = spec.top_p
     assert store.query(name, **args).height > 0
+
+
+def test_a_query_on_counterfactuals_is_refused_without_them(store):
+    with pytest.raises(QueryError) as e:
+        store.query("counterfactual_coverage")
+    assert "needs counterfactual re-runs (counterfactual_runs)" in str(e.value)
+    assert "ingest that model again with --counterfactuals frozen-norms,frozen-attention" in str(e.value)
 
 
 def test_identity_checks(store):
