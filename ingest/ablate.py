@@ -522,11 +522,11 @@ def attention_rows(w, rows: torch.Tensor, row0: int, heads: list[tuple[dict, np.
         heads: (row identity with `layer` and `head`, top-token mask) of each head unit.
         clean: the batch's clean run (the fast engine's), if there is one: see below.
 
-    One forward of the model with eager attention (whose attention modules return their
-    probabilities) per batch that holds top tokens, on only the rows that hold one and only up
-    to the deepest layer asked (rows are independent; no unembedding); None when none of
-    `heads` has a top token here. With `clean`, only the layers asked run, each on its stored
-    clean input (`_from_clean`); the model still builds the eager masks and positions.
+    The clean patterns of the rows that hold a top token, at the layers asked; None when none of `heads`
+    has a top token here. With `clean`, each layer asked runs alone on its stored input, up to its
+    attention module (`counterfactual.clean_patterns`); without, one forward of the model with eager
+    attention (whose attention modules return their probabilities) on those rows, up to the deepest
+    layer asked (rows are independent; no unembedding).
     """
     if not k or not any(m.any() for _, m in heads):
         return None
@@ -535,28 +535,13 @@ def attention_rows(w, rows: torch.Tensor, row0: int, heads: list[tuple[dict, np.
     wanted = [(ident, np.nonzero(mask)[0]) for ident, mask in heads if mask.any()]
     held = np.unique(np.concatenate([idx // preds for _, idx in wanted]))  # the rows that hold a top token
     layers = sorted({ident["layer"] for ident, _ in wanted})
-    patterns: dict[int, torch.Tensor] = {}  # layer -> [held row, head, query, key]
+    sel = torch.from_numpy(held).to(rows.device)
+    if clean is not None:
+        from selfrepair.ingest.counterfactual import clean_patterns
 
-    def keep(layer):
-        def hook(module, args, out):
-            patterns[layer] = out[1]
-            if layer == layers[-1]:
-                raise _Stop  # nothing after the deepest layer asked is needed
-        return hook
-
-    model = w.model
-    previous = getattr(model.config, "_attn_implementation", None)
-    try:
-        model.set_attn_implementation("eager")
-        sel = torch.from_numpy(held).to(rows.device)
-        regs = [lambda l=l: E.attn_module(w, l).register_forward_hook(keep(l)) for l in layers]
-        with torch.no_grad(), hooks(*regs, *(_from_clean(w, clean, sel, layers) if clean is not None else ())):
-            model(rows[sel], use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        if previous and previous != "eager":
-            model.set_attn_implementation(previous)
+        patterns = clean_patterns(w, clean, rows, layers, sel)  # layer -> [held row, head, query, key]
+    else:
+        patterns = _forward_patterns(w, rows[sel], layers)
     parts = []
     for ident, idx in wanted:
         layer, head = ident["layer"], ident["head"]
@@ -575,26 +560,30 @@ def attention_rows(w, rows: torch.Tensor, row0: int, heads: list[tuple[dict, np.
     return parts
 
 
-def _from_clean(w, clean: E.CleanState, sel: torch.Tensor, layers: list[int]) -> list:
-    """Hook registrations that make a forward of rows `sel` run only `layers` (to the deepest), each on
-    its stored clean input: a layer before it that is not asked returns the clean output (the next
-    layer's stored input) without running."""
-    regs = []
-    for i in range(layers[-1] + 1):
-        if i in layers:
-            def start(module, args, kwargs, i=i):
-                x = clean.resid_pre[i][sel]
-                if clean.calls[i].hidden_kw:
-                    return args, {**kwargs, "hidden_states": x}
-                return (x, *args[1:]), kwargs
-            regs.append(lambda i=i, start=start: w.layers[i].register_forward_pre_hook(start, with_kwargs=True))
-        else:
-            out = clean.resid_pre[i + 1][sel]
+def _forward_patterns(w, rows: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+    """`layers`' attention probabilities from one eager forward of `rows`, stopped after the deepest."""
+    patterns: dict[int, torch.Tensor] = {}
 
-            def skip(*args, out=out, tuple_out=clean.calls[i].tuple_out, **kwargs):
-                return (out,) if tuple_out else out
-            regs.append(lambda i=i, skip=skip: E.ForwardOverride(w.layers[i], skip))
-    return regs
+    def keep(layer):
+        def hook(module, args, out):
+            patterns[layer] = out[1]
+            if layer == layers[-1]:
+                raise _Stop  # nothing after the deepest layer asked is needed
+        return hook
+
+    model = w.model
+    previous = getattr(model.config, "_attn_implementation", None)
+    try:
+        model.set_attn_implementation("eager")
+        regs = [lambda l=l: E.attn_module(w, l).register_forward_hook(keep(l)) for l in layers]
+        with torch.no_grad(), hooks(*regs):
+            model(rows, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        if previous and previous != "eager":
+            model.set_attn_implementation(previous)
+    return patterns
 
 
 def repair_components(w: Weights, unit: Unit) -> tuple[list[tuple[int, int]], list[int]]:

@@ -218,34 +218,37 @@ class _Recorded(Exception):
     """Raised by the attention module's hook once its pattern is kept: the rest of the layer is not needed."""
 
 
-def _eager_calls(w, base) -> list[Call]:
-    """Each decoder layer's call (masks, rotary tables) as the model makes it under eager attention, from a
-    forward whose layers return their input untouched: only the embedding, masks and tables are computed.
-    (A call recorded under SDPA may carry no mask at all, SDPA being told it is causal instead.)"""
+def _eager_calls(w, clean: E.CleanState, rows: Tensor) -> list[Call]:
+    """Each decoder layer's call (masks, rotary tables) on `rows` as the model makes it under eager attention,
+    from a forward whose layers return their input untouched: only the embedding, masks and tables are
+    computed. (A call recorded under SDPA may carry no mask at all, SDPA being told it is causal instead.)"""
     def skip(i):
         def forward(*args, **kwargs):
             h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            return (h,) if base.clean.calls[i].tuple_out else h
+            return (h,) if clean.calls[i].tuple_out else h
         return forward
 
     lm_head = w.model.get_output_embeddings()
     regs = [lambda i=i, m=m: E.ForwardOverride(m, skip(i)) for i, m in enumerate(w.layers)]
     regs.append(lambda: E.ForwardOverride(lm_head, lambda x: x.new_zeros((*x.shape[:-1], 0))))
     with torch.no_grad(), _implementation(w, "eager"):
-        calls, _, _ = capture_calls(w.model, w.layers, base.rows, regs)
+        calls, _, _ = capture_calls(w.model, w.layers, rows, regs)
     return calls
 
 
-def record_patterns(w, base, first: int = 0) -> list[Tensor | None]:
-    """Each layer's attention probabilities in the baseline run `base` (a FastBatch: the clean run, or the
-    condition-ablated one), [layer] of [batch, head, q, k] (None before layer `first`).
+def clean_patterns(w, clean: E.CleanState, rows: Tensor, layers, sel: Tensor | None = None) -> dict[int, Tensor]:
+    """Each of `layers`' attention probabilities ([row, head, q, k], float32) in the run `clean` of the batch
+    `rows` (of its rows `sel` only, if given).
 
-    A layer's pattern depends only on its input, which the baseline stores (`CleanState.resid_pre`), so
-    each layer from `first` on runs alone on it under eager attention (which returns its probabilities),
-    and only up to its attention module.
+    A layer's pattern depends only on its input, which the run stores (`CleanState.resid_pre`), so each
+    layer runs alone on it under eager attention (which returns its probabilities), and only up to its
+    attention module; the calls (eager masks, rotary tables) come from `_eager_calls`.
+
+    Raises:
+        UnsupportedModel: a layer's attention returns no probabilities under eager attention.
     """
-    calls = _eager_calls(w, base)
-    batch = base.clean.scale.shape[0]
+    run_rows = rows if sel is None else rows[sel]
+    calls = _eager_calls(w, clean, run_rows)
     got: dict[int, Tensor] = {}
 
     def keep(i):
@@ -257,16 +260,24 @@ def record_patterns(w, base, first: int = 0) -> list[Tensor | None]:
 
     mods = attention_modules(w)
     with torch.no_grad(), _implementation(w, "eager"):
-        for i in range(first, w.n_layers):
-            with hooks(lambda: mods[i].register_forward_hook(keep(i))):
+        for i in layers:
+            x = clean.resid_pre[i] if sel is None else clean.resid_pre[i][sel]
+            with hooks(lambda i=i: mods[i].register_forward_hook(keep(i))):
                 try:
-                    calls[i].run(w.layers[i], base.clean.resid_pre[i], batch, 1)
+                    calls[i].run(w.layers[i], x, len(run_rows), 1)
                 except _Recorded:
                     pass
-    missing = [i for i in range(first, w.n_layers) if i not in got]
+    missing = [i for i in layers if i not in got]
     if missing:
         raise UnsupportedModel(f"{w.family.name}: layer {missing[0]}'s attention returned no probabilities under eager "
-                               "attention, so frozen-attention cannot record its pattern")
+                               "attention, so its pattern cannot be recorded")
+    return got
+
+
+def record_patterns(w, base, first: int = 0) -> list[Tensor | None]:
+    """Each layer's attention probabilities in the baseline run `base` (a FastBatch: the clean run, or the
+    condition-ablated one), [layer] of [batch, head, q, k] (None before layer `first`): `clean_patterns`."""
+    got = clean_patterns(w, base.clean, base.rows, range(first, w.n_layers))
     return [got.get(i) for i in range(w.n_layers)]
 
 
