@@ -84,8 +84,8 @@ class Cut:
 # Passes a group's rows may be split into by their last position. Measured on the benchmark's top sets
 # (bench_counterfactuals: 36 heads, 9 per first layer, batches of 4 rows): 1, 2, 3, 4 and 6 passes run
 # 84%, 62%, 56%, 53% and 51% of a full sweep's depth-weighted positions; each pass has its fixed cost
-# per layer, and past 4 the positions saved no longer pay for it.
-MAX_CUTS = 4
+# per layer. 6 against 4: 3% less time for both counterfactuals (9.0 s against 9.3 s, two runs each).
+MAX_CUTS = 6
 
 
 def _split(last: np.ndarray, max_cuts: int) -> list[tuple[int, int]]:
