@@ -229,8 +229,10 @@ def _channel_lines(page: HeadPage) -> list[str]:
     if c is None:
         return ["not stored: ingest with --counterfactuals frozen-norms,frozen-attention to measure them"]
     f = number
-    out = [f"over {c['n_tokens']} top tokens re-run (the ingest's top_p): self-repair {f(c['sr'])} "
-           f"(logit change {f(c['d_logit'])}, clean DE {f(c['de_clean'])})"]
+    left = c.get("n_left_out") or 0
+    tokens = (f"over {c['n_tokens']} of its {c['n_tokens'] + left} top tokens ({left} left out: a re-run overflowed "
+              "float32, never stored)" if left else f"over {c['n_tokens']} top tokens re-run (the ingest's top_p)")
+    out = [f"{tokens}: self-repair {f(c['sr'])} (logit change {f(c['d_logit'])}, clean DE {f(c['de_clean'])})"]
     for key, name in CHANNELS:
         value = c[key]
         share = percent(value, c["sr"]) if value is not None else ""

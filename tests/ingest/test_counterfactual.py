@@ -584,4 +584,12 @@ def test_a_re_run_that_overflows_is_never_stored(tiny_model_dirs, tmp_path, monk
     assert channels == (top["n"] - top["first"], 0)
     assert (f"frozen-norms: {top['first']:,} of {top['n']:,} top-token re-runs overflowed float32 and are not stored"
             in res.output)
+    summary = s.query("head_repair_channels", ablation="zero")
+    assert summary["n_left_out"].sum() == top["first"] and (summary["n_tokens"] + summary["n_left_out"]).sum() == top["n"]
+    from selfrepair.analysis.head_page import build_head_page, text
+
+    unit = summary.filter(summary["n_left_out"] > 0).row(0, named=True)
+    page = text(build_head_page(s, unit["unit"], ablation="zero"))
+    assert (f"over {unit['n_tokens']} of its {unit['n_tokens'] + unit['n_left_out']} top tokens "
+            f"({unit['n_left_out']} left out: a re-run overflowed float32, never stored)") in page
     assert "frozen-attention:" not in res.output.replace("frozen-norms,frozen-attention", "")
