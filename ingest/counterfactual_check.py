@@ -1,7 +1,8 @@
 """The self-check of counterfactual re-runs: the engine's cut re-run against one whole forward of the model.
 
-For one sample head and the first ablation type, a few tokens in the second half of the batch's rows
-(so the re-run cuts rows and positions, as on real top tokens) are re-run by `counterfactual.batch_reruns`
+For one sample head and the next head of its layer (sharing passes, as a layer's units do) and the first
+ablation type, a few tokens in the second half of the batch's rows (so the re-run cuts rows and
+positions, as on real top tokens) are re-run by `counterfactual.batch_reruns`
 and compared with a plain forward of the Hugging Face model with hooks: the head's o_proj input
 patched; for frozen-norms every norm module downstream (and the final norm, and the query/key norms
 inside attention) dividing by the scale it had in a clean hooked forward; for frozen-attention every attention module fed the probabilities an
@@ -127,23 +128,26 @@ def whole_forward_counterfactual(w, rows, layer: int, head: int, z_new, name: st
 
 
 def counterfactual_checks(record, w, rows, fast, fast_src, kind: str, names, layer: int, head: int, u_full) -> None:
-    """Record `<name> <kind> L{layer}H{head}: cut re-run vs full model forward` for each counterfactual."""
+    """Record `<name> <kind> L{layer}H{h}: cut re-run vs full model forward` for each counterfactual, for the
+    sample head and (with more than one head) the next head of its layer, re-run together on the same tokens:
+    the two share their passes (`counterfactual_rules.pass_groups`), as a layer's units do in the ingest."""
     from selfrepair.ingest.ablate import unit_patch
     from selfrepair.ingest.counterfactual import batch_reruns
     from selfrepair.store.labels import parse_units
 
     batch, seq = rows.shape
     preds = seq - 1
-    unit = parse_units(f"L{layer}H{head}", w.n_layers, w.n_heads)[0]
+    heads = [head] + ([(head + 1) % w.n_heads] if w.n_heads > 1 else [])
+    units = parse_units(",".join(f"L{layer}H{h}" for h in heads), w.n_layers, w.n_heads)
     toks = check_tokens(batch, preds)
-    for r in batch_reruns(w, fast, [unit], {unit.label: toks}, names,
+    for r in batch_reruns(w, fast, units, {unit.label: toks for unit in units}, names,
                           lambda u: unit_patch(fast, fast_src, kind, u, w.n_heads), u_full, 0, preds):
-        z = unit_patch(fast, fast_src, kind, unit, w.n_heads).heads[layer][head]
-        want = whole_forward_counterfactual(w, rows, layer, head, z, r.name)[:, :preds].reshape(-1)[toks]
+        z = unit_patch(fast, fast_src, kind, r.unit, w.n_heads).heads[layer][r.unit.head]
+        want = whole_forward_counterfactual(w, rows, layer, r.unit.head, z, r.name)[:, :preds].reshape(-1)[toks]
         # A re-run may overflow float32 (frozen norms on some models; such tokens are never stored): the whole
         # forward must overflow at the same tokens, and the values agree where both are numbers.
         got, ok = r.logit, torch.isfinite(r.logit) & torch.isfinite(want)
         if not torch.equal(torch.isfinite(got), torch.isfinite(want)):
             got = got + float("inf")  # the re-run and the forward disagree on which tokens overflow: fails
-        record(f"{r.name} {kind} {unit.label}: cut re-run vs full model forward", torch.where(ok, got, 0.0),
+        record(f"{r.name} {kind} {r.unit.label}: cut re-run vs full model forward", torch.where(ok, got, 0.0),
                torch.where(ok, want, 0.0))
