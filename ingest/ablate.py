@@ -22,7 +22,7 @@ import torch
 from selfrepair.errors import ConfigError
 from selfrepair.ingest import engine as E
 from selfrepair.ingest.families import ARCHITECTURES, FAMILIES, REFUSED, moe_problem
-from selfrepair.ingest.layer_calls import hooks
+from selfrepair.ingest.layer_calls import Stop, hooks
 from selfrepair.ingest.output_metrics import VOCAB_CHUNK, Baseline, OutputHead, full_metrics
 from selfrepair.ingest.weights import Weights
 from selfrepair.store.labels import UNIT_KINDS, Unit, parse_unit
@@ -510,10 +510,6 @@ def neuron_detail_tables(
     return {"neuron_effects": _concat(neu, kind, sample), "neuron_totals": _concat(tot, kind, sample)}
 
 
-class _Stop(Exception):
-    """Ends a forward pass from a hook once everything it is run for has been captured."""
-
-
 def attention_rows(w, rows: torch.Tensor, row0: int, heads: list[tuple[dict, np.ndarray]], token_index, k: int,
                    clean: E.CleanState | None = None):
     """Per ablated head and top token, the k source positions with the largest clean attention weight.
@@ -568,21 +564,17 @@ def _forward_patterns(w, rows: torch.Tensor, layers: list[int]) -> dict[int, tor
         def hook(module, args, out):
             patterns[layer] = out[1]
             if layer == layers[-1]:
-                raise _Stop  # nothing after the deepest layer asked is needed
+                raise Stop  # nothing after the deepest layer asked is needed
         return hook
 
-    model = w.model
-    previous = getattr(model.config, "_attn_implementation", None)
+    from selfrepair.ingest.counterfactual import attention_implementation
+
+    regs = [lambda l=l: E.attn_module(w, l).register_forward_hook(keep(l)) for l in layers]
     try:
-        model.set_attn_implementation("eager")
-        regs = [lambda l=l: E.attn_module(w, l).register_forward_hook(keep(l)) for l in layers]
-        with torch.no_grad(), hooks(*regs):
-            model(rows, use_cache=False)
-    except _Stop:
+        with torch.no_grad(), attention_implementation(w, "eager"), hooks(*regs):
+            w.model(rows, use_cache=False)
+    except Stop:
         pass
-    finally:
-        if previous and previous != "eager":
-            model.set_attn_implementation(previous)
     return patterns
 
 

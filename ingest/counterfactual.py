@@ -18,16 +18,17 @@ elsewhere), and `engine.patch_layer` runs on the cut, with the freezing hooks of
 registered around it. Nothing in the engine changes.
 
 Frozen attention goes through transformers' `AttentionInterface`: the baseline patterns are
-recorded by one eager forward of the baseline run (eager attention returns its probabilities),
-and the frozen pass swaps the model's attention function for one that multiplies the recorded
-probabilities into the recomputed values. A family whose attention does not go through that
-interface is refused before the model loads (`counterfactual_problem`), and a layer whose
+recorded layer by layer, each layer run alone on its stored input under eager attention (which
+returns its probabilities; `clean_patterns`), and the frozen pass swaps the model's attention
+function for one that multiplies the recorded probabilities into the recomputed values. A family
+whose attention does not go through that interface is refused before the model loads (`counterfactual_problem`), and a layer whose
 attention skips the swapped function refuses the run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -38,7 +39,7 @@ from selfrepair.errors import ConfigError, UnsupportedModel
 from selfrepair.ingest import engine as E
 from selfrepair.ingest.counterfactual_rules import FROZEN_ATTENTION, FROZEN_NORMS, Cut, batch_groups, cuts_for
 from selfrepair.ingest.families import attention_modules
-from selfrepair.ingest.layer_calls import Call, capture_calls, hooks
+from selfrepair.ingest.layer_calls import Call, Stop, capture_calls, hooks
 from selfrepair.ingest.qk_norms import QKScales, frozen_qk_hooks, record_qk_scales
 
 # -- cutting the baseline to the rows and positions -------------------------------------------
@@ -200,7 +201,7 @@ def _register_interface() -> None:
 
 
 @contextlib.contextmanager
-def _implementation(w, name: str):
+def attention_implementation(w, name: str):
     """Every attention module's config set to the attention implementation `name`, restored after."""
     configs = {id(m.config): m.config for m in attention_modules(w) if hasattr(m, "config")}
     configs[id(w.model.config)] = w.model.config
@@ -212,10 +213,6 @@ def _implementation(w, name: str):
     finally:
         for k, c in configs.items():
             c._attn_implementation = saved[k]
-
-
-class _Recorded(Exception):
-    """Raised by the attention module's hook once its pattern is kept: the rest of the layer is not needed."""
 
 
 def _eager_calls(w, clean: E.CleanState, rows: Tensor) -> list[Call]:
@@ -231,7 +228,7 @@ def _eager_calls(w, clean: E.CleanState, rows: Tensor) -> list[Call]:
     lm_head = w.model.get_output_embeddings()
     regs = [lambda i=i, m=m: E.ForwardOverride(m, skip(i)) for i, m in enumerate(w.layers)]
     regs.append(lambda: E.ForwardOverride(lm_head, lambda x: x.new_zeros((*x.shape[:-1], 0))))
-    with torch.no_grad(), _implementation(w, "eager"):
+    with torch.no_grad(), attention_implementation(w, "eager"):
         calls, _, _ = capture_calls(w.model, w.layers, rows, regs)
     return calls
 
@@ -255,17 +252,17 @@ def clean_patterns(w, clean: E.CleanState, rows: Tensor, layers, sel: Tensor | N
         def hook(module, args, out):
             if isinstance(out, tuple) and len(out) > 1 and isinstance(out[1], Tensor):
                 got[i] = out[1].detach().float()
-                raise _Recorded
+                raise Stop  # the rest of the layer is not needed
         return hook
 
     mods = attention_modules(w)
-    with torch.no_grad(), _implementation(w, "eager"):
+    with torch.no_grad(), attention_implementation(w, "eager"):
         for i in layers:
             x = clean.resid_pre[i] if sel is None else clean.resid_pre[i][sel]
             with hooks(lambda i=i: mods[i].register_forward_hook(keep(i))):
                 try:
                     calls[i].run(w.layers[i], x, len(run_rows), 1)
-                except _Recorded:
+                except Stop:
                     pass
     missing = [i for i in layers if i not in got]
     if missing:
@@ -293,7 +290,7 @@ def frozen_attention(w, patterns: list[Tensor], cut: Cut, layer: int):
         rows = torch.as_tensor(cut.rows, device=patterns[i].device)
         _PATTERNS[id(mods[i])] = (patterns[i][:, :, :cut.n_pos, :cut.n_pos], rows)
     try:
-        with _implementation(w, _FROZEN_IMPL):
+        with attention_implementation(w, _FROZEN_IMPL):
             yield
         skipped = [i for i in later if -id(mods[i]) not in _PATTERNS]
         if skipped:
@@ -441,7 +438,7 @@ def batch_reruns(w, base, units, top_sets: dict, names, make_patch, u: Tensor, r
                 qk, qk_recorded = record_qk_scales(w, base), True
             parts = [rerun(w, base, name, layer, patches, cut, u, patterns, qk) for cut in cuts]
             for j, unit in enumerate(group):
-                own = None if len(group) == 1 else (w, patches[j], layer, u, base)
+                own = None if len(group) == 1 else functools.partial(_own_de, w, patches[j], layer, u=u, base=base)
                 yield _gather(unit, j, name, local[j], t0, preds, parts, u.device, own)
 
 
@@ -461,8 +458,8 @@ def _own_de(w, patch: E.Patch, layer: int, rows: Tensor, pos: Tensor, u: Tensor,
 
 def _gather(unit, j: int, name: str, local: np.ndarray, t0: int, preds: int, parts: list, device,
             own=None) -> UnitRerun:
-    """Unit j's values at its tokens (batch-local, sorted) from the passes over each cut; `own` (`_own_de`'s
-    arguments but the tokens) when the passes were shared: its DE is then its own part."""
+    """Unit j's values at its tokens (batch-local, sorted) from the passes over each cut; `own` ((rows, pos)
+    -> its `_own_de` there) when the passes were shared: its DE is then its own part."""
     rows, pos = local // preds, local % preds
     which = np.full(len(local), -1, np.int64)
     at = np.zeros(len(local), np.int64)
@@ -481,7 +478,7 @@ def _gather(unit, j: int, name: str, local: np.ndarray, t0: int, preds: int, par
         cols["logit"].append(part.logit[ri, pi])
         cols["scale"].append(part.scale[ri, pi])
         cols["de"].append(res.de[0, ri, pi] if own is None else
-                          _own_de(*own[:3], torch.as_tensor(rows[sel], device=device), pi, *own[3:]))
+                          own(torch.as_tensor(rows[sel], device=device), pi))
         cols["d_heads"].append(res.d_de_heads[0, ri, pi].reshape(len(sel), -1))
         cols["d_mlps"].append(res.d_de_mlps[0, ri, pi])
         order.append(sel)

@@ -56,6 +56,10 @@ def _tile(obj, batch: int, copies: int, tiled: dict):
     return obj
 
 
+class Stop(Exception):
+    """Raised by a hook to end a forward once everything it is run for has been captured."""
+
+
 @contextlib.contextmanager
 def hooks(*registrations):
     """Register every hook (each a no-argument callable returning a handle) for the block's duration."""
